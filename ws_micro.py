@@ -1,0 +1,1096 @@
+# /// script
+# requires-python = ">=3.11"
+# dependencies = [
+#     "starlette>=0.40",
+#     "uvicorn>=0.52.1",
+#     "websockets>=14.0",
+#     "msgspec>=0.19",
+#     "anyio>=4.4",
+# ]
+# ///
+"""ws_micro: a single-file WebSocket gateway.
+
+Browsers and programs hold WebSocket connections at ``/ws/py_client``; each gets
+an id, and JSON events move between them, their rooms and the backends beside
+the gateway (through a small sidecar HTTP API).  The wire protocol is the one of
+the FastAPI tutorial this project grew from, so its clients work unchanged::
+
+    {"event": "ping", "client_id": "<id>", "data": {"data": {...}}, "to": ..., "room": ...}
+
+Run it::
+
+    uvicorn ws_micro:app                  # configured from WS_MICRO_* variables
+    python ws_micro.py --port 8000        # or `ws-micro`; `--help` lists every flag
+    python ws_micro.py client [URL]       # a line-oriented client: JSON in, JSON out
+
+Embed it (copy this one file into a project)::
+
+    from ws_micro import Registry, create_app
+
+    registry = Registry()
+
+    @registry.on("chat")
+    async def chat(client_id: str, event: Event) -> None:
+        await registry.send_to_client(client_id, "chat_ack", {"ok": True})
+
+    app.mount("/gateway", create_app(registry=registry))
+
+Every option of :class:`Settings` and :class:`ServerSettings` is a keyword
+argument, a command-line flag (``--max-message-size``) and an environment
+variable (``WS_MICRO_MAX_MESSAGE_SIZE``); flags beat variables, variables beat
+defaults.  ``WS_MICRO_API_TOKEN`` protects the sidecar API,
+``WS_MICRO_ALLOWED_ORIGINS`` lists the browser origins allowed to connect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import datetime
+import hmac
+import ipaddress
+import logging
+import os
+import sys
+import threading
+import time
+import types
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Self, get_type_hints
+from urllib.parse import urlsplit
+
+import anyio
+import anyio.from_thread
+import msgspec
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client",
+    "Connection",
+    "Event",
+    "Payload",
+    "Registry",
+    "ServerSettings",
+    "Settings",
+    "create_app",
+    "main",
+    "serve",
+]
+
+logger = logging.getLogger("ws_micro")
+
+
+# --------------------------------------------------------------------------
+# Constants and settings
+# --------------------------------------------------------------------------
+
+ENV_PREFIX = "WS_MICRO_"
+DEFAULT_URL = "ws://localhost:8000/ws/py_client"
+
+# Error codes carried by {"event": "error"} frames (and by API error bodies).
+INVALID_JSON = "invalid_json"
+INVALID_EVENT = "invalid_event"
+CLIENT_ID_MISMATCH = "client_id_mismatch"
+UNKNOWN_CLIENT = "unknown_client"
+NOT_IN_ROOM = "not_in_room"
+UNKNOWN_EVENT = "unknown_event"
+RATE_LIMITED = "rate_limited"
+INTERNAL_ERROR = "internal_error"
+ERROR_CODES = (INVALID_JSON, INVALID_EVENT, CLIENT_ID_MISMATCH, UNKNOWN_CLIENT, NOT_IN_ROOM,
+               UNKNOWN_EVENT, RATE_LIMITED, INTERNAL_ERROR)
+
+# Close codes (RFC 6455 section 7.4.1).
+CLOSE_NORMAL = 1000
+CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_MESSAGE_TOO_BIG = 1009
+CLOSE_INTERNAL_ERROR = 1011
+
+# Why connections end (the disconnects_total labels).
+DISCONNECT_REASONS = ("closed", "abnormal", "shutdown", "peer_error", "kicked", "slow_consumer",
+                      "rate_limited", "message_too_big", "binary_frame", "internal_error")
+
+# How long a close frame may take to leave: a peer that stopped reading may never take it.
+CLOSE_TIMEOUT = 5.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    """What the application does; each field is a ``create_app()`` keyword."""
+
+    # Endpoint
+    path: str = "/ws/py_client"
+    allowed_origins: tuple[str, ...] = ()
+    """Browser origins allowed to connect, besides the page's own; ``*`` allows any."""
+
+    # Limits
+    max_message_size: int = 64 * 1024
+    """Largest frame a client may send, in bytes; larger ones close with 1009."""
+    max_connections: int = 10_000
+    """Handshakes beyond this many open connections get HTTP 503."""
+    rate_limit: float = 1000.0
+    """Frames per second a connection may send (token bucket); 0 turns it off."""
+    rate_burst: int = 1000
+    """Frames a connection may send at once; after as many more refused, it is closed with 1008."""
+    max_queue_messages: int = 1000
+    """Frames waiting for one slow reader before it is closed with 1008."""
+    max_queue_bytes: int = 1024 * 1024
+    """Characters of JSON waiting for one slow reader before it is closed with 1008."""
+    max_rooms_per_connection: int = 100
+    max_room_name_length: int = 128
+
+    # Sidecar API
+    api_token: str | None = None
+    """Bearer token for /api/*; without one, /api/* answers loopback peers only."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_message_size", "max_connections", "rate_burst", "max_queue_messages",
+                     "max_queue_bytes", "max_rooms_per_connection", "max_room_name_length"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, but got {value!r}")
+        if self.rate_limit < 0:
+            raise ValueError(f"rate_limit must be 0 (off) or more, but got {self.rate_limit!r}")
+        if not self.path.startswith("/"):
+            raise ValueError(f"path must start with '/', but got {self.path!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServerSettings:
+    """How :func:`serve` runs uvicorn; under ``uvicorn ws_micro:app`` use uvicorn's own flags."""
+
+    host: str = "localhost"
+    port: int = 8000
+    # Timeouts
+    ping_interval: float = 20.0
+    """Seconds between protocol pings; 0 turns keepalive off."""
+    ping_timeout: float = 20.0
+    """Seconds to wait for a pong before closing a dead connection (1011)."""
+    graceful_timeout: int = 10
+    """Seconds open work may take after SIGTERM; every client gets a close frame (1012) first."""
+    # Costs
+    per_message_deflate: bool = False
+    """Compression: off by default, it costs tens of KiB of memory per connection."""
+    log_level: str = "info"
+
+
+def options_from_env(cls: type[Settings | ServerSettings],
+                     environ: Mapping[str, str]) -> dict[str, Any]:
+    """The fields of ``cls`` set in ``environ`` as ``WS_MICRO_<FIELD>``, converted to their types."""
+    hints = get_type_hints(cls)
+    options: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        name = ENV_PREFIX + field.name.upper()
+        if name in environ:
+            options[field.name] = _convert(name, hints[field.name], environ[name])
+    return options
+
+
+def _convert(name: str, kind: Any, text: str) -> Any:
+    """Parse an environment variable or flag value into the type its setting declares."""
+    if kind is bool:
+        if text.lower() in {"1", "true", "yes", "on"}:
+            return True
+        if text.lower() in {"0", "false", "no", "off", ""}:
+            return False
+        raise ValueError(f"{name} must be true or false, but got {text!r}")
+    if kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, but got {text!r}") from None
+    if kind == tuple[str, ...]:
+        return tuple(item.strip() for item in text.split(",") if item.strip())
+    if isinstance(kind, types.UnionType):  # str | None: an empty value means unset
+        return text or None
+    return text
+
+
+# --------------------------------------------------------------------------
+# Events
+# --------------------------------------------------------------------------
+
+
+class Payload(msgspec.Struct):
+    """The tutorial's ``WebsocketData``: an event's content sits one level down, in ``data.data``."""
+
+    data: dict[str, Any]
+
+
+class Event(msgspec.Struct, omit_defaults=True):
+    """The envelope of every frame, both ways (the tutorial's ``WebsocketEvent``)."""
+
+    event: str
+    client_id: str
+    data: Payload
+    # Routing: a client id, or a room the sender has joined; absent from server frames.
+    to: str | None = None
+    room: str | None = None
+
+
+class Push(msgspec.Struct):
+    """The body of a sidecar API push: an event without its recipient."""
+
+    event: str
+    data: Payload
+
+
+class RoomRequest(msgspec.Struct):
+    """``data.data`` of a join or leave."""
+
+    room: str
+
+
+Handler = Callable[[str, Event], Awaitable[None]]
+
+_decode_event = msgspec.json.Decoder(Event).decode
+_decode_push = msgspec.json.Decoder(Push).decode
+_encode = msgspec.json.Encoder().encode
+
+
+class Frame:
+    """A server frame encoded once, addressed to each recipient by splicing in its id.
+
+    Server frames carry their recipient's own ``client_id``; the rest of the frame
+    is the same for everyone, so a broadcast encodes its data once, not once per
+    receiver.  Client ids are UUIDs and need no JSON escaping.
+    """
+
+    __slots__ = ("head", "tail")
+
+    def __init__(self, event: str, data: Mapping[str, Any] | None) -> None:
+        self.head = '{"event":' + _encode(event).decode() + ',"client_id":"'
+        self.tail = '","data":{"data":' + _encode(data or {}).decode() + "}}"
+
+    def to(self, client_id: str) -> str:
+        return self.head + client_id + self.tail
+
+
+def error_frame(client_id: str, code: str, message: str, event: str | None = None) -> str:
+    return Frame("error", {"code": code, "message": message, "event": event}).to(client_id)
+
+
+# --------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------
+
+
+class Metrics:
+    """Counters behind ``/metrics`` (Prometheus text format)."""
+
+    def __init__(self) -> None:
+        self.connections_total = 0
+        self.messages_received = 0
+        self.messages_sent = 0
+        # Every known label starts at 0, so rate() sees a counter before its first increment.
+        self.errors = collections.Counter(dict.fromkeys(ERROR_CODES, 0))
+        self.disconnects = collections.Counter(dict.fromkeys(DISCONNECT_REASONS, 0))
+        self.rejected_handshakes = collections.Counter(dict.fromkeys(("origin", "full"), 0))
+
+    def render(self, connections: int) -> str:
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help: str, samples: Mapping[str, int], label: str = "") -> None:
+            lines.append(f"# HELP ws_micro_{name} {help}")
+            lines.append(f"# TYPE ws_micro_{name} {kind}")
+            for key, value in sorted(samples.items()):
+                labels = f'{{{label}="{key}"}}' if label else ""
+                lines.append(f"ws_micro_{name}{labels} {value}")
+
+        metric("open_connections", "gauge", "WebSocket connections open now.", {"": connections})
+        metric("connections_total", "counter", "WebSocket connections accepted.",
+               {"": self.connections_total})
+        metric("messages_received_total", "counter", "Frames received from clients.",
+               {"": self.messages_received})
+        metric("messages_sent_total", "counter", "Frames written to clients.", {"": self.messages_sent})
+        metric("errors_total", "counter", "Error events sent, by code.", self.errors, "code")
+        metric("disconnects_total", "counter", "Closed connections, by reason.", self.disconnects, "reason")
+        metric("rejected_handshakes_total", "counter", "Handshakes refused before accept, by reason.",
+               self.rejected_handshakes, "reason")
+        return "\n".join(lines) + "\n"
+
+
+class Connection:
+    """One accepted WebSocket: its id, its rooms and its bounded outgoing queue.
+
+    :meth:`send` queues a frame and returns at once; the connection's own writer
+    (:meth:`write`) puts queued frames on the socket.  So a reply, a relay, a
+    room publish or a broadcast never waits for a peer, and a peer that stops
+    reading only fills its own queue: once that holds ``max_queue_messages``
+    frames or ``max_queue_bytes`` characters, the peer is closed with 1008
+    "slow consumer" and what it had queued is dropped.
+    """
+
+    def __init__(self, websocket: WebSocket, *, settings: Settings, metrics: Metrics) -> None:
+        self.id = str(uuid.uuid4())
+        self.websocket = websocket
+        self.connected_at = time.time()
+        self.rooms: set[str] = set()
+        self.closing = False
+        self.peer_gone = False
+        self.close_reason = ""  # the disconnects_total label, once known
+        self._settings = settings
+        self._metrics = metrics
+        self._queue: collections.deque[str] = collections.deque()
+        self._queued_bytes = 0
+        self._wakeup = anyio.Event()
+        self._close_frame: tuple[int, str] | None = None
+        self._flush_scope = anyio.CancelScope()
+        # Token bucket: refills at rate_limit, holds rate_burst; may go rate_burst into debt.
+        self._tokens = float(settings.rate_burst)
+        self._refilled_at = time.monotonic()
+
+    def send(self, frame: str) -> bool:
+        """Queue a text frame; False when the connection is closing or was just cut off as slow."""
+        if self.closing:
+            return False
+        self._queue.append(frame)
+        self._queued_bytes += len(frame)
+        if (len(self._queue) > self._settings.max_queue_messages
+                or self._queued_bytes > self._settings.max_queue_bytes):
+            self.close(CLOSE_POLICY_VIOLATION, "slow consumer", label="slow_consumer", flush=False)
+            return False
+        self._wakeup.set()
+        return True
+
+    def close(self, code: int, reason: str, *, label: str, flush: bool = True) -> None:
+        """Close with ``code`` after the queued frames (``flush``) or at once, dropping them."""
+        if self.closing:
+            return
+        self.closing = True
+        self.close_reason = label
+        self._close_frame = (code, reason)
+        if not flush:
+            self._queue.clear()
+            self._flush_scope.cancel()  # stop waiting on a socket that does not drain
+        self._wakeup.set()
+
+    def take_token(self) -> float:
+        """Spend one token for a received frame; the balance left (negative: over the limit)."""
+        rate = self._settings.rate_limit
+        if not rate:
+            return 1.0
+        now = time.monotonic()
+        self._tokens = min(self._settings.rate_burst, self._tokens + (now - self._refilled_at) * rate)
+        self._refilled_at = now
+        self._tokens -= 1
+        return self._tokens
+
+    async def write(self) -> None:
+        """Drain the queue onto the socket until the connection closes (run as the writer task)."""
+        try:
+            with self._flush_scope:
+                while True:
+                    while self._queue:
+                        frame = self._queue.popleft()
+                        self._queued_bytes -= len(frame)
+                        await self.websocket.send({"type": "websocket.send", "text": frame})
+                        self._metrics.messages_sent += 1
+                    if self._close_frame is not None:
+                        break
+                    self._wakeup = anyio.Event()
+                    await self._wakeup.wait()
+            if self._close_frame is not None:
+                code, reason = self._close_frame
+                with anyio.move_on_after(CLOSE_TIMEOUT):
+                    await self.websocket.close(code, reason)
+        except (WebSocketDisconnect, OSError, RuntimeError):
+            # The peer is gone (or Starlette saw the close first): nothing left to write to.
+            self.closing = self.peer_gone = True
+            self.close_reason = self.close_reason or "abnormal"
+
+    def describe(self) -> dict[str, Any]:
+        client = self.websocket.client
+        return {
+            "client_id": self.id,
+            "connected_at": datetime.datetime.fromtimestamp(self.connected_at, datetime.UTC).isoformat(),
+            "rooms": sorted(self.rooms),
+            "remote": f"{client.host}:{client.port}" if client else None,
+        }
+
+
+class Registry:
+    """Who is connected, which rooms they are in, and which handler takes which event.
+
+    The registry is the seed's connection manager.  Its sends queue frames
+    (:meth:`Connection.send`) and return how many recipients took them; they
+    never wait for a client's socket.  Embedding code registers handlers for its
+    own event names with :meth:`on` and calls the send methods from anywhere in
+    the same event loop: HTTP routes, background tasks, other handlers.
+    """
+
+    def __init__(self) -> None:
+        self.connections: dict[str, Connection] = {}
+        self.rooms: dict[str, set[str]] = {}  # room name -> ids of its members
+        self.handlers: dict[str, Handler] = {}
+        self.metrics = Metrics()
+
+    def __len__(self) -> int:
+        return len(self.connections)
+
+    def on(self, event: str) -> Callable[[Handler], Handler]:
+        """Register ``async def handler(client_id, event)`` for frames named ``event``."""
+        if event in BUILTIN_EVENTS:
+            raise ValueError(f"{event!r} is a built-in event and cannot have a handler")
+
+        def register(handler: Handler) -> Handler:
+            self.handlers[event] = handler
+            return handler
+
+        return register
+
+    # Membership
+
+    def add(self, connection: Connection) -> None:
+        self.connections[connection.id] = connection
+        self.metrics.connections_total += 1
+
+    def remove(self, connection: Connection) -> None:
+        """Forget a connection and its room memberships; safe to call twice."""
+        if self.connections.pop(connection.id, None) is None:
+            return
+        for room in connection.rooms:
+            self._leave_room(connection.id, room)
+        connection.rooms.clear()
+        self.metrics.disconnects[connection.close_reason or "abnormal"] += 1
+
+    def join(self, connection: Connection, room: str) -> int:
+        connection.rooms.add(room)
+        members = self.rooms.setdefault(room, set())
+        members.add(connection.id)
+        return len(members)
+
+    def leave(self, connection: Connection, room: str) -> int:
+        connection.rooms.discard(room)
+        return self._leave_room(connection.id, room)
+
+    def _leave_room(self, client_id: str, room: str) -> int:
+        members = self.rooms.get(room)
+        if members is None:
+            return 0
+        members.discard(client_id)
+        if not members:
+            del self.rooms[room]
+        return len(members)
+
+    # Sending
+
+    async def send_to_client(self, client_id: str, event: str, data: Mapping[str, Any] | None = None) -> bool:
+        """Send a server event to one client; False if no such client is connected."""
+        connection = self.connections.get(client_id)
+        return connection is not None and connection.send(Frame(event, data).to(client_id))
+
+    async def publish(self, room: str, event: str, data: Mapping[str, Any] | None = None) -> int:
+        """Send a server event to every member of ``room``; how many took it."""
+        return self._fan_out(self.rooms.get(room, ()), Frame(event, data))
+
+    async def broadcast(self, event: str, data: Mapping[str, Any] | None = None) -> int:
+        """Send a server event to every connected client; how many took it."""
+        return self._fan_out(list(self.connections), Frame(event, data))
+
+    async def disconnect(self, client_id: str, code: int = CLOSE_NORMAL, reason: str = "") -> bool:
+        """Close a client's connection after what is queued for it; False if it is unknown."""
+        connection = self.connections.get(client_id)
+        if connection is None:
+            return False
+        connection.close(code, reason, label="kicked")
+        return True
+
+    def _fan_out(self, client_ids: Sequence[str] | set[str], frame: Frame) -> int:
+        delivered = 0
+        for client_id in list(client_ids):  # a send may cut a slow member off and change the set
+            connection = self.connections.get(client_id)
+            if connection is not None and connection.send(frame.to(client_id)):
+                delivered += 1
+        return delivered
+
+    def relay(self, client_ids: Sequence[str] | set[str], text: str) -> int:
+        """Deliver a client's frame, unchanged, to each of ``client_ids``; how many took it."""
+        delivered = 0
+        for client_id in list(client_ids):
+            connection = self.connections.get(client_id)
+            if connection is not None and connection.send(text):
+                delivered += 1
+        return delivered
+
+
+# --------------------------------------------------------------------------
+# WebSocket endpoint
+# --------------------------------------------------------------------------
+
+BUILTIN_EVENTS = frozenset({"ping", "echo", "join", "leave"})
+
+
+class Gateway:
+    """The WebSocket endpoint: handshake checks, the read loop and the protocol's routing."""
+
+    def __init__(self, registry: Registry, settings: Settings) -> None:
+        self.registry = registry
+        self.settings = settings
+        self._handshakes = 0  # accepts in flight, counted against max_connections
+
+    async def __call__(self, websocket: WebSocket) -> None:
+        refusal = self._refusal(websocket)
+        if refusal is not None:
+            status, reason, message = refusal
+            self.registry.metrics.rejected_handshakes[reason] += 1
+            await _deny(websocket, status, reason, message)
+            return
+        self._handshakes += 1
+        try:
+            await websocket.accept()
+        except WebSocketDisconnect:
+            return
+        finally:
+            self._handshakes -= 1
+
+        connection = Connection(websocket, settings=self.settings, metrics=self.registry.metrics)
+        connection.send(Frame("connect", {"message": "connection request granted"}).to(connection.id))
+        self.registry.add(connection)
+        logger.debug("client %s connected", connection.id)
+        try:
+            async with anyio.create_task_group() as tasks:
+
+                async def write_then_stop() -> None:
+                    await connection.write()
+                    tasks.cancel_scope.cancel()
+
+                tasks.start_soon(write_then_stop)
+                await self._read(connection)
+                if connection.peer_gone:
+                    tasks.cancel_scope.cancel()  # nothing left to write to
+        finally:
+            self.registry.remove(connection)
+            logger.debug("client %s disconnected (%s)", connection.id, connection.close_reason)
+
+    def _refusal(self, websocket: WebSocket) -> tuple[int, str, str] | None:
+        origin = websocket.headers.get("origin")
+        if origin is not None and not self._origin_allowed(origin, websocket.headers.get("host", "")):
+            return 403, "origin", f"origin {origin!r} is not allowed"
+        if len(self.registry) + self._handshakes >= self.settings.max_connections:
+            return 503, "full", f"server is full ({self.settings.max_connections} connections)"
+        return None
+
+    def _origin_allowed(self, origin: str, host: str) -> bool:
+        allowed = self.settings.allowed_origins
+        if "*" in allowed or origin in allowed:
+            return True
+        # Same-origin pages may always connect (the browser page served beside us).
+        return urlsplit(origin).netloc.lower() == host.lower() != ""
+
+    async def _read(self, connection: Connection) -> None:
+        """Handle frames until the peer leaves or the connection starts closing."""
+        websocket = connection.websocket
+        while not connection.closing:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                connection.closing = connection.peer_gone = True
+                connection.close_reason = connection.close_reason or _peer_reason(message.get("code", 1005))
+                return
+            text = message.get("text")
+            if text is None:
+                connection.close(CLOSE_UNSUPPORTED_DATA, "binary frames are not supported",
+                                 label="binary_frame")
+                return
+            self.registry.metrics.messages_received += 1
+            try:
+                await self._handle(connection, text)
+            except Exception:
+                logger.exception("error handling a frame from client %s", connection.id)
+                connection.close(CLOSE_INTERNAL_ERROR, "internal error", label="internal_error")
+
+    async def _handle(self, connection: Connection, text: str) -> None:
+        settings = self.settings
+        limit = settings.max_message_size
+        if len(text) > limit or (len(text) * 4 > limit and len(text.encode()) > limit):
+            connection.close(CLOSE_MESSAGE_TOO_BIG, f"message larger than {limit} bytes",
+                             label="message_too_big", flush=False)
+            return
+        tokens = connection.take_token()
+        if tokens < 0:
+            if tokens < -settings.rate_burst:
+                connection.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded", label="rate_limited",
+                                 flush=False)
+            else:
+                self._error(connection, RATE_LIMITED,
+                            f"more than {settings.rate_limit:g} messages per second", None)
+            return
+        try:
+            event = _decode_event(text)
+        except msgspec.ValidationError as exc:
+            self._error(connection, INVALID_EVENT, str(exc), _event_name(text))
+            return
+        except msgspec.DecodeError as exc:
+            self._error(connection, INVALID_JSON, str(exc), None)
+            return
+
+        if event.client_id != connection.id:
+            self._error(connection, CLIENT_ID_MISMATCH,
+                        f"client_id must be this connection's id, but got {event.client_id!r}", event.event)
+        elif event.to is not None and event.room is not None:
+            self._error(connection, INVALID_EVENT, "set 'to' or 'room', not both", event.event)
+        elif event.to is not None:
+            if not self.registry.relay((event.to,), text):
+                self._error(connection, UNKNOWN_CLIENT, f"no client with id {event.to!r}", event.event)
+        elif event.room is not None:
+            if event.room not in connection.rooms:
+                self._error(connection, NOT_IN_ROOM, f"join room {event.room!r} before sending to it",
+                            event.event)
+            else:
+                members = self.registry.rooms[event.room]
+                self.registry.relay([m for m in members if m != connection.id], text)
+        else:
+            await self._dispatch(connection, event, text)
+
+    async def _dispatch(self, connection: Connection, event: Event, text: str) -> None:
+        match event.event:
+            case "ping":
+                connection.send(Frame("pong", event.data.data).to(connection.id))
+            case "echo":
+                connection.send(text)
+            case "join" | "leave":
+                room = self._room_of(connection, event)
+                if room is None:
+                    return
+                if event.event == "join":
+                    if room not in connection.rooms and len(connection.rooms) >= self.settings.max_rooms_per_connection:
+                        self._error(connection, INVALID_EVENT,
+                                    f"at most {self.settings.max_rooms_per_connection} rooms per connection",
+                                    event.event)
+                        return
+                    members = self.registry.join(connection, room)
+                    connection.send(Frame("joined", {"room": room, "members": members}).to(connection.id))
+                elif room not in connection.rooms:
+                    self._error(connection, NOT_IN_ROOM, f"not a member of room {room!r}", event.event)
+                else:
+                    members = self.registry.leave(connection, room)
+                    connection.send(Frame("left", {"room": room, "members": members}).to(connection.id))
+            case name:
+                handler = self.registry.handlers.get(name)
+                if handler is None:
+                    self._error(connection, UNKNOWN_EVENT, f"no handler for event {name!r}", name)
+                    return
+                try:
+                    await handler(connection.id, event)
+                except Exception:
+                    logger.exception("handler for event %r failed (client %s)", name, connection.id)
+                    self._error(connection, INTERNAL_ERROR, f"the handler for {name!r} failed", name)
+
+    def _room_of(self, connection: Connection, event: Event) -> str | None:
+        try:
+            room = msgspec.convert(event.data.data, RoomRequest).room
+        except msgspec.ValidationError as exc:
+            self._error(connection, INVALID_EVENT, f"{exc} (in data.data)", event.event)
+            return None
+        if not 0 < len(room) <= self.settings.max_room_name_length:
+            self._error(connection, INVALID_EVENT,
+                        f"room names have 1 to {self.settings.max_room_name_length} characters, "
+                        f"but got {len(room)}", event.event)
+            return None
+        return room
+
+    def _error(self, connection: Connection, code: str, message: str, event: str | None) -> None:
+        self.registry.metrics.errors[code] += 1
+        connection.send(error_frame(connection.id, code, message, event))
+
+
+
+
+def _peer_reason(code: int) -> str:
+    match code:
+        case 1000 | 1001 | 1005:
+            return "closed"
+        case 1006:
+            return "abnormal"
+        case 1012:
+            return "shutdown"
+        case 1009:  # the server's frame-size limit (uvicorn's ws_max_size) closed it
+            return "message_too_big"
+        case _:
+            return "peer_error"
+
+
+def _event_name(text: str) -> str | None:
+    """The ``event`` of an envelope that failed validation, if it has a string one."""
+    try:
+        value = msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        return None
+    name = value.get("event") if isinstance(value, dict) else None
+    return name if isinstance(name, str) else None
+
+
+async def _deny(websocket: WebSocket, status: int, code: str, message: str) -> None:
+    """Refuse a handshake with a real HTTP status, before accept."""
+    try:
+        await websocket.send_denial_response(_api_error(status, code, message))
+    except RuntimeError:  # the server lacks the denial-response extension: it answers 403
+        await websocket.close(CLOSE_POLICY_VIOLATION)
+
+
+# --------------------------------------------------------------------------
+# Sidecar HTTP API
+# --------------------------------------------------------------------------
+
+
+def _json(content: Any, status: int = 200) -> Response:
+    return Response(_encode(content), status_code=status, media_type="application/json")
+
+
+def _api_error(status: int, code: str, message: str) -> Response:
+    return _json({"error": {"code": code, "message": message}}, status)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return _api_error(exc.status_code, code, exc.detail)
+
+
+def api_routes(registry: Registry, settings: Settings) -> list[Route]:
+    """The routes a backend uses to reach clients (compare API Gateway's @connections)."""
+
+    def guarded(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        async def check(request: Request) -> Response:
+            if settings.api_token is not None:
+                scheme, _, token = request.headers.get("authorization", "").partition(" ")
+                if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.api_token.encode()):
+                    response = _api_error(401, "unauthorized", "send 'Authorization: Bearer <token>'")
+                    response.headers["WWW-Authenticate"] = "Bearer"
+                    return response
+            elif not _is_loopback(request):
+                return _api_error(403, "forbidden",
+                                  "without WS_MICRO_API_TOKEN the API answers loopback clients only")
+            return await endpoint(request)
+
+        return check
+
+    async def read_push(request: Request) -> Push | Response:
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > settings.max_message_size:
+                return _api_error(413, "too_large", f"body larger than {settings.max_message_size} bytes")
+        try:
+            return _decode_push(body)
+        except msgspec.ValidationError as exc:
+            return _api_error(422, INVALID_EVENT, str(exc))
+        except msgspec.DecodeError as exc:
+            return _api_error(400, INVALID_JSON, str(exc))
+
+    async def list_clients(request: Request) -> Response:
+        clients = [connection.describe() for connection in registry.connections.values()]
+        return _json({"count": len(clients), "clients": clients})
+
+    async def get_client(request: Request) -> Response:
+        connection = registry.connections.get(request.path_params["client_id"])
+        if connection is None:
+            return _unknown_client(request)
+        return _json(connection.describe())
+
+    async def push_to_client(request: Request) -> Response:
+        push = await read_push(request)
+        if isinstance(push, Response):
+            return push
+        if not await registry.send_to_client(request.path_params["client_id"], push.event, push.data.data):
+            return _unknown_client(request)
+        return _json({"delivered": 1}, 202)
+
+    async def disconnect_client(request: Request) -> Response:
+        if not await registry.disconnect(request.path_params["client_id"], CLOSE_NORMAL, "disconnected by the server"):
+            return _unknown_client(request)
+        return _json({"disconnected": 1}, 202)
+
+    async def publish_to_room(request: Request) -> Response:
+        push = await read_push(request)
+        if isinstance(push, Response):
+            return push
+        delivered = await registry.publish(request.path_params["room"], push.event, push.data.data)
+        return _json({"delivered": delivered}, 202)
+
+    async def broadcast(request: Request) -> Response:
+        push = await read_push(request)
+        if isinstance(push, Response):
+            return push
+        return _json({"delivered": await registry.broadcast(push.event, push.data.data)}, 202)
+
+    return [
+        Route("/api/clients", guarded(list_clients), methods=["GET"]),
+        Route("/api/clients/{client_id}", guarded(get_client), methods=["GET"]),
+        Route("/api/clients/{client_id}", guarded(push_to_client), methods=["POST"]),
+        Route("/api/clients/{client_id}", guarded(disconnect_client), methods=["DELETE"]),
+        Route("/api/rooms/{room}", guarded(publish_to_room), methods=["POST"]),
+        Route("/api/broadcast", guarded(broadcast), methods=["POST"]),
+    ]
+
+
+def _unknown_client(request: Request) -> Response:
+    return _api_error(404, UNKNOWN_CLIENT, f"no client with id {request.path_params['client_id']!r}")
+
+
+def _is_loopback(request: Request) -> bool:
+    if request.client is None:
+        return False
+    try:
+        return ipaddress.ip_address(request.client.host).is_loopback
+    except ValueError:
+        return False
+
+
+# --------------------------------------------------------------------------
+# Application
+# --------------------------------------------------------------------------
+
+
+def create_app(*, registry: Registry | None = None, debug: bool = False, **options: Any) -> Starlette:
+    """Build the gateway as a Starlette app; ``options`` are the fields of :class:`Settings`.
+
+    Pass your own ``registry`` to register handlers on it before (or after)
+    creating the app; ``app.state.registry`` is the one in use either way.
+    """
+    settings = Settings(**options)
+    registry = registry if registry is not None else Registry()
+
+    async def healthz(request: Request) -> Response:
+        return _json({"status": "ok", "connections": len(registry)})
+
+    async def metrics(request: Request) -> Response:
+        return PlainTextResponse(registry.metrics.render(len(registry)),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    app = Starlette(
+        debug=debug,
+        routes=[
+            WebSocketRoute(settings.path, Gateway(registry, settings).__call__),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            *api_routes(registry, settings),
+        ],
+        exception_handlers={HTTPException: _http_error},
+    )
+    app.state.registry = registry
+    app.state.settings = settings
+    return app
+
+
+app = create_app(**options_from_env(Settings, os.environ))
+
+
+def serve(app: Starlette, settings: ServerSettings | None = None) -> None:
+    """Run ``app`` on uvicorn until SIGINT/SIGTERM, with ws_micro's server defaults."""
+    import uvicorn
+
+    settings = settings or ServerSettings()
+    app_settings: Settings | None = getattr(app.state, "settings", None)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ws="websockets-sansio",
+        # The engine refuses oversized frames (1009) before buffering them.
+        ws_max_size=app_settings.max_message_size if app_settings else 16 * 1024 * 1024,
+        ws_ping_interval=settings.ping_interval or None,
+        ws_ping_timeout=settings.ping_timeout or None,
+        ws_per_message_deflate=settings.per_message_deflate,
+        timeout_graceful_shutdown=settings.graceful_timeout,
+        log_level=settings.log_level,
+    )
+
+
+# --------------------------------------------------------------------------
+# Client
+# --------------------------------------------------------------------------
+
+
+class Client:
+    """An async client for the protocol, built on ``websockets``::
+
+        async with Client("ws://localhost:8000/ws/py_client") as client:
+            await client.send("join", {"room": "lobby"})
+            async for event in client:
+                print(event.event, event.data.data)
+
+    Iteration ends when the server closes the connection normally; an abnormal
+    close raises ``websockets.ConnectionClosedError``.
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, **connect_options: Any) -> None:
+        self.url = url
+        self.client_id = ""
+        self.connect_frame = ""
+        self._connect_options = {"max_size": None, **connect_options}
+        self._connection: Any = None
+
+    async def connect(self) -> Self:
+        """Open the connection and wait for the connect frame that carries our id."""
+        from websockets.asyncio.client import connect
+
+        self._connection = await connect(self.url, **self._connect_options)
+        self.connect_frame = await self.recv_text()
+        event = _decode_event(self.connect_frame)
+        if event.event != "connect":
+            await self.close()
+            raise ConnectionError(f"expected a connect frame, but got {event.event!r}")
+        self.client_id = event.client_id
+        return self
+
+    async def __aenter__(self) -> Self:
+        return await self.connect()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def send(self, event: str, data: Mapping[str, Any] | None = None, *,
+                   to: str | None = None, room: str | None = None) -> None:
+        await self.send_text(_encode(Event(event, self.client_id, Payload(dict(data or {})), to, room)).decode())
+
+    async def send_text(self, text: str) -> None:
+        await self._connection.send(text)
+
+    async def recv_text(self) -> str:
+        text = await self._connection.recv()
+        if not isinstance(text, str):
+            raise ConnectionError(f"expected a text frame, but got {type(text).__name__}")
+        return text
+
+    async def recv(self) -> Event:
+        return _decode_event(await self.recv_text())
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        from websockets.exceptions import ConnectionClosedOK
+
+        try:
+            while True:
+                yield await self.recv()
+        except ConnectionClosedOK:
+            return
+
+    async def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+        if self._connection is not None:
+            await self._connection.close(code, reason)
+
+    @property
+    def close_code(self) -> int | None:
+        return self._connection.close_code if self._connection is not None else None
+
+
+async def run_client(url: str, linger: float) -> int:
+    """The ``client`` command: frames to stdout as JSON lines, stdin lines to the server."""
+    from websockets.exceptions import ConnectionClosed
+
+    send_line, lines = anyio.create_memory_object_stream[str | None](100)
+
+    def read_stdin(portal: anyio.from_thread.BlockingPortal) -> None:
+        # A daemon thread, not a worker: a read blocked on a terminal must not keep the process alive.
+        for line in sys.stdin:
+            portal.call(send_line.send, line)
+        portal.call(send_line.send, None)
+
+    client = await Client(url).connect()
+    print(client.connect_frame, flush=True)
+    async with anyio.from_thread.BlockingPortal() as portal, anyio.create_task_group() as tasks:
+
+        async def print_frames() -> None:
+            try:
+                while True:
+                    print(await client.recv_text(), flush=True)
+            except ConnectionClosed:
+                pass
+            tasks.cancel_scope.cancel()
+
+        tasks.start_soon(print_frames)
+        threading.Thread(target=read_stdin, args=(portal,), daemon=True).start()
+        async for line in lines:
+            if line is None:  # EOF: let replies in flight arrive, then leave
+                await anyio.sleep(linger)
+                break
+            if not line.strip():
+                continue
+            try:
+                message = msgspec.json.decode(line)
+            except msgspec.DecodeError:
+                message = None
+            if not isinstance(message, dict):
+                print(f"ignored: expected a JSON object, but got {line.strip()!r}", file=sys.stderr)
+                continue
+            message["client_id"] = client.client_id
+            message.setdefault("data", {"data": {}})
+            try:
+                await client.send_text(_encode(message).decode())
+            except ConnectionClosed:
+                break
+        await client.close()
+        tasks.cancel_scope.cancel()
+    code = client.close_code
+    print(f"closed: {code}", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+
+def _add_options(parser: argparse._ActionsContainer, cls: type[Settings | ServerSettings],
+                 environ: Mapping[str, str]) -> None:
+    defaults = {field.name: field.default for field in dataclasses.fields(cls)}
+    defaults.update(options_from_env(cls, environ))
+    hints = get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        env = ENV_PREFIX + field.name.upper()
+        default = defaults[field.name]
+        help = f"env {env}; default {default!r}"
+        if hints[field.name] is bool:
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+                                default=default, help=help)
+        else:
+            parser.add_argument(flag, dest=field.name, default=default, metavar=field.name.upper(),
+                                type=_flag_type(env, hints[field.name]),
+                                help=help)
+
+
+def _flag_type(env: str, kind: Any) -> Callable[[str], Any]:
+    return lambda text: _convert(env, kind, text)
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> int:
+    """``ws-micro [options]`` serves the gateway; ``ws-micro client [URL]`` talks to one."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["client"]:
+        parser = argparse.ArgumentParser(prog="ws-micro client", description=run_client.__doc__)
+        parser.add_argument("url", nargs="?", default=DEFAULT_URL)
+        parser.add_argument("--linger", type=float, default=0.5,
+                            help="seconds to wait for replies after stdin ends (default 0.5)")
+        args = parser.parse_args(argv[1:])
+        try:
+            return anyio.run(run_client, args.url, args.linger)
+        except (OSError, ConnectionError) as exc:
+            print(f"ws-micro client: {exc}", file=sys.stderr)
+            return 1
+
+    parser = argparse.ArgumentParser(prog="ws-micro", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=__version__)
+    _add_options(parser.add_argument_group("application"), Settings, environ)
+    _add_options(parser.add_argument_group("server"), ServerSettings, environ)
+    try:
+        options = vars(parser.parse_args(argv))
+        server = ServerSettings(**{f.name: options.pop(f.name) for f in dataclasses.fields(ServerSettings)})
+        application = create_app(**options)
+    except ValueError as exc:
+        parser.error(str(exc))
+    serve(application, server)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
