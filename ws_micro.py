@@ -1,9 +1,9 @@
 # /// script
 # requires-python = ">=3.11"
 # dependencies = [
-#     "starlette>=0.40",
+#     "starlette>=0.44",
 #     "uvicorn>=0.52.1",
-#     "websockets>=14.0",
+#     "websockets>=15.0",
 #     "msgspec>=0.19",
 #     "anyio>=4.4",
 # ]
@@ -52,6 +52,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -119,9 +120,6 @@ CLOSE_INTERNAL_ERROR = 1011
 DISCONNECT_REASONS = ("closed", "abnormal", "shutdown", "peer_error", "kicked", "slow_consumer",
                       "rate_limited", "message_too_big", "binary_frame", "internal_error")
 
-# How long a close frame may take to leave: a peer that stopped reading may never take it.
-CLOSE_TIMEOUT = 5.0
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
@@ -147,6 +145,8 @@ class Settings:
     """Characters of JSON waiting for one slow reader before it is closed with 1008."""
     max_rooms_per_connection: int = 100
     max_room_name_length: int = 128
+    close_timeout: float = 5.0
+    """Seconds a close frame may wait to leave; a peer that stopped reading may never take it."""
 
     # Sidecar API
     api_token: str | None = None
@@ -160,6 +160,8 @@ class Settings:
                 raise ValueError(f"{name} must be at least 1, but got {value!r}")
         if self.rate_limit < 0:
             raise ValueError(f"rate_limit must be 0 (off) or more, but got {self.rate_limit!r}")
+        if self.close_timeout <= 0:
+            raise ValueError(f"close_timeout must be more than 0, but got {self.close_timeout!r}")
         if not self.path.startswith("/"):
             raise ValueError(f"path must start with '/', but got {self.path!r}")
 
@@ -191,23 +193,26 @@ def options_from_env(cls: type[Settings | ServerSettings],
     for field in dataclasses.fields(cls):
         name = ENV_PREFIX + field.name.upper()
         if name in environ:
-            options[field.name] = _convert(name, hints[field.name], environ[name])
+            try:
+                options[field.name] = _convert(hints[field.name], environ[name])
+            except ValueError as exc:
+                raise ValueError(f"{name} {exc}") from None
     return options
 
 
-def _convert(name: str, kind: Any, text: str) -> Any:
+def _convert(kind: Any, text: str) -> Any:
     """Parse an environment variable or flag value into the type its setting declares."""
     if kind is bool:
         if text.lower() in {"1", "true", "yes", "on"}:
             return True
         if text.lower() in {"0", "false", "no", "off", ""}:
             return False
-        raise ValueError(f"{name} must be true or false, but got {text!r}")
+        raise ValueError(f"must be true or false, but got {text!r}")
     if kind in (int, float):
         try:
             return kind(text)
         except ValueError:
-            raise ValueError(f"{name} must be a number, but got {text!r}") from None
+            raise ValueError(f"must be {'an integer' if kind is int else 'a number'}, but got {text!r}") from None
     if kind == tuple[str, ...]:
         return tuple(item.strip() for item in text.split(",") if item.strip())
     if isinstance(kind, types.UnionType):  # str | None: an empty value means unset
@@ -401,7 +406,7 @@ class Connection:
                     await self._wakeup.wait()
             if self._close_frame is not None:
                 code, reason = self._close_frame
-                with anyio.move_on_after(CLOSE_TIMEOUT):
+                with anyio.move_on_after(self._settings.close_timeout):
                     await self.websocket.close(code, reason)
         except (WebSocketDisconnect, OSError, RuntimeError):
             # The peer is gone (or Starlette saw the close first): nothing left to write to.
@@ -594,7 +599,7 @@ class Gateway:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 connection.closing = connection.peer_gone = True
-                connection.close_reason = connection.close_reason or _peer_reason(message.get("code", 1005))
+                connection.close_reason = connection.close_reason or _peer_reason(message.get("code", 1006))
                 return
             text = message.get("text")
             if text is None:
@@ -707,9 +712,9 @@ class Gateway:
 
 def _peer_reason(code: int) -> str:
     match code:
-        case 1000 | 1001 | 1005:
+        case 1000 | 1001:
             return "closed"
-        case 1006:
+        case 1005 | 1006:  # no close code: the connection dropped (uvicorn reports 1005 for that too)
             return "abnormal"
         case 1012:
             return "shutdown"
@@ -886,12 +891,17 @@ app = create_app(**options_from_env(Settings, os.environ))
 
 
 def serve(app: Starlette, settings: ServerSettings | None = None) -> None:
-    """Run ``app`` on uvicorn until SIGINT/SIGTERM, with ws_micro's server defaults."""
+    """Run ``app`` on uvicorn until SIGINT or SIGTERM, then return (so the process exits 0).
+
+    On either signal uvicorn stops accepting, sends every WebSocket a close frame
+    (1012, "service restart"), waits up to ``graceful_timeout`` for open work, and
+    re-raises the signal to the handler that was in place before it: ours, a no-op.
+    """
     import uvicorn
 
     settings = settings or ServerSettings()
     app_settings: Settings | None = getattr(app.state, "settings", None)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -904,6 +914,12 @@ def serve(app: Starlette, settings: ServerSettings | None = None) -> None:
         timeout_graceful_shutdown=settings.graceful_timeout,
         log_level=settings.log_level,
     )
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------
@@ -1055,12 +1071,18 @@ def _add_options(parser: argparse._ActionsContainer, cls: type[Settings | Server
                                 default=default, help=help)
         else:
             parser.add_argument(flag, dest=field.name, default=default, metavar=field.name.upper(),
-                                type=_flag_type(env, hints[field.name]),
+                                type=_flag_type(hints[field.name]),
                                 help=help)
 
 
-def _flag_type(env: str, kind: Any) -> Callable[[str], Any]:
-    return lambda text: _convert(env, kind, text)
+def _flag_type(kind: Any) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return _convert(kind, text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> int:

@@ -1,0 +1,896 @@
+"""Tests for ws_micro: in-process with Starlette's TestClient, end to end against a real uvicorn.
+
+Every test asserts what a user sees: frames on the wire, HTTP statuses and
+bodies, close codes, what a second client receives.  End-to-end tests start
+`python ws_micro.py` (or `uvicorn ws_micro:app`) as a real process on a free
+loopback port and talk to it with real `websockets` clients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2 as httpx
+import msgspec
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Mount, Route
+from starlette.testclient import TestClient, WebSocketDenialResponse
+from starlette.websockets import WebSocketDisconnect
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+import ws_micro
+from ws_micro import Client, Event, Registry, Settings, create_app
+
+HERE = Path(__file__).parent
+LOOPBACK = ("127.0.0.1", 50000)
+TIMEOUT = 10  # seconds any single wait may take before the test fails
+
+
+def frame(event: str, client_id: str, data: dict[str, Any] | None = None, **routing: str) -> dict[str, Any]:
+    return {"event": event, "client_id": client_id, "data": {"data": data or {}}, **routing}
+
+
+def error(client_id: str, code: str, event: str | None) -> dict[str, Any]:
+    """The error frame the server sends, less its human-readable message."""
+    return {"event": "error", "client_id": client_id, "data": {"data": {"code": code, "event": event}}}
+
+
+def without_message(received: dict[str, Any]) -> dict[str, Any]:
+    message = received["data"]["data"].pop("message")
+    assert isinstance(message, str) and message
+    return received
+
+
+@contextlib.contextmanager
+def gateway(**options: Any) -> Iterator[TestClient]:
+    with TestClient(create_app(**options), client=LOOPBACK) as client:
+        yield client
+
+
+@contextlib.contextmanager
+def connected(client: TestClient) -> Iterator[tuple[Any, str]]:
+    with client.websocket_connect("/ws/py_client") as ws:
+        hello = ws.receive_json()
+        yield ws, hello["client_id"]
+
+
+# --------------------------------------------------------------------------
+# Protocol, in process
+# --------------------------------------------------------------------------
+
+
+def test_connect_frame_is_the_first_and_only_one() -> None:
+    with gateway() as client, client.websocket_connect("/ws/py_client") as ws:
+        hello = ws.receive_json()
+        assert hello == {
+            "event": "connect",
+            "client_id": hello["client_id"],
+            "data": {"data": {"message": "connection request granted"}},
+        }
+        assert len(hello["client_id"]) == 36  # str(uuid4())
+        ws.send_json(frame("ping", hello["client_id"]))
+        assert ws.receive_json()["event"] == "pong"  # no second connect frame came first
+
+
+def test_each_connection_gets_its_own_id() -> None:
+    with gateway() as client, connected(client) as (_, a), connected(client) as (_, b):
+        assert a != b
+
+
+def test_ping_replies_pong_with_the_same_data() -> None:
+    with gateway() as client, connected(client) as (ws, me):
+        ws.send_json(frame("ping", me, {"n": 1, "nested": [1, {"x": None}]}))
+        assert ws.receive_json() == frame("pong", me, {"n": 1, "nested": [1, {"x": None}]})
+
+
+def test_echo_returns_the_envelope_unchanged() -> None:
+    with gateway() as client, connected(client) as (ws, me):
+        text = json.dumps(frame("echo", me, {"text": "héllo"}), ensure_ascii=False)
+        ws.send_text(text)
+        assert ws.receive_text() == text
+
+
+def test_to_delivers_the_frame_unchanged_to_that_client_and_to_self() -> None:
+    with gateway() as client, connected(client) as (a, id_a), connected(client) as (b, id_b):
+        text = json.dumps(frame("chat", id_a, {"msg": "hi B"}, to=id_b))
+        a.send_text(text)
+        assert b.receive_text() == text  # keeps the sender's client_id
+        to_self = json.dumps(frame("note", id_a, {"msg": "to me"}, to=id_a))
+        a.send_text(to_self)
+        assert a.receive_text() == to_self
+
+
+def test_rooms_join_publish_leave() -> None:
+    with (gateway() as client, connected(client) as (a, id_a), connected(client) as (b, id_b),
+          connected(client) as (c, id_c)):
+        a.send_json(frame("join", id_a, {"room": "lobby"}))
+        assert a.receive_json() == frame("joined", id_a, {"room": "lobby", "members": 1})
+        b.send_json(frame("join", id_b, {"room": "lobby"}))
+        assert b.receive_json() == frame("joined", id_b, {"room": "lobby", "members": 2})
+
+        text = json.dumps(frame("chat", id_a, {"msg": "hello room"}, room="lobby"))
+        a.send_text(text)
+        assert b.receive_text() == text
+        # The sender does not get its own room message, and C (not a member) gets nothing:
+        # the next frame each sees is the reply to its own ping.
+        for ws, me in ((a, id_a), (c, id_c)):
+            ws.send_json(frame("ping", me))
+            assert ws.receive_json()["event"] == "pong"
+
+        b.send_json(frame("leave", id_b, {"room": "lobby"}))
+        assert b.receive_json() == frame("left", id_b, {"room": "lobby", "members": 1})
+        a.send_json(frame("chat", id_a, {}, room="lobby"))
+        b.send_json(frame("ping", id_b))
+        assert b.receive_json()["event"] == "pong"  # B left: the room message did not reach it
+
+
+def test_api_push_carries_the_recipients_own_id() -> None:
+    with gateway() as client, connected(client) as (ws, me):
+        response = client.post(f"/api/clients/{me}", json={"event": "notice", "data": {"data": {"n": 1}}})
+        assert (response.status_code, response.json()) == (202, {"delivered": 1})
+        assert ws.receive_json() == frame("notice", me, {"n": 1})
+
+
+@pytest.mark.parametrize(
+    ("sent", "code", "event"),
+    [
+        ("not json", "invalid_json", None),
+        ('{"event": "ping"', "invalid_json", None),
+        ('{"event": 1, "client_id": "{me}", "data": {"data": {}}}', "invalid_event", None),
+        ('{"event": "ping", "client_id": "{me}"}', "invalid_event", "ping"),
+        ('{"event": "ping", "client_id": "{me}", "data": {"data": []}}', "invalid_event", "ping"),
+        ('{"event": "ping", "client_id": "{me}", "data": {"data": {}}, "to": 5}', "invalid_event", "ping"),
+        ('[1, 2]', "invalid_event", None),
+        ('{"event": "ping", "client_id": "someone-else", "data": {"data": {}}}', "client_id_mismatch", "ping"),
+        ('{"event": "x", "client_id": "{me}", "data": {"data": {}}, "to": "nobody"}', "unknown_client", "x"),
+        ('{"event": "x", "client_id": "{me}", "data": {"data": {}}, "room": "r1"}', "not_in_room", "x"),
+        ('{"event": "leave", "client_id": "{me}", "data": {"data": {"room": "r1"}}}', "not_in_room", "leave"),
+        ('{"event": "join", "client_id": "{me}", "data": {"data": {"room": 7}}}', "invalid_event", "join"),
+        ('{"event": "join", "client_id": "{me}", "data": {"data": {"room": ""}}}', "invalid_event", "join"),
+        ('{"event": "x", "client_id": "{me}", "data": {"data": {}}, "to": "a", "room": "b"}', "invalid_event", "x"),
+        ('{"event": "dance", "client_id": "{me}", "data": {"data": {}}}', "unknown_event", "dance"),
+    ],
+)
+def test_bad_frames_get_an_error_event_and_the_connection_stays_open(sent: str, code: str, event: str | None) -> None:
+    with gateway() as client, connected(client) as (ws, me):
+        ws.send_text(sent.replace("{me}", me))
+        assert without_message(ws.receive_json()) == error(me, code, event)
+        ws.send_json(frame("ping", me))
+        assert ws.receive_json() == frame("pong", me)
+
+
+def test_error_messages_say_what_is_wrong() -> None:
+    with gateway() as client, connected(client) as (ws, me):
+        ws.send_text(json.dumps({"event": "ping", "client_id": me, "data": {"data": "oops"}}))
+        assert "$.data.data" in ws.receive_json()["data"]["data"]["message"]
+        ws.send_text(json.dumps(frame("ping", "not-me")))
+        assert "'not-me'" in ws.receive_json()["data"]["data"]["message"]
+
+
+def test_room_limits_are_enforced() -> None:
+    with gateway(max_rooms_per_connection=2, max_room_name_length=5) as client, connected(client) as (ws, me):
+        for room in ("a", "b"):
+            ws.send_json(frame("join", me, {"room": room}))
+            assert ws.receive_json()["event"] == "joined"
+        ws.send_json(frame("join", me, {"room": "c"}))
+        assert without_message(ws.receive_json()) == error(me, "invalid_event", "join")
+        ws.send_json(frame("join", me, {"room": "a"}))  # re-joining a room is not a new room
+        assert ws.receive_json() == frame("joined", me, {"room": "a", "members": 1})
+        ws.send_json(frame("leave", me, {"room": "b"}))
+        ws.receive_json()
+        ws.send_json(frame("join", me, {"room": "toolong"}))
+        assert "1 to 5 characters" in ws.receive_json()["data"]["data"]["message"]
+
+
+def test_rate_limit_sends_errors_then_closes_a_flood_with_1008() -> None:
+    with gateway(rate_limit=0.001, rate_burst=3) as client, connected(client) as (ws, me):
+        for _ in range(3):  # the burst
+            ws.send_json(frame("ping", me))
+            assert ws.receive_json()["event"] == "pong"
+        for _ in range(3):  # over the limit: refused, still connected
+            ws.send_json(frame("ping", me))
+            assert without_message(ws.receive_json()) == error(me, "rate_limited", None)
+        ws.send_json(frame("ping", me))  # still flooding: cut off
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+        assert (closed.value.code, closed.value.reason) == (1008, "rate limit exceeded")
+
+
+def test_rate_limit_zero_turns_it_off() -> None:
+    with gateway(rate_limit=0, rate_burst=1) as client, connected(client) as (ws, me):
+        for _ in range(20):
+            ws.send_json(frame("ping", me))
+        assert [ws.receive_json()["event"] for _ in range(20)] == ["pong"] * 20
+
+
+def test_binary_frame_closes_with_1003() -> None:
+    with gateway() as client, connected(client) as (ws, _):
+        ws.send_bytes(b'{"event": "ping"}')
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+        assert closed.value.code == 1003
+
+
+def test_frame_over_the_size_limit_closes_with_1009() -> None:
+    def echo(me: str, pad: str) -> str:
+        return json.dumps(frame("echo", me, {"x": pad}), ensure_ascii=False)
+
+    limit = len(echo("0" * 36, "")) + 2 * 40  # the limit counts UTF-8 bytes: "é" is two
+    with gateway(max_message_size=limit) as client, connected(client) as (ws, me):
+        ws.send_text(echo(me, "é" * 40))  # exactly the limit: served
+        assert ws.receive_json()["event"] == "echo"
+        ws.send_text(echo(me, "é" * 39 + "éa"))  # one byte over (still fewer characters than bytes)
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+        assert (closed.value.code, closed.value.reason) == (1009, f"message larger than {limit} bytes")
+
+
+# --------------------------------------------------------------------------
+# Handlers (the embedding API)
+# --------------------------------------------------------------------------
+
+
+def test_handlers_reply_send_publish_and_broadcast() -> None:
+    registry = Registry()
+
+    @registry.on("shout")
+    async def shout(client_id: str, event: Event) -> None:
+        await registry.send_to_client(client_id, "shouted", {"heard": event.data.data["text"].upper()})
+        await registry.publish("lobby", "room_news", {"from": client_id})
+        await registry.broadcast("everyone", {"n": 1})
+
+    with (TestClient(create_app(registry=registry)) as client, connected(client) as (a, id_a),
+          connected(client) as (b, id_b)):
+        b.send_json(frame("join", id_b, {"room": "lobby"}))
+        b.receive_json()
+        a.send_json(frame("shout", id_a, {"text": "hi"}))
+        assert a.receive_json() == frame("shouted", id_a, {"heard": "HI"})
+        assert a.receive_json() == frame("everyone", id_a, {"n": 1})
+        assert b.receive_json() == frame("room_news", id_b, {"from": id_a})
+        assert b.receive_json() == frame("everyone", id_b, {"n": 1})
+
+
+def test_a_failing_handler_is_logged_and_only_its_sender_is_told(caplog: pytest.LogCaptureFixture) -> None:
+    registry = Registry()
+
+    @registry.on("explode")
+    async def explode(client_id: str, event: Event) -> None:
+        raise ZeroDivisionError("boom")
+
+    with (TestClient(create_app(registry=registry)) as client, connected(client) as (a, id_a),
+          connected(client) as (b, id_b), caplog.at_level(logging.ERROR, logger="ws_micro")):
+        a.send_json(frame("explode", id_a))
+        reply = a.receive_json()
+        assert without_message(reply) == error(id_a, "internal_error", "explode")
+        assert "boom" not in json.dumps(reply)  # no internals leak to the client
+        assert "ZeroDivisionError: boom" in caplog.text  # the traceback is in the log
+        for ws, me in ((a, id_a), (b, id_b)):  # both still served; B saw nothing
+            ws.send_json(frame("ping", me))
+            assert ws.receive_json()["event"] == "pong"
+
+
+def test_builtin_events_cannot_be_overridden() -> None:
+    with pytest.raises(ValueError, match="'ping' is a built-in event"):
+        Registry().on("ping")
+
+
+def test_embedded_in_a_host_app_that_calls_the_registry() -> None:
+    gateway_app = create_app()
+    registry: Registry = gateway_app.state.registry
+
+    async def notify(request: Request) -> JSONResponse:
+        delivered = await registry.broadcast("host_news", {"path": request.url.path})
+        return JSONResponse({"sent": delivered})
+
+    host = Starlette(routes=[Route("/notify", notify, methods=["POST"]), Mount("/rt", app=gateway_app)])
+    with TestClient(host, client=LOOPBACK) as client, client.websocket_connect("/rt/ws/py_client") as ws:
+        me = ws.receive_json()["client_id"]
+        assert client.post("/notify").json() == {"sent": 1}
+        assert ws.receive_json() == frame("host_news", me, {"path": "/notify"})
+        assert client.get("/rt/api/clients").json()["count"] == 1
+
+
+# --------------------------------------------------------------------------
+# Sidecar HTTP API, in process
+# --------------------------------------------------------------------------
+
+
+def test_api_lists_describes_and_disconnects_clients() -> None:
+    with gateway() as client:
+        with connected(client) as (ws, me):
+            ws.send_json(frame("join", me, {"room": "r"}))
+            ws.receive_json()
+            listing = client.get("/api/clients").json()
+            assert listing["count"] == 1
+            [entry] = listing["clients"]
+            assert entry["client_id"] == me and entry["rooms"] == ["r"]
+            assert entry["connected_at"].endswith("+00:00")
+            assert client.get(f"/api/clients/{me}").json() == entry
+
+            response = client.delete(f"/api/clients/{me}")
+            assert (response.status_code, response.json()) == (202, {"disconnected": 1})
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_json()
+            assert (closed.value.code, closed.value.reason) == (1000, "disconnected by the server")
+        # Leaving the block waited for the server side to finish: no client, no room is left.
+        assert client.get("/api/clients").json() == {"count": 0, "clients": []}
+        assert client.get(f"/api/clients/{me}").status_code == 404
+        assert client.post("/api/rooms/r", json={"event": "x", "data": {"data": {}}}).json() == {"delivered": 0}
+
+
+def test_api_room_publish_and_broadcast_count_deliveries() -> None:
+    with gateway() as client, connected(client) as (a, id_a), connected(client) as (b, id_b):
+        a.send_json(frame("join", id_a, {"room": "r"}))
+        a.receive_json()
+        body = {"event": "news", "data": {"data": {"k": "v"}}}
+        assert client.post("/api/rooms/r", json=body).json() == {"delivered": 1}
+        assert a.receive_json() == frame("news", id_a, {"k": "v"})
+        assert client.post("/api/rooms/empty", json=body).json() == {"delivered": 0}
+        response = client.post("/api/broadcast", json=body)
+        assert (response.status_code, response.json()) == (202, {"delivered": 2})
+        assert a.receive_json() == frame("news", id_a, {"k": "v"})
+        assert b.receive_json() == frame("news", id_b, {"k": "v"})
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "code"),
+    [
+        ("POST", "/api/clients/nobody", {"event": "x", "data": {"data": {}}}, 404, "unknown_client"),
+        ("GET", "/api/clients/nobody", None, 404, "unknown_client"),
+        ("DELETE", "/api/clients/nobody", None, 404, "unknown_client"),
+        ("POST", "/api/broadcast", b"{not json", 400, "invalid_json"),
+        ("POST", "/api/broadcast", {"event": 3, "data": {"data": {}}}, 422, "invalid_event"),
+        ("POST", "/api/broadcast", {"event": "x"}, 422, "invalid_event"),
+        ("POST", "/api/rooms/r", {"event": "x", "data": {"data": "no"}}, 422, "invalid_event"),
+        ("POST", "/api/broadcast", {"event": "x", "data": {"data": {"big": "x" * 200}}}, 413, "too_large"),
+        ("GET", "/api/nothing-here", None, 404, "not_found"),
+        ("PUT", "/api/broadcast", None, 405, "method_not_allowed"),
+    ],
+)
+def test_api_errors_are_json_with_a_code_and_message(method: str, path: str, body: Any, status: int,
+                                                      code: str) -> None:
+    with gateway(max_message_size=150) as client:
+        content = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
+        response = client.request(method, path, content=content)
+        assert response.status_code == status
+        assert response.json()["error"]["code"] == code
+        assert response.json()["error"]["message"]
+
+
+def test_api_validation_error_names_the_field() -> None:
+    with gateway() as client:
+        response = client.post("/api/broadcast", json={"event": "x", "data": {"data": 5}})
+        assert "$.data.data" in response.json()["error"]["message"]
+
+
+def test_api_without_token_answers_loopback_only() -> None:
+    with TestClient(create_app(), client=("203.0.113.9", 4000)) as remote:
+        response = remote.get("/api/clients")
+        assert response.status_code == 403
+        assert response.json()["error"]["code"] == "forbidden"
+    with TestClient(create_app(), client=("::1", 4000)) as local:
+        assert local.get("/api/clients").status_code == 200
+
+
+def test_api_with_token_needs_the_bearer_token_from_anywhere() -> None:
+    with TestClient(create_app(api_token="s3cret"), client=("203.0.113.9", 4000)) as client:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+            response = client.get("/api/clients", headers=headers)
+            assert response.status_code == 401
+            assert response.headers["www-authenticate"] == "Bearer"
+            assert response.json()["error"]["code"] == "unauthorized"
+        assert client.get("/api/clients", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_healthz_and_metrics_in_prometheus_text_format() -> None:
+    with gateway() as client, connected(client) as (ws, me):
+        assert client.get("/healthz").json() == {"status": "ok", "connections": 1}
+        ws.send_json(frame("ping", me))
+        ws.receive_json()
+        ws.send_text("garbage")
+        ws.receive_json()
+        response = client.get("/metrics")
+        assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(response.text) for s in family.samples}
+        assert samples[("ws_micro_open_connections", ())] == 1
+        assert samples[("ws_micro_connections_total", ())] == 1
+        assert samples[("ws_micro_messages_received_total", ())] == 2
+        assert samples[("ws_micro_messages_sent_total", ())] == 3  # connect, pong, error
+        assert samples[("ws_micro_errors_total", (("code", "invalid_json"),))] == 1
+        assert samples[("ws_micro_errors_total", (("code", "rate_limited"),))] == 0
+        assert samples[("ws_micro_disconnects_total", (("reason", "closed"),))] == 0
+        assert samples[("ws_micro_rejected_handshakes_total", (("reason", "full"),))] == 0
+
+
+# --------------------------------------------------------------------------
+# Handshake checks, in process
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("allowed", "origin", "accepted"),
+    [
+        ((), None, True),  # not a browser
+        ((), "http://testserver", True),  # same origin as the Host header
+        ((), "http://evil.example", False),
+        ((), "null", False),
+        (("https://app.example",), "https://app.example", True),
+        (("https://app.example",), "https://other.example", False),
+        (("*",), "http://anything.example", True),
+    ],
+)
+def test_origin_allow_list(allowed: tuple[str, ...], origin: str | None, accepted: bool) -> None:
+    headers = {"origin": origin} if origin else {}
+    with gateway(allowed_origins=allowed) as client:
+        if accepted:
+            with client.websocket_connect("/ws/py_client", headers=headers) as ws:
+                assert ws.receive_json()["event"] == "connect"
+        else:
+            with pytest.raises(WebSocketDenialResponse) as refused, \
+                    client.websocket_connect("/ws/py_client", headers=headers):
+                pass
+            assert refused.value.status_code == 403
+            assert refused.value.json()["error"]["code"] == "origin"
+            assert client.get("/healthz").json()["connections"] == 0
+
+
+def test_handshakes_beyond_max_connections_get_503() -> None:
+    with gateway(max_connections=2) as client, connected(client), connected(client):
+        with pytest.raises(WebSocketDenialResponse) as refused, client.websocket_connect("/ws/py_client"):
+            pass
+        assert refused.value.status_code == 503
+        assert "2 connections" in refused.value.json()["error"]["message"]
+    with gateway(max_connections=1) as client:  # a slot frees up when a client leaves
+        for _ in range(3):
+            with connected(client):
+                pass
+
+
+# --------------------------------------------------------------------------
+# Settings, environment and command line
+# --------------------------------------------------------------------------
+
+
+def test_settings_come_from_ws_micro_environment_variables() -> None:
+    env = {"WS_MICRO_MAX_MESSAGE_SIZE": "2048", "WS_MICRO_RATE_LIMIT": "2.5", "WS_MICRO_API_TOKEN": "t",
+           "WS_MICRO_ALLOWED_ORIGINS": "https://a.example, https://b.example", "OTHER": "x"}
+    assert ws_micro.options_from_env(Settings, env) == {
+        "max_message_size": 2048, "rate_limit": 2.5, "api_token": "t",
+        "allowed_origins": ("https://a.example", "https://b.example"),
+    }
+    assert ws_micro.options_from_env(ws_micro.ServerSettings, {"WS_MICRO_PER_MESSAGE_DEFLATE": "on"}) == {
+        "per_message_deflate": True}
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"WS_MICRO_MAX_CONNECTIONS": "lots"}, "WS_MICRO_MAX_CONNECTIONS must be an integer, but got 'lots'"),
+        ({"WS_MICRO_MAX_MESSAGE_SIZE": "0"}, "max_message_size must be at least 1, but got 0"),
+        ({"WS_MICRO_RATE_LIMIT": "-1"}, "rate_limit must be 0 (off) or more, but got -1.0"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_bad_value(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        create_app(**ws_micro.options_from_env(Settings, env))
+    assert str(refused.value) == message
+
+
+def test_cli_refuses_a_bad_flag_value_with_its_name() -> None:
+    result = subprocess.run([sys.executable, "ws_micro.py", "--max-connections", "many"], cwd=HERE,
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 2
+    assert "argument --max-connections: must be an integer, but got 'many'" in result.stderr
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    readme = (HERE / "README.md").read_text()
+    for cls in (Settings, ws_micro.ServerSettings):
+        for field in cls.__dataclass_fields__.values():
+            assert f"WS_MICRO_{field.name.upper()}" in readme, field.name
+            assert f"--{field.name.replace('_', '-')}" in readme, field.name
+
+
+def test_pep_723_header_and_pyproject_ask_for_the_same_dependencies() -> None:
+    source = (HERE / "ws_micro.py").read_text()
+    header = source.split("# /// script\n", 1)[1].split("# ///\n", 1)[0]
+    script = tomllib.loads("\n".join(line.removeprefix("# ").removeprefix("#") for line in header.splitlines()))
+    project = tomllib.loads((HERE / "pyproject.toml").read_text())["project"]
+    assert script["dependencies"] == project["dependencies"]
+    assert script["requires-python"] == project["requires-python"]
+
+
+# --------------------------------------------------------------------------
+# End to end: a real uvicorn process, real websockets clients
+# --------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    def __init__(self, process: subprocess.Popen[str], port: int) -> None:
+        self.process, self.port = process, port
+        self.http = f"http://127.0.0.1:{port}"
+        self.ws = f"ws://127.0.0.1:{port}/ws/py_client"
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        return httpx.get(self.http + path, timeout=TIMEOUT, **kwargs)
+
+    def post(self, path: str, body: Any, **kwargs: Any) -> Any:
+        return httpx.post(self.http + path, json=body, timeout=TIMEOUT, **kwargs)
+
+    async def wait_until(self, predicate: Any, what: str) -> None:
+        """Poll ``predicate`` (without blocking the event loop our clients run on) until it holds."""
+        with anyio.move_on_after(TIMEOUT):
+            # The state lives in another process: polling its API is the only way to watch it.
+            while not await anyio.to_thread.run_sync(predicate):  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+            return
+        raise AssertionError(f"timed out waiting for {what}")
+
+    def metric(self, name: str, **labels: str) -> float:
+        for family in text_string_to_metric_families(self.get("/metrics").text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        raise KeyError(name)
+
+
+@contextlib.contextmanager
+def run_server(*args: str, env: dict[str, str] | None = None, uvicorn_app: bool = False) -> Iterator[Server]:
+    """Start the gateway as its own process on a free port; stop it (SIGTERM, then kill) in finally."""
+    port = free_port()
+    if uvicorn_app:
+        command = [sys.executable, "-m", "uvicorn", "ws_micro:app", "--port", str(port), *args]
+    else:
+        command = [sys.executable, "ws_micro.py", "--host", "127.0.0.1", "--port", str(port), *args]
+    process = subprocess.Popen(command, cwd=HERE, env={**os.environ, **(env or {})}, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    server = Server(process, port)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            assert process.poll() is None, process.communicate()[0]
+            with contextlib.suppress(httpx.TransportError):
+                if server.get("/healthz").status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if process.stdout:
+            process.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    with run_server("--log-level", "warning", "--max-message-size", "4096") as running:
+        yield running
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@contextlib.asynccontextmanager
+async def ws_client(url: str, **options: Any) -> AsyncIterator[tuple[ClientConnection, str]]:
+    async with connect(url, **options) as ws:
+        with anyio.fail_after(TIMEOUT):
+            hello = json.loads(await ws.recv())
+        assert hello["event"] == "connect"
+        yield ws, hello["client_id"]
+
+
+async def recv_json(ws: ClientConnection) -> Any:
+    with anyio.fail_after(TIMEOUT):
+        return json.loads(await ws.recv())
+
+
+async def closed_with(ws: ClientConnection) -> tuple[int | None, str | None]:
+    """Read until the server closes; its close code and reason."""
+    with anyio.fail_after(TIMEOUT), contextlib.suppress(ConnectionClosed):
+        while True:
+            await ws.recv()
+    return ws.close_code, ws.close_reason
+
+
+@pytest.mark.anyio
+async def test_e2e_connect_relay_rooms_and_errors(server: Server) -> None:
+    async with ws_client(server.ws) as (a, id_a), ws_client(server.ws) as (b, id_b):
+        text = json.dumps(frame("chat", id_a, {"msg": "over the wire"}, to=id_b))
+        await a.send(text)
+        with anyio.fail_after(TIMEOUT):
+            assert await b.recv() == text
+
+        for ws, me in ((a, id_a), (b, id_b)):
+            await ws.send(json.dumps(frame("join", me, {"room": "e2e"})))
+            assert (await recv_json(ws))["event"] == "joined"
+        room_text = json.dumps(frame("chat", id_b, {"msg": "room"}, room="e2e"))
+        await b.send(room_text)
+        with anyio.fail_after(TIMEOUT):
+            assert await a.recv() == room_text
+
+        for sent, code in (("{", "invalid_json"), (json.dumps(frame("x", id_a, to="ghost")), "unknown_client"),
+                           (json.dumps(frame("x", id_b)), "client_id_mismatch"),
+                           (json.dumps(frame("x", id_a, room="elsewhere")), "not_in_room"),
+                           (json.dumps(frame("x", id_a)), "unknown_event"),
+                           ('{"event": "x"}', "invalid_event")):
+            await a.send(sent)
+            assert (await recv_json(a))["data"]["data"]["code"] == code
+
+
+@pytest.mark.anyio
+async def test_e2e_api_push_and_unknown_client(server: Server) -> None:
+    async with ws_client(server.ws) as (ws, me):
+        response = await anyio.to_thread.run_sync(
+            lambda: server.post(f"/api/clients/{me}", {"event": "pushed", "data": {"data": {"n": 7}}}))
+        assert (response.status_code, response.json()) == (202, {"delivered": 1})
+        assert await recv_json(ws) == frame("pushed", me, {"n": 7})
+    missing = server.post("/api/clients/ghost", {"event": "x", "data": {"data": {}}})
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "unknown_client"
+
+
+@pytest.mark.anyio
+async def test_e2e_binary_and_oversized_frames_close_with_1003_and_1009(server: Server) -> None:
+    async with ws_client(server.ws) as (ws, _):
+        await ws.send(b"\x00\x01")
+        assert (await closed_with(ws))[0] == 1003
+    async with ws_client(server.ws) as (ws, me):
+        await ws.send(json.dumps(frame("echo", me, {"pad": "x" * 5000})))  # the server allows 4096 bytes
+        assert (await closed_with(ws))[0] == 1009
+    await server.wait_until(lambda: server.get("/healthz").json()["connections"] == 0, "registry to empty")
+
+
+@pytest.mark.anyio
+async def test_e2e_origin_refused_before_accept(server: Server) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(server.ws, origin="http://evil.example"):  # type: ignore[arg-type]
+            pass
+    assert refused.value.response.status_code == 403
+    assert b"not allowed" in refused.value.response.body
+    async with ws_client(server.ws, origin=f"http://127.0.0.1:{server.port}") as (_, me):
+        assert me
+
+
+@pytest.mark.anyio
+async def test_e2e_abrupt_disconnects_leave_no_trace(server: Server) -> None:
+    before = server.get("/api/clients").json()
+    async with ws_client(server.ws) as (stay, stay_id):
+        await stay.send(json.dumps(frame("join", stay_id, {"room": "trace"})))
+        await recv_json(stay)
+        doomed = []
+        for _ in range(5):
+            ws = await connect(server.ws)
+            me = json.loads(await ws.recv())["client_id"]
+            await ws.send(json.dumps(frame("join", me, {"room": "trace"})))
+            assert (await recv_json(ws))["event"] == "joined"
+            doomed.append(ws)
+        assert server.post("/api/rooms/trace", {"event": "n", "data": {"data": {}}}).json() == {"delivered": 6}
+        for ws in doomed:  # reset the TCP connection: no close frame, no FIN handshake
+            sock = ws.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            ws.transport.abort()
+        await server.wait_until(lambda: server.get("/api/clients").json()["count"] == before["count"] + 1,
+                          "reset clients to leave the registry")
+        assert server.post("/api/rooms/trace", {"event": "n", "data": {"data": {}}}).json() == {"delivered": 1}
+    await server.wait_until(lambda: server.get("/api/clients").json() == before, "the registry to be as before")
+    assert server.post("/api/rooms/trace", {"event": "n", "data": {"data": {}}}).json() == {"delivered": 0}
+
+
+@pytest.mark.anyio
+async def test_e2e_slow_reader_is_cut_off_and_others_keep_receiving(tmp_path: Path) -> None:
+    with run_server("--log-level", "warning", "--max-queue-bytes", "65536") as server:
+        # A reader that stops reading after its first frame: websockets stops reading TCP when its
+        # queue of one is full, so kernel buffers fill, then the server's queue for it.
+        async with ws_client(server.ws, max_queue=1) as (slow, slow_id), ws_client(server.ws) as (fast, fast_id):
+            payload = {"event": "bulk", "data": {"data": {"pad": "x" * 60_000}}}
+            sent = received = 0
+            while sent < 2000:
+                response = await anyio.to_thread.run_sync(lambda: server.post("/api/broadcast", payload))
+                sent += 1
+                with anyio.fail_after(TIMEOUT):
+                    received += str(await fast.recv()).count("bulk")
+                if response.json() == {"delivered": 1}:
+                    break
+            else:
+                raise AssertionError("the slow reader was never cut off")
+            assert received == sent  # the healthy reader got every frame, in step
+            # What was already on its way still arrives, then the close frame with the reason.
+            assert await closed_with(slow) == (1008, "slow consumer")
+            await server.wait_until(lambda: server.get(f"/api/clients/{slow_id}").status_code == 404, "slow to leave")
+            assert server.get(f"/api/clients/{fast_id}").status_code == 200
+            assert server.metric("ws_micro_disconnects_total", reason="slow_consumer") == 1
+
+
+@pytest.mark.anyio
+async def test_e2e_flood_is_closed_with_1008() -> None:
+    with run_server("--log-level", "warning", "--rate-limit", "5", "--rate-burst", "5") as server:
+        async with ws_client(server.ws) as (ws, me):
+            for _ in range(30):
+                await ws.send(json.dumps(frame("ping", me)))
+            assert await closed_with(ws) == (1008, "rate limit exceeded")
+        assert server.metric("ws_micro_errors_total", code="rate_limited") >= 1
+        assert server.metric("ws_micro_disconnects_total", reason="rate_limited") == 1
+
+
+@pytest.mark.anyio
+async def test_e2e_full_server_answers_503_and_frees_slots() -> None:
+    with run_server("--log-level", "warning", "--max-connections", "2") as server:
+        async with ws_client(server.ws), ws_client(server.ws):
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(server.ws):
+                    pass
+            assert refused.value.response.status_code == 503
+        await server.wait_until(lambda: server.get("/healthz").json()["connections"] == 0, "slots to free")
+        async with ws_client(server.ws) as (_, me):
+            assert me
+        assert server.metric("ws_micro_rejected_handshakes_total", reason="full") == 1
+
+
+@pytest.mark.anyio
+async def test_e2e_dead_peer_is_dropped_by_the_keepalive_ping() -> None:
+    with run_server("--log-level", "warning", "--ping-interval", "0.2", "--ping-timeout", "0.3") as server:
+        # A peer that never answers pings (its websockets keepalive and pong replies are off
+        # because it never reads): the server closes it with 1011 and forgets it.
+        async with ws_client(server.ws, max_queue=1, ping_interval=None) as (ws, me):
+            ws.transport.pause_reading()
+            await server.wait_until(lambda: server.get(f"/api/clients/{me}").status_code == 404, "the ping timeout")
+            ws.transport.resume_reading()
+            assert (await closed_with(ws))[0] == 1011
+        assert server.metric("ws_micro_disconnects_total", reason="abnormal") == 1
+
+
+@pytest.mark.anyio
+async def test_e2e_compression_is_off_unless_asked_for(server: Server) -> None:
+    async with ws_client(server.ws) as (ws, _):  # websockets offers permessage-deflate by default
+        assert ws.response is not None
+        assert "Sec-WebSocket-Extensions" not in ws.response.headers
+    with run_server("--log-level", "warning", "--per-message-deflate") as deflating:
+        async with ws_client(deflating.ws) as (ws, me):
+            assert ws.response is not None
+            assert ws.response.headers["Sec-WebSocket-Extensions"].startswith("permessage-deflate")
+            await ws.send(json.dumps(frame("ping", me, {"z": "z" * 1000})))
+            assert (await recv_json(ws))["data"]["data"] == {"z": "z" * 1000}
+
+
+@pytest.mark.anyio
+async def test_e2e_delete_closes_with_1000_and_a_reason(server: Server) -> None:
+    async with ws_client(server.ws) as (ws, me):
+        response = httpx.delete(f"{server.http}/api/clients/{me}", timeout=TIMEOUT)
+        assert response.status_code == 202
+        assert await closed_with(ws) == (1000, "disconnected by the server")
+
+
+@pytest.mark.anyio
+async def test_e2e_api_token_and_env_configuration_under_plain_uvicorn() -> None:
+    env = {"WS_MICRO_API_TOKEN": "tok", "WS_MICRO_MAX_CONNECTIONS": "1", "WS_MICRO_MAX_MESSAGE_SIZE": "200"}
+    with run_server("--log-level", "warning", env=env, uvicorn_app=True) as server:
+        assert server.get("/api/clients").status_code == 401
+        assert server.get("/api/clients", headers={"Authorization": "Bearer tok"}).json()["count"] == 0
+        async with ws_client(server.ws) as (ws, me):
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(server.ws):
+                    pass
+            assert refused.value.response.status_code == 503
+            # uvicorn's own frame limit is 16 MiB: the app enforces its 200 bytes itself.
+            await ws.send(json.dumps(frame("echo", me, {"pad": "x" * 300})))
+            assert (await closed_with(ws))[0] == 1009
+
+
+@pytest.mark.anyio
+async def test_e2e_sigterm_closes_every_client_and_exits_0() -> None:
+    with run_server("--graceful-timeout", "5") as server:
+        async with ws_client(server.ws) as (a, _), ws_client(server.ws) as (b, _):
+            started = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            assert (await closed_with(a))[0] in (1001, 1012)
+            assert (await closed_with(b))[0] in (1001, 1012)
+            assert await anyio.to_thread.run_sync(lambda: server.process.wait(TIMEOUT)) == 0
+            assert time.monotonic() - started < 5
+
+
+@pytest.mark.anyio
+async def test_python_client_class_sends_and_iterates(server: Server) -> None:
+    async with Client(server.ws) as a, Client(server.ws) as b:
+        assert a.client_id and a.client_id != b.client_id
+        with anyio.fail_after(TIMEOUT):
+            await a.send("join", {"room": "py"})
+            assert (await a.recv()).data.data == {"room": "py", "members": 1}
+            await b.send("join", {"room": "py"})
+            assert (await b.recv()).data.data == {"room": "py", "members": 2}
+            await a.send("hello", {"n": 1}, room="py")
+            await b.send("hello", {"n": 2}, to=a.client_id)
+            got_a = await a.recv()
+            got_b = [event async for event in _take(b, 1)]
+        assert (got_a.event, got_a.client_id, got_a.to, got_a.data.data) == ("hello", b.client_id, a.client_id,
+                                                                              {"n": 2})
+        assert [(e.event, e.client_id, e.room, e.data.data) for e in got_b] == [
+            ("hello", a.client_id, "py", {"n": 1})]
+        await b.close()
+        assert b.close_code == 1000
+
+
+async def _take(client: Client, n: int) -> AsyncIterator[Event]:
+    async for event in client:
+        yield event
+        n -= 1
+        if n == 0:
+            return
+
+
+def test_cli_client_prints_frames_as_json_lines(server: Server) -> None:
+    lines = [json.dumps({"event": "ping", "data": {"data": {"k": 1}}}), "not json",
+             json.dumps({"event": "echo", "data": {"data": {"e": True}}})]
+    result = subprocess.run([sys.executable, "ws_micro.py", "client", server.ws], cwd=HERE,
+                            input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    frames = [json.loads(line) for line in result.stdout.splitlines()]
+    me = frames[0]["client_id"]
+    assert frames == [
+        {"event": "connect", "client_id": me, "data": {"data": {"message": "connection request granted"}}},
+        frame("pong", me, {"k": 1}),
+        frame("echo", me, {"e": True}),
+    ]
+    assert "ignored: expected a JSON object, but got 'not json'" in result.stderr
+
+
+def test_cli_client_exits_cleanly_when_the_server_closes(server: Server) -> None:
+    process = subprocess.Popen([sys.executable, "ws_micro.py", "client", server.ws], cwd=HERE, text=True,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        me = json.loads(process.stdout.readline())["client_id"]
+        assert httpx.delete(f"{server.http}/api/clients/{me}", timeout=TIMEOUT).status_code == 202
+        assert process.wait(TIMEOUT) == 0  # stdin still open: the close alone ends it
+        assert "closed: 1000" in (process.stderr.read() if process.stderr else "")
+    finally:
+        process.kill()
+        process.wait()
+        for stream in (process.stdin, process.stdout, process.stderr):
+            if stream:
+                stream.close()
+
+
+def test_cli_client_reports_a_refused_connection() -> None:
+    result = subprocess.run([sys.executable, "ws_micro.py", "client", f"ws://127.0.0.1:{free_port()}/ws/py_client"],
+                            cwd=HERE, input="", capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 1
+    assert result.stderr.startswith("ws-micro client: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_encoded_frames_are_what_msgspec_decodes() -> None:
+    text = ws_micro.Frame("news", {"quote": 'say "hi"\n'}).to("abc")
+    assert msgspec.json.decode(text) == frame("news", "abc", {"quote": 'say "hi"\n'})
