@@ -735,6 +735,28 @@ async def test_e2e_slow_reader_is_cut_off_and_others_keep_receiving(tmp_path: Pa
 
 
 @pytest.mark.anyio
+async def test_e2e_kicking_a_reader_that_never_drains_takes_close_timeout_not_forever() -> None:
+    with run_server("--log-level", "warning", "--max-queue-bytes", "100000000", "--max-queue-messages", "100000",
+                    "--close-timeout", "0.5") as server:
+        async with ws_client(server.ws, max_queue=1) as (stuck, stuck_id):
+            stuck.transport.pause_reading()
+            payload = {"event": "bulk", "data": {"data": {"pad": "x" * 60_000}}}
+            pushed = 300  # 18 MB: more than the kernel buffers between us hold
+            for _ in range(pushed):
+                assert server.post(f"/api/clients/{stuck_id}", payload).status_code == 202
+            assert httpx.delete(f"{server.http}/api/clients/{stuck_id}", timeout=TIMEOUT).status_code == 202
+            await server.wait_until(lambda: server.get(f"/api/clients/{stuck_id}").status_code == 404,
+                                    "the kicked reader to leave")
+            assert server.metric("ws_micro_disconnects_total", reason="kicked") == 1
+            stuck.transport.resume_reading()
+            received = 0
+            with anyio.fail_after(TIMEOUT), contextlib.suppress(ConnectionClosed):
+                while True:
+                    received += str(await stuck.recv()).count("bulk")
+            assert received < pushed  # the backlog was given up on, not waited for
+
+
+@pytest.mark.anyio
 async def test_e2e_flood_is_closed_with_1008() -> None:
     with run_server("--log-level", "warning", "--rate-limit", "5", "--rate-burst", "5") as server:
         async with ws_client(server.ws) as (ws, me):

@@ -368,13 +368,19 @@ class Connection:
         return True
 
     def close(self, code: int, reason: str, *, label: str, flush: bool = True) -> None:
-        """Close with ``code`` after the queued frames (``flush``) or at once, dropping them."""
+        """Close with ``code`` after the queued frames (``flush``) or at once, dropping them.
+
+        Flushing and the close frame each get ``close_timeout`` seconds: a peer that
+        stopped reading may never take them.
+        """
         if self.closing:
             return
         self.closing = True
         self.close_reason = label
         self._close_frame = (code, reason)
-        if not flush:
+        if flush:
+            self._flush_scope.deadline = anyio.current_time() + self._settings.close_timeout
+        else:
             self._queue.clear()
             self._flush_scope.cancel()  # stop waiting on a socket that does not drain
         self._wakeup.set()
