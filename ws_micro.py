@@ -70,6 +70,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 __version__ = "0.1.0"
@@ -135,7 +136,7 @@ class Settings:
     """Largest frame a client may send, in bytes; larger ones close with 1009."""
     max_connections: int = 10_000
     """Handshakes beyond this many open connections get HTTP 503."""
-    rate_limit: float = 1000.0
+    rate_limit: float = 5000.0
     """Frames per second a connection may send (token bucket); 0 turns it off."""
     rate_burst: int = 1000
     """Frames a connection may send at once; after as many more refused, it is closed with 1008."""
@@ -335,9 +336,10 @@ class Connection:
     "slow consumer" and what it had queued is dropped.
     """
 
-    def __init__(self, websocket: WebSocket, *, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, send: Send, *, remote: str | None, settings: Settings, metrics: Metrics) -> None:
         self.id = str(uuid.uuid4())
-        self.websocket = websocket
+        self.remote = remote  # "host:port" of the peer, when the server knows it
+        self._send = send  # the ASGI send of an accepted WebSocket
         self.connected_at = time.time()
         self.rooms: set[str] = set()
         self.closing = False
@@ -404,7 +406,7 @@ class Connection:
                     while self._queue:
                         frame = self._queue.popleft()
                         self._queued_bytes -= len(frame)
-                        await self.websocket.send({"type": "websocket.send", "text": frame})
+                        await self._send({"type": "websocket.send", "text": frame})
                         self._metrics.messages_sent += 1
                     if self._close_frame is not None:
                         break
@@ -413,19 +415,18 @@ class Connection:
             if self._close_frame is not None:
                 code, reason = self._close_frame
                 with anyio.move_on_after(self._settings.close_timeout):
-                    await self.websocket.close(code, reason)
-        except (WebSocketDisconnect, OSError, RuntimeError):
-            # The peer is gone (or Starlette saw the close first): nothing left to write to.
+                    await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        except (OSError, RuntimeError):
+            # The peer is gone (the server raises OSError, or RuntimeError once it saw a close).
             self.closing = self.peer_gone = True
             self.close_reason = self.close_reason or "abnormal"
 
     def describe(self) -> dict[str, Any]:
-        client = self.websocket.client
         return {
             "client_id": self.id,
             "connected_at": datetime.datetime.fromtimestamp(self.connected_at, datetime.UTC).isoformat(),
             "rooms": sorted(self.rooms),
-            "remote": f"{client.host}:{client.port}" if client else None,
+            "remote": self.remote,
         }
 
 
@@ -549,7 +550,10 @@ class Gateway:
         self.settings = settings
         self._handshakes = 0  # accepts in flight, counted against max_connections
 
-    async def __call__(self, websocket: WebSocket) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Starlette's WebSocket does the handshake; frames then go straight through ASGI's
+        # receive and send, which is measurably faster (see the Performance section of the README).
+        websocket = WebSocket(scope, receive, send)
         refusal = self._refusal(websocket)
         if refusal is not None:
             status, reason, message = refusal
@@ -564,7 +568,9 @@ class Gateway:
         finally:
             self._handshakes -= 1
 
-        connection = Connection(websocket, settings=self.settings, metrics=self.registry.metrics)
+        client = websocket.client
+        connection = Connection(send, remote=f"{client.host}:{client.port}" if client else None,
+                                settings=self.settings, metrics=self.registry.metrics)
         connection.send(Frame("connect", {"message": "connection request granted"}).to(connection.id))
         self.registry.add(connection)
         logger.debug("client %s connected", connection.id)
@@ -576,7 +582,7 @@ class Gateway:
                     tasks.cancel_scope.cancel()
 
                 tasks.start_soon(write_then_stop)
-                await self._read(connection)
+                await self._read(connection, receive)
                 if connection.peer_gone:
                     tasks.cancel_scope.cancel()  # nothing left to write to
         finally:
@@ -598,11 +604,10 @@ class Gateway:
         # Same-origin pages may always connect (the browser page served beside us).
         return urlsplit(origin).netloc.lower() == host.lower() != ""
 
-    async def _read(self, connection: Connection) -> None:
+    async def _read(self, connection: Connection, receive: Receive) -> None:
         """Handle frames until the peer leaves or the connection starts closing."""
-        websocket = connection.websocket
         while not connection.closing:
-            message = await websocket.receive()
+            message = await receive()
             if message["type"] == "websocket.disconnect":
                 connection.closing = connection.peer_gone = True
                 connection.close_reason = connection.close_reason or _peer_reason(message.get("code", 1006))
@@ -881,7 +886,7 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
     app = Starlette(
         debug=debug,
         routes=[
-            WebSocketRoute(settings.path, Gateway(registry, settings).__call__),
+            WebSocketRoute(settings.path, Gateway(registry, settings)),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             *api_routes(registry, settings),
