@@ -916,3 +916,49 @@ def test_cli_client_reports_a_refused_connection() -> None:
 def test_encoded_frames_are_what_msgspec_decodes() -> None:
     text = ws_micro.Frame("news", {"quote": 'say "hi"\n'}).to("abc")
     assert msgspec.json.decode(text) == frame("news", "abc", {"quote": 'say "hi"\n'})
+
+
+@pytest.mark.anyio
+async def test_start_now_finishes_at_once_or_hands_over_the_rest() -> None:
+    log: list[str] = []
+
+    async def ready() -> None:
+        log.append("ready")
+
+    assert ws_micro.start_now(ready()) is None
+    assert log == ["ready"]
+
+    gate = anyio.Event()
+
+    async def blocked() -> None:
+        log.append("blocked: start")
+        await gate.wait()
+        log.append("blocked: end")
+
+    rest = ws_micro.start_now(blocked())
+    assert rest is not None and log[-1] == "blocked: start"
+
+    async def finish() -> None:
+        assert rest is not None
+        await rest
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(finish)
+        gate.set()
+    assert log[-1] == "blocked: end"
+
+    # Cancellation reaches the suspended awaitable, as it would through a plain await.
+    cancelled: list[bool] = []
+
+    async def stuck() -> None:
+        try:
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            cancelled.append(True)
+            raise
+
+    pending = ws_micro.start_now(stuck())
+    assert pending is not None
+    with anyio.move_on_after(0.05):
+        await pending
+    assert cancelled == [True]
