@@ -757,6 +757,22 @@ async def test_e2e_kicking_a_reader_that_never_drains_takes_close_timeout_not_fo
 
 
 @pytest.mark.anyio
+async def test_e2e_a_socket_that_takes_nothing_for_send_timeout_is_cut_off() -> None:
+    with run_server("--log-level", "warning", "--max-queue-bytes", "100000000", "--max-queue-messages", "100000",
+                    "--send-timeout", "0.5", "--close-timeout", "0.5") as server:
+        async with ws_client(server.ws, max_queue=1) as (stuck, stuck_id), ws_client(server.ws) as (_, other_id):
+            stuck.transport.pause_reading()
+            payload = {"event": "bulk", "data": {"data": {"pad": "x" * 60_000}}}
+            for _ in range(300):  # far below the queue limits: only the send timeout can cut it off
+                if server.post(f"/api/clients/{stuck_id}", payload).status_code == 404:
+                    break
+            await server.wait_until(lambda: server.get(f"/api/clients/{stuck_id}").status_code == 404,
+                                    "the stalled reader to be cut off")
+            assert server.metric("ws_micro_disconnects_total", reason="slow_consumer") == 1
+            assert server.get(f"/api/clients/{other_id}").status_code == 200
+
+
+@pytest.mark.anyio
 async def test_e2e_flood_is_closed_with_1008() -> None:
     with run_server("--log-level", "warning", "--rate-limit", "5", "--rate-burst", "5") as server:
         async with ws_client(server.ws) as (ws, me):

@@ -146,6 +146,8 @@ class Settings:
     """Characters of JSON waiting for one slow reader before it is closed with 1008."""
     max_rooms_per_connection: int = 100
     max_room_name_length: int = 128
+    send_timeout: float = 10.0
+    """Seconds one frame may wait for a client's socket to take it before the client is closed with 1008."""
     close_timeout: float = 5.0
     """Seconds a close frame may wait to leave; a peer that stopped reading may never take it."""
 
@@ -161,8 +163,9 @@ class Settings:
                 raise ValueError(f"{name} must be at least 1, but got {value!r}")
         if self.rate_limit < 0:
             raise ValueError(f"rate_limit must be 0 (off) or more, but got {self.rate_limit!r}")
-        if self.close_timeout <= 0:
-            raise ValueError(f"close_timeout must be more than 0, but got {self.close_timeout!r}")
+        for name in ("send_timeout", "close_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be more than 0, but got {getattr(self, name)!r}")
         if not self.path.startswith("/"):
             raise ValueError(f"path must start with '/', but got {self.path!r}")
 
@@ -332,8 +335,9 @@ class Connection:
     (:meth:`write`) puts queued frames on the socket.  So a reply, a relay, a
     room publish or a broadcast never waits for a peer, and a peer that stops
     reading only fills its own queue: once that holds ``max_queue_messages``
-    frames or ``max_queue_bytes`` characters, the peer is closed with 1008
-    "slow consumer" and what it had queued is dropped.
+    frames or ``max_queue_bytes`` characters, or its socket has not taken a frame
+    for ``send_timeout`` seconds, the peer is closed with 1008 "slow consumer"
+    and what it had queued is dropped.
     """
 
     def __init__(self, send: Send, *, remote: str | None, settings: Settings, metrics: Metrics) -> None:
@@ -422,14 +426,16 @@ class Connection:
             with self._flush_scope:
                 while True:
                     if self._in_flight is not None:
-                        await self._in_flight
+                        await self._finish(self._in_flight)
                         self._in_flight = None
-                        self._metrics.messages_sent += 1
                     while self._queue:
                         frame = self._queue.popleft()
                         self._queued_bytes -= len(frame)
-                        await self._send({"type": "websocket.send", "text": frame})
-                        self._metrics.messages_sent += 1
+                        rest = start_now(self._send({"type": "websocket.send", "text": frame}))
+                        if rest is None:
+                            self._metrics.messages_sent += 1
+                        else:
+                            await self._finish(rest)
                     if self._close_frame is not None or self.peer_gone:
                         break
                     self._wakeup = anyio.Event()
@@ -444,6 +450,14 @@ class Connection:
             # The peer is gone (the server raises OSError, or RuntimeError once it saw a close).
             self.closing = self.peer_gone = True
             self.close_reason = self.close_reason or "abnormal"
+
+    async def _finish(self, rest: Awaitable[None]) -> None:
+        """Wait for a write the server could not take at once; a client that stalls it is cut off."""
+        with anyio.move_on_after(self._settings.send_timeout) as deadline:
+            await rest
+            self._metrics.messages_sent += 1
+        if deadline.cancelled_caught:
+            self.close(CLOSE_POLICY_VIOLATION, "slow consumer", label="slow_consumer", flush=False)
 
     def describe(self) -> dict[str, Any]:
         return {
