@@ -65,6 +65,7 @@ from urllib.parse import urlsplit
 import anyio
 import anyio.from_thread
 import msgspec
+from anyio.abc import TaskGroup
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -331,56 +332,55 @@ class Metrics:
 class Connection:
     """One accepted WebSocket: its id, its rooms and its bounded outgoing queue.
 
-    :meth:`send` queues a frame and returns at once; the connection's own writer
-    (:meth:`write`) puts queued frames on the socket.  So a reply, a relay, a
-    room publish or a broadcast never waits for a peer, and a peer that stops
-    reading only fills its own queue: once that holds ``max_queue_messages``
-    frames or ``max_queue_bytes`` characters, or its socket has not taken a frame
-    for ``send_timeout`` seconds, the peer is closed with 1008 "slow consumer"
-    and what it had queued is dropped.
+    :meth:`send` never waits.  When nothing is queued it hands the frame to the
+    server at once, which nearly always takes it without waiting; when the
+    server would wait (the peer reads slowly), a writer task finishes that write
+    and drains the frames queued behind it, then ends.  So a reply, a relay, a
+    room publish or a broadcast never waits for a peer, an idle connection costs
+    no task of its own, and a peer that stops reading only fills its own queue:
+    once that holds ``max_queue_messages`` frames or ``max_queue_bytes``
+    characters, or its socket has taken nothing for ``send_timeout`` seconds,
+    the peer is closed with 1008 "slow consumer" and its queue is dropped.
     """
 
-    def __init__(self, send: Send, *, remote: str | None, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, send: Send, tasks: TaskGroup, *, remote: str | None, settings: Settings,
+                 metrics: Metrics) -> None:
         self.id = str(uuid.uuid4())
         self.remote = remote  # "host:port" of the peer, when the server knows it
-        self._send = send  # the ASGI send of an accepted WebSocket
         self.connected_at = time.time()
         self.rooms: set[str] = set()
         self.closing = False
         self.peer_gone = False
         self.close_reason = ""  # the disconnects_total label, once known
+        self._send = send  # the ASGI send of the accepted WebSocket
+        self._tasks = tasks  # the connection's task group: the writer runs there, and ends it on close
         self._settings = settings
         self._metrics = metrics
+        # Writing
+        self._writing = False  # a writer task owns the socket: new frames queue behind it
+        self._in_flight: Awaitable[None] | None = None  # a write the server could not finish at once
         self._queue: collections.deque[str] = collections.deque()
         self._queued_bytes = 0
-        self._in_flight: Awaitable[None] | None = None  # a write the server could not finish at once
-        self._writer_idle = False
-        self._wakeup = anyio.Event()
-        self._close_frame: tuple[int, str] | None = None
         self._flush_scope = anyio.CancelScope()
+        self._close_frame: tuple[int, str] | None = None
         # Token bucket: refills at rate_limit, holds rate_burst; may go rate_burst into debt.
         self._tokens = float(settings.rate_burst)
         self._refilled_at = time.monotonic()
 
     def send(self, frame: str) -> bool:
-        """Queue a text frame; False when the connection is closing or was just cut off as slow."""
+        """Send or queue a text frame; False when the connection is closing or was just cut off."""
         if self.closing:
             return False
-        if self._writer_idle and not self._queue:
-            # Nothing waits before this frame: hand it to the server now.  Most of the time the
-            # server takes it without waiting, which spares waking the writer task (a large
-            # share of a broadcast's cost); when it would wait, the writer finishes the write.
+        if not self._writing:
             try:
                 self._in_flight = start_now(self._send({"type": "websocket.send", "text": frame}))
-            except (OSError, RuntimeError):
+            except (OSError, RuntimeError):  # the peer is gone; the read loop hears it too
                 self.closing = self.peer_gone = True
-                self._wakeup.set()
                 return False
             if self._in_flight is None:
                 self._metrics.messages_sent += 1
-                return True
-            self._writer_idle = False
-            self._wakeup.set()
+            else:
+                self._start_writer()
             return True
         self._queue.append(frame)
         self._queued_bytes += len(frame)
@@ -388,7 +388,6 @@ class Connection:
                 or self._queued_bytes > self._settings.max_queue_bytes):
             self.close(CLOSE_POLICY_VIOLATION, "slow consumer", label="slow_consumer", flush=False)
             return False
-        self._wakeup.set()
         return True
 
     def close(self, code: int, reason: str, *, label: str, flush: bool = True) -> None:
@@ -402,12 +401,53 @@ class Connection:
         self.closing = True
         self.close_reason = label
         self._close_frame = (code, reason)
-        if flush:
+        if not self._writing:
+            self._start_writer()
+        elif flush:
             self._flush_scope.deadline = anyio.current_time() + self._settings.close_timeout
         else:
             self._queue.clear()
             self._flush_scope.cancel()  # stop waiting on a socket that does not drain
-        self._wakeup.set()
+
+    def _start_writer(self) -> None:
+        self._writing = True
+        self._flush_scope = anyio.CancelScope()
+        self._tasks.start_soon(self._write)
+
+    async def _write(self) -> None:
+        """Finish the write in flight, drain the queue, then send the close frame if one is due."""
+        try:
+            with self._flush_scope:
+                if self._in_flight is not None:
+                    await self._finish(self._in_flight)
+                    self._in_flight = None
+                while self._queue:
+                    frame = self._queue.popleft()
+                    self._queued_bytes -= len(frame)
+                    rest = start_now(self._send({"type": "websocket.send", "text": frame}))
+                    if rest is None:
+                        self._metrics.messages_sent += 1
+                    else:
+                        await self._finish(rest)
+            self._writing = False  # no await since the queue was found empty: nothing is left behind
+            if self._close_frame is not None:
+                code, reason = self._close_frame
+                with anyio.move_on_after(self._settings.close_timeout):
+                    await self._send({"type": "websocket.close", "code": code, "reason": reason})
+                self._tasks.cancel_scope.cancel()  # closed: stop reading too
+        except (OSError, RuntimeError):
+            # The peer is gone (the server raises OSError, or RuntimeError once it saw a close).
+            self.closing = self.peer_gone = True
+            self.close_reason = self.close_reason or "abnormal"
+            self._tasks.cancel_scope.cancel()
+
+    async def _finish(self, rest: Awaitable[None]) -> None:
+        """Wait for a write the server could not take at once; a client that stalls it is cut off."""
+        with anyio.move_on_after(self._settings.send_timeout) as deadline:
+            await rest
+            self._metrics.messages_sent += 1
+        if deadline.cancelled_caught:
+            self.close(CLOSE_POLICY_VIOLATION, "slow consumer", label="slow_consumer", flush=False)
 
     def take_token(self) -> float:
         """Spend one token for a received frame; the balance left (negative: over the limit)."""
@@ -419,45 +459,6 @@ class Connection:
         self._refilled_at = now
         self._tokens -= 1
         return self._tokens
-
-    async def write(self) -> None:
-        """Drain the queue onto the socket until the connection closes (run as the writer task)."""
-        try:
-            with self._flush_scope:
-                while True:
-                    if self._in_flight is not None:
-                        await self._finish(self._in_flight)
-                        self._in_flight = None
-                    while self._queue:
-                        frame = self._queue.popleft()
-                        self._queued_bytes -= len(frame)
-                        rest = start_now(self._send({"type": "websocket.send", "text": frame}))
-                        if rest is None:
-                            self._metrics.messages_sent += 1
-                        else:
-                            await self._finish(rest)
-                    if self._close_frame is not None or self.peer_gone:
-                        break
-                    self._wakeup = anyio.Event()
-                    self._writer_idle = True
-                    await self._wakeup.wait()
-                    self._writer_idle = False
-            if self._close_frame is not None:
-                code, reason = self._close_frame
-                with anyio.move_on_after(self._settings.close_timeout):
-                    await self._send({"type": "websocket.close", "code": code, "reason": reason})
-        except (OSError, RuntimeError):
-            # The peer is gone (the server raises OSError, or RuntimeError once it saw a close).
-            self.closing = self.peer_gone = True
-            self.close_reason = self.close_reason or "abnormal"
-
-    async def _finish(self, rest: Awaitable[None]) -> None:
-        """Wait for a write the server could not take at once; a client that stalls it is cut off."""
-        with anyio.move_on_after(self._settings.send_timeout) as deadline:
-            await rest
-            self._metrics.messages_sent += 1
-        if deadline.cancelled_caught:
-            self.close(CLOSE_POLICY_VIOLATION, "slow consumer", label="slow_consumer", flush=False)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -645,25 +646,19 @@ class Gateway:
             self._handshakes -= 1
 
         client = websocket.client
-        connection = Connection(send, remote=f"{client.host}:{client.port}" if client else None,
-                                settings=self.settings, metrics=self.registry.metrics)
-        connection.send(Frame("connect", {"message": "connection request granted"}).to(connection.id))
-        self.registry.add(connection)
-        logger.debug("client %s connected", connection.id)
-        try:
-            async with anyio.create_task_group() as tasks:
-
-                async def write_then_stop() -> None:
-                    await connection.write()
-                    tasks.cancel_scope.cancel()
-
-                tasks.start_soon(write_then_stop)
+        async with anyio.create_task_group() as tasks:
+            connection = Connection(send, tasks, remote=f"{client.host}:{client.port}" if client else None,
+                                    settings=self.settings, metrics=self.registry.metrics)
+            connection.send(Frame("connect", {"message": "connection request granted"}).to(connection.id))
+            self.registry.add(connection)
+            logger.debug("client %s connected", connection.id)
+            try:
                 await self._read(connection, receive)
                 if connection.peer_gone:
                     tasks.cancel_scope.cancel()  # nothing left to write to
-        finally:
-            self.registry.remove(connection)
-            logger.debug("client %s disconnected (%s)", connection.id, connection.close_reason)
+            finally:
+                self.registry.remove(connection)  # a close frame may still be on its way
+                logger.debug("client %s disconnected (%s)", connection.id, connection.close_reason)
 
     def _refusal(self, websocket: WebSocket) -> tuple[int, str, str] | None:
         origin = websocket.headers.get("origin")
