@@ -1,0 +1,623 @@
+"""Benchmark ws_micro against the tutorial's server and a bare-ASGI ceiling.
+
+Each server runs as its own uvicorn process pinned to CPU 0; this process, the
+load generator (picows on uvloop), is pinned to CPU 1.  Every scenario runs
+``--runs`` times, the servers in a different order each round, and the table
+shows medians and the ratio to the tutorial's server.  The machine is shared and
+noisy: read the ratios, take the absolute numbers as context only.
+
+    pip install '.[bench]'
+    python bench_ws_micro.py                 # every scenario, 3 rounds
+    python bench_ws_micro.py --runs 5 --only echo,relay --json results.json
+
+Servers (all on the same uvicorn, its default settings):
+    ws_micro   uvicorn ws_micro:app                   (as shipped)
+    tutorial   uvicorn bench.tutorial_server:app      (FastAPI + pydantic, send_json)
+    ceiling    uvicorn bench.ceiling_server:app       (bare ASGI + msgspec, no framework)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import psutil  # type: ignore[import-untyped]
+from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+HERE = Path(__file__).parent
+SERVERS = {
+    "ws_micro": "ws_micro:app",
+    "tutorial": "bench.tutorial_server:app",
+    "ceiling": "bench.ceiling_server:app",
+}
+SERVER_CPU, GENERATOR_CPU = 0, 1
+
+
+# --------------------------------------------------------------------------
+# Servers
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws/py_client"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def rss(self) -> int:
+        return int(psutil.Process(self.process.pid).memory_info().rss)
+
+    def cpu_seconds(self) -> float:
+        times = psutil.Process(self.process.pid).cpu_times()
+        return float(times.user + times.system)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def run_server(name: str, env: dict[str, str] | None = None) -> Iterator[Server]:
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", SERVERS[name], "--host", "127.0.0.1", "--port", str(port),
+               "--log-level", "warning"]
+    process = subprocess.Popen(command, cwd=HERE, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                               preexec_fn=lambda: os.sched_setaffinity(0, {SERVER_CPU}))
+    server = Server(name, process, port)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(server.http + "/healthz", timeout=1).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError(f"{name} did not start") from None
+                time.sleep(0.05)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# --------------------------------------------------------------------------
+# Load generator
+# --------------------------------------------------------------------------
+
+
+class _T(msgspec.Struct):
+    t: int = 0
+    seq: int = -1
+
+
+class _Inner(msgspec.Struct):
+    data: _T
+
+
+class _Frame(msgspec.Struct):
+    event: str
+    client_id: str
+    data: _Inner
+
+
+decode_frame = msgspec.json.Decoder(_Frame).decode
+PAD = "x" * 40  # with the envelope, about 130 bytes a frame
+
+
+class Peer(WSListener):
+    """One client connection; ``on_frame`` sees each text frame after the connect frame."""
+
+    def __init__(self) -> None:
+        self.transport: WSTransport | None = None
+        self.client_id = ""
+        self.connected = asyncio.get_running_loop().create_future()
+        self.disconnected = asyncio.get_running_loop().create_future()
+        self.on_frame: Callable[[Peer, WSFrame], None] = lambda peer, frame: None
+        self.close_code: int | None = None
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type == WSMsgType.TEXT:
+            if not self.connected.done():
+                self.client_id = decode_frame(frame.get_payload_as_bytes()).client_id
+                self.connected.set_result(None)
+            else:
+                self.on_frame(self, frame)
+        elif frame.msg_type == WSMsgType.CLOSE:
+            self.close_code = int(frame.get_close_code().value)
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if not self.disconnected.done():
+            self.disconnected.set_result(time.monotonic())
+
+    def send(self, text: str) -> None:
+        assert self.transport is not None
+        self.transport.send(WSMsgType.TEXT, text.encode())
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.disconnect(graceful=False)
+
+
+async def open_peers(url: str, n: int, concurrency: int = 100, **options: Any) -> list[Peer]:
+    """Open ``n`` connections, ``concurrency`` handshakes at a time, each past its connect frame."""
+    peers: list[Peer] = []
+    limit = asyncio.Semaphore(concurrency)
+
+    async def one() -> None:
+        async with limit:
+            _, peer = await ws_connect(Peer, url, websocket_handshake_timeout=30, **options)
+            assert isinstance(peer, Peer)
+            await asyncio.wait_for(peer.connected, 30)
+            peers.append(peer)
+
+    await asyncio.gather(*(one() for _ in range(n)))
+    return peers
+
+
+async def small_buffer_socket(url: Any) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (url.host, url.port))
+    return sock
+
+
+def close_all(peers: list[Peer]) -> None:
+    for peer in peers:
+        peer.close()
+
+
+def frame(event: str, client_id: str, t: int, seq: int = -1, to: str | None = None,
+          room: str | None = None, pad: str = PAD) -> str:
+    routing = (f',"to":"{to}"' if to else "") + (f',"room":"{room}"' if room else "")
+    return (f'{{"event":"{event}","client_id":"{client_id}","data":{{"data":{{"t":{t},"seq":{seq},'
+            f'"pad":"{pad}"}}}}{routing}}}')
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class Window:
+    """Counts deliveries and latencies while open; measures this process's CPU share."""
+
+    open: bool = False
+    count: int = 0
+    latencies_ns: list[int] = field(default_factory=list)
+    started: float = 0.0
+    cpu_started: float = 0.0
+    elapsed: float = 0.0
+    cpu_share: float = 0.0
+    server_cpu_share: float = 0.0
+
+    def record(self, sent_ns: int) -> None:
+        if self.open:
+            self.count += 1
+            self.latencies_ns.append(time.perf_counter_ns() - sent_ns)
+
+    async def measure(self, server: Server, seconds: float, warmup: float = 0.5) -> None:
+        await asyncio.sleep(warmup)
+        server_cpu = server.cpu_seconds()
+        self.started, self.cpu_started, self.open = time.perf_counter(), time.process_time(), True
+        await asyncio.sleep(seconds)
+        self.open = False
+        self.elapsed = time.perf_counter() - self.started
+        self.cpu_share = (time.process_time() - self.cpu_started) / self.elapsed
+        self.server_cpu_share = (server.cpu_seconds() - server_cpu) / self.elapsed
+
+    def result(self, unit: str) -> dict[str, float]:
+        return {
+            unit: self.count / self.elapsed,
+            "p50_ms": percentile(self.latencies_ns, 0.50) / 1e6,  # type: ignore[arg-type]
+            "p99_ms": percentile(self.latencies_ns, 0.99) / 1e6,  # type: ignore[arg-type]
+            "generator_cpu": self.cpu_share,
+            "server_cpu": self.server_cpu_share,
+        }
+
+
+# --------------------------------------------------------------------------
+# Scenarios
+# --------------------------------------------------------------------------
+
+
+async def echo(server: Server, args: argparse.Namespace) -> dict[str, float]:
+    """50 connections, several echo round trips in flight each."""
+    peers = await open_peers(server.ws, args.echo_connections)
+    window = Window()
+
+    def on_frame(peer: Peer, received: WSFrame) -> None:
+        window.record(decode_frame(received.get_payload_as_bytes()).data.data.t)
+        peer.send(frame("echo", peer.client_id, time.perf_counter_ns()))
+
+    for peer in peers:
+        peer.on_frame = on_frame
+        for _ in range(args.in_flight):
+            peer.send(frame("echo", peer.client_id, time.perf_counter_ns()))
+    await window.measure(server, args.seconds)
+    close_all(peers)
+    return window.result("msgs_per_s")
+
+
+async def relay(server: Server, args: argparse.Namespace) -> dict[str, float]:
+    """Pairs bouncing frames to each other with ``to``: every hop is one relay."""
+    peers = await open_peers(server.ws, args.echo_connections)
+    partner = {a.client_id: b.client_id for a, b in zip(peers[::2], peers[1::2], strict=True)}
+    partner.update({b: a for a, b in partner.items()})
+    window = Window()
+
+    def on_frame(peer: Peer, received: WSFrame) -> None:
+        window.record(decode_frame(received.get_payload_as_bytes()).data.data.t)
+        peer.send(frame("chat", peer.client_id, time.perf_counter_ns(), to=partner[peer.client_id]))
+
+    for peer in peers:
+        peer.on_frame = on_frame
+    for peer in peers[::2]:
+        for _ in range(args.in_flight * 2):
+            peer.send(frame("chat", peer.client_id, time.perf_counter_ns(), to=partner[peer.client_id]))
+    await window.measure(server, args.seconds)
+    close_all(peers)
+    return window.result("msgs_per_s")
+
+
+class HttpPoster:
+    """A minimal keep-alive HTTP/1.1 client: the generator's cost per POST must stay small."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.draining: asyncio.Future[None] | None = None
+
+    async def post(self, path: str, body: bytes) -> bytes:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        assert self.reader is not None
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        return await self.reader.readexactly(length)
+
+    async def fire(self, path: str, body: bytes) -> None:
+        """Send a request without waiting for its answer (HTTP/1.1 pipelining): an open-loop load,
+        so a server that stalls on one slow reader delays every later broadcast, as it would."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+            self.draining = asyncio.ensure_future(self._drain_answers())
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+
+    async def _drain_answers(self) -> None:
+        assert self.reader is not None
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head = await self.reader.readuntil(b"\r\n\r\n")
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))
+                await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.draining is not None:
+            self.draining.cancel()
+
+
+async def fan_out(server: Server, args: argparse.Namespace, via: str, slow: int = 0) -> dict[str, float]:
+    """One sender, ``args.receivers`` receivers; ``via`` is "api" or "room".
+
+    The sender keeps ``args.broadcasts_in_flight`` broadcasts outstanding (a
+    broadcast is done when every healthy receiver has it), or, with ``rate``,
+    sends at a fixed rate (the slow-consumer stream).
+    """
+    # Slow readers are clients on a slow link: a 64 KiB receive buffer (Linux would otherwise grow
+    # a loopback buffer to many MiB before the server notices anything).
+    receivers = [*await open_peers(server.ws, slow, socket_factory=small_buffer_socket),
+                 *await open_peers(server.ws, args.receivers - slow)]
+    [sender] = await open_peers(server.ws, 1)
+    room_capable = server.name != "tutorial"
+    if via == "room" and room_capable:
+        for peer in [*receivers, sender]:
+            peer.send(frame("join", peer.client_id, 0).replace('"t":0,', '"room":"fan","t":0,'))
+        await asyncio.sleep(1.0)  # joined replies arrive first; they carry seq -1 and are ignored
+    window = Window()
+    remaining: dict[int, int] = {}  # broadcast -> sampled healthy receivers still waiting for it
+    sent_at: dict[int, int] = {}
+    done = asyncio.Event()
+    healthy = receivers[slow:]
+
+    sampled = {id(peer) for peer in healthy[::args.sample_every]}
+
+    def on_frame(peer: Peer, received: WSFrame) -> None:
+        # Every receiver counts; one in sample_every decodes, for latency and completion:
+        # decoding all 1,000 would make this process, not the server, the bottleneck.
+        if window.open:
+            window.count += 1
+        if id(peer) not in sampled:
+            return
+        data = decode_frame(received.get_payload_as_bytes()).data.data
+        if data.seq < 0:
+            return
+        if window.open:
+            window.latencies_ns.append(time.perf_counter_ns() - data.t)
+        left = remaining.get(data.seq)
+        if left is not None:
+            if left <= 1:
+                del remaining[data.seq]
+                done.set()
+            else:
+                remaining[data.seq] = left - 1
+
+    for peer in receivers:
+        peer.on_frame = on_frame
+    for peer in receivers[:slow]:  # stop reading: the kernel buffers fill, then the server's queue
+        assert peer.transport is not None
+        peer.transport.underlying_transport.pause_reading()
+
+    poster = HttpPoster(server.port)
+    pad = "y" * (args.stream_payload if slow or args.rate_always else args.fan_out_payload)
+    stop = False
+    cut_off: dict[str, float] = {}
+    peak_rss = server.rss()
+
+    async def send_loop() -> None:
+        seq = 0
+        interval = 1 / args.rate if slow or args.rate_always else 0.0
+        next_at = time.perf_counter()
+        while not stop:
+            if interval:
+                next_at += interval
+                await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+            else:
+                while len(remaining) >= args.broadcasts_in_flight and not stop:
+                    done.clear()
+                    await done.wait()
+            remaining[seq] = len(sampled)
+            sent_at[seq] = time.perf_counter_ns()
+            text = frame("news", sender.client_id, time.perf_counter_ns(), seq, pad=pad)
+            if via == "api":
+                body = ('{"event":"news",' + text[text.index('"data"'):]).encode()  # no client_id
+                if interval:
+                    await poster.fire("/api/broadcast", body)
+                else:
+                    await poster.post("/api/broadcast", body)
+            elif room_capable:
+                sender.send(text.replace('"data":', '"room":"fan","data":', 1))
+            else:
+                sender.send(text.replace('"event":"news"', '"event":"broadcast"', 1))
+            seq += 1
+
+    async def watch() -> None:
+        nonlocal peak_rss
+        while not stop:
+            peak_rss = max(peak_rss, server.rss())
+            if slow and server.name == "ws_micro":
+                for peer in receivers[:slow]:
+                    if peer.client_id not in cut_off:
+                        status = await asyncio.to_thread(_status, f"{server.http}/api/clients/{peer.client_id}")
+                        if status == 404:
+                            cut_off[peer.client_id] = time.perf_counter() - window.started
+            await asyncio.sleep(0.1)
+
+    sending = asyncio.ensure_future(send_loop())
+    watching = asyncio.ensure_future(watch())
+    await window.measure(server, args.stream_seconds if slow or args.rate_always else args.seconds)
+    stop = True
+    done.set()
+    for task in (sending, watching):
+        await asyncio.wait_for(task, 30)  # and raise what went wrong in it
+    poster.close()
+    close_all([*receivers, sender])
+    # A broadcast a server never delivered is the worst latency of all, not a missing sample:
+    # count each one as delivered at the end of the window (a lower bound).
+    window_end = int((window.started + window.elapsed) * 1e9)
+    started_ns = int(window.started * 1e9)
+    undelivered = 0
+    for seq, waiting in remaining.items():
+        if sent_at[seq] >= started_ns:
+            window.latencies_ns.extend([max(0, window_end - sent_at[seq])] * waiting)
+            undelivered += waiting
+    result = window.result("deliveries_per_s")
+    result["undelivered_samples"] = undelivered
+    result["peak_rss_mib"] = peak_rss / 2**20
+    if slow:
+        result["slow_cut_off"] = len(cut_off)
+        result["cut_off_s_max"] = max(cut_off.values()) if cut_off else float("nan")
+    return result
+
+
+def _status(url: str) -> int:
+    try:
+        return int(urllib.request.urlopen(url, timeout=5).status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+async def connections(server: Server, args: argparse.Namespace, deflate: bool) -> dict[str, float]:
+    """Open ``args.connections`` idle connections; handshakes/s and server RSS per connection.
+
+    picows cannot negotiate permessage-deflate, so the compressed run uses
+    websockets clients, which offer it by default (as browsers do).
+    """
+    before = server.rss()
+    started = time.perf_counter()
+    if deflate:
+        from websockets.asyncio.client import connect
+
+        limit = asyncio.Semaphore(200)
+
+        async def one() -> Any:
+            async with limit:
+                client = await connect(server.ws, compression="deflate", ping_interval=None, open_timeout=60)
+                await client.recv()
+                return client
+
+        clients = await asyncio.gather(*(one() for _ in range(args.connections)))
+        compressed = sum("permessage-deflate" in (c.response.headers.get("Sec-WebSocket-Extensions") or "")
+                         for c in clients)
+        count = len(clients)
+    else:
+        peers = await open_peers(server.ws, args.connections, concurrency=200)
+        count, compressed = len(peers), 0
+    elapsed = time.perf_counter() - started
+    await asyncio.sleep(1.0)  # let the server settle before reading its memory
+    after = server.rss()
+    if deflate:
+        for client in clients:
+            client.transport.abort()
+    else:
+        close_all(peers)
+    return {"handshakes_per_s": count / elapsed, "kib_per_connection": (after - before) / count / 1024,
+            "connections": count, "compressed": compressed}
+
+
+SCENARIOS: dict[str, Callable[[Server, argparse.Namespace], Awaitable[dict[str, float]]]] = {
+    "echo": echo,
+    "relay": relay,
+    "fanout_api": lambda server, args: fan_out(server, args, "api"),
+    "fanout_room": lambda server, args: fan_out(server, args, "room"),
+    "connections": lambda server, args: connections(server, args, deflate=False),
+    "connections_deflate": lambda server, args: connections(server, args, deflate=True),
+    "stream_healthy": lambda server, args: fan_out(server, args, "api", slow=0),
+    "stream_1pct_slow": lambda server, args: fan_out(server, args, "api", slow=args.receivers // 100),
+}
+HEADLINE = {"echo": "msgs_per_s", "relay": "msgs_per_s", "fanout_api": "deliveries_per_s",
+            "fanout_room": "deliveries_per_s", "connections": "kib_per_connection",
+            "connections_deflate": "kib_per_connection", "stream_healthy": "p99_ms", "stream_1pct_slow": "p99_ms"}
+
+
+# --------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------
+
+
+def run_scenario(name: str, server_name: str, args: argparse.Namespace) -> dict[str, float]:
+    scenario = SCENARIOS[name]
+    with run_server(server_name) as server:
+        async def main() -> dict[str, float]:
+            if name.startswith("stream"):
+                args.rate_always = True
+            try:
+                return await asyncio.wait_for(scenario(server, args), args.timeout)
+            finally:
+                args.rate_always = False
+        try:
+            import uvloop
+            return uvloop.run(main())
+        except ImportError:
+            return asyncio.run(main())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenarios")
+    parser.add_argument("--servers", default=",".join(SERVERS))
+    parser.add_argument("--seconds", type=float, default=3.0, help="measuring window of throughput scenarios")
+    parser.add_argument("--stream-seconds", type=float, default=40.0, help="length of the broadcast streams")
+    parser.add_argument("--echo-connections", type=int, default=50)
+    parser.add_argument("--in-flight", type=int, default=8, help="echo round trips in flight per connection")
+    parser.add_argument("--receivers", type=int, default=1000)
+    parser.add_argument("--broadcasts-in-flight", type=int, default=4)
+    parser.add_argument("--sample-every", type=int, default=10, help="fan-out receivers per latency sample")
+    parser.add_argument("--fan-out-payload", type=int, default=40, help="padding characters of fan-out frames")
+    parser.add_argument("--rate", type=float, default=25.0, help="broadcasts per second of the streams")
+    parser.add_argument("--stream-payload", type=int, default=8000, help="padding characters of stream frames")
+    parser.add_argument("--connections", type=int, default=10_000)
+    parser.add_argument("--timeout", type=float, default=180.0, help="seconds one scenario run may take")
+    parser.add_argument("--json", metavar="FILE", help="also write every run's figures as JSON")
+    args = parser.parse_args()
+    args.rate_always = False
+
+    os.sched_setaffinity(0, {GENERATOR_CPU})
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    scenarios = args.only.split(",")
+    servers = args.servers.split(",")
+    runs: dict[str, dict[str, list[dict[str, float]]]] = {s: {srv: [] for srv in servers} for s in scenarios}
+    for scenario in scenarios:
+        for round_ in range(args.runs):
+            order = servers[round_ % len(servers):] + servers[:round_ % len(servers)]  # alternate who goes first
+            for server_name in order:
+                try:
+                    figures = run_scenario(scenario, server_name, args)
+                except (TimeoutError, RuntimeError, OSError) as exc:
+                    figures = {"error": 1.0}
+                    print(f"  {scenario} {server_name}: failed: {exc!r}", file=sys.stderr)
+                runs[scenario][server_name].append(figures)
+                print(f"  {scenario:<20} {server_name:<9} round {round_ + 1}: "
+                      + ", ".join(f"{k}={v:,.2f}" for k, v in figures.items()), file=sys.stderr, flush=True)
+
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"Python {platform.python_version()}, {platform.system()} {platform.release()}; "
+          f"server on CPU {SERVER_CPU}, generator on CPU {GENERATOR_CPU}; medians of {args.runs} runs\n")
+    print("| scenario | server | figure | median | vs tutorial | p99 ms | generator CPU | server CPU |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for scenario in scenarios:
+        headline = HEADLINE[scenario]
+        medians = {srv: {k: statistics.median(r[k] for r in rs if k in r) for k in rs[0]}
+                   for srv, rs in runs[scenario].items() if rs and "error" not in rs[0]}
+        base = medians.get("tutorial", {}).get(headline)
+        for srv, m in medians.items():
+            ratio = f"{m[headline] / base:.2f}x" if base else "-"
+            notes = []
+            if "slow_cut_off" in m:
+                cut = f"{m['slow_cut_off']:.0f} slow readers cut off"
+                notes.append(cut + (f", the last after {m['cut_off_s_max']:.1f} s" if m["slow_cut_off"] else ""))
+            if m.get("undelivered_samples"):
+                notes.append(f"{m['undelivered_samples']:.0f} sampled deliveries never made")
+            if "peak_rss_mib" in m:
+                notes.append(f"peak RSS {m['peak_rss_mib']:.0f} MiB")
+            if "handshakes_per_s" in m:
+                notes.append(f"{m['handshakes_per_s']:,.0f} handshakes/s, {m['connections']:,.0f} connections")
+            extra = f" ({'; '.join(notes)})" if notes else ""
+            print(f"| {scenario} | {srv} | {headline}{extra} | {m[headline]:,.1f} | {ratio} | "
+                  f"{m.get('p99_ms', float('nan')):.1f} | {m.get('generator_cpu', float('nan')):.0%} | "
+                  f"{m.get('server_cpu', float('nan')):.0%} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
