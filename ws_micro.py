@@ -59,6 +59,7 @@ import time
 import types
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Self, get_type_hints
 from urllib.parse import urlsplit
 
@@ -69,8 +70,9 @@ from anyio.abc import TaskGroup
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.responses import FileResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -152,6 +154,11 @@ class Settings:
     close_timeout: float = 5.0
     """Seconds a close frame may wait to leave; a peer that stopped reading may never take it."""
 
+    # Browser page
+    static_dir: str = "auto"
+    """Folder served at /static/, with its index.html at /. "auto": the page shipped beside this module,
+    if there is one (a copied single file has none, and runs without it); "": no page."""
+
     # Sidecar API
     api_token: str | None = None
     """Bearer token for /api/*; without one, /api/* answers loopback peers only."""
@@ -169,6 +176,8 @@ class Settings:
                 raise ValueError(f"{name} must be more than 0, but got {getattr(self, name)!r}")
         if not self.path.startswith("/"):
             raise ValueError(f"path must start with '/', but got {self.path!r}")
+        if self.static_dir not in ("auto", "") and not (Path(self.static_dir) / "index.html").is_file():
+            raise ValueError(f"static_dir must be a folder with an index.html, but got {self.static_dir!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -954,6 +963,16 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
         return PlainTextResponse(registry.metrics.render(len(registry)),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    page_routes: list[BaseRoute] = []
+    static = _static_folder(settings.static_dir)
+    if static is not None:
+        index = static / "index.html"
+
+        async def page(request: Request) -> Response:
+            return FileResponse(index)
+
+        page_routes = [Route("/", page, methods=["GET"]), Mount("/static", StaticFiles(directory=static))]
+
     app = Starlette(
         debug=debug,
         routes=[
@@ -961,12 +980,24 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             *api_routes(registry, settings),
+            *page_routes,
         ],
         exception_handlers={HTTPException: _http_error},
     )
     app.state.registry = registry
     app.state.settings = settings
     return app
+
+
+def _static_folder(static_dir: str) -> Path | None:
+    """The browser page's folder: beside the module (a checkout, a copied folder) or installed with it."""
+    if static_dir != "auto":
+        return Path(static_dir) if static_dir else None
+    here = Path(__file__).resolve().parent
+    for folder in (here / "static", here / "ws_micro_static"):
+        if (folder / "index.html").is_file():
+            return folder
+    return None  # a copied single file: the gateway runs without the page
 
 
 app = create_app(**options_from_env(Settings, os.environ))

@@ -1,0 +1,132 @@
+// The console page: shows this connection, its frames and rooms, and sends events.
+import { Client } from "./ws_micro.js";
+
+// Everything is relative to where the gateway is mounted (this file is <root>/static/console.js),
+// so the page also works under an embedding app's prefix. `?ws=<url>` points it elsewhere.
+const ROOT = new URL("../", import.meta.url);
+const WS_URL = new URLSearchParams(location.search).get("ws")
+  ?? new URL("ws/py_client", ROOT).href.replace(/^http/, "ws");
+
+const $ = (id) => document.getElementById(id);
+const client = new Client(WS_URL);
+const MAX_LOG = 200;
+
+client.onState((state, detail) => {
+  const badge = $("state");
+  badge.dataset.state = state;
+  badge.textContent = state === "reconnecting" && detail.delay
+    ? `reconnecting (attempt ${detail.attempt}, ${detail.delay} ms)`
+    : state;
+  if (state === "open") {
+    $("client-id").textContent = detail.clientId;
+    refreshClients();
+  }
+});
+
+client.on("*", (frame) => {
+  const item = document.createElement("li");
+  item.className = frame.event === "error" ? "frame error" : "frame";
+  const head = document.createElement("div");
+  head.className = "frame-head";
+  const name = document.createElement("strong");
+  name.textContent = frame.event;
+  const from = document.createElement("code");
+  from.textContent = frame.client_id === client.clientId ? "to me" : `from ${frame.client_id}`;
+  head.append(name, " ", from);
+  if (frame.room) head.append(` in ${frame.room}`);
+  const body = document.createElement("pre");
+  body.textContent = frame.event === "error"
+    ? `${frame.data.data.code}: ${frame.data.data.message}`
+    : JSON.stringify(frame.data.data);
+  item.append(head, body);
+  $("log").prepend(item);
+  while ($("log").children.length > MAX_LOG) $("log").lastChild.remove();
+  if (frame.event === "joined" || frame.event === "left") renderRooms();
+});
+
+$("send-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const error = $("send-error");
+  error.textContent = "";
+  let data;
+  try {
+    data = JSON.parse($("data").value || "{}");
+    if (data === null || typeof data !== "object" || Array.isArray(data)) throw new Error("not an object");
+  } catch {
+    error.textContent = "Data must be a JSON object, like {\"text\": \"hi\"}.";
+    return;
+  }
+  const route = $("route").value;
+  const target = $("target").value.trim();
+  if (route !== "builtin" && !target) {
+    error.textContent = route === "room" ? "Name a room." : "Give a client id.";
+    return;
+  }
+  const sent = client.send($("event").value.trim(), data,
+    route === "client" ? { to: target } : route === "room" ? { room: target } : {});
+  if (!sent) error.textContent = "Not connected; try again when the badge says open.";
+});
+
+$("room-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const room = $("room").value.trim();
+  if (room) client.join(room);
+  $("room").value = "";
+});
+
+function renderRooms() {
+  const list = $("rooms");
+  list.replaceChildren();
+  for (const room of client.rooms) {
+    const item = document.createElement("li");
+    const leave = document.createElement("button");
+    leave.type = "button";
+    leave.className = "small";
+    leave.textContent = "Leave";
+    leave.setAttribute("aria-label", `Leave ${room}`);
+    leave.addEventListener("click", () => { client.leave(room); renderRooms(); });
+    const use = document.createElement("button");
+    use.type = "button";
+    use.className = "link";
+    use.textContent = room;
+    use.title = "Send to this room";
+    use.addEventListener("click", () => { $("route").value = "room"; $("target").value = room; $("event").focus(); });
+    item.append(use, leave);
+    list.append(item);
+  }
+}
+
+async function refreshClients() {
+  const note = $("clients-note");
+  const list = $("clients");
+  try {
+    const response = await fetch(new URL("api/clients", ROOT));
+    if (!response.ok) throw new Error(`the API answered ${response.status}`);
+    const body = await response.json();
+    note.textContent = `${body.count} connected`;
+    list.replaceChildren(...body.clients.map((entry) => {
+      const item = document.createElement("li");
+      const pick = document.createElement("button");
+      pick.type = "button";
+      pick.className = "link";
+      pick.textContent = entry.client_id;
+      pick.title = "Send to this client";
+      pick.addEventListener("click", () => {
+        $("route").value = "client";
+        $("target").value = entry.client_id;
+        $("event").focus();
+      });
+      item.append(pick);
+      if (entry.client_id === client.clientId) item.append(" (me)");
+      if (entry.rooms.length) item.append(` in ${entry.rooms.join(", ")}`);
+      return item;
+    }));
+  } catch (error) {
+    note.textContent = `Clients unavailable: ${error.message}.`;
+  }
+}
+
+$("refresh").addEventListener("click", refreshClients);
+$("clear").addEventListener("click", () => $("log").replaceChildren());
+client.connect();
+window.wsMicroClient = client; // for the console and the browser tests

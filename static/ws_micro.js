@@ -1,0 +1,188 @@
+// ws_micro.js: a browser client for the ws_micro protocol. No dependencies, no build step.
+//
+//   import { Client } from "/static/ws_micro.js";
+//   const client = new Client();                  // ws(s)://<this page's host>/ws/py_client
+//   client.on("connect", () => client.join("lobby"));
+//   client.on("chat", (frame) => console.log(frame.client_id, frame.data.data));
+//   client.onState((state) => console.log(state)); // connecting, open, reconnecting, closed
+//   client.connect();
+//   client.send("chat", { text: "hi" }, { room: "lobby" });
+//
+// It reconnects by itself after any close it did not ask for (but a server's 1000, a kick),
+// waiting a jittered, exponentially growing delay, and re-joins its rooms once the new
+// connection's connect frame has arrived. An app-level ping every `keepalive` ms notices a
+// dead connection that the browser would not.
+
+export const DEFAULT_PATH = "/ws/py_client";
+
+export function defaultUrl(location = globalThis.location) {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  return `${scheme}//${location.host}${DEFAULT_PATH}`;
+}
+
+export class Client {
+  /**
+   * @param {string} [url] the gateway's WebSocket URL; defaults to this page's host
+   * @param {object} [options]
+   * @param {number} [options.initialDelay=500] first reconnect delay, ms
+   * @param {number} [options.maxDelay=10000] longest reconnect delay, ms
+   * @param {number} [options.keepalive=25000] ms between app-level pings; 0 turns them off
+   */
+  constructor(url = defaultUrl(), { initialDelay = 500, maxDelay = 10000, keepalive = 25000 } = {}) {
+    this.url = url;
+    this.clientId = null;
+    this.state = "closed";
+    this.rooms = new Set();
+    this.lastClose = null; // {code, reason} of the last close
+    this._options = { initialDelay, maxDelay, keepalive };
+    this._handlers = new Map(); // event name (or "*") -> Set of functions
+    this._stateHandlers = new Set();
+    this._socket = null;
+    this._attempt = 0;
+    this._stopped = true;
+    this._timers = { reconnect: 0, ping: 0, pong: 0 };
+  }
+
+  /** Call `fn(frame)` for every frame named `event` ("*": every frame). Returns an unsubscribe. */
+  on(event, fn) {
+    if (!this._handlers.has(event)) this._handlers.set(event, new Set());
+    this._handlers.get(event).add(fn);
+    return () => this._handlers.get(event).delete(fn);
+  }
+
+  /** Call `fn(state, detail)` on every change of connection state. Returns an unsubscribe. */
+  onState(fn) {
+    this._stateHandlers.add(fn);
+    return () => this._stateHandlers.delete(fn);
+  }
+
+  connect() {
+    this._stopped = false;
+    this._open();
+    return this;
+  }
+
+  /** Close for good: no reconnect. */
+  close(code = 1000, reason = "") {
+    this._stopped = true;
+    this._clearTimers();
+    if (this._socket) this._socket.close(code, reason);
+    this._setState("closed", { code, reason });
+  }
+
+  /** Send an event; false (and nothing sent) while not connected. */
+  send(event, data = {}, { to, room } = {}) {
+    if (this.state !== "open") return false;
+    const frame = { event, client_id: this.clientId, data: { data } };
+    if (to) frame.to = to;
+    if (room) frame.room = room;
+    this._socket.send(JSON.stringify(frame));
+    return true;
+  }
+
+  /** Join a room now (if connected) and after every reconnect. */
+  join(room) {
+    this.rooms.add(room);
+    return this.send("join", { room });
+  }
+
+  /** Leave a room, and stop re-joining it. */
+  leave(room) {
+    this.rooms.delete(room);
+    return this.send("leave", { room });
+  }
+
+  // Internals
+
+  _open() {
+    this._setState(this._attempt ? "reconnecting" : "connecting");
+    let socket;
+    try {
+      socket = new WebSocket(this.url);
+    } catch (error) {
+      this._emit("*", { event: "client_error", data: { data: { message: String(error) } } });
+      this._scheduleReconnect();
+      return;
+    }
+    this._socket = socket;
+    socket.onmessage = (message) => this._receive(message.data);
+    socket.onclose = (event) => this._closed(socket, event);
+  }
+
+  _receive(text) {
+    let frame;
+    try {
+      frame = JSON.parse(text);
+    } catch {
+      return; // the gateway sends JSON only
+    }
+    if (frame.event === "connect") {
+      this.clientId = frame.client_id;
+      this._attempt = 0;
+      this._setState("open", { clientId: this.clientId });
+      for (const room of this.rooms) this.send("join", { room });
+      this._schedulePing();
+    } else if (frame.event === "pong") {
+      clearTimeout(this._timers.pong);
+    }
+    this._emit(frame.event, frame);
+    this._emit("*", frame);
+  }
+
+  _closed(socket, event) {
+    if (socket !== this._socket) return; // an older socket's late close
+    this._clearTimers();
+    this._socket = null;
+    this.lastClose = { code: event.code, reason: event.reason };
+    if (this._stopped) return;
+    if (event.code === 1000) {
+      // The server closed us on purpose (e.g. DELETE /api/clients/{id}): stay closed.
+      this._stopped = true;
+      this._setState("closed", this.lastClose);
+      return;
+    }
+    this._scheduleReconnect();
+  }
+
+  _scheduleReconnect() {
+    const { initialDelay, maxDelay } = this._options;
+    const ceiling = Math.min(maxDelay, initialDelay * 2 ** this._attempt);
+    const delay = ceiling / 2 + Math.random() * (ceiling / 2); // "equal jitter"
+    this._attempt += 1;
+    this._setState("reconnecting", { ...this.lastClose, delay: Math.round(delay), attempt: this._attempt });
+    this._timers.reconnect = setTimeout(() => this._open(), delay);
+  }
+
+  _schedulePing() {
+    const { keepalive } = this._options;
+    if (!keepalive) return;
+    this._timers.ping = setTimeout(() => {
+      if (!this.send("ping", { keepalive: Date.now() })) return;
+      // No pong in time: the connection is dead even if the browser has not noticed.
+      this._timers.pong = setTimeout(() => this._socket && this._socket.close(4000, "keepalive timeout"),
+        keepalive);
+      this._schedulePing();
+    }, keepalive);
+  }
+
+  _clearTimers() {
+    for (const name of Object.keys(this._timers)) clearTimeout(this._timers[name]);
+  }
+
+  _setState(state, detail = {}) {
+    if (state === "open" || state !== this.state || state === "reconnecting") {
+      this.state = state;
+      for (const fn of this._stateHandlers) fn(state, detail);
+    }
+  }
+
+  _emit(event, frame) {
+    for (const fn of this._handlers.get(event) || []) {
+      try {
+        fn(frame);
+      } catch (error) {
+        console.error(`ws_micro: a handler for ${event} failed`, error);
+      }
+    }
+  }
+}
