@@ -26,6 +26,7 @@ import anyio
 import httpx2 as httpx
 import msgspec
 import pytest
+from playwright.sync_api import Browser, Locator, Page, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -560,14 +561,15 @@ class Server:
 
 
 @contextlib.contextmanager
-def run_server(*args: str, env: dict[str, str] | None = None, uvicorn_app: bool = False) -> Iterator[Server]:
-    """Start the gateway as its own process on a free port; stop it (SIGTERM, then kill) in finally."""
-    port = free_port()
+def run_server(*args: str, env: dict[str, str] | None = None, uvicorn_app: bool = False,
+               port: int | None = None, cwd: Path = HERE) -> Iterator[Server]:
+    """Start the gateway as its own process (on a free port by default); stop it (SIGTERM, then kill) in finally."""
+    port = port or free_port()
     if uvicorn_app:
         command = [sys.executable, "-m", "uvicorn", "ws_micro:app", "--port", str(port), *args]
     else:
         command = [sys.executable, "ws_micro.py", "--host", "127.0.0.1", "--port", str(port), *args]
-    process = subprocess.Popen(command, cwd=HERE, env={**os.environ, **(env or {})}, text=True,
+    process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **(env or {})}, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     server = Server(process, port)
     try:
@@ -978,3 +980,151 @@ async def test_start_now_finishes_at_once_or_hands_over_the_rest() -> None:
     with anyio.move_on_after(0.05):
         await pending
     assert cancelled == [True]
+
+
+def test_the_console_page_and_its_assets_are_served_relative_to_the_mount() -> None:
+    host = Starlette(routes=[Mount("/gateway", app=create_app())])
+    with TestClient(host) as client:
+        page = client.get("/gateway/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert 'src="static/console.js"' in page.text  # relative: works under any prefix
+        script = client.get("/gateway/static/ws_micro.js")
+        assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+        assert "export class Client" in script.text
+
+
+def test_without_a_page_the_gateway_still_runs(tmp_path: Path) -> None:
+    with TestClient(create_app(static_dir="")) as client:
+        assert client.get("/").status_code == 404
+        with client.websocket_connect("/ws/py_client") as ws:
+            assert ws.receive_json()["event"] == "connect"
+    with pytest.raises(ValueError, match=r"static_dir must be a folder with an index.html, but got '.*nowhere'"):
+        create_app(static_dir=str(tmp_path / "nowhere"))
+
+
+def test_a_copied_single_file_runs_without_its_static_folder(tmp_path: Path) -> None:
+    (tmp_path / "ws_micro.py").write_bytes((HERE / "ws_micro.py").read_bytes())
+    with run_server("--log-level", "warning", cwd=tmp_path) as server:
+        assert server.get("/").json()["error"]["code"] == "not_found"
+        assert server.get("/static/ws_micro.js").status_code == 404
+
+
+# --------------------------------------------------------------------------
+# The browser page, in a real headless Chromium
+# --------------------------------------------------------------------------
+
+CHROMIUM = os.environ.get("WS_MICRO_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Debian's Chromium (Playwright cannot download its own browser here); a missing one fails, never skips."""
+    assert Path(CHROMIUM).is_file(), f"the browser tests need {CHROMIUM}: apt-get install chromium"
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def open_console(browser: Browser, server: Server, **context_options: Any) -> Page:
+    page = browser.new_context(**context_options).new_page()
+    page.goto(server.http + "/")
+    page.wait_for_function("document.getElementById('state').dataset.state === 'open'", timeout=TIMEOUT * 1000)
+    return page
+
+
+def client_id_of(page: Page) -> str:
+    return str(page.locator("#client-id").inner_text())
+
+
+def send_from(page: Page, route: str, target: str, event: str, data: str) -> None:
+    page.select_option("#route", route)
+    page.fill("#target", target)
+    page.fill("#event", event)
+    page.fill("#data", data)
+    page.click("#send-form button[type=submit]")
+
+
+def log_entry(page: Page, text: str) -> Locator:
+    entry = page.locator("#log li", has_text=text).first
+    entry.wait_for(timeout=TIMEOUT * 1000)
+    return entry
+
+
+def assert_rendered(page: Page, path: Path) -> None:
+    """The page was laid out and painted: its panels have size, styles applied, pixels written."""
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000  # a blank page compresses to far less
+    for selector in ("header", "#send-form", "#room-form", "#log"):
+        box = page.locator(selector).bounding_box()
+        assert box and box["width"] > 100 and box["height"] > 20, selector
+    badge = page.evaluate("getComputedStyle(document.getElementById('state')).backgroundColor")
+    assert badge == "rgb(31, 122, 61)"  # the stylesheet's green for "open"
+
+
+def test_browser_pages_talk_by_id_and_by_room_and_see_errors(browser: Browser, tmp_path: Path) -> None:
+    with run_server("--log-level", "warning") as server:
+        a, b = open_console(browser, server), open_console(browser, server)
+        id_a, id_b = client_id_of(a), client_id_of(b)
+        assert len(id_a) == 36 and id_a != id_b
+
+        send_from(a, "client", id_b, "chat", '{"text": "hello B"}')
+        assert id_a in log_entry(b, "hello B").inner_text()
+
+        for page in (a, b):  # keyboard only: type a room name, press Enter
+            page.focus("#room")
+            page.keyboard.type("lobby")
+            page.keyboard.press("Enter")
+            log_entry(page, "joined")
+        send_from(a, "room", "lobby", "chat", '{"text": "hello room"}')
+        assert "in lobby" in log_entry(b, "hello room").inner_text()
+
+        send_from(a, "client", "nobody", "chat", "{}")
+        error = log_entry(a, "unknown_client")
+        assert "error" in (error.get_attribute("class") or "")
+        assert "no client with id 'nobody'" in error.inner_text()
+
+        send_from(a, "client", id_b, "chat", "[1, 2]")  # the form refuses what the server would
+        assert "JSON object" in a.locator("#send-error").inner_text()
+
+        a.locator("#refresh").click()
+        a.locator("#clients li", has_text=id_b).wait_for(timeout=TIMEOUT * 1000)
+        assert_rendered(a, tmp_path / "console.png")
+
+
+def test_browser_page_reconnects_and_rejoins_its_room_after_a_restart(browser: Browser, tmp_path: Path) -> None:
+    port = free_port()
+    with run_server("--log-level", "warning", port=port) as server:
+        page = open_console(browser, server)
+        first_id = client_id_of(page)
+        page.fill("#room", "lobby")
+        page.press("#room", "Enter")
+        log_entry(page, "joined")
+    # The server is gone: the page says so and keeps trying.
+    page.wait_for_function("document.getElementById('state').dataset.state === 'reconnecting'",
+                           timeout=TIMEOUT * 1000)
+    with run_server("--log-level", "warning", port=port) as server:
+        page.wait_for_function("document.getElementById('state').dataset.state === 'open'", timeout=30_000)
+        second_id = client_id_of(page)
+        assert second_id != first_id
+        # It re-joined its room by itself: the page shows the second "joined", the server lists it there.
+        page.locator("#log li", has_text="joined").nth(1).wait_for(timeout=TIMEOUT * 1000)
+        assert server.get(f"/api/clients/{second_id}").json()["rooms"] == ["lobby"]
+        assert server.post("/api/rooms/lobby", {"event": "news", "data": {"data": {"n": 1}}}).json() == {
+            "delivered": 1}
+        log_entry(page, '{"n":1}')
+        assert_rendered(page, tmp_path / "reconnected.png")
+
+
+def test_browser_page_fits_a_phone_and_works_without_the_api(browser: Browser, tmp_path: Path) -> None:
+    with run_server("--log-level", "warning", "--api-token", "secret") as server:
+        page = open_console(browser, server, viewport={"width": 375, "height": 740}, is_mobile=True)
+        assert page.evaluate("document.documentElement.scrollWidth") <= 375  # no sideways scrolling
+        page.locator("#clients-note", has_text="401").wait_for(timeout=TIMEOUT * 1000)
+        send_from(page, "builtin", "", "ping", '{"n": 7}')
+        log_entry(page, "pong")
+        assert_rendered(page, tmp_path / "phone.png")
