@@ -374,6 +374,8 @@ def test_api_errors_are_json_with_a_code_and_message(method: str, path: str, bod
         assert response.status_code == status
         assert response.json()["error"]["code"] == code
         assert response.json()["error"]["message"]
+        if status == 405:
+            assert response.headers["allow"] == "POST"
 
 
 def test_api_validation_error_names_the_field() -> None:
@@ -496,11 +498,23 @@ def test_bad_settings_are_refused_with_the_bad_value(env: dict[str, str], messag
     assert str(refused.value) == message
 
 
-def test_cli_refuses_a_bad_flag_value_with_its_name() -> None:
-    result = subprocess.run([sys.executable, "ws_micro.py", "--max-connections", "many"], cwd=HERE,
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--max-connections", "many"], {}, "argument --max-connections: must be an integer, but got 'many'"),
+        ([], {"WS_MICRO_MAX_CONNECTIONS": "lots"}, "WS_MICRO_MAX_CONNECTIONS must be an integer, but got 'lots'"),
+        ([], {"WS_MICRO_SEND_TIMEOUT": "0"}, "send_timeout must be more than 0, but got 0.0"),
+        (["--port", "70000"], {}, "port must be between 0 and 65535, but got 70000"),
+        (["--ping-timeout", "-1"], {}, "ping_timeout must be 0 or more, but got -1.0"),
+    ],
+)
+def test_cli_refuses_a_bad_value_with_its_name_and_no_traceback(args: list[str], env: dict[str, str],
+                                                                message: str) -> None:
+    result = subprocess.run([sys.executable, "ws_micro.py", *args], cwd=HERE, env={**os.environ, **env},
                             capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 2
-    assert "argument --max-connections: must be an integer, but got 'many'" in result.stderr
+    assert result.stderr.endswith(f"ws-micro: error: {message}\n")
+    assert "Traceback" not in result.stderr
 
 
 def test_every_setting_is_documented_in_the_readme() -> None:
@@ -598,6 +612,12 @@ def run_server(*args: str, env: dict[str, str] | None = None, uvicorn_app: bool 
 def server() -> Iterator[Server]:
     with run_server("--log-level", "warning", "--max-message-size", "4096") as running:
         yield running
+
+
+def test_a_flag_overrides_a_bad_environment_value() -> None:
+    # The environment only gives the flag its default; importing the module reads nothing.
+    with run_server("--max-connections", "5", env={"WS_MICRO_MAX_CONNECTIONS": "0"}) as server:
+        assert server.get("/healthz").json() == {"status": "ok", "connections": 0}
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ Run it::
 
 Embed it (copy this one file into a project)::
 
-    from ws_micro import Registry, create_app
+    from ws_micro import Event, Registry, create_app
 
     registry = Registry()
 
@@ -197,6 +197,13 @@ class ServerSettings:
     per_message_deflate: bool = False
     """Compression: off by default, it costs tens of KiB of memory per connection."""
     log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be between 0 and 65535, but got {self.port!r}")
+        for name in ("ping_interval", "ping_timeout", "graceful_timeout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, but got {getattr(self, name)!r}")
 
 
 def options_from_env(cls: type[Settings | ServerSettings],
@@ -849,7 +856,9 @@ def _api_error(status: int, code: str, message: str) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return _api_error(exc.status_code, code, exc.detail)
+    response = _api_error(exc.status_code, code, exc.detail)
+    response.headers.update(exc.headers or {})  # 405's Allow
+    return response
 
 
 def api_routes(registry: Registry, settings: Settings) -> list[Route]:
@@ -1000,14 +1009,23 @@ def _static_folder(static_dir: str) -> Path | None:
     return None  # a copied single file: the gateway runs without the page
 
 
-app = create_app(**options_from_env(Settings, os.environ))
+app: Starlette
+"""``uvicorn ws_micro:app``: the gateway configured from ``WS_MICRO_*`` variables, built on first use."""
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so that importing the module (the CLI, an embedding app) never reads the environment.
+    if name == "app":
+        globals()["app"] = built = create_app(**options_from_env(Settings, os.environ))
+        return built
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def serve(app: Starlette, settings: ServerSettings | None = None) -> None:
     """Run ``app`` on uvicorn until SIGINT or SIGTERM, then return (so the process exits 0).
 
     On either signal uvicorn stops accepting, sends every WebSocket a close frame
-    (1012, "service restart"), waits up to ``graceful_timeout`` for open work, and
+    (1012, with an empty reason), waits up to ``graceful_timeout`` for open work, and
     re-raises the signal to the handler that was in place before it: ours, a no-op.
     """
     import uvicorn
@@ -1215,9 +1233,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
 
     parser = argparse.ArgumentParser(prog="ws-micro", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=__version__)
-    _add_options(parser.add_argument_group("application"), Settings, environ)
-    _add_options(parser.add_argument_group("server"), ServerSettings, environ)
     try:
+        _add_options(parser.add_argument_group("application"), Settings, environ)
+        _add_options(parser.add_argument_group("server"), ServerSettings, environ)
         options = vars(parser.parse_args(argv))
         server = ServerSettings(**{f.name: options.pop(f.name) for f in dataclasses.fields(ServerSettings)})
         application = create_app(**options)
