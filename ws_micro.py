@@ -46,13 +46,16 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import datetime
 import hmac
+import inspect
 import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -110,8 +113,9 @@ NOT_IN_ROOM = "not_in_room"
 UNKNOWN_EVENT = "unknown_event"
 RATE_LIMITED = "rate_limited"
 INTERNAL_ERROR = "internal_error"
+BACKEND_UNAVAILABLE = "backend_unavailable"  # cluster mode: Redis cannot be reached
 ERROR_CODES = (INVALID_JSON, INVALID_EVENT, CLIENT_ID_MISMATCH, UNKNOWN_CLIENT, NOT_IN_ROOM,
-               UNKNOWN_EVENT, RATE_LIMITED, INTERNAL_ERROR)
+               UNKNOWN_EVENT, RATE_LIMITED, INTERNAL_ERROR, BACKEND_UNAVAILABLE)
 
 # Close codes (RFC 6455 section 7.4.1).
 CLOSE_NORMAL = 1000
@@ -119,6 +123,10 @@ CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
+
+# Why a cross-instance delivery was lost (the cluster_dropped_total labels): its client left
+# before it arrived, its instance died before its deadline passed, Redis could not be reached.
+CLUSTER_DROP_REASONS = ("gone", "no_subscriber", "backend_unavailable")
 
 # Why connections end (the disconnects_total labels).
 DISCONNECT_REASONS = ("closed", "abnormal", "shutdown", "peer_error", "kicked", "slow_consumer",
@@ -163,6 +171,18 @@ class Settings:
     api_token: str | None = None
     """Bearer token for /api/*; without one, /api/* answers loopback peers only."""
 
+    # Cluster: several instances share one registry over Redis (pip install 'ws-micro[redis]')
+    redis_url: str | None = None
+    """``redis://host:port/db``; without it, everything stays in this process."""
+    redis_prefix: str = "ws_micro"
+    """Prefix of every Redis key and channel, so that several clusters can share one Redis."""
+    redis_timeout: float = 2.0
+    """Seconds a Redis command may take before Redis counts as unavailable."""
+    heartbeat_interval: float = 2.0
+    """Seconds between an instance's heartbeats."""
+    instance_ttl: float = 10.0
+    """Seconds after its last heartbeat an instance (killed, cut off) stops counting, with its clients."""
+
     def __post_init__(self) -> None:
         for name in ("max_message_size", "max_connections", "rate_burst", "max_queue_messages",
                      "max_queue_bytes", "max_rooms_per_connection", "max_room_name_length"):
@@ -171,9 +191,12 @@ class Settings:
                 raise ValueError(f"{name} must be at least 1, but got {value!r}")
         if self.rate_limit < 0:
             raise ValueError(f"rate_limit must be 0 (off) or more, but got {self.rate_limit!r}")
-        for name in ("send_timeout", "close_timeout"):
+        for name in ("send_timeout", "close_timeout", "redis_timeout", "heartbeat_interval", "instance_ttl"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be more than 0, but got {getattr(self, name)!r}")
+        if self.instance_ttl <= self.heartbeat_interval:
+            raise ValueError(f"instance_ttl must be longer than heartbeat_interval ({self.heartbeat_interval!r}), "
+                             f"but got {self.instance_ttl!r}")
         if not self.path.startswith("/"):
             raise ValueError(f"path must start with '/', but got {self.path!r}")
         if self.static_dir not in ("auto", "") and not (Path(self.static_dir) / "index.html").is_file():
@@ -300,6 +323,16 @@ class Frame:
     def to(self, client_id: str) -> str:
         return self.head + client_id + self.tail
 
+    def remote(self, kind: str, target: str) -> Remote:
+        """This frame, for the members of ``target`` on other instances."""
+        return Remote(kind, target, self.head, self.tail)
+
+    @classmethod
+    def from_remote(cls, remote: Remote) -> Frame:
+        frame = cls.__new__(cls)
+        frame.head, frame.tail = remote.text, remote.tail
+        return frame
+
 
 def error_frame(client_id: str, code: str, message: str, event: str | None = None) -> str:
     return Frame("error", {"code": code, "message": message, "event": event}).to(client_id)
@@ -321,8 +354,11 @@ class Metrics:
         self.errors = collections.Counter(dict.fromkeys(ERROR_CODES, 0))
         self.disconnects = collections.Counter(dict.fromkeys(DISCONNECT_REASONS, 0))
         self.rejected_handshakes = collections.Counter(dict.fromkeys(("origin", "full"), 0))
+        # Cluster mode: deliveries from other instances, and those lost (pub/sub is at-most-once).
+        self.cluster_received = 0
+        self.cluster_dropped = collections.Counter(dict.fromkeys(CLUSTER_DROP_REASONS, 0))
 
-    def render(self, connections: int) -> str:
+    def render(self, connections: int, cluster: Cluster | None = None) -> str:
         lines: list[str] = []
 
         def metric(name: str, kind: str, help: str, samples: Mapping[str, int], label: str = "") -> None:
@@ -342,6 +378,12 @@ class Metrics:
         metric("disconnects_total", "counter", "Closed connections, by reason.", self.disconnects, "reason")
         metric("rejected_handshakes_total", "counter", "Handshakes refused before accept, by reason.",
                self.rejected_handshakes, "reason")
+        if cluster is not None:
+            metric("cluster_up", "gauge", "1 while Redis is reachable.", {"": int(cluster.available)})
+            metric("cluster_received_total", "counter", "Deliveries received from other instances.",
+                   {"": self.cluster_received})
+            metric("cluster_dropped_total", "counter", "Cross-instance deliveries lost, by reason.",
+                   self.cluster_dropped, "reason")
         return "\n".join(lines) + "\n"
 
 
@@ -531,13 +573,17 @@ class Registry:
     never wait for a client's socket.  Embedding code registers handlers for its
     own event names with :meth:`on` and calls the send methods from anywhere in
     the same event loop: HTTP routes, background tasks, other handlers.
+
+    With a :attr:`cluster`, the sends also reach clients on other instances, and
+    raise :class:`BackendUnavailable` when they would need Redis and cannot have it.
     """
 
     def __init__(self) -> None:
         self.connections: dict[str, Connection] = {}
-        self.rooms: dict[str, set[str]] = {}  # room name -> ids of its members
+        self.rooms: dict[str, set[str]] = {}  # room name -> ids of its members here
         self.handlers: dict[str, Handler] = {}
         self.metrics = Metrics()
+        self.cluster: Cluster | None = None  # set by create_app(redis_url=...)
 
     def __len__(self) -> int:
         return len(self.connections)
@@ -563,20 +609,22 @@ class Registry:
         """Forget a connection and its room memberships; safe to call twice."""
         if self.connections.pop(connection.id, None) is None:
             return
-        for room in connection.rooms:
-            self._leave_room(connection.id, room)
+        members_left = {room: self._leave_room(connection.id, room) for room in connection.rooms}
         connection.rooms.clear()
         self.metrics.disconnects[connection.close_reason or "abnormal"] += 1
+        if self.cluster is not None:
+            self.cluster.unregister(connection.id, members_left)
 
-    def join(self, connection: Connection, room: str) -> int:
+    async def join(self, connection: Connection, room: str) -> int:
+        """Add ``connection`` to ``room``; the room's members after it (on every instance)."""
         connection.rooms.add(room)
         members = self.rooms.setdefault(room, set())
         members.add(connection.id)
-        return len(members)
+        return await self._members(connection, room, len(members))
 
-    def leave(self, connection: Connection, room: str) -> int:
+    async def leave(self, connection: Connection, room: str) -> int:
         connection.rooms.discard(room)
-        return self._leave_room(connection.id, room)
+        return await self._members(connection, room, self._leave_room(connection.id, room))
 
     def _leave_room(self, client_id: str, room: str) -> int:
         members = self.rooms.get(room)
@@ -587,27 +635,70 @@ class Registry:
             del self.rooms[room]
         return len(members)
 
+    async def _members(self, connection: Connection, room: str, members_here: int) -> int:
+        if self.cluster is None:
+            return members_here
+        try:
+            return await self.cluster.room_changed(connection, room, members_here)
+        except BackendUnavailable:
+            return members_here  # the count we know; the next sync writes the membership
+
     # Sending
 
     async def send_to_client(self, client_id: str, event: str, data: Mapping[str, Any] | None = None) -> bool:
         """Send a server event to one client; False if no such client is connected."""
-        connection = self.connections.get(client_id)
-        return connection is not None and connection.send(Frame(event, data).to(client_id))
+        return await self.relay_to_client(client_id, Frame(event, data).to(client_id))
 
     async def publish(self, room: str, event: str, data: Mapping[str, Any] | None = None) -> int:
         """Send a server event to every member of ``room``; how many took it."""
-        return self._fan_out(self.rooms.get(room, ()), Frame(event, data))
+        frame = Frame(event, data)
+        # Other instances first: when Redis is away this raises before anyone got the frame.
+        elsewhere = 0 if self.cluster is None else await self.cluster.publish(room, frame.remote("room", room))
+        return elsewhere + self._fan_out(self.rooms.get(room, ()), frame)
 
     async def broadcast(self, event: str, data: Mapping[str, Any] | None = None) -> int:
         """Send a server event to every connected client; how many took it."""
-        return self._fan_out(list(self.connections), Frame(event, data))
+        frame = Frame(event, data)
+        elsewhere = 0 if self.cluster is None else await self.cluster.broadcast(frame.remote("all", ""))
+        return elsewhere + self._fan_out(list(self.connections), frame)
 
     async def disconnect(self, client_id: str, code: int = CLOSE_NORMAL, reason: str = "") -> bool:
         """Close a client's connection after what is queued for it; False if it is unknown."""
         connection = self.connections.get(client_id)
-        if connection is None:
-            return False
-        connection.close(code, reason, label="kicked")
+        if connection is not None:
+            connection.close(code, reason, label="kicked")
+            return True
+        return self.cluster is not None and await self.cluster.send(client_id,
+                                                                    Remote("kick", client_id, reason, str(code)))
+
+    async def relay_to_client(self, client_id: str, text: str) -> bool:
+        """Deliver a frame, unchanged, to one client; False if it is connected nowhere."""
+        connection = self.connections.get(client_id)
+        if connection is not None:
+            return connection.send(text)
+        return self.cluster is not None and await self.cluster.send(client_id, Remote("client", client_id, text))
+
+    async def relay_to_room(self, room: str, sender: str, text: str) -> int:
+        """Deliver a client's frame, unchanged, to the other members of ``room``; how many took it."""
+        here = self._relay([member for member in self.rooms.get(room, ()) if member != sender], text)
+        # After the local members: they get it even when Redis is away.
+        return here + (0 if self.cluster is None else await self.cluster.publish(room, Remote("room", room, text)))
+
+    def deliver_here(self, remote: Remote) -> bool:
+        """Deliver what another instance published for this one; False if its client is gone."""
+        match remote.kind:
+            case "client" | "kick" if remote.target not in self.connections:
+                return False
+            case "kick":
+                self.connections[remote.target].close(int(remote.tail), remote.text, label="kicked")
+            case "client":
+                self.connections[remote.target].send(remote.text)
+            case "room" | "all":
+                members = self.rooms.get(remote.target, ()) if remote.kind == "room" else self.connections
+                if remote.tail:
+                    self._fan_out(list(members), Frame.from_remote(remote))
+                else:
+                    self._relay(list(members), remote.text)
         return True
 
     def _fan_out(self, client_ids: Sequence[str] | set[str], frame: Frame) -> int:
@@ -618,14 +709,345 @@ class Registry:
                 delivered += 1
         return delivered
 
-    def relay(self, client_ids: Sequence[str] | set[str], text: str) -> int:
-        """Deliver a client's frame, unchanged, to each of ``client_ids``; how many took it."""
+    def _relay(self, client_ids: Sequence[str] | set[str], text: str) -> int:
         delivered = 0
         for client_id in list(client_ids):
             connection = self.connections.get(client_id)
             if connection is not None and connection.send(text):
                 delivered += 1
         return delivered
+
+
+# --------------------------------------------------------------------------
+# Cluster (Redis)
+# --------------------------------------------------------------------------
+
+
+class BackendUnavailable(Exception):
+    """Redis cannot be reached: cross-instance sends fail, local ones go on."""
+
+
+class Remote(msgspec.Struct, array_like=True):
+    """A delivery for another instance, published on that instance's channel.
+
+    ``kind`` is ``client`` (``target``: a client id), ``room`` (``target``: a room),
+    ``all`` or ``kick`` (``text``: the close reason).  A relayed client frame has no
+    ``tail`` and is delivered unchanged; a server frame is ``text + id + tail``.
+    """
+
+    kind: str
+    target: str
+    text: str
+    tail: str = ""
+
+
+_encode_remote = msgspec.msgpack.Encoder().encode
+_decode_remote = msgspec.msgpack.Decoder(Remote).decode
+
+# The scripts run inside Redis, so each lookup and its publish is one round trip, and liveness
+# is judged by one clock (Redis's).  ARGV[1] is the key prefix.  Keys, for prefix p:
+#   p:instances                ZSET  instance id -> deadline (Redis time, s): live while in the future
+#   p:directory                HASH  client id -> instance id
+#   p:instance:<id>:clients    HASH  client id -> the client's JSON entry in GET /api/clients
+#   p:instance:<id>:rooms      SET   rooms with members on that instance
+#   p:room:<room>              HASH  instance id -> members of the room there
+#   p:instance:<id>            pub/sub channel of that instance
+_LUA_PRELUDE = """
+local p = ARGV[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local function alive(id)
+  local deadline = redis.call('ZSCORE', p .. ':instances', id)
+  return deadline and tonumber(deadline) > now
+end
+local function reap(id)
+  local clients = p .. ':instance:' .. id .. ':clients'
+  for _, client in ipairs(redis.call('HKEYS', clients)) do
+    if redis.call('HGET', p .. ':directory', client) == id then redis.call('HDEL', p .. ':directory', client) end
+  end
+  for _, room in ipairs(redis.call('SMEMBERS', p .. ':instance:' .. id .. ':rooms')) do
+    redis.call('HDEL', p .. ':room:' .. room, id)
+  end
+  redis.call('DEL', clients, p .. ':instance:' .. id .. ':rooms')
+  redis.call('ZREM', p .. ':instances', id)
+end
+"""
+_LUA = {
+    # ARGV: p, instance, ttl -> 1 if the instance was not registered (new, reaped, or Redis restarted)
+    "heartbeat": """
+local added = redis.call('ZADD', p .. ':instances', now + tonumber(ARGV[3]), ARGV[2])
+for _, dead in ipairs(redis.call('ZRANGEBYSCORE', p .. ':instances', '-inf', now)) do reap(dead) end
+return added""",
+    # ARGV: p, instance
+    "reap": "reap(ARGV[2]) return 1",
+    # ARGV: p, client id, message, own instance -> -1 no such client, 0 its instance is not listening, 1 sent
+    "send": """
+local id = redis.call('HGET', p .. ':directory', ARGV[2])
+if not id or id == ARGV[4] or not alive(id) then return -1 end
+return redis.call('PUBLISH', p .. ':instance:' .. id, ARGV[3])""",
+    # ARGV: p, room, message, own instance -> members reached on other instances
+    "room": """
+local reached = 0
+local counts = redis.call('HGETALL', p .. ':room:' .. ARGV[2])
+for i = 1, #counts, 2 do
+  if counts[i] ~= ARGV[4] and alive(counts[i])
+     and redis.call('PUBLISH', p .. ':instance:' .. counts[i], ARGV[3]) > 0 then
+    reached = reached + tonumber(counts[i + 1])
+  end
+end
+return reached""",
+    # ARGV: p, message, own instance -> clients reached on other instances
+    "all": """
+local reached = 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. ':instances', '(' .. now, '+inf')) do
+  if id ~= ARGV[3] and redis.call('PUBLISH', p .. ':instance:' .. id, ARGV[2]) > 0 then
+    reached = reached + redis.call('HLEN', p .. ':instance:' .. id .. ':clients')
+  end
+end
+return reached""",
+    # ARGV: p, room, own instance, members here -> members on every live instance
+    "members": """
+local key = p .. ':room:' .. ARGV[2]
+if tonumber(ARGV[4]) > 0 then
+  redis.call('HSET', key, ARGV[3], ARGV[4])
+  redis.call('SADD', p .. ':instance:' .. ARGV[3] .. ':rooms', ARGV[2])
+else
+  redis.call('HDEL', key, ARGV[3])
+  redis.call('SREM', p .. ':instance:' .. ARGV[3] .. ':rooms', ARGV[2])
+end
+local members = 0
+local counts = redis.call('HGETALL', key)
+for i = 1, #counts, 2 do
+  if alive(counts[i]) then members = members + tonumber(counts[i + 1]) end
+end
+return members""",
+    # ARGV: p -> the JSON entries of every client on a live instance
+    "list": """
+local entries = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. ':instances', '(' .. now, '+inf')) do
+  for _, entry in ipairs(redis.call('HVALS', p .. ':instance:' .. id .. ':clients')) do
+    entries[#entries + 1] = entry
+  end
+end
+return entries""",
+    # ARGV: p, client id -> its JSON entry, if its instance is live
+    "get": """
+local id = redis.call('HGET', p .. ':directory', ARGV[2])
+if not id or not alive(id) then return false end
+return redis.call('HGET', p .. ':instance:' .. id .. ':clients', ARGV[2])""",
+}
+
+
+class Cluster:
+    """Several gateway instances sharing one registry over Redis.
+
+    Each instance keeps its own connections and publishes what belongs to
+    another instance on that instance's channel, found through a directory of
+    client -> instance; rooms record which instances have members.  So a frame
+    is decoded by the instance that holds its recipient, and no other.
+
+    Liveness: every ``heartbeat_interval`` an instance pushes its deadline
+    ``instance_ttl`` ahead and removes instances whose deadline passed, with
+    their clients and room members.  An instance killed outright stops counting
+    once its deadline passes.  When Redis goes away, local delivery goes on,
+    cross-instance sends raise :class:`BackendUnavailable`, and the instance
+    reconnects by itself and writes its whole state again.  Pub/sub is
+    at-most-once: a delivery to an instance that is not listening is dropped
+    and counted in ``ws_micro_cluster_dropped_total``.
+    """
+
+    def __init__(self, registry: Registry, settings: Settings) -> None:
+        try:
+            import redis.asyncio
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+            from redis.exceptions import RedisError
+        except ImportError:
+            raise ValueError("redis_url needs the redis package: pip install 'ws-micro[redis]'") from None
+
+        assert settings.redis_url is not None
+        self.registry = registry
+        self.settings = settings
+        self.instance = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.available = False
+        self._errors = (RedisError, OSError)
+        # Fail fast and let the supervisor reconnect: redis-py's own retries would stall a read loop.
+        self.redis = redis.asyncio.Redis.from_url(
+            settings.redis_url, socket_timeout=settings.redis_timeout,
+            socket_connect_timeout=settings.redis_timeout, retry=Retry(NoBackoff(), 0))
+        self._scripts = {name: self.redis.register_script(_LUA_PRELUDE + body) for name, body in _LUA.items()}
+        self._channel = f"{settings.redis_prefix}:instance:{self.instance}"
+        self._clients_key = f"{self._channel}:clients"
+        self._tasks: TaskGroup | None = None
+        self._session: anyio.CancelScope | None = None  # the current connection's, cancelled on failure
+
+    # Running
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Keep this instance in the cluster while the app runs; leave it cleanly at shutdown."""
+        async with anyio.create_task_group() as tasks:
+            self._tasks = tasks
+            tasks.start_soon(self._supervise)
+            try:
+                yield
+            finally:
+                tasks.cancel_scope.cancel()
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self.settings.redis_timeout):
+                    with contextlib.suppress(BackendUnavailable):  # then the others reap us by deadline
+                        await self._script("reap", self.instance)
+                    await self.redis.aclose()
+                self._tasks = None
+
+    async def _supervise(self) -> None:
+        delay = 0.1
+        while True:
+            self._session = anyio.CancelScope()
+            with self._session:
+                try:
+                    async with self.redis.pubsub() as pubsub:
+                        await pubsub.subscribe(self._channel)
+                        await self._sync()
+                        if not self.available:
+                            logger.info("cluster: instance %s joined over Redis", self.instance)
+                        self.available, delay = True, 0.1
+                        async with anyio.create_task_group() as tasks:
+                            tasks.start_soon(self._heartbeat)
+                            await self._listen(pubsub)
+                except* (*self._errors, BackendUnavailable) as failure:
+                    if self.available:
+                        logger.warning("cluster: Redis unavailable (%s); retrying", failure.exceptions[0])
+            self.available = False
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    def _lost(self) -> None:
+        """A command failed: stop the session, so the supervisor reconnects and writes our state again."""
+        self.available = False
+        if self._session is not None:
+            self._session.cancel()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.heartbeat_interval)
+            if await self._script("heartbeat", self.instance, self.settings.instance_ttl):
+                logger.warning("cluster: instance %s had been dropped from Redis; registering again",
+                               self.instance)
+                await self._sync()
+
+    async def _sync(self) -> None:
+        """Write this instance's whole state (its clients and rooms), replacing whatever Redis had."""
+        prefix = self.settings.redis_prefix
+        async with self.redis.pipeline(transaction=True) as pipe:
+            await self._scripts["reap"](args=(prefix, self.instance), client=pipe)
+            await self._scripts["heartbeat"](args=(prefix, self.instance, self.settings.instance_ttl), client=pipe)
+            connections = list(self.registry.connections.values())
+            if connections:
+                pipe.hset(f"{prefix}:directory", mapping={c.id: self.instance for c in connections})
+                pipe.hset(self._clients_key, mapping={c.id: self._entry(c) for c in connections})
+            for room, members in self.registry.rooms.items():
+                pipe.hset(f"{prefix}:room:{room}", self.instance, len(members))
+                pipe.sadd(f"{self._channel}:rooms", room)
+            await pipe.execute()
+
+    async def _listen(self, pubsub: Any) -> None:
+        async for message in pubsub.listen():
+            if message["type"] != "message":
+                continue
+            try:
+                remote = _decode_remote(message["data"])
+            except msgspec.MsgspecError:
+                logger.warning("cluster: ignored a message on %s that is not ws_micro's", self._channel)
+                continue
+            self.registry.metrics.cluster_received += 1
+            if not self.registry.deliver_here(remote):
+                self.registry.metrics.cluster_dropped["gone"] += 1
+
+    # Membership
+
+    def _entry(self, connection: Connection) -> bytes:
+        return _encode({**connection.describe(), "instance": self.instance})
+
+    async def register(self, connection: Connection) -> None:
+        """Put a new client in the directory; while Redis is away, the next sync does it."""
+        with contextlib.suppress(BackendUnavailable):
+            await self._call(self._register(connection))
+
+    async def _register(self, connection: Connection) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(f"{self.settings.redis_prefix}:directory", connection.id, self.instance)
+            pipe.hset(self._clients_key, connection.id, self._entry(connection))
+            await pipe.execute()
+
+    def unregister(self, client_id: str, members_left: Mapping[str, int]) -> None:
+        """Take a gone client out of the directory and its rooms, in the background."""
+        if self.available and self._tasks is not None:
+            self._tasks.start_soon(self._unregister, client_id, members_left)
+
+    async def _unregister(self, client_id: str, members_left: Mapping[str, int]) -> None:
+        prefix = self.settings.redis_prefix
+        with contextlib.suppress(BackendUnavailable):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hdel(f"{prefix}:directory", client_id)
+                pipe.hdel(self._clients_key, client_id)
+                for room, members in members_left.items():
+                    await self._scripts["members"](args=(prefix, room, self.instance, members), client=pipe)
+                await self._call(pipe.execute())
+
+    async def room_changed(self, connection: Connection, room: str, members_here: int) -> int:
+        """Record this instance's members of ``room``; the members on every instance."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self._clients_key, connection.id, self._entry(connection))
+            await self._scripts["members"](args=(self.settings.redis_prefix, room, self.instance, members_here),
+                                           client=pipe)
+            results = await self._call(pipe.execute())
+        return int(results[-1])
+
+    # Sending
+
+    async def send(self, client_id: str, remote: Remote) -> bool:
+        """Deliver to a client on another instance; False if it is connected nowhere."""
+        sent = await self._deliver("send", client_id, _encode_remote(remote), self.instance)
+        if sent == 0:  # in the directory, but its instance is not listening: it died moments ago
+            self.registry.metrics.cluster_dropped["no_subscriber"] += 1
+        return bool(sent == 1)
+
+    async def publish(self, room: str, remote: Remote) -> int:
+        """Deliver to a room's members on other instances; how many there are."""
+        return int(await self._deliver("room", room, _encode_remote(remote), self.instance))
+
+    async def broadcast(self, remote: Remote) -> int:
+        """Deliver to every client on other instances; how many there are."""
+        return int(await self._deliver("all", _encode_remote(remote), self.instance))
+
+    async def clients(self) -> list[dict[str, Any]]:
+        return [msgspec.json.decode(entry) for entry in await self._script("list")]
+
+    async def client(self, client_id: str) -> dict[str, Any] | None:
+        entry = await self._script("get", client_id)
+        return None if entry is None else dict(msgspec.json.decode(entry))
+
+    async def _deliver(self, name: str, *args: Any) -> Any:
+        try:
+            return await self._script(name, *args)
+        except BackendUnavailable:
+            self.registry.metrics.cluster_dropped["backend_unavailable"] += 1
+            raise
+
+    async def _script(self, name: str, *args: Any) -> Any:
+        return await self._call(self._scripts[name](args=(self.settings.redis_prefix, *args)))
+
+    async def _call(self, command: Awaitable[Any]) -> Any:
+        if not self.available:
+            if inspect.iscoroutine(command):
+                command.close()  # never awaited: no "coroutine was never awaited" warning
+            raise BackendUnavailable("Redis is unavailable; only clients on this instance can be reached")
+        try:
+            return await command
+        except self._errors as exc:
+            self._lost()
+            raise BackendUnavailable(f"Redis is unavailable ({exc}); "
+                                     "only clients on this instance can be reached") from None
 
 
 # --------------------------------------------------------------------------
@@ -665,6 +1087,8 @@ class Gateway:
         async with anyio.create_task_group() as tasks:
             connection = Connection(send, tasks, remote=f"{client.host}:{client.port}" if client else None,
                                     settings=self.settings, metrics=self.registry.metrics)
+            if self.registry.cluster is not None:  # in the directory before anyone can learn the id
+                await self.registry.cluster.register(connection)
             connection.send(Frame("connect", {"message": "connection request granted"}).to(connection.id))
             self.registry.add(connection)
             logger.debug("client %s connected", connection.id)
@@ -742,15 +1166,21 @@ class Gateway:
         elif event.to is not None and event.room is not None:
             self._error(connection, INVALID_EVENT, "set 'to' or 'room', not both", event.event)
         elif event.to is not None:
-            if not self.registry.relay((event.to,), text):
-                self._error(connection, UNKNOWN_CLIENT, f"no client with id {event.to!r}", event.event)
+            try:
+                if not await self.registry.relay_to_client(event.to, text):
+                    self._error(connection, UNKNOWN_CLIENT, f"no client with id {event.to!r}", event.event)
+            except BackendUnavailable as exc:
+                self._error(connection, BACKEND_UNAVAILABLE, f"{exc}; {event.to!r} is not here", event.event)
         elif event.room is not None:
             if event.room not in connection.rooms:
                 self._error(connection, NOT_IN_ROOM, f"join room {event.room!r} before sending to it",
                             event.event)
-            else:
-                members = self.registry.rooms[event.room]
-                self.registry.relay([m for m in members if m != connection.id], text)
+                return
+            try:
+                await self.registry.relay_to_room(event.room, connection.id, text)
+            except BackendUnavailable as exc:
+                self._error(connection, BACKEND_UNAVAILABLE,
+                            f"{exc}; members of {event.room!r} on other instances missed this frame", event.event)
         else:
             await self._dispatch(connection, event, text)
 
@@ -770,12 +1200,12 @@ class Gateway:
                                     f"at most {self.settings.max_rooms_per_connection} rooms per connection",
                                     event.event)
                         return
-                    members = self.registry.join(connection, room)
+                    members = await self.registry.join(connection, room)
                     connection.send(Frame("joined", {"room": room, "members": members}).to(connection.id))
                 elif room not in connection.rooms:
                     self._error(connection, NOT_IN_ROOM, f"not a member of room {room!r}", event.event)
                 else:
-                    members = self.registry.leave(connection, room)
+                    members = await self.registry.leave(connection, room)
                     connection.send(Frame("left", {"room": room, "members": members}).to(connection.id))
             case name:
                 handler = self.registry.handlers.get(name)
@@ -853,6 +1283,10 @@ def _api_error(status: int, code: str, message: str) -> Response:
     return _json({"error": {"code": code, "message": message}}, status)
 
 
+async def _backend_unavailable(request: Request, exc: Exception) -> Response:
+    return _api_error(503, BACKEND_UNAVAILABLE, str(exc))
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
@@ -893,14 +1327,22 @@ def api_routes(registry: Registry, settings: Settings) -> list[Route]:
             return _api_error(400, INVALID_JSON, str(exc))
 
     async def list_clients(request: Request) -> Response:
-        clients = [connection.describe() for connection in registry.connections.values()]
+        if registry.cluster is not None:  # every instance's, each entry naming its instance
+            clients = await registry.cluster.clients()
+        else:
+            clients = [connection.describe() for connection in registry.connections.values()]
         return _json({"count": len(clients), "clients": clients})
 
     async def get_client(request: Request) -> Response:
-        connection = registry.connections.get(request.path_params["client_id"])
-        if connection is None:
-            return _unknown_client(request)
-        return _json(connection.describe())
+        client_id = request.path_params["client_id"]
+        connection = registry.connections.get(client_id)
+        if connection is not None:
+            entry: dict[str, Any] | None = connection.describe()
+            if registry.cluster is not None:
+                entry = {**connection.describe(), "instance": registry.cluster.instance}
+        else:
+            entry = None if registry.cluster is None else await registry.cluster.client(client_id)
+        return _unknown_client(request) if entry is None else _json(entry)
 
     async def push_to_client(request: Request) -> Response:
         push = await read_push(request)
@@ -964,13 +1406,26 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
     """
     settings = Settings(**options)
     registry = registry if registry is not None else Registry()
+    cluster = registry.cluster = Cluster(registry, settings) if settings.redis_url else None
 
     async def healthz(request: Request) -> Response:
-        return _json({"status": "ok", "connections": len(registry)})
+        if cluster is None:
+            return _json({"status": "ok", "connections": len(registry)})
+        # Degraded, not down: clients on this instance are still served.
+        return _json({"status": "ok" if cluster.available else "degraded", "connections": len(registry),
+                      "instance": cluster.instance, "redis": "ok" if cluster.available else "unavailable"})
 
     async def metrics(request: Request) -> Response:
-        return PlainTextResponse(registry.metrics.render(len(registry)),
+        return PlainTextResponse(registry.metrics.render(len(registry), cluster),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if cluster is None:
+            yield
+            return
+        async with cluster.running():
+            yield
 
     page_routes: list[BaseRoute] = []
     static = _static_folder(settings.static_dir)
@@ -991,7 +1446,8 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
             *api_routes(registry, settings),
             *page_routes,
         ],
-        exception_handlers={HTTPException: _http_error},
+        exception_handlers={HTTPException: _http_error, BackendUnavailable: _backend_unavailable},
+        lifespan=lifespan,
     )
     app.state.registry = registry
     app.state.settings = settings
