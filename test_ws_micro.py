@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -506,6 +507,9 @@ def test_bad_settings_are_refused_with_the_bad_value(env: dict[str, str], messag
         ([], {"WS_MICRO_SEND_TIMEOUT": "0"}, "send_timeout must be more than 0, but got 0.0"),
         (["--port", "70000"], {}, "port must be between 0 and 65535, but got 70000"),
         (["--ping-timeout", "-1"], {}, "ping_timeout must be 0 or more, but got -1.0"),
+        (["--instance-ttl", "1"], {}, "instance_ttl must be longer than heartbeat_interval (2.0), but got 1.0"),
+        ([], {"WS_MICRO_REDIS_URL": "notredis://x"},
+         "Redis URL must specify one of the following schemes (redis://, rediss://, unix://)"),
     ],
 )
 def test_cli_refuses_a_bad_value_with_its_name_and_no_traceback(args: list[str], env: dict[str, str],
@@ -1033,12 +1037,12 @@ def test_a_copied_single_file_runs_without_its_static_folder(tmp_path: Path) -> 
 # The browser page, in a real headless Chromium
 # --------------------------------------------------------------------------
 
-CHROMIUM = os.environ.get("WS_MICRO_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM = os.environ.get("WS_MICRO_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # per test: Playwright's sync API holds an event loop that the async tests must not meet
 def browser() -> Iterator[Browser]:
     """Debian's Chromium (Playwright cannot download its own browser here); a missing one fails, never skips."""
     assert Path(CHROMIUM).is_file(), f"the browser tests need {CHROMIUM}: apt-get install chromium"
@@ -1148,3 +1152,289 @@ def test_browser_page_fits_a_phone_and_works_without_the_api(browser: Browser, t
         send_from(page, "builtin", "", "ping", '{"n": 7}')
         log_entry(page, "pong")
         assert_rendered(page, tmp_path / "phone.png")
+
+
+# --------------------------------------------------------------------------
+# Cluster mode: real redis-server, several real uvicorn instances
+# --------------------------------------------------------------------------
+
+REDIS_SERVER = os.environ.get("WS_MICRO_REDIS_SERVER") or shutil.which("redis-server") or "/usr/bin/redis-server"
+FAST_HEARTBEAT = ("--heartbeat-interval", "0.2", "--instance-ttl", "1.0")
+
+
+class RedisServer:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start an empty, unpersisted redis-server and wait until it answers PING."""
+        assert Path(REDIS_SERVER).is_file(), f"the cluster tests need {REDIS_SERVER}: apt-get install redis-server"
+        self.process = subprocess.Popen([REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+                                         "--save", "", "--appendonly", "no"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            assert self.process.poll() is None, "redis-server exited"
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 1) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16) == b"+PONG\r\n":
+                    return
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(TIMEOUT)
+
+    def command(self, *args: str) -> Any:
+        import redis
+
+        with redis.Redis(port=self.port, decode_responses=True) as client:
+            return client.execute_command(*args)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer(free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def cluster(redis_server: RedisServer, size: int, *args: str) -> Iterator[list[Server]]:
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(run_server("--log-level", "warning", "--redis-url", redis_server.url,
+                                              *FAST_HEARTBEAT, *args)) for _ in range(size)]
+
+
+def instance_of(server: Server) -> str:
+    return str(server.get("/healthz").json()["instance"])
+
+
+async def recv_text(ws: ClientConnection) -> str | bytes:
+    with anyio.fail_after(TIMEOUT):
+        return await ws.recv()
+
+
+def text(event: str, client_id: str, data: dict[str, Any] | None = None, **routing: str) -> str:
+    return json.dumps(frame(event, client_id, data, **routing))
+
+
+async def join(ws: ClientConnection, client_id: str, room: str) -> int:
+    await ws.send(text("join", client_id, {"room": room}))
+    reply = await recv_json(ws)
+    assert reply["event"] == "joined", reply
+    return int(reply["data"]["data"]["members"])
+
+
+@pytest.mark.anyio
+async def test_cluster_two_instances_behave_as_one_server(redis_server: RedisServer) -> None:
+    with cluster(redis_server, 2) as (x, y):
+        async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b):
+            # `to` reaches a client on the other instance, byte for byte, both ways.
+            sent = text("chat", id_a, {"text": "hi B"}, to=id_b)
+            await a.send(sent)
+            assert await recv_text(b) == sent
+            await b.send(text("chat", id_b, {"text": "hi A"}, to=id_a))
+            assert json.loads(await recv_text(a))["data"]["data"] == {"text": "hi A"}
+
+            # Rooms span instances: counts are cluster-wide, a member's frame reaches the others.
+            assert await join(a, id_a, "lobby") == 1
+            assert await join(b, id_b, "lobby") == 2
+            sent = text("chat", id_b, {"text": "hi room"}, room="lobby")
+            await b.send(sent)
+            assert await recv_text(a) == sent
+
+            # The API works on whichever instance the backend calls.
+            assert y.post(f"/api/clients/{id_a}", {"event": "notice", "data": {"data": {"n": 1}}}).json() == {
+                "delivered": 1}
+            assert await recv_json(a) == {"event": "notice", "client_id": id_a, "data": {"data": {"n": 1}}}
+            listed = x.get("/api/clients").json()
+            assert listed["count"] == 2
+            assert {c["client_id"]: c["instance"] for c in listed["clients"]} == {
+                id_a: instance_of(x), id_b: instance_of(y)}
+            entry = x.get(f"/api/clients/{id_b}").json()
+            assert entry["instance"] == instance_of(y) and entry["rooms"] == ["lobby"]
+            assert y.post("/api/rooms/lobby", {"event": "news", "data": {"data": {}}}).json() == {"delivered": 2}
+            assert x.post("/api/broadcast", {"event": "all", "data": {"data": {}}}).json() == {"delivered": 2}
+            for ws, own in ((a, id_a), (b, id_b)):
+                assert await recv_json(ws) == {"event": "news", "client_id": own, "data": {"data": {}}}
+                assert await recv_json(ws) == {"event": "all", "client_id": own, "data": {"data": {}}}
+
+            # Ids that exist nowhere are still unknown.
+            assert x.post("/api/clients/nobody", {"event": "x", "data": {"data": {}}}).status_code == 404
+            assert x.get("/api/clients/nobody").status_code == 404
+            await a.send(text("chat", id_a, to="nobody"))
+            assert (await recv_json(a))["data"]["data"]["code"] == "unknown_client"
+
+            # DELETE on the other instance closes the client, and it leaves the directory and its room.
+            assert httpx.delete(f"{y.http}/api/clients/{id_a}", timeout=TIMEOUT).json() == {"disconnected": 1}
+            with pytest.raises(ConnectionClosed):
+                await recv_json(a)
+            assert a.close_code == 1000 and a.close_reason == "disconnected by the server"
+            await y.wait_until(lambda: y.get("/api/clients").json()["count"] == 1, "A to leave the directory")
+            await b.send(text("chat", id_b, to=id_a))
+            assert (await recv_json(b))["data"]["data"]["code"] == "unknown_client"
+            await b.send(text("leave", id_b, {"room": "lobby"}))
+            assert (await recv_json(b))["data"]["data"] == {"room": "lobby", "members": 0}
+
+
+@pytest.mark.anyio
+async def test_cluster_three_instances_share_rooms_and_broadcasts(redis_server: RedisServer) -> None:
+    with cluster(redis_server, 3) as servers:
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(ws_client(s.ws)) for s in servers]
+            for count, (ws, own) in enumerate(clients, start=1):
+                assert await join(ws, own, "r") == count
+            (a, id_a), (b, _), (c, id_c) = clients
+            sent = text("chat", id_c, {"from": "C"}, room="r")
+            await c.send(sent)
+            assert [await recv_text(a), await recv_text(b)] == [sent, sent]
+            await a.send(text("chat", id_a, {"from": "A"}, to=id_c))
+            assert (await recv_json(c))["data"]["data"] == {"from": "A"}
+            assert servers[1].post("/api/broadcast", {"event": "all", "data": {"data": {}}}).json() == {
+                "delivered": 3}
+            for ws, own in clients:
+                assert await recv_json(ws) == {"event": "all", "client_id": own, "data": {"data": {}}}
+            assert servers[0].get("/api/clients").json()["count"] == 3
+
+
+@pytest.mark.anyio
+async def test_cluster_two_workers_on_one_port(redis_server: RedisServer) -> None:
+    env = {"WS_MICRO_REDIS_URL": redis_server.url, "WS_MICRO_HEARTBEAT_INTERVAL": "0.2",
+           "WS_MICRO_INSTANCE_TTL": "1.0"}
+    with run_server("--workers", "2", "--log-level", "warning", env=env, uvicorn_app=True) as server:
+        async with contextlib.AsyncExitStack() as stack:
+            # The kernel spreads connections over the workers; connect until both hold some.
+            clients: dict[str, tuple[ClientConnection, str]] = {}
+            for _ in range(60):
+                ws, own = await stack.enter_async_context(ws_client(server.ws))
+                where = (await anyio.to_thread.run_sync(server.get, f"/api/clients/{own}")).json()
+                clients.setdefault(where["instance"], (ws, own))
+                if len(clients) == 2:
+                    break
+            assert len(clients) == 2, "every connection landed on one worker"
+            (a, id_a), (b, id_b) = clients.values()
+            sent = text("chat", id_a, {"text": "across workers"}, to=id_b)
+            await a.send(sent)
+            assert await recv_text(b) == sent
+            total = server.get("/api/clients").json()["count"]
+            assert server.post("/api/broadcast", {"event": "all", "data": {"data": {}}}).json() == {
+                "delivered": total}
+            assert (await recv_json(a))["event"] == (await recv_json(b))["event"] == "all"
+
+
+@pytest.mark.anyio
+async def test_cluster_instance_killed_with_sigkill_drops_out(redis_server: RedisServer) -> None:
+    ttl = 3.0
+    with cluster(redis_server, 1, "--heartbeat-interval", "0.2", "--instance-ttl", str(ttl)) as (x,), \
+            run_server("--log-level", "warning", "--redis-url", redis_server.url,
+                       "--heartbeat-interval", "0.2", "--instance-ttl", str(ttl)) as doomed:
+        async with ws_client(x.ws) as (a, id_a), ws_client(doomed.ws) as (c, id_c):
+            await join(a, id_a, "r")
+            assert await join(c, id_c, "r") == 2
+            doomed.process.kill()
+            killed_at = time.monotonic()
+            doomed.process.wait(TIMEOUT)
+            # Until its deadline passes the directory still names it: the frame is published to
+            # nobody, answered as unknown, and counted as dropped (pub/sub is at-most-once).
+            await a.send(text("chat", id_a, to=id_c))
+            assert (await recv_json(a))["data"]["data"]["code"] == "unknown_client"
+            assert x.metric("ws_micro_cluster_dropped_total", reason="no_subscriber") == 1
+            await x.wait_until(lambda: x.get("/api/clients").json()["count"] == 1, "the killed instance to drop out")
+            assert time.monotonic() - killed_at < ttl + 1.0
+            # No ghost clients or room members are left behind.
+            assert x.get(f"/api/clients/{id_c}").status_code == 404
+            await a.send(text("leave", id_a, {"room": "r"}))
+            assert (await recv_json(a))["data"]["data"] == {"room": "r", "members": 0}
+            assert redis_server.command("HKEYS", "ws_micro:directory") == [id_a]
+            assert redis_server.command("ZRANGE", "ws_micro:instances", "0", "-1") == [instance_of(x)]
+
+
+@pytest.mark.anyio
+async def test_cluster_survives_redis_going_away_and_coming_back(redis_server: RedisServer) -> None:
+    with cluster(redis_server, 2) as (x, y):
+        async with ws_client(x.ws) as (a, id_a), ws_client(x.ws) as (a2, id_a2), ws_client(y.ws) as (b, id_b):
+            await join(a, id_a, "r")
+            await join(b, id_b, "r")
+            redis_server.stop()
+            await x.wait_until(lambda: x.get("/healthz").json()["status"] == "degraded", "X to notice")
+            assert x.get("/healthz").json()["redis"] == "unavailable"
+            assert x.metric("ws_micro_cluster_up") == 0
+
+            # Local delivery keeps working.
+            sent = text("chat", id_a, {"local": True}, to=id_a2)
+            await a.send(sent)
+            assert await recv_text(a2) == sent
+            # Cross-instance sends fail with a clear error, event or HTTP 503.
+            await a.send(text("chat", id_a, to=id_b))
+            error = (await recv_json(a))["data"]["data"]
+            assert error["code"] == "backend_unavailable" and "Redis is unavailable" in error["message"]
+            await a.send(text("chat", id_a, {"n": 1}, room="r"))
+            assert (await recv_json(a))["data"]["data"]["code"] == "backend_unavailable"
+            for response in (x.post(f"/api/clients/{id_b}", {"event": "x", "data": {"data": {}}}),
+                             x.post("/api/broadcast", {"event": "x", "data": {"data": {}}}),
+                             x.get("/api/clients")):
+                assert response.status_code == 503
+                assert response.json()["error"]["code"] == "backend_unavailable"
+            assert x.metric("ws_micro_cluster_dropped_total", reason="backend_unavailable") >= 3
+
+            # Redis comes back empty: both instances reconnect and write their clients and rooms again.
+            redis_server.start()
+            for server in (x, y):
+                await server.wait_until(lambda s=server: s.get("/healthz").json()["status"] == "ok",
+                                        "the instance to reconnect")
+            await y.wait_until(lambda: y.get("/api/clients").json()["count"] == 3, "every client re-registered")
+            sent = text("chat", id_b, {"again": True}, to=id_a)
+            await b.send(sent)
+            assert await recv_text(a) == sent
+            assert x.post("/api/rooms/r", {"event": "news", "data": {"data": {}}}).json() == {"delivered": 2}
+            assert (await recv_json(a))["event"] == (await recv_json(b))["event"] == "news"
+
+
+@pytest.mark.anyio
+async def test_cluster_notices_a_redis_that_hangs_and_recovers(redis_server: RedisServer) -> None:
+    assert redis_server.process is not None
+    with cluster(redis_server, 2, "--redis-timeout", "0.5") as (x, y):
+        async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b):
+            redis_server.process.send_signal(signal.SIGSTOP)  # no reset, no answer: only timeouts tell
+            try:
+                await x.wait_until(lambda: x.get("/healthz").json()["status"] == "degraded", "X to time out")
+                await a.send(text("chat", id_a, to=id_b))
+                assert (await recv_json(a))["data"]["data"]["code"] == "backend_unavailable"
+            finally:
+                redis_server.process.send_signal(signal.SIGCONT)
+            await x.wait_until(lambda: x.get("/healthz").json()["status"] == "ok", "X to recover")
+            sent = text("chat", id_a, {"n": 2}, to=id_b)
+            await a.send(sent)
+            assert await recv_text(b) == sent
+
+
+def test_cluster_mode_embedded_runs_through_the_host_apps_lifespan(redis_server: RedisServer) -> None:
+    gateway = create_app(redis_url=redis_server.url, heartbeat_interval=0.2, instance_ttl=1.0, api_token="t")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with gateway.router.lifespan_context(gateway):  # a Mount does not run it
+            yield
+
+    host = Starlette(routes=[Mount("/gateway", app=gateway)], lifespan=lifespan)
+    with TestClient(host, headers={"Authorization": "Bearer t"}) as client:
+        deadline = time.monotonic() + TIMEOUT
+        while (health := client.get("/gateway/healthz").json())["redis"] != "ok":
+            assert time.monotonic() < deadline, health
+            time.sleep(0.02)
+        with client.websocket_connect("/gateway/ws/py_client") as ws:
+            own = ws.receive_json()["client_id"]
+            listed = client.get("/gateway/api/clients").json()
+            assert listed["clients"] == [{**client.get(f"/gateway/api/clients/{own}").json(),
+                                          "instance": health["instance"]}]
+    # Shutting down took the instance out of Redis at once.
+    assert redis_server.command("ZCARD", "ws_micro:instances") == 0
+    assert redis_server.command("HLEN", "ws_micro:directory") == 0
