@@ -872,9 +872,14 @@ class Cluster:
         self.available = False
         self._errors = (RedisError, OSError)
         # Fail fast and let the supervisor reconnect: redis-py's own retries would stall a read loop.
-        self.redis = redis.asyncio.Redis.from_url(
-            settings.redis_url, socket_timeout=settings.redis_timeout,
-            socket_connect_timeout=settings.redis_timeout, retry=Retry(NoBackoff(), 0))
+        self.redis = redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout,
+                                                  socket_connect_timeout=settings.redis_timeout,
+                                                  retry=Retry(NoBackoff(), 0))
+        # Subscribed, a quiet channel is normal: no read timeout (older redis-py applies it to listen()).
+        # A dead connection shows in the heartbeat, which ends the session.
+        self._subscriber = redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=None,
+                                                        socket_connect_timeout=settings.redis_timeout,
+                                                        retry=Retry(NoBackoff(), 0))
         self._scripts = {name: self.redis.register_script(_LUA_PRELUDE + body) for name, body in _LUA.items()}
         self._channel = f"{settings.redis_prefix}:instance:{self.instance}"
         self._clients_key = f"{self._channel}:clients"
@@ -897,6 +902,7 @@ class Cluster:
                     with contextlib.suppress(BackendUnavailable):  # then the others reap us by deadline
                         await self._script("reap", self.instance)
                     await self.redis.aclose()
+                    await self._subscriber.aclose()
                 self._tasks = None
 
     async def _supervise(self) -> None:
@@ -905,7 +911,7 @@ class Cluster:
             self._session = anyio.CancelScope()
             with self._session:
                 try:
-                    async with self.redis.pubsub() as pubsub:
+                    async with self._subscriber.pubsub() as pubsub:
                         await pubsub.subscribe(self._channel)
                         await self._sync()
                         if not self.available:
