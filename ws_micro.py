@@ -647,7 +647,11 @@ class Registry:
 
     async def send_to_client(self, client_id: str, event: str, data: Mapping[str, Any] | None = None) -> bool:
         """Send a server event to one client; False if no such client is connected."""
-        return await self.relay_to_client(client_id, Frame(event, data).to(client_id))
+        text = Frame(event, data).to(client_id)
+        connection = self.connections.get(client_id)
+        if connection is not None:
+            return connection.send(text)
+        return self.cluster is not None and await self.cluster.send(client_id, Remote("client", client_id, text))
 
     async def publish(self, room: str, event: str, data: Mapping[str, Any] | None = None) -> int:
         """Send a server event to every member of ``room``; how many took it."""
@@ -671,18 +675,26 @@ class Registry:
         return self.cluster is not None and await self.cluster.send(client_id,
                                                                     Remote("kick", client_id, reason, str(code)))
 
-    async def relay_to_client(self, client_id: str, text: str) -> bool:
-        """Deliver a frame, unchanged, to one client; False if it is connected nowhere."""
+    async def relay_to_client(self, client_id: str, text: str, failed: Callable[[str, str], None]) -> None:
+        """Deliver a client's frame, unchanged, to one client.
+
+        ``failed(code, message)`` is called when it cannot be; for a client on
+        another instance, later, so that the sender's read loop goes on meanwhile.
+        """
         connection = self.connections.get(client_id)
         if connection is not None:
-            return connection.send(text)
-        return self.cluster is not None and await self.cluster.send(client_id, Remote("client", client_id, text))
+            if not connection.send(text):
+                failed(UNKNOWN_CLIENT, f"no client with id {client_id!r}")
+        elif self.cluster is not None:
+            await self.cluster.forward(client_id, Remote("client", client_id, text), failed)
+        else:
+            failed(UNKNOWN_CLIENT, f"no client with id {client_id!r}")
 
-    async def relay_to_room(self, room: str, sender: str, text: str) -> int:
-        """Deliver a client's frame, unchanged, to the other members of ``room``; how many took it."""
-        here = self._relay([member for member in self.rooms.get(room, ()) if member != sender], text)
-        # After the local members: they get it even when Redis is away.
-        return here + (0 if self.cluster is None else await self.cluster.publish(room, Remote("room", room, text)))
+    async def relay_to_room(self, room: str, sender: str, text: str, failed: Callable[[str, str], None]) -> None:
+        """Deliver a client's frame, unchanged, to the other members of ``room``, here and elsewhere."""
+        self._relay([member for member in self.rooms.get(room, ()) if member != sender], text)
+        if self.cluster is not None:  # after the local members: they get it even when Redis is away
+            await self.cluster.forward_to_room(room, Remote("room", room, text), failed)
 
     def deliver_here(self, remote: Remote) -> bool:
         """Deliver what another instance published for this one; False if its client is gone."""
@@ -725,6 +737,10 @@ class Registry:
 
 class BackendUnavailable(Exception):
     """Redis cannot be reached: cross-instance sends fail, local ones go on."""
+
+
+UNAVAILABLE = "Redis is unavailable; only clients on this instance can be reached"
+OUTBOX_LIMIT = 10_000  # deliveries waiting for Redis before senders wait too
 
 
 class Remote(msgspec.Struct, array_like=True):
@@ -885,6 +901,9 @@ class Cluster:
         self._clients_key = f"{self._channel}:clients"
         self._tasks: TaskGroup | None = None
         self._session: anyio.CancelScope | None = None  # the current connection's, cancelled on failure
+        self._outbox: list[tuple[str, tuple[Any, ...], Callable[[Any], None]]] = []
+        self._outbox_ready: anyio.Event | None = None  # events need the event loop: made in running()
+        self._outbox_drained: anyio.Event
 
     # Running
 
@@ -893,7 +912,9 @@ class Cluster:
         """Keep this instance in the cluster while the app runs; leave it cleanly at shutdown."""
         async with anyio.create_task_group() as tasks:
             self._tasks = tasks
+            self._outbox_ready, self._outbox_drained = anyio.Event(), anyio.Event()
             tasks.start_soon(self._supervise)
+            tasks.start_soon(self._flush)
             try:
                 yield
             finally:
@@ -1011,20 +1032,89 @@ class Cluster:
 
     # Sending
 
+    # Deliveries to other instances go through one outbox, flushed as one pipeline at a time:
+    # a busy gateway pays a Redis round trip per batch, not per frame, and keeps their order.
+
     async def send(self, client_id: str, remote: Remote) -> bool:
         """Deliver to a client on another instance; False if it is connected nowhere."""
-        sent = await self._deliver("send", client_id, _encode_remote(remote), self.instance)
-        if sent == 0:  # in the directory, but its instance is not listening: it died moments ago
-            self.registry.metrics.cluster_dropped["no_subscriber"] += 1
-        return bool(sent == 1)
+        return bool(await self._request("send", client_id, _encode_remote(remote)) == 1)
+
+    async def forward(self, client_id: str, remote: Remote, failed: Callable[[str, str], None]) -> None:
+        """Like :meth:`send`, without waiting for the answer: ``failed(code, message)`` comes later if need be."""
+
+        def done(result: Any) -> None:
+            if isinstance(result, BackendUnavailable):
+                failed(BACKEND_UNAVAILABLE, f"{result}; {client_id!r} is not here")
+            elif result != 1:
+                failed(UNKNOWN_CLIENT, f"no client with id {client_id!r}")
+
+        await self._submit("send", (client_id, _encode_remote(remote)), done)
 
     async def publish(self, room: str, remote: Remote) -> int:
         """Deliver to a room's members on other instances; how many there are."""
-        return int(await self._deliver("room", room, _encode_remote(remote), self.instance))
+        return int(await self._request("room", room, _encode_remote(remote)))
+
+    async def forward_to_room(self, room: str, remote: Remote, failed: Callable[[str, str], None]) -> None:
+        def done(result: Any) -> None:
+            if isinstance(result, BackendUnavailable):
+                failed(BACKEND_UNAVAILABLE, f"{result}; members of {room!r} on other instances missed this frame")
+
+        await self._submit("room", (room, _encode_remote(remote)), done)
 
     async def broadcast(self, remote: Remote) -> int:
         """Deliver to every client on other instances; how many there are."""
-        return int(await self._deliver("all", _encode_remote(remote), self.instance))
+        return int(await self._request("all", _encode_remote(remote)))
+
+    async def _request(self, name: str, *args: Any) -> Any:
+        reply: list[Any] = []
+        answered = anyio.Event()
+
+        def done(result: Any) -> None:
+            reply.append(result)
+            answered.set()
+
+        await self._submit(name, args, done)
+        await answered.wait()
+        if isinstance(reply[0], BaseException):
+            raise reply[0]
+        return reply[0]
+
+    async def _submit(self, name: str, args: tuple[Any, ...], done: Callable[[Any], None]) -> None:
+        """Queue a delivery script; ``done`` gets its result, or :class:`BackendUnavailable`."""
+        if not self.available or self._outbox_ready is None:
+            self._delivered(name, BackendUnavailable(UNAVAILABLE), done)
+            return
+        while len(self._outbox) >= OUTBOX_LIMIT:  # Redis is slow: the sender waits, its socket fills
+            await self._outbox_drained.wait()
+        self._outbox.append((name, (self.settings.redis_prefix, *args, self.instance), done))
+        self._outbox_ready.set()
+
+    async def _flush(self) -> None:
+        while True:
+            assert self._outbox_ready is not None
+            await self._outbox_ready.wait()
+            self._outbox_ready = anyio.Event()
+            batch, self._outbox = self._outbox, []
+            try:
+                if not self.available:
+                    raise BackendUnavailable(UNAVAILABLE)
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for name, args, _ in batch:
+                        await self._scripts[name](args=args, client=pipe)
+                    results: list[Any] = await self._call(pipe.execute())
+            except BackendUnavailable as exc:
+                results = [exc] * len(batch)
+            for (name, _, done), result in zip(batch, results, strict=True):
+                self._delivered(name, result, done)
+            self._outbox_drained.set()
+            self._outbox_drained = anyio.Event()
+
+    def _delivered(self, name: str, result: Any, done: Callable[[Any], None]) -> None:
+        if isinstance(result, BackendUnavailable):
+            self.registry.metrics.cluster_dropped["backend_unavailable"] += 1
+        elif name == "send" and result == 0:  # in the directory, but its instance died moments ago
+            self.registry.metrics.cluster_dropped["no_subscriber"] += 1
+        done(result)
 
     async def clients(self) -> list[dict[str, Any]]:
         return [msgspec.json.decode(entry) for entry in await self._script("list")]
@@ -1033,13 +1123,6 @@ class Cluster:
         entry = await self._script("get", client_id)
         return None if entry is None else dict(msgspec.json.decode(entry))
 
-    async def _deliver(self, name: str, *args: Any) -> Any:
-        try:
-            return await self._script(name, *args)
-        except BackendUnavailable:
-            self.registry.metrics.cluster_dropped["backend_unavailable"] += 1
-            raise
-
     async def _script(self, name: str, *args: Any) -> Any:
         return await self._call(self._scripts[name](args=(self.settings.redis_prefix, *args)))
 
@@ -1047,7 +1130,7 @@ class Cluster:
         if not self.available:
             if inspect.iscoroutine(command):
                 command.close()  # never awaited: no "coroutine was never awaited" warning
-            raise BackendUnavailable("Redis is unavailable; only clients on this instance can be reached")
+            raise BackendUnavailable(UNAVAILABLE)
         try:
             return await command
         except self._errors as exc:
@@ -1171,22 +1254,16 @@ class Gateway:
                         f"client_id must be this connection's id, but got {event.client_id!r}", event.event)
         elif event.to is not None and event.room is not None:
             self._error(connection, INVALID_EVENT, "set 'to' or 'room', not both", event.event)
-        elif event.to is not None:
-            try:
-                if not await self.registry.relay_to_client(event.to, text):
-                    self._error(connection, UNKNOWN_CLIENT, f"no client with id {event.to!r}", event.event)
-            except BackendUnavailable as exc:
-                self._error(connection, BACKEND_UNAVAILABLE, f"{exc}; {event.to!r} is not here", event.event)
-        elif event.room is not None:
-            if event.room not in connection.rooms:
-                self._error(connection, NOT_IN_ROOM, f"join room {event.room!r} before sending to it",
-                            event.event)
-                return
-            try:
-                await self.registry.relay_to_room(event.room, connection.id, text)
-            except BackendUnavailable as exc:
-                self._error(connection, BACKEND_UNAVAILABLE,
-                            f"{exc}; members of {event.room!r} on other instances missed this frame", event.event)
+        elif event.to is not None or event.room is not None:
+            def failed(code: str, message: str) -> None:
+                self._error(connection, code, message, event.event)
+
+            if event.to is not None:
+                await self.registry.relay_to_client(event.to, text, failed)
+            elif event.room not in connection.rooms:
+                failed(NOT_IN_ROOM, f"join room {event.room!r} before sending to it")
+            else:
+                await self.registry.relay_to_room(event.room, connection.id, text, failed)
         else:
             await self._dispatch(connection, event, text)
 
