@@ -14,6 +14,10 @@ Servers (all on the same uvicorn, its default settings):
     ws_micro   uvicorn ws_micro:app                   (as shipped)
     tutorial   uvicorn bench.tutorial_server:app      (FastAPI + pydantic, send_json)
     ceiling    uvicorn bench.ceiling_server:app       (bare ASGI + msgspec, no framework)
+    cluster    two ws_micro instances and a redis-server, all on the server's CPU; clients
+               alternate between the instances, so every relay and half of every fan-out
+               crosses Redis (compare it with ws_micro: --only relay,fanout_api,fanout_room
+               --servers ws_micro,cluster)
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ SERVERS = {
     "ws_micro": "ws_micro:app",
     "tutorial": "bench.tutorial_server:app",
     "ceiling": "bench.ceiling_server:app",
+    "cluster": "ws_micro:app",  # twice, with WS_MICRO_REDIS_URL
 }
 SERVER_CPU, GENERATOR_CPU = 0, 1
 
@@ -56,24 +61,36 @@ SERVER_CPU, GENERATOR_CPU = 0, 1
 
 @dataclass
 class Server:
+    """One contender: one uvicorn process, or (cluster) several and the Redis between them."""
+
     name: str
     process: subprocess.Popen[bytes]
     port: int
+    others: list[tuple[subprocess.Popen[bytes], int]] = field(default_factory=list)  # more instances
+    helpers: list[subprocess.Popen[bytes]] = field(default_factory=list)  # redis-server
 
     @property
     def ws(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws/py_client"
 
+    def ws_of(self, n: int) -> str:
+        """The WebSocket URL of the instance the ``n``-th client connects to (they alternate)."""
+        ports = [self.port, *(port for _, port in self.others)]
+        return f"ws://127.0.0.1:{ports[n % len(ports)]}/ws/py_client"
+
     @property
     def http(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def _processes(self) -> list[psutil.Process]:
+        pids = [self.process.pid, *(p.pid for p, _ in self.others), *(p.pid for p in self.helpers)]
+        return [psutil.Process(pid) for pid in pids]
+
     def rss(self) -> int:
-        return int(psutil.Process(self.process.pid).memory_info().rss)
+        return sum(int(p.memory_info().rss) for p in self._processes())
 
     def cpu_seconds(self) -> float:
-        times = psutil.Process(self.process.pid).cpu_times()
-        return float(times.user + times.system)
+        return sum(float(t.user + t.system) for t in (p.cpu_times() for p in self._processes()))
 
 
 def free_port() -> int:
@@ -84,6 +101,11 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def run_server(name: str, env: dict[str, str] | None = None) -> Iterator[Server]:
+    if name == "cluster":
+        with run_redis() as (redis, url), run_server("ws_micro", {"WS_MICRO_REDIS_URL": url}) as first, \
+                run_server("ws_micro", {"WS_MICRO_REDIS_URL": url}) as second:
+            yield Server(name, first.process, first.port, [(second.process, second.port)], [redis])
+        return
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", SERVERS[name], "--host", "127.0.0.1", "--port", str(port),
                "--log-level", "warning"]
@@ -108,6 +130,28 @@ def run_server(name: str, env: dict[str, str] | None = None) -> Iterator[Server]
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@contextlib.contextmanager
+def run_redis() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    port = free_port()
+    process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no"], stdout=subprocess.DEVNULL,
+                               preexec_fn=lambda: os.sched_setaffinity(0, {SERVER_CPU}))
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), 1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.02)
+        yield process, f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
 # --------------------------------------------------------------------------
@@ -173,20 +217,23 @@ class Peer(WSListener):
             self.transport.disconnect(graceful=False)
 
 
-async def open_peers(url: str, n: int, concurrency: int = 100, **options: Any) -> list[Peer]:
-    """Open ``n`` connections, ``concurrency`` handshakes at a time, each past its connect frame."""
-    peers: list[Peer] = []
+async def open_peers(server: Server, n: int, concurrency: int = 100, **options: Any) -> list[Peer]:
+    """Open ``n`` connections, ``concurrency`` handshakes at a time, each past its connect frame.
+
+    The list is in connection order, so with several instances peers alternate between them.
+    """
+    peers: list[Peer | None] = [None] * n
     limit = asyncio.Semaphore(concurrency)
 
-    async def one() -> None:
+    async def one(i: int) -> None:
         async with limit:
-            _, peer = await ws_connect(Peer, url, websocket_handshake_timeout=30, **options)
+            _, peer = await ws_connect(Peer, server.ws_of(i), websocket_handshake_timeout=30, **options)
             assert isinstance(peer, Peer)
             await asyncio.wait_for(peer.connected, 30)
-            peers.append(peer)
+            peers[i] = peer
 
-    await asyncio.gather(*(one() for _ in range(n)))
-    return peers
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return [peer for peer in peers if peer is not None]
 
 
 async def small_buffer_socket(url: Any) -> socket.socket:
@@ -261,7 +308,7 @@ class Window:
 
 async def echo(server: Server, args: argparse.Namespace) -> dict[str, float]:
     """50 connections, several echo round trips in flight each."""
-    peers = await open_peers(server.ws, args.echo_connections)
+    peers = await open_peers(server, args.echo_connections)
     window = Window()
 
     def on_frame(peer: Peer, received: WSFrame) -> None:
@@ -279,7 +326,7 @@ async def echo(server: Server, args: argparse.Namespace) -> dict[str, float]:
 
 async def relay(server: Server, args: argparse.Namespace) -> dict[str, float]:
     """Pairs bouncing frames to each other with ``to``: every hop is one relay."""
-    peers = await open_peers(server.ws, args.echo_connections)
+    peers = await open_peers(server, args.echo_connections)
     partner = {a.client_id: b.client_id for a, b in zip(peers[::2], peers[1::2], strict=True)}
     partner.update({b: a for a, b in partner.items()})
     window = Window()
@@ -352,9 +399,9 @@ async def fan_out(server: Server, args: argparse.Namespace, via: str, slow: int 
     """
     # Slow readers are clients on a slow link: a 64 KiB receive buffer (Linux would otherwise grow
     # a loopback buffer to many MiB before the server notices anything).
-    receivers = [*await open_peers(server.ws, slow, socket_factory=small_buffer_socket),
-                 *await open_peers(server.ws, args.receivers - slow)]
-    [sender] = await open_peers(server.ws, 1)
+    receivers = [*await open_peers(server, slow, socket_factory=small_buffer_socket),
+                 *await open_peers(server, args.receivers - slow)]
+    [sender] = await open_peers(server, 1)
     room_capable = server.name != "tutorial"
     if via == "room" and room_capable:
         for peer in [*receivers, sender]:
@@ -497,7 +544,7 @@ async def connections(server: Server, args: argparse.Namespace, deflate: bool) -
                          for c in clients)
         count = len(clients)
     else:
-        peers = await open_peers(server.ws, args.connections, concurrency=200)
+        peers = await open_peers(server, args.connections, concurrency=200)
         count, compressed = len(peers), 0
     elapsed = time.perf_counter() - started
     await asyncio.sleep(1.0)  # let the server settle before reading its memory
@@ -591,13 +638,14 @@ def main() -> int:
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}, {platform.system()} {platform.release()}; "
           f"server on CPU {SERVER_CPU}, generator on CPU {GENERATOR_CPU}; medians of {args.runs} runs\n")
-    print("| scenario | server | figure | median | vs tutorial | p99 ms | generator CPU | server CPU |")
+    print(f"| scenario | server | figure | median | vs {'tutorial' if 'tutorial' in servers else servers[0]} "
+          "| p99 ms | generator CPU | server CPU |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for scenario in scenarios:
         headline = HEADLINE[scenario]
         medians = {srv: {k: statistics.median(r[k] for r in rs if k in r) for k in rs[0]}
                    for srv, rs in runs[scenario].items() if rs and "error" not in rs[0]}
-        base = medians.get("tutorial", {}).get(headline)
+        base = medians.get("tutorial" if "tutorial" in medians else servers[0], {}).get(headline)
         for srv, m in medians.items():
             ratio = f"{m[headline] / base:.2f}x" if base else "-"
             notes = []
