@@ -310,6 +310,31 @@ def test_embedded_in_a_host_app_that_calls_the_registry() -> None:
         assert client.get("/rt/api/clients").json()["count"] == 1
 
 
+def test_middleware_added_to_the_gateway_also_sees_its_websockets() -> None:
+    seen: list[str] = []
+
+    class Record:  # the gateway's WebSockets skip Starlette's stack only while it has no middleware
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            seen.append(scope["type"])
+            await self.app(scope, receive, send)
+
+    app = create_app()
+    app.add_middleware(Record)
+    with TestClient(app) as client, client.websocket_connect("/ws/py_client") as ws:
+        assert ws.receive_json()["event"] == "connect"
+    assert "websocket" in seen
+
+
+def test_other_websocket_paths_get_starlettes_answer() -> None:
+    with TestClient(create_app()) as client, pytest.raises(WebSocketDisconnect) as refused, \
+            client.websocket_connect("/ws/elsewhere"):
+        pass
+    assert refused.value.code == 1000  # Starlette's router closes unknown WebSocket routes
+
+
 # --------------------------------------------------------------------------
 # Sidecar HTTP API, in process
 # --------------------------------------------------------------------------
