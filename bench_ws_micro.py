@@ -599,7 +599,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenarios")
-    parser.add_argument("--servers", default=",".join(SERVERS))
+    parser.add_argument("--servers", default="ws_micro,tutorial,ceiling",
+                        help=f"comma-separated, of {', '.join(SERVERS)}")
     parser.add_argument("--seconds", type=float, default=3.0, help="measuring window of throughput scenarios")
     parser.add_argument("--stream-seconds", type=float, default=40.0, help="length of the broadcast streams")
     parser.add_argument("--echo-connections", type=int, default=50)
