@@ -1335,6 +1335,16 @@ async def test_cluster_two_workers_on_one_port(redis_server: RedisServer) -> Non
     env = {"WS_MICRO_REDIS_URL": redis_server.url, "WS_MICRO_HEARTBEAT_INTERVAL": "0.2",
            "WS_MICRO_INSTANCE_TTL": "1.0"}
     with run_server("--workers", "2", "--log-level", "warning", env=env, uvicorn_app=True) as server:
+        # Until a worker has joined the cluster its clients are in no directory: wait for both to say "ok".
+        joined: set[str] = set()
+
+        def both_joined() -> bool:
+            health = server.get("/healthz").json()
+            if health["status"] == "ok":
+                joined.add(health["instance"])
+            return len(joined) == 2
+
+        await server.wait_until(both_joined, "both workers to join the cluster")
         async with contextlib.AsyncExitStack() as stack:
             # The kernel spreads connections over the workers; connect until both hold some.
             clients: dict[str, tuple[ClientConnection, str]] = {}
@@ -1438,7 +1448,10 @@ async def test_cluster_notices_a_redis_that_hangs_and_recovers(redis_server: Red
                 assert (await recv_json(a))["data"]["data"]["code"] == "backend_unavailable"
             finally:
                 redis_server.process.send_signal(signal.SIGCONT)
-            await x.wait_until(lambda: x.get("/healthz").json()["status"] == "ok", "X to recover")
+            # Each instance reconnects on its own time; until Y has, its clients are in no directory.
+            for server, name in ((x, "X"), (y, "Y")):
+                await server.wait_until(lambda s=server: s.get("/healthz").json()["status"] == "ok",
+                                        f"{name} to recover")
             sent = text("chat", id_a, {"n": 2}, to=id_b)
             await a.send(sent)
             assert await recv_text(b) == sent
