@@ -45,6 +45,7 @@ defaults.  ``WS_MICRO_API_TOKEN`` protects the sidecar API,
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import contextlib
 import dataclasses
@@ -56,6 +57,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -339,6 +341,122 @@ def error_frame(client_id: str, code: str, message: str, event: str | None = Non
 
 
 # --------------------------------------------------------------------------
+# Frames on the wire
+# --------------------------------------------------------------------------
+
+
+def websocket_frame(payload: bytes) -> bytes:
+    """``payload`` as one final, unmasked text frame (RFC 6455, section 5.2).
+
+    A server's frames are not masked, so these bytes suit every receiver: a frame
+    sent to many clients is framed once (gorilla/websocket's "prepared message").
+    """
+    size = len(payload)
+    if size < 126:
+        return bytes((0x81, size)) + payload
+    if size < 65536:
+        return struct.pack("!BBH", 0x81, 126, size) + payload
+    return struct.pack("!BBQ", 0x81, 127, size) + payload
+
+
+class UvicornSocket:
+    """The socket under a WebSocket that uvicorn's websockets-sansio engine serves.
+
+    Through ASGI, the engine frames every frame for every receiver anew, and a
+    profile of a broadcast spent two thirds of the gateway's time there.  Writing
+    :func:`websocket_frame` bytes to the transport does what the engine's ``send``
+    would, when the engine would write at once: the connection is open, the
+    transport is not paused for backpressure, and no extension (permessage-deflate)
+    rewrites frames.  Otherwise the frame goes through ``send``, which waits as
+    the engine does.  Under any other server or engine, :meth:`of` finds no
+    socket and every frame goes through ASGI.
+
+    It also lets go of what the handshake left behind that nothing reads again:
+    the request and response, which uvicorn and websockets keep for the life of the
+    connection, and the scope's header list (3 KiB and more per idle connection,
+    measured).  The gateway reads the headers it needs before it accepts.
+    """
+
+    __slots__ = ("_direct", "_open", "_protocol", "_transport", "_writable")
+
+    def __init__(self, protocol: Any, open_state: object) -> None:
+        self._protocol = protocol.conn  # websockets' ServerProtocol: its state says whether frames may go out
+        self._transport = protocol.transport
+        self._writable = protocol.writable  # cleared while the transport is paused (uvicorn >= 0.52.1)
+        self._open = open_state
+        self._direct = not protocol.conn.extensions
+
+    @classmethod
+    def of(cls, scope: Scope, send: Send) -> UvicornSocket | None:
+        """The socket behind an accepted WebSocket's ``send``, if uvicorn's websockets-sansio engine serves it."""
+        try:
+            from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+            from websockets.protocol import OPEN
+        except ImportError:  # another uvicorn or websockets than the one this was written against
+            return None
+        protocol = getattr(send, "__self__", None)
+        if not isinstance(protocol, WebSocketsSansIOProtocol) or not hasattr(protocol, "writable"):
+            return None
+        request = getattr(protocol, "request", None)
+        if request is not None:
+            request.headers.clear()  # websockets' parser holds on to the request too
+            del protocol.request, protocol.response
+        scope["headers"] = []
+        return cls(protocol, OPEN)
+
+    def ready(self) -> bool:
+        """Whether the engine would write a frame at once; if not, it must go through ``send``."""
+        return (self._direct and self._protocol.state is self._open and self._writable.is_set()
+                and not self._transport.is_closing())
+
+    def write(self, frame: bytes) -> None:
+        """Write ``frame``, from :func:`websocket_frame`, when :meth:`ready`."""
+        self._transport.write(frame)
+
+    def abort(self) -> None:
+        """Drop the connection and what its transport still buffers: the peer takes nothing."""
+        self._transport.abort()
+
+
+def start_now(awaitable: Awaitable[None]) -> Awaitable[None] | None:
+    """Run ``awaitable`` up to its first suspension: None if it finished, else an awaitable of the rest.
+
+    An ASGI ``send`` usually completes without suspending (the socket has room),
+    so a frame can be written from synchronous code.  When it does suspend, the
+    returned awaitable re-yields what it yielded to the event loop and then
+    drives it to the end, passing values and exceptions (cancellation included)
+    through, exactly as ``await awaitable`` would have.
+    """
+    steps = awaitable.__await__()
+    try:
+        first = steps.send(None)
+    except StopIteration:
+        return None
+    return _Resume(steps, first)
+
+
+class _Resume:
+    def __init__(self, steps: Generator[Any, Any, None], yielded: Any) -> None:
+        self._steps, self._yielded = steps, yielded
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        yielded = self._yielded
+        while True:
+            try:
+                value = yield yielded
+            except BaseException as exc:  # thrown in by the event loop (cancellation): pass it on
+                try:
+                    yielded = self._steps.throw(exc)
+                except StopIteration:
+                    return
+                continue
+            try:
+                yielded = self._steps.send(value)
+            except StopIteration:
+                return
+
+
+# --------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------
 
@@ -390,19 +508,28 @@ class Metrics:
 class Connection:
     """One accepted WebSocket: its id, its rooms and its bounded outgoing queue.
 
-    :meth:`send` never waits.  When nothing is queued it hands the frame to the
-    server at once, which nearly always takes it without waiting; when the
-    server would wait (the peer reads slowly), a writer task finishes that write
-    and drains the frames queued behind it, then ends.  So a reply, a relay, a
-    room publish or a broadcast never waits for a peer, an idle connection costs
-    no task of its own, and a peer that stops reading only fills its own queue:
-    once that holds ``max_queue_messages`` frames or ``max_queue_bytes``
-    characters, or its socket has taken nothing for ``send_timeout`` seconds,
-    the peer is closed with 1008 "slow consumer" and its queue is dropped.
+    :meth:`send` never waits.  When nothing is queued it writes the frame at once
+    (straight to the socket under uvicorn, see :class:`UvicornSocket`; through
+    ASGI's ``send`` elsewhere), which nearly always takes it without waiting; when
+    the socket would make it wait (the peer reads slowly), a writer task finishes
+    that write and drains the frames queued behind it, then ends.  So a reply, a
+    relay, a room publish or a broadcast never waits for a peer, an idle
+    connection costs no task of its own, and a peer that stops reading only fills
+    its own queue: once that holds ``max_queue_messages`` frames or
+    ``max_queue_bytes`` characters, or its socket has taken nothing for
+    ``send_timeout`` seconds, the peer is closed with 1008 "slow consumer" and its
+    queue is dropped.
+
+    A connection leaves the registry (``on_close``) as soon as it starts closing:
+    from then on it is unknown to everyone else, while its close frame follows.
     """
 
-    def __init__(self, send: Send, tasks: TaskGroup, *, remote: str | None, settings: Settings,
-                 metrics: Metrics) -> None:
+    __slots__ = ("_close_frame", "_flush_scope", "_in_flight", "_metrics", "_on_close", "_queue", "_queued_bytes",
+                 "_refilled_at", "_send", "_settings", "_socket", "_tokens", "_writer", "_writing", "close_reason",
+                 "closing", "connected_at", "id", "peer_gone", "remote", "rooms")
+
+    def __init__(self, send: Send, *, socket: UvicornSocket | None, remote: str | None, settings: Settings,
+                 metrics: Metrics, on_close: Callable[[Connection], None]) -> None:
         self.id = str(uuid.uuid4())
         self.remote = remote  # "host:port" of the peer, when the server knows it
         self.connected_at = time.time()
@@ -411,27 +538,36 @@ class Connection:
         self.peer_gone = False
         self.close_reason = ""  # the disconnects_total label, once known
         self._send = send  # the ASGI send of the accepted WebSocket
-        self._tasks = tasks  # the connection's task group: the writer runs there, and ends it on close
+        self._socket = socket
         self._settings = settings
         self._metrics = metrics
-        # Writing
+        self._on_close = on_close
+        # Writing: a writer task, its queue and its cancel scope exist only while frames wait for the socket.
         self._writing = False  # a writer task owns the socket: new frames queue behind it
+        self._writer: asyncio.Task[None] | None = None
         self._in_flight: Awaitable[None] | None = None  # a write the server could not finish at once
-        self._queue = _NO_QUEUE  # a real one while a writer runs: an idle connection holds none
+        self._queue = _NO_QUEUE  # a real one while a writer runs
         self._queued_bytes = 0
-        self._flush_scope = anyio.CancelScope()
+        self._flush_scope: anyio.CancelScope | None = None
         self._close_frame: tuple[int, str] | None = None
         # Token bucket: refills at rate_limit, holds rate_burst; may go rate_burst into debt.
         self._tokens = float(settings.rate_burst)
         self._refilled_at = time.monotonic()
 
-    def send(self, frame: str) -> bool:
-        """Send or queue a text frame; False when the connection is closing or was just cut off."""
+    def send(self, text: str, wire: bytes | None = None) -> bool:
+        """Send or queue a text frame; False when the connection is closing or was just cut off.
+
+        ``wire`` is the same frame as :func:`websocket_frame` makes it, when a fan-out shares one.
+        """
         if self.closing:
             return False
         if not self._writing:
+            if self._socket is not None and self._socket.ready():
+                self._socket.write(wire or websocket_frame(text.encode()))
+                self._metrics.messages_sent += 1
+                return True
             try:
-                self._in_flight = start_now(self._send({"type": "websocket.send", "text": frame}))
+                self._in_flight = start_now(self._send({"type": "websocket.send", "text": text}))
             except (OSError, RuntimeError):  # the peer is gone; the read loop hears it too
                 self.closing = self.peer_gone = True
                 return False
@@ -440,8 +576,8 @@ class Connection:
             else:
                 self._start_writer()
             return True
-        self._queue.append(frame)
-        self._queued_bytes += len(frame)
+        self._queue.append(text)
+        self._queued_bytes += len(text)
         if (len(self._queue) > self._settings.max_queue_messages
                 or self._queued_bytes > self._settings.max_queue_bytes):
             self.close(CLOSE_POLICY_VIOLATION, "slow consumer", label="slow_consumer", flush=False)
@@ -458,23 +594,38 @@ class Connection:
             return
         self.closing = True
         self.close_reason = label
+        self._on_close(self)
         self._close_frame = (code, reason)
         if not self._writing:
             self._start_writer()
         elif flush:
+            assert self._flush_scope is not None
             self._flush_scope.deadline = anyio.current_time() + self._settings.close_timeout
         else:
+            assert self._flush_scope is not None
             self._queue.clear()
             self._flush_scope.cancel()  # stop waiting on a socket that does not drain
+
+    async def closed(self) -> None:
+        """Wait for the writer, if one runs, to write what it owes: the queued frames, then the close frame."""
+        if self._writer is not None and not self.peer_gone:
+            await self._writer
+
+    def abandon(self) -> None:
+        """Stop the writer, if one runs: the peer is gone, or the server is shutting down."""
+        if self._writer is not None:
+            self._writer.cancel()
 
     def _start_writer(self) -> None:
         self._writing = True
         self._queue = collections.deque()
         self._flush_scope = anyio.CancelScope()
-        self._tasks.start_soon(self._write)
+        # A plain task, not a task group's: an idle connection (most of them) then holds no task group.
+        self._writer = asyncio.get_running_loop().create_task(self._write())
 
     async def _write(self) -> None:
         """Finish the write in flight, drain the queue, then send the close frame if one is due."""
+        assert self._flush_scope is not None
         try:
             with self._flush_scope:
                 if self._in_flight is not None:
@@ -492,14 +643,15 @@ class Connection:
             self._queue = _NO_QUEUE
             if self._close_frame is not None:
                 code, reason = self._close_frame
-                with anyio.move_on_after(self._settings.close_timeout):
+                with anyio.move_on_after(self._settings.close_timeout) as waited:
+                    # The server answers with a websocket.disconnect, which ends the read loop.
                     await self._send({"type": "websocket.close", "code": code, "reason": reason})
-                self._tasks.cancel_scope.cancel()  # closed: stop reading too
+                if waited.cancelled_caught and self._socket is not None:
+                    self._socket.abort()  # the peer takes nothing: drop the connection and what it buffered
         except (OSError, RuntimeError):
             # The peer is gone (the server raises OSError, or RuntimeError once it saw a close).
             self.closing = self.peer_gone = True
             self.close_reason = self.close_reason or "abnormal"
-            self._tasks.cancel_scope.cancel()
 
     async def _finish(self, rest: Awaitable[None]) -> None:
         """Wait for a write the server could not take at once; a client that stalls it is cut off."""
@@ -530,44 +682,6 @@ class Connection:
 
 
 _NO_QUEUE: collections.deque[str] = collections.deque(maxlen=0)  # empty, and stays so
-
-
-def start_now(awaitable: Awaitable[None]) -> Awaitable[None] | None:
-    """Run ``awaitable`` up to its first suspension: None if it finished, else an awaitable of the rest.
-
-    An ASGI ``send`` usually completes without suspending (the socket has room),
-    so a frame can be written from synchronous code.  When it does suspend, the
-    returned awaitable re-yields what it yielded to the event loop and then
-    drives it to the end, passing values and exceptions (cancellation included)
-    through, exactly as ``await awaitable`` would have.
-    """
-    steps = awaitable.__await__()
-    try:
-        first = steps.send(None)
-    except StopIteration:
-        return None
-    return _Resume(steps, first)
-
-
-class _Resume:
-    def __init__(self, steps: Generator[Any, Any, None], yielded: Any) -> None:
-        self._steps, self._yielded = steps, yielded
-
-    def __await__(self) -> Generator[Any, Any, None]:
-        yielded = self._yielded
-        while True:
-            try:
-                value = yield yielded
-            except BaseException as exc:  # thrown in by the event loop (cancellation): pass it on
-                try:
-                    yielded = self._steps.throw(exc)
-                except StopIteration:
-                    return
-                continue
-            try:
-                yielded = self._steps.send(value)
-            except StopIteration:
-                return
 
 
 class Registry:
@@ -616,7 +730,6 @@ class Registry:
             return
         members_left = {room: self._leave_room(connection.id, room) for room in connection.rooms}
         connection.rooms.clear()
-        self.metrics.disconnects[connection.close_reason or "abnormal"] += 1
         if self.cluster is not None:
             self.cluster.unregister(connection.id, members_left)
 
@@ -727,10 +840,11 @@ class Registry:
         return delivered
 
     def _relay(self, client_ids: Sequence[str] | set[str], text: str) -> int:
+        wire = websocket_frame(text.encode())  # the same bytes for every receiver
         delivered = 0
         for client_id in list(client_ids):
             connection = self.connections.get(client_id)
-            if connection is not None and connection.send(text):
+            if connection is not None and connection.send(text, wire):
                 delivered += 1
         return delivered
 
@@ -1160,39 +1274,47 @@ class Gateway:
         self._handshakes = 0  # accepts in flight, counted against max_connections
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Starlette's WebSocket does the handshake; frames then go straight through ASGI's
-        # receive and send, which is measurably faster (see the Performance section of the README).
+        connection = await self._accept(scope, receive, send)
+        if connection is None:
+            return
+        try:
+            if self.registry.cluster is not None:  # in the directory before anyone can learn the id
+                await self.registry.cluster.register(connection)
+            connection.send(Frame("connect", {"message": "connection request granted"}).to(connection.id))
+            self.registry.add(connection)
+            logger.debug("client %s connected", connection.id)
+            await self._read(connection, receive)
+            await connection.closed()
+        finally:
+            connection.abandon()
+            self.registry.remove(connection)  # it may have left already, when it started closing
+            self.registry.metrics.disconnects[connection.close_reason or "abnormal"] += 1
+            logger.debug("client %s disconnected (%s)", connection.id, connection.close_reason)
+
+    async def _accept(self, scope: Scope, receive: Receive, send: Send) -> Connection | None:
+        """Check and accept the handshake; the new connection, or None if it was refused or abandoned.
+
+        Starlette's WebSocket does the handshake and is then dropped: frames go straight
+        through ASGI's receive and send (or the socket), which is measurably faster.
+        """
         websocket = WebSocket(scope, receive, send)
         refusal = self._refusal(websocket)
         if refusal is not None:
             status, reason, message = refusal
             self.registry.metrics.rejected_handshakes[reason] += 1
             await _deny(websocket, status, reason, message)
-            return
+            return None
         self._handshakes += 1
         try:
             await websocket.accept()
         except WebSocketDisconnect:
-            return
+            return None
         finally:
             self._handshakes -= 1
-
         client = websocket.client
-        async with anyio.create_task_group() as tasks:
-            connection = Connection(send, tasks, remote=f"{client.host}:{client.port}" if client else None,
-                                    settings=self.settings, metrics=self.registry.metrics)
-            if self.registry.cluster is not None:  # in the directory before anyone can learn the id
-                await self.registry.cluster.register(connection)
-            connection.send(Frame("connect", {"message": "connection request granted"}).to(connection.id))
-            self.registry.add(connection)
-            logger.debug("client %s connected", connection.id)
-            try:
-                await self._read(connection, receive)
-                if connection.peer_gone:
-                    tasks.cancel_scope.cancel()  # nothing left to write to
-            finally:
-                self.registry.remove(connection)  # a close frame may still be on its way
-                logger.debug("client %s disconnected (%s)", connection.id, connection.close_reason)
+        return Connection(send, socket=UvicornSocket.of(scope, send),
+                          remote=f"{client.host}:{client.port}" if client else None,
+                          settings=self.settings, metrics=self.registry.metrics, on_close=self.registry.remove)
 
     def _refusal(self, websocket: WebSocket) -> tuple[int, str, str] | None:
         origin = websocket.headers.get("origin")
