@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -175,6 +176,7 @@ class _Frame(msgspec.Struct):
 
 
 decode_frame = msgspec.json.Decoder(_Frame).decode
+TEXT, CLOSE = WSMsgType.TEXT, WSMsgType.CLOSE
 PAD = "x" * 40  # with the envelope, about 130 bytes a frame
 
 
@@ -187,19 +189,23 @@ class Peer(WSListener):
         self.connected = asyncio.get_running_loop().create_future()
         self.disconnected = asyncio.get_running_loop().create_future()
         self.on_frame: Callable[[Peer, WSFrame], None] = lambda peer, frame: None
+        self.tally: Iterator[int] | None = None  # set: the peer only counts its frames (fan-out receivers)
         self.close_code: int | None = None
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        if frame.msg_type == WSMsgType.TEXT:
+        # The fast path first: 1,000 counting receivers must cost the generator as little as can be.
+        if self.tally is not None and frame.msg_type == TEXT:
+            next(self.tally)
+        elif frame.msg_type == TEXT:
             if not self.connected.done():
                 self.client_id = decode_frame(frame.get_payload_as_bytes()).client_id
                 self.connected.set_result(None)
             else:
                 self.on_frame(self, frame)
-        elif frame.msg_type == WSMsgType.CLOSE:
+        elif frame.msg_type == CLOSE:
             self.close_code = int(frame.get_close_code().value)
             transport.send_close(frame.get_close_code())
             transport.disconnect()
@@ -265,28 +271,38 @@ def percentile(values: list[float], q: float) -> float:
 
 @dataclass
 class Window:
-    """Counts deliveries and latencies while open; measures this process's CPU share."""
+    """Counts deliveries (``next(tally)`` for each) while open, and latencies; measures CPU shares."""
 
     open: bool = False
-    count: int = 0
+    tally: Iterator[int] = field(default_factory=itertools.count)
+    count: int = 0  # deliveries while open, once closed
     latencies_ns: list[int] = field(default_factory=list)
     started: float = 0.0
+    started_ns: int = 0
+    ended_ns: int = 2**63  # until it closes
     cpu_started: float = 0.0
     elapsed: float = 0.0
     cpu_share: float = 0.0
     server_cpu_share: float = 0.0
 
     def record(self, sent_ns: int) -> None:
+        next(self.tally)
         if self.open:
-            self.count += 1
             self.latencies_ns.append(time.perf_counter_ns() - sent_ns)
+
+    def sent_inside(self, sent_ns: int) -> bool:
+        return self.started_ns <= sent_ns < self.ended_ns
 
     async def measure(self, server: Server, seconds: float, warmup: float = 0.5) -> None:
         await asyncio.sleep(warmup)
         server_cpu = server.cpu_seconds()
+        tally_at_open = next(self.tally)
         self.started, self.cpu_started, self.open = time.perf_counter(), time.process_time(), True
+        self.started_ns = time.perf_counter_ns()
         await asyncio.sleep(seconds)
         self.open = False
+        self.ended_ns = time.perf_counter_ns()
+        self.count = next(self.tally) - tally_at_open - 1
         self.elapsed = time.perf_counter() - self.started
         self.cpu_share = (time.process_time() - self.cpu_started) / self.elapsed
         self.server_cpu_share = (server.cpu_seconds() - server_cpu) / self.elapsed
@@ -413,19 +429,16 @@ async def fan_out(server: Server, args: argparse.Namespace, via: str, slow: int 
     done = asyncio.Event()
     healthy = receivers[slow:]
 
-    sampled = {id(peer) for peer in healthy[::args.sample_every]}
+    sampled = healthy[::args.sample_every]
 
     def on_frame(peer: Peer, received: WSFrame) -> None:
         # Every receiver counts; one in sample_every decodes, for latency and completion:
         # decoding all 1,000 would make this process, not the server, the bottleneck.
-        if window.open:
-            window.count += 1
-        if id(peer) not in sampled:
-            return
+        next(window.tally)
         data = decode_frame(received.get_payload_as_bytes()).data.data
         if data.seq < 0:
             return
-        if window.open:
+        if window.sent_inside(data.t):  # even when it arrives after the window: its latency counts
             window.latencies_ns.append(time.perf_counter_ns() - data.t)
         left = remaining.get(data.seq)
         if left is not None:
@@ -436,7 +449,9 @@ async def fan_out(server: Server, args: argparse.Namespace, via: str, slow: int 
                 remaining[data.seq] = left - 1
 
     for peer in receivers:
-        peer.on_frame = on_frame
+        peer.tally = window.tally
+    for peer in sampled:
+        peer.on_frame, peer.tally = on_frame, None
     for peer in receivers[:slow]:  # stop reading: the kernel buffers fill, then the server's queue
         assert peer.transport is not None
         peer.transport.underlying_transport.pause_reading()
@@ -493,16 +508,21 @@ async def fan_out(server: Server, args: argparse.Namespace, via: str, slow: int 
     done.set()
     for task in (sending, watching):
         await asyncio.wait_for(task, 30)  # and raise what went wrong in it
+    # Broadcasts sent inside the window get up to --drain seconds more to arrive.
+    drain_until = time.perf_counter() + args.drain
+    while any(window.sent_inside(sent_at[seq]) for seq in remaining) and time.perf_counter() < drain_until:
+        done.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), drain_until - time.perf_counter())
+    drained_ns = time.perf_counter_ns()
     poster.close()
     close_all([*receivers, sender])
     # A broadcast a server never delivered is the worst latency of all, not a missing sample:
-    # count each one as delivered at the end of the window (a lower bound).
-    window_end = int((window.started + window.elapsed) * 1e9)
-    started_ns = int(window.started * 1e9)
+    # count each one as delivered at the end of the drain (a lower bound).
     undelivered = 0
     for seq, waiting in remaining.items():
-        if sent_at[seq] >= started_ns:
-            window.latencies_ns.extend([max(0, window_end - sent_at[seq])] * waiting)
+        if window.sent_inside(sent_at[seq]):
+            window.latencies_ns.extend([drained_ns - sent_at[seq]] * waiting)
             undelivered += waiting
     result = window.result("deliveries_per_s")
     result["undelivered_samples"] = undelivered
@@ -612,6 +632,8 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=25.0, help="broadcasts per second of the streams")
     parser.add_argument("--stream-payload", type=int, default=8000, help="padding characters of stream frames")
     parser.add_argument("--connections", type=int, default=10_000)
+    parser.add_argument("--drain", type=float, default=5.0,
+                        help="seconds a fan-out's broadcasts may take to arrive after its window closes")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds one scenario run may take")
     parser.add_argument("--json", metavar="FILE", help="also write every run's figures as JSON")
     args = parser.parse_args()
