@@ -823,8 +823,9 @@ async def test_e2e_slow_reader_is_cut_off_and_others_keep_receiving(tmp_path: Pa
 
 @pytest.mark.anyio
 async def test_e2e_kicking_a_reader_that_never_drains_takes_close_timeout_not_forever() -> None:
+    # Only close_timeout may end this reader: pushing 300 frames can outlast send_timeout's default on a busy machine.
     with run_server("--log-level", "warning", "--max-queue-bytes", "100000000", "--max-queue-messages", "100000",
-                    "--close-timeout", "0.5") as server:
+                    "--send-timeout", "120", "--close-timeout", "0.5") as server:
         async with ws_client(server.ws, max_queue=1) as (stuck, stuck_id):
             stuck.transport.pause_reading()
             payload = {"event": "bulk", "data": {"data": {"pad": "x" * 60_000}}}
