@@ -598,11 +598,11 @@ class Connection:
         self._close_frame = (code, reason)
         if not self._writing:
             self._start_writer()
-        elif flush:
-            assert self._flush_scope is not None
+            return
+        assert self._flush_scope is not None  # a writer runs, and has one
+        if flush:
             self._flush_scope.deadline = anyio.current_time() + self._settings.close_timeout
         else:
-            assert self._flush_scope is not None
             self._queue.clear()
             self._flush_scope.cancel()  # stop waiting on a socket that does not drain
 
