@@ -840,6 +840,8 @@ class Registry:
         return delivered
 
     def _relay(self, client_ids: Sequence[str] | set[str], text: str) -> int:
+        if not client_ids:  # a room with only its sender here: nothing to frame
+            return 0
         wire = websocket_frame(text.encode())  # the same bytes for every receiver
         delivered = 0
         for client_id in list(client_ids):
