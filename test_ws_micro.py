@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -605,15 +606,25 @@ class Server:
 
 @contextlib.contextmanager
 def run_server(*args: str, env: dict[str, str] | None = None, uvicorn_app: bool = False,
-               port: int | None = None, cwd: Path = HERE) -> Iterator[Server]:
-    """Start the gateway as its own process (on a free port by default); stop it (SIGTERM, then kill) in finally."""
+               port: int | None = None, cwd: Path = HERE, log: Path | None = None,
+               open_files: int | None = None) -> Iterator[Server]:
+    """Start the gateway as its own process (on a free port by default); stop it (SIGTERM, then kill) in finally.
+
+    ``log``: a file for its output; ``open_files``: its file-descriptor limit, soft and hard.
+    """
     port = port or free_port()
     if uvicorn_app:
         command = [sys.executable, "-m", "uvicorn", "ws_micro:app", "--port", str(port), *args]
     else:
         command = [sys.executable, "ws_micro.py", "--host", "127.0.0.1", "--port", str(port), *args]
+
+    def limit_files() -> None:
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
+    log_file = None if log is None else log.open("w")
     process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **(env or {})}, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                               stdout=log_file or subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=limit_files)
     server = Server(process, port)
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -635,6 +646,8 @@ def run_server(*args: str, env: dict[str, str] | None = None, uvicorn_app: bool 
                 process.wait()
         if process.stdout:
             process.stdout.close()
+        if log_file is not None:
+            log_file.close()
 
 
 @pytest.fixture(scope="module")
@@ -948,6 +961,236 @@ async def test_e2e_sigterm_closes_every_client_and_exits_0() -> None:
             assert (await closed_with(b))[0] in (1001, 1012)
             assert await anyio.to_thread.run_sync(lambda: server.process.wait(TIMEOUT)) == 0
             assert time.monotonic() - started < 5
+
+
+# --------------------------------------------------------------------------
+# Hostile clients, against a real server (raw sockets where a client library would not misbehave)
+# --------------------------------------------------------------------------
+
+
+def rss_mib(process: subprocess.Popen[str]) -> float:
+    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for process {process.pid}")
+
+
+def raw_websocket(server: Server, receive_buffer: int = 4096) -> tuple[socket.socket, str]:
+    """A WebSocket opened by hand, with a small receive buffer, up to its connect frame; and the client id."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.sendall(b"GET /ws/py_client HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    received = b""
+    while b"connection request granted" not in received:
+        chunk = sock.recv(4096)
+        assert chunk, received
+        received += chunk
+    return sock, received.split(b'"client_id":"')[1].split(b'"')[0].decode()
+
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """A masked client frame (mask 0, so the payload is sent as is) of up to 125 bytes."""
+    assert len(payload) < 126
+    return bytes((0x80 | opcode, 0x80 | len(payload))) + b"\0\0\0\0" + payload
+
+
+def server_sockets(server: Server, client_port: int) -> list[str]:
+    """The TCP states (as `ss` shows them) of the server's sockets to one client port."""
+    names = {"01": "ESTABLISHED", "04": "FIN-WAIT-1", "05": "FIN-WAIT-2", "06": "TIME-WAIT", "07": "CLOSE",
+             "08": "CLOSE-WAIT", "09": "LAST-ACK", "0B": "CLOSING"}
+    states = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, remote, state = line.split()[1:4]
+            if int(local.rsplit(":", 1)[1], 16) == server.port and int(remote.rsplit(":", 1)[1], 16) == client_port:
+                states.append(names.get(state, state))
+    return states
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("options", "reason"), [
+    (("--rate-limit", "0"), "slow_consumer"),  # only the outgoing bound can stop it
+    ((), "rate_limited"),  # pings count against the rate limit too
+])
+async def test_e2e_a_client_that_pings_and_never_reads_is_cut_off(options: tuple[str, ...], reason: str) -> None:
+    # The engine answers every ping with a pong written straight to the socket: a peer that pings and
+    # never reads grew the server by 70 MB in 8 s, and was never dropped.
+    with run_server("--log-level", "warning", *options) as server:
+        sock, client_id = raw_websocket(server)
+        before = rss_mib(server.process)
+        pings = client_frame(0x9, b"p" * 125) * 500
+        peak, flooded = before, 0
+        with anyio.fail_after(TIMEOUT), pytest.raises(OSError):  # the server resets the connection
+            while True:
+                await anyio.to_thread.run_sync(sock.sendall, pings)
+                flooded += len(pings)
+                peak = max(peak, rss_mib(server.process))
+        sock.close()
+        assert flooded > 1_000_000  # enough pongs for more than max_queue_bytes
+        assert peak - before < 20, f"the server grew by {peak - before:.0f} MiB"
+        await server.wait_until(lambda: server.metric("ws_micro_disconnects_total", reason=reason) == 1,
+                                "the connection to end")
+        assert server.get(f"/api/clients/{client_id}").status_code == 404
+        assert server.get("/healthz").json()["connections"] == 0
+
+
+@pytest.mark.anyio
+async def test_e2e_a_peer_that_stops_reading_leaves_after_its_keepalive_timeout() -> None:
+    # uvicorn closes a peer that misses a keepalive pong by waiting for its whole buffer to drain:
+    # for a peer that reads nothing that wait never ended, and it stayed registered, holding the buffer.
+    with run_server("--log-level", "warning", "--ping-interval", "1.5", "--ping-timeout", "0.5",
+                    "--close-timeout", "0.5", "--send-timeout", "60", "--max-queue-bytes", "100000000") as server:
+        sock, client_id = raw_websocket(server)
+        payload = {"event": "bulk", "data": {"data": {"pad": "x" * 60_000}}}
+        for _ in range(40):  # 2.4 MB: more than the kernel buffers take, less than the queue bounds
+            server.post(f"/api/clients/{client_id}", payload)
+        await server.wait_until(lambda: server.get("/healthz").json()["connections"] == 0,
+                                "the peer to leave the registry")
+        await server.wait_until(lambda: server_sockets(server, sock.getsockname()[1]) == [],
+                                "the server's socket to be gone")  # reset: the kernel keeps nothing either
+        assert server.metric("ws_micro_disconnects_total", reason="abnormal") == 1
+        sock.close()
+
+
+@pytest.mark.anyio
+async def test_e2e_a_cut_off_reader_is_reset_and_its_buffers_freed() -> None:
+    with run_server("--log-level", "warning", "--max-queue-bytes", "100000000", "--max-queue-messages", "100000",
+                    "--send-timeout", "0.5", "--close-timeout", "0.5") as server:
+        sock, client_id = raw_websocket(server)
+        payload = {"event": "bulk", "data": {"data": {"pad": "x" * 60_000}}}
+        for _ in range(300):
+            if server.post(f"/api/clients/{client_id}", payload).status_code == 404:
+                break
+        await server.wait_until(lambda: server.metric("ws_micro_disconnects_total", reason="slow_consumer") == 1,
+                                "the stalled reader to be cut off")
+        # A plain close would leave the socket in FIN-WAIT-1 with megabytes queued, for minutes.
+        await server.wait_until(lambda: server_sockets(server, sock.getsockname()[1]) == [],
+                                "the server's socket to be gone")
+        with pytest.raises(ConnectionResetError):
+            while sock.recv(1 << 20):
+                pass
+        sock.close()
+
+
+@pytest.mark.anyio
+async def test_e2e_sigterm_does_not_wait_for_a_client_that_reads_nothing(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    with run_server("--close-timeout", "0.5", "--graceful-timeout", "20", "--max-queue-bytes", "100000000",
+                    "--max-queue-messages", "100000", "--send-timeout", "60", log=log) as server:
+        sock, client_id = raw_websocket(server)
+        payload = {"event": "bulk", "data": {"data": {"pad": "x" * 60_000}}}
+        for _ in range(100):
+            assert server.post(f"/api/clients/{client_id}", payload).status_code == 202
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert await anyio.to_thread.run_sync(lambda: server.process.wait(TIMEOUT)) == 0
+        assert time.monotonic() - started < 5  # close_timeout, not graceful_timeout
+        sock.close()
+    assert "ERROR" not in log.read_text()
+
+
+@pytest.mark.anyio
+async def test_e2e_invalid_utf8_closes_with_1007_and_logs_one_line(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    with run_server(log=log) as server:
+        sock, _ = raw_websocket(server)
+        sock.sendall(client_frame(0x1, b'{"event": "\xff\xfe"}'))
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(4096):
+                received += chunk
+        assert received[:2] == b"\x88\x02" and int.from_bytes(received[2:4]) == 1007  # close frame, 1007
+        sock.close()
+    text = log.read_text()
+    assert "Invalid UTF-8" in text and "Traceback" not in text
+
+
+@pytest.mark.anyio
+async def test_e2e_stalled_handshakes_time_out_and_count_against_max_connections() -> None:
+    with run_server("--log-level", "warning", "--handshake-timeout", "1", "--max-connections", "20") as server:
+        stalled = [socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) for _ in range(20)]
+        for sock in stalled:
+            sock.sendall(b"GET /ws/py_client HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # half a handshake
+        await server.wait_until(lambda: server.get("/healthz").status_code == 503, "the stalled sockets to count")
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(server.ws):
+                pass
+        assert refused.value.response.status_code == 503
+        for sock in stalled:  # each is answered and closed once its time is up
+            answer = await anyio.to_thread.run_sync(sock.recv, 4096)
+            assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
+            assert b'"code":"timeout"' in answer
+            assert await anyio.to_thread.run_sync(sock.recv, 4096) == b""
+            sock.close()
+        async with ws_client(server.ws) as (_, me):
+            assert me
+        assert server.metric("ws_micro_rejected_handshakes_total", reason="timeout") == 20
+
+
+@pytest.mark.anyio
+async def test_e2e_out_of_descriptors_is_refused_with_503_and_one_log_line(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    with run_server("--handshake-timeout", "30", open_files=128, log=log) as server:
+        stalled = [socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) for _ in range(200)]
+        for sock in stalled:
+            sock.sendall(b"GET /ws/py_client HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        refused = 0
+        for sock in stalled:
+            sock.settimeout(0.2)
+            with contextlib.suppress(TimeoutError):
+                refused += sock.recv(4096).startswith(b"HTTP/1.1 503 ")
+            sock.close()
+        assert refused >= 200 - 128
+    text = log.read_text()
+    assert "open-file limit" in text and "Traceback" not in text
+    assert len(text) < 5000
+
+
+@pytest.mark.anyio
+async def test_e2e_out_of_descriptors_under_plain_uvicorn_logs_one_line(tmp_path: Path) -> None:
+    # asyncio logs a traceback per refused accept, and one more per retry once the listener has closed.
+    log = tmp_path / "server.log"
+    with run_server("--log-level", "warning", "--loop", "asyncio", uvicorn_app=True, open_files=128,
+                    log=log) as server:
+        stalled = [socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) for _ in range(300)]
+        for sock in stalled:
+            sock.sendall(b"GET /ws/py_client HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        await server.wait_until(lambda: "cannot accept connections" in log.read_text(), "the server to run out")
+        for sock in stalled:
+            sock.close()
+    text = log.read_text()
+    assert "Too many open files" in text and "Traceback" not in text
+    assert len(text) < 5000
+
+
+@pytest.mark.anyio
+async def test_e2e_compressed_frames_cannot_inflate_past_max_message_size_under_plain_uvicorn() -> None:
+    # uvicorn's defaults: permessage-deflate on, frames up to 16 MiB. 16 KiB on the wire inflated to
+    # 16 MB before the app refused it: 10 such clients took 170 MiB.
+    with run_server("--log-level", "warning", uvicorn_app=True) as server:
+        bomb = json.dumps(frame("echo", "x", {"pad": "0" * 16_000_000}))
+        before = peak = rss_mib(server.process)
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, rss_mib(server.process))
+                await anyio.sleep(0.005)
+
+        async def send_bomb() -> None:
+            async with ws_client(server.ws, compression="deflate") as (ws, _):
+                await ws.send(bomb)
+                assert (await closed_with(ws))[0] == 1009
+
+        async with anyio.create_task_group() as watching:
+            watching.start_soon(watch)
+            async with anyio.create_task_group() as clients:
+                for _ in range(10):
+                    clients.start_soon(send_bomb)
+            watching.cancel_scope.cancel()
+        assert peak - before < 40, f"the server grew by {peak - before:.0f} MiB"
+        assert server.metric("ws_micro_disconnects_total", reason="message_too_big") == 10
 
 
 @pytest.mark.anyio

@@ -50,6 +50,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import errno
 import hmac
 import inspect
 import ipaddress
@@ -129,6 +130,10 @@ CLOSE_INTERNAL_ERROR = 1011
 # Why a cross-instance delivery was lost (the cluster_dropped_total labels): its client left
 # before it arrived, its instance died before its deadline passed, Redis could not be reached.
 CLUSTER_DROP_REASONS = ("gone", "no_subscriber", "backend_unavailable")
+
+# Why handshakes are refused (the rejected_handshakes_total labels): a disallowed origin, a full
+# server, a request head that did not arrive within handshake_timeout.
+HANDSHAKE_REFUSALS = ("origin", "full", "timeout")
 
 # Why connections end (the disconnects_total labels).
 DISCONNECT_REASONS = ("closed", "abnormal", "shutdown", "peer_error", "kicked", "slow_consumer",
@@ -218,6 +223,8 @@ class ServerSettings:
     """Seconds to wait for a pong before closing a dead connection (1011)."""
     graceful_timeout: int = 10
     """Seconds open work may take after SIGTERM; every client gets a close frame (1012) first."""
+    handshake_timeout: float = 5.0
+    """Seconds a new connection may take to send its request head (a handshake) before it gets 408; 0: no limit."""
     # Costs
     per_message_deflate: bool = False
     """Compression: off by default, it costs tens of KiB of memory per connection."""
@@ -226,7 +233,7 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be between 0 and 65535, but got {self.port!r}")
-        for name in ("ping_interval", "ping_timeout", "graceful_timeout"):
+        for name in ("ping_interval", "ping_timeout", "graceful_timeout", "handshake_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, but got {getattr(self, name)!r}")
 
@@ -371,15 +378,14 @@ class UvicornSocket:
     the engine does.  Under any other server or engine, :meth:`of` finds no
     socket and every frame goes through ASGI.
 
-    It also lets go of what the handshake left behind that nothing reads again:
-    the request and response, which uvicorn and websockets keep for the life of the
-    connection, and the scope's header list (3 KiB and more per idle connection,
-    measured).  The gateway reads the headers it needs before it accepts.
+    It also holds the engine to the gateway's limits where the engine writes or
+    buffers on its own: see :meth:`of`.
     """
 
-    __slots__ = ("_direct", "_open", "_protocol", "_transport", "_writable")
+    __slots__ = ("_direct", "_engine", "_open", "_protocol", "_transport", "_writable")
 
     def __init__(self, protocol: Any, open_state: object) -> None:
+        self._engine = protocol  # uvicorn's protocol object, whose ping handling :meth:`watch` bounds
         self._protocol = protocol.conn  # websockets' ServerProtocol: its state says whether frames may go out
         self._transport = protocol.transport
         self._writable = protocol.writable  # cleared while the transport is paused (uvicorn >= 0.52.1)
@@ -387,8 +393,23 @@ class UvicornSocket:
         self._direct = not protocol.conn.extensions
 
     @classmethod
-    def of(cls, scope: Scope, send: Send) -> UvicornSocket | None:
-        """The socket behind an accepted WebSocket's ``send``, if uvicorn's websockets-sansio engine serves it."""
+    def of(cls, scope: Scope, send: Send, settings: Settings) -> UvicornSocket | None:
+        """The socket behind an accepted WebSocket's ``send``, if uvicorn's websockets-sansio engine serves it.
+
+        Found, it is fitted to ``settings``:
+
+        - The engine's frame limit comes down to ``max_message_size``.  Under
+          ``uvicorn ws_micro:app`` it is uvicorn's ``--ws-max-size`` (16 MiB), and
+          the engine inflates a compressed frame up to it before the gateway sees
+          it: 15 KiB on the wire could cost 16 MB.
+        - A close that the engine starts (keepalive timeout, shutdown, a closing
+          handshake) waits for the peer to take every buffered byte; one that has
+          not finished after ``close_timeout`` becomes a reset.
+        - What the handshake left behind and nothing reads again is let go: the
+          request and response, which uvicorn and websockets keep for the life of the
+          connection, and the scope's header list (3 KiB and more per idle
+          connection).  The gateway reads the headers it needs before it accepts.
+        """
         try:
             from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
             from websockets.protocol import OPEN
@@ -396,13 +417,23 @@ class UvicornSocket:
             return None
         protocol = getattr(send, "__self__", None)
         if not isinstance(protocol, WebSocketsSansIOProtocol) or not hasattr(protocol, "writable"):
+            _warn_about_engine(protocol, settings)
             return None
+        conn: Any = protocol.conn  # its limit's name depends on the websockets version
+        limit = settings.max_message_size
+        if hasattr(conn, "max_message_size"):  # websockets >= 16
+            conn.max_message_size = min(conn.max_message_size or limit, limit)
+        else:
+            conn.max_size = min(conn.max_size or limit, limit)
+        protocol.close_timeout = settings.close_timeout  # uvicorn waits 10 s for the peer's close frame
         request = getattr(protocol, "request", None)
         if request is not None:
             request.headers.clear()  # websockets' parser holds on to the request too
             del protocol.request, protocol.response
         scope["headers"] = []
-        return cls(protocol, OPEN)
+        found = cls(protocol, OPEN)
+        protocol.transport = _ResettingTransport(protocol.transport, settings.close_timeout)  # type: ignore[assignment]
+        return found
 
     def ready(self) -> bool:
         """Whether the engine would write a frame at once; if not, it must go through ``send``."""
@@ -413,9 +444,108 @@ class UvicornSocket:
         """Write ``frame``, from :func:`websocket_frame`, when :meth:`ready`."""
         self._transport.write(frame)
 
+    def unsent(self) -> int:
+        """Bytes written but not yet taken by the peer's socket, pongs and close frames included."""
+        return int(self._transport.get_write_buffer_size())
+
+    def watch(self, pinged: Callable[[], None]) -> None:
+        """Call ``pinged()`` each time the engine has answered one of the peer's pings.
+
+        The engine writes a pong for every ping straight to the transport, past
+        every bound of the gateway's: a peer that pings and never reads would
+        grow the server's memory without end.  ``pinged`` sees each pong.
+        """
+        engine = self._engine
+        answer = type(engine).handle_ping
+
+        def handle_ping() -> None:
+            answer(engine)
+            pinged()
+
+        engine.handle_ping = handle_ping
+
+    def release(self) -> None:
+        """Undo :meth:`watch` once the connection has ended: it ties the engine to the connection."""
+        self._engine.__dict__.pop("handle_ping", None)
+
     def abort(self) -> None:
         """Drop the connection and what its transport still buffers: the peer takes nothing."""
-        self._transport.abort()
+        _reset(self._transport)
+
+
+class _ResettingTransport:
+    """uvicorn's transport for one WebSocket, whose ``close()`` cannot wait forever.
+
+    uvicorn ends a WebSocket with ``transport.close()``, which first waits for the
+    peer to take every buffered byte: a peer that reads nothing would hold the
+    socket, its buffer and its task until the process exits, and stall a graceful
+    shutdown for its whole timeout.  Here a close still unfinished after
+    ``timeout`` seconds becomes a reset, and the kernel, which keeps sending what
+    it was given after the socket is closed, gives up as soon (``TCP_USER_TIMEOUT``,
+    on Linux) instead of holding it in FIN-WAIT-1 for minutes.
+    """
+
+    __slots__ = ("_timeout", "_transport")
+
+    def __init__(self, transport: Any, timeout: float) -> None:
+        self._transport = transport
+        self._timeout = timeout
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def write(self, data: bytes) -> None:
+        self._transport.write(data)
+
+    def is_closing(self) -> bool:
+        return bool(self._transport.is_closing())
+
+    def close(self) -> None:
+        transport = self._transport
+        if not transport.is_closing() and hasattr(socket, "TCP_USER_TIMEOUT"):  # the first close: still open
+            with contextlib.suppress(OSError, AttributeError):
+                transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                                                              max(int(self._timeout * 1000), 1))
+        transport.close()
+        if transport.get_write_buffer_size():
+            asyncio.get_running_loop().call_later(self._timeout, _reset_if_stuck, transport)
+
+
+def _reset_if_stuck(transport: Any) -> None:
+    with contextlib.suppress(Exception):  # a transport that closed meanwhile may refuse the question
+        if transport.get_write_buffer_size():  # still open, still waiting for the peer to read
+            _reset(transport)
+
+
+def _reset(transport: Any) -> None:
+    """Drop a connection with a TCP reset.
+
+    A plain close of a socket with unsent data leaves it in FIN-WAIT-1, holding
+    that data in the kernel until the peer reads it or TCP gives up (minutes):
+    a zero linger time makes the kernel send a reset and free it at once.
+    """
+    if not transport.is_closing() or transport.get_write_buffer_size():  # its descriptor is still open
+        sock = transport.get_extra_info("socket")
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+_engine_warned = False
+
+
+def _warn_about_engine(protocol: Any, settings: Settings) -> None:
+    """Say once when uvicorn's engine buffers frames larger than the gateway will take."""
+    global _engine_warned
+    config = getattr(protocol, "config", None)
+    max_size = getattr(config, "ws_max_size", None)
+    if _engine_warned or not isinstance(max_size, int) or max_size <= settings.max_message_size:
+        return
+    _engine_warned = True
+    logger.warning("uvicorn's WebSocket engine (%s) takes frames up to %d bytes (--ws-max-size), inflated if "
+                   "compressed, before ws_micro refuses those over max_message_size (%d): run uvicorn with "
+                   "--ws websockets-sansio, or pass --ws-max-size %d --ws-per-message-deflate false",
+                   type(protocol).__name__, max_size, settings.max_message_size, settings.max_message_size)
 
 
 def start_now(awaitable: Awaitable[None]) -> Awaitable[None] | None:
@@ -471,7 +601,7 @@ class Metrics:
         # Every known label starts at 0, so rate() sees a counter before its first increment.
         self.errors = collections.Counter(dict.fromkeys(ERROR_CODES, 0))
         self.disconnects = collections.Counter(dict.fromkeys(DISCONNECT_REASONS, 0))
-        self.rejected_handshakes = collections.Counter(dict.fromkeys(("origin", "full"), 0))
+        self.rejected_handshakes = collections.Counter(dict.fromkeys(HANDSHAKE_REFUSALS, 0))
         # Cluster mode: deliveries from other instances, and those lost (pub/sub is at-most-once).
         self.cluster_received = 0
         self.cluster_dropped = collections.Counter(dict.fromkeys(CLUSTER_DROP_REASONS, 0))
@@ -553,6 +683,8 @@ class Connection:
         # Token bucket: refills at rate_limit, holds rate_burst; may go rate_burst into debt.
         self._tokens = float(settings.rate_burst)
         self._refilled_at = time.monotonic()
+        if socket is not None:
+            socket.watch(self._pinged)
 
     def send(self, text: str, wire: bytes | None = None) -> bool:
         """Send or queue a text frame; False when the connection is closing or was just cut off.
@@ -612,9 +744,20 @@ class Connection:
             await self._writer
 
     def abandon(self) -> None:
-        """Stop the writer, if one runs: the peer is gone, or the server is shutting down."""
+        """Stop the writer, if one runs, and let go of the socket: the peer is gone, or the server is shutting down."""
         if self._writer is not None:
             self._writer.cancel()
+        if self._socket is not None:
+            self._socket.release()
+
+    def _pinged(self) -> None:
+        """The engine answered a ping: the pong counts against the queue bound, the ping against the rate limit."""
+        assert self._socket is not None
+        if self._socket.unsent() > self._settings.max_queue_bytes:
+            self.close(CLOSE_POLICY_VIOLATION, "slow consumer", label="slow_consumer", flush=False)
+            self._socket.abort()  # it reads nothing: a close frame would wait behind what it never took
+        elif self.take_token() < -self._settings.rate_burst:
+            self.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded", label="rate_limited", flush=False)
 
     def _start_writer(self) -> None:
         self._writing = True
@@ -1274,6 +1417,7 @@ class Gateway:
         self.registry = registry
         self.settings = settings
         self._handshakes = 0  # accepts in flight, counted against max_connections
+        self.waiting = 0  # connections whose request head has not arrived (counted under serve()), likewise
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         connection = await self._accept(scope, receive, send)
@@ -1314,7 +1458,7 @@ class Gateway:
         finally:
             self._handshakes -= 1
         client = websocket.client
-        return Connection(send, socket=UvicornSocket.of(scope, send),
+        return Connection(send, socket=UvicornSocket.of(scope, send, self.settings),
                           remote=f"{client.host}:{client.port}" if client else None,
                           settings=self.settings, metrics=self.registry.metrics, on_close=self.registry.remove)
 
@@ -1322,7 +1466,7 @@ class Gateway:
         origin = websocket.headers.get("origin")
         if origin is not None and not self._origin_allowed(origin, websocket.headers.get("host", "")):
             return 403, "origin", f"origin {origin!r} is not allowed"
-        if len(self.registry) + self._handshakes >= self.settings.max_connections:
+        if len(self.registry) + self._handshakes + self.waiting >= self.settings.max_connections:
             return 503, "full", f"server is full ({self.settings.max_connections} connections)"
         return None
 
@@ -1609,6 +1753,81 @@ def _is_loopback(request: Request) -> bool:
 # Application
 # --------------------------------------------------------------------------
 
+DESCRIPTOR_RESERVE = 64  # file descriptors kept for the server's own use: listeners, Redis, logs, static files
+
+
+def _raise_descriptor_limit() -> int:
+    """Raise this process's open-file limit to its hard limit; how many descriptors clients may hold."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return sys.maxsize
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+    return max(soft - DESCRIPTOR_RESERVE, 1)
+
+
+class _QuietFilter(logging.Filter):
+    """One short line for a log record that any client can make uvicorn write with a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "Invalid UTF-8 sequence received from client.":  # uvicorn's engine, then it closes 1007
+            record.msg = "Invalid UTF-8 sequence received from a client; closed with 1007"
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def _quiet_accept_errors(loop: asyncio.AbstractEventLoop, interval: float = 10.0) -> None:
+    """Log running out of descriptors as one line per ``interval``, not a traceback per refused accept.
+
+    asyncio tries a listener's whole backlog (2,048 under uvicorn) on each attempt, and
+    logs each failure with a traceback; each also schedules a retry, which logs another
+    traceback once the listener has closed: 20 MB of log for 300 stalled sockets.
+    """
+    previous = loop.get_exception_handler()
+    if getattr(previous, "quiets_accept_errors", False):
+        return
+    failed = 0
+    logged_at = -interval
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        nonlocal failed, logged_at
+        error = context.get("exception")
+        retry = getattr(context.get("handle"), "_callback", None)
+        if isinstance(error, ValueError) and getattr(retry, "__name__", "") == "_start_serving":
+            return  # asyncio retrying, once per refused accept, on a listener that has closed since
+        if not isinstance(error, OSError) or error.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+                                                                   errno.ENOMEM):
+            (previous or type(loop).default_exception_handler)(loop, context)
+            return
+        failed += 1
+        now = time.monotonic()
+        if now - logged_at >= interval:
+            logger.error("cannot accept connections: %s (%d refused since the last report); raise the open-file "
+                         "limit (ulimit -n) or lower max_connections", error.strerror, failed)
+            failed, logged_at = 0, now
+
+    handle.quiets_accept_errors = True  # type: ignore[attr-defined]
+    loop.set_exception_handler(handle)
+
+
+def _harden_process(settings: Settings) -> None:
+    """What the app can do for the process it runs in: descriptors and a readable log under abuse."""
+    budget = _raise_descriptor_limit()
+    if settings.max_connections > budget:
+        logger.warning("max_connections (%d) is more than this process's open-file limit leaves for clients (%d): "
+                       "raise it with ulimit -n", settings.max_connections, budget)
+    _quiet_accept_errors(asyncio.get_running_loop())
+    server_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _QuietFilter) for f in server_log.filters):
+        server_log.addFilter(_QuietFilter())
+
+
 
 def create_app(*, registry: Registry | None = None, debug: bool = False, **options: Any) -> Starlette:
     """Build the gateway as a Starlette app; ``options`` are the fields of :class:`Settings`.
@@ -1633,6 +1852,7 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        _harden_process(settings)
         if cluster is None:
             yield
             return
@@ -1715,21 +1935,94 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _raw_response(status: int, code: str, message: str) -> bytes:
+    """A whole HTTP/1.1 error response with the API's JSON body, for a connection that gets no further."""
+    body = _encode({"error": {"code": code, "message": message}})
+    phrase = {408: "Request Timeout", 503: "Service Unavailable"}[status]
+    return (f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            f"connection: close\r\n\r\n").encode() + body
+
+
+def _guarded_http_protocol(gateway: Gateway, head_timeout: float, max_open: int) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol, holding each new connection to a deadline for its request head.
+
+    uvicorn starts no timer before a connection's first request, so a socket that
+    sends half a handshake and stalls is held for ever, and counted nowhere.  Here
+    such a connection counts against ``max_connections`` (:attr:`Gateway.waiting`)
+    until its head has arrived, and gets 408 after ``head_timeout`` seconds.  A
+    connection beyond ``max_open`` open ones (the descriptors left for clients), or
+    beyond ``max_connections`` waiting ones, gets 503 at once.
+    """
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    settings, metrics = gateway.settings, gateway.registry.metrics
+    timed_out = _raw_response(408, "timeout", f"no request within {head_timeout:g} seconds")
+    full = _raw_response(503, "full", f"server is full ({settings.max_connections} connections)")
+
+    class GuardedHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+        _waiting = False
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > max_open or gateway.waiting >= settings.max_connections:
+                metrics.rejected_handshakes["full"] += 1
+                self.transport.write(full)
+                self.transport.close()
+                return
+            self._waiting = True
+            gateway.waiting += 1
+            if head_timeout:
+                self._head_timer = self.loop.call_later(head_timeout, self._head_timed_out)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            # The head is in: a request cycle began, or the connection became a WebSocket.
+            if self._waiting and (self.cycle is not None or self.transport.get_protocol() is not self):
+                self._stop_waiting()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_waiting()
+            super().connection_lost(exc)
+
+        def _stop_waiting(self) -> None:
+            if self._waiting:
+                self._waiting = False
+                gateway.waiting -= 1
+                if self._head_timer is not None:
+                    self._head_timer.cancel()
+                    self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self._waiting:
+                self._stop_waiting()
+                metrics.rejected_handshakes["timeout"] += 1
+                self.transport.write(timed_out)
+                self.transport.close()
+
+    return GuardedHTTPProtocol
+
+
 def serve(app: Starlette, settings: ServerSettings | None = None) -> None:
     """Run ``app`` on uvicorn until SIGINT or SIGTERM, then return (so the process exits 0).
 
     On either signal uvicorn stops accepting, sends every WebSocket a close frame
     (1012, with an empty reason), waits up to ``graceful_timeout`` for open work, and
     re-raises the signal to the handler that was in place before it: ours, a no-op.
+    A new connection has ``handshake_timeout`` seconds to send its request head.
     """
     import uvicorn
 
     settings = settings or ServerSettings()
     app_settings: Settings | None = getattr(app.state, "settings", None)
+    gateway: Gateway | None = getattr(app, "gateway", None)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
+        http="auto" if gateway is None else _guarded_http_protocol(gateway, settings.handshake_timeout,
+                                                                  _raise_descriptor_limit()),
         ws="websockets-sansio",
         lifespan="on",  # a failing startup (cluster mode) stops the server instead of passing unnoticed
         # The engine refuses oversized frames (1009) before buffering them.
