@@ -1126,6 +1126,13 @@ async def test_e2e_stalled_handshakes_time_out_and_count_against_max_connections
         async with ws_client(server.ws) as (_, me):
             assert me
         assert server.metric("ws_micro_rejected_handshakes_total", reason="timeout") == 20
+        # A kept-alive connection gets as long for each later request's head, then is closed.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert (await anyio.to_thread.run_sync(sock.recv, 4096)).startswith(b"HTTP/1.1 200 OK\r\n")
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            with anyio.fail_after(3):
+                assert await anyio.to_thread.run_sync(sock.recv, 4096) == b""
 
 
 @pytest.mark.anyio

@@ -1960,8 +1960,9 @@ def _guarded_http_protocol(gateway: Gateway, head_timeout: float, max_open: int)
     full = _raw_response(503, "full", f"server is full ({settings.max_connections} connections)")
 
     class GuardedHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
-        _waiting = False
+        _waiting = False  # counted in gateway.waiting: the connection's first head has not arrived
         _head_timer: asyncio.TimerHandle | None = None
+        _cycle: object = None  # the request cycle before the awaited head (a new one means it arrived)
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
@@ -1972,34 +1973,49 @@ def _guarded_http_protocol(gateway: Gateway, head_timeout: float, max_open: int)
                 return
             self._waiting = True
             gateway.waiting += 1
-            if head_timeout:
-                self._head_timer = self.loop.call_later(head_timeout, self._head_timed_out)
+            self._await_head()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():  # kept alive: the next request's head gets as long
+                self._await_head()
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
-            # The head is in: a request cycle began, or the connection became a WebSocket.
-            if self._waiting and (self.cycle is not None or self.transport.get_protocol() is not self):
+            if self._head_timer is not None and self._head_arrived():
                 self._stop_waiting()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._stop_waiting()
             super().connection_lost(exc)
 
+        def _await_head(self) -> None:
+            self._cycle = self.cycle
+            if head_timeout and self._head_timer is None:
+                self._head_timer = self.loop.call_later(head_timeout, self._head_timed_out)
+
+        def _head_arrived(self) -> bool:
+            """A new request cycle began, or the connection became a WebSocket."""
+            return self.cycle is not self._cycle or self.transport.get_protocol() is not self
+
         def _stop_waiting(self) -> None:
             if self._waiting:
                 self._waiting = False
                 gateway.waiting -= 1
-                if self._head_timer is not None:
-                    self._head_timer.cancel()
-                    self._head_timer = None
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
 
         def _head_timed_out(self) -> None:
             self._head_timer = None
-            if self._waiting:
-                self._stop_waiting()
+            busy = self.cycle is not None and not self.cycle.response_complete  # a pipelined request runs
+            if busy or self._head_arrived() or self.transport.is_closing():
+                return
+            if self._waiting:  # a first request that never came: say so
                 metrics.rejected_handshakes["timeout"] += 1
                 self.transport.write(timed_out)
-                self.transport.close()
+            self._stop_waiting()
+            self.transport.close()  # a later one: close as uvicorn closes an idle keep-alive connection
 
     return GuardedHTTPProtocol
 
