@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1667,12 +1667,18 @@ async def test_cluster_instance_killed_with_sigkill_drops_out(redis_server: Redi
             doomed.process.kill()
             killed_at = time.monotonic()
             doomed.process.wait(TIMEOUT)
-            # Until its deadline passes the directory still names it: the frame is published to
-            # nobody, answered as unknown, and counted as dropped (pub/sub is at-most-once).
+            # Until its deadline passes the directory still names it: a frame for it is published to
+            # nobody, so its sender is told it may not have arrived (C may only be reconnecting), and
+            # it is counted as dropped (pub/sub is at most once).  So is a room frame.
             await a.send(text("chat", id_a, to=id_c))
-            assert (await recv_json(a))["data"]["data"]["code"] == "unknown_client"
-            assert x.metric("ws_micro_cluster_dropped_total", reason="no_subscriber") == 1
+            assert without_message(await recv_json(a)) == error(id_a, "backend_unavailable", "chat")
+            await a.send(text("news", id_a, room="r"))
+            assert without_message(await recv_json(a)) == error(id_a, "backend_unavailable", "news")
+            assert x.metric("ws_micro_cluster_dropped_total", reason="no_subscriber") == 2
             await x.wait_until(lambda: x.get("/api/clients").json()["count"] == 1, "the killed instance to drop out")
+            # Once it has dropped out, its client is gone.
+            await a.send(text("chat", id_a, to=id_c))
+            assert without_message(await recv_json(a)) == error(id_a, "unknown_client", "chat")
             assert time.monotonic() - killed_at < ttl + 1.0
             # No ghost clients or room members are left behind.
             assert x.get(f"/api/clients/{id_c}").status_code == 404
@@ -1769,3 +1775,127 @@ def test_cluster_mode_embedded_runs_through_the_host_apps_lifespan(redis_server:
     # Shutting down took the instance out of Redis at once.
     assert redis_server.command("ZCARD", "ws_micro:instances") == 0
     assert redis_server.command("HLEN", "ws_micro:directory") == 0
+
+
+def dropped(server: Server) -> float:
+    """``ws_micro_cluster_dropped_total``, every reason together."""
+    return sum(sample.value for family in text_string_to_metric_families(server.get("/metrics").text)
+               for sample in family.samples if sample.name == "ws_micro_cluster_dropped_total")
+
+
+@pytest.mark.anyio
+async def test_cluster_frames_for_an_instance_not_back_after_redis_restarts_are_refused_not_lost(
+        redis_server: RedisServer) -> None:
+    # Y is frozen while Redis restarts empty, so X is back first for as long as the test needs; a long
+    # instance_ttl keeps X from giving up on Y meanwhile.
+    with cluster(redis_server, 2, "--instance-ttl", "30") as (x, y):
+        async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b):
+            await join(a, id_a, "r")
+            assert await join(b, id_b, "r") == 2
+            # X remembers Y from its heartbeats: what Redis forgets, X does not.
+            await x.wait_until(lambda: x.get("/healthz").json()["instances"] == 2, "X to see Y")
+            y.process.send_signal(signal.SIGSTOP)
+            try:
+                redis_server.stop()
+                await x.wait_until(lambda: x.get("/healthz").json()["redis"] == "unavailable", "X to notice")
+                redis_server.start()
+                await x.wait_until(lambda: x.get("/healthz").json()["redis"] != "unavailable", "X to reconnect")
+                before = dropped(x)
+                # B is still connected: its frames are refused as undeliverable, never as unknown, never dropped
+                # without a word.  The error echoes each frame's event, so each frame is matched to its answer.
+                events = [f"{kind}{n}" for n in range(5) for kind in ("to", "room")]
+                for event in events:
+                    await a.send(text(event, id_a, to=id_b) if event.startswith("to") else
+                                 text(event, id_a, room="r"))
+                    assert without_message(await recv_json(a)) == error(id_a, "backend_unavailable", event)
+                assert dropped(x) == before + len(events)
+                # The API answers 503 as when Redis is away, and says nothing was delivered elsewhere.
+                for response in (x.post(f"/api/clients/{id_b}", {"event": "x", "data": {"data": {}}}),
+                                 x.post("/api/rooms/r", {"event": "x", "data": {"data": {}}}),
+                                 x.post("/api/broadcast", {"event": "x", "data": {"data": {}}})):
+                    assert response.status_code == 503
+                    assert response.json()["error"]["code"] == "backend_unavailable"
+                assert dropped(x) == before + len(events) + 3
+                health = x.get("/healthz").json()
+                assert (health["status"], health["redis"]) == ("degraded", "resyncing")
+            finally:
+                y.process.send_signal(signal.SIGCONT)
+            await x.wait_until(lambda: x.get("/healthz").json()["status"] == "ok", "X to see Y back")
+            # Nothing refused reached B; what is sent now does, both ways, by id and by room.
+            for sender, own, receiver, routing in ((a, id_a, b, {"to": id_b}), (a, id_a, b, {"room": "r"}),
+                                                   (b, id_b, a, {"to": id_a}), (b, id_b, a, {"room": "r"})):
+                sent = text("after", own, None, **routing)
+                await sender.send(sent)
+                assert await recv_text(receiver) == sent
+            assert x.metric("ws_micro_errors_total", code="unknown_client") == 0
+
+
+@pytest.mark.anyio
+async def test_cluster_a_stream_across_a_redis_restart_is_received_or_refused(redis_server: RedisServer) -> None:
+    with cluster(redis_server, 2, "--instance-ttl", "30") as (x, y):
+        async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b):
+            await join(a, id_a, "r")
+            await join(b, id_b, "r")
+            await x.wait_until(lambda: x.get("/healthz").json()["instances"] == 2, "X to see Y")
+            sent: list[str] = []
+            received: list[str] = []
+            refused: dict[str, str] = {}  # event -> error code
+            streaming = True
+            progress = anyio.Event()
+
+            async def stream() -> None:  # about 100 frames a second, alternately by id and by room
+                n = 0
+                while streaming:
+                    event = f"to{n}" if n % 2 == 0 else f"room{n}"
+                    sent.append(event)
+                    await a.send(text(event, id_a, to=id_b) if n % 2 == 0 else text(event, id_a, room="r"))
+                    n += 1
+                    await anyio.sleep(0.01)  # the pace of the stream, not a wait for anything
+
+            async def read(ws: ClientConnection, note: Callable[[dict[str, Any]], None]) -> None:
+                nonlocal progress
+                async for message in ws:
+                    note(json.loads(message))
+                    progress.set()
+                    progress = anyio.Event()
+
+            async def until(predicate: Callable[[], bool]) -> None:
+                with anyio.fail_after(TIMEOUT):
+                    while not predicate():
+                        await progress.wait()
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(read, a, lambda answer: refused.update(
+                    {answer["data"]["data"]["event"]: answer["data"]["data"]["code"]}))
+                tasks.start_soon(read, b, lambda frame: received.append(frame["event"]))
+                tasks.start_soon(stream)
+                await until(lambda: len(received) >= 20)
+                redis_server.stop()
+                for server in (x, y):
+                    await server.wait_until(lambda s=server: s.get("/healthz").json()["redis"] == "unavailable",
+                                            "the instance to notice")
+                # Each instance comes back on its own time: hold Y back while X streams to it for a while.
+                y.process.send_signal(signal.SIGSTOP)
+                try:
+                    redis_server.start()
+                    await x.wait_until(lambda: x.get("/healthz").json()["redis"] != "unavailable",
+                                       "X to reconnect")
+                    refused_before = len(refused)
+                    await until(lambda: len(refused) >= refused_before + 20)
+                finally:
+                    y.process.send_signal(signal.SIGCONT)
+                for server in (x, y):
+                    await server.wait_until(lambda s=server: s.get("/healthz").json()["status"] == "ok",
+                                            "the instance to be back")
+                flowing_again = len(received) + 20
+                await until(lambda: len(received) >= flowing_again)
+                streaming = False
+                # Every frame sent is received or refused; the last ones may still be on their way.
+                await until(lambda: not set(sent) - set(received) - refused.keys())
+                tasks.cancel_scope.cancel()
+            assert refused, "the restart refused nothing: it did not happen while frames flowed"
+            assert set(refused.values()) == {"backend_unavailable"}
+            assert len(received) == len(set(received)), "a frame arrived twice"
+            assert received == [event for event in sent if event in set(received)], "frames arrived out of order"
+            assert dropped(x) == len(refused)
+            assert dropped(y) == 0

@@ -116,7 +116,7 @@ NOT_IN_ROOM = "not_in_room"
 UNKNOWN_EVENT = "unknown_event"
 RATE_LIMITED = "rate_limited"
 INTERNAL_ERROR = "internal_error"
-BACKEND_UNAVAILABLE = "backend_unavailable"  # cluster mode: Redis cannot be reached
+BACKEND_UNAVAILABLE = "backend_unavailable"  # cluster mode: the instance of the recipients cannot be reached
 ERROR_CODES = (INVALID_JSON, INVALID_EVENT, CLIENT_ID_MISMATCH, UNKNOWN_CLIENT, NOT_IN_ROOM,
                UNKNOWN_EVENT, RATE_LIMITED, INTERNAL_ERROR, BACKEND_UNAVAILABLE)
 
@@ -128,8 +128,10 @@ CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
 
 # Why a cross-instance delivery was lost (the cluster_dropped_total labels): its client left
-# before it arrived, its instance died before its deadline passed, Redis could not be reached.
-CLUSTER_DROP_REASONS = ("gone", "no_subscriber", "backend_unavailable")
+# before it arrived; its instance was not listening (dead before its deadline passed, or
+# reconnecting); Redis could not be reached; Redis had lost the instances' state and they
+# had not all registered again.
+CLUSTER_DROP_REASONS = ("gone", "no_subscriber", "backend_unavailable", "resyncing")
 
 # Why handshakes are refused (the rejected_handshakes_total labels): a disallowed origin, a full
 # server, a request head that did not arrive within handshake_timeout.
@@ -837,7 +839,7 @@ class Registry:
     the same event loop: HTTP routes, background tasks, other handlers.
 
     With a :attr:`cluster`, the sends also reach clients on other instances, and
-    raise :class:`BackendUnavailable` when they would need Redis and cannot have it.
+    raise :class:`BackendUnavailable` when they would need another instance and cannot reach it.
     """
 
     def __init__(self) -> None:
@@ -1000,11 +1002,22 @@ class Registry:
 
 
 class BackendUnavailable(Exception):
-    """Redis cannot be reached: cross-instance sends fail, local ones go on."""
+    """Other instances cannot be reached: cross-instance sends fail, local ones go on.
+
+    ``reason`` is the label it is counted under in ``ws_micro_cluster_dropped_total``.
+    """
+
+    def __init__(self, message: str, reason: str = "backend_unavailable") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 UNAVAILABLE = "Redis is unavailable; only clients on this instance can be reached"
+RESYNCING = ("Redis lost the cluster's state and instances are still registering again; "
+             "only clients on this instance and on instances already back can be reached")
+NOT_LISTENING = "not listening to Redis (reconnecting, or dead for less than instance_ttl)"
 OUTBOX_LIMIT = 10_000  # deliveries waiting for Redis before senders wait too
+RESYNC_POLL = 0.1  # seconds between looks for peers while they are registering again
 
 
 class Remote(msgspec.Struct, array_like=True):
@@ -1040,6 +1053,9 @@ local function alive(id)
   local deadline = redis.call('ZSCORE', p .. ':instances', id)
   return deadline and tonumber(deadline) > now
 end
+local function live()
+  return redis.call('ZRANGEBYSCORE', p .. ':instances', '(' .. now, '+inf')
+end
 local function reap(id)
   local clients = p .. ':instance:' .. id .. ':clients'
   for _, client in ipairs(redis.call('HKEYS', clients)) do
@@ -1053,38 +1069,52 @@ local function reap(id)
 end
 """
 _LUA = {
-    # ARGV: p, instance, ttl -> 1 if the instance was not registered (new, reaped, or Redis restarted)
+    # ARGV: p, instance, ttl -> {1 if the instance was not registered (new, reaped, or Redis restarted),
+    #                            {live instances}}
     "heartbeat": """
 local added = redis.call('ZADD', p .. ':instances', now + tonumber(ARGV[3]), ARGV[2])
 for _, dead in ipairs(redis.call('ZRANGEBYSCORE', p .. ':instances', '-inf', now)) do reap(dead) end
-return added""",
+return {added, live()}""",
     # ARGV: p, instance
     "reap": "reap(ARGV[2]) return 1",
+    # The delivery scripts (send, room, all) answer nil when their own instance is not registered:
+    # Redis lost its state (restarted empty, flushed) or reaped it, so the directory cannot be trusted.
     # ARGV: p, client id, message, own instance -> -1 no such client, 0 its instance is not listening, 1 sent
     "send": """
+if not redis.call('ZSCORE', p .. ':instances', ARGV[4]) then return false end
 local id = redis.call('HGET', p .. ':directory', ARGV[2])
 if not id or id == ARGV[4] or not alive(id) then return -1 end
 return redis.call('PUBLISH', p .. ':instance:' .. id, ARGV[3])""",
-    # ARGV: p, room, message, own instance -> members reached on other instances
+    # ARGV: p, room, message, own instance -> {members reached on other instances,
+    #                                         live instances with members that were not listening}
     "room": """
-local reached = 0
+if not redis.call('ZSCORE', p .. ':instances', ARGV[4]) then return false end
+local reached, unheard = 0, 0
 local counts = redis.call('HGETALL', p .. ':room:' .. ARGV[2])
 for i = 1, #counts, 2 do
-  if counts[i] ~= ARGV[4] and alive(counts[i])
-     and redis.call('PUBLISH', p .. ':instance:' .. counts[i], ARGV[3]) > 0 then
-    reached = reached + tonumber(counts[i + 1])
+  if counts[i] ~= ARGV[4] and alive(counts[i]) then
+    if redis.call('PUBLISH', p .. ':instance:' .. counts[i], ARGV[3]) > 0 then
+      reached = reached + tonumber(counts[i + 1])
+    else
+      unheard = unheard + 1
+    end
   end
 end
-return reached""",
-    # ARGV: p, message, own instance -> clients reached on other instances
+return {reached, unheard}""",
+    # ARGV: p, message, own instance -> {clients reached on other instances, live instances not listening}
     "all": """
-local reached = 0
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. ':instances', '(' .. now, '+inf')) do
-  if id ~= ARGV[3] and redis.call('PUBLISH', p .. ':instance:' .. id, ARGV[2]) > 0 then
-    reached = reached + redis.call('HLEN', p .. ':instance:' .. id .. ':clients')
+if not redis.call('ZSCORE', p .. ':instances', ARGV[3]) then return false end
+local reached, unheard = 0, 0
+for _, id in ipairs(live()) do
+  if id ~= ARGV[3] then
+    if redis.call('PUBLISH', p .. ':instance:' .. id, ARGV[2]) > 0 then
+      reached = reached + redis.call('HLEN', p .. ':instance:' .. id .. ':clients')
+    else
+      unheard = unheard + 1
+    end
   end
 end
-return reached""",
+return {reached, unheard}""",
     # ARGV: p, room, own instance, members here -> members on every live instance
     "members": """
 local key = p .. ':room:' .. ARGV[2]
@@ -1104,7 +1134,7 @@ return members""",
     # ARGV: p -> the JSON entries of every client on a live instance
     "list": """
 local entries = {}
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. ':instances', '(' .. now, '+inf')) do
+for _, id in ipairs(live()) do
   for _, entry in ipairs(redis.call('HVALS', p .. ':instance:' .. id .. ':clients')) do
     entries[#entries + 1] = entry
   end
@@ -1131,9 +1161,18 @@ class Cluster:
     their clients and room members.  An instance killed outright stops counting
     once its deadline passes.  When Redis goes away, local delivery goes on,
     cross-instance sends raise :class:`BackendUnavailable`, and the instance
-    reconnects by itself and writes its whole state again.  Pub/sub is
-    at-most-once: a delivery to an instance that is not listening is dropped
-    and counted in ``ws_micro_cluster_dropped_total``.
+    reconnects by itself and writes its whole state again.
+
+    Delivery is at most once, and no loss is silent: a delivery that may not
+    have arrived is counted in ``ws_micro_cluster_dropped_total`` and, where
+    there is a sender, answered with ``backend_unavailable``.  Hence the
+    resynchronising window: when Redis loses the instances' state (it restarts
+    empty), each instance comes back on its own time, and until a peer has, its
+    clients are in no directory and its room members in no room.  An instance
+    that rejoins therefore remembers the peers it last saw alive and, until each
+    has registered again (or ``instance_ttl`` has passed: it is dead), refuses what
+    may be for them, where it would otherwise answer ``unknown_client`` or reach
+    nobody without a word.
     """
 
     def __init__(self, registry: Registry, settings: Settings) -> None:
@@ -1168,6 +1207,9 @@ class Cluster:
         self._outbox: list[tuple[str, tuple[Any, ...], Callable[[Any], None]]] = []
         self._outbox_ready: anyio.Event | None = None  # events need the event loop: made in running()
         self._outbox_drained: anyio.Event
+        self._peers: set[str] = set()  # other instances alive at the last heartbeat
+        self._missing: set[str] = set()  # peers not registered again since Redis lost their state
+        self._missing_until = 0.0  # time.monotonic() after which they count as dead
 
     # Running
 
@@ -1212,6 +1254,16 @@ class Cluster:
             await anyio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
+    @property
+    def resyncing(self) -> bool:
+        """Whether peers that Redis lost may still be registering again (see the class docstring)."""
+        return bool(self._missing) and time.monotonic() < self._missing_until
+
+    @property
+    def instances(self) -> int:
+        """The live instances this one saw at its last heartbeat, itself included."""
+        return len(self._peers) + 1
+
     def _lost(self) -> None:
         """A command failed: stop the session, so the supervisor reconnects and writes our state again."""
         self.available = False
@@ -1220,11 +1272,28 @@ class Cluster:
 
     async def _heartbeat(self) -> None:
         while True:
-            await anyio.sleep(self.settings.heartbeat_interval)
-            if await self._script("heartbeat", self.instance, self.settings.instance_ttl):
+            # While peers are registering again, frames for them are refused: look for them often.
+            await anyio.sleep(min(self.settings.heartbeat_interval, RESYNC_POLL) if self._missing
+                              else self.settings.heartbeat_interval)
+            added, live = await self._script("heartbeat", self.instance, self.settings.instance_ttl)
+            if added:
                 logger.warning("cluster: instance %s had been dropped from Redis; registering again",
                                self.instance)
-                await self._sync()
+                await self._sync()  # before _saw(): the peers we knew are those Redis may have lost
+            else:
+                self._saw(live)
+
+    def _saw(self, live: Sequence[bytes]) -> None:
+        """Note the instances alive now: peers back end the resynchronising window."""
+        self._peers = {instance.decode() for instance in live} - {self.instance}
+        if self._missing:
+            self._missing -= self._peers
+            if not self._missing:
+                logger.info("cluster: every instance is registered again")
+            elif time.monotonic() >= self._missing_until:
+                logger.warning("cluster: instance(s) %s did not register again within instance_ttl; "
+                               "counting them as dead", ", ".join(sorted(self._missing)))
+                self._missing = set()
 
     async def _sync(self) -> None:
         """Write this instance's whole state (its clients and rooms), replacing whatever Redis had."""
@@ -1239,7 +1308,17 @@ class Cluster:
             for room, members in self.registry.rooms.items():
                 pipe.hset(f"{prefix}:room:{room}", self.instance, len(members))
                 pipe.sadd(f"{self._channel}:rooms", room)
-            await pipe.execute()
+            results = await pipe.execute()
+        # Peers we saw alive that Redis does not hold now may be reconnecting, as we did: until they
+        # are back (or instance_ttl has passed), frames that may be for them are refused, not lost.
+        known = self._peers | (self._missing if self.resyncing else set())
+        self._saw(results[1][1])
+        if known - self._peers:
+            self._missing = known - self._peers
+            self._missing_until = time.monotonic() + self.settings.instance_ttl
+            logger.warning("cluster: waiting up to %gs for instance(s) %s to register again; "
+                           "until then frames that may be for them fail with backend_unavailable",
+                           self.settings.instance_ttl, ", ".join(sorted(self._missing)))
 
     async def _listen(self, pubsub: Any) -> None:
         async for message in pubsub.listen():
@@ -1308,26 +1387,30 @@ class Cluster:
 
         def done(result: Any) -> None:
             if isinstance(result, BackendUnavailable):
-                failed(BACKEND_UNAVAILABLE, f"{result}; {client_id!r} is not here")
+                failed(BACKEND_UNAVAILABLE, f"{result}; {client_id!r} may have missed this frame")
             elif result != 1:
                 failed(UNKNOWN_CLIENT, f"no client with id {client_id!r}")
 
         await self._submit("send", (client_id, _encode_remote(remote)), done)
 
     async def publish(self, room: str, remote: Remote) -> int:
-        """Deliver to a room's members on other instances; how many there are."""
-        return int(await self._request("room", room, _encode_remote(remote)))
+        """Deliver to a room's members on other instances; how many were sent it."""
+        return int((await self._request("room", room, _encode_remote(remote)))[0])
 
     async def forward_to_room(self, room: str, remote: Remote, failed: Callable[[str, str], None]) -> None:
         def done(result: Any) -> None:
             if isinstance(result, BackendUnavailable):
-                failed(BACKEND_UNAVAILABLE, f"{result}; members of {room!r} on other instances missed this frame")
+                failed(BACKEND_UNAVAILABLE, f"{result}; members of {room!r} on other instances may have missed "
+                                            "this frame")
+            elif result[1]:
+                failed(BACKEND_UNAVAILABLE, f"{result[1]} instance(s) with members of {room!r} {NOT_LISTENING}; "
+                                            "their members missed this frame")
 
         await self._submit("room", (room, _encode_remote(remote)), done)
 
     async def broadcast(self, remote: Remote) -> int:
-        """Deliver to every client on other instances; how many there are."""
-        return int(await self._request("all", _encode_remote(remote)))
+        """Deliver to every client on other instances; how many were sent it."""
+        return int((await self._request("all", _encode_remote(remote)))[0])
 
     async def _request(self, name: str, *args: Any) -> Any:
         reply: list[Any] = []
@@ -1359,32 +1442,60 @@ class Cluster:
             await self._outbox_ready.wait()
             self._outbox_ready = anyio.Event()
             batch, self._outbox = self._outbox, []
+            # Judged before the scripts run: a peer seen back by now is in Redis when they run.
+            resyncing = self.resyncing
+            # A room or broadcast cannot tell which members the missing peers hold: while they are
+            # missing it reaches no other instance, as when Redis is away.  A send finds its client or not.
+            held = [resyncing and name != "send" for name, _, _ in batch]
             try:
                 if not self.available:
                     raise BackendUnavailable(UNAVAILABLE)
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for name, args, _ in batch:
-                        await self._scripts[name](args=args, client=pipe)
-                    results: list[Any] = await self._call(pipe.execute())
+                results: list[Any] = []
+                if not all(held):
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        for (name, args, _), hold in zip(batch, held, strict=True):
+                            if not hold:
+                                await self._scripts[name](args=args, client=pipe)
+                        results = await self._call(pipe.execute())
+                answers = iter(results)
+                results = [BackendUnavailable(RESYNCING, "resyncing") if hold else next(answers) for hold in held]
             except BackendUnavailable as exc:
                 results = [exc] * len(batch)
             for (name, _, done), result in zip(batch, results, strict=True):
-                self._delivered(name, result, done)
+                self._delivered(name, result, done, resyncing)
             self._outbox_drained.set()
             self._outbox_drained = anyio.Event()
 
-    def _delivered(self, name: str, result: Any, done: Callable[[Any], None]) -> None:
+    def _delivered(self, name: str, result: Any, done: Callable[[Any], None], resyncing: bool = False) -> None:
+        """Count what may be lost, and hand ``done`` the script's answer or the error its sender must hear."""
+        if not isinstance(result, BackendUnavailable):
+            result = self._refusal(name, result, resyncing) or result
         if isinstance(result, BackendUnavailable):
-            self.registry.metrics.cluster_dropped["backend_unavailable"] += 1
-        elif name == "send" and result == 0:  # in the directory, but its instance died moments ago
+            self.registry.metrics.cluster_dropped[result.reason] += 1
+        elif name != "send" and result[1]:  # sent to some instances; others were not listening
             self.registry.metrics.cluster_dropped["no_subscriber"] += 1
         done(result)
 
+    def _refusal(self, name: str, result: Any, resyncing: bool) -> BackendUnavailable | None:
+        """What a delivery script's answer must be told as instead, if it may not have arrived."""
+        if result is None:  # the script found this instance unregistered: Redis lost its state
+            self._lost()  # reconnect and register again; meanwhile every cross-instance send fails
+            return BackendUnavailable(RESYNCING, "resyncing")
+        if name == "send" and result == 0:  # in the directory, but its instance is not listening
+            return BackendUnavailable(f"the instance of this client is {NOT_LISTENING}", "no_subscriber")
+        if name == "send" and result == -1 and resyncing:  # unknown, or on a peer not registered again yet
+            return BackendUnavailable(RESYNCING, "resyncing")
+        return None
+
     async def clients(self) -> list[dict[str, Any]]:
+        if self.resyncing:  # the list would lack the clients of the peers not back yet
+            raise BackendUnavailable(RESYNCING)
         return [msgspec.json.decode(entry) for entry in await self._script("list")]
 
     async def client(self, client_id: str) -> dict[str, Any] | None:
         entry = await self._script("get", client_id)
+        if entry is None and self.resyncing:  # unknown, or on a peer not back yet
+            raise BackendUnavailable(RESYNCING)
         return None if entry is None else dict(msgspec.json.decode(entry))
 
     async def _script(self, name: str, *args: Any) -> Any:
@@ -1843,8 +1954,9 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
         if cluster is None:
             return _json({"status": "ok", "connections": len(registry)})
         # Degraded, not down: clients on this instance are still served.
-        return _json({"status": "ok" if cluster.available else "degraded", "connections": len(registry),
-                      "instance": cluster.instance, "redis": "ok" if cluster.available else "unavailable"})
+        redis = "unavailable" if not cluster.available else "resyncing" if cluster.resyncing else "ok"
+        return _json({"status": "ok" if redis == "ok" else "degraded", "connections": len(registry),
+                      "instance": cluster.instance, "redis": redis, "instances": cluster.instances})
 
     async def metrics(request: Request) -> Response:
         return PlainTextResponse(registry.metrics.render(len(registry), cluster),
