@@ -1036,6 +1036,30 @@ async def test_e2e_a_client_that_pings_and_never_reads_is_cut_off(options: tuple
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(("start", "flood", "reply"), [
+    (b"", bytes((0x8A, 0x80)) + b"\0\0\0\0", (1008, b"rate limit exceeded")),  # empty unsolicited pongs
+    (bytes((0x01, 0x80)) + b"\0\0\0\0", bytes((0x00, 0x80)) + b"\0\0\0\0",  # a message that never ends
+     (1009, b"message in more than 1000 fragments")),
+])
+async def test_e2e_frames_the_engine_handles_alone_are_bounded(start: bytes, flood: bytes,
+                                                                reply: tuple[int, bytes]) -> None:
+    # Empty pongs and continuation frames cost a 6-byte frame each and reached no limit: one client
+    # stalled every other client's replies for seconds, or grew the server by 1 MB/s.
+    with run_server("--log-level", "warning", "--rate-limit", "100", "--rate-burst", "1000") as server:
+        sock, client_id = raw_websocket(server)
+        sock.sendall(start + flood * 2100)
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := await anyio.to_thread.run_sync(sock.recv, 4096):
+                received += chunk
+        code, reason = reply
+        assert received.startswith(bytes((0x88, 2 + len(reason))) + code.to_bytes(2) + reason), received
+        sock.close()
+        await server.wait_until(lambda: server.get(f"/api/clients/{client_id}").status_code == 404,
+                                "the connection to end")
+
+
+@pytest.mark.anyio
 async def test_e2e_a_peer_that_stops_reading_leaves_after_its_keepalive_timeout() -> None:
     # uvicorn closes a peer that misses a keepalive pong by waiting for its whole buffer to drain:
     # for a peer that reads nothing that wait never ended, and it stayed registered, holding the buffer.

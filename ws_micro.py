@@ -450,25 +450,40 @@ class UvicornSocket:
         """Bytes written but not yet taken by the peer's socket, pongs and close frames included."""
         return int(self._transport.get_write_buffer_size())
 
-    def watch(self, pinged: Callable[[], None]) -> None:
-        """Call ``pinged()`` each time the engine has answered one of the peer's pings.
+    def watch(self, handled: Callable[[], None]) -> None:
+        """Call ``handled()`` after each frame the engine handles on its own: pings, pongs, continuations.
 
-        The engine writes a pong for every ping straight to the transport, past
-        every bound of the gateway's: a peer that pings and never reads would
-        grow the server's memory without end.  ``pinged`` sees each pong.
+        The app never sees these, so no bound of the gateway's applied to them: the
+        engine wrote a pong for every ping straight to the transport (a peer that
+        pings and never reads grew the server's memory without end), kept every
+        empty continuation frame of a message that never ends, and spent the event
+        loop on a flood of empty pongs.
         """
         engine = self._engine
-        answer = type(engine).handle_ping
+        engine_class = type(engine)
 
         def handle_ping() -> None:
-            answer(engine)
-            pinged()
+            engine_class.handle_ping(engine)
+            handled()
 
-        engine.handle_ping = handle_ping
+        def handle_pong(frame: Any) -> None:
+            engine_class.handle_pong(engine, frame)
+            handled()
+
+        def handle_cont(frame: Any) -> None:
+            engine_class.handle_cont(engine, frame)
+            handled()
+
+        engine.handle_ping, engine.handle_pong, engine.handle_cont = handle_ping, handle_pong, handle_cont
+
+    def fragments(self) -> int:
+        """Fragments of the message the engine is putting together."""
+        return len(self._engine.frames)
 
     def release(self) -> None:
         """Undo :meth:`watch` once the connection has ended: it ties the engine to the connection."""
-        self._engine.__dict__.pop("handle_ping", None)
+        for name in ("handle_ping", "handle_pong", "handle_cont"):
+            self._engine.__dict__.pop(name, None)
 
     def abort(self) -> None:
         """Drop the connection and what its transport still buffers: the peer takes nothing."""
@@ -686,7 +701,7 @@ class Connection:
         self._tokens = float(settings.rate_burst)
         self._refilled_at = time.monotonic()
         if socket is not None:
-            socket.watch(self._pinged)
+            socket.watch(self._engine_handled)
 
     def send(self, text: str, wire: bytes | None = None) -> bool:
         """Send or queue a text frame; False when the connection is closing or was just cut off.
@@ -752,14 +767,19 @@ class Connection:
         if self._socket is not None:
             self._socket.release()
 
-    def _pinged(self) -> None:
-        """The engine answered a ping: the pong counts against the queue bound, the ping against the rate limit."""
+    def _engine_handled(self) -> None:
+        """The engine handled a frame on its own: it counts against the rate limit, a pong it wrote against
+        the queue bound, and a message may have at most ``rate_burst`` fragments."""
         assert self._socket is not None
-        if self._socket.unsent() > self._settings.max_queue_bytes:
+        settings = self._settings
+        if self._socket.unsent() > settings.max_queue_bytes:
             self.close(CLOSE_POLICY_VIOLATION, "slow consumer", label="slow_consumer", flush=False)
             self._socket.abort()  # it reads nothing: a close frame would wait behind what it never took
-        elif self.take_token() < -self._settings.rate_burst:
+        elif self.take_token() < -settings.rate_burst:
             self.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded", label="rate_limited", flush=False)
+        elif self._socket.fragments() > settings.rate_burst:
+            self.close(CLOSE_MESSAGE_TOO_BIG, f"message in more than {settings.rate_burst} fragments",
+                       label="message_too_big", flush=False)
 
     def _start_writer(self) -> None:
         self._writing = True
