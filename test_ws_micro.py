@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -44,6 +45,8 @@ from ws_micro import Client, Event, Registry, Settings, create_app
 
 HERE = Path(__file__).parent
 LOOPBACK = ("127.0.0.1", 50000)
+LOCAL = "http://localhost"  # a loopback name: without a token, the API answers no other Host
+JSON = {"Content-Type": "application/json"}
 TIMEOUT = 10  # seconds any single wait may take before the test fails
 
 
@@ -64,7 +67,7 @@ def without_message(received: dict[str, Any]) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def gateway(**options: Any) -> Iterator[TestClient]:
-    with TestClient(create_app(**options), client=LOOPBACK) as client:
+    with TestClient(create_app(**options), client=LOOPBACK, base_url=LOCAL) as client:
         yield client
 
 
@@ -170,6 +173,11 @@ def test_api_push_carries_the_recipients_own_id() -> None:
         ('{"event": "join", "client_id": "{me}", "data": {"data": {"room": ""}}}', "invalid_event", "join"),
         ('{"event": "x", "client_id": "{me}", "data": {"data": {}}, "to": "a", "room": "b"}', "invalid_event", "x"),
         ('{"event": "dance", "client_id": "{me}", "data": {"data": {}}}', "unknown_event", "dance"),
+        # 2 KB nested a thousand levels deep: bad input, not a RecursionError and a 1011 close.
+        ('{"event": "ping", "client_id": "{me}", "data": {"data": {"a": ' + "[" * 1000 + "]" * 1000 + "}}}",
+         "invalid_json", None),
+        ('{"event": 1, "data": ' + "[" * 1000 + "]" * 1000 + "}", "invalid_event", None),  # _event_name's decode
+        ('{"event": "x", "client_id": "{me}", "data": {"data": {"a": "\\ud800x"}}}', "invalid_json", None),
     ],
 )
 def test_bad_frames_get_an_error_event_and_the_connection_stays_open(sent: str, code: str, event: str | None) -> None:
@@ -186,6 +194,33 @@ def test_error_messages_say_what_is_wrong() -> None:
         assert "$.data.data" in ws.receive_json()["data"]["data"]["message"]
         ws.send_text(json.dumps(frame("ping", "not-me")))
         assert "'not-me'" in ws.receive_json()["data"]["data"]["message"]
+        lone = '{"event": "x", "client_id": "{me}", "data": {"data": {"a": "\\ud800x"}}}'.replace("{me}", me)
+        ws.send_text(lone)  # msgspec itself says "Input data was truncated"
+        at = lone.index("\\ud800")
+        assert ws.receive_json()["data"]["data"]["message"] == (
+            f"JSON is malformed: \\ud800 (character {at}) is a lone UTF-16 surrogate; "
+            "a string may hold one only as half of a pair")
+        deep = "[" * 2000 + "]" * 2000
+        ws.send_text(f'{{"event": "ping", "client_id": "{me}", "data": {{"data": {{"a": {deep}}}}}}}')
+        assert ws.receive_json()["data"]["data"]["message"] == "JSON is nested too deeply"
+
+
+@pytest.mark.parametrize("name", ["connect", "error", "joined", "left", "pong"])
+def test_clients_cannot_send_the_servers_events(name: str) -> None:
+    # Relayed, a forged "connect" replaced the JS client's id, and a forged "pong" fed a dead connection's keepalive.
+    with gateway() as client, connected(client) as (a, id_a), connected(client) as (b, id_b):
+        for ws, me in ((a, id_a), (b, id_b)):
+            ws.send_json(frame("join", me, {"room": "r"}))
+            ws.receive_json()
+        for routing in ({"to": id_b}, {"to": id_a}, {"room": "r"}, {}):
+            a.send_json(frame(name, id_a, {"message": "forged"}, **routing))
+            a.send_json(frame("ping", id_a))  # relays get no reply: without the error, the pong comes first
+            reply = a.receive_json()
+            assert f"{name!r} is sent by the server only" in reply["data"]["data"]["message"]
+            assert without_message(reply) == error(id_a, "invalid_event", name)
+            assert a.receive_json() == frame("pong", id_a)
+        a.send_json(frame("chat", id_a, to=id_b))  # frames to B keep their order: nothing came before this
+        assert b.receive_json() == frame("chat", id_a, to=id_b)
 
 
 def test_room_limits_are_enforced() -> None:
@@ -293,6 +328,9 @@ def test_a_failing_handler_is_logged_and_only_its_sender_is_told(caplog: pytest.
 def test_builtin_events_cannot_be_overridden() -> None:
     with pytest.raises(ValueError, match="'ping' is a built-in event"):
         Registry().on("ping")
+    for name in ("connect", "error", "pong", "joined", "left"):
+        with pytest.raises(ValueError, match=f"'{name}' is sent by the server only"):
+            Registry().on(name)
 
 
 def test_embedded_in_a_host_app_that_calls_the_registry() -> None:
@@ -304,7 +342,8 @@ def test_embedded_in_a_host_app_that_calls_the_registry() -> None:
         return JSONResponse({"sent": delivered})
 
     host = Starlette(routes=[Route("/notify", notify, methods=["POST"]), Mount("/rt", app=gateway_app)])
-    with TestClient(host, client=LOOPBACK) as client, client.websocket_connect("/rt/ws/py_client") as ws:
+    with (TestClient(host, client=LOOPBACK, base_url=LOCAL) as client,
+          client.websocket_connect("/rt/ws/py_client") as ws):
         me = ws.receive_json()["client_id"]
         assert client.post("/notify").json() == {"sent": 1}
         assert ws.receive_json() == frame("host_news", me, {"path": "/notify"})
@@ -397,12 +436,36 @@ def test_api_errors_are_json_with_a_code_and_message(method: str, path: str, bod
                                                       code: str) -> None:
     with gateway(max_message_size=150) as client:
         content = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
-        response = client.request(method, path, content=content)
+        response = client.request(method, path, content=content, headers=JSON if content else {})
         assert response.status_code == status
         assert response.json()["error"]["code"] == code
         assert response.json()["error"]["message"]
         if status == 405:
             assert response.headers["allow"] == "POST"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"event": "x", "data": {"data": {"a": "caf\xe9"}}}', "the body is not UTF-8: b'\\xe9' at byte {\xe9}"),
+        (b'{"ev\xffent": "x", "data": {"data": {}}}',  # was 422, missing field "event"
+         "the body is not UTF-8: b'\\xff' at byte {\xff}"),
+        (b'{"event": "x", "data": {"data": {}}, "extra": "\xed\xa0\x80"}',  # was 202: msgspec skips unknown fields
+         "the body is not UTF-8: b'\\xed' at byte {\xed}"),
+        (b'{"event": "x", "data": {"data": {"a": ' + b"[" * 1000 + b"]" * 1000 + b"}}}", "JSON is nested too deeply"),
+        (b'{"event": "x", "data": {"data": {"a": "\\ud800x"}}}',
+         "JSON is malformed: \\ud800 (character 39) is a lone UTF-16 surrogate; a string may hold one only as half "
+         "of a pair"),
+    ],
+)
+def test_api_bad_bodies_are_400_and_say_what_is_wrong(body: bytes, message: str) -> None:
+    for bad in (b"\xe9", b"\xff", b"\xed"):  # where the bad byte is
+        if bad in body:
+            message = message.replace("{" + bad.decode("latin-1") + "}", str(body.index(bad)))
+    with gateway() as client:
+        response = client.post("/api/broadcast", content=body, headers=JSON)
+        assert (response.status_code, response.json()["error"]["code"]) == (400, "invalid_json")
+        assert response.json()["error"]["message"].startswith(message)
 
 
 def test_api_validation_error_names_the_field() -> None:
@@ -416,8 +479,98 @@ def test_api_without_token_answers_loopback_only() -> None:
         response = remote.get("/api/clients")
         assert response.status_code == 403
         assert response.json()["error"]["code"] == "forbidden"
-    with TestClient(create_app(), client=("::1", 4000)) as local:
+    with TestClient(create_app(), client=("::1", 4000), base_url=LOCAL) as local:
         assert local.get("/api/clients").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("host", "answered"),
+    [
+        ("localhost", True), ("localhost:8000", True), ("LocalHost:8000", True), ("app.localhost:8000", True),
+        ("127.0.0.1:8000", True), ("127.8.9.10", True), ("[::1]:8000", True), ("[::1]", True),
+        ("evil.example", False), ("evil.example:8000", False), ("localhost.evil.example", False),
+        ("127.0.0.1.nip.io", False), ("192.0.2.7:8000", False), ("[::2]:8000", False), ("::1", False),
+        ("localhost:http", False), ("", False),
+    ],
+)
+def test_api_without_token_answers_requests_for_a_loopback_name_only(host: str, answered: bool) -> None:
+    # A DNS-rebinding page reaches us from loopback, but under its own name: Host: evil.example.
+    with gateway() as client:
+        response = client.get("/api/clients", headers={"Host": host})
+        if answered:
+            assert response.status_code == 200
+        else:
+            assert (response.status_code, response.json()["error"]["code"]) == (403, "forbidden")
+            assert f"not Host {host!r}" in response.json()["error"]["message"]
+    with TestClient(create_app(api_token="t"), headers={"Authorization": "Bearer t", "Host": host}) as client:
+        assert client.get("/api/clients").status_code == 200  # with a token, the token decides
+
+
+@pytest.mark.parametrize("header", ["X-Forwarded-For", "Forwarded", "X-Real-IP"])
+def test_api_without_token_refuses_proxied_requests(header: str) -> None:
+    with gateway() as client:
+        response = client.get("/api/clients", headers={header: "127.0.0.1"})
+        assert (response.status_code, response.json()["error"]["code"]) == (403, "forbidden")
+        assert f"has {header.lower()!r}" in response.json()["error"]["message"]
+    with TestClient(create_app(api_token="t"), headers={"Authorization": "Bearer t"}) as client:
+        assert client.get("/api/clients", headers={header: "127.0.0.1"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("headers", "allowed"),
+    [
+        ({"Origin": "http://evil.example"}, False),
+        ({"Origin": "null"}, False),  # a sandboxed frame, a file:// page
+        ({"Origin": "http://localhost:3000"}, False),  # another port: another origin
+        ({"Sec-Fetch-Site": "cross-site"}, False),  # a GET from another site's page carries no Origin
+        ({"Sec-Fetch-Site": "same-site"}, False),  # another port or subdomain of this site: any local dev server
+        ({"Origin": "http://evil.example", "Sec-Fetch-Site": "same-origin"}, False),
+        ({"Origin": LOCAL}, True),  # the page served beside the API
+        ({"Origin": LOCAL, "Sec-Fetch-Site": "same-origin"}, True),
+        ({"Sec-Fetch-Site": "none"}, True),  # typed in the address bar
+        ({"Origin": "https://app.example", "Sec-Fetch-Site": "cross-site"}, True),  # listed in allowed_origins
+    ],
+)
+def test_api_refuses_requests_from_other_sites_pages(headers: dict[str, str], allowed: bool) -> None:
+    for token in (None, "t"):  # a token does not make another site's page welcome
+        auth = {"Authorization": "Bearer t"} if token else {}
+        with (gateway(api_token=token, allowed_origins=("https://app.example",)) as client,
+              connected(client) as (ws, me)):
+            for method, path, body in (("GET", "/api/clients", None),
+                                       ("POST", "/api/broadcast", {"event": "forged", "data": {"data": {}}}),
+                                       ("DELETE", f"/api/clients/{me}", None)):
+                response = client.request(method, path, json=body, headers={**headers, **auth})
+                if allowed:
+                    assert response.status_code in (200, 202), (method, response.text)
+                else:
+                    assert (response.status_code, response.json()["error"]["code"]) == (403, "forbidden"), method
+                    assert response.json()["error"]["message"]
+            if allowed:
+                assert ws.receive_json()["event"] == "forged"
+                with pytest.raises(WebSocketDisconnect):  # kicked
+                    ws.receive_json()
+            else:  # neither broadcast nor kicked: the next frame is the reply to a ping
+                ws.send_json(frame("ping", me))
+                assert ws.receive_json() == frame("pong", me)
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "application/jsonp"])
+def test_api_pushes_must_be_sent_as_json(content_type: str | None) -> None:
+    # text/plain and forms are what a page may POST to any site without a CORS preflight.
+    body = b'{"event": "forged", "data": {"data": {}}}'
+    for token in (None, "t"):
+        auth = {"Authorization": "Bearer t"} if token else {}
+        with gateway(api_token=token) as client, connected(client) as (ws, me):
+            for path in ("/api/broadcast", "/api/rooms/r", f"/api/clients/{me}"):
+                headers = {**auth, **({"Content-Type": content_type} if content_type else {})}
+                response = client.post(path, content=body, headers=headers)
+                assert (response.status_code, response.json()["error"]["code"]) == (415, "unsupported_media_type")
+                assert repr(content_type) in response.json()["error"]["message"]
+            for json_type in ("application/json", "Application/JSON; charset=utf-8"):
+                response = client.post(f"/api/clients/{me}", content=body, headers={**auth, "Content-Type": json_type})
+                assert response.status_code == 202
+                assert ws.receive_json() == frame("forged", me)
 
 
 def test_api_with_token_needs_the_bearer_token_from_anywhere() -> None:
@@ -460,7 +613,7 @@ def test_healthz_and_metrics_in_prometheus_text_format() -> None:
     ("allowed", "origin", "accepted"),
     [
         ((), None, True),  # not a browser
-        ((), "http://testserver", True),  # same origin as the Host header
+        ((), "http://testserver", True),  # same origin as the Host header (TestClient's, for WebSockets)
         ((), "http://evil.example", False),
         ((), "null", False),
         (("https://app.example",), "https://app.example", True),
@@ -1245,6 +1398,89 @@ async def test_python_client_class_sends_and_iterates(server: Server) -> None:
         assert b.close_code == 1000
 
 
+@pytest.mark.anyio
+async def test_e2e_json_nested_at_any_depth_is_bad_input_never_an_internal_error(server: Server) -> None:
+    # The interpreter's recursion limit stops msgspec somewhere near 1,000 levels, depending on the stack
+    # depth it starts at: try every depth around it, for the frame decode, pong's re-encode and the API.
+    async with ws_client(server.ws) as (ws, me):
+        for depth in range(850, 1050):
+            nested = "[" * depth + "]" * depth
+            await ws.send(f'{{"event": "ping", "client_id": "{me}", "data": {{"data": {{"a": {nested}}}}}}}')
+            reply = str(await recv_text(ws))  # too deep for the json module to read back: look at its start
+            if not reply.startswith(f'{{"event":"pong","client_id":"{me}"'):
+                assert json.loads(reply)["data"]["data"] == {
+                    "code": "invalid_json", "message": "JSON is nested too deeply", "event": None}, depth
+            status = server.post(f"/api/clients/{me}", None, content=f'{{"event": "n", "data": {{"data": {{"a": '
+                                 f'{nested}}}}}}}', headers=JSON).status_code
+            assert status in (202, 400), depth
+            if status == 202:
+                assert str(await recv_text(ws)).startswith('{"event":"n"')
+        assert not reply.startswith('{"event":"pong"')  # the deepest ones were refused
+    assert server.metric("ws_micro_disconnects_total", reason="internal_error") == 0
+
+
+def non_loopback_address() -> str:
+    """This machine's address on its network: a peer connecting from it is not on loopback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing interface
+        address = str(probe.getsockname()[0])
+    assert not address.startswith("127."), "the proxy-headers test needs a non-loopback interface"
+    return address
+
+
+def test_e2e_without_token_x_forwarded_for_cannot_make_a_peer_loopback() -> None:
+    # Behind uvicorn's --proxy-headers trusting every peer, X-Forwarded-For: 127.0.0.1 used to make any peer
+    # look local. The server listens on every interface here, and we call it from a non-loopback address.
+    with run_server("--log-level", "warning", "--host", "0.0.0.0", "--proxy-headers", "--forwarded-allow-ips", "*",
+                    uvicorn_app=True) as server:
+        remote = f"http://{non_loopback_address()}:{server.port}"
+        local = {"Host": f"localhost:{server.port}"}
+        for forged in ({"X-Forwarded-For": "127.0.0.1"}, {"X-Real-IP": "127.0.0.1"},
+                       {"Forwarded": "for=127.0.0.1"}, {}):
+            response = httpx.get(f"{remote}/api/clients", headers={**local, **forged}, timeout=TIMEOUT)
+            assert (response.status_code, response.json()["error"]["code"]) == (403, "forbidden"), forged
+            deleted = httpx.delete(f"{remote}/api/clients/x", headers={**local, **forged}, timeout=TIMEOUT)
+            assert deleted.status_code == 403, forged
+        assert server.get("/api/clients").status_code == 200  # a program on this machine, no proxy: served
+
+
+@contextlib.contextmanager
+def relaying_gateway(*frames: dict[str, Any]) -> Iterator[str]:
+    """A WebSocket server that sends ``frames`` to whoever connects, as a gateway that relays any event name would."""
+    from websockets.sync.server import ServerConnection, serve
+
+    def handler(ws: ServerConnection) -> None:
+        for sent in frames:
+            ws.send(json.dumps(sent))
+        for _ in ws:  # keep the connection open until the client leaves
+            pass
+
+    with serve(handler, "127.0.0.1", 0) as relaying:
+        thread = threading.Thread(target=relaying.serve_forever)
+        thread.start()
+        try:
+            yield f"ws://127.0.0.1:{relaying.socket.getsockname()[1]}/ws/py_client"
+        finally:
+            relaying.shutdown()
+            thread.join(TIMEOUT)
+
+
+MINE, FORGER = "11111111-1111-4111-8111-111111111111", "22222222-2222-4222-8222-222222222222"
+FORGERY = (frame("connect", MINE, {"message": "connection request granted"}),
+           frame("connect", FORGER, {"message": "connection request granted"}, to=MINE),
+           frame("chat", FORGER, {"text": "after the forgery"}, to=MINE))
+
+
+@pytest.mark.anyio
+async def test_python_client_trusts_only_the_first_connect_frame() -> None:
+    with relaying_gateway(*FORGERY) as url:
+        async with Client(url) as client:
+            with anyio.fail_after(TIMEOUT):
+                event = await client.recv()
+            assert (event.event, event.data.data) == ("chat", {"text": "after the forgery"})
+            assert client.client_id == MINE
+
+
 async def _take(client: Client, n: int) -> AsyncIterator[Event]:
     async for event in client:
         yield event
@@ -1481,6 +1717,54 @@ def test_browser_page_reconnects_and_rejoins_its_room_after_a_restart(browser: B
             "delivered": 1}
         log_entry(page, '{"n":1}')
         assert_rendered(page, tmp_path / "reconnected.png")
+
+
+def test_browser_page_refuses_forged_server_events(browser: Browser) -> None:
+    with run_server("--log-level", "warning") as server:
+        a, b = open_console(browser, server), open_console(browser, server)
+        id_b = client_id_of(b)
+        for name in ("connect", "pong"):  # the gateway refuses to relay them
+            send_from(a, "client", id_b, name, '{"message": "connection request granted"}')
+            assert f"'{name}' is sent by the server only" in log_entry(a, f"invalid_event: '{name}'").inner_text()
+        send_from(a, "client", id_b, "chat", '{"text": "after the forgeries"}')
+        log_entry(b, "after the forgeries")  # frames from A arrive in order: nothing of A's came before it
+        assert b.locator("#log li", has_text="connect").count() == 1  # its own
+        assert client_id_of(b) == id_b
+        assert b.evaluate("window.wsMicroClient.clientId") == id_b
+    # A gateway without that check relays them: the page still keeps its id, and can still send.
+    with relaying_gateway(*FORGERY) as url, run_server("--log-level", "warning") as server:
+        page = browser.new_context().new_page()
+        page.goto(f"{server.http}/?ws={url}")
+        log_entry(page, "after the forgery")
+        assert client_id_of(page) == MINE
+        assert page.evaluate("window.wsMicroClient.clientId") == MINE
+
+
+def test_browser_pages_of_other_sites_cannot_drive_the_api(tmp_path: Path) -> None:
+    # evil.example resolves to this machine, as it would after a DNS rebinding.
+    with (sync_playwright() as playwright, run_server("--log-level", "warning") as server):
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            *CHROMIUM_ARGS, "--host-resolver-rules=MAP evil.example 127.0.0.1"])
+        try:
+            own = open_console(chromium, server)
+            rebound = chromium.new_context().new_page()
+            rebound.goto(f"http://evil.example:{server.port}/")  # its own origin: the WebSocket is same-origin
+            rebound.locator("#clients-note", has_text="403").wait_for(timeout=TIMEOUT * 1000)
+            # Requests a page may send anywhere without a CORS preflight: text/plain POSTs.
+            for target in (f"http://127.0.0.1:{server.port}", f"http://evil.example:{server.port}"):
+                status = rebound.evaluate("""async (url) => {
+                    const response = await fetch(url + "/api/broadcast", {method: "POST", mode: "no-cors",
+                      headers: {"Content-Type": "text/plain"}, body: '{"event":"forged","data":{"data":{}}}'});
+                    return response.status;  // 0 when opaque (cross-origin)
+                }""", target)
+                assert status in (0, 403, 415)
+            send_from(own, "builtin", "", "ping", '{"n": 1}')  # had a broadcast gone out, it would come first
+            log_entry(own, '{"n":1}')
+            assert own.locator("#log li", has_text="forged").count() == 0
+            own.locator("#refresh").click()  # the page's own, same-origin use goes on
+            own.locator("#clients-note", has_text="2 connected").wait_for(timeout=TIMEOUT * 1000)
+        finally:
+            chromium.close()
 
 
 def test_browser_page_fits_a_phone_and_works_without_the_api(browser: Browser, tmp_path: Path) -> None:

@@ -56,6 +56,7 @@ import inspect
 import ipaddress
 import logging
 import os
+import re
 import signal
 import socket
 import struct
@@ -66,7 +67,7 @@ import types
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Self, get_type_hints
+from typing import Any, Self, TypeVar, get_type_hints
 from urllib.parse import urlsplit
 
 import anyio
@@ -117,6 +118,9 @@ UNKNOWN_EVENT = "unknown_event"
 RATE_LIMITED = "rate_limited"
 INTERNAL_ERROR = "internal_error"
 BACKEND_UNAVAILABLE = "backend_unavailable"  # cluster mode: the instance of the recipients cannot be reached
+# Sidecar API only.
+FORBIDDEN = "forbidden"
+UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
 ERROR_CODES = (INVALID_JSON, INVALID_EVENT, CLIENT_ID_MISMATCH, UNKNOWN_CLIENT, NOT_IN_ROOM,
                UNKNOWN_EVENT, RATE_LIMITED, INTERNAL_ERROR, BACKEND_UNAVAILABLE)
 
@@ -315,6 +319,51 @@ Handler = Callable[[str, Event], Awaitable[None]]
 _decode_event = msgspec.json.Decoder(Event).decode
 _decode_push = msgspec.json.Decoder(Push).decode
 _encode = msgspec.json.Encoder().encode
+
+_T = TypeVar("_T")
+
+
+def _decode(decode: Callable[[str], _T], text: str) -> _T:
+    """``decode(text)``, raising ``msgspec.DecodeError`` for every kind of bad JSON.
+
+    msgspec recurses once per level of nesting, so a few KB of ``[[[[...`` reach
+    the interpreter's recursion limit: that is bad input too, not an internal error.
+    """
+    try:
+        return decode(text)
+    except RecursionError:
+        raise msgspec.DecodeError("JSON is nested too deeply") from None
+    except msgspec.DecodeError as exc:
+        # msgspec reports a lone surrogate (a "\ud800" escape not followed by its pair) as
+        # "Input data was truncated", which sends the reader looking for a cut-off frame.
+        lone = _lone_surrogate(text) if str(exc) == "Input data was truncated" or "surrogate" in str(exc) else None
+        if lone is None:
+            raise
+        escape, position = lone
+        raise msgspec.DecodeError(f"JSON is malformed: {escape} (character {position}) is a lone UTF-16 "
+                                  "surrogate; a string may hold one only as half of a pair") from None
+
+
+_SURROGATE_ESCAPE = re.compile(r"(\\+)u([dD][89a-fA-F][0-9a-fA-F]{2})")
+
+
+def _lone_surrogate(text: str) -> tuple[str, int] | None:
+    """The first ``\\uD800``-``\\uDFFF`` escape in ``text`` that is not half of a pair, and where it is."""
+    lone: re.Match[str] | None = None
+    pending: re.Match[str] | None = None  # a high surrogate, whose low half must come right after it
+    for match in _SURROGATE_ESCAPE.finditer(text):
+        if len(match[1]) % 2 == 0:  # an escaped backslash, then a plain "u"
+            continue
+        is_low = int(match[2], 16) >= 0xDC00
+        if pending is not None and is_low and len(match[1]) == 1 and match.start() == pending.end():
+            pending = None  # a pair: one character
+        elif pending is not None or is_low:
+            lone = pending or match
+            break
+        else:
+            pending = match
+    lone = lone or pending
+    return None if lone is None else (lone[0][-6:], lone.end() - 6)
 
 
 class Frame:
@@ -876,6 +925,8 @@ class Registry:
         """Register ``async def handler(client_id, event)`` for frames named ``event``."""
         if event in BUILTIN_EVENTS:
             raise ValueError(f"{event!r} is a built-in event and cannot have a handler")
+        if event in SERVER_EVENTS:
+            raise ValueError(f"{event!r} is sent by the server only and cannot have a handler")
 
         def register(handler: Handler) -> Handler:
             self.handlers[event] = handler
@@ -1538,7 +1589,12 @@ class Cluster:
 # WebSocket endpoint
 # --------------------------------------------------------------------------
 
+# Event names the protocol gives a meaning: the ones clients send the server (built-ins), and the
+# ones only the server sends.  Neither kind can have a handler.  Clients may not send the server's:
+# relayed, a forged "connect" would replace the receiver's id and a forged "pong" would keep a dead
+# connection's keepalive content.
 BUILTIN_EVENTS = frozenset({"ping", "echo", "join", "leave"})
+SERVER_EVENTS = frozenset({"connect", "error", "pong", "joined", "left"})
 
 
 class Gateway:
@@ -1595,18 +1651,12 @@ class Gateway:
 
     def _refusal(self, websocket: WebSocket) -> tuple[int, str, str] | None:
         origin = websocket.headers.get("origin")
-        if origin is not None and not self._origin_allowed(origin, websocket.headers.get("host", "")):
+        if origin is not None and not _origin_allowed(origin, websocket.headers.get("host", ""),
+                                                      self.settings.allowed_origins):
             return 403, "origin", f"origin {origin!r} is not allowed"
         if len(self.registry) + self._handshakes + self.waiting >= self.settings.max_connections:
             return 503, "full", f"server is full ({self.settings.max_connections} connections)"
         return None
-
-    def _origin_allowed(self, origin: str, host: str) -> bool:
-        allowed = self.settings.allowed_origins
-        if "*" in allowed or origin in allowed:
-            return True
-        # Same-origin pages may always connect (the browser page served beside us).
-        return urlsplit(origin).netloc.lower() == host.lower() != ""
 
     async def _read(self, connection: Connection, receive: Receive) -> None:
         """Handle frames until the peer leaves or the connection starts closing."""
@@ -1645,7 +1695,7 @@ class Gateway:
                             f"more than {settings.rate_limit:g} messages per second", None)
             return
         try:
-            event = _decode_event(text)
+            event = _decode(_decode_event, text)
         except msgspec.ValidationError as exc:
             self._error(connection, INVALID_EVENT, str(exc), _event_name(text))
             return
@@ -1656,6 +1706,8 @@ class Gateway:
         if event.client_id != connection.id:
             self._error(connection, CLIENT_ID_MISMATCH,
                         f"client_id must be this connection's id, but got {event.client_id!r}", event.event)
+        elif event.event in SERVER_EVENTS:
+            self._error(connection, INVALID_EVENT, f"{event.event!r} is sent by the server only", event.event)
         elif event.to is not None and event.room is not None:
             self._error(connection, INVALID_EVENT, "set 'to' or 'room', not both", event.event)
         elif event.to is not None or event.room is not None:
@@ -1725,6 +1777,13 @@ class Gateway:
 
 
 
+def _origin_allowed(origin: str, host: str, allowed: tuple[str, ...]) -> bool:
+    if "*" in allowed or origin in allowed:
+        return True
+    # Same-origin pages may always connect (the browser page served beside us).
+    return urlsplit(origin).netloc.lower() == host.lower() != ""
+
+
 def _peer_reason(code: int) -> str:
     match code:
         case 1000 | 1001:
@@ -1742,7 +1801,7 @@ def _peer_reason(code: int) -> str:
 def _event_name(text: str) -> str | None:
     """The ``event`` of an envelope that failed validation, if it has a string one."""
     try:
-        value = msgspec.json.decode(text)
+        value = _decode(msgspec.json.decode, text)
     except msgspec.DecodeError:
         return None
     name = value.get("event") if isinstance(value, dict) else None
@@ -1787,27 +1846,42 @@ def api_routes(registry: Registry, settings: Settings) -> list[Route]:
 
     def guarded(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
         async def check(request: Request) -> Response:
+            refusal = _cross_site(request, settings.allowed_origins)
+            if refusal is not None:
+                return _api_error(403, FORBIDDEN, refusal)
             if settings.api_token is not None:
                 scheme, _, token = request.headers.get("authorization", "").partition(" ")
                 if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.api_token.encode()):
                     response = _api_error(401, "unauthorized", "send 'Authorization: Bearer <token>'")
                     response.headers["WWW-Authenticate"] = "Bearer"
                     return response
-            elif not _is_loopback(request):
-                return _api_error(403, "forbidden",
-                                  "without WS_MICRO_API_TOKEN the API answers loopback clients only")
+            else:
+                refusal = _not_local(request)
+                if refusal is not None:
+                    return _api_error(403, FORBIDDEN, f"without WS_MICRO_API_TOKEN {refusal}")
             return await endpoint(request)
 
         return check
 
     async def read_push(request: Request) -> Push | Response:
+        # Only JSON: a page may POST text/plain or a form to any site without asking (no CORS
+        # preflight), but not application/json.
+        content_type = request.headers.get("content-type")
+        if (content_type or "").partition(";")[0].strip().lower() != "application/json":
+            return _api_error(415, UNSUPPORTED_MEDIA_TYPE,
+                              f"send a push with Content-Type: application/json, not {content_type!r}")
         body = b""
         async for chunk in request.stream():
             body += chunk
             if len(body) > settings.max_message_size:
                 return _api_error(413, "too_large", f"body larger than {settings.max_message_size} bytes")
         try:
-            return _decode_push(body)
+            text = body.decode()
+        except UnicodeDecodeError as exc:
+            return _api_error(400, INVALID_JSON, f"the body is not UTF-8: {body[exc.start:exc.end]!r} "
+                                                 f"at byte {exc.start} ({exc.reason})")
+        try:
+            return _decode(_decode_push, text)
         except msgspec.ValidationError as exc:
             return _api_error(422, INVALID_EVENT, str(exc))
         except msgspec.DecodeError as exc:
@@ -1869,6 +1943,67 @@ def api_routes(registry: Registry, settings: Settings) -> list[Route]:
 
 def _unknown_client(request: Request) -> Response:
     return _api_error(404, UNKNOWN_CLIENT, f"no client with id {request.path_params['client_id']!r}")
+
+
+def _cross_site(request: Request, allowed_origins: tuple[str, ...]) -> str | None:
+    """Why a request comes from another site's page, which must not drive the API; None if it does not.
+
+    Browsers say where a request comes from: ``Origin`` (on every POST and DELETE) and
+    ``Sec-Fetch-Site``.  Programs send neither, and the page served beside the API
+    is same-origin.
+    """
+    origin = request.headers.get("origin")
+    if origin is not None:
+        if not _origin_allowed(origin, request.headers.get("host", ""), allowed_origins):
+            return f"origin {origin!r} is not allowed"
+        if origin in allowed_origins or "*" in allowed_origins:
+            return None  # listed: a browser calls it cross-site or same-site, and that is the point
+    site = request.headers.get("sec-fetch-site")
+    if site in ("cross-site", "same-site"):  # same-site: another port or subdomain, e.g. any dev server
+        return f"requests from other sites' pages are refused (Sec-Fetch-Site: {site})"
+    return None
+
+
+_PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+
+
+def _not_local(request: Request) -> str | None:
+    """Why a request without a token is refused; None if it comes from this machine.
+
+    The peer's address alone is not enough: behind a proxy (or uvicorn's
+    ``--proxy-headers`` trusting every peer) it is the proxy's, or whatever
+    ``X-Forwarded-For`` claims; and a DNS-rebinding page on this machine reaches
+    us from loopback under its own host name.
+    """
+    for header in _PROXY_HEADERS:
+        if header in request.headers:
+            return f"the API refuses proxied requests (this one has {header!r}); behind a proxy, set a token"
+    host = request.headers.get("host", "")
+    if not _is_loopback_host(host):
+        return f"the API answers requests for a loopback name only, not Host {host!r}"
+    if not _is_loopback(request):
+        return "the API answers loopback clients only"
+    return None
+
+
+def _is_loopback_host(host: str) -> bool:
+    """Whether a Host header names this machine: localhost, *.localhost, 127.x.x.x or [::1], with any port."""
+    host = host.lower()
+    if host.startswith("["):  # [::1] or [::1]:8000
+        name, bracket, port = host[1:].partition("]")
+        if not bracket or (port and not port.startswith(":")):
+            return False
+        port = port[1:]
+    else:
+        name, _, port = host.partition(":")
+    if port and not (port.isascii() and port.isdigit()):
+        return False
+    if name == "localhost" or name.endswith(".localhost"):  # browsers resolve these to loopback themselves
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback and (":" in name) == host.startswith("[")
+    except ValueError:
+        return False
 
 
 def _is_loopback(request: Request) -> bool:
@@ -2219,7 +2354,7 @@ class Client:
 
         self._connection = await connect(self.url, **self._connect_options)
         self.connect_frame = await self.recv_text()
-        event = _decode_event(self.connect_frame)
+        event = _decode(_decode_event, self.connect_frame)
         if event.event != "connect":
             await self.close()
             raise ConnectionError(f"expected a connect frame, but got {event.event!r}")
@@ -2246,7 +2381,17 @@ class Client:
         return text
 
     async def recv(self) -> Event:
-        return _decode_event(await self.recv_text())
+        """The next event; a ``connect`` frame after the first one is skipped.
+
+        Only the first frame of a connection is the server's ``connect``.  A later one
+        was relayed from another client (a gateway without the server-event check
+        relays any event name), and says nothing about this connection.
+        """
+        while True:
+            event = _decode(_decode_event, await self.recv_text())
+            if event.event != "connect":
+                return event
+            logger.warning("ignored a connect frame from %r that was not the first frame", event.client_id)
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         from websockets.exceptions import ConnectionClosedOK
@@ -2299,7 +2444,7 @@ async def run_client(url: str, linger: float) -> int:
             if not line.strip():
                 continue
             try:
-                message = msgspec.json.decode(line)
+                message = _decode(msgspec.json.decode, line)
             except msgspec.DecodeError:
                 message = None
             if not isinstance(message, dict):

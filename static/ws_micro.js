@@ -38,6 +38,7 @@ export class Client {
     this._handlers = new Map(); // event name (or "*") -> Set of functions
     this._stateHandlers = new Set();
     this._socket = null;
+    this._greeted = false; // the current connection's first frame (its connect) has arrived
     this._attempt = 0;
     this._stopped = true;
     this._timers = { reconnect: 0, ping: 0, pong: 0 };
@@ -105,6 +106,7 @@ export class Client {
       return;
     }
     this._socket = socket;
+    this._greeted = false;
     socket.onmessage = (message) => this._receive(message.data);
     socket.onclose = (event) => this._closed(socket, event);
   }
@@ -115,6 +117,15 @@ export class Client {
       frame = JSON.parse(text);
     } catch {
       return; // the gateway sends JSON only
+    }
+    const first = !this._greeted;
+    this._greeted = true;
+    if (frame.event === "connect" && !first) {
+      // Only a connection's first frame is the server's connect. A later one was relayed from
+      // another client (a gateway without the server-event check relays any name): taken as
+      // ours, its id would replace ours and the server would refuse everything we send.
+      console.warn("ws_micro: ignored a connect frame that was not the first, from", frame.client_id);
+      return;
     }
     if (frame.event === "connect") {
       this.clientId = frame.client_id;
