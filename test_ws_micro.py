@@ -1285,7 +1285,7 @@ async def test_e2e_invalid_utf8_closes_with_1007_and_logs_one_line(tmp_path: Pat
 
 @pytest.mark.anyio
 async def test_e2e_stalled_handshakes_time_out_and_count_against_max_connections() -> None:
-    with run_server("--log-level", "warning", "--handshake-timeout", "1", "--max-connections", "20") as server:
+    with run_server("--log-level", "warning", "--handshake-timeout", "3", "--max-connections", "20") as server:
         stalled = [socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) for _ in range(20)]
         for sock in stalled:
             sock.sendall(b"GET /ws/py_client HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # half a handshake
@@ -1308,8 +1308,7 @@ async def test_e2e_stalled_handshakes_time_out_and_count_against_max_connections
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert (await anyio.to_thread.run_sync(sock.recv, 4096)).startswith(b"HTTP/1.1 200 OK\r\n")
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-            with anyio.fail_after(3):
-                assert await anyio.to_thread.run_sync(sock.recv, 4096) == b""
+            assert await anyio.to_thread.run_sync(sock.recv, 4096) == b""  # the socket times out first if not
 
 
 @pytest.mark.anyio
