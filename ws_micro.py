@@ -2045,6 +2045,7 @@ class _QuietFilter(logging.Filter):
             record.msg = "Invalid UTF-8 sequence received from a client; closed with 1007"
             record.exc_info = record.exc_text = None
             record.levelno, record.levelname = logging.INFO, "INFO"
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)  # it passed as an ERROR
         return True
 
 
