@@ -482,7 +482,7 @@ class UvicornSocket:
             request.headers.clear()  # websockets' parser holds on to the request too
             del protocol.request, protocol.response
         scope["headers"] = []
-        found = cls(protocol, OPEN)
+        found = cls(protocol, OPEN)  # it keeps the transport itself: direct writes need no wrapper
         protocol.transport = _ResettingTransport(protocol.transport, settings.close_timeout)  # type: ignore[assignment]
         return found
 
@@ -574,17 +574,11 @@ class _ResettingTransport:
                                                               max(int(self._timeout * 1000), 1))
         transport.close()
         if transport.get_write_buffer_size():
-            asyncio.get_running_loop().call_later(self._timeout, _reset_if_stuck, transport)
-
-
-def _reset_if_stuck(transport: Any) -> None:
-    with contextlib.suppress(Exception):  # a transport that closed meanwhile may refuse the question
-        if transport.get_write_buffer_size():  # still open, still waiting for the peer to read
-            _reset(transport)
+            asyncio.get_running_loop().call_later(self._timeout, _reset, transport)
 
 
 def _reset(transport: Any) -> None:
-    """Drop a connection with a TCP reset.
+    """Drop a connection with a TCP reset; nothing, if it has closed meanwhile.
 
     A plain close of a socket with unsent data leaves it in FIN-WAIT-1, holding
     that data in the kernel until the peer reads it or TCP gives up (minutes):
