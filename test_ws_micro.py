@@ -39,6 +39,7 @@ from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Origin
 
 import ws_micro
 from ws_micro import Client, Event, Registry, Settings, create_app
@@ -1289,6 +1290,31 @@ async def test_e2e_invalid_utf8_closes_with_1007_and_logs_one_line(tmp_path: Pat
         sock.close()
     text = log.read_text()
     assert "Invalid UTF-8" in text and "Traceback" not in text
+
+
+@pytest.mark.anyio
+async def test_e2e_what_clients_make_uvicorn_log_is_one_line_per_10_seconds(tmp_path: Path) -> None:
+    # uvicorn writes a line for each of these: 20,000 pipelined requests wrote 20,000 lines.
+    log = tmp_path / "server.log"
+    with run_server("--log-level", "warning", log=log) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+                         * 2000)
+            answered = b""
+            while answered.count(b"HTTP/1.1 200 OK") < 2000:
+                answered += await anyio.to_thread.run_sync(sock.recv, 1 << 16)
+        for _ in range(50):
+            with pytest.raises(InvalidStatus):  # each logs uvicorn's spurious handshake ERROR
+                async with connect(server.ws, origin=Origin("https://evil.example")):
+                    pass
+            with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
+                sock.sendall(b"NOT HTTP\r\n\r\n")
+                assert (await anyio.to_thread.run_sync(sock.recv, 4096)).startswith(b"HTTP/1.1 400 ")
+    lines = log.read_text().splitlines()
+    for line in ("Unsupported upgrade request", "Invalid HTTP request received",
+                 "ASGI callable returned without completing handshake"):
+        assert sum(line in logged for logged in lines) == 1, lines
+    assert len(lines) < 20, lines
 
 
 @pytest.mark.anyio

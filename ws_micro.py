@@ -2031,20 +2031,59 @@ def _raise_descriptor_limit() -> int:
     return max(soft - DESCRIPTOR_RESERVE, 1)
 
 
-class _QuietFilter(logging.Filter):
-    """One short line for a log record that any client can make uvicorn write with a traceback."""
+class _Throttle:
+    """At most one report per ``interval`` seconds for each key: whatever a client can make happen
+    as often as it connects or sends must not write a log line each time."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._reported_at: dict[str, float] = {}
+        self._held: collections.Counter[str] = collections.Counter()
+
+    def __call__(self, key: str) -> int | None:
+        """None: hold this one back; else report it, with how many were held back since the last."""
+        now = time.monotonic()
+        if key in self._reported_at and now - self._reported_at[key] < self.interval:
+            self._held[key] += 1
+            return None
+        self._reported_at[key] = now
+        return self._held.pop(key, 0)
+
+
+# uvicorn's log lines that any client can cause, once per connection or request; what each becomes.
+_CLIENT_CAUSED = {
+    "Invalid UTF-8 sequence received from client.":  # the engine, with a traceback; then it closes with 1007
+        (logging.INFO, "Invalid UTF-8 sequence received from a client; closed with 1007"),
+    "Invalid HTTP request received.": (logging.WARNING, "Invalid HTTP request received"),
+    "Unsupported upgrade request.": (logging.WARNING, "Unsupported upgrade request"),
+    "ASGI callable returned without completing handshake.":  # after each refused handshake (uvicorn PR #3138)
+        (logging.ERROR, "ASGI callable returned without completing handshake"),
+}
+
+
+class _ClientCausedFilter(logging.Filter):
+    """uvicorn's lines that a client causes: no traceback, and each at most once per 10 s, with a count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._throttle = _Throttle()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg == "Invalid UTF-8 sequence received from client.":  # uvicorn's engine, then it closes 1007
-            record.msg = "Invalid UTF-8 sequence received from a client; closed with 1007"
-            record.exc_info = record.exc_text = None
-            record.levelno, record.levelname = logging.INFO, "INFO"
-            return logging.getLogger(record.name).isEnabledFor(logging.INFO)  # it passed as an ERROR
-        return True
+        rewrite = _CLIENT_CAUSED.get(record.msg) if isinstance(record.msg, str) else None
+        if rewrite is None:
+            return True
+        held = self._throttle(record.msg)
+        if held is None:
+            return False
+        record.levelno, text = rewrite
+        record.levelname = logging.getLevelName(record.levelno)
+        record.msg = text + (f" ({held} more since the last report)" if held else "")
+        record.exc_info = record.exc_text = None
+        return logging.getLogger(record.name).isEnabledFor(record.levelno)  # the level it passed at may differ
 
 
-def _quiet_accept_errors(loop: asyncio.AbstractEventLoop, interval: float = 10.0) -> None:
-    """Log running out of descriptors as one line per ``interval``, not a traceback per refused accept.
+def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """Log running out of descriptors as one line per 10 s, not a traceback per refused accept.
 
     asyncio tries a listener's whole backlog (2,048 under uvicorn) on each attempt, and
     logs each failure with a traceback; each also schedules a retry, which logs another
@@ -2053,11 +2092,9 @@ def _quiet_accept_errors(loop: asyncio.AbstractEventLoop, interval: float = 10.0
     previous = loop.get_exception_handler()
     if getattr(previous, "quiets_accept_errors", False):
         return
-    failed = 0
-    logged_at = -interval
+    throttle = _Throttle()
 
     def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        nonlocal failed, logged_at
         error = context.get("exception")
         retry = getattr(context.get("handle"), "_callback", None)
         if isinstance(error, ValueError) and getattr(retry, "__name__", "") == "_start_serving":
@@ -2066,12 +2103,10 @@ def _quiet_accept_errors(loop: asyncio.AbstractEventLoop, interval: float = 10.0
                                                                    errno.ENOMEM):
             (previous or type(loop).default_exception_handler)(loop, context)
             return
-        failed += 1
-        now = time.monotonic()
-        if now - logged_at >= interval:
+        held = throttle("accept")
+        if held is not None:
             logger.error("cannot accept connections: %s (%d refused since the last report); raise the open-file "
-                         "limit (ulimit -n) or lower max_connections", error.strerror, failed)
-            failed, logged_at = 0, now
+                         "limit (ulimit -n) or lower max_connections", error.strerror, held + 1)
 
     handle.quiets_accept_errors = True  # type: ignore[attr-defined]
     loop.set_exception_handler(handle)
@@ -2085,8 +2120,8 @@ def _harden_process(settings: Settings) -> None:
                        "raise it with ulimit -n", settings.max_connections, budget)
     _quiet_accept_errors(asyncio.get_running_loop())
     server_log = logging.getLogger("uvicorn.error")
-    if not any(isinstance(f, _QuietFilter) for f in server_log.filters):
-        server_log.addFilter(_QuietFilter())
+    if not any(isinstance(f, _ClientCausedFilter) for f in server_log.filters):
+        server_log.addFilter(_ClientCausedFilter())
 
 
 
