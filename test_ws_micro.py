@@ -1560,6 +1560,59 @@ def test_cli_client_reports_a_refused_connection() -> None:
     assert "Traceback" not in result.stderr
 
 
+@contextlib.asynccontextmanager
+async def hostile_server(first: str | None, then: str | None = None) -> AsyncIterator[str]:
+    """A WebSocket server (real websockets, a free port) that sends ``first``, then ``then``, then waits."""
+    from websockets.asyncio.server import ServerConnection, serve
+
+    async def handler(ws: ServerConnection) -> None:
+        for text in (first, then):
+            if text is not None:
+                await ws.send(text)
+        await ws.wait_closed()
+
+    async with serve(handler, "127.0.0.1", 0, compression="deflate", max_size=None) as server:
+        yield f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/ws/py_client"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("first", "error"), [
+    (None, TimeoutError),  # it never sends the connect frame
+    ("not json", ConnectionError),
+    ('{"event": "pong", "client_id": "x", "data": {"data": {}}}', ConnectionError),
+])
+async def test_python_client_refuses_a_server_that_does_not_greet_it(first: str | None, error: type[Exception]) -> None:
+    async with hostile_server(first) as url:
+        client = Client(url, open_timeout=1)
+        with anyio.fail_after(TIMEOUT), pytest.raises(error):
+            await client.connect()
+        assert client.close_code is not None  # and it closed the connection
+
+
+@pytest.mark.anyio
+async def test_python_client_does_not_inflate_a_frame_past_its_limit() -> None:
+    # With no limit, one compressed frame of about 300 KB took a client to 630 MB.
+    hello = '{"event": "connect", "client_id": "x", "data": {"data": {}}}'
+    async with hostile_server(hello, "0" * 100_000_000) as url, Client(url) as client:
+        assert client.client_id == "x"
+        with anyio.fail_after(TIMEOUT), pytest.raises(ConnectionClosed) as closed:
+            await client.recv()
+        assert closed.value.sent is not None and closed.value.sent.code == 1009  # the client refused it
+
+
+def test_cli_client_reports_a_server_that_sends_no_json() -> None:
+    async def run() -> subprocess.CompletedProcess[str]:
+        async with hostile_server("not json") as url:
+            return await anyio.to_thread.run_sync(lambda: subprocess.run(
+                [sys.executable, "ws_micro.py", "client", url], cwd=HERE, input="", capture_output=True, text=True,
+                timeout=TIMEOUT))
+
+    result = anyio.run(run)
+    assert result.returncode == 1
+    assert result.stderr.startswith("ws-micro client: expected a connect frame, but got 'not json'")
+    assert "Traceback" not in result.stderr
+
+
 def test_encoded_frames_are_what_msgspec_decodes() -> None:
     text = ws_micro.Frame("news", {"quote": 'say "hi"\n'}).to("abc")
     assert msgspec.json.decode(text) == frame("news", "abc", {"quote": 'say "hi"\n'})

@@ -55,6 +55,7 @@ import hmac
 import inspect
 import ipaddress
 import logging
+import math
 import os
 import re
 import signal
@@ -2375,19 +2376,31 @@ class Client:
         self.url = url
         self.client_id = ""
         self.connect_frame = ""
-        self._connect_options = {"max_size": None, **connect_options}
+        # websockets' options; frames are capped (inflated, if compressed) at uvicorn's default limit.
+        self._connect_options = {"max_size": 16 * 1024 * 1024, "open_timeout": 10.0, **connect_options}
         self._connection: Any = None
 
     async def connect(self) -> Self:
-        """Open the connection and wait for the connect frame that carries our id."""
+        """Open the connection and wait, up to ``open_timeout``, for the connect frame that carries our id.
+
+        A server that sends no connect frame in time, or something else, is left with
+        ``TimeoutError`` or ``ConnectionError``.
+        """
         from websockets.asyncio.client import connect
 
         self._connection = await connect(self.url, **self._connect_options)
-        self.connect_frame = await self.recv_text()
-        event = _decode(_decode_event, self.connect_frame)
-        if event.event != "connect":
+        try:
+            with anyio.fail_after(self._connect_options["open_timeout"] or math.inf):
+                self.connect_frame = await self.recv_text()
+            event = _decode(_decode_event, self.connect_frame)
+            if event.event != "connect":
+                raise ConnectionError(f"expected a connect frame, but got {event.event!r}")
+        except msgspec.MsgspecError as exc:
             await self.close()
-            raise ConnectionError(f"expected a connect frame, but got {event.event!r}")
+            raise ConnectionError(f"expected a connect frame, but got {self.connect_frame[:200]!r} ({exc})") from None
+        except BaseException:
+            await self.close()
+            raise
         self.client_id = event.client_id
         return self
 
