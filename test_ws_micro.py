@@ -1318,6 +1318,23 @@ async def test_e2e_what_clients_make_uvicorn_log_is_one_line_per_10_seconds(tmp_
 
 
 @pytest.mark.anyio
+async def test_e2e_an_api_body_that_trickles_gets_408() -> None:
+    # Even a caller with the token may not hold a request, its task and its socket for ever.
+    with (run_server("--log-level", "warning", "--api-token", "tok", "--api-body-timeout", "1") as server,
+          socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock):
+        sock.sendall(b"POST /api/broadcast HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer tok\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"event\":")
+        started = time.monotonic()
+        response = b""
+        while b'"code":"timeout"' not in response:
+            chunk = await anyio.to_thread.run_sync(sock.recv, 4096)
+            assert chunk, response
+            response += chunk
+        assert response.startswith(b"HTTP/1.1 408 ")
+        assert time.monotonic() - started < 5
+
+
+@pytest.mark.anyio
 async def test_e2e_stalled_handshakes_time_out_and_count_against_max_connections() -> None:
     with run_server("--log-level", "warning", "--handshake-timeout", "3", "--max-connections", "20") as server:
         stalled = half_handshakes(server, 20)

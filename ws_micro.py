@@ -184,6 +184,8 @@ class Settings:
     # Sidecar API
     api_token: str | None = None
     """Bearer token for /api/*; without one, /api/* answers loopback peers only."""
+    api_body_timeout: float = 10.0
+    """Seconds a push body may take to arrive; a slower one gets 408."""
 
     # Cluster: several instances share one registry over Redis (pip install 'ws-micro[redis]')
     redis_url: str | None = None
@@ -205,7 +207,8 @@ class Settings:
                 raise ValueError(f"{name} must be at least 1, but got {value!r}")
         if self.rate_limit < 0:
             raise ValueError(f"rate_limit must be 0 (off) or more, but got {self.rate_limit!r}")
-        for name in ("send_timeout", "close_timeout", "redis_timeout", "heartbeat_interval", "instance_ttl"):
+        for name in ("send_timeout", "close_timeout", "api_body_timeout", "redis_timeout", "heartbeat_interval",
+                     "instance_ttl"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be more than 0, but got {getattr(self, name)!r}")
         if self.instance_ttl <= self.heartbeat_interval:
@@ -1866,10 +1869,13 @@ def api_routes(registry: Registry, settings: Settings) -> list[Route]:
             return _api_error(415, UNSUPPORTED_MEDIA_TYPE,
                               f"send a push with Content-Type: application/json, not {content_type!r}")
         body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > settings.max_message_size:
-                return _api_error(413, "too_large", f"body larger than {settings.max_message_size} bytes")
+        with anyio.move_on_after(settings.api_body_timeout) as deadline:  # a trickle would hold a task for ever
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > settings.max_message_size:
+                    return _api_error(413, "too_large", f"body larger than {settings.max_message_size} bytes")
+        if deadline.cancelled_caught:
+            return _api_error(408, "timeout", f"the body did not arrive within {settings.api_body_timeout:g} seconds")
         try:
             text = body.decode()
         except UnicodeDecodeError as exc:
