@@ -529,6 +529,10 @@ class UvicornSocket:
 
         engine.handle_ping, engine.handle_pong, engine.handle_cont = handle_ping, handle_pong, handle_cont
 
+    def stop_reading(self) -> None:
+        """Read nothing more from the peer: its close reply is not awaited, ``close_timeout`` ends it."""
+        self._transport.pause_reading()
+
     def fragments(self) -> int:
         """Fragments of the message the engine is putting together."""
         return len(self._engine.frames)
@@ -823,8 +827,10 @@ class Connection:
             self.close(CLOSE_POLICY_VIOLATION, "slow consumer", label="slow_consumer", flush=False)
             self._socket.abort()  # it reads nothing: a close frame would wait behind what it never took
         elif self.take_token() < -settings.rate_burst:
+            self._socket.stop_reading()  # the engine would go on answering and keeping what it floods
             self.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded", label="rate_limited", flush=False)
         elif self._socket.fragments() > settings.rate_burst:
+            self._socket.stop_reading()
             self.close(CLOSE_MESSAGE_TOO_BIG, f"message in more than {settings.rate_burst} fragments",
                        label="message_too_big", flush=False)
 
