@@ -50,6 +50,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import enum
 import errno
 import hmac
 import inspect
@@ -66,7 +67,7 @@ import threading
 import time
 import types
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self, TypeVar, get_type_hints
 from urllib.parse import urlsplit
@@ -87,8 +88,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendUnavailable",
     "Client",
-    "Connection",
     "Event",
     "Payload",
     "Registry",
@@ -96,6 +97,7 @@ __all__ = [
     "Settings",
     "create_app",
     "main",
+    "options_from_env",
     "serve",
 ]
 
@@ -131,12 +133,6 @@ CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
-
-# Why a cross-instance delivery was lost (the cluster_dropped_total labels): its client left
-# before it arrived; its instance was not listening (dead before its deadline passed, or
-# reconnecting); Redis could not be reached; Redis had lost the instances' state and they
-# had not all registered again.
-CLUSTER_DROP_REASONS = ("gone", "no_subscriber", "backend_unavailable", "resyncing")
 
 # Why handshakes are refused (the rejected_handshakes_total labels): a disallowed origin, a full
 # server, a request head that did not arrive within handshake_timeout.
@@ -387,14 +383,11 @@ class Frame:
     def to(self, client_id: str) -> str:
         return self.head + client_id + self.tail
 
-    def remote(self, kind: str, target: str) -> Remote:
-        """This frame, for the members of ``target`` on other instances."""
-        return Remote(kind, target, self.head, self.tail)
-
     @classmethod
-    def from_remote(cls, remote: Remote) -> Frame:
+    def parts(cls, head: str, tail: str) -> Frame:
+        """The frame another instance encoded, from its ``head`` and ``tail``."""
         frame = cls.__new__(cls)
-        frame.head, frame.tail = remote.text, remote.tail
+        frame.head, frame.tail = head, tail
         return frame
 
 
@@ -402,16 +395,24 @@ def error_frame(client_id: str, code: str, message: str, event: str | None = Non
     return Frame("error", {"code": code, "message": message, "event": event}).to(client_id)
 
 
+# Event names the protocol gives a meaning: those clients send the server (each one a Gateway
+# method of the same name), and those only the server sends.  Neither kind can have a handler.
+# Clients may not send the server's: relayed, a forged "connect" would replace the receiver's id
+# and a forged "pong" would keep a dead connection's keepalive content.
+BUILTIN_EVENTS = ("ping", "echo", "join", "leave")
+SERVER_EVENTS = frozenset({"connect", "error", "pong", "joined", "left"})
+
+
 # --------------------------------------------------------------------------
-# Frames on the wire
+# Connection
 # --------------------------------------------------------------------------
 
 
 def websocket_frame(payload: bytes) -> bytes:
     """``payload`` as one final, unmasked text frame (RFC 6455, section 5.2).
 
-    A server's frames are not masked, so these bytes suit every receiver: a frame
-    sent to many clients is framed once (gorilla/websocket's "prepared message").
+    A server's frames are not masked, so a frame sent to many clients is framed
+    once (gorilla/websocket's "prepared message").
     """
     size = len(payload)
     if size < 126:
@@ -421,209 +422,12 @@ def websocket_frame(payload: bytes) -> bytes:
     return struct.pack("!BBQ", 0x81, 127, size) + payload
 
 
-class UvicornSocket:
-    """The socket under a WebSocket that uvicorn's websockets-sansio engine serves.
-
-    Through ASGI, the engine frames every frame for every receiver anew, and a
-    profile of a broadcast spent two thirds of the gateway's time there.  Writing
-    :func:`websocket_frame` bytes to the transport does what the engine's ``send``
-    would, when the engine would write at once: the connection is open, the
-    transport is not paused for backpressure, and no extension (permessage-deflate)
-    rewrites frames.  Otherwise the frame goes through ``send``, which waits as
-    the engine does.  Under any other server or engine, :meth:`of` finds no
-    socket and every frame goes through ASGI.
-
-    It also holds the engine to the gateway's limits where the engine writes or
-    buffers on its own: see :meth:`of`.
-    """
-
-    __slots__ = ("_direct", "_engine", "_open", "_protocol", "_transport", "_writable")
-
-    def __init__(self, protocol: Any, open_state: object) -> None:
-        self._engine = protocol  # uvicorn's protocol object, whose ping handling :meth:`watch` bounds
-        self._protocol = protocol.conn  # websockets' ServerProtocol: its state says whether frames may go out
-        self._transport = protocol.transport
-        self._writable = protocol.writable  # cleared while the transport is paused (uvicorn >= 0.52.1)
-        self._open = open_state
-        self._direct = not protocol.conn.extensions
-
-    @classmethod
-    def of(cls, scope: Scope, send: Send, settings: Settings) -> UvicornSocket | None:
-        """The socket behind an accepted WebSocket's ``send``, if uvicorn's websockets-sansio engine serves it.
-
-        Found, it is fitted to ``settings``:
-
-        - The engine's frame limit comes down to ``max_message_size``.  Under
-          ``uvicorn ws_micro:app`` it is uvicorn's ``--ws-max-size`` (16 MiB), and
-          the engine inflates a compressed frame up to it before the gateway sees
-          it: 15 KiB on the wire could cost 16 MB.
-        - A close that the engine starts (keepalive timeout, shutdown, a closing
-          handshake) waits for the peer to take every buffered byte; one that has
-          not finished after ``close_timeout`` becomes a reset.
-        - What the handshake left behind and nothing reads again is let go: the
-          request and response, which uvicorn and websockets keep for the life of the
-          connection, and the scope's header list (3 KiB and more per idle
-          connection).  The gateway reads the headers it needs before it accepts.
-        """
-        try:
-            from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-            from websockets.protocol import OPEN
-        except ImportError:  # another uvicorn or websockets than the one this was written against
-            return None
-        protocol = getattr(send, "__self__", None)
-        if not isinstance(protocol, WebSocketsSansIOProtocol) or not hasattr(protocol, "writable"):
-            _warn_about_engine(protocol, settings)
-            return None
-        conn: Any = protocol.conn  # its limit's name depends on the websockets version
-        limit = settings.max_message_size
-        if hasattr(conn, "max_message_size"):  # websockets >= 16
-            conn.max_message_size = min(conn.max_message_size or limit, limit)
-        else:
-            conn.max_size = min(conn.max_size or limit, limit)
-        protocol.close_timeout = settings.close_timeout  # uvicorn waits 10 s for the peer's close frame
-        request = getattr(protocol, "request", None)
-        if request is not None:
-            request.headers.clear()  # websockets' parser holds on to the request too
-            del protocol.request, protocol.response
-        scope["headers"] = []
-        found = cls(protocol, OPEN)  # it keeps the transport itself: direct writes need no wrapper
-        protocol.transport = _ResettingTransport(protocol.transport, settings.close_timeout)  # type: ignore[assignment]
-        return found
-
-    def ready(self) -> bool:
-        """Whether the engine would write a frame at once; if not, it must go through ``send``."""
-        return (self._direct and self._protocol.state is self._open and self._writable.is_set()
-                and not self._transport.is_closing())
-
-    def write(self, frame: bytes) -> None:
-        """Write ``frame``, from :func:`websocket_frame`, when :meth:`ready`."""
-        self._transport.write(frame)
-
-    def unsent(self) -> int:
-        """Bytes written but not yet taken by the peer's socket, pongs and close frames included."""
-        return int(self._transport.get_write_buffer_size())
-
-    def watch(self, handled: Callable[[], None]) -> None:
-        """Call ``handled()`` after each frame the engine handles on its own: pings, pongs, continuations.
-
-        The app never sees these, so no bound of the gateway's applied to them: the
-        engine wrote a pong for every ping straight to the transport (a peer that
-        pings and never reads grew the server's memory without end), kept every
-        empty continuation frame of a message that never ends, and spent the event
-        loop on a flood of empty pongs.
-        """
-        engine = self._engine
-        engine_class = type(engine)
-
-        def handle_ping() -> None:
-            engine_class.handle_ping(engine)
-            handled()
-
-        def handle_pong(frame: Any) -> None:
-            engine_class.handle_pong(engine, frame)
-            handled()
-
-        def handle_cont(frame: Any) -> None:
-            engine_class.handle_cont(engine, frame)
-            handled()
-
-        engine.handle_ping, engine.handle_pong, engine.handle_cont = handle_ping, handle_pong, handle_cont
-
-    def stop_reading(self) -> None:
-        """Read nothing more from the peer: its close reply is not awaited, ``close_timeout`` ends it."""
-        self._transport.pause_reading()
-
-    def fragments(self) -> int:
-        """Fragments of the message the engine is putting together."""
-        return len(self._engine.frames)
-
-    def release(self) -> None:
-        """Undo :meth:`watch` once the connection has ended: it ties the engine to the connection."""
-        for name in ("handle_ping", "handle_pong", "handle_cont"):
-            self._engine.__dict__.pop(name, None)
-
-    def abort(self) -> None:
-        """Drop the connection and what its transport still buffers: the peer takes nothing."""
-        _reset(self._transport)
-
-
-class _ResettingTransport:
-    """uvicorn's transport for one WebSocket, whose ``close()`` cannot wait forever.
-
-    uvicorn ends a WebSocket with ``transport.close()``, which first waits for the
-    peer to take every buffered byte: a peer that reads nothing would hold the
-    socket, its buffer and its task until the process exits, and stall a graceful
-    shutdown for its whole timeout.  Here a close still unfinished after
-    ``timeout`` seconds becomes a reset, and the kernel, which keeps sending what
-    it was given after the socket is closed, gives up as soon (``TCP_USER_TIMEOUT``,
-    on Linux) instead of holding it in FIN-WAIT-1 for minutes.
-    """
-
-    __slots__ = ("_timeout", "_transport")
-
-    def __init__(self, transport: Any, timeout: float) -> None:
-        self._transport = transport
-        self._timeout = timeout
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-    def write(self, data: bytes) -> None:
-        self._transport.write(data)
-
-    def is_closing(self) -> bool:
-        return bool(self._transport.is_closing())
-
-    def close(self) -> None:
-        transport = self._transport
-        if not transport.is_closing() and hasattr(socket, "TCP_USER_TIMEOUT"):  # the first close: still open
-            with contextlib.suppress(OSError, AttributeError):
-                transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
-                                                              max(int(self._timeout * 1000), 1))
-        transport.close()
-        if transport.get_write_buffer_size():
-            asyncio.get_running_loop().call_later(self._timeout, _reset, transport)
-
-
-def _reset(transport: Any) -> None:
-    """Drop a connection with a TCP reset; nothing, if it has closed meanwhile.
-
-    A plain close of a socket with unsent data leaves it in FIN-WAIT-1, holding
-    that data in the kernel until the peer reads it or TCP gives up (minutes):
-    a zero linger time makes the kernel send a reset and free it at once.
-    """
-    if not transport.is_closing() or transport.get_write_buffer_size():  # its descriptor is still open
-        sock = transport.get_extra_info("socket")
-        with contextlib.suppress(OSError, AttributeError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
-
-
-_engine_warned = False
-
-
-def _warn_about_engine(protocol: Any, settings: Settings) -> None:
-    """Say once when uvicorn's engine buffers frames larger than the gateway will take."""
-    global _engine_warned
-    config = getattr(protocol, "config", None)
-    max_size = getattr(config, "ws_max_size", None)
-    if _engine_warned or not isinstance(max_size, int) or max_size <= settings.max_message_size:
-        return
-    _engine_warned = True
-    logger.warning("uvicorn's WebSocket engine (%s) takes frames up to %d bytes (--ws-max-size), inflated if "
-                   "compressed, before ws_micro refuses those over max_message_size (%d): run uvicorn with "
-                   "--ws websockets-sansio, or pass --ws-max-size %d --ws-per-message-deflate false",
-                   type(protocol).__name__, max_size, settings.max_message_size, settings.max_message_size)
-
-
 def start_now(awaitable: Awaitable[None]) -> Awaitable[None] | None:
     """Run ``awaitable`` up to its first suspension: None if it finished, else an awaitable of the rest.
 
-    An ASGI ``send`` usually completes without suspending (the socket has room),
-    so a frame can be written from synchronous code.  When it does suspend, the
-    returned awaitable re-yields what it yielded to the event loop and then
-    drives it to the end, passing values and exceptions (cancellation included)
-    through, exactly as ``await awaitable`` would have.
+    An ASGI ``send`` usually completes without suspending (the socket has room), so
+    a frame can be written from synchronous code.  The rest, awaited, behaves as
+    ``await awaitable`` would have, cancellation included.
     """
     steps = awaitable.__await__()
     try:
@@ -654,9 +458,37 @@ class _Resume:
                 return
 
 
-# --------------------------------------------------------------------------
-# Registry
-# --------------------------------------------------------------------------
+class Output:
+    """Where a connection's frames go: here, the accepted WebSocket's ASGI ``send``.
+
+    Chosen once per connection.  Under uvicorn's websockets-sansio engine the
+    gateway uses :class:`UvicornOutput` (in "Under uvicorn", below), which writes
+    past ASGI where it can and holds the engine to the gateway's limits.
+    """
+
+    __slots__ = ("_send",)
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+
+    def write_now(self, text: str, wire: bytes | None = None) -> Awaitable[None] | None:
+        """Write ``text`` without waiting: None if it went out, else an awaitable of the rest of the write.
+
+        ``wire`` is the same frame as :func:`websocket_frame` makes it, when a fan-out shares one.
+        """
+        return start_now(self._send({"type": "websocket.send", "text": text}))
+
+    async def close(self, code: int, reason: str) -> None:
+        await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+    def abort(self) -> None:
+        """Drop the connection and what it buffers, if the server lets us: ASGI has no way to."""
+
+    def guard(self, connection: Connection) -> None:
+        """Hold what the server does on the connection's behalf to its limits: nothing, through ASGI."""
+
+    def release(self) -> None:
+        """Let go of the server's objects once the connection has ended."""
 
 
 class Metrics:
@@ -670,112 +502,104 @@ class Metrics:
         self.errors = collections.Counter(dict.fromkeys(ERROR_CODES, 0))
         self.disconnects = collections.Counter(dict.fromkeys(DISCONNECT_REASONS, 0))
         self.rejected_handshakes = collections.Counter(dict.fromkeys(HANDSHAKE_REFUSALS, 0))
-        # Cluster mode: deliveries from other instances, and those lost (pub/sub is at-most-once).
-        self.cluster_received = 0
-        self.cluster_dropped = collections.Counter(dict.fromkeys(CLUSTER_DROP_REASONS, 0))
+        self.fast_path = 0  # 1 while the newest connection writes past ASGI (see UvicornOutput)
 
-    def render(self, connections: int, cluster: Cluster | None = None) -> str:
+    def render(self, connections: int, extra: Sequence[MetricFamily] = ()) -> str:
+        families: list[MetricFamily] = [
+            ("open_connections", "gauge", "WebSocket connections open now.", {"": connections}, ""),
+            ("connections_total", "counter", "WebSocket connections accepted.", {"": self.connections_total}, ""),
+            ("messages_received_total", "counter", "Frames received from clients.", {"": self.messages_received}, ""),
+            ("messages_sent_total", "counter", "Frames written to clients.", {"": self.messages_sent}, ""),
+            ("errors_total", "counter", "Error events sent, by code.", self.errors, "code"),
+            ("disconnects_total", "counter", "Closed connections, by reason.", self.disconnects, "reason"),
+            ("rejected_handshakes_total", "counter", "Handshakes refused before accept, by reason.",
+             self.rejected_handshakes, "reason"),
+            ("fast_path", "gauge", "1 while the newest connection's frames are written past ASGI.",
+             {"": self.fast_path}, ""),
+            *extra,
+        ]
         lines: list[str] = []
-
-        def metric(name: str, kind: str, help: str, samples: Mapping[str, int], label: str = "") -> None:
-            lines.append(f"# HELP ws_micro_{name} {help}")
-            lines.append(f"# TYPE ws_micro_{name} {kind}")
-            for key, value in sorted(samples.items()):
-                labels = f'{{{label}="{key}"}}' if label else ""
-                lines.append(f"ws_micro_{name}{labels} {value}")
-
-        metric("open_connections", "gauge", "WebSocket connections open now.", {"": connections})
-        metric("connections_total", "counter", "WebSocket connections accepted.",
-               {"": self.connections_total})
-        metric("messages_received_total", "counter", "Frames received from clients.",
-               {"": self.messages_received})
-        metric("messages_sent_total", "counter", "Frames written to clients.", {"": self.messages_sent})
-        metric("errors_total", "counter", "Error events sent, by code.", self.errors, "code")
-        metric("disconnects_total", "counter", "Closed connections, by reason.", self.disconnects, "reason")
-        metric("rejected_handshakes_total", "counter", "Handshakes refused before accept, by reason.",
-               self.rejected_handshakes, "reason")
-        if cluster is not None:
-            metric("cluster_up", "gauge", "1 while Redis is reachable.", {"": int(cluster.available)})
-            metric("cluster_received_total", "counter", "Deliveries received from other instances.",
-                   {"": self.cluster_received})
-            metric("cluster_dropped_total", "counter", "Cross-instance deliveries lost, by reason.",
-                   self.cluster_dropped, "reason")
+        for name, kind, help, samples, label in families:
+            lines += [f"# HELP ws_micro_{name} {help}", f"# TYPE ws_micro_{name} {kind}"]
+            lines += [f'ws_micro_{name}{{{label}="{key}"}} {value}' if label else f"ws_micro_{name} {value}"
+                      for key, value in sorted(samples.items())]
         return "\n".join(lines) + "\n"
+
+
+# name, type, help, samples by label value, label name ("": no label)
+MetricFamily = tuple[str, str, str, Mapping[str, int], str]
+
+
+class State(enum.Enum):
+    """Where a connection is in its life; each value says how :meth:`Connection.send` treats a frame."""
+
+    OPEN = "open"  # written at once
+    BACKLOGGED = "backlogged"  # queued: a writer task waits for the socket, then drains the queue in order
+    CLOSING = "closing"  # refused: the writer sends what is owed (the queue, if flushed), then the close frame
+    CLOSED = "closed"  # refused: the close frame went out, or the peer is gone
 
 
 class Connection:
     """One accepted WebSocket: its id, its rooms and its bounded outgoing queue.
 
-    :meth:`send` never waits.  When nothing is queued it writes the frame at once
-    (straight to the socket under uvicorn, see :class:`UvicornSocket`; through
-    ASGI's ``send`` elsewhere), which nearly always takes it without waiting; when
-    the socket would make it wait (the peer reads slowly), a writer task finishes
-    that write and drains the frames queued behind it, then ends.  So a reply, a
-    relay, a room publish or a broadcast never waits for a peer, an idle
-    connection costs no task of its own, and a peer that stops reading only fills
-    its own queue: once that holds ``max_queue_messages`` frames or
-    ``max_queue_bytes`` characters, or its socket has taken nothing for
-    ``send_timeout`` seconds, the peer is closed with 1008 "slow consumer" and its
-    queue is dropped.
+    :meth:`send` never waits, so a reply, a relay or a broadcast never waits for a
+    peer.  A frame the socket cannot take at once starts a writer task that
+    finishes it and drains the frames queued behind it, then ends: an idle
+    connection holds no task.  A peer that stops reading only fills its own queue;
+    past ``max_queue_messages`` frames or ``max_queue_bytes`` characters, or
+    ``send_timeout`` seconds without progress, it is closed with 1008 "slow consumer".
 
-    A connection leaves the registry (``on_close``) as soon as it starts closing:
-    from then on it is unknown to everyone else, while its close frame follows.
+    It leaves the registry (``on_close``) as soon as it starts closing.
     """
 
-    __slots__ = ("_close_frame", "_flush_scope", "_in_flight", "_metrics", "_on_close", "_queue", "_queued_bytes",
-                 "_refilled_at", "_send", "_settings", "_socket", "_tokens", "_writer", "_writing", "close_reason",
-                 "closing", "connected_at", "id", "peer_gone", "remote", "rooms")
+    __slots__ = ("_close_frame", "_flush_scope", "_in_flight", "_metrics", "_on_close", "_output", "_queue",
+                 "_queued_bytes", "_refilled_at", "_settings", "_tokens", "_writer", "close_reason", "connected_at",
+                 "id", "remote", "rooms", "state")
 
-    def __init__(self, send: Send, *, socket: UvicornSocket | None, remote: str | None, settings: Settings,
-                 metrics: Metrics, on_close: Callable[[Connection], None]) -> None:
+    def __init__(self, output: Output, *, remote: str | None, settings: Settings, metrics: Metrics,
+                 on_close: Callable[[Connection], None]) -> None:
         self.id = str(uuid.uuid4())
         self.remote = remote  # "host:port" of the peer, when the server knows it
         self.connected_at = time.time()
         self.rooms: set[str] = set()
-        self.closing = False
-        self.peer_gone = False
+        self.state = State.OPEN
         self.close_reason = ""  # the disconnects_total label, once known
-        self._send = send  # the ASGI send of the accepted WebSocket
-        self._socket = socket
+        self._output = output
         self._settings = settings
         self._metrics = metrics
         self._on_close = on_close
-        # Writing: a writer task, its queue and its cancel scope exist only while frames wait for the socket.
-        self._writing = False  # a writer task owns the socket: new frames queue behind it
+        # While BACKLOGGED or CLOSING only; None otherwise, so that an idle connection stays small.
         self._writer: asyncio.Task[None] | None = None
-        self._in_flight: Awaitable[None] | None = None  # a write the server could not finish at once
-        self._queue = _NO_QUEUE  # a real one while a writer runs
+        self._in_flight: Awaitable[None] | None = None  # the write that could not finish at once
+        self._queue: collections.deque[str] | None = None
         self._queued_bytes = 0
         self._flush_scope: anyio.CancelScope | None = None
-        self._close_frame: tuple[int, str] | None = None
+        self._close_frame = (CLOSE_NORMAL, "")
         # Token bucket: refills at rate_limit, holds rate_burst; may go rate_burst into debt.
         self._tokens = float(settings.rate_burst)
         self._refilled_at = time.monotonic()
-        if socket is not None:
-            socket.watch(self._engine_handled)
+
+    @property
+    def open(self) -> bool:
+        return self.state is State.OPEN or self.state is State.BACKLOGGED
 
     def send(self, text: str, wire: bytes | None = None) -> bool:
-        """Send or queue a text frame; False when the connection is closing or was just cut off.
-
-        ``wire`` is the same frame as :func:`websocket_frame` makes it, when a fan-out shares one.
-        """
-        if self.closing:
-            return False
-        if not self._writing:
-            if self._socket is not None and self._socket.ready():
-                self._socket.write(wire or websocket_frame(text.encode()))
-                self._metrics.messages_sent += 1
-                return True
+        """Send or queue a text frame; False when the connection is closing or was just cut off."""
+        if self.state is State.OPEN:
             try:
-                self._in_flight = start_now(self._send({"type": "websocket.send", "text": text}))
+                rest = self._output.write_now(text, wire)
             except (OSError, RuntimeError):  # the peer is gone; the read loop hears it too
-                self.closing = self.peer_gone = True
+                self.gone("abnormal")
                 return False
-            if self._in_flight is None:
+            if rest is None:
                 self._metrics.messages_sent += 1
             else:
-                self._start_writer()
+                self._in_flight = rest
+                self._start_writer(State.BACKLOGGED)
             return True
+        if self.state is not State.BACKLOGGED:
+            return False
+        assert self._queue is not None
         self._queue.append(text)
         self._queued_bytes += len(text)
         if (len(self._queue) > self._settings.max_queue_messages
@@ -790,94 +614,40 @@ class Connection:
         Flushing and the close frame each get ``close_timeout`` seconds: a peer that
         stopped reading may never take them.
         """
-        if self.closing:
+        if not self.open:
             return
-        self.closing = True
+        backlogged = self.state is State.BACKLOGGED
         self.close_reason = label
-        self._on_close(self)
         self._close_frame = (code, reason)
-        if not self._writing:
-            self._start_writer()
-            return
-        assert self._flush_scope is not None  # a writer runs, and has one
-        if flush:
-            self._flush_scope.deadline = anyio.current_time() + self._settings.close_timeout
+        if not backlogged:
+            self._start_writer(State.CLOSING)
         else:
-            self._queue.clear()
-            self._flush_scope.cancel()  # stop waiting on a socket that does not drain
+            self.state = State.CLOSING
+            assert self._flush_scope is not None and self._queue is not None
+            if flush:
+                self._flush_scope.deadline = anyio.current_time() + self._settings.close_timeout
+            else:
+                self._queue.clear()
+                self._flush_scope.cancel()  # stop waiting on a socket that does not drain
+        self._on_close(self)
+
+    def gone(self, reason: str) -> None:
+        """The peer is gone (it closed, or the server failed to write to it): nothing more goes out."""
+        if self.state is not State.CLOSED:
+            self.state = State.CLOSED
+            self.close_reason = self.close_reason or reason
+            self._on_close(self)
 
     async def closed(self) -> None:
         """Wait for the writer, if one runs, to write what it owes: the queued frames, then the close frame."""
-        if self._writer is not None and not self.peer_gone:
+        if self._writer is not None and self.state is not State.CLOSED:
             await self._writer
 
     def abandon(self) -> None:
         """Stop the writer, if one runs, and let go of the socket: the peer is gone, or the server is shutting down."""
         if self._writer is not None:
             self._writer.cancel()
-        if self._socket is not None:
-            self._socket.release()
-
-    def _engine_handled(self) -> None:
-        """The engine handled a frame on its own: it counts against the rate limit, a pong it wrote against
-        the queue bound, and a message may have at most ``rate_burst`` fragments."""
-        assert self._socket is not None
-        settings = self._settings
-        if self._socket.unsent() > settings.max_queue_bytes:
-            self.close(CLOSE_POLICY_VIOLATION, "slow consumer", label="slow_consumer", flush=False)
-            self._socket.abort()  # it reads nothing: a close frame would wait behind what it never took
-        elif self.take_token() < -settings.rate_burst:
-            self._socket.stop_reading()  # the engine would go on answering and keeping what it floods
-            self.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded", label="rate_limited", flush=False)
-        elif self._socket.fragments() > settings.rate_burst:
-            self._socket.stop_reading()
-            self.close(CLOSE_MESSAGE_TOO_BIG, f"message in more than {settings.rate_burst} fragments",
-                       label="message_too_big", flush=False)
-
-    def _start_writer(self) -> None:
-        self._writing = True
-        self._queue = collections.deque()
-        self._flush_scope = anyio.CancelScope()
-        # A plain task, not a task group's: an idle connection (most of them) then holds no task group.
-        self._writer = asyncio.get_running_loop().create_task(self._write())
-
-    async def _write(self) -> None:
-        """Finish the write in flight, drain the queue, then send the close frame if one is due."""
-        assert self._flush_scope is not None
-        try:
-            with self._flush_scope:
-                if self._in_flight is not None:
-                    await self._finish(self._in_flight)
-                    self._in_flight = None
-                while self._queue:
-                    frame = self._queue.popleft()
-                    self._queued_bytes -= len(frame)
-                    rest = start_now(self._send({"type": "websocket.send", "text": frame}))
-                    if rest is None:
-                        self._metrics.messages_sent += 1
-                    else:
-                        await self._finish(rest)
-            self._writing = False  # no await since the queue was found empty: nothing is left behind
-            self._queue = _NO_QUEUE
-            if self._close_frame is not None:
-                code, reason = self._close_frame
-                with anyio.move_on_after(self._settings.close_timeout) as waited:
-                    # The server answers with a websocket.disconnect, which ends the read loop.
-                    await self._send({"type": "websocket.close", "code": code, "reason": reason})
-                if waited.cancelled_caught and self._socket is not None:
-                    self._socket.abort()  # the peer takes nothing: drop the connection and what it buffered
-        except (OSError, RuntimeError):
-            # The peer is gone (the server raises OSError, or RuntimeError once it saw a close).
-            self.closing = self.peer_gone = True
-            self.close_reason = self.close_reason or "abnormal"
-
-    async def _finish(self, rest: Awaitable[None]) -> None:
-        """Wait for a write the server could not take at once; a client that stalls it is cut off."""
-        with anyio.move_on_after(self._settings.send_timeout) as deadline:
-            await rest
-            self._metrics.messages_sent += 1
-        if deadline.cancelled_caught:
-            self.close(CLOSE_POLICY_VIOLATION, "slow consumer", label="slow_consumer", flush=False)
+        self._output.release()
 
     def take_token(self) -> float:
         """Spend one token for a received frame; the balance left (negative: over the limit)."""
@@ -898,8 +668,158 @@ class Connection:
             "remote": self.remote,
         }
 
+    def _start_writer(self, state: State) -> None:
+        self.state = state
+        self._queue = collections.deque()
+        self._flush_scope = anyio.CancelScope()
+        # A plain task, not a task group's: an idle connection (most of them) then holds no task group.
+        self._writer = asyncio.get_running_loop().create_task(self._write())
 
-_NO_QUEUE: collections.deque[str] = collections.deque(maxlen=0)  # empty, and stays so
+    async def _write(self) -> None:
+        """Finish the write in flight, drain the queue, then send the close frame if one is due."""
+        assert self._flush_scope is not None and self._queue is not None
+        try:
+            with self._flush_scope:
+                if self._in_flight is not None:
+                    in_flight, self._in_flight = self._in_flight, None
+                    await self._finish(in_flight)
+                while self._queue:
+                    text = self._queue.popleft()
+                    self._queued_bytes -= len(text)
+                    rest = self._output.write_now(text)
+                    if rest is None:
+                        self._metrics.messages_sent += 1
+                    else:
+                        await self._finish(rest)
+            self._queue = self._flush_scope = None  # no await since the queue was found empty: nothing is left
+            if self.state is State.BACKLOGGED:
+                self.state = State.OPEN
+                return
+            with anyio.move_on_after(self._settings.close_timeout) as waited:
+                # The server answers with a websocket.disconnect, which ends the read loop.
+                await self._output.close(*self._close_frame)
+            if waited.cancelled_caught:
+                self._output.abort()  # the peer takes nothing: drop the connection and what it buffered
+            self.state = State.CLOSED
+        except (OSError, RuntimeError):  # the server raises OSError, or RuntimeError once it saw a close
+            self.gone("abnormal")
+
+    async def _finish(self, rest: Awaitable[None]) -> None:
+        """Wait for a write the server could not take at once; a client that stalls it is cut off."""
+        with anyio.move_on_after(self._settings.send_timeout) as deadline:
+            await rest
+            self._metrics.messages_sent += 1
+        if deadline.cancelled_caught:
+            self.close(CLOSE_POLICY_VIOLATION, "slow consumer", label="slow_consumer", flush=False)
+
+
+# --------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------
+
+# What the registry hands its backend for clients it does not hold: a frame for one client, for
+# a room's members or for everyone (``text`` alone: a relayed frame, unchanged; with a ``tail``: a
+# server frame, ``text + client id + tail``), or a kick.  Tagged, they go between instances as one
+# msgpack array each.
+
+
+class ToClient(msgspec.Struct, tag="client", array_like=True):
+    client_id: str
+    text: str
+
+
+class ToRoom(msgspec.Struct, tag="room", array_like=True):
+    room: str
+    text: str
+    tail: str | None = None
+
+
+class ToEveryone(msgspec.Struct, tag="all", array_like=True):
+    text: str
+    tail: str | None = None
+
+
+class Kick(msgspec.Struct, tag="kick", array_like=True):
+    client_id: str
+    code: int
+    reason: str
+
+
+Delivery = ToClient | ToRoom | ToEveryone | Kick
+
+
+class BackendUnavailable(Exception):
+    """Other instances cannot be reached: cross-instance sends fail, local ones go on.
+
+    ``reason`` is the label it is counted under in ``ws_micro_cluster_dropped_total``.
+    """
+
+    def __init__(self, message: str, reason: str = "backend_unavailable") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Backend:
+    """What the registry asks about clients it does not hold.  Alone, there are none.
+
+    The one other backend is :class:`RedisBackend` (in "Cluster over Redis", below):
+    clients on other instances.  Its methods may raise :class:`BackendUnavailable`.
+    """
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Take part while the app runs."""
+        yield
+
+    # Membership: told of each change, so that other instances can find this one's clients.
+
+    async def register(self, connection: Connection) -> None:
+        pass
+
+    def unregister(self, client_id: str, members_left: Mapping[str, int]) -> None:
+        pass
+
+    async def room_changed(self, connection: Connection, room: str, members_here: int) -> int:
+        """The members of ``room`` everywhere, now that this instance has ``members_here``."""
+        return members_here
+
+    # Sending: how many were reached elsewhere.  The forward methods do not wait for the
+    # answer; ``failed(code, message)`` is called if the frame may not have arrived.
+
+    async def send(self, delivery: ToClient | Kick) -> bool:
+        return False
+
+    async def forward(self, delivery: ToClient, failed: Callable[[str, str], None]) -> None:
+        failed(UNKNOWN_CLIENT, f"no client with id {delivery.client_id!r}")
+
+    async def publish(self, delivery: ToRoom) -> int:
+        return 0
+
+    async def forward_to_room(self, delivery: ToRoom, failed: Callable[[str, str], None]) -> None:
+        pass
+
+    async def broadcast(self, delivery: ToEveryone) -> int:
+        return 0
+
+    # Reading, for the sidecar API, /healthz and /metrics.
+
+    def entry(self, connection: Connection) -> dict[str, Any]:
+        """A client of this instance, as ``GET /api/clients`` lists it."""
+        return connection.describe()
+
+    async def clients(self, here: Iterable[Connection]) -> list[dict[str, Any]]:
+        return [self.entry(connection) for connection in here]
+
+    async def client(self, client_id: str) -> dict[str, Any] | None:
+        """A client this instance does not hold."""
+        return None
+
+    def health(self) -> tuple[str, dict[str, Any]]:
+        """``ok`` or ``degraded``, and what /healthz says besides."""
+        return "ok", {}
+
+    def metrics(self) -> list[MetricFamily]:
+        return []
 
 
 class Registry:
@@ -911,8 +831,8 @@ class Registry:
     own event names with :meth:`on` and calls the send methods from anywhere in
     the same event loop: HTTP routes, background tasks, other handlers.
 
-    With a :attr:`cluster`, the sends also reach clients on other instances, and
-    raise :class:`BackendUnavailable` when they would need another instance and cannot reach it.
+    In cluster mode the sends also reach clients on other instances, and raise
+    :class:`BackendUnavailable` when they would need another instance and cannot reach it.
     """
 
     def __init__(self) -> None:
@@ -920,7 +840,7 @@ class Registry:
         self.rooms: dict[str, set[str]] = {}  # room name -> ids of its members here
         self.handlers: dict[str, Handler] = {}
         self.metrics = Metrics()
-        self.cluster: Cluster | None = None  # set by create_app(redis_url=...)
+        self.backend = Backend()  # create_app(redis_url=...) sets a RedisBackend
 
     def __len__(self) -> int:
         return len(self.connections)
@@ -950,8 +870,7 @@ class Registry:
             return
         members_left = {room: self._leave_room(connection.id, room) for room in connection.rooms}
         connection.rooms.clear()
-        if self.cluster is not None:
-            self.cluster.unregister(connection.id, members_left)
+        self.backend.unregister(connection.id, members_left)
 
     async def join(self, connection: Connection, room: str) -> int:
         """Add ``connection`` to ``room``; the room's members after it (on every instance)."""
@@ -974,10 +893,8 @@ class Registry:
         return len(members)
 
     async def _members(self, connection: Connection, room: str, members_here: int) -> int:
-        if self.cluster is None:
-            return members_here
         try:
-            return await self.cluster.room_changed(connection, room, members_here)
+            return await self.backend.room_changed(connection, room, members_here)
         except BackendUnavailable:
             return members_here  # the count we know; the next sync writes the membership
 
@@ -989,19 +906,19 @@ class Registry:
         connection = self.connections.get(client_id)
         if connection is not None:
             return connection.send(text)
-        return self.cluster is not None and await self.cluster.send(client_id, Remote("client", client_id, text))
+        return await self.backend.send(ToClient(client_id, text))
 
     async def publish(self, room: str, event: str, data: Mapping[str, Any] | None = None) -> int:
         """Send a server event to every member of ``room``; how many took it."""
         frame = Frame(event, data)
-        # Other instances first: when Redis is away this raises before anyone got the frame.
-        elsewhere = 0 if self.cluster is None else await self.cluster.publish(room, frame.remote("room", room))
+        # Other instances first: when they cannot be reached this raises before anyone got the frame.
+        elsewhere = await self.backend.publish(ToRoom(room, frame.head, frame.tail))
         return elsewhere + self._fan_out(self.rooms.get(room, ()), frame)
 
     async def broadcast(self, event: str, data: Mapping[str, Any] | None = None) -> int:
         """Send a server event to every connected client; how many took it."""
         frame = Frame(event, data)
-        elsewhere = 0 if self.cluster is None else await self.cluster.broadcast(frame.remote("all", ""))
+        elsewhere = await self.backend.broadcast(ToEveryone(frame.head, frame.tail))
         return elsewhere + self._fan_out(list(self.connections), frame)
 
     async def disconnect(self, client_id: str, code: int = CLOSE_NORMAL, reason: str = "") -> bool:
@@ -1010,8 +927,7 @@ class Registry:
         if connection is not None:
             connection.close(code, reason, label="kicked")
             return True
-        return self.cluster is not None and await self.cluster.send(client_id,
-                                                                    Remote("kick", client_id, reason, str(code)))
+        return await self.backend.send(Kick(client_id, code, reason))
 
     async def relay_to_client(self, client_id: str, text: str, failed: Callable[[str, str], None]) -> None:
         """Deliver a client's frame, unchanged, to one client.
@@ -1020,38 +936,39 @@ class Registry:
         another instance, later, so that the sender's read loop goes on meanwhile.
         """
         connection = self.connections.get(client_id)
-        if connection is not None:
-            if not connection.send(text):
-                failed(UNKNOWN_CLIENT, f"no client with id {client_id!r}")
-        elif self.cluster is not None:
-            await self.cluster.forward(client_id, Remote("client", client_id, text), failed)
-        else:
+        if connection is None:
+            await self.backend.forward(ToClient(client_id, text), failed)
+        elif not connection.send(text):
             failed(UNKNOWN_CLIENT, f"no client with id {client_id!r}")
 
     async def relay_to_room(self, room: str, sender: str, text: str, failed: Callable[[str, str], None]) -> None:
         """Deliver a client's frame, unchanged, to the other members of ``room``, here and elsewhere."""
         self._relay([member for member in self.rooms.get(room, ()) if member != sender], text)
-        if self.cluster is not None:  # after the local members: they get it even when Redis is away
-            await self.cluster.forward_to_room(room, Remote("room", room, text), failed)
+        # After the local members: they get it even when other instances cannot be reached.
+        await self.backend.forward_to_room(ToRoom(room, text), failed)
 
-    def deliver_here(self, remote: Remote) -> bool:
-        """Deliver what another instance published for this one; False if its client is gone."""
-        match remote.kind:
-            case "client" | "kick" if remote.target not in self.connections:
+    def deliver_here(self, delivery: Delivery) -> bool:
+        """Deliver what another instance sent this one; False if its client is gone."""
+        match delivery:
+            case ToClient(client_id) | Kick(client_id) if client_id not in self.connections:
                 return False
-            case "kick":
-                self.connections[remote.target].close(int(remote.tail), remote.text, label="kicked")
-            case "client":
-                self.connections[remote.target].send(remote.text)
-            case "room" | "all":
-                members = self.rooms.get(remote.target, ()) if remote.kind == "room" else self.connections
-                if remote.tail:
-                    self._fan_out(list(members), Frame.from_remote(remote))
-                else:
-                    self._relay(list(members), remote.text)
+            case ToClient(client_id, text):
+                self.connections[client_id].send(text)
+            case Kick(client_id, code, reason):
+                self.connections[client_id].close(code, reason, label="kicked")
+            case ToRoom(room, text, tail):
+                self._deliver(list(self.rooms.get(room, ())), text, tail)
+            case ToEveryone(text, tail):
+                self._deliver(list(self.connections), text, tail)
         return True
 
-    def _fan_out(self, client_ids: Sequence[str] | set[str], frame: Frame) -> int:
+    def _deliver(self, client_ids: list[str], text: str, tail: str | None) -> None:
+        if tail is None:
+            self._relay(client_ids, text)
+        else:
+            self._fan_out(client_ids, Frame.parts(text, tail))
+
+    def _fan_out(self, client_ids: Iterable[str], frame: Frame) -> int:
         delivered = 0
         for client_id in list(client_ids):  # a send may cut a slow member off and change the set
             connection = self.connections.get(client_id)
@@ -1059,12 +976,12 @@ class Registry:
                 delivered += 1
         return delivered
 
-    def _relay(self, client_ids: Sequence[str] | set[str], text: str) -> int:
+    def _relay(self, client_ids: list[str], text: str) -> int:
         if not client_ids:  # a room with only its sender here: nothing to frame
             return 0
         wire = websocket_frame(text.encode())  # the same bytes for every receiver
         delivered = 0
-        for client_id in list(client_ids):
+        for client_id in client_ids:
             connection = self.connections.get(client_id)
             if connection is not None and connection.send(text, wire):
                 delivered += 1
@@ -1072,551 +989,28 @@ class Registry:
 
 
 # --------------------------------------------------------------------------
-# Cluster (Redis)
-# --------------------------------------------------------------------------
-
-
-class BackendUnavailable(Exception):
-    """Other instances cannot be reached: cross-instance sends fail, local ones go on.
-
-    ``reason`` is the label it is counted under in ``ws_micro_cluster_dropped_total``.
-    """
-
-    def __init__(self, message: str, reason: str = "backend_unavailable") -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-UNAVAILABLE = "Redis is unavailable; only clients on this instance can be reached"
-RESYNCING = ("Redis lost the cluster's state and instances are still registering again; "
-             "only clients on this instance and on instances already back can be reached")
-NOT_LISTENING = "not listening to Redis (reconnecting, or dead for less than instance_ttl)"
-OUTBOX_LIMIT = 10_000  # deliveries waiting for Redis before senders wait too
-RESYNC_POLL = 0.1  # seconds between looks for peers while they are registering again
-
-
-class Remote(msgspec.Struct, array_like=True):
-    """A delivery for another instance, published on that instance's channel.
-
-    ``kind`` is ``client`` (``target``: a client id), ``room`` (``target``: a room),
-    ``all`` or ``kick`` (``text``: the close reason).  A relayed client frame has no
-    ``tail`` and is delivered unchanged; a server frame is ``text + id + tail``.
-    """
-
-    kind: str
-    target: str
-    text: str
-    tail: str = ""
-
-
-_encode_remote = msgspec.msgpack.Encoder().encode
-_decode_remote = msgspec.msgpack.Decoder(Remote).decode
-
-# The scripts run inside Redis, so each lookup and its publish is one round trip, and liveness
-# is judged by one clock (Redis's).  ARGV[1] is the key prefix.  Keys, for prefix p:
-#   p:instances                ZSET  instance id -> deadline (Redis time, s): live while in the future
-#   p:directory                HASH  client id -> instance id
-#   p:instance:<id>:clients    HASH  client id -> the client's JSON entry in GET /api/clients
-#   p:instance:<id>:rooms      SET   rooms with members on that instance
-#   p:room:<room>              HASH  instance id -> members of the room there
-#   p:instance:<id>            pub/sub channel of that instance
-_LUA_PRELUDE = """
-local p = ARGV[1]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local function alive(id)
-  local deadline = redis.call('ZSCORE', p .. ':instances', id)
-  return deadline and tonumber(deadline) > now
-end
-local function live()
-  return redis.call('ZRANGEBYSCORE', p .. ':instances', '(' .. now, '+inf')
-end
-local function reap(id)
-  local clients = p .. ':instance:' .. id .. ':clients'
-  for _, client in ipairs(redis.call('HKEYS', clients)) do
-    if redis.call('HGET', p .. ':directory', client) == id then redis.call('HDEL', p .. ':directory', client) end
-  end
-  for _, room in ipairs(redis.call('SMEMBERS', p .. ':instance:' .. id .. ':rooms')) do
-    redis.call('HDEL', p .. ':room:' .. room, id)
-  end
-  redis.call('DEL', clients, p .. ':instance:' .. id .. ':rooms')
-  redis.call('ZREM', p .. ':instances', id)
-end
-"""
-_LUA = {
-    # ARGV: p, instance, ttl -> {1 if the instance was not registered (new, reaped, or Redis restarted),
-    #                            {live instances}}
-    "heartbeat": """
-local added = redis.call('ZADD', p .. ':instances', now + tonumber(ARGV[3]), ARGV[2])
-for _, dead in ipairs(redis.call('ZRANGEBYSCORE', p .. ':instances', '-inf', now)) do reap(dead) end
-return {added, live()}""",
-    # ARGV: p, instance
-    "reap": "reap(ARGV[2]) return 1",
-    # The delivery scripts (send, room, all) answer nil when their own instance is not registered:
-    # Redis lost its state (restarted empty, flushed) or reaped it, so the directory cannot be trusted.
-    # ARGV: p, client id, message, own instance -> -1 no such client, 0 its instance is not listening, 1 sent
-    "send": """
-if not redis.call('ZSCORE', p .. ':instances', ARGV[4]) then return false end
-local id = redis.call('HGET', p .. ':directory', ARGV[2])
-if not id or id == ARGV[4] or not alive(id) then return -1 end
-return redis.call('PUBLISH', p .. ':instance:' .. id, ARGV[3])""",
-    # ARGV: p, room, message, own instance -> {members reached on other instances,
-    #                                         live instances with members that were not listening}
-    "room": """
-if not redis.call('ZSCORE', p .. ':instances', ARGV[4]) then return false end
-local reached, unheard = 0, 0
-local counts = redis.call('HGETALL', p .. ':room:' .. ARGV[2])
-for i = 1, #counts, 2 do
-  if counts[i] ~= ARGV[4] and alive(counts[i]) then
-    if redis.call('PUBLISH', p .. ':instance:' .. counts[i], ARGV[3]) > 0 then
-      reached = reached + tonumber(counts[i + 1])
-    else
-      unheard = unheard + 1
-    end
-  end
-end
-return {reached, unheard}""",
-    # ARGV: p, message, own instance -> {clients reached on other instances, live instances not listening}
-    "all": """
-if not redis.call('ZSCORE', p .. ':instances', ARGV[3]) then return false end
-local reached, unheard = 0, 0
-for _, id in ipairs(live()) do
-  if id ~= ARGV[3] then
-    if redis.call('PUBLISH', p .. ':instance:' .. id, ARGV[2]) > 0 then
-      reached = reached + redis.call('HLEN', p .. ':instance:' .. id .. ':clients')
-    else
-      unheard = unheard + 1
-    end
-  end
-end
-return {reached, unheard}""",
-    # ARGV: p, room, own instance, members here -> members on every live instance
-    "members": """
-local key = p .. ':room:' .. ARGV[2]
-if tonumber(ARGV[4]) > 0 then
-  redis.call('HSET', key, ARGV[3], ARGV[4])
-  redis.call('SADD', p .. ':instance:' .. ARGV[3] .. ':rooms', ARGV[2])
-else
-  redis.call('HDEL', key, ARGV[3])
-  redis.call('SREM', p .. ':instance:' .. ARGV[3] .. ':rooms', ARGV[2])
-end
-local members = 0
-local counts = redis.call('HGETALL', key)
-for i = 1, #counts, 2 do
-  if alive(counts[i]) then members = members + tonumber(counts[i + 1]) end
-end
-return members""",
-    # ARGV: p -> the JSON entries of every client on a live instance
-    "list": """
-local entries = {}
-for _, id in ipairs(live()) do
-  for _, entry in ipairs(redis.call('HVALS', p .. ':instance:' .. id .. ':clients')) do
-    entries[#entries + 1] = entry
-  end
-end
-return entries""",
-    # ARGV: p, client id -> its JSON entry, if its instance is live
-    "get": """
-local id = redis.call('HGET', p .. ':directory', ARGV[2])
-if not id or not alive(id) then return false end
-return redis.call('HGET', p .. ':instance:' .. id .. ':clients', ARGV[2])""",
-}
-
-
-class Cluster:
-    """Several gateway instances sharing one registry over Redis.
-
-    Each instance keeps its own connections and publishes what belongs to
-    another instance on that instance's channel, found through a directory of
-    client -> instance; rooms record which instances have members.  So a frame
-    is decoded by the instance that holds its recipient, and no other.
-
-    Liveness: every ``heartbeat_interval`` an instance pushes its deadline
-    ``instance_ttl`` ahead and removes instances whose deadline passed, with
-    their clients and room members.  An instance killed outright stops counting
-    once its deadline passes.  When Redis goes away, local delivery goes on,
-    cross-instance sends raise :class:`BackendUnavailable`, and the instance
-    reconnects by itself and writes its whole state again.
-
-    Delivery is at most once, and no loss is silent: a delivery that may not
-    have arrived is counted in ``ws_micro_cluster_dropped_total`` and, where
-    there is a sender, answered with ``backend_unavailable``.  Hence the
-    resynchronising window: when Redis loses the instances' state (it restarts
-    empty), each instance comes back on its own time, and until a peer has, its
-    clients are in no directory and its room members in no room.  An instance
-    that rejoins therefore remembers the peers it last saw alive and, until each
-    has registered again (or ``instance_ttl`` has passed: it is dead), refuses what
-    may be for them, where it would otherwise answer ``unknown_client`` or reach
-    nobody without a word.
-    """
-
-    def __init__(self, registry: Registry, settings: Settings) -> None:
-        try:
-            import redis.asyncio
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
-            from redis.exceptions import RedisError
-        except ImportError:
-            raise ValueError("redis_url needs the redis package: pip install 'ws-micro[redis]'") from None
-
-        assert settings.redis_url is not None
-        self.registry = registry
-        self.settings = settings
-        self.instance = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.available = False
-        self._errors = (RedisError, OSError)
-        # Fail fast and let the supervisor reconnect: redis-py's own retries would stall a read loop.
-        self.redis = redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout,
-                                                  socket_connect_timeout=settings.redis_timeout,
-                                                  retry=Retry(NoBackoff(), 0))
-        # Subscribed, a quiet channel is normal: no read timeout (older redis-py applies it to listen()).
-        # A dead connection shows in the heartbeat, which ends the session.
-        self._subscriber = redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=None,
-                                                        socket_connect_timeout=settings.redis_timeout,
-                                                        retry=Retry(NoBackoff(), 0))
-        self._scripts = {name: self.redis.register_script(_LUA_PRELUDE + body) for name, body in _LUA.items()}
-        self._channel = f"{settings.redis_prefix}:instance:{self.instance}"
-        self._clients_key = f"{self._channel}:clients"
-        self._tasks: TaskGroup | None = None
-        self._session: anyio.CancelScope | None = None  # the current connection's, cancelled on failure
-        self._outbox: list[tuple[str, tuple[Any, ...], Callable[[Any], None]]] = []
-        self._outbox_ready: anyio.Event | None = None  # events need the event loop: made in running()
-        self._outbox_drained: anyio.Event
-        self._peers: set[str] = set()  # other instances alive at the last heartbeat
-        self._missing: set[str] = set()  # peers not registered again since Redis lost their state
-        self._missing_until = 0.0  # time.monotonic() after which they count as dead
-
-    # Running
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[None]:
-        """Keep this instance in the cluster while the app runs; leave it cleanly at shutdown."""
-        async with anyio.create_task_group() as tasks:
-            self._tasks = tasks
-            self._outbox_ready, self._outbox_drained = anyio.Event(), anyio.Event()
-            tasks.start_soon(self._supervise)
-            tasks.start_soon(self._flush)
-            try:
-                yield
-            finally:
-                tasks.cancel_scope.cancel()
-                with anyio.CancelScope(shield=True), anyio.move_on_after(self.settings.redis_timeout):
-                    with contextlib.suppress(BackendUnavailable):  # then the others reap us by deadline
-                        await self._script("reap", self.instance)
-                    await self.redis.aclose()
-                    await self._subscriber.aclose()
-                self._tasks = None
-
-    async def _supervise(self) -> None:
-        delay = 0.1
-        while True:
-            self._session = anyio.CancelScope()
-            with self._session:
-                try:
-                    async with self._subscriber.pubsub() as pubsub:
-                        await pubsub.subscribe(self._channel)
-                        await self._sync()
-                        if not self.available:
-                            logger.info("cluster: instance %s joined over Redis", self.instance)
-                        self.available, delay = True, 0.1
-                        async with anyio.create_task_group() as tasks:
-                            tasks.start_soon(self._heartbeat)
-                            await self._listen(pubsub)
-                except* (*self._errors, BackendUnavailable) as failure:
-                    if self.available:
-                        logger.warning("cluster: Redis unavailable (%s); retrying", failure.exceptions[0])
-            self.available = False
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-
-    @property
-    def resyncing(self) -> bool:
-        """Whether peers that Redis lost may still be registering again (see the class docstring)."""
-        return bool(self._missing) and time.monotonic() < self._missing_until
-
-    @property
-    def instances(self) -> int:
-        """The live instances this one saw at its last heartbeat, itself included."""
-        return len(self._peers) + 1
-
-    def _lost(self) -> None:
-        """A command failed: stop the session, so the supervisor reconnects and writes our state again."""
-        self.available = False
-        if self._session is not None:
-            self._session.cancel()
-
-    async def _heartbeat(self) -> None:
-        while True:
-            # While peers are registering again, frames for them are refused: look for them often.
-            await anyio.sleep(min(self.settings.heartbeat_interval, RESYNC_POLL) if self._missing
-                              else self.settings.heartbeat_interval)
-            added, live = await self._script("heartbeat", self.instance, self.settings.instance_ttl)
-            if added:
-                logger.warning("cluster: instance %s had been dropped from Redis; registering again",
-                               self.instance)
-                await self._sync()  # before _saw(): the peers we knew are those Redis may have lost
-            else:
-                self._saw(live)
-
-    def _saw(self, live: Sequence[bytes]) -> None:
-        """Note the instances alive now: peers back end the resynchronising window."""
-        self._peers = {instance.decode() for instance in live} - {self.instance}
-        if self._missing:
-            self._missing -= self._peers
-            if not self._missing:
-                logger.info("cluster: every instance is registered again")
-            elif time.monotonic() >= self._missing_until:
-                logger.warning("cluster: instance(s) %s did not register again within instance_ttl; "
-                               "counting them as dead", ", ".join(sorted(self._missing)))
-                self._missing = set()
-
-    async def _sync(self) -> None:
-        """Write this instance's whole state (its clients and rooms), replacing whatever Redis had."""
-        prefix = self.settings.redis_prefix
-        async with self.redis.pipeline(transaction=True) as pipe:
-            await self._scripts["reap"](args=(prefix, self.instance), client=pipe)
-            await self._scripts["heartbeat"](args=(prefix, self.instance, self.settings.instance_ttl), client=pipe)
-            connections = list(self.registry.connections.values())
-            if connections:
-                pipe.hset(f"{prefix}:directory", mapping={c.id: self.instance for c in connections})
-                pipe.hset(self._clients_key, mapping={c.id: self._entry(c) for c in connections})
-            for room, members in self.registry.rooms.items():
-                pipe.hset(f"{prefix}:room:{room}", self.instance, len(members))
-                pipe.sadd(f"{self._channel}:rooms", room)
-            results = await pipe.execute()
-        # Peers we saw alive that Redis does not hold now may be reconnecting, as we did: until they
-        # are back (or instance_ttl has passed), frames that may be for them are refused, not lost.
-        known = self._peers | (self._missing if self.resyncing else set())
-        self._saw(results[1][1])
-        if known - self._peers:
-            self._missing = known - self._peers
-            self._missing_until = time.monotonic() + self.settings.instance_ttl
-            logger.warning("cluster: waiting up to %gs for instance(s) %s to register again; "
-                           "until then frames that may be for them fail with backend_unavailable",
-                           self.settings.instance_ttl, ", ".join(sorted(self._missing)))
-
-    async def _listen(self, pubsub: Any) -> None:
-        async for message in pubsub.listen():
-            if message["type"] != "message":
-                continue
-            try:
-                remote = _decode_remote(message["data"])
-            except msgspec.MsgspecError:
-                logger.warning("cluster: ignored a message on %s that is not ws_micro's", self._channel)
-                continue
-            self.registry.metrics.cluster_received += 1
-            if not self.registry.deliver_here(remote):
-                self.registry.metrics.cluster_dropped["gone"] += 1
-
-    # Membership
-
-    def _entry(self, connection: Connection) -> bytes:
-        return _encode({**connection.describe(), "instance": self.instance})
-
-    async def register(self, connection: Connection) -> None:
-        """Put a new client in the directory; while Redis is away, the next sync does it."""
-        with contextlib.suppress(BackendUnavailable):
-            await self._call(self._register(connection))
-
-    async def _register(self, connection: Connection) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(f"{self.settings.redis_prefix}:directory", connection.id, self.instance)
-            pipe.hset(self._clients_key, connection.id, self._entry(connection))
-            await pipe.execute()
-
-    def unregister(self, client_id: str, members_left: Mapping[str, int]) -> None:
-        """Take a gone client out of the directory and its rooms, in the background."""
-        if self.available and self._tasks is not None:
-            self._tasks.start_soon(self._unregister, client_id, members_left)
-
-    async def _unregister(self, client_id: str, members_left: Mapping[str, int]) -> None:
-        prefix = self.settings.redis_prefix
-        with contextlib.suppress(BackendUnavailable):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hdel(f"{prefix}:directory", client_id)
-                pipe.hdel(self._clients_key, client_id)
-                for room, members in members_left.items():
-                    await self._scripts["members"](args=(prefix, room, self.instance, members), client=pipe)
-                await self._call(pipe.execute())
-
-    async def room_changed(self, connection: Connection, room: str, members_here: int) -> int:
-        """Record this instance's members of ``room``; the members on every instance."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(self._clients_key, connection.id, self._entry(connection))
-            await self._scripts["members"](args=(self.settings.redis_prefix, room, self.instance, members_here),
-                                           client=pipe)
-            results = await self._call(pipe.execute())
-        return int(results[-1])
-
-    # Sending
-
-    # Deliveries to other instances go through one outbox, flushed as one pipeline at a time:
-    # a busy gateway pays a Redis round trip per batch, not per frame, and keeps their order.
-
-    async def send(self, client_id: str, remote: Remote) -> bool:
-        """Deliver to a client on another instance; False if it is connected nowhere."""
-        return bool(await self._request("send", client_id, _encode_remote(remote)) == 1)
-
-    async def forward(self, client_id: str, remote: Remote, failed: Callable[[str, str], None]) -> None:
-        """Like :meth:`send`, without waiting for the answer: ``failed(code, message)`` comes later if need be."""
-
-        def done(result: Any) -> None:
-            if isinstance(result, BackendUnavailable):
-                failed(BACKEND_UNAVAILABLE, f"{result}; {client_id!r} may have missed this frame")
-            elif result != 1:
-                failed(UNKNOWN_CLIENT, f"no client with id {client_id!r}")
-
-        await self._submit("send", (client_id, _encode_remote(remote)), done)
-
-    async def publish(self, room: str, remote: Remote) -> int:
-        """Deliver to a room's members on other instances; how many were sent it."""
-        return int((await self._request("room", room, _encode_remote(remote)))[0])
-
-    async def forward_to_room(self, room: str, remote: Remote, failed: Callable[[str, str], None]) -> None:
-        def done(result: Any) -> None:
-            if isinstance(result, BackendUnavailable):
-                failed(BACKEND_UNAVAILABLE, f"{result}; members of {room!r} on other instances may have missed "
-                                            "this frame")
-            elif result[1]:
-                failed(BACKEND_UNAVAILABLE, f"{result[1]} instance(s) with members of {room!r} {NOT_LISTENING}; "
-                                            "their members missed this frame")
-
-        await self._submit("room", (room, _encode_remote(remote)), done)
-
-    async def broadcast(self, remote: Remote) -> int:
-        """Deliver to every client on other instances; how many were sent it."""
-        return int((await self._request("all", _encode_remote(remote)))[0])
-
-    async def _request(self, name: str, *args: Any) -> Any:
-        reply: list[Any] = []
-        answered = anyio.Event()
-
-        def done(result: Any) -> None:
-            reply.append(result)
-            answered.set()
-
-        await self._submit(name, args, done)
-        await answered.wait()
-        if isinstance(reply[0], BaseException):
-            raise reply[0]
-        return reply[0]
-
-    async def _submit(self, name: str, args: tuple[Any, ...], done: Callable[[Any], None]) -> None:
-        """Queue a delivery script; ``done`` gets its result, or :class:`BackendUnavailable`."""
-        if not self.available or self._outbox_ready is None:
-            self._delivered(name, BackendUnavailable(UNAVAILABLE), done)
-            return
-        while len(self._outbox) >= OUTBOX_LIMIT:  # Redis is slow: the sender waits, its socket fills
-            await self._outbox_drained.wait()
-        self._outbox.append((name, (self.settings.redis_prefix, *args, self.instance), done))
-        self._outbox_ready.set()
-
-    async def _flush(self) -> None:
-        while True:
-            assert self._outbox_ready is not None
-            await self._outbox_ready.wait()
-            self._outbox_ready = anyio.Event()
-            batch, self._outbox = self._outbox, []
-            # Judged before the scripts run: a peer seen back by now is in Redis when they run.
-            resyncing = self.resyncing
-            # A room or broadcast cannot tell which members the missing peers hold: while they are
-            # missing it reaches no other instance, as when Redis is away.  A send finds its client or not.
-            held = [resyncing and name != "send" for name, _, _ in batch]
-            try:
-                if not self.available:
-                    raise BackendUnavailable(UNAVAILABLE)
-                results: list[Any] = []
-                if not all(held):
-                    async with self.redis.pipeline(transaction=False) as pipe:
-                        for (name, args, _), hold in zip(batch, held, strict=True):
-                            if not hold:
-                                await self._scripts[name](args=args, client=pipe)
-                        results = await self._call(pipe.execute())
-                answers = iter(results)
-                results = [BackendUnavailable(RESYNCING, "resyncing") if hold else next(answers) for hold in held]
-            except BackendUnavailable as exc:
-                results = [exc] * len(batch)
-            for (name, _, done), result in zip(batch, results, strict=True):
-                self._delivered(name, result, done, resyncing)
-            self._outbox_drained.set()
-            self._outbox_drained = anyio.Event()
-
-    def _delivered(self, name: str, result: Any, done: Callable[[Any], None], resyncing: bool = False) -> None:
-        """Count what may be lost, and hand ``done`` the script's answer or the error its sender must hear."""
-        if not isinstance(result, BackendUnavailable):
-            result = self._refusal(name, result, resyncing) or result
-        if isinstance(result, BackendUnavailable):
-            self.registry.metrics.cluster_dropped[result.reason] += 1
-        elif name != "send" and result[1]:  # sent to some instances; others were not listening
-            self.registry.metrics.cluster_dropped["no_subscriber"] += 1
-        done(result)
-
-    def _refusal(self, name: str, result: Any, resyncing: bool) -> BackendUnavailable | None:
-        """What a delivery script's answer must be told as instead, if it may not have arrived."""
-        if result is None:  # the script found this instance unregistered: Redis lost its state
-            self._lost()  # reconnect and register again; meanwhile every cross-instance send fails
-            return BackendUnavailable(RESYNCING, "resyncing")
-        if name == "send" and result == 0:  # in the directory, but its instance is not listening
-            return BackendUnavailable(f"the instance of this client is {NOT_LISTENING}", "no_subscriber")
-        if name == "send" and result == -1 and resyncing:  # unknown, or on a peer not registered again yet
-            return BackendUnavailable(RESYNCING, "resyncing")
-        return None
-
-    async def clients(self) -> list[dict[str, Any]]:
-        if self.resyncing:  # the list would lack the clients of the peers not back yet
-            raise BackendUnavailable(RESYNCING)
-        return [msgspec.json.decode(entry) for entry in await self._script("list")]
-
-    async def client(self, client_id: str) -> dict[str, Any] | None:
-        entry = await self._script("get", client_id)
-        if entry is None and self.resyncing:  # unknown, or on a peer not back yet
-            raise BackendUnavailable(RESYNCING)
-        return None if entry is None else dict(msgspec.json.decode(entry))
-
-    async def _script(self, name: str, *args: Any) -> Any:
-        return await self._call(self._scripts[name](args=(self.settings.redis_prefix, *args)))
-
-    async def _call(self, command: Awaitable[Any]) -> Any:
-        if not self.available:
-            if inspect.iscoroutine(command):
-                command.close()  # never awaited: no "coroutine was never awaited" warning
-            raise BackendUnavailable(UNAVAILABLE)
-        try:
-            return await command
-        except self._errors as exc:
-            self._lost()
-            raise BackendUnavailable(f"Redis is unavailable ({exc}); "
-                                     "only clients on this instance can be reached") from None
-
-
-# --------------------------------------------------------------------------
 # WebSocket endpoint
 # --------------------------------------------------------------------------
-
-# Event names the protocol gives a meaning: the ones clients send the server (built-ins), and the
-# ones only the server sends.  Neither kind can have a handler.  Clients may not send the server's:
-# relayed, a forged "connect" would replace the receiver's id and a forged "pong" would keep a dead
-# connection's keepalive content.
-BUILTIN_EVENTS = frozenset({"ping", "echo", "join", "leave"})
-SERVER_EVENTS = frozenset({"connect", "error", "pong", "joined", "left"})
 
 
 class Gateway:
     """The WebSocket endpoint: handshake checks, the read loop and the protocol's routing."""
 
-    def __init__(self, registry: Registry, settings: Settings) -> None:
+    def __init__(self, registry: Registry, settings: Settings,
+                 output: Callable[[Scope, Receive, Send, Settings, Metrics], Output]) -> None:
         self.registry = registry
         self.settings = settings
+        self._output = output  # chooses each connection's Output
         self._handshakes = 0  # accepts in flight, counted against max_connections
         self.waiting = 0  # connections whose request head has not arrived (counted under serve()), likewise
+        self._builtins = {name: getattr(self, f"_{name}") for name in BUILTIN_EVENTS}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         connection = await self._accept(scope, receive, send)
         if connection is None:
             return
         try:
-            if self.registry.cluster is not None:  # in the directory before anyone can learn the id
-                await self.registry.cluster.register(connection)
+            await self.registry.backend.register(connection)  # findable before anyone can learn the id
             connection.send(Frame("connect", {"message": "connection request granted"}).to(connection.id))
             self.registry.add(connection)
             logger.debug("client %s connected", connection.id)
@@ -1631,8 +1025,8 @@ class Gateway:
     async def _accept(self, scope: Scope, receive: Receive, send: Send) -> Connection | None:
         """Check and accept the handshake; the new connection, or None if it was refused or abandoned.
 
-        Starlette's WebSocket does the handshake and is then dropped: frames go straight
-        through ASGI's receive and send (or the socket), which is measurably faster.
+        Starlette's WebSocket does the handshake and is then dropped: frames go
+        straight through the connection's :class:`Output`.
         """
         websocket = WebSocket(scope, receive, send)
         refusal = self._refusal(websocket)
@@ -1649,9 +1043,11 @@ class Gateway:
         finally:
             self._handshakes -= 1
         client = websocket.client
-        return Connection(send, socket=UvicornSocket.of(scope, send, self.settings),
-                          remote=f"{client.host}:{client.port}" if client else None,
-                          settings=self.settings, metrics=self.registry.metrics, on_close=self.registry.remove)
+        output = self._output(scope, receive, send, self.settings, self.registry.metrics)
+        connection = Connection(output, remote=f"{client.host}:{client.port}" if client else None,
+                                settings=self.settings, metrics=self.registry.metrics, on_close=self.registry.remove)
+        output.guard(connection)
+        return connection
 
     def _refusal(self, websocket: WebSocket) -> tuple[int, str, str] | None:
         origin = websocket.headers.get("origin")
@@ -1664,11 +1060,10 @@ class Gateway:
 
     async def _read(self, connection: Connection, receive: Receive) -> None:
         """Handle frames until the peer leaves or the connection starts closing."""
-        while not connection.closing:
+        while connection.open:
             message = await receive()
             if message["type"] == "websocket.disconnect":
-                connection.closing = connection.peer_gone = True
-                connection.close_reason = connection.close_reason or _peer_reason(message.get("code", 1006))
+                connection.gone(_peer_reason(message.get("code", 1006)))
                 return
             text = message.get("text")
             if text is None:
@@ -1707,59 +1102,67 @@ class Gateway:
             self._error(connection, INVALID_JSON, str(exc), None)
             return
 
-        if event.client_id != connection.id:
-            self._error(connection, CLIENT_ID_MISMATCH,
-                        f"client_id must be this connection's id, but got {event.client_id!r}", event.event)
-        elif event.event in SERVER_EVENTS:
-            self._error(connection, INVALID_EVENT, f"{event.event!r} is sent by the server only", event.event)
-        elif event.to is not None and event.room is not None:
-            self._error(connection, INVALID_EVENT, "set 'to' or 'room', not both", event.event)
-        elif event.to is not None or event.room is not None:
-            def failed(code: str, message: str) -> None:
-                self._error(connection, code, message, event.event)
+        def failed(code: str, message: str) -> None:
+            self._error(connection, code, message, event.event)
 
-            if event.to is not None:
-                await self.registry.relay_to_client(event.to, text, failed)
-            elif event.room not in connection.rooms:
+        if event.client_id != connection.id:
+            failed(CLIENT_ID_MISMATCH, f"client_id must be this connection's id, but got {event.client_id!r}")
+        elif event.event in SERVER_EVENTS:
+            failed(INVALID_EVENT, f"{event.event!r} is sent by the server only")
+        elif event.to is not None and event.room is not None:
+            failed(INVALID_EVENT, "set 'to' or 'room', not both")
+        elif event.to is not None:
+            await self.registry.relay_to_client(event.to, text, failed)
+        elif event.room is not None:
+            if event.room not in connection.rooms:
                 failed(NOT_IN_ROOM, f"join room {event.room!r} before sending to it")
             else:
                 await self.registry.relay_to_room(event.room, connection.id, text, failed)
+        elif event.event in self._builtins:
+            await self._builtins[event.event](connection, event, text)
         else:
-            await self._dispatch(connection, event, text)
+            await self._call_handler(connection, event)
 
-    async def _dispatch(self, connection: Connection, event: Event, text: str) -> None:
-        match event.event:
-            case "ping":
-                connection.send(Frame("pong", event.data.data).to(connection.id))
-            case "echo":
-                connection.send(text)
-            case "join" | "leave":
-                room = self._room_of(connection, event)
-                if room is None:
-                    return
-                if event.event == "join":
-                    if room not in connection.rooms and len(connection.rooms) >= self.settings.max_rooms_per_connection:
-                        self._error(connection, INVALID_EVENT,
-                                    f"at most {self.settings.max_rooms_per_connection} rooms per connection",
-                                    event.event)
-                        return
-                    members = await self.registry.join(connection, room)
-                    connection.send(Frame("joined", {"room": room, "members": members}).to(connection.id))
-                elif room not in connection.rooms:
-                    self._error(connection, NOT_IN_ROOM, f"not a member of room {room!r}", event.event)
-                else:
-                    members = await self.registry.leave(connection, room)
-                    connection.send(Frame("left", {"room": room, "members": members}).to(connection.id))
-            case name:
-                handler = self.registry.handlers.get(name)
-                if handler is None:
-                    self._error(connection, UNKNOWN_EVENT, f"no handler for event {name!r}", name)
-                    return
-                try:
-                    await handler(connection.id, event)
-                except Exception:
-                    logger.exception("handler for event %r failed (client %s)", name, connection.id)
-                    self._error(connection, INTERNAL_ERROR, f"the handler for {name!r} failed", name)
+    # The built-in events, one method each (see BUILTIN_EVENTS).
+
+    async def _ping(self, connection: Connection, event: Event, text: str) -> None:
+        connection.send(Frame("pong", event.data.data).to(connection.id))
+
+    async def _echo(self, connection: Connection, event: Event, text: str) -> None:
+        connection.send(text)
+
+    async def _join(self, connection: Connection, event: Event, text: str) -> None:
+        room = self._room_of(connection, event)
+        if room is None:
+            return
+        limit = self.settings.max_rooms_per_connection
+        if room not in connection.rooms and len(connection.rooms) >= limit:
+            self._error(connection, INVALID_EVENT, f"at most {limit} rooms per connection", event.event)
+            return
+        members = await self.registry.join(connection, room)
+        connection.send(Frame("joined", {"room": room, "members": members}).to(connection.id))
+
+    async def _leave(self, connection: Connection, event: Event, text: str) -> None:
+        room = self._room_of(connection, event)
+        if room is None:
+            return
+        if room not in connection.rooms:
+            self._error(connection, NOT_IN_ROOM, f"not a member of room {room!r}", event.event)
+            return
+        members = await self.registry.leave(connection, room)
+        connection.send(Frame("left", {"room": room, "members": members}).to(connection.id))
+
+    async def _call_handler(self, connection: Connection, event: Event) -> None:
+        name = event.event
+        handler = self.registry.handlers.get(name)
+        if handler is None:
+            self._error(connection, UNKNOWN_EVENT, f"no handler for event {name!r}", name)
+            return
+        try:
+            await handler(connection.id, event)
+        except Exception:
+            logger.exception("handler for event %r failed (client %s)", name, connection.id)
+            self._error(connection, INTERNAL_ERROR, f"the handler for {name!r} failed", name)
 
     def _room_of(self, connection: Connection, event: Event) -> str | None:
         try:
@@ -1777,10 +1180,6 @@ class Gateway:
     def _error(self, connection: Connection, code: str, message: str, event: str | None) -> None:
         self.registry.metrics.errors[code] += 1
         connection.send(error_frame(connection.id, code, message, event))
-
-
-
-
 def _origin_allowed(origin: str, host: str, allowed: tuple[str, ...]) -> bool:
     if "*" in allowed or origin in allowed:
         return True
@@ -1895,21 +1294,13 @@ def api_routes(registry: Registry, settings: Settings) -> list[Route]:
             return _api_error(400, INVALID_JSON, str(exc))
 
     async def list_clients(request: Request) -> Response:
-        if registry.cluster is not None:  # every instance's, each entry naming its instance
-            clients = await registry.cluster.clients()
-        else:
-            clients = [connection.describe() for connection in registry.connections.values()]
+        clients = await registry.backend.clients(registry.connections.values())
         return _json({"count": len(clients), "clients": clients})
 
     async def get_client(request: Request) -> Response:
         client_id = request.path_params["client_id"]
         connection = registry.connections.get(client_id)
-        if connection is not None:
-            entry: dict[str, Any] | None = connection.describe()
-            if registry.cluster is not None:
-                entry = {**connection.describe(), "instance": registry.cluster.instance}
-        else:
-            entry = None if registry.cluster is None else await registry.cluster.client(client_id)
+        entry = registry.backend.entry(connection) if connection else await registry.backend.client(client_id)
         return _unknown_client(request) if entry is None else _json(entry)
 
     async def push_to_client(request: Request) -> Response:
@@ -2137,7 +1528,6 @@ def _harden_process(settings: Settings) -> None:
         server_log.addFilter(_ClientCausedFilter())
 
 
-
 def create_app(*, registry: Registry | None = None, debug: bool = False, **options: Any) -> Starlette:
     """Build the gateway as a Starlette app; ``options`` are the fields of :class:`Settings`.
 
@@ -2146,27 +1536,21 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
     """
     settings = Settings(**options)
     registry = registry if registry is not None else Registry()
-    cluster = registry.cluster = Cluster(registry, settings) if settings.redis_url else None
+    if settings.redis_url:  # the optional parts, below: other instances over Redis
+        registry.backend = RedisBackend(registry, settings)
 
     async def healthz(request: Request) -> Response:
-        if cluster is None:
-            return _json({"status": "ok", "connections": len(registry)})
-        # Degraded, not down: clients on this instance are still served.
-        redis = "unavailable" if not cluster.available else "resyncing" if cluster.resyncing else "ok"
-        return _json({"status": "ok" if redis == "ok" else "degraded", "connections": len(registry),
-                      "instance": cluster.instance, "redis": redis, "instances": cluster.instances})
+        status, details = registry.backend.health()
+        return _json({"status": status, "connections": len(registry), **details})
 
     async def metrics(request: Request) -> Response:
-        return PlainTextResponse(registry.metrics.render(len(registry), cluster),
+        return PlainTextResponse(registry.metrics.render(len(registry), registry.backend.metrics()),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         _harden_process(settings)
-        if cluster is None:
-            yield
-            return
-        async with cluster.running():
+        async with registry.backend.running():
             yield
 
     page_routes: list[BaseRoute] = []
@@ -2179,7 +1563,7 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
 
         page_routes = [Route("/", page, methods=["GET"]), Mount("/static", StaticFiles(directory=static))]
 
-    gateway = Gateway(registry, settings)
+    gateway = Gateway(registry, settings, _uvicorn_or_asgi_output)
     app = _GatewayApp(
         gateway,
         debug=debug,
@@ -2243,6 +1627,758 @@ def __getattr__(name: str) -> Any:
         globals()["app"] = built = create_app(**options_from_env(Settings, os.environ))
         return built
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --------------------------------------------------------------------------
+# Cluster over Redis
+# --------------------------------------------------------------------------
+
+UNAVAILABLE = "Redis is unavailable; only clients on this instance can be reached"
+RESYNCING = ("Redis lost the cluster's state and instances are still registering again; "
+             "only clients on this instance and on instances already back can be reached")
+NOT_LISTENING = "not listening to Redis (reconnecting, or dead for less than instance_ttl)"
+OUTBOX_LIMIT = 10_000  # deliveries waiting for Redis before senders wait too
+RESYNC_POLL = 0.1  # seconds between looks for peers while they are registering again
+
+# Why a cross-instance delivery was lost (the cluster_dropped_total labels): its client left
+# before it arrived; its instance was not listening (dead before its deadline passed, or
+# reconnecting); Redis could not be reached; Redis had lost the instances' state and they
+# had not all registered again.
+CLUSTER_DROP_REASONS = ("gone", "no_subscriber", "backend_unavailable", "resyncing")
+
+_encode_delivery = msgspec.msgpack.Encoder().encode
+_decode_delivery = msgspec.msgpack.Decoder(Delivery).decode
+
+# The scripts run inside Redis, so each lookup and its publish is one round trip, and liveness
+# is judged by one clock (Redis's).  ARGV[1] is the key prefix.  Keys, for prefix p:
+#   p:instances                ZSET  instance id -> deadline (Redis time, s): live while in the future
+#   p:directory                HASH  client id -> instance id
+#   p:instance:<id>:clients    HASH  client id -> the client's JSON entry in GET /api/clients
+#   p:instance:<id>:rooms      SET   rooms with members on that instance
+#   p:room:<room>              HASH  instance id -> members of the room there
+#   p:instance:<id>            pub/sub channel of that instance
+_LUA_PRELUDE = """
+local p = ARGV[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local function alive(id)
+  local deadline = redis.call('ZSCORE', p .. ':instances', id)
+  return deadline and tonumber(deadline) > now
+end
+local function live()
+  return redis.call('ZRANGEBYSCORE', p .. ':instances', '(' .. now, '+inf')
+end
+local reached, unheard = 0, 0  -- clients sent a delivery; live instances that were not listening
+local function deliver(id, message, clients)
+  if redis.call('PUBLISH', p .. ':instance:' .. id, message) > 0 then
+    reached = reached + clients
+  else
+    unheard = unheard + 1
+  end
+end
+local function reap(id)
+  local clients = p .. ':instance:' .. id .. ':clients'
+  for _, client in ipairs(redis.call('HKEYS', clients)) do
+    if redis.call('HGET', p .. ':directory', client) == id then redis.call('HDEL', p .. ':directory', client) end
+  end
+  for _, room in ipairs(redis.call('SMEMBERS', p .. ':instance:' .. id .. ':rooms')) do
+    redis.call('HDEL', p .. ':room:' .. room, id)
+  end
+  redis.call('DEL', clients, p .. ':instance:' .. id .. ':rooms')
+  redis.call('ZREM', p .. ':instances', id)
+end
+"""
+_LUA = {
+    # ARGV: p, instance, ttl -> {1 if the instance was not registered (new, reaped, or Redis restarted),
+    #                            {live instances}}
+    "heartbeat": """
+local added = redis.call('ZADD', p .. ':instances', now + tonumber(ARGV[3]), ARGV[2])
+for _, dead in ipairs(redis.call('ZRANGEBYSCORE', p .. ':instances', '-inf', now)) do reap(dead) end
+return {added, live()}""",
+    # ARGV: p, instance
+    "reap": "reap(ARGV[2]) return 1",
+    # The delivery scripts (send, room, all) answer nil when their own instance is not registered:
+    # Redis lost its state (restarted empty, flushed) or reaped it, so the directory cannot be trusted.
+    # ARGV: p, client id, message, own instance -> -1 no such client, 0 its instance is not listening, 1 sent
+    "send": """
+if not redis.call('ZSCORE', p .. ':instances', ARGV[4]) then return false end
+local id = redis.call('HGET', p .. ':directory', ARGV[2])
+if not id or id == ARGV[4] or not alive(id) then return -1 end
+return redis.call('PUBLISH', p .. ':instance:' .. id, ARGV[3])""",
+    # ARGV: p, room, message, own instance -> {members reached on other instances,
+    #                                         live instances with members that were not listening}
+    "room": """
+if not redis.call('ZSCORE', p .. ':instances', ARGV[4]) then return false end
+local counts = redis.call('HGETALL', p .. ':room:' .. ARGV[2])
+for i = 1, #counts, 2 do
+  if counts[i] ~= ARGV[4] and alive(counts[i]) then deliver(counts[i], ARGV[3], tonumber(counts[i + 1])) end
+end
+return {reached, unheard}""",
+    # ARGV: p, message, own instance -> {clients reached on other instances, live instances not listening}
+    "all": """
+if not redis.call('ZSCORE', p .. ':instances', ARGV[3]) then return false end
+for _, id in ipairs(live()) do
+  if id ~= ARGV[3] then deliver(id, ARGV[2], redis.call('HLEN', p .. ':instance:' .. id .. ':clients')) end
+end
+return {reached, unheard}""",
+    # ARGV: p, room, own instance, members here -> members on every live instance
+    "members": """
+local key = p .. ':room:' .. ARGV[2]
+if tonumber(ARGV[4]) > 0 then
+  redis.call('HSET', key, ARGV[3], ARGV[4])
+  redis.call('SADD', p .. ':instance:' .. ARGV[3] .. ':rooms', ARGV[2])
+else
+  redis.call('HDEL', key, ARGV[3])
+  redis.call('SREM', p .. ':instance:' .. ARGV[3] .. ':rooms', ARGV[2])
+end
+local members = 0
+local counts = redis.call('HGETALL', key)
+for i = 1, #counts, 2 do
+  if alive(counts[i]) then members = members + tonumber(counts[i + 1]) end
+end
+return members""",
+    # ARGV: p -> the JSON entries of every client on a live instance
+    "list": """
+local entries = {}
+for _, id in ipairs(live()) do
+  for _, entry in ipairs(redis.call('HVALS', p .. ':instance:' .. id .. ':clients')) do
+    entries[#entries + 1] = entry
+  end
+end
+return entries""",
+    # ARGV: p, client id -> its JSON entry, if its instance is live
+    "get": """
+local id = redis.call('HGET', p .. ':directory', ARGV[2])
+if not id or not alive(id) then return false end
+return redis.call('HGET', p .. ':instance:' .. id .. ':clients', ARGV[2])""",
+}
+
+
+class RedisBackend(Backend):
+    """Several gateway instances sharing one registry over Redis.
+
+    Each instance keeps its own connections and publishes what belongs to
+    another instance on that instance's channel, found through a directory of
+    client -> instance; rooms record which instances have members.  So a frame
+    is decoded by the instance that holds its recipient, and no other.
+
+    Liveness: every ``heartbeat_interval`` an instance pushes its deadline
+    ``instance_ttl`` ahead and removes instances whose deadline passed, with
+    their clients and room members.  An instance killed outright stops counting
+    once its deadline passes.  When Redis goes away, local delivery goes on,
+    cross-instance sends raise :class:`BackendUnavailable`, and the instance
+    reconnects by itself and writes its whole state again.
+
+    Delivery is at most once, and no loss is silent: a delivery that may not
+    have arrived is counted in ``ws_micro_cluster_dropped_total`` and, where
+    there is a sender, answered with ``backend_unavailable``.  Hence the
+    resynchronising window: when Redis loses the instances' state (it restarts
+    empty), each instance comes back on its own time, and until a peer has, its
+    clients are in no directory and its room members in no room.  An instance
+    that rejoins therefore remembers the peers it last saw alive and, until each
+    has registered again (or ``instance_ttl`` has passed: it is dead), refuses what
+    may be for them, where it would otherwise answer ``unknown_client`` or reach
+    nobody without a word.
+    """
+
+    def __init__(self, registry: Registry, settings: Settings) -> None:
+        try:
+            import redis.asyncio
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+            from redis.exceptions import RedisError
+        except ImportError:
+            raise ValueError("redis_url needs the redis package: pip install 'ws-micro[redis]'") from None
+
+        assert settings.redis_url is not None
+        self.registry = registry
+        self.settings = settings
+        self.instance = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.available = False
+        # Deliveries from other instances, and those lost (pub/sub is at-most-once).
+        self.received = 0
+        self.dropped = collections.Counter(dict.fromkeys(CLUSTER_DROP_REASONS, 0))
+        self._errors = (RedisError, OSError)
+        # Fail fast and let the supervisor reconnect: redis-py's own retries would stall a read loop.
+        self.redis = redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout,
+                                                  socket_connect_timeout=settings.redis_timeout,
+                                                  retry=Retry(NoBackoff(), 0))
+        # Subscribed, a quiet channel is normal: no read timeout (older redis-py applies it to listen()).
+        # A dead connection shows in the heartbeat, which ends the session.
+        self._subscriber = redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=None,
+                                                        socket_connect_timeout=settings.redis_timeout,
+                                                        retry=Retry(NoBackoff(), 0))
+        self._scripts = {name: self.redis.register_script(_LUA_PRELUDE + body) for name, body in _LUA.items()}
+        self._channel = f"{settings.redis_prefix}:instance:{self.instance}"
+        self._clients_key = f"{self._channel}:clients"
+        self._tasks: TaskGroup | None = None
+        self._session: anyio.CancelScope | None = None  # the current connection's, cancelled on failure
+        self._outbox: list[tuple[str, tuple[Any, ...], Callable[[Any], None]]] = []
+        self._outbox_ready: anyio.Event | None = None  # events need the event loop: made in running()
+        self._outbox_drained: anyio.Event
+        self._peers: set[str] = set()  # other instances alive at the last heartbeat
+        self._missing: set[str] = set()  # peers not registered again since Redis lost their state
+        self._missing_until = 0.0  # time.monotonic() after which they count as dead
+
+    # Running
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Keep this instance in the cluster while the app runs; leave it cleanly at shutdown."""
+        async with anyio.create_task_group() as tasks:
+            self._tasks = tasks
+            self._outbox_ready, self._outbox_drained = anyio.Event(), anyio.Event()
+            tasks.start_soon(self._supervise)
+            tasks.start_soon(self._flush)
+            try:
+                yield
+            finally:
+                tasks.cancel_scope.cancel()
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self.settings.redis_timeout):
+                    with contextlib.suppress(BackendUnavailable):  # then the others reap us by deadline
+                        await self._script("reap", self.instance)
+                    await self.redis.aclose()
+                    await self._subscriber.aclose()
+                self._tasks = None
+
+    async def _supervise(self) -> None:
+        delay = 0.1
+        while True:
+            self._session = anyio.CancelScope()
+            with self._session:
+                try:
+                    async with self._subscriber.pubsub() as pubsub:
+                        await pubsub.subscribe(self._channel)
+                        await self._sync()
+                        if not self.available:
+                            logger.info("cluster: instance %s joined over Redis", self.instance)
+                        self.available, delay = True, 0.1
+                        async with anyio.create_task_group() as tasks:
+                            tasks.start_soon(self._heartbeat)
+                            await self._listen(pubsub)
+                except* (*self._errors, BackendUnavailable) as failure:
+                    if self.available:
+                        logger.warning("cluster: Redis unavailable (%s); retrying", failure.exceptions[0])
+            self.available = False
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    @property
+    def resyncing(self) -> bool:
+        """Whether peers that Redis lost may still be registering again (see the class docstring)."""
+        return bool(self._missing) and time.monotonic() < self._missing_until
+
+    @property
+    def instances(self) -> int:
+        """The live instances this one saw at its last heartbeat, itself included."""
+        return len(self._peers) + 1
+
+    def _lost(self) -> None:
+        """A command failed: stop the session, so the supervisor reconnects and writes our state again."""
+        self.available = False
+        if self._session is not None:
+            self._session.cancel()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            # While peers are registering again, frames for them are refused: look for them often.
+            await anyio.sleep(min(self.settings.heartbeat_interval, RESYNC_POLL) if self._missing
+                              else self.settings.heartbeat_interval)
+            added, live = await self._script("heartbeat", self.instance, self.settings.instance_ttl)
+            if added:
+                logger.warning("cluster: instance %s had been dropped from Redis; registering again",
+                               self.instance)
+                await self._sync()  # before _saw(): the peers we knew are those Redis may have lost
+            else:
+                self._saw(live)
+
+    def _saw(self, live: Sequence[bytes]) -> None:
+        """Note the instances alive now: peers back end the resynchronising window."""
+        self._peers = {instance.decode() for instance in live} - {self.instance}
+        if self._missing:
+            self._missing -= self._peers
+            if not self._missing:
+                logger.info("cluster: every instance is registered again")
+            elif time.monotonic() >= self._missing_until:
+                logger.warning("cluster: instance(s) %s did not register again within instance_ttl; "
+                               "counting them as dead", ", ".join(sorted(self._missing)))
+                self._missing = set()
+
+    async def _sync(self) -> None:
+        """Write this instance's whole state (its clients and rooms), replacing whatever Redis had."""
+        prefix = self.settings.redis_prefix
+        async with self.redis.pipeline(transaction=True) as pipe:
+            await self._scripts["reap"](args=(prefix, self.instance), client=pipe)
+            await self._scripts["heartbeat"](args=(prefix, self.instance, self.settings.instance_ttl), client=pipe)
+            connections = list(self.registry.connections.values())
+            if connections:
+                pipe.hset(f"{prefix}:directory", mapping={c.id: self.instance for c in connections})
+                pipe.hset(self._clients_key, mapping={c.id: self._entry(c) for c in connections})
+            for room, members in self.registry.rooms.items():
+                pipe.hset(f"{prefix}:room:{room}", self.instance, len(members))
+                pipe.sadd(f"{self._channel}:rooms", room)
+            results = await pipe.execute()
+        # Peers we saw alive that Redis does not hold now may be reconnecting, as we did: until they
+        # are back (or instance_ttl has passed), frames that may be for them are refused, not lost.
+        known = self._peers | (self._missing if self.resyncing else set())
+        self._saw(results[1][1])
+        if known - self._peers:
+            self._missing = known - self._peers
+            self._missing_until = time.monotonic() + self.settings.instance_ttl
+            logger.warning("cluster: waiting up to %gs for instance(s) %s to register again; "
+                           "until then frames that may be for them fail with backend_unavailable",
+                           self.settings.instance_ttl, ", ".join(sorted(self._missing)))
+
+    async def _listen(self, pubsub: Any) -> None:
+        async for message in pubsub.listen():
+            if message["type"] != "message":
+                continue
+            try:
+                delivery = _decode_delivery(message["data"])
+            except msgspec.MsgspecError:
+                logger.warning("cluster: ignored a message on %s that is not ws_micro's", self._channel)
+                continue
+            self.received += 1
+            if not self.registry.deliver_here(delivery):
+                self.dropped["gone"] += 1
+
+    # Reading
+
+    def health(self) -> tuple[str, dict[str, Any]]:
+        # Degraded, not down: clients on this instance are still served.
+        redis = "unavailable" if not self.available else "resyncing" if self.resyncing else "ok"
+        return ("ok" if redis == "ok" else "degraded",
+                {"instance": self.instance, "redis": redis, "instances": self.instances})
+
+    def metrics(self) -> list[MetricFamily]:
+        return [("cluster_up", "gauge", "1 while Redis is reachable.", {"": int(self.available)}, ""),
+                ("cluster_received_total", "counter", "Deliveries received from other instances.",
+                 {"": self.received}, ""),
+                ("cluster_dropped_total", "counter", "Cross-instance deliveries lost, by reason.",
+                 self.dropped, "reason")]
+
+    def entry(self, connection: Connection) -> dict[str, Any]:
+        return {**connection.describe(), "instance": self.instance}
+
+    # Membership
+
+    def _entry(self, connection: Connection) -> bytes:
+        return _encode(self.entry(connection))
+
+    async def register(self, connection: Connection) -> None:
+        """Put a new client in the directory; while Redis is away, the next sync does it."""
+        with contextlib.suppress(BackendUnavailable):
+            await self._call(self._register(connection))
+
+    async def _register(self, connection: Connection) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(f"{self.settings.redis_prefix}:directory", connection.id, self.instance)
+            pipe.hset(self._clients_key, connection.id, self._entry(connection))
+            await pipe.execute()
+
+    def unregister(self, client_id: str, members_left: Mapping[str, int]) -> None:
+        """Take a gone client out of the directory and its rooms, in the background."""
+        if self.available and self._tasks is not None:
+            self._tasks.start_soon(self._unregister, client_id, members_left)
+
+    async def _unregister(self, client_id: str, members_left: Mapping[str, int]) -> None:
+        prefix = self.settings.redis_prefix
+        with contextlib.suppress(BackendUnavailable):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hdel(f"{prefix}:directory", client_id)
+                pipe.hdel(self._clients_key, client_id)
+                for room, members in members_left.items():
+                    await self._scripts["members"](args=(prefix, room, self.instance, members), client=pipe)
+                await self._call(pipe.execute())
+
+    async def room_changed(self, connection: Connection, room: str, members_here: int) -> int:
+        """Record this instance's members of ``room``; the members on every instance."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self._clients_key, connection.id, self._entry(connection))
+            await self._scripts["members"](args=(self.settings.redis_prefix, room, self.instance, members_here),
+                                           client=pipe)
+            results = await self._call(pipe.execute())
+        return int(results[-1])
+
+    # Sending
+
+    # Deliveries to other instances go through one outbox, flushed as one pipeline at a time:
+    # a busy gateway pays a Redis round trip per batch, not per frame, and keeps their order.
+
+    async def send(self, delivery: ToClient | Kick) -> bool:
+        return bool(await self._request("send", delivery.client_id, _encode_delivery(delivery)) == 1)
+
+    async def forward(self, delivery: ToClient, failed: Callable[[str, str], None]) -> None:
+        client_id = delivery.client_id
+
+        def done(result: Any) -> None:
+            if isinstance(result, BackendUnavailable):
+                failed(BACKEND_UNAVAILABLE, f"{result}; {client_id!r} may have missed this frame")
+            elif result != 1:
+                failed(UNKNOWN_CLIENT, f"no client with id {client_id!r}")
+
+        await self._submit("send", (client_id, _encode_delivery(delivery)), done)
+
+    async def publish(self, delivery: ToRoom) -> int:
+        return int((await self._request("room", delivery.room, _encode_delivery(delivery)))[0])
+
+    async def forward_to_room(self, delivery: ToRoom, failed: Callable[[str, str], None]) -> None:
+        room = delivery.room
+
+        def done(result: Any) -> None:
+            if isinstance(result, BackendUnavailable):
+                failed(BACKEND_UNAVAILABLE, f"{result}; members of {room!r} on other instances may have missed "
+                                            "this frame")
+            elif result[1]:
+                failed(BACKEND_UNAVAILABLE, f"{result[1]} instance(s) with members of {room!r} {NOT_LISTENING}; "
+                                            "their members missed this frame")
+
+        await self._submit("room", (room, _encode_delivery(delivery)), done)
+
+    async def broadcast(self, delivery: ToEveryone) -> int:
+        return int((await self._request("all", _encode_delivery(delivery)))[0])
+
+    async def _request(self, name: str, *args: Any) -> Any:
+        reply: list[Any] = []
+        answered = anyio.Event()
+
+        def done(result: Any) -> None:
+            reply.append(result)
+            answered.set()
+
+        await self._submit(name, args, done)
+        await answered.wait()
+        if isinstance(reply[0], BaseException):
+            raise reply[0]
+        return reply[0]
+
+    async def _submit(self, name: str, args: tuple[Any, ...], done: Callable[[Any], None]) -> None:
+        """Queue a delivery script; ``done`` gets its result, or :class:`BackendUnavailable`."""
+        if not self.available or self._outbox_ready is None:
+            self._delivered(name, BackendUnavailable(UNAVAILABLE), done)
+            return
+        while len(self._outbox) >= OUTBOX_LIMIT:  # Redis is slow: the sender waits, its socket fills
+            await self._outbox_drained.wait()
+        self._outbox.append((name, (self.settings.redis_prefix, *args, self.instance), done))
+        self._outbox_ready.set()
+
+    async def _flush(self) -> None:
+        while True:
+            assert self._outbox_ready is not None
+            await self._outbox_ready.wait()
+            self._outbox_ready = anyio.Event()
+            batch, self._outbox = self._outbox, []
+            # Judged before the scripts run: a peer seen back by now is in Redis when they run.
+            resyncing = self.resyncing
+            # A room or broadcast cannot tell which members the missing peers hold: while they are
+            # missing it reaches no other instance, as when Redis is away.  A send finds its client or not.
+            held = [resyncing and name != "send" for name, _, _ in batch]
+            try:
+                if not self.available:
+                    raise BackendUnavailable(UNAVAILABLE)
+                results: list[Any] = []
+                if not all(held):
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        for (name, args, _), hold in zip(batch, held, strict=True):
+                            if not hold:
+                                await self._scripts[name](args=args, client=pipe)
+                        results = await self._call(pipe.execute())
+                answers = iter(results)
+                results = [BackendUnavailable(RESYNCING, "resyncing") if hold else next(answers) for hold in held]
+            except BackendUnavailable as exc:
+                results = [exc] * len(batch)
+            for (name, _, done), result in zip(batch, results, strict=True):
+                self._delivered(name, result, done, resyncing)
+            self._outbox_drained.set()
+            self._outbox_drained = anyio.Event()
+
+    def _delivered(self, name: str, result: Any, done: Callable[[Any], None], resyncing: bool = False) -> None:
+        """Count what may be lost, and hand ``done`` the script's answer or the error its sender must hear."""
+        if not isinstance(result, BackendUnavailable):
+            result = self._refusal(name, result, resyncing) or result
+        if isinstance(result, BackendUnavailable):
+            self.dropped[result.reason] += 1
+        elif name != "send" and result[1]:  # sent to some instances; others were not listening
+            self.dropped["no_subscriber"] += 1
+        done(result)
+
+    def _refusal(self, name: str, result: Any, resyncing: bool) -> BackendUnavailable | None:
+        """What a delivery script's answer must be told as instead, if it may not have arrived."""
+        if result is None:  # the script found this instance unregistered: Redis lost its state
+            self._lost()  # reconnect and register again; meanwhile every cross-instance send fails
+            return BackendUnavailable(RESYNCING, "resyncing")
+        if name == "send" and result == 0:  # in the directory, but its instance is not listening
+            return BackendUnavailable(f"the instance of this client is {NOT_LISTENING}", "no_subscriber")
+        if name == "send" and result == -1 and resyncing:  # unknown, or on a peer not registered again yet
+            return BackendUnavailable(RESYNCING, "resyncing")
+        return None
+
+    async def clients(self, here: Iterable[Connection]) -> list[dict[str, Any]]:
+        if self.resyncing:  # the list would lack the clients of the peers not back yet
+            raise BackendUnavailable(RESYNCING)
+        return [msgspec.json.decode(entry) for entry in await self._script("list")]
+
+    async def client(self, client_id: str) -> dict[str, Any] | None:
+        entry = await self._script("get", client_id)
+        if entry is None and self.resyncing:  # unknown, or on a peer not back yet
+            raise BackendUnavailable(RESYNCING)
+        return None if entry is None else dict(msgspec.json.decode(entry))
+
+    async def _script(self, name: str, *args: Any) -> Any:
+        return await self._call(self._scripts[name](args=(self.settings.redis_prefix, *args)))
+
+    async def _call(self, command: Awaitable[Any]) -> Any:
+        if not self.available:
+            if inspect.iscoroutine(command):
+                command.close()  # never awaited: no "coroutine was never awaited" warning
+            raise BackendUnavailable(UNAVAILABLE)
+        try:
+            return await command
+        except self._errors as exc:
+            self._lost()
+            raise BackendUnavailable(f"Redis is unavailable ({exc}); "
+                                     "only clients on this instance can be reached") from None
+
+
+# --------------------------------------------------------------------------
+# Under uvicorn
+# --------------------------------------------------------------------------
+
+def _uvicorn_or_asgi_output(scope: Scope, receive: Receive, send: Send, settings: Settings,
+                            metrics: Metrics) -> Output:
+    """A new connection's :class:`Output`: :class:`UvicornOutput` under uvicorn's websockets-sansio engine.
+
+    Whether frames go past ASGI is ``ws_micro_fast_path`` in /metrics, and the log
+    says so, once for each reason it is off.
+    """
+    engine, why_not = _sansio_engine(receive, send, settings)
+    if engine is None:
+        output = Output(send)
+    else:
+        output = UvicornOutput(engine, send, settings)
+        _fit_engine(engine, settings)
+        _trim_handshake(engine, scope)
+        if engine.conn.extensions:
+            why_not = "permessage-deflate was negotiated, and it rewrites every frame"
+    metrics.fast_path = int(why_not is None)
+    if why_not not in _fast_path_reported:
+        _fast_path_reported.add(why_not)
+        if why_not is None:
+            logger.info("fast path on: frames are written straight to uvicorn's transport")
+        else:
+            logger.info("fast path off: %s; frames go through ASGI", why_not)
+    return output
+
+
+_fast_path_reported: set[str | None] = set()
+
+
+def _sansio_engine(receive: Receive, send: Send, settings: Settings) -> tuple[Any, str | None]:
+    """uvicorn's websockets-sansio protocol object serving this connection, or None and why not."""
+    try:
+        from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    except ImportError:
+        return None, "this uvicorn has no websockets-sansio engine"
+    engine = getattr(receive, "__self__", None)
+    if not isinstance(engine, WebSocketsSansIOProtocol):
+        _warn_about_engine(engine, settings)
+        server = getattr(receive, "__module__", None) or type(receive).__module__
+        return None, f"not served by uvicorn's websockets-sansio engine (but by {server})"
+    if not hasattr(engine, "writable"):
+        return None, "uvicorn is older than 0.52.1 (no write backpressure)"
+    if _unwrapped(send) != engine.send:
+        return None, (f"send is wrapped by {getattr(send, '__qualname__', send)!r}, "
+                      "which direct writes would bypass")
+    return engine, None
+
+
+def _unwrapped(send: Send) -> Send:
+    """``send`` without Starlette's exception wrappers (a host app's), which pass WebSocket messages unchanged."""
+    while getattr(send, "__module__", None) == "starlette._exception_handler" and send.__name__ == "sender":
+        cells = dict(zip(send.__code__.co_freevars, send.__closure__ or (), strict=True))
+        send = cells["send"].cell_contents
+    return send
+
+
+def _fit_engine(engine: Any, settings: Settings) -> None:
+    """Hold the engine to the gateway's limits.
+
+    - Its frame limit comes down to ``max_message_size``: under ``uvicorn
+      ws_micro:app`` it is ``--ws-max-size`` (16 MiB), and the engine inflates a
+      compressed frame up to it before the gateway sees it.
+    - A close it starts (keepalive timeout, shutdown, a closing handshake) that has
+      not finished after ``close_timeout`` becomes a reset (:class:`_ResettingTransport`).
+    """
+    conn = engine.conn
+    limit = settings.max_message_size
+    if hasattr(conn, "max_message_size"):  # websockets >= 16
+        conn.max_message_size = min(conn.max_message_size or limit, limit)
+    else:
+        conn.max_size = min(conn.max_size or limit, limit)
+    engine.close_timeout = settings.close_timeout  # uvicorn waits 10 s for the peer's close frame
+    engine.transport = _ResettingTransport(engine.transport, settings.close_timeout)
+
+
+def _trim_handshake(engine: Any, scope: Scope) -> None:
+    """Let go of what the handshake left behind and nothing reads again: 3 KiB and more per idle connection.
+
+    uvicorn and websockets keep the request and response, and the scope its
+    header list, for the life of the connection; the gateway read what it needs
+    from them before it accepted.
+    """
+    request = getattr(engine, "request", None)
+    if request is not None:
+        request.headers.clear()  # websockets' parser holds on to the request too
+        del engine.request, engine.response
+    scope["headers"] = []
+
+
+class UvicornOutput(Output):
+    """Frames written straight to the transport under uvicorn's websockets-sansio engine.
+
+    Through ASGI, the engine frames each frame for each receiver anew; here a
+    frame that a fan-out shares is framed once (:func:`websocket_frame`).  That is
+    what the engine's ``send`` would write when it would write at once: the
+    connection is open, the transport is not paused, and no extension rewrites
+    frames.  Otherwise the frame goes through ``send``, which waits as the engine does.
+    """
+
+    __slots__ = ("_conn", "_direct", "_engine", "_open", "_settings", "_transport", "_writable")
+
+    def __init__(self, engine: Any, send: Send, settings: Settings) -> None:
+        from websockets.protocol import OPEN
+
+        super().__init__(send)
+        self._engine = engine  # uvicorn's protocol object
+        self._conn = engine.conn  # websockets' ServerProtocol: its state says whether frames may go out
+        self._transport = engine.transport
+        self._writable = engine.writable  # cleared while the transport is paused
+        self._open = OPEN
+        self._direct = not engine.conn.extensions
+        self._settings = settings
+
+    def write_now(self, text: str, wire: bytes | None = None) -> Awaitable[None] | None:
+        if (self._direct and self._conn.state is self._open and self._writable.is_set()
+                and not self._transport.is_closing()):
+            self._transport.write(wire or websocket_frame(text.encode()))
+            return None
+        return super().write_now(text)
+
+    def abort(self) -> None:
+        _reset(self._transport)
+
+    def guard(self, connection: Connection) -> None:
+        """Bound what the engine handles on its own: pings, pongs and continuation frames.
+
+        The app never sees these.  The engine writes a pong for every ping (a peer
+        that pings and never reads would grow the server's memory without end), keeps
+        every fragment of a message that never ends, and spends the event loop on a
+        flood of empty pongs.  Now each spends a rate-limit token, the pongs count
+        against ``max_queue_bytes``, and a message has at most ``rate_burst`` fragments.
+        """
+        engine = self._engine
+        engine_class = type(engine)
+
+        def handle_ping() -> None:
+            engine_class.handle_ping(engine)
+            self._handled(connection)
+
+        def handle_pong(frame: Any) -> None:
+            engine_class.handle_pong(engine, frame)
+            self._handled(connection)
+
+        def handle_cont(frame: Any) -> None:
+            engine_class.handle_cont(engine, frame)
+            self._handled(connection)
+
+        engine.handle_ping, engine.handle_pong, engine.handle_cont = handle_ping, handle_pong, handle_cont
+
+    def _handled(self, connection: Connection) -> None:
+        settings = self._settings
+        if self._transport.get_write_buffer_size() > settings.max_queue_bytes:
+            connection.close(CLOSE_POLICY_VIOLATION, "slow consumer", label="slow_consumer", flush=False)
+            self.abort()  # it reads nothing: a close frame would wait behind what it never took
+        elif connection.take_token() < -settings.rate_burst:
+            self._transport.pause_reading()  # the engine would go on answering and keeping what it floods
+            connection.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded", label="rate_limited", flush=False)
+        elif len(self._engine.frames) > settings.rate_burst:
+            self._transport.pause_reading()
+            connection.close(CLOSE_MESSAGE_TOO_BIG, f"message in more than {settings.rate_burst} fragments",
+                             label="message_too_big", flush=False)
+
+    def release(self) -> None:
+        """Undo :meth:`guard`: it ties the engine to the connection."""
+        for name in ("handle_ping", "handle_pong", "handle_cont"):
+            self._engine.__dict__.pop(name, None)
+
+
+class _ResettingTransport:
+    """uvicorn's transport for one WebSocket, whose ``close()`` cannot wait forever.
+
+    uvicorn ends a WebSocket with ``transport.close()``, which first waits for the
+    peer to take every buffered byte: a peer that reads nothing would hold the
+    socket, its buffer and its task until the process exits, and stall a graceful
+    shutdown for its whole timeout.  Here a close still unfinished after
+    ``timeout`` seconds becomes a reset, and the kernel, which keeps sending what
+    it was given after the socket is closed, gives up as soon (``TCP_USER_TIMEOUT``,
+    on Linux) instead of holding it in FIN-WAIT-1 for minutes.
+    """
+
+    __slots__ = ("_timeout", "_transport")
+
+    def __init__(self, transport: Any, timeout: float) -> None:
+        self._transport = transport
+        self._timeout = timeout
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def write(self, data: bytes) -> None:
+        self._transport.write(data)
+
+    def is_closing(self) -> bool:
+        return bool(self._transport.is_closing())
+
+    def close(self) -> None:
+        transport = self._transport
+        if not transport.is_closing() and hasattr(socket, "TCP_USER_TIMEOUT"):  # the first close: still open
+            with contextlib.suppress(OSError, AttributeError):
+                transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                                                              max(int(self._timeout * 1000), 1))
+        transport.close()
+        if transport.get_write_buffer_size():
+            asyncio.get_running_loop().call_later(self._timeout, _reset, transport)
+
+
+def _reset(transport: Any) -> None:
+    """Drop a connection with a TCP reset; nothing, if it has closed meanwhile.
+
+    A plain close of a socket with unsent data leaves it in FIN-WAIT-1, holding
+    that data in the kernel until the peer reads it or TCP gives up (minutes):
+    a zero linger time makes the kernel send a reset and free it at once.
+    """
+    if not transport.is_closing() or transport.get_write_buffer_size():  # its descriptor is still open
+        sock = transport.get_extra_info("socket")
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+_engine_warned = False
+
+
+def _warn_about_engine(protocol: Any, settings: Settings) -> None:
+    """Say once when uvicorn's engine buffers frames larger than the gateway will take."""
+    global _engine_warned
+    config = getattr(protocol, "config", None)
+    max_size = getattr(config, "ws_max_size", None)
+    if _engine_warned or not isinstance(max_size, int) or max_size <= settings.max_message_size:
+        return
+    _engine_warned = True
+    logger.warning("uvicorn's WebSocket engine (%s) takes frames up to %d bytes (--ws-max-size), inflated if "
+                   "compressed, before ws_micro refuses those over max_message_size (%d): run uvicorn with "
+                   "--ws websockets-sansio, or pass --ws-max-size %d --ws-per-message-deflate false",
+                   type(protocol).__name__, max_size, settings.max_message_size, settings.max_message_size)
 
 
 def _raw_response(status: int, code: str, message: str) -> bytes:
@@ -2583,3 +2719,4 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
 
 if __name__ == "__main__":
     sys.exit(main())
+
