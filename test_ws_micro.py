@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx2 as httpx
 import msgspec
 import pytest
@@ -39,6 +40,7 @@ from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect as connect_sync
 from websockets.typing import Origin
 
 import ws_micro
@@ -750,8 +752,8 @@ class Server:
             return
         raise AssertionError(f"timed out waiting for {what}")
 
-    def metric(self, name: str, **labels: str) -> float:
-        for family in text_string_to_metric_families(self.get("/metrics").text):
+    def metric(self, name: str, path: str = "/metrics", **labels: str) -> float:
+        for family in text_string_to_metric_families(self.get(path).text):
             for sample in family.samples:
                 if sample.name == name and sample.labels == labels:
                     return float(sample.value)
@@ -759,16 +761,18 @@ class Server:
 
 
 @contextlib.contextmanager
-def run_server(*args: str, env: dict[str, str] | None = None, uvicorn_app: bool = False,
+def run_server(*args: str, env: dict[str, str] | None = None, uvicorn_app: bool | str = False,
                port: int | None = None, cwd: Path = HERE, log: Path | None = None,
                open_files: int | None = None) -> Iterator[Server]:
     """Start the gateway as its own process (on a free port by default); stop it (SIGTERM, then kill) in finally.
 
-    ``log``: a file for its output; ``open_files``: its file-descriptor limit, soft and hard.
+    ``uvicorn_app``: run ``uvicorn ws_micro:app``, or uvicorn with that app; ``log``: a file for its
+    output; ``open_files``: its file-descriptor limit, soft and hard.
     """
     port = port or free_port()
     if uvicorn_app:
-        command = [sys.executable, "-m", "uvicorn", "ws_micro:app", "--port", str(port), *args]
+        app = uvicorn_app if isinstance(uvicorn_app, str) else "ws_micro:app"
+        command = [sys.executable, "-m", "uvicorn", app, "--port", str(port), *args]
     else:
         command = [sys.executable, "ws_micro.py", "--host", "127.0.0.1", "--port", str(port), *args]
 
@@ -901,6 +905,65 @@ async def test_e2e_frames_of_every_length_arrive_intact(deflate: bool) -> None:
             assert server.post(f"/api/clients/{id_b}", {"event": "bulk", "data": {"data": bulk}}).json() == {
                 "delivered": 1}
             assert json.loads(await recv_text(b)) == frame("bulk", id_b, bulk)
+            # Compressed frames must go through the engine; the others must not.
+            assert server.metric("ws_micro_fast_path") == (0 if deflate else 1)
+
+
+# A host app that mounts the gateway, as the docs' embedding example does.
+HOST_APP = """
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+
+import ws_micro
+
+
+async def healthz(request):
+    return PlainTextResponse("ok")
+
+
+class Spy:
+    \"\"\"A middleware that sees every message the app sends, as a tracing middleware would.\"\"\"
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        async def spied(message):
+            await send(message)
+
+        await self.app(scope, receive, spied)
+
+
+app = Starlette(routes=[Route("/healthz", healthz), Mount("/gateway", app=ws_micro.create_app())])
+spied = Spy(app)
+"""
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("how", "fast"), [("ws_micro:app", 1), ("host:app", 1), ("host:spied", 0)],
+                         ids=["served", "mounted-in-a-host-app", "behind-a-middleware-that-wraps-send"])
+async def test_e2e_the_uvicorn_fast_path_engages_served_or_mounted_and_says_when_it_cannot(
+        how: str, fast: int, tmp_path: Path) -> None:
+    # Nothing on the wire tells a direct write from one through ASGI: the gauge and the log must.
+    (tmp_path / "host.py").write_text(HOST_APP)
+    log = tmp_path / "server.log"
+    prefix = "" if how == "ws_micro:app" else "/gateway"
+    with run_server(uvicorn_app=how, cwd=tmp_path, env={"PYTHONPATH": str(HERE)}, log=log) as server:
+        # uvicorn offers compression, which the fast path cannot write: the client declines it.
+        async with ws_client(f"ws://127.0.0.1:{server.port}{prefix}/ws/py_client", compression=None) as (ws, me):
+            await ws.send(json.dumps(frame("ping", me)))
+            assert (await recv_json(ws))["event"] == "pong"
+            assert server.metric("ws_micro_fast_path", path=f"{prefix}/metrics") == fast
+    if not fast:  # a warning: under uvicorn's engine it should have engaged
+        assert "fast path off: send is wrapped by 'Spy.__call__.<locals>.spied'" in log.read_text()
+
+
+def test_ws_micro_logs_whether_the_fast_path_is_on(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    with run_server(log=log) as server, connect_sync(server.ws) as ws:
+        assert json.loads(ws.recv(timeout=TIMEOUT))["event"] == "connect"
+    assert log.read_text().count("fast path on: frames are written straight to uvicorn's transport") == 1
 
 
 @pytest.mark.anyio
@@ -1631,7 +1694,7 @@ def test_cli_client_reports_a_server_that_sends_no_json() -> None:
 
 
 def test_encoded_frames_are_what_msgspec_decodes() -> None:
-    text = ws_micro.Frame("news", {"quote": 'say "hi"\n'}).to("abc")
+    text = ws_micro._Frame("news", {"quote": 'say "hi"\n'}).to("abc")
     assert msgspec.json.decode(text) == frame("news", "abc", {"quote": 'say "hi"\n'})
 
 
@@ -1642,7 +1705,7 @@ async def test_start_now_finishes_at_once_or_hands_over_the_rest() -> None:
     async def ready() -> None:
         log.append("ready")
 
-    assert ws_micro.start_now(ready()) is None
+    assert ws_micro._start_now(ready()) is None
     assert log == ["ready"]
 
     gate = anyio.Event()
@@ -1652,7 +1715,7 @@ async def test_start_now_finishes_at_once_or_hands_over_the_rest() -> None:
         await gate.wait()
         log.append("blocked: end")
 
-    rest = ws_micro.start_now(blocked())
+    rest = ws_micro._start_now(blocked())
     assert rest is not None and log[-1] == "blocked: start"
 
     async def finish() -> None:
@@ -1674,11 +1737,138 @@ async def test_start_now_finishes_at_once_or_hands_over_the_rest() -> None:
             cancelled.append(True)
             raise
 
-    pending = ws_micro.start_now(stuck())
+    pending = ws_micro._start_now(stuck())
     assert pending is not None
     with anyio.move_on_after(0.05):
         await pending
     assert cancelled == [True]
+
+
+# --------------------------------------------------------------------------
+# A connection's writer, against a socket the test controls
+# --------------------------------------------------------------------------
+
+
+class StallingOutput(ws_micro._Output):
+    """A socket that takes frames at once until ``stall()``, then none until ``drain()``."""
+
+    def __init__(self) -> None:
+        super().__init__(self._unused)
+        self.taken: list[str] = []
+        self.closed_with: tuple[int, str] | None = None
+        self.aborted = False
+        self.takes_close = True
+        self._room = anyio.Event()
+        self._room.set()
+
+    async def _unused(self, message: Any) -> None:
+        raise AssertionError(f"written through ASGI: {message!r}")
+
+    def stall(self) -> None:
+        self._room = anyio.Event()
+
+    def drain(self) -> None:
+        self._room.set()
+
+    def write_now(self, text: str, wire: bytes | None = None) -> Any:
+        if self._room.is_set():
+            self.taken.append(text)
+            return None
+        return self._write_later(text)
+
+    async def _write_later(self, text: str) -> None:
+        await self._room.wait()
+        self.taken.append(text)
+
+    async def close(self, code: int, reason: str) -> None:
+        if not self.takes_close:
+            await anyio.sleep_forever()
+        self.closed_with = (code, reason)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def writer(**options: Any) -> tuple[ws_micro._Connection, StallingOutput, list[str]]:
+    """A connection on a :class:`StallingOutput`, and the reasons it left the registry with."""
+    output, left = StallingOutput(), []
+    connection = ws_micro._Connection(output, remote=None, settings=Settings(**options), metrics=ws_micro._Metrics(),
+                                      on_close=lambda connection: left.append(connection.close_reason))
+    return connection, output, left
+
+
+@pytest.mark.anyio
+async def test_frames_keep_their_order_across_the_switch_from_direct_writes_to_the_queue() -> None:
+    connection, output, _ = writer()
+    assert connection.send("1") and connection.send("2")
+    output.stall()
+    assert connection.send("3") and connection.send("4") and connection.send("5")  # 3 waits, 4 and 5 queue
+    assert output.taken == ["1", "2"] and connection.state is ws_micro._State.BACKLOGGED
+    output.drain()
+    with anyio.fail_after(TIMEOUT):
+        while connection.state.name != "OPEN":  # the writer drains the queue, then ends
+            await anyio.lowlevel.checkpoint()
+    assert connection.send("6")  # written at once again, after the rest
+    assert output.taken == ["1", "2", "3", "4", "5", "6"]
+
+
+@pytest.mark.anyio
+async def test_a_full_queue_closes_with_1008_and_drops_what_waits() -> None:
+    connection, output, left = writer(max_queue_messages=3)
+    output.stall()
+    assert all(connection.send(str(n)) for n in range(4))  # one in flight, three queued
+    assert not connection.send("overflow")
+    assert left == ["slow_consumer"] and not connection.send("late")
+    with anyio.fail_after(TIMEOUT):
+        await connection.closed()
+    assert output.closed_with == (1008, "slow consumer") and output.taken == []
+    assert connection.state is ws_micro._State.CLOSED
+
+
+@pytest.mark.anyio
+async def test_a_socket_that_takes_nothing_for_send_timeout_is_closed_with_1008() -> None:
+    connection, output, left = writer(send_timeout=0.05)
+    output.stall()
+    connection.send("stuck")
+    with anyio.fail_after(TIMEOUT):
+        await connection.closed()
+    assert output.closed_with == (1008, "slow consumer") and left == ["slow_consumer"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("flush", [True, False], ids=["flushed", "dropped"])
+async def test_close_sends_the_queue_first_or_drops_it(flush: bool) -> None:
+    connection, output, left = writer()
+    output.stall()
+    for text in ("1", "2", "3"):
+        connection.send(text)
+    connection.close(4000, "bye", label="kicked", flush=flush)
+    assert left == ["kicked"] and not connection.send("after")
+    output.drain()
+    with anyio.fail_after(TIMEOUT):
+        await connection.closed()
+    assert output.taken == (["1", "2", "3"] if flush else [])
+    assert output.closed_with == (4000, "bye") and not output.aborted
+
+
+@pytest.mark.anyio
+async def test_a_close_frame_the_peer_never_takes_ends_in_an_abort() -> None:
+    connection, output, _ = writer(close_timeout=0.05)
+    output.takes_close = False
+    connection.close(1000, "", label="kicked")
+    with anyio.fail_after(TIMEOUT):
+        await connection.closed()
+    assert output.aborted and connection.state is ws_micro._State.CLOSED
+
+
+@pytest.mark.anyio
+async def test_a_peer_that_is_gone_is_sent_nothing_more() -> None:
+    connection, output, left = writer()
+    connection.gone("closed")
+    connection.gone("abnormal")
+    connection.close(1000, "", label="kicked")
+    assert not connection.send("late") and output.taken == [] and output.closed_with is None
+    assert left == ["closed"] and connection.close_reason == "closed"
 
 
 def test_the_console_page_and_its_assets_are_served_relative_to_the_mount() -> None:

@@ -301,23 +301,23 @@ class Event(msgspec.Struct, omit_defaults=True):
     room: str | None = None
 
 
-class Push(msgspec.Struct):
+class _Push(msgspec.Struct):
     """The body of a sidecar API push: an event without its recipient."""
 
     event: str
     data: Payload
 
 
-class RoomRequest(msgspec.Struct):
+class _RoomRequest(msgspec.Struct):
     """``data.data`` of a join or leave."""
 
     room: str
 
 
-Handler = Callable[[str, Event], Awaitable[None]]
+_Handler = Callable[[str, Event], Awaitable[None]]
 
 _decode_event = msgspec.json.Decoder(Event).decode
-_decode_push = msgspec.json.Decoder(Push).decode
+_decode_push = msgspec.json.Decoder(_Push).decode
 _encode = msgspec.json.Encoder().encode
 
 _T = TypeVar("_T")
@@ -366,7 +366,7 @@ def _lone_surrogate(text: str) -> tuple[str, int] | None:
     return None if lone is None else (lone[0][-6:], lone.end() - 6)
 
 
-class Frame:
+class _Frame:
     """A server frame encoded once, addressed to each recipient by splicing in its id.
 
     Server frames carry their recipient's own ``client_id``; the rest of the frame
@@ -384,19 +384,19 @@ class Frame:
         return self.head + client_id + self.tail
 
     @classmethod
-    def parts(cls, head: str, tail: str) -> Frame:
+    def parts(cls, head: str, tail: str) -> _Frame:
         """The frame another instance encoded, from its ``head`` and ``tail``."""
         frame = cls.__new__(cls)
         frame.head, frame.tail = head, tail
         return frame
 
 
-def error_frame(client_id: str, code: str, message: str, event: str | None = None) -> str:
-    return Frame("error", {"code": code, "message": message, "event": event}).to(client_id)
+def _error_frame(client_id: str, code: str, message: str, event: str | None = None) -> str:
+    return _Frame("error", {"code": code, "message": message, "event": event}).to(client_id)
 
 
-# Event names the protocol gives a meaning: those clients send the server (each one a Gateway
-# method of the same name), and those only the server sends.  Neither kind can have a handler.
+# Event names the protocol gives a meaning: those clients send the server (each one a method
+# of the endpoint, _Gateway, of the same name), and those only the server sends.  Neither kind can have a handler.
 # Clients may not send the server's: relayed, a forged "connect" would replace the receiver's id
 # and a forged "pong" would keep a dead connection's keepalive content.
 BUILTIN_EVENTS = ("ping", "echo", "join", "leave")
@@ -408,7 +408,7 @@ SERVER_EVENTS = frozenset({"connect", "error", "pong", "joined", "left"})
 # --------------------------------------------------------------------------
 
 
-def websocket_frame(payload: bytes) -> bytes:
+def _websocket_frame(payload: bytes) -> bytes:
     """``payload`` as one final, unmasked text frame (RFC 6455, section 5.2).
 
     A server's frames are not masked, so a frame sent to many clients is framed
@@ -422,7 +422,7 @@ def websocket_frame(payload: bytes) -> bytes:
     return struct.pack("!BBQ", 0x81, 127, size) + payload
 
 
-def start_now(awaitable: Awaitable[None]) -> Awaitable[None] | None:
+def _start_now(awaitable: Awaitable[None]) -> Awaitable[None] | None:
     """Run ``awaitable`` up to its first suspension: None if it finished, else an awaitable of the rest.
 
     An ASGI ``send`` usually completes without suspending (the socket has room), so
@@ -458,11 +458,11 @@ class _Resume:
                 return
 
 
-class Output:
+class _Output:
     """Where a connection's frames go: here, the accepted WebSocket's ASGI ``send``.
 
     Chosen once per connection.  Under uvicorn's websockets-sansio engine the
-    gateway uses :class:`UvicornOutput` (in "Under uvicorn", below), which writes
+    gateway uses :class:`_UvicornOutput` (in "Under uvicorn", below), which writes
     past ASGI where it can and holds the engine to the gateway's limits.
     """
 
@@ -474,9 +474,9 @@ class Output:
     def write_now(self, text: str, wire: bytes | None = None) -> Awaitable[None] | None:
         """Write ``text`` without waiting: None if it went out, else an awaitable of the rest of the write.
 
-        ``wire`` is the same frame as :func:`websocket_frame` makes it, when a fan-out shares one.
+        ``wire`` is the same frame as :func:`_websocket_frame` makes it, when a fan-out shares one.
         """
-        return start_now(self._send({"type": "websocket.send", "text": text}))
+        return _start_now(self._send({"type": "websocket.send", "text": text}))
 
     async def close(self, code: int, reason: str) -> None:
         await self._send({"type": "websocket.close", "code": code, "reason": reason})
@@ -484,14 +484,14 @@ class Output:
     def abort(self) -> None:
         """Drop the connection and what it buffers, if the server lets us: ASGI has no way to."""
 
-    def guard(self, connection: Connection) -> None:
+    def guard(self, connection: _Connection) -> None:
         """Hold what the server does on the connection's behalf to its limits: nothing, through ASGI."""
 
     def release(self) -> None:
         """Let go of the server's objects once the connection has ended."""
 
 
-class Metrics:
+class _Metrics:
     """Counters behind ``/metrics`` (Prometheus text format)."""
 
     def __init__(self) -> None:
@@ -502,10 +502,10 @@ class Metrics:
         self.errors = collections.Counter(dict.fromkeys(ERROR_CODES, 0))
         self.disconnects = collections.Counter(dict.fromkeys(DISCONNECT_REASONS, 0))
         self.rejected_handshakes = collections.Counter(dict.fromkeys(HANDSHAKE_REFUSALS, 0))
-        self.fast_path = 0  # 1 while the newest connection writes past ASGI (see UvicornOutput)
+        self.fast_path = 0  # 1 while the newest connection writes past ASGI (see _UvicornOutput)
 
-    def render(self, connections: int, extra: Sequence[MetricFamily] = ()) -> str:
-        families: list[MetricFamily] = [
+    def render(self, connections: int, extra: Sequence[_MetricFamily] = ()) -> str:
+        families: list[_MetricFamily] = [
             ("open_connections", "gauge", "WebSocket connections open now.", {"": connections}, ""),
             ("connections_total", "counter", "WebSocket connections accepted.", {"": self.connections_total}, ""),
             ("messages_received_total", "counter", "Frames received from clients.", {"": self.messages_received}, ""),
@@ -527,11 +527,11 @@ class Metrics:
 
 
 # name, type, help, samples by label value, label name ("": no label)
-MetricFamily = tuple[str, str, str, Mapping[str, int], str]
+_MetricFamily = tuple[str, str, str, Mapping[str, int], str]
 
 
-class State(enum.Enum):
-    """Where a connection is in its life; each value says how :meth:`Connection.send` treats a frame."""
+class _State(enum.Enum):
+    """Where a connection is in its life; each value says how :meth:`_Connection.send` treats a frame."""
 
     OPEN = "open"  # written at once
     BACKLOGGED = "backlogged"  # queued: a writer task waits for the socket, then drains the queue in order
@@ -539,7 +539,7 @@ class State(enum.Enum):
     CLOSED = "closed"  # refused: the close frame went out, or the peer is gone
 
 
-class Connection:
+class _Connection:
     """One accepted WebSocket: its id, its rooms and its bounded outgoing queue.
 
     :meth:`send` never waits, so a reply, a relay or a broadcast never waits for a
@@ -556,13 +556,13 @@ class Connection:
                  "_queued_bytes", "_refilled_at", "_settings", "_tokens", "_writer", "close_reason", "connected_at",
                  "id", "remote", "rooms", "state")
 
-    def __init__(self, output: Output, *, remote: str | None, settings: Settings, metrics: Metrics,
-                 on_close: Callable[[Connection], None]) -> None:
+    def __init__(self, output: _Output, *, remote: str | None, settings: Settings, metrics: _Metrics,
+                 on_close: Callable[[_Connection], None]) -> None:
         self.id = str(uuid.uuid4())
         self.remote = remote  # "host:port" of the peer, when the server knows it
         self.connected_at = time.time()
         self.rooms: set[str] = set()
-        self.state = State.OPEN
+        self.state = _State.OPEN
         self.close_reason = ""  # the disconnects_total label, once known
         self._output = output
         self._settings = settings
@@ -581,11 +581,11 @@ class Connection:
 
     @property
     def open(self) -> bool:
-        return self.state is State.OPEN or self.state is State.BACKLOGGED
+        return self.state is _State.OPEN or self.state is _State.BACKLOGGED
 
     def send(self, text: str, wire: bytes | None = None) -> bool:
         """Send or queue a text frame; False when the connection is closing or was just cut off."""
-        if self.state is State.OPEN:
+        if self.state is _State.OPEN:
             try:
                 rest = self._output.write_now(text, wire)
             except (OSError, RuntimeError):  # the peer is gone; the read loop hears it too
@@ -595,9 +595,9 @@ class Connection:
                 self._metrics.messages_sent += 1
             else:
                 self._in_flight = rest
-                self._start_writer(State.BACKLOGGED)
+                self._start_writer(_State.BACKLOGGED)
             return True
-        if self.state is not State.BACKLOGGED:
+        if self.state is not _State.BACKLOGGED:
             return False
         assert self._queue is not None
         self._queue.append(text)
@@ -616,13 +616,13 @@ class Connection:
         """
         if not self.open:
             return
-        backlogged = self.state is State.BACKLOGGED
+        backlogged = self.state is _State.BACKLOGGED
         self.close_reason = label
         self._close_frame = (code, reason)
         if not backlogged:
-            self._start_writer(State.CLOSING)
+            self._start_writer(_State.CLOSING)
         else:
-            self.state = State.CLOSING
+            self.state = _State.CLOSING
             assert self._flush_scope is not None and self._queue is not None
             if flush:
                 self._flush_scope.deadline = anyio.current_time() + self._settings.close_timeout
@@ -633,14 +633,14 @@ class Connection:
 
     def gone(self, reason: str) -> None:
         """The peer is gone (it closed, or the server failed to write to it): nothing more goes out."""
-        if self.state is not State.CLOSED:
-            self.state = State.CLOSED
+        if self.state is not _State.CLOSED:
+            self.state = _State.CLOSED
             self.close_reason = self.close_reason or reason
             self._on_close(self)
 
     async def closed(self) -> None:
         """Wait for the writer, if one runs, to write what it owes: the queued frames, then the close frame."""
-        if self._writer is not None and self.state is not State.CLOSED:
+        if self._writer is not None and self.state is not _State.CLOSED:
             await self._writer
 
     def abandon(self) -> None:
@@ -668,7 +668,7 @@ class Connection:
             "remote": self.remote,
         }
 
-    def _start_writer(self, state: State) -> None:
+    def _start_writer(self, state: _State) -> None:
         self.state = state
         self._queue = collections.deque()
         self._flush_scope = anyio.CancelScope()
@@ -692,15 +692,15 @@ class Connection:
                     else:
                         await self._finish(rest)
             self._queue = self._flush_scope = None  # no await since the queue was found empty: nothing is left
-            if self.state is State.BACKLOGGED:
-                self.state = State.OPEN
+            if self.state is _State.BACKLOGGED:
+                self.state = _State.OPEN
                 return
             with anyio.move_on_after(self._settings.close_timeout) as waited:
                 # The server answers with a websocket.disconnect, which ends the read loop.
                 await self._output.close(*self._close_frame)
             if waited.cancelled_caught:
                 self._output.abort()  # the peer takes nothing: drop the connection and what it buffered
-            self.state = State.CLOSED
+            self.state = _State.CLOSED
         except (OSError, RuntimeError):  # the server raises OSError, or RuntimeError once it saw a close
             self.gone("abnormal")
 
@@ -723,29 +723,29 @@ class Connection:
 # msgpack array each.
 
 
-class ToClient(msgspec.Struct, tag="client", array_like=True):
+class _ToClient(msgspec.Struct, tag="client", array_like=True):
     client_id: str
     text: str
 
 
-class ToRoom(msgspec.Struct, tag="room", array_like=True):
+class _ToRoom(msgspec.Struct, tag="room", array_like=True):
     room: str
     text: str
     tail: str | None = None
 
 
-class ToEveryone(msgspec.Struct, tag="all", array_like=True):
+class _ToEveryone(msgspec.Struct, tag="all", array_like=True):
     text: str
     tail: str | None = None
 
 
-class Kick(msgspec.Struct, tag="kick", array_like=True):
+class _Kick(msgspec.Struct, tag="kick", array_like=True):
     client_id: str
     code: int
     reason: str
 
 
-Delivery = ToClient | ToRoom | ToEveryone | Kick
+_Delivery = _ToClient | _ToRoom | _ToEveryone | _Kick
 
 
 class BackendUnavailable(Exception):
@@ -759,10 +759,10 @@ class BackendUnavailable(Exception):
         self.reason = reason
 
 
-class Backend:
+class _Backend:
     """What the registry asks about clients it does not hold.  Alone, there are none.
 
-    The one other backend is :class:`RedisBackend` (in "Cluster over Redis", below):
+    The one other backend is :class:`_RedisBackend` (in "Cluster over Redis", below):
     clients on other instances.  Its methods may raise :class:`BackendUnavailable`.
     """
 
@@ -773,41 +773,41 @@ class Backend:
 
     # Membership: told of each change, so that other instances can find this one's clients.
 
-    async def register(self, connection: Connection) -> None:
+    async def register(self, connection: _Connection) -> None:
         pass
 
     def unregister(self, client_id: str, members_left: Mapping[str, int]) -> None:
         pass
 
-    async def room_changed(self, connection: Connection, room: str, members_here: int) -> int:
+    async def room_changed(self, connection: _Connection, room: str, members_here: int) -> int:
         """The members of ``room`` everywhere, now that this instance has ``members_here``."""
         return members_here
 
     # Sending: how many were reached elsewhere.  The forward methods do not wait for the
     # answer; ``failed(code, message)`` is called if the frame may not have arrived.
 
-    async def send(self, delivery: ToClient | Kick) -> bool:
+    async def send(self, delivery: _ToClient | _Kick) -> bool:
         return False
 
-    async def forward(self, delivery: ToClient, failed: Callable[[str, str], None]) -> None:
+    async def forward(self, delivery: _ToClient, failed: Callable[[str, str], None]) -> None:
         failed(UNKNOWN_CLIENT, f"no client with id {delivery.client_id!r}")
 
-    async def publish(self, delivery: ToRoom) -> int:
+    async def publish(self, delivery: _ToRoom) -> int:
         return 0
 
-    async def forward_to_room(self, delivery: ToRoom, failed: Callable[[str, str], None]) -> None:
+    async def forward_to_room(self, delivery: _ToRoom, failed: Callable[[str, str], None]) -> None:
         pass
 
-    async def broadcast(self, delivery: ToEveryone) -> int:
+    async def broadcast(self, delivery: _ToEveryone) -> int:
         return 0
 
     # Reading, for the sidecar API, /healthz and /metrics.
 
-    def entry(self, connection: Connection) -> dict[str, Any]:
+    def entry(self, connection: _Connection) -> dict[str, Any]:
         """A client of this instance, as ``GET /api/clients`` lists it."""
         return connection.describe()
 
-    async def clients(self, here: Iterable[Connection]) -> list[dict[str, Any]]:
+    async def clients(self, here: Iterable[_Connection]) -> list[dict[str, Any]]:
         return [self.entry(connection) for connection in here]
 
     async def client(self, client_id: str) -> dict[str, Any] | None:
@@ -818,7 +818,7 @@ class Backend:
         """``ok`` or ``degraded``, and what /healthz says besides."""
         return "ok", {}
 
-    def metrics(self) -> list[MetricFamily]:
+    def metrics(self) -> list[_MetricFamily]:
         return []
 
 
@@ -826,7 +826,7 @@ class Registry:
     """Who is connected, which rooms they are in, and which handler takes which event.
 
     The registry is the seed's connection manager.  Its sends queue frames
-    (:meth:`Connection.send`) and return how many recipients took them; they
+    (:meth:`_Connection.send`) and return how many recipients took them; they
     never wait for a client's socket.  Embedding code registers handlers for its
     own event names with :meth:`on` and calls the send methods from anywhere in
     the same event loop: HTTP routes, background tasks, other handlers.
@@ -836,23 +836,23 @@ class Registry:
     """
 
     def __init__(self) -> None:
-        self.connections: dict[str, Connection] = {}
+        self.connections: dict[str, _Connection] = {}
         self.rooms: dict[str, set[str]] = {}  # room name -> ids of its members here
-        self.handlers: dict[str, Handler] = {}
-        self.metrics = Metrics()
-        self.backend = Backend()  # create_app(redis_url=...) sets a RedisBackend
+        self.handlers: dict[str, _Handler] = {}
+        self.metrics = _Metrics()
+        self.backend = _Backend()  # create_app(redis_url=...) sets a _RedisBackend
 
     def __len__(self) -> int:
         return len(self.connections)
 
-    def on(self, event: str) -> Callable[[Handler], Handler]:
+    def on(self, event: str) -> Callable[[_Handler], _Handler]:
         """Register ``async def handler(client_id, event)`` for frames named ``event``."""
         if event in BUILTIN_EVENTS:
             raise ValueError(f"{event!r} is a built-in event and cannot have a handler")
         if event in SERVER_EVENTS:
             raise ValueError(f"{event!r} is sent by the server only and cannot have a handler")
 
-        def register(handler: Handler) -> Handler:
+        def register(handler: _Handler) -> _Handler:
             self.handlers[event] = handler
             return handler
 
@@ -860,11 +860,11 @@ class Registry:
 
     # Membership
 
-    def add(self, connection: Connection) -> None:
+    def add(self, connection: _Connection) -> None:
         self.connections[connection.id] = connection
         self.metrics.connections_total += 1
 
-    def remove(self, connection: Connection) -> None:
+    def remove(self, connection: _Connection) -> None:
         """Forget a connection and its room memberships; safe to call twice."""
         if self.connections.pop(connection.id, None) is None:
             return
@@ -872,14 +872,14 @@ class Registry:
         connection.rooms.clear()
         self.backend.unregister(connection.id, members_left)
 
-    async def join(self, connection: Connection, room: str) -> int:
+    async def join(self, connection: _Connection, room: str) -> int:
         """Add ``connection`` to ``room``; the room's members after it (on every instance)."""
         connection.rooms.add(room)
         members = self.rooms.setdefault(room, set())
         members.add(connection.id)
         return await self._members(connection, room, len(members))
 
-    async def leave(self, connection: Connection, room: str) -> int:
+    async def leave(self, connection: _Connection, room: str) -> int:
         connection.rooms.discard(room)
         return await self._members(connection, room, self._leave_room(connection.id, room))
 
@@ -892,7 +892,7 @@ class Registry:
             del self.rooms[room]
         return len(members)
 
-    async def _members(self, connection: Connection, room: str, members_here: int) -> int:
+    async def _members(self, connection: _Connection, room: str, members_here: int) -> int:
         try:
             return await self.backend.room_changed(connection, room, members_here)
         except BackendUnavailable:
@@ -902,23 +902,23 @@ class Registry:
 
     async def send_to_client(self, client_id: str, event: str, data: Mapping[str, Any] | None = None) -> bool:
         """Send a server event to one client; False if no such client is connected."""
-        text = Frame(event, data).to(client_id)
+        text = _Frame(event, data).to(client_id)
         connection = self.connections.get(client_id)
         if connection is not None:
             return connection.send(text)
-        return await self.backend.send(ToClient(client_id, text))
+        return await self.backend.send(_ToClient(client_id, text))
 
     async def publish(self, room: str, event: str, data: Mapping[str, Any] | None = None) -> int:
         """Send a server event to every member of ``room``; how many took it."""
-        frame = Frame(event, data)
+        frame = _Frame(event, data)
         # Other instances first: when they cannot be reached this raises before anyone got the frame.
-        elsewhere = await self.backend.publish(ToRoom(room, frame.head, frame.tail))
+        elsewhere = await self.backend.publish(_ToRoom(room, frame.head, frame.tail))
         return elsewhere + self._fan_out(self.rooms.get(room, ()), frame)
 
     async def broadcast(self, event: str, data: Mapping[str, Any] | None = None) -> int:
         """Send a server event to every connected client; how many took it."""
-        frame = Frame(event, data)
-        elsewhere = await self.backend.broadcast(ToEveryone(frame.head, frame.tail))
+        frame = _Frame(event, data)
+        elsewhere = await self.backend.broadcast(_ToEveryone(frame.head, frame.tail))
         return elsewhere + self._fan_out(list(self.connections), frame)
 
     async def disconnect(self, client_id: str, code: int = CLOSE_NORMAL, reason: str = "") -> bool:
@@ -927,7 +927,7 @@ class Registry:
         if connection is not None:
             connection.close(code, reason, label="kicked")
             return True
-        return await self.backend.send(Kick(client_id, code, reason))
+        return await self.backend.send(_Kick(client_id, code, reason))
 
     async def relay_to_client(self, client_id: str, text: str, failed: Callable[[str, str], None]) -> None:
         """Deliver a client's frame, unchanged, to one client.
@@ -937,7 +937,7 @@ class Registry:
         """
         connection = self.connections.get(client_id)
         if connection is None:
-            await self.backend.forward(ToClient(client_id, text), failed)
+            await self.backend.forward(_ToClient(client_id, text), failed)
         elif not connection.send(text):
             failed(UNKNOWN_CLIENT, f"no client with id {client_id!r}")
 
@@ -945,20 +945,20 @@ class Registry:
         """Deliver a client's frame, unchanged, to the other members of ``room``, here and elsewhere."""
         self._relay([member for member in self.rooms.get(room, ()) if member != sender], text)
         # After the local members: they get it even when other instances cannot be reached.
-        await self.backend.forward_to_room(ToRoom(room, text), failed)
+        await self.backend.forward_to_room(_ToRoom(room, text), failed)
 
-    def deliver_here(self, delivery: Delivery) -> bool:
+    def deliver_here(self, delivery: _Delivery) -> bool:
         """Deliver what another instance sent this one; False if its client is gone."""
         match delivery:
-            case ToClient(client_id) | Kick(client_id) if client_id not in self.connections:
+            case _ToClient(client_id) | _Kick(client_id) if client_id not in self.connections:
                 return False
-            case ToClient(client_id, text):
+            case _ToClient(client_id, text):
                 self.connections[client_id].send(text)
-            case Kick(client_id, code, reason):
+            case _Kick(client_id, code, reason):
                 self.connections[client_id].close(code, reason, label="kicked")
-            case ToRoom(room, text, tail):
+            case _ToRoom(room, text, tail):
                 self._deliver(list(self.rooms.get(room, ())), text, tail)
-            case ToEveryone(text, tail):
+            case _ToEveryone(text, tail):
                 self._deliver(list(self.connections), text, tail)
         return True
 
@@ -966,9 +966,9 @@ class Registry:
         if tail is None:
             self._relay(client_ids, text)
         else:
-            self._fan_out(client_ids, Frame.parts(text, tail))
+            self._fan_out(client_ids, _Frame.parts(text, tail))
 
-    def _fan_out(self, client_ids: Iterable[str], frame: Frame) -> int:
+    def _fan_out(self, client_ids: Iterable[str], frame: _Frame) -> int:
         delivered = 0
         for client_id in list(client_ids):  # a send may cut a slow member off and change the set
             connection = self.connections.get(client_id)
@@ -979,7 +979,7 @@ class Registry:
     def _relay(self, client_ids: list[str], text: str) -> int:
         if not client_ids:  # a room with only its sender here: nothing to frame
             return 0
-        wire = websocket_frame(text.encode())  # the same bytes for every receiver
+        wire = _websocket_frame(text.encode())  # the same bytes for every receiver
         delivered = 0
         for client_id in client_ids:
             connection = self.connections.get(client_id)
@@ -993,14 +993,14 @@ class Registry:
 # --------------------------------------------------------------------------
 
 
-class Gateway:
+class _Gateway:
     """The WebSocket endpoint: handshake checks, the read loop and the protocol's routing."""
 
     def __init__(self, registry: Registry, settings: Settings,
-                 output: Callable[[Scope, Receive, Send, Settings, Metrics], Output]) -> None:
+                 output: Callable[[Scope, Receive, Send, Settings, _Metrics], _Output]) -> None:
         self.registry = registry
         self.settings = settings
-        self._output = output  # chooses each connection's Output
+        self._output = output  # chooses each connection's _Output
         self._handshakes = 0  # accepts in flight, counted against max_connections
         self.waiting = 0  # connections whose request head has not arrived (counted under serve()), likewise
         self._builtins = {name: getattr(self, f"_{name}") for name in BUILTIN_EVENTS}
@@ -1011,7 +1011,7 @@ class Gateway:
             return
         try:
             await self.registry.backend.register(connection)  # findable before anyone can learn the id
-            connection.send(Frame("connect", {"message": "connection request granted"}).to(connection.id))
+            connection.send(_Frame("connect", {"message": "connection request granted"}).to(connection.id))
             self.registry.add(connection)
             logger.debug("client %s connected", connection.id)
             await self._read(connection, receive)
@@ -1022,11 +1022,11 @@ class Gateway:
             self.registry.metrics.disconnects[connection.close_reason or "abnormal"] += 1
             logger.debug("client %s disconnected (%s)", connection.id, connection.close_reason)
 
-    async def _accept(self, scope: Scope, receive: Receive, send: Send) -> Connection | None:
+    async def _accept(self, scope: Scope, receive: Receive, send: Send) -> _Connection | None:
         """Check and accept the handshake; the new connection, or None if it was refused or abandoned.
 
         Starlette's WebSocket does the handshake and is then dropped: frames go
-        straight through the connection's :class:`Output`.
+        straight through the connection's :class:`_Output`.
         """
         websocket = WebSocket(scope, receive, send)
         refusal = self._refusal(websocket)
@@ -1044,7 +1044,7 @@ class Gateway:
             self._handshakes -= 1
         client = websocket.client
         output = self._output(scope, receive, send, self.settings, self.registry.metrics)
-        connection = Connection(output, remote=f"{client.host}:{client.port}" if client else None,
+        connection = _Connection(output, remote=f"{client.host}:{client.port}" if client else None,
                                 settings=self.settings, metrics=self.registry.metrics, on_close=self.registry.remove)
         output.guard(connection)
         return connection
@@ -1058,7 +1058,7 @@ class Gateway:
             return 503, "full", f"server is full ({self.settings.max_connections} connections)"
         return None
 
-    async def _read(self, connection: Connection, receive: Receive) -> None:
+    async def _read(self, connection: _Connection, receive: Receive) -> None:
         """Handle frames until the peer leaves or the connection starts closing."""
         while connection.open:
             message = await receive()
@@ -1077,7 +1077,7 @@ class Gateway:
                 logger.exception("error handling a frame from client %s", connection.id)
                 connection.close(CLOSE_INTERNAL_ERROR, "internal error", label="internal_error")
 
-    async def _handle(self, connection: Connection, text: str) -> None:
+    async def _handle(self, connection: _Connection, text: str) -> None:
         settings = self.settings
         limit = settings.max_message_size
         if len(text) > limit or (len(text) * 4 > limit and len(text.encode()) > limit):
@@ -1125,13 +1125,13 @@ class Gateway:
 
     # The built-in events, one method each (see BUILTIN_EVENTS).
 
-    async def _ping(self, connection: Connection, event: Event, text: str) -> None:
-        connection.send(Frame("pong", event.data.data).to(connection.id))
+    async def _ping(self, connection: _Connection, event: Event, text: str) -> None:
+        connection.send(_Frame("pong", event.data.data).to(connection.id))
 
-    async def _echo(self, connection: Connection, event: Event, text: str) -> None:
+    async def _echo(self, connection: _Connection, event: Event, text: str) -> None:
         connection.send(text)
 
-    async def _join(self, connection: Connection, event: Event, text: str) -> None:
+    async def _join(self, connection: _Connection, event: Event, text: str) -> None:
         room = self._room_of(connection, event)
         if room is None:
             return
@@ -1140,9 +1140,9 @@ class Gateway:
             self._error(connection, INVALID_EVENT, f"at most {limit} rooms per connection", event.event)
             return
         members = await self.registry.join(connection, room)
-        connection.send(Frame("joined", {"room": room, "members": members}).to(connection.id))
+        connection.send(_Frame("joined", {"room": room, "members": members}).to(connection.id))
 
-    async def _leave(self, connection: Connection, event: Event, text: str) -> None:
+    async def _leave(self, connection: _Connection, event: Event, text: str) -> None:
         room = self._room_of(connection, event)
         if room is None:
             return
@@ -1150,9 +1150,9 @@ class Gateway:
             self._error(connection, NOT_IN_ROOM, f"not a member of room {room!r}", event.event)
             return
         members = await self.registry.leave(connection, room)
-        connection.send(Frame("left", {"room": room, "members": members}).to(connection.id))
+        connection.send(_Frame("left", {"room": room, "members": members}).to(connection.id))
 
-    async def _call_handler(self, connection: Connection, event: Event) -> None:
+    async def _call_handler(self, connection: _Connection, event: Event) -> None:
         name = event.event
         handler = self.registry.handlers.get(name)
         if handler is None:
@@ -1164,9 +1164,9 @@ class Gateway:
             logger.exception("handler for event %r failed (client %s)", name, connection.id)
             self._error(connection, INTERNAL_ERROR, f"the handler for {name!r} failed", name)
 
-    def _room_of(self, connection: Connection, event: Event) -> str | None:
+    def _room_of(self, connection: _Connection, event: Event) -> str | None:
         try:
-            room = msgspec.convert(event.data.data, RoomRequest).room
+            room = msgspec.convert(event.data.data, _RoomRequest).room
         except msgspec.ValidationError as exc:
             self._error(connection, INVALID_EVENT, f"{exc} (in data.data)", event.event)
             return None
@@ -1177,9 +1177,9 @@ class Gateway:
             return None
         return room
 
-    def _error(self, connection: Connection, code: str, message: str, event: str | None) -> None:
+    def _error(self, connection: _Connection, code: str, message: str, event: str | None) -> None:
         self.registry.metrics.errors[code] += 1
-        connection.send(error_frame(connection.id, code, message, event))
+        connection.send(_error_frame(connection.id, code, message, event))
 def _origin_allowed(origin: str, host: str, allowed: tuple[str, ...]) -> bool:
     if "*" in allowed or origin in allowed:
         return True
@@ -1244,7 +1244,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return response
 
 
-def api_routes(registry: Registry, settings: Settings) -> list[Route]:
+def _api_routes(registry: Registry, settings: Settings) -> list[Route]:
     """The routes a backend uses to reach clients (compare API Gateway's @connections)."""
 
     def guarded(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
@@ -1266,7 +1266,7 @@ def api_routes(registry: Registry, settings: Settings) -> list[Route]:
 
         return check
 
-    async def read_push(request: Request) -> Push | Response:
+    async def read_push(request: Request) -> _Push | Response:
         # Only JSON: a page may POST text/plain or a form to any site without asking (no CORS
         # preflight), but not application/json.
         content_type = request.headers.get("content-type")
@@ -1537,7 +1537,7 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
     settings = Settings(**options)
     registry = registry if registry is not None else Registry()
     if settings.redis_url:  # the optional parts, below: other instances over Redis
-        registry.backend = RedisBackend(registry, settings)
+        registry.backend = _RedisBackend(registry, settings)
 
     async def healthz(request: Request) -> Response:
         status, details = registry.backend.health()
@@ -1563,7 +1563,7 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
 
         page_routes = [Route("/", page, methods=["GET"]), Mount("/static", StaticFiles(directory=static))]
 
-    gateway = Gateway(registry, settings, _uvicorn_or_asgi_output)
+    gateway = _Gateway(registry, settings, _uvicorn_or_asgi_output)
     app = _GatewayApp(
         gateway,
         debug=debug,
@@ -1571,7 +1571,7 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
             WebSocketRoute(settings.path, gateway),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
-            *api_routes(registry, settings),
+            *_api_routes(registry, settings),
             *page_routes,
         ],
         exception_handlers={HTTPException: _http_error, BackendUnavailable: _backend_unavailable},
@@ -1590,7 +1590,7 @@ class _GatewayApp(Starlette):
     idle connection, measured (see the README's Performance section).
     """
 
-    def __init__(self, gateway: Gateway, **options: Any) -> None:
+    def __init__(self, gateway: _Gateway, **options: Any) -> None:
         super().__init__(**options)
         self.gateway = gateway
 
@@ -1647,7 +1647,7 @@ RESYNC_POLL = 0.1  # seconds between looks for peers while they are registering 
 CLUSTER_DROP_REASONS = ("gone", "no_subscriber", "backend_unavailable", "resyncing")
 
 _encode_delivery = msgspec.msgpack.Encoder().encode
-_decode_delivery = msgspec.msgpack.Decoder(Delivery).decode
+_decode_delivery = msgspec.msgpack.Decoder(_Delivery).decode
 
 # The scripts run inside Redis, so each lookup and its publish is one round trip, and liveness
 # is judged by one clock (Redis's).  ARGV[1] is the key prefix.  Keys, for prefix p:
@@ -1754,7 +1754,7 @@ return redis.call('HGET', p .. ':instance:' .. id .. ':clients', ARGV[2])""",
 }
 
 
-class RedisBackend(Backend):
+class _RedisBackend(_Backend):
     """Several gateway instances sharing one registry over Redis.
 
     Each instance keeps its own connections and publishes what belongs to
@@ -1769,7 +1769,7 @@ class RedisBackend(Backend):
     cross-instance sends raise :class:`BackendUnavailable`, and the instance
     reconnects by itself and writes its whole state again.
 
-    Delivery is at most once, and no loss is silent: a delivery that may not
+    _Delivery is at most once, and no loss is silent: a delivery that may not
     have arrived is counted in ``ws_micro_cluster_dropped_total`` and, where
     there is a sender, answered with ``backend_unavailable``.  Hence the
     resynchronising window: when Redis loses the instances' state (it restarts
@@ -1950,27 +1950,27 @@ class RedisBackend(Backend):
         return ("ok" if redis == "ok" else "degraded",
                 {"instance": self.instance, "redis": redis, "instances": self.instances})
 
-    def metrics(self) -> list[MetricFamily]:
+    def metrics(self) -> list[_MetricFamily]:
         return [("cluster_up", "gauge", "1 while Redis is reachable.", {"": int(self.available)}, ""),
                 ("cluster_received_total", "counter", "Deliveries received from other instances.",
                  {"": self.received}, ""),
                 ("cluster_dropped_total", "counter", "Cross-instance deliveries lost, by reason.",
                  self.dropped, "reason")]
 
-    def entry(self, connection: Connection) -> dict[str, Any]:
+    def entry(self, connection: _Connection) -> dict[str, Any]:
         return {**connection.describe(), "instance": self.instance}
 
     # Membership
 
-    def _entry(self, connection: Connection) -> bytes:
+    def _entry(self, connection: _Connection) -> bytes:
         return _encode(self.entry(connection))
 
-    async def register(self, connection: Connection) -> None:
+    async def register(self, connection: _Connection) -> None:
         """Put a new client in the directory; while Redis is away, the next sync does it."""
         with contextlib.suppress(BackendUnavailable):
             await self._call(self._register(connection))
 
-    async def _register(self, connection: Connection) -> None:
+    async def _register(self, connection: _Connection) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(f"{self.settings.redis_prefix}:directory", connection.id, self.instance)
             pipe.hset(self._clients_key, connection.id, self._entry(connection))
@@ -1991,7 +1991,7 @@ class RedisBackend(Backend):
                     await self._scripts["members"](args=(prefix, room, self.instance, members), client=pipe)
                 await self._call(pipe.execute())
 
-    async def room_changed(self, connection: Connection, room: str, members_here: int) -> int:
+    async def room_changed(self, connection: _Connection, room: str, members_here: int) -> int:
         """Record this instance's members of ``room``; the members on every instance."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(self._clients_key, connection.id, self._entry(connection))
@@ -2005,10 +2005,10 @@ class RedisBackend(Backend):
     # Deliveries to other instances go through one outbox, flushed as one pipeline at a time:
     # a busy gateway pays a Redis round trip per batch, not per frame, and keeps their order.
 
-    async def send(self, delivery: ToClient | Kick) -> bool:
+    async def send(self, delivery: _ToClient | _Kick) -> bool:
         return bool(await self._request("send", delivery.client_id, _encode_delivery(delivery)) == 1)
 
-    async def forward(self, delivery: ToClient, failed: Callable[[str, str], None]) -> None:
+    async def forward(self, delivery: _ToClient, failed: Callable[[str, str], None]) -> None:
         client_id = delivery.client_id
 
         def done(result: Any) -> None:
@@ -2019,10 +2019,10 @@ class RedisBackend(Backend):
 
         await self._submit("send", (client_id, _encode_delivery(delivery)), done)
 
-    async def publish(self, delivery: ToRoom) -> int:
+    async def publish(self, delivery: _ToRoom) -> int:
         return int((await self._request("room", delivery.room, _encode_delivery(delivery)))[0])
 
-    async def forward_to_room(self, delivery: ToRoom, failed: Callable[[str, str], None]) -> None:
+    async def forward_to_room(self, delivery: _ToRoom, failed: Callable[[str, str], None]) -> None:
         room = delivery.room
 
         def done(result: Any) -> None:
@@ -2035,7 +2035,7 @@ class RedisBackend(Backend):
 
         await self._submit("room", (room, _encode_delivery(delivery)), done)
 
-    async def broadcast(self, delivery: ToEveryone) -> int:
+    async def broadcast(self, delivery: _ToEveryone) -> int:
         return int((await self._request("all", _encode_delivery(delivery)))[0])
 
     async def _request(self, name: str, *args: Any) -> Any:
@@ -2113,7 +2113,7 @@ class RedisBackend(Backend):
             return BackendUnavailable(RESYNCING, "resyncing")
         return None
 
-    async def clients(self, here: Iterable[Connection]) -> list[dict[str, Any]]:
+    async def clients(self, here: Iterable[_Connection]) -> list[dict[str, Any]]:
         if self.resyncing:  # the list would lack the clients of the peers not back yet
             raise BackendUnavailable(RESYNCING)
         return [msgspec.json.decode(entry) for entry in await self._script("list")]
@@ -2145,17 +2145,17 @@ class RedisBackend(Backend):
 # --------------------------------------------------------------------------
 
 def _uvicorn_or_asgi_output(scope: Scope, receive: Receive, send: Send, settings: Settings,
-                            metrics: Metrics) -> Output:
-    """A new connection's :class:`Output`: :class:`UvicornOutput` under uvicorn's websockets-sansio engine.
+                            metrics: _Metrics) -> _Output:
+    """A new connection's :class:`_Output`: :class:`_UvicornOutput` under uvicorn's websockets-sansio engine.
 
     Whether frames go past ASGI is ``ws_micro_fast_path`` in /metrics, and the log
     says so, once for each reason it is off.
     """
-    engine, why_not = _sansio_engine(receive, send, settings)
+    engine, why_not, level = _sansio_engine(receive, send, settings)
     if engine is None:
-        output = Output(send)
+        output = _Output(send)
     else:
-        output = UvicornOutput(engine, send, settings)
+        output = _UvicornOutput(engine, send, settings)
         _fit_engine(engine, settings)
         _trim_handshake(engine, scope)
         if engine.conn.extensions:
@@ -2166,30 +2166,32 @@ def _uvicorn_or_asgi_output(scope: Scope, receive: Receive, send: Send, settings
         if why_not is None:
             logger.info("fast path on: frames are written straight to uvicorn's transport")
         else:
-            logger.info("fast path off: %s; frames go through ASGI", why_not)
+            logger.log(level, "fast path off: %s; frames go through ASGI", why_not)
     return output
 
 
 _fast_path_reported: set[str | None] = set()
 
 
-def _sansio_engine(receive: Receive, send: Send, settings: Settings) -> tuple[Any, str | None]:
-    """uvicorn's websockets-sansio protocol object serving this connection, or None and why not."""
+def _sansio_engine(receive: Receive, send: Send, settings: Settings) -> tuple[Any, str | None, int]:
+    """uvicorn's websockets-sansio protocol object serving this connection, or None, why not and how loudly."""
     try:
         from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
     except ImportError:
-        return None, "this uvicorn has no websockets-sansio engine"
+        return None, "this uvicorn has no websockets-sansio engine", logging.INFO
     engine = getattr(receive, "__self__", None)
-    if not isinstance(engine, WebSocketsSansIOProtocol):
+    if not isinstance(engine, WebSocketsSansIOProtocol):  # another server or engine: as expected
         _warn_about_engine(engine, settings)
         server = getattr(receive, "__module__", None) or type(receive).__module__
-        return None, f"not served by uvicorn's websockets-sansio engine (but by {server})"
+        return None, f"not served by uvicorn's websockets-sansio engine (but by {server})", logging.INFO
+    # Under that engine, the fast path should engage: say loudly why it does not.
     if not hasattr(engine, "writable"):
-        return None, "uvicorn is older than 0.52.1 (no write backpressure)"
-    if _unwrapped(send) != engine.send:
-        return None, (f"send is wrapped by {getattr(send, '__qualname__', send)!r}, "
-                      "which direct writes would bypass")
-    return engine, None
+        return None, "this uvicorn is older than 0.52.1 (no write backpressure)", logging.WARNING
+    wrapper = _unwrapped(send)
+    if wrapper != engine.send:
+        return None, (f"send is wrapped by {getattr(wrapper, '__qualname__', wrapper)!r} (a middleware?), "
+                      "which direct writes would bypass"), logging.WARNING
+    return engine, None, logging.INFO
 
 
 def _unwrapped(send: Send) -> Send:
@@ -2233,11 +2235,11 @@ def _trim_handshake(engine: Any, scope: Scope) -> None:
     scope["headers"] = []
 
 
-class UvicornOutput(Output):
+class _UvicornOutput(_Output):
     """Frames written straight to the transport under uvicorn's websockets-sansio engine.
 
     Through ASGI, the engine frames each frame for each receiver anew; here a
-    frame that a fan-out shares is framed once (:func:`websocket_frame`).  That is
+    frame that a fan-out shares is framed once (:func:`_websocket_frame`).  That is
     what the engine's ``send`` would write when it would write at once: the
     connection is open, the transport is not paused, and no extension rewrites
     frames.  Otherwise the frame goes through ``send``, which waits as the engine does.
@@ -2260,14 +2262,14 @@ class UvicornOutput(Output):
     def write_now(self, text: str, wire: bytes | None = None) -> Awaitable[None] | None:
         if (self._direct and self._conn.state is self._open and self._writable.is_set()
                 and not self._transport.is_closing()):
-            self._transport.write(wire or websocket_frame(text.encode()))
+            self._transport.write(wire or _websocket_frame(text.encode()))
             return None
         return super().write_now(text)
 
     def abort(self) -> None:
         _reset(self._transport)
 
-    def guard(self, connection: Connection) -> None:
+    def guard(self, connection: _Connection) -> None:
         """Bound what the engine handles on its own: pings, pongs and continuation frames.
 
         The app never sees these.  The engine writes a pong for every ping (a peer
@@ -2293,7 +2295,7 @@ class UvicornOutput(Output):
 
         engine.handle_ping, engine.handle_pong, engine.handle_cont = handle_ping, handle_pong, handle_cont
 
-    def _handled(self, connection: Connection) -> None:
+    def _handled(self, connection: _Connection) -> None:
         settings = self._settings
         if self._transport.get_write_buffer_size() > settings.max_queue_bytes:
             connection.close(CLOSE_POLICY_VIOLATION, "slow consumer", label="slow_consumer", flush=False)
@@ -2389,12 +2391,12 @@ def _raw_response(status: int, code: str, message: str) -> bytes:
             f"connection: close\r\n\r\n").encode() + body
 
 
-def _guarded_http_protocol(gateway: Gateway, head_timeout: float, max_open: int) -> type[asyncio.Protocol]:
+def _guarded_http_protocol(gateway: _Gateway, head_timeout: float, max_open: int) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol, holding each new connection to a deadline for its request head.
 
     uvicorn starts no timer before a connection's first request, so a socket that
     sends half a handshake and stalls is held for ever, and counted nowhere.  Here
-    such a connection counts against ``max_connections`` (:attr:`Gateway.waiting`)
+    such a connection counts against ``max_connections`` (:attr:`_Gateway.waiting`)
     until its head has arrived, and gets 408 after ``head_timeout`` seconds.  A
     connection beyond ``max_open`` open ones (the descriptors left for clients), or
     beyond ``max_connections`` waiting ones, gets 503 at once.
@@ -2466,6 +2468,14 @@ def _guarded_http_protocol(gateway: Gateway, head_timeout: float, max_open: int)
     return GuardedHTTPProtocol
 
 
+def _log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging configuration, with the gateway's own lines beside uvicorn's."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    ws_micro = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return {**LOGGING_CONFIG, "loggers": {**LOGGING_CONFIG["loggers"], "ws_micro": ws_micro}}
+
+
 def serve(app: Starlette, settings: ServerSettings | None = None) -> None:
     """Run ``app`` on uvicorn until SIGINT or SIGTERM, then return (so the process exits 0).
 
@@ -2478,7 +2488,7 @@ def serve(app: Starlette, settings: ServerSettings | None = None) -> None:
 
     settings = settings or ServerSettings()
     app_settings: Settings | None = getattr(app.state, "settings", None)
-    gateway: Gateway | None = getattr(app, "gateway", None)
+    gateway: _Gateway | None = getattr(app, "gateway", None)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -2494,6 +2504,7 @@ def serve(app: Starlette, settings: ServerSettings | None = None) -> None:
         ws_per_message_deflate=settings.per_message_deflate,
         timeout_graceful_shutdown=settings.graceful_timeout,
         log_level=settings.log_level,
+        log_config=_log_config(settings.log_level),
     )
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -2602,7 +2613,7 @@ class Client:
         return self._connection.close_code if self._connection is not None else None
 
 
-async def run_client(url: str, linger: float) -> int:
+async def _run_client(url: str, linger: float) -> int:
     """The ``client`` command: frames to stdout as JSON lines, stdin lines to the server."""
     from websockets.exceptions import ConnectionClosed
 
@@ -2692,13 +2703,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
     """``ws-micro [options]`` serves the gateway; ``ws-micro client [URL]`` talks to one."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["client"]:
-        parser = argparse.ArgumentParser(prog="ws-micro client", description=run_client.__doc__)
+        parser = argparse.ArgumentParser(prog="ws-micro client", description=_run_client.__doc__)
         parser.add_argument("url", nargs="?", default=DEFAULT_URL)
         parser.add_argument("--linger", type=float, default=0.5,
                             help="seconds to wait for replies after stdin ends (default 0.5)")
         args = parser.parse_args(argv[1:])
         try:
-            return anyio.run(run_client, args.url, args.linger)
+            return anyio.run(_run_client, args.url, args.linger)
         except (OSError, ConnectionError) as exc:
             print(f"ws-micro client: {exc}", file=sys.stderr)
             return 1
