@@ -959,6 +959,20 @@ async def test_e2e_the_uvicorn_fast_path_engages_served_or_mounted_and_says_when
         assert "fast path off: send is wrapped by 'Spy.__call__.<locals>.spied'" in log.read_text()
 
 
+@pytest.mark.anyio
+async def test_e2e_under_another_uvicorn_engine_frames_go_through_asgi_with_a_warning(tmp_path: Path) -> None:
+    # uvicorn's legacy engine buffers (and inflates) frames up to --ws-max-size before the gateway sees them.
+    log = tmp_path / "server.log"
+    with run_server("--ws", "websockets", uvicorn_app=True, log=log) as server:
+        async with ws_client(server.ws, compression=None) as (ws, me):
+            await ws.send(json.dumps(frame("echo", me)))
+            assert (await recv_json(ws))["event"] == "echo"
+            assert server.metric("ws_micro_fast_path") == 0
+    assert log.read_text().count("fast path off: not served by uvicorn's websockets-sansio engine (but by "
+                                 "uvicorn.protocols.websockets.websockets_impl), which takes frames up to "
+                                 "16777216 bytes") == 1
+
+
 def test_ws_micro_logs_whether_the_fast_path_is_on(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     with run_server(log=log) as server, connect_sync(server.ws) as ws:

@@ -2,7 +2,7 @@
 # requires-python = ">=3.11"
 # dependencies = [
 #     "starlette>=0.44",
-#     "uvicorn>=0.52.1",
+#     "uvicorn>=0.52.1,<0.55",
 #     "websockets>=15.0",
 #     "msgspec>=0.19",
 #     "anyio>=4.4",
@@ -23,23 +23,14 @@ Run it::
     python ws_micro.py --port 8000        # or `ws-micro`; `--help` lists every flag
     python ws_micro.py client [URL]       # a line-oriented client: JSON in, JSON out
 
-Embed it (copy this one file into a project)::
+or mount ``create_app(registry=...)`` in a Starlette or FastAPI app.  Every field
+of :class:`Settings` and :class:`ServerSettings` is a keyword argument, a flag
+(``--max-message-size``) and a variable (``WS_MICRO_MAX_MESSAGE_SIZE``).
 
-    from ws_micro import Event, Registry, create_app
-
-    registry = Registry()
-
-    @registry.on("chat")
-    async def chat(client_id: str, event: Event) -> None:
-        await registry.send_to_client(client_id, "chat_ack", {"ok": True})
-
-    app.mount("/gateway", create_app(registry=registry))
-
-Every option of :class:`Settings` and :class:`ServerSettings` is a keyword
-argument, a command-line flag (``--max-message-size``) and an environment
-variable (``WS_MICRO_MAX_MESSAGE_SIZE``); flags beat variables, variables beat
-defaults.  ``WS_MICRO_API_TOKEN`` protects the sidecar API,
-``WS_MICRO_ALLOWED_ORIGINS`` lists the browser origins allowed to connect.
+The module reads top to bottom: settings, events, a connection, the registry, the
+WebSocket endpoint, the sidecar API and ``create_app``; then the optional parts,
+each behind a seam of the core (the Redis backend, the output under uvicorn);
+then the Python client and the command line.
 """
 
 from __future__ import annotations
@@ -324,11 +315,7 @@ _T = TypeVar("_T")
 
 
 def _decode(decode: Callable[[str], _T], text: str) -> _T:
-    """``decode(text)``, raising ``msgspec.DecodeError`` for every kind of bad JSON.
-
-    msgspec recurses once per level of nesting, so a few KB of ``[[[[...`` reach
-    the interpreter's recursion limit: that is bad input too, not an internal error.
-    """
+    """``decode(text)``, raising ``msgspec.DecodeError`` for every kind of bad JSON, too deeply nested too."""
     try:
         return decode(text)
     except RecursionError:
@@ -367,12 +354,7 @@ def _lone_surrogate(text: str) -> tuple[str, int] | None:
 
 
 class _Frame:
-    """A server frame encoded once, addressed to each recipient by splicing in its id.
-
-    Server frames carry their recipient's own ``client_id``; the rest of the frame
-    is the same for everyone, so a broadcast encodes its data once, not once per
-    receiver.  Client ids are UUIDs and need no JSON escaping.
-    """
+    """A server frame encoded once and addressed to each recipient by splicing in its ``client_id`` (a UUID)."""
 
     __slots__ = ("head", "tail")
 
@@ -409,11 +391,7 @@ SERVER_EVENTS = frozenset({"connect", "error", "pong", "joined", "left"})
 
 
 def _websocket_frame(payload: bytes) -> bytes:
-    """``payload`` as one final, unmasked text frame (RFC 6455, section 5.2).
-
-    A server's frames are not masked, so a frame sent to many clients is framed
-    once (gorilla/websocket's "prepared message").
-    """
+    """``payload`` as one final, unmasked text frame (RFC 6455, 5.2): the same bytes for every receiver."""
     size = len(payload)
     if size < 126:
         return bytes((0x81, size)) + payload
@@ -423,12 +401,8 @@ def _websocket_frame(payload: bytes) -> bytes:
 
 
 def _start_now(awaitable: Awaitable[None]) -> Awaitable[None] | None:
-    """Run ``awaitable`` up to its first suspension: None if it finished, else an awaitable of the rest.
-
-    An ASGI ``send`` usually completes without suspending (the socket has room), so
-    a frame can be written from synchronous code.  The rest, awaited, behaves as
-    ``await awaitable`` would have, cancellation included.
-    """
+    """Run ``awaitable`` up to its first suspension: None if it finished, else an awaitable of the rest
+    (which behaves as ``await awaitable`` would have).  An ASGI ``send`` usually finishes at once."""
     steps = awaitable.__await__()
     try:
         first = steps.send(None)
@@ -459,11 +433,9 @@ class _Resume:
 
 
 class _Output:
-    """Where a connection's frames go: here, the accepted WebSocket's ASGI ``send``.
+    """Where a connection's frames go, chosen once per connection: here, the WebSocket's ASGI ``send``.
 
-    Chosen once per connection.  Under uvicorn's websockets-sansio engine the
-    gateway uses :class:`_UvicornOutput` (in "Under uvicorn", below), which writes
-    past ASGI where it can and holds the engine to the gateway's limits.
+    Under uvicorn, :class:`_UvicornOutput` (below) writes past ASGI where it can.
     """
 
     __slots__ = ("_send",)
@@ -472,10 +444,8 @@ class _Output:
         self._send = send
 
     def write_now(self, text: str, wire: bytes | None = None) -> Awaitable[None] | None:
-        """Write ``text`` without waiting: None if it went out, else an awaitable of the rest of the write.
-
-        ``wire`` is the same frame as :func:`_websocket_frame` makes it, when a fan-out shares one.
-        """
+        """Write ``text`` (``wire``: as :func:`_websocket_frame` frames it) without waiting: None if it
+        went out, else an awaitable of the rest of the write."""
         return _start_now(self._send({"type": "websocket.send", "text": text}))
 
     async def close(self, code: int, reason: str) -> None:
@@ -542,14 +512,11 @@ class _State(enum.Enum):
 class _Connection:
     """One accepted WebSocket: its id, its rooms and its bounded outgoing queue.
 
-    :meth:`send` never waits, so a reply, a relay or a broadcast never waits for a
-    peer.  A frame the socket cannot take at once starts a writer task that
-    finishes it and drains the frames queued behind it, then ends: an idle
-    connection holds no task.  A peer that stops reading only fills its own queue;
-    past ``max_queue_messages`` frames or ``max_queue_bytes`` characters, or
-    ``send_timeout`` seconds without progress, it is closed with 1008 "slow consumer".
-
-    It leaves the registry (``on_close``) as soon as it starts closing.
+    :meth:`send` never waits.  A frame the socket cannot take at once starts a writer
+    task that finishes it, drains the frames queued behind it, and ends: an idle
+    connection holds no task.  A peer that stops reading fills only its own queue,
+    and is closed with 1008 past ``max_queue_messages``, ``max_queue_bytes`` or
+    ``send_timeout``.  It leaves the registry (``on_close``) as soon as it starts closing.
     """
 
     __slots__ = ("_close_frame", "_flush_scope", "_in_flight", "_metrics", "_on_close", "_output", "_queue",
@@ -611,8 +578,7 @@ class _Connection:
     def close(self, code: int, reason: str, *, label: str, flush: bool = True) -> None:
         """Close with ``code`` after the queued frames (``flush``) or at once, dropping them.
 
-        Flushing and the close frame each get ``close_timeout`` seconds: a peer that
-        stopped reading may never take them.
+        Flushing and the close frame each get ``close_timeout`` seconds.
         """
         if not self.open:
             return
@@ -749,10 +715,7 @@ _Delivery = _ToClient | _ToRoom | _ToEveryone | _Kick
 
 
 class BackendUnavailable(Exception):
-    """Other instances cannot be reached: cross-instance sends fail, local ones go on.
-
-    ``reason`` is the label it is counted under in ``ws_micro_cluster_dropped_total``.
-    """
+    """Other instances cannot be reached: cross-instance sends fail, local ones go on."""
 
     def __init__(self, message: str, reason: str = "backend_unavailable") -> None:
         super().__init__(message)
@@ -760,15 +723,11 @@ class BackendUnavailable(Exception):
 
 
 class _Backend:
-    """What the registry asks about clients it does not hold.  Alone, there are none.
-
-    The one other backend is :class:`_RedisBackend` (in "Cluster over Redis", below):
-    clients on other instances.  Its methods may raise :class:`BackendUnavailable`.
-    """
+    """What the registry asks about clients it does not hold.  Alone, there are none; in cluster
+    mode, :class:`_RedisBackend` (below) reaches them, or raises :class:`BackendUnavailable`."""
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        """Take part while the app runs."""
         yield
 
     # Membership: told of each change, so that other instances can find this one's clients.
@@ -825,14 +784,10 @@ class _Backend:
 class Registry:
     """Who is connected, which rooms they are in, and which handler takes which event.
 
-    The registry is the seed's connection manager.  Its sends queue frames
-    (:meth:`_Connection.send`) and return how many recipients took them; they
-    never wait for a client's socket.  Embedding code registers handlers for its
-    own event names with :meth:`on` and calls the send methods from anywhere in
-    the same event loop: HTTP routes, background tasks, other handlers.
-
-    In cluster mode the sends also reach clients on other instances, and raise
-    :class:`BackendUnavailable` when they would need another instance and cannot reach it.
+    The seed's connection manager.  Its sends queue frames and return how many
+    recipients took them, never waiting for a socket, so handlers, HTTP routes and
+    background tasks in the same event loop may call them.  In cluster mode they
+    also reach other instances, and raise :class:`BackendUnavailable` when they cannot.
     """
 
     def __init__(self) -> None:
@@ -930,11 +885,7 @@ class Registry:
         return await self.backend.send(_Kick(client_id, code, reason))
 
     async def relay_to_client(self, client_id: str, text: str, failed: Callable[[str, str], None]) -> None:
-        """Deliver a client's frame, unchanged, to one client.
-
-        ``failed(code, message)`` is called when it cannot be; for a client on
-        another instance, later, so that the sender's read loop goes on meanwhile.
-        """
+        """Deliver a client's frame, unchanged, to one client; else ``failed(code, message)``, maybe later."""
         connection = self.connections.get(client_id)
         if connection is None:
             await self.backend.forward(_ToClient(client_id, text), failed)
@@ -1023,11 +974,7 @@ class _Gateway:
             logger.debug("client %s disconnected (%s)", connection.id, connection.close_reason)
 
     async def _accept(self, scope: Scope, receive: Receive, send: Send) -> _Connection | None:
-        """Check and accept the handshake; the new connection, or None if it was refused or abandoned.
-
-        Starlette's WebSocket does the handshake and is then dropped: frames go
-        straight through the connection's :class:`_Output`.
-        """
+        """Check and accept the handshake; the new connection, or None if it was refused or abandoned."""
         websocket = WebSocket(scope, receive, send)
         refusal = self._refusal(websocket)
         if refusal is not None:
@@ -1303,10 +1250,14 @@ def _api_routes(registry: Registry, settings: Settings) -> list[Route]:
         entry = registry.backend.entry(connection) if connection else await registry.backend.client(client_id)
         return _unknown_client(request) if entry is None else _json(entry)
 
-    async def push_to_client(request: Request) -> Response:
-        push = await read_push(request)
-        if isinstance(push, Response):
-            return push
+    def pushing(deliver: Callable[[Request, _Push], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            push = await read_push(request)
+            return push if isinstance(push, Response) else await deliver(request, push)
+
+        return endpoint
+
+    async def push_to_client(request: Request, push: _Push) -> Response:
         if not await registry.send_to_client(request.path_params["client_id"], push.event, push.data.data):
             return _unknown_client(request)
         return _json({"delivered": 1}, 202)
@@ -1316,26 +1267,20 @@ def _api_routes(registry: Registry, settings: Settings) -> list[Route]:
             return _unknown_client(request)
         return _json({"disconnected": 1}, 202)
 
-    async def publish_to_room(request: Request) -> Response:
-        push = await read_push(request)
-        if isinstance(push, Response):
-            return push
+    async def publish_to_room(request: Request, push: _Push) -> Response:
         delivered = await registry.publish(request.path_params["room"], push.event, push.data.data)
         return _json({"delivered": delivered}, 202)
 
-    async def broadcast(request: Request) -> Response:
-        push = await read_push(request)
-        if isinstance(push, Response):
-            return push
+    async def broadcast(request: Request, push: _Push) -> Response:
         return _json({"delivered": await registry.broadcast(push.event, push.data.data)}, 202)
 
     return [
         Route("/api/clients", guarded(list_clients), methods=["GET"]),
         Route("/api/clients/{client_id}", guarded(get_client), methods=["GET"]),
-        Route("/api/clients/{client_id}", guarded(push_to_client), methods=["POST"]),
+        Route("/api/clients/{client_id}", guarded(pushing(push_to_client)), methods=["POST"]),
         Route("/api/clients/{client_id}", guarded(disconnect_client), methods=["DELETE"]),
-        Route("/api/rooms/{room}", guarded(publish_to_room), methods=["POST"]),
-        Route("/api/broadcast", guarded(broadcast), methods=["POST"]),
+        Route("/api/rooms/{room}", guarded(pushing(publish_to_room)), methods=["POST"]),
+        Route("/api/broadcast", guarded(pushing(broadcast)), methods=["POST"]),
     ]
 
 
@@ -1346,9 +1291,7 @@ def _unknown_client(request: Request) -> Response:
 def _cross_site(request: Request, allowed_origins: tuple[str, ...]) -> str | None:
     """Why a request comes from another site's page, which must not drive the API; None if it does not.
 
-    Browsers say where a request comes from: ``Origin`` (on every POST and DELETE) and
-    ``Sec-Fetch-Site``.  Programs send neither, and the page served beside the API
-    is same-origin.
+    Browsers send ``Origin`` (on every POST and DELETE) and ``Sec-Fetch-Site``; programs send neither.
     """
     origin = request.headers.get("origin")
     if origin is not None:
@@ -1368,10 +1311,8 @@ _PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
 def _not_local(request: Request) -> str | None:
     """Why a request without a token is refused; None if it comes from this machine.
 
-    The peer's address alone is not enough: behind a proxy (or uvicorn's
-    ``--proxy-headers`` trusting every peer) it is the proxy's, or whatever
-    ``X-Forwarded-For`` claims; and a DNS-rebinding page on this machine reaches
-    us from loopback under its own host name.
+    Not by the peer's address alone: behind a proxy it is the proxy's, and a
+    DNS-rebinding page reaches us from loopback under its own host name.
     """
     for header in _PROXY_HEADERS:
         if header in request.headers:
@@ -1487,12 +1428,7 @@ class _ClientCausedFilter(logging.Filter):
 
 
 def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
-    """Log running out of descriptors as one line per 10 s, not a traceback per refused accept.
-
-    asyncio tries a listener's whole backlog (2,048 under uvicorn) on each attempt, and
-    logs each failure with a traceback; each also schedules a retry, which logs another
-    traceback once the listener has closed: 20 MB of log for 300 stalled sockets.
-    """
+    """Log running out of descriptors as one line per 10 s, not asyncio's traceback per refused accept."""
     previous = loop.get_exception_handler()
     if getattr(previous, "quiets_accept_errors", False):
         return
@@ -1531,8 +1467,7 @@ def _harden_process(settings: Settings) -> None:
 def create_app(*, registry: Registry | None = None, debug: bool = False, **options: Any) -> Starlette:
     """Build the gateway as a Starlette app; ``options`` are the fields of :class:`Settings`.
 
-    Pass your own ``registry`` to register handlers on it before (or after)
-    creating the app; ``app.state.registry`` is the one in use either way.
+    Pass your own ``registry`` to register handlers on it; ``app.state.registry`` is the one in use.
     """
     settings = Settings(**options)
     registry = registry if registry is not None else Registry()
@@ -1583,12 +1518,8 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
 
 
 class _GatewayApp(Starlette):
-    """Starlette, calling the WebSocket endpoint directly when no middleware was added.
-
-    Starlette's error and exception middleware and its router each keep a
-    coroutine frame alive for as long as a connection lasts: about 2 KiB per
-    idle connection, measured (see the README's Performance section).
-    """
+    """Starlette, calling the WebSocket endpoint directly when no middleware was added: its middleware
+    and router would each keep a coroutine frame alive for as long as a connection lasts."""
 
     def __init__(self, gateway: _Gateway, **options: Any) -> None:
         super().__init__(**options)
@@ -1755,30 +1686,11 @@ return redis.call('HGET', p .. ':instance:' .. id .. ':clients', ARGV[2])""",
 
 
 class _RedisBackend(_Backend):
-    """Several gateway instances sharing one registry over Redis.
+    """Several gateway instances sharing one registry over Redis; docs/cluster.md has the design.
 
-    Each instance keeps its own connections and publishes what belongs to
-    another instance on that instance's channel, found through a directory of
-    client -> instance; rooms record which instances have members.  So a frame
-    is decoded by the instance that holds its recipient, and no other.
-
-    Liveness: every ``heartbeat_interval`` an instance pushes its deadline
-    ``instance_ttl`` ahead and removes instances whose deadline passed, with
-    their clients and room members.  An instance killed outright stops counting
-    once its deadline passes.  When Redis goes away, local delivery goes on,
-    cross-instance sends raise :class:`BackendUnavailable`, and the instance
-    reconnects by itself and writes its whole state again.
-
-    _Delivery is at most once, and no loss is silent: a delivery that may not
-    have arrived is counted in ``ws_micro_cluster_dropped_total`` and, where
-    there is a sender, answered with ``backend_unavailable``.  Hence the
-    resynchronising window: when Redis loses the instances' state (it restarts
-    empty), each instance comes back on its own time, and until a peer has, its
-    clients are in no directory and its room members in no room.  An instance
-    that rejoins therefore remembers the peers it last saw alive and, until each
-    has registered again (or ``instance_ttl`` has passed: it is dead), refuses what
-    may be for them, where it would otherwise answer ``unknown_client`` or reach
-    nobody without a word.
+    Each instance publishes what belongs to another on that instance's channel,
+    found through a directory of client -> instance.  Delivery is at most once,
+    and no loss is silent: it is counted, and a sender gets ``backend_unavailable``.
     """
 
     def __init__(self, registry: Registry, settings: Settings) -> None:
@@ -2147,10 +2059,7 @@ class _RedisBackend(_Backend):
 def _uvicorn_or_asgi_output(scope: Scope, receive: Receive, send: Send, settings: Settings,
                             metrics: _Metrics) -> _Output:
     """A new connection's :class:`_Output`: :class:`_UvicornOutput` under uvicorn's websockets-sansio engine.
-
-    Whether frames go past ASGI is ``ws_micro_fast_path`` in /metrics, and the log
-    says so, once for each reason it is off.
-    """
+    Which one is ``ws_micro_fast_path`` in /metrics; the log says why, once per reason."""
     engine, why_not, level = _sansio_engine(receive, send, settings)
     if engine is None:
         output = _Output(send)
@@ -2181,9 +2090,16 @@ def _sansio_engine(receive: Receive, send: Send, settings: Settings) -> tuple[An
         return None, "this uvicorn has no websockets-sansio engine", logging.INFO
     engine = getattr(receive, "__self__", None)
     if not isinstance(engine, WebSocketsSansIOProtocol):  # another server or engine: as expected
-        _warn_about_engine(engine, settings)
         server = getattr(receive, "__module__", None) or type(receive).__module__
-        return None, f"not served by uvicorn's websockets-sansio engine (but by {server})", logging.INFO
+        why_not = f"not served by uvicorn's websockets-sansio engine (but by {server})"
+        max_size, limit = getattr(getattr(engine, "config", None), "ws_max_size", None), settings.max_message_size
+        if not isinstance(max_size, int) or max_size <= limit:
+            return None, why_not, logging.INFO
+        # uvicorn's other engines: the gateway cannot lower their frame limit.
+        return None, (f"{why_not}, which takes frames up to {max_size} bytes (--ws-max-size), inflated if "
+                      f"compressed, before ws_micro refuses those over max_message_size ({limit}): run uvicorn "
+                      f"with --ws websockets-sansio, or pass --ws-max-size {limit} --ws-per-message-deflate false"
+                      ), logging.WARNING
     # Under that engine, the fast path should engage: say loudly why it does not.
     if not hasattr(engine, "writable"):
         return None, "this uvicorn is older than 0.52.1 (no write backpressure)", logging.WARNING
@@ -2203,14 +2119,8 @@ def _unwrapped(send: Send) -> Send:
 
 
 def _fit_engine(engine: Any, settings: Settings) -> None:
-    """Hold the engine to the gateway's limits.
-
-    - Its frame limit comes down to ``max_message_size``: under ``uvicorn
-      ws_micro:app`` it is ``--ws-max-size`` (16 MiB), and the engine inflates a
-      compressed frame up to it before the gateway sees it.
-    - A close it starts (keepalive timeout, shutdown, a closing handshake) that has
-      not finished after ``close_timeout`` becomes a reset (:class:`_ResettingTransport`).
-    """
+    """Hold the engine to the gateway's limits: its frame size (it inflates compressed frames before we
+    see them) to ``max_message_size``, and a close it starts to ``close_timeout``."""
     conn = engine.conn
     limit = settings.max_message_size
     if hasattr(conn, "max_message_size"):  # websockets >= 16
@@ -2222,12 +2132,7 @@ def _fit_engine(engine: Any, settings: Settings) -> None:
 
 
 def _trim_handshake(engine: Any, scope: Scope) -> None:
-    """Let go of what the handshake left behind and nothing reads again: 3 KiB and more per idle connection.
-
-    uvicorn and websockets keep the request and response, and the scope its
-    header list, for the life of the connection; the gateway read what it needs
-    from them before it accepted.
-    """
+    """Let go of the request, the response and the headers, kept for the connection's life, read no more."""
     request = getattr(engine, "request", None)
     if request is not None:
         request.headers.clear()  # websockets' parser holds on to the request too
@@ -2236,14 +2141,8 @@ def _trim_handshake(engine: Any, scope: Scope) -> None:
 
 
 class _UvicornOutput(_Output):
-    """Frames written straight to the transport under uvicorn's websockets-sansio engine.
-
-    Through ASGI, the engine frames each frame for each receiver anew; here a
-    frame that a fan-out shares is framed once (:func:`_websocket_frame`).  That is
-    what the engine's ``send`` would write when it would write at once: the
-    connection is open, the transport is not paused, and no extension rewrites
-    frames.  Otherwise the frame goes through ``send``, which waits as the engine does.
-    """
+    """Frames written straight to the transport under uvicorn's websockets-sansio engine, framed once
+    per fan-out, when the engine would write at once; otherwise through ``send``, which waits as it does."""
 
     __slots__ = ("_conn", "_direct", "_engine", "_open", "_settings", "_transport", "_writable")
 
@@ -2270,14 +2169,8 @@ class _UvicornOutput(_Output):
         _reset(self._transport)
 
     def guard(self, connection: _Connection) -> None:
-        """Bound what the engine handles on its own: pings, pongs and continuation frames.
-
-        The app never sees these.  The engine writes a pong for every ping (a peer
-        that pings and never reads would grow the server's memory without end), keeps
-        every fragment of a message that never ends, and spends the event loop on a
-        flood of empty pongs.  Now each spends a rate-limit token, the pongs count
-        against ``max_queue_bytes``, and a message has at most ``rate_burst`` fragments.
-        """
+        """Bound the frames the engine handles unseen by the app: each spends a rate-limit token, the
+        pongs it writes count against ``max_queue_bytes``, and a message has ``rate_burst`` fragments at most."""
         engine = self._engine
         engine_class = type(engine)
 
@@ -2315,16 +2208,8 @@ class _UvicornOutput(_Output):
 
 
 class _ResettingTransport:
-    """uvicorn's transport for one WebSocket, whose ``close()`` cannot wait forever.
-
-    uvicorn ends a WebSocket with ``transport.close()``, which first waits for the
-    peer to take every buffered byte: a peer that reads nothing would hold the
-    socket, its buffer and its task until the process exits, and stall a graceful
-    shutdown for its whole timeout.  Here a close still unfinished after
-    ``timeout`` seconds becomes a reset, and the kernel, which keeps sending what
-    it was given after the socket is closed, gives up as soon (``TCP_USER_TIMEOUT``,
-    on Linux) instead of holding it in FIN-WAIT-1 for minutes.
-    """
+    """uvicorn's transport for one WebSocket, whose ``close()`` cannot wait forever for a peer that
+    reads nothing: unfinished after ``timeout`` it becomes a reset, and the kernel gives up as soon."""
 
     __slots__ = ("_timeout", "_transport")
 
@@ -2353,34 +2238,12 @@ class _ResettingTransport:
 
 
 def _reset(transport: Any) -> None:
-    """Drop a connection with a TCP reset; nothing, if it has closed meanwhile.
-
-    A plain close of a socket with unsent data leaves it in FIN-WAIT-1, holding
-    that data in the kernel until the peer reads it or TCP gives up (minutes):
-    a zero linger time makes the kernel send a reset and free it at once.
-    """
+    """Drop a connection with a TCP reset (zero linger: the kernel frees its unsent data at once)."""
     if not transport.is_closing() or transport.get_write_buffer_size():  # its descriptor is still open
         sock = transport.get_extra_info("socket")
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
-
-
-_engine_warned = False
-
-
-def _warn_about_engine(protocol: Any, settings: Settings) -> None:
-    """Say once when uvicorn's engine buffers frames larger than the gateway will take."""
-    global _engine_warned
-    config = getattr(protocol, "config", None)
-    max_size = getattr(config, "ws_max_size", None)
-    if _engine_warned or not isinstance(max_size, int) or max_size <= settings.max_message_size:
-        return
-    _engine_warned = True
-    logger.warning("uvicorn's WebSocket engine (%s) takes frames up to %d bytes (--ws-max-size), inflated if "
-                   "compressed, before ws_micro refuses those over max_message_size (%d): run uvicorn with "
-                   "--ws websockets-sansio, or pass --ws-max-size %d --ws-per-message-deflate false",
-                   type(protocol).__name__, max_size, settings.max_message_size, settings.max_message_size)
 
 
 def _raw_response(status: int, code: str, message: str) -> bytes:
@@ -2392,14 +2255,10 @@ def _raw_response(status: int, code: str, message: str) -> bytes:
 
 
 def _guarded_http_protocol(gateway: _Gateway, head_timeout: float, max_open: int) -> type[asyncio.Protocol]:
-    """uvicorn's HTTP protocol, holding each new connection to a deadline for its request head.
+    """uvicorn's HTTP protocol, which times nothing before a first request, with a deadline for each head.
 
-    uvicorn starts no timer before a connection's first request, so a socket that
-    sends half a handshake and stalls is held for ever, and counted nowhere.  Here
-    such a connection counts against ``max_connections`` (:attr:`_Gateway.waiting`)
-    until its head has arrived, and gets 408 after ``head_timeout`` seconds.  A
-    connection beyond ``max_open`` open ones (the descriptors left for clients), or
-    beyond ``max_connections`` waiting ones, gets 503 at once.
+    A connection waiting for its head counts against ``max_connections`` and gets 408
+    after ``head_timeout``; one beyond ``max_open`` open connections gets 503.
     """
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
@@ -2479,10 +2338,8 @@ def _log_config(level: str) -> dict[str, Any]:
 def serve(app: Starlette, settings: ServerSettings | None = None) -> None:
     """Run ``app`` on uvicorn until SIGINT or SIGTERM, then return (so the process exits 0).
 
-    On either signal uvicorn stops accepting, sends every WebSocket a close frame
-    (1012, with an empty reason), waits up to ``graceful_timeout`` for open work, and
-    re-raises the signal to the handler that was in place before it: ours, a no-op.
-    A new connection has ``handshake_timeout`` seconds to send its request head.
+    uvicorn then sends every WebSocket a close frame (1012) and waits up to
+    ``graceful_timeout``; the signal it re-raises reaches our no-op handler.
     """
     import uvicorn
 
@@ -2540,11 +2397,8 @@ class Client:
         self._connection: Any = None
 
     async def connect(self) -> Self:
-        """Open the connection and wait, up to ``open_timeout``, for the connect frame that carries our id.
-
-        A server that sends no connect frame in time, or something else, is left with
-        ``TimeoutError`` or ``ConnectionError``.
-        """
+        """Open the connection and wait, up to ``open_timeout``, for the connect frame that carries our id;
+        else ``TimeoutError``, or ``ConnectionError`` if something else came."""
         from websockets.asyncio.client import connect
 
         self._connection = await connect(self.url, **self._connect_options)
@@ -2583,12 +2437,7 @@ class Client:
         return text
 
     async def recv(self) -> Event:
-        """The next event; a ``connect`` frame after the first one is skipped.
-
-        Only the first frame of a connection is the server's ``connect``.  A later one
-        was relayed from another client (a gateway without the server-event check
-        relays any event name), and says nothing about this connection.
-        """
+        """The next event.  A ``connect`` frame after the first, relayed from another client, is skipped."""
         while True:
             event = _decode(_decode_event, await self.recv_text())
             if event.event != "connect":
