@@ -701,12 +701,12 @@ def test_cli_refuses_a_bad_value_with_its_name_and_no_traceback(args: list[str],
     assert "Traceback" not in result.stderr
 
 
-def test_every_setting_is_documented_in_the_readme() -> None:
-    readme = (HERE / "README.md").read_text()
+def test_every_setting_is_documented_in_the_configuration_reference() -> None:
+    reference = (HERE / "docs" / "configuration.md").read_text()
     for cls in (Settings, ws_micro.ServerSettings):
         for field in cls.__dataclass_fields__.values():
-            assert f"WS_MICRO_{field.name.upper()}" in readme, field.name
-            assert f"--{field.name.replace('_', '-')}" in readme, field.name
+            assert f"WS_MICRO_{field.name.upper()}" in reference, field.name
+            assert f"--{field.name.replace('_', '-')}" in reference, field.name
 
 
 def test_pep_723_header_and_pyproject_ask_for_the_same_dependencies() -> None:
