@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import resource
 import shutil
 import signal
@@ -703,12 +704,56 @@ def test_cli_refuses_a_bad_value_with_its_name_and_no_traceback(args: list[str],
     assert "Traceback" not in result.stderr
 
 
-def test_every_setting_is_documented_in_the_readme() -> None:
-    readme = (HERE / "README.md").read_text()
+def test_every_setting_is_documented_in_the_configuration_reference() -> None:
+    reference = (HERE / "docs" / "configuration.md").read_text()
     for cls in (Settings, ws_micro.ServerSettings):
         for field in cls.__dataclass_fields__.values():
-            assert f"WS_MICRO_{field.name.upper()}" in readme, field.name
-            assert f"--{field.name.replace('_', '-')}" in readme, field.name
+            assert f"WS_MICRO_{field.name.upper()}" in reference, field.name
+            assert f"--{field.name.replace('_', '-')}" in reference, field.name
+
+
+def _without_code_blocks(text: str) -> str:
+    return re.sub(r"^```.*?^```", "", text, flags=re.MULTILINE | re.DOTALL)
+
+
+def _heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives the headings of a Markdown file."""
+    anchors: set[str] = set()
+    for heading in re.findall(r"^#{1,6} +(.+?) *$", _without_code_blocks(text), flags=re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        anchor, n = slug, 0
+        while anchor in anchors:  # a repeated heading gets -1, -2, ...
+            n += 1
+            anchor = f"{slug}-{n}"
+        anchors.add(anchor)
+    return anchors
+
+
+DOCS = [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("page", DOCS, ids=lambda page: page.relative_to(HERE).as_posix())
+def test_every_relative_link_in_the_docs_leads_somewhere(page: Path) -> None:
+    # The README and docs/ link into each other's sections: a file or heading renamed must not strand a link.
+    prose = re.sub(r"`[^`\n]*`", "", _without_code_blocks(page.read_text()))  # brackets in code are not links
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", prose):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto: and the like are not ours to check
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        if not linked.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and anchor not in _heading_anchors(linked.read_text()):
+            broken.append(f"{target}: no such heading")
+    assert not broken
+
+
+def test_the_readme_development_commands_are_the_ones_ci_runs() -> None:
+    readme = (HERE / "README.md").read_text()
+    block = readme.split("## Development\n", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    ci = (HERE / ".ci" / "run").read_text().splitlines()
+    assert block.splitlines() and all(command in ci for command in block.splitlines()), block
 
 
 def test_pep_723_header_and_pyproject_ask_for_the_same_dependencies() -> None:
