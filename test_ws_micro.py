@@ -712,6 +712,18 @@ def test_every_setting_is_documented_in_the_configuration_reference() -> None:
             assert f"--{field.name.replace('_', '-')}" in reference, field.name
 
 
+def test_the_public_api_is_all_and_what_the_docs_list() -> None:
+    table = (HERE / "docs" / "embedding.md").read_text().split("## The public API")[1].split("\n## ")[0]
+    first_cells = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
+    documented = {name for cell in first_cells for name in re.findall(r"`(\w+)", cell)} - {"__version__"}
+    assert documented == set(ws_micro.__all__)
+    # Anything else a user could take for public is underscored (constants aside).
+    public = {name for name, value in vars(ws_micro).items()
+              if not name.startswith("_") and getattr(value, "__module__", None) == "ws_micro"
+              and (isinstance(value, type) or callable(value))}
+    assert public == set(ws_micro.__all__)
+
+
 def _without_code_blocks(text: str) -> str:
     return re.sub(r"^```.*?^```", "", text, flags=re.MULTILINE | re.DOTALL)
 
@@ -1000,6 +1012,11 @@ async def test_e2e_the_uvicorn_fast_path_engages_served_or_mounted_and_says_when
             await ws.send(json.dumps(frame("ping", me)))
             assert (await recv_json(ws))["event"] == "pong"
             assert server.metric("ws_micro_fast_path", path=f"{prefix}/metrics") == fast
+            # Fast path or not, the engine is held to max_message_size: it refuses the frame before
+            # buffering it, with its own reason, where the gateway would have read it whole first.
+            await ws.send("x" * 70_000)
+            code, reason = await closed_with(ws)
+            assert code == 1009 and reason is not None and "message larger than" not in reason, reason
     if not fast:  # a warning: under uvicorn's engine it should have engaged
         assert "fast path off: send is wrapped by 'Spy.__call__.<locals>.spied'" in log.read_text()
 

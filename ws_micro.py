@@ -2060,15 +2060,19 @@ def _uvicorn_or_asgi_output(scope: Scope, receive: Receive, send: Send, settings
                             metrics: _Metrics) -> _Output:
     """A new connection's :class:`_Output`: :class:`_UvicornOutput` under uvicorn's websockets-sansio engine.
     Which one is ``ws_micro_fast_path`` in /metrics; the log says why, once per reason."""
-    engine, why_not, level = _sansio_engine(receive, send, settings)
+    engine, why_not, level = _sansio_engine(receive, settings)
     if engine is None:
         output = _Output(send)
-    else:
-        output = _UvicornOutput(engine, send, settings)
+    else:  # the engine's bounds hold whether or not frames may go past ASGI
+        wrapper = _unwrapped(send)
+        if wrapper != engine.send:  # under this engine the fast path should engage: say loudly why not
+            why_not, level = (f"send is wrapped by {getattr(wrapper, '__qualname__', wrapper)!r} (a middleware?), "
+                              "which direct writes would bypass"), logging.WARNING
+        elif engine.conn.extensions:
+            why_not = "permessage-deflate was negotiated, and it rewrites every frame"
+        output = _UvicornOutput(engine, send, settings, direct=why_not is None)
         _fit_engine(engine, settings)
         _trim_handshake(engine, scope)
-        if engine.conn.extensions:
-            why_not = "permessage-deflate was negotiated, and it rewrites every frame"
     metrics.fast_path = int(why_not is None)
     if why_not not in _fast_path_reported:
         _fast_path_reported.add(why_not)
@@ -2082,7 +2086,7 @@ def _uvicorn_or_asgi_output(scope: Scope, receive: Receive, send: Send, settings
 _fast_path_reported: set[str | None] = set()
 
 
-def _sansio_engine(receive: Receive, send: Send, settings: Settings) -> tuple[Any, str | None, int]:
+def _sansio_engine(receive: Receive, settings: Settings) -> tuple[Any, str | None, int]:
     """uvicorn's websockets-sansio protocol object serving this connection, or None, why not and how loudly."""
     try:
         from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -2100,13 +2104,8 @@ def _sansio_engine(receive: Receive, send: Send, settings: Settings) -> tuple[An
                       f"compressed, before ws_micro refuses those over max_message_size ({limit}): run uvicorn "
                       f"with --ws websockets-sansio, or pass --ws-max-size {limit} --ws-per-message-deflate false"
                       ), logging.WARNING
-    # Under that engine, the fast path should engage: say loudly why it does not.
     if not hasattr(engine, "writable"):
         return None, "this uvicorn is older than 0.52.1 (no write backpressure)", logging.WARNING
-    wrapper = _unwrapped(send)
-    if wrapper != engine.send:
-        return None, (f"send is wrapped by {getattr(wrapper, '__qualname__', wrapper)!r} (a middleware?), "
-                      "which direct writes would bypass"), logging.WARNING
     return engine, None, logging.INFO
 
 
@@ -2146,7 +2145,7 @@ class _UvicornOutput(_Output):
 
     __slots__ = ("_conn", "_direct", "_engine", "_open", "_settings", "_transport", "_writable")
 
-    def __init__(self, engine: Any, send: Send, settings: Settings) -> None:
+    def __init__(self, engine: Any, send: Send, settings: Settings, *, direct: bool) -> None:
         from websockets.protocol import OPEN
 
         super().__init__(send)
@@ -2155,7 +2154,7 @@ class _UvicornOutput(_Output):
         self._transport = engine.transport
         self._writable = engine.writable  # cleared while the transport is paused
         self._open = OPEN
-        self._direct = not engine.conn.extensions
+        self._direct = direct
         self._settings = settings
 
     def write_now(self, text: str, wire: bytes | None = None) -> Awaitable[None] | None:
