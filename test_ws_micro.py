@@ -1129,13 +1129,13 @@ async def test_e2e_slow_reader_is_cut_off_and_others_keep_receiving(tmp_path: Pa
 
 @pytest.mark.anyio
 async def test_e2e_kicking_a_reader_that_never_drains_takes_close_timeout_not_forever() -> None:
-    # Only close_timeout may end this reader: pushing 300 frames can outlast send_timeout's default on a busy machine.
+    # Only close_timeout may end this reader: send_timeout is too long to, and the queue too large.
     with run_server("--log-level", "warning", "--max-queue-bytes", "100000000", "--max-queue-messages", "100000",
-                    "--send-timeout", "120", "--close-timeout", "0.5") as server:
-        async with ws_client(server.ws, max_queue=1) as (stuck, stuck_id):
+                    "--send-timeout", "120", "--close-timeout", "0.5", "--max-message-size", "1000000") as server:
+        async with ws_client(server.ws, max_queue=1, max_size=None) as (stuck, stuck_id):
             stuck.transport.pause_reading()
-            payload = {"event": "bulk", "data": {"data": {"pad": "x" * 60_000}}}
-            pushed = 300  # 18 MB: more than the kernel buffers between us hold
+            payload = {"event": "bulk", "data": {"data": {"pad": "x" * 900_000}}}
+            pushed = 20  # 18 MB: more than the kernel buffers between us hold
             for _ in range(pushed):
                 assert server.post(f"/api/clients/{stuck_id}", payload).status_code == 202
             assert httpx.delete(f"{server.http}/api/clients/{stuck_id}", timeout=TIMEOUT).status_code == 202
@@ -1155,11 +1155,12 @@ async def test_e2e_kicking_a_reader_that_never_drains_takes_close_timeout_not_fo
 @pytest.mark.anyio
 async def test_e2e_a_socket_that_takes_nothing_for_send_timeout_is_cut_off() -> None:
     with run_server("--log-level", "warning", "--max-queue-bytes", "100000000", "--max-queue-messages", "100000",
-                    "--send-timeout", "0.5", "--close-timeout", "0.5") as server:
-        async with ws_client(server.ws, max_queue=1) as (stuck, stuck_id), ws_client(server.ws) as (_, other_id):
+                    "--send-timeout", "0.5", "--close-timeout", "0.5", "--max-message-size", "1000000") as server:
+        async with (ws_client(server.ws, max_queue=1, max_size=None) as (stuck, stuck_id),
+                    ws_client(server.ws) as (_, other_id)):
             stuck.transport.pause_reading()
-            payload = {"event": "bulk", "data": {"data": {"pad": "x" * 60_000}}}
-            for _ in range(300):  # far below the queue limits: only the send timeout can cut it off
+            payload = {"event": "bulk", "data": {"data": {"pad": "x" * 900_000}}}
+            for _ in range(100):  # far below the queue limits: only the send timeout can cut it off
                 if server.post(f"/api/clients/{stuck_id}", payload).status_code == 404:
                     break
             await server.wait_until(lambda: server.get(f"/api/clients/{stuck_id}").status_code == 404,
