@@ -30,10 +30,12 @@ import json
 import os
 import platform
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
@@ -51,7 +53,9 @@ SERVERS = {
     "tutorial": "bench.tutorial_server:app",
     "ceiling": "bench.ceiling_server:app",
     "cluster": "ws_micro:app",  # twice, with WS_MICRO_REDIS_URL
+    "before": "ws_micro:app",  # --before REF: ws_micro.py as of that commit, from BEFORE_DIR
 }
+BEFORE_DIR = Path(tempfile.gettempdir()) / f"ws_micro_before_{os.getpid()}"
 SERVER_CPU, GENERATOR_CPU = 0, 1
 
 
@@ -109,7 +113,7 @@ def run_server(name: str, env: dict[str, str] | None = None) -> Iterator[Server]
         return
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", SERVERS[name], "--host", "127.0.0.1", "--port", str(port),
-               "--log-level", "warning"]
+               "--log-level", "warning", *(("--app-dir", str(BEFORE_DIR)) if name == "before" else ())]
     process = subprocess.Popen(command, cwd=HERE, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
                                preexec_fn=lambda: os.sched_setaffinity(0, {SERVER_CPU}))
     server = Server(name, process, port)
@@ -493,7 +497,7 @@ async def fan_out(server: Server, args: argparse.Namespace, via: str, slow: int 
         nonlocal peak_rss
         while not stop:
             peak_rss = max(peak_rss, server.rss())
-            if slow and server.name == "ws_micro":
+            if slow and server.name in ("ws_micro", "before"):
                 for peer in receivers[:slow]:
                     if peer.client_id not in cut_off:
                         status = await asyncio.to_thread(_status, f"{server.http}/api/clients/{peer.client_id}")
@@ -636,6 +640,8 @@ def main() -> int:
                         help="seconds a fan-out's broadcasts may take to arrive after its window closes")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds one scenario run may take")
     parser.add_argument("--json", metavar="FILE", help="also write every run's figures as JSON")
+    parser.add_argument("--before", metavar="REF",
+                        help="also run ws_micro.py as of this git commit, as the server 'before' (a change's A/B)")
     args = parser.parse_args()
     args.rate_always = False
 
@@ -644,6 +650,12 @@ def main() -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     scenarios = args.only.split(",")
     servers = args.servers.split(",")
+    if args.before:
+        BEFORE_DIR.mkdir()
+        source = subprocess.run(["git", "show", f"{args.before}:ws_micro.py"], cwd=HERE, check=True,
+                                capture_output=True).stdout
+        (BEFORE_DIR / "ws_micro.py").write_bytes(source)
+        servers += [] if "before" in servers else ["before"]
     runs: dict[str, dict[str, list[dict[str, float]]]] = {s: {srv: [] for srv in servers} for s in scenarios}
     for scenario in scenarios:
         for round_ in range(args.runs):
@@ -687,6 +699,7 @@ def main() -> int:
                   f"{m.get('server_cpu', float('nan')):.0%} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
+    shutil.rmtree(BEFORE_DIR, ignore_errors=True)
     return 0
 
 
