@@ -1877,6 +1877,52 @@ def test_browser_page_fits_a_phone_and_works_without_the_api(browser: Browser, t
         assert_rendered(page, tmp_path / "phone.png")
 
 
+# The JS client's reconnect rules, each against a real server that misbehaves in one way.
+
+
+def start_probe(page: Page, url: str, **options: float) -> None:
+    """A JS Client of the test's own on the page, for ``url``, not yet connected (window.probe); every
+    state it reports lands in window.seen as {state, ...detail}, and when, in ms, in window.seenAt."""
+    page.evaluate("""async ([url, options]) => {
+        const { Client } = await import("./static/ws_micro.js");
+        window.seen = [];
+        window.seenAt = [];
+        window.probe = new Client(url, options);
+        probe.onState((state, detail) => {
+            seen.push({ state, ...detail });
+            seenAt.push(performance.now());
+        });
+    }""", [url, options])
+
+
+def wait_seen(page: Page, count: int, state: str) -> list[dict[str, Any]]:
+    """Wait until the probe has reported ``state`` ``count`` times; all it reported so far."""
+    page.wait_for_function("([count, state]) => seen.filter((s) => s.state === state).length >= count",
+                           arg=[count, state], timeout=TIMEOUT * 1000)
+    return list(page.evaluate("seen"))
+
+
+def test_browser_client_connect_is_a_no_op_while_connecting_or_open(browser: Browser) -> None:
+    with run_server("--log-level", "warning") as server:
+        page = open_console(browser, server)  # the console's own client: the first connection
+        page.evaluate("wsMicroClient.connect(); wsMicroClient.connect()")
+        start_probe(page, server.ws)
+        page.evaluate("probe.connect(); probe.connect()")  # the second call comes while it is connecting
+        wait_seen(page, 1, "open")
+        page.evaluate("probe.connect()")
+        # One more client, connected last. Chromium opens one socket at a time to a host (RFC 6455, 4.1),
+        # so a socket that one of the calls above opened would have been accepted before this one.
+        page.evaluate("""async (url) => {
+            const { Client } = await import("./static/ws_micro.js");
+            window.last = new Client(url).connect();
+        }""", server.ws)
+        page.wait_for_function("last.state === 'open'", timeout=TIMEOUT * 1000)
+        assert server.metric("ws_micro_connections_total") == 3
+        assert server.get("/api/clients").json()["count"] == 3
+        assert [state["state"] for state in page.evaluate("seen")] == ["connecting", "open"]
+        assert page.evaluate("wsMicroClient.clientId") == client_id_of(page)
+
+
 # --------------------------------------------------------------------------
 # Cluster mode: real redis-server, several real uvicorn instances
 # --------------------------------------------------------------------------

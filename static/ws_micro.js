@@ -37,7 +37,7 @@ export class Client {
     this._options = { initialDelay, maxDelay, keepalive };
     this._handlers = new Map(); // event name (or "*") -> Set of functions
     this._stateHandlers = new Set();
-    this._socket = null;
+    this._socket = null; // the one socket it listens to; any other was let go of with _drop
     this._greeted = false; // the current connection's first frame (its connect) has arrived
     this._attempt = 0;
     this._stopped = true;
@@ -57,18 +57,20 @@ export class Client {
     return () => this._stateHandlers.delete(fn);
   }
 
+  /** Connect; while connecting, open or waiting to reconnect, do nothing (one socket at a time). */
   connect() {
+    if (!this._stopped) return this;
     this._stopped = false;
+    this._attempt = 0;
     this._open();
     return this;
   }
 
   /** Close for good: no reconnect. */
   close(code = 1000, reason = "") {
-    this._stopped = true;
-    this._clearTimers();
-    if (this._socket) this._socket.close(code, reason);
-    this._setState("closed", { code, reason });
+    this._stop(code, reason);
+    this.lastClose = { code, reason };
+    this._setState("closed", this.lastClose);
   }
 
   /** Send an event; false (and nothing sent) while not connected. */
@@ -108,7 +110,7 @@ export class Client {
     this._socket = socket;
     this._greeted = false;
     socket.onmessage = (message) => this._receive(message.data);
-    socket.onclose = (event) => this._closed(socket, event);
+    socket.onclose = (event) => this._closed(event);
   }
 
   _receive(text) {
@@ -140,15 +142,13 @@ export class Client {
     this._emit("*", frame);
   }
 
-  _closed(socket, event) {
-    if (socket !== this._socket) return; // an older socket's late close
+  _closed(event) {
     this._clearTimers();
     this._socket = null;
     this.lastClose = { code: event.code, reason: event.reason };
-    if (this._stopped) return;
     if (event.code === 1000) {
       // The server closed us on purpose (e.g. DELETE /api/clients/{id}): stay closed.
-      this._stopped = true;
+      this._stop();
       this._setState("closed", this.lastClose);
       return;
     }
@@ -176,8 +176,27 @@ export class Client {
     }, keepalive);
   }
 
+  // Stop for good: no timers, no socket.
+  _stop(code, reason) {
+    this._stopped = true;
+    this._clearTimers();
+    this._drop(code, reason);
+  }
+
+  // Let go of the socket: close it, and take no more events from it.
+  _drop(code, reason) {
+    const socket = this._socket;
+    if (!socket) return;
+    this._socket = null;
+    socket.onmessage = socket.onclose = null;
+    socket.close(code, reason);
+  }
+
   _clearTimers() {
-    for (const name of Object.keys(this._timers)) clearTimeout(this._timers[name]);
+    for (const name of Object.keys(this._timers)) {
+      clearTimeout(this._timers[name]);
+      this._timers[name] = 0;
+    }
   }
 
   _setState(state, detail = {}) {
