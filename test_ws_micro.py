@@ -1880,6 +1880,63 @@ def test_browser_page_fits_a_phone_and_works_without_the_api(browser: Browser, t
 # The JS client's reconnect rules, each against a real server that misbehaves in one way.
 
 
+class Attempts:
+    """The connections a test server accepted: when each came and when its client let go of it."""
+
+    def __init__(self) -> None:
+        self.opened: list[float] = []
+        self.closed: dict[int, float] = {}
+        self._changed = threading.Condition()
+
+    def open(self) -> int:
+        with self._changed:
+            self.opened.append(time.monotonic())
+            self._changed.notify_all()
+            return len(self.opened) - 1
+
+    def close(self, index: int) -> None:
+        with self._changed:
+            self.closed[index] = time.monotonic()
+            self._changed.notify_all()
+
+    def wait(self, predicate: Callable[[], bool], what: str) -> None:
+        with self._changed:
+            assert self._changed.wait_for(predicate, TIMEOUT), f"timed out waiting for {what}"
+
+
+@contextlib.contextmanager
+def flaky_gateway(*holds: float | None, greet: bool = True) -> Iterator[tuple[str, Attempts]]:
+    """A WebSocket server that greets each connection as the gateway does (unless not ``greet``), keeps the
+    i-th one ``holds[i]`` seconds (the last hold for all later ones; None: until the client leaves), then
+    closes it with 1011, as a gateway that fails under its clients would."""
+    from websockets.sync.server import ServerConnection, serve
+
+    attempts = Attempts()
+
+    def handler(ws: ServerConnection) -> None:
+        index = attempts.open()
+        if greet:
+            ws.send(json.dumps(frame("connect", f"flaky-{index}", {"message": "connection request granted"})))
+        hold = holds[min(index, len(holds) - 1)]
+        if hold is None:
+            with contextlib.suppress(ConnectionClosed):
+                for _ in ws:
+                    pass
+        else:
+            time.sleep(hold)  # this server's way: up for `hold` seconds, then it fails
+            ws.close(1011, "flaky")
+        attempts.close(index)
+
+    with serve(handler, "127.0.0.1", 0) as flaky:
+        thread = threading.Thread(target=flaky.serve_forever)
+        thread.start()
+        try:
+            yield f"ws://127.0.0.1:{flaky.socket.getsockname()[1]}/ws/py_client", attempts
+        finally:
+            flaky.shutdown()
+            thread.join(TIMEOUT)
+
+
 def start_probe(page: Page, url: str, **options: float) -> None:
     """A JS Client of the test's own on the page, for ``url``, not yet connected (window.probe); every
     state it reports lands in window.seen as {state, ...detail}, and when, in ms, in window.seenAt."""
@@ -1902,6 +1959,17 @@ def wait_seen(page: Page, count: int, state: str) -> list[dict[str, Any]]:
     return list(page.evaluate("seen"))
 
 
+def waits(seen: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The reconnect waits among the reported states: those that say when the next try comes."""
+    return [state for state in seen if state["state"] == "reconnecting" and "delay" in state]
+
+
+def tries(page: Page) -> list[float]:
+    """When (ms, the page's clock) each of the probe's tries opened its socket."""
+    return [at for at, state in zip(page.evaluate("seenAt"), page.evaluate("seen"), strict=True)
+            if state["state"] in ("connecting", "reconnecting") and "delay" not in state]
+
+
 def test_browser_client_connect_is_a_no_op_while_connecting_or_open(browser: Browser) -> None:
     with run_server("--log-level", "warning") as server:
         page = open_console(browser, server)  # the console's own client: the first connection
@@ -1921,6 +1989,28 @@ def test_browser_client_connect_is_a_no_op_while_connecting_or_open(browser: Bro
         assert server.get("/api/clients").json()["count"] == 3
         assert [state["state"] for state in page.evaluate("seen")] == ["connecting", "open"]
         assert page.evaluate("wsMicroClient.clientId") == client_id_of(page)
+
+
+def test_browser_client_backs_off_from_a_server_that_drops_it_until_a_connection_lasts_min_uptime(
+        browser: Browser) -> None:
+    # Four connections dropped at once, one that lasts past minUptime, one more dropped, one that stays.
+    with run_server("--log-level", "warning") as server, flaky_gateway(0, 0, 0, 0, 1.0, 0, None) as (url, attempts):
+        page = open_console(browser, server)
+        start_probe(page, url, initialDelay=100, minUptime=500)
+        page.evaluate("probe.connect()")
+        seen = wait_seen(page, 7, "open")
+        # Each was greeted, so each opened; yet the waits grew, and started over only after the long one.
+        assert [(wait["attempt"], wait["cause"], wait["code"]) for wait in waits(seen)] == [
+            (1, "close", 1011), (2, "close", 1011), (3, "close", 1011), (4, "close", 1011),
+            (1, "close", 1011), (2, "close", 1011)]
+        for wait in waits(seen):  # each wait is between half and all of initialDelay * 2 ** (attempt - 1)
+            assert 50 * 2 ** (wait["attempt"] - 1) <= wait["delay"] <= 100 * 2 ** (wait["attempt"] - 1), wait
+        # So the tries spread out, 50 ms at least between the 1st and the 2nd, then 100, 200, 400 (retrying
+        # every 50-100 ms, it would have made all seven in well under 1 s); each was a connection to the server.
+        opened = tries(page)
+        for i in range(4):
+            assert opened[i + 1] - opened[i] >= 50 * 2**i - 1, opened
+        assert len(opened) == len(attempts.opened) == 7
 
 
 # --------------------------------------------------------------------------

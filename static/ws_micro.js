@@ -4,16 +4,33 @@
 //   const client = new Client();                  // ws(s)://<this page's host>/ws/py_client
 //   client.on("connect", () => client.join("lobby"));
 //   client.on("chat", (frame) => console.log(frame.client_id, frame.data.data));
-//   client.onState((state) => console.log(state)); // connecting, open, reconnecting, closed
+//   client.onState((state, detail) => console.log(state, detail)); // the states are below
 //   client.connect();
 //   client.send("chat", { text: "hi" }, { room: "lobby" });
 //
 // It reconnects by itself after any close it did not ask for (but a server's 1000, a kick),
 // waiting a jittered, exponentially growing delay, and re-joins its rooms once the new
-// connection's connect frame has arrived. An app-level ping every `keepalive` ms notices a
-// dead connection that the browser would not.
+// connection's connect frame has arrived. The delay starts over only once a connection has
+// stayed up `minUptime` ms, so a server that greets and drops at once is not hammered. An app-level
+// ping every `keepalive` ms notices a dead connection that the browser would not.
+//
+// onState(fn) calls fn(state, detail) with:
+//   connecting    {attempt: 0}     connect() opened a socket
+//   open          {clientId}       its connect frame arrived
+//   reconnecting  {attempt, delay, cause, code, reason}
+//                 lost: try number `attempt` comes in `delay` ms. cause: "close" (code, reason:
+//                 the close) or "error" (no WebSocket could be made)
+//   reconnecting  {attempt}        try number `attempt` opened a socket
+//   closed        {code, reason}   close(), or the server closed with 1000
 
 export const DEFAULT_PATH = "/ws/py_client";
+
+export const DEFAULTS = Object.freeze({
+  initialDelay: 500, // ms: the first retry waits 250-500 ms (half of it fixed, half random)
+  maxDelay: 10000, // ms: each further wait doubles, up to this
+  minUptime: 5000, // ms a connection must last for the waits to start over from initialDelay
+  keepalive: 25000, // ms between app-level pings, and how long a pong may take; 0: no pings
+});
 
 export function defaultUrl(location = globalThis.location) {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
@@ -23,25 +40,26 @@ export function defaultUrl(location = globalThis.location) {
 export class Client {
   /**
    * @param {string} [url] the gateway's WebSocket URL; defaults to this page's host
-   * @param {object} [options]
-   * @param {number} [options.initialDelay=500] first reconnect delay, ms
-   * @param {number} [options.maxDelay=10000] longest reconnect delay, ms
-   * @param {number} [options.keepalive=25000] ms between app-level pings; 0 turns them off
+   * @param {object} [options] any of DEFAULTS' names (a missing or undefined one takes its default)
    */
-  constructor(url = defaultUrl(), { initialDelay = 500, maxDelay = 10000, keepalive = 25000 } = {}) {
+  constructor(url = defaultUrl(), options = {}) {
     this.url = url;
     this.clientId = null;
     this.state = "closed";
     this.rooms = new Set();
     this.lastClose = null; // {code, reason} of the last close
-    this._options = { initialDelay, maxDelay, keepalive };
+    this._options = {};
+    for (const [name, value] of Object.entries(DEFAULTS)) this._options[name] = options[name] ?? value;
+    for (const name of Object.keys(options)) {
+      if (!(name in DEFAULTS)) console.warn(`ws_micro: unknown option ${name}; known: ${Object.keys(DEFAULTS)}`);
+    }
     this._handlers = new Map(); // event name (or "*") -> Set of functions
     this._stateHandlers = new Set();
     this._socket = null; // the one socket it listens to; any other was let go of with _drop
     this._greeted = false; // the current connection's first frame (its connect) has arrived
-    this._attempt = 0;
+    this._attempt = 0; // tries since the last connection that lasted minUptime
     this._stopped = true;
-    this._timers = { reconnect: 0, ping: 0, pong: 0 };
+    this._timers = { reconnect: 0, uptime: 0, ping: 0, pong: 0 };
   }
 
   /** Call `fn(frame)` for every frame named `event` ("*": every frame). Returns an unsubscribe. */
@@ -98,13 +116,14 @@ export class Client {
   // Internals
 
   _open() {
-    this._setState(this._attempt ? "reconnecting" : "connecting");
+    this._setState(this._attempt ? "reconnecting" : "connecting", { attempt: this._attempt });
     let socket;
     try {
       socket = new WebSocket(this.url);
     } catch (error) {
       this._emit("*", { event: "client_error", data: { data: { message: String(error) } } });
-      this._scheduleReconnect();
+      this.lastClose = { code: null, reason: String(error) };
+      this._retry("error");
       return;
     }
     this._socket = socket;
@@ -131,7 +150,9 @@ export class Client {
     }
     if (frame.event === "connect") {
       this.clientId = frame.client_id;
-      this._attempt = 0;
+      // Only a connection that lasts starts the waits over: one that the server drops at once
+      // (it greets, then fails) counts as a failed try.
+      this._timers.uptime = setTimeout(() => { this._attempt = 0; }, this._options.minUptime);
       this._setState("open", { clientId: this.clientId });
       for (const room of this.rooms) this.send("join", { room });
       this._schedulePing();
@@ -152,15 +173,15 @@ export class Client {
       this._setState("closed", this.lastClose);
       return;
     }
-    this._scheduleReconnect();
+    this._retry("close");
   }
 
-  _scheduleReconnect() {
+  _retry(cause) {
     const { initialDelay, maxDelay } = this._options;
     const ceiling = Math.min(maxDelay, initialDelay * 2 ** this._attempt);
     const delay = ceiling / 2 + Math.random() * (ceiling / 2); // "equal jitter"
     this._attempt += 1;
-    this._setState("reconnecting", { ...this.lastClose, delay: Math.round(delay), attempt: this._attempt });
+    this._setState("reconnecting", { ...this.lastClose, delay: Math.round(delay), attempt: this._attempt, cause });
     this._timers.reconnect = setTimeout(() => this._open(), delay);
   }
 
