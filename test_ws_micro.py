@@ -16,6 +16,7 @@ import resource
 import shutil
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -1937,6 +1938,32 @@ def flaky_gateway(*holds: float | None, greet: bool = True) -> Iterator[tuple[st
             thread.join(TIMEOUT)
 
 
+@contextlib.contextmanager
+def mute_server() -> Iterator[tuple[str, Attempts]]:
+    """A TCP server that accepts every connection and never answers its WebSocket handshake."""
+    attempts = Attempts()
+
+    class Mute(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            index = attempts.open()
+            with contextlib.suppress(OSError):
+                while self.request.recv(4096):
+                    pass
+            attempts.close(index)
+
+    class MuteServer(socketserver.ThreadingTCPServer):
+        daemon_threads, block_on_close = True, False  # a socket the client never lets go of stays behind
+
+    with MuteServer(("127.0.0.1", 0), Mute) as mute:
+        thread = threading.Thread(target=mute.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+        try:
+            yield f"ws://127.0.0.1:{mute.server_address[1]}/ws/py_client", attempts
+        finally:
+            mute.shutdown()
+            thread.join(TIMEOUT)
+
+
 def start_probe(page: Page, url: str, **options: float) -> None:
     """A JS Client of the test's own on the page, for ``url``, not yet connected (window.probe); every
     state it reports lands in window.seen as {state, ...detail}, and when, in ms, in window.seenAt."""
@@ -2011,6 +2038,24 @@ def test_browser_client_backs_off_from_a_server_that_drops_it_until_a_connection
         for i in range(4):
             assert opened[i + 1] - opened[i] >= 50 * 2**i - 1, opened
         assert len(opened) == len(attempts.opened) == 7
+
+
+@pytest.mark.parametrize("server_kind", ["handshake hangs", "never greets"])
+def test_browser_client_drops_and_retries_a_connection_not_greeted_within_connect_timeout(
+        browser: Browser, server_kind: str) -> None:
+    test_server = mute_server() if server_kind == "handshake hangs" else flaky_gateway(None, greet=False)
+    with run_server("--log-level", "warning") as server, test_server as (url, attempts):
+        page = open_console(browser, server)
+        start_probe(page, url, initialDelay=100, connectTimeout=500)
+        page.evaluate("probe.connect()")
+        # It tried again, and let go of the first connection: no socket is left behind.
+        attempts.wait(lambda: len(attempts.opened) >= 2 and 0 in attempts.closed, "a second try")
+        seen, seen_at = page.evaluate("seen"), page.evaluate("seenAt")
+        timed_out = seen.index(waits(seen)[0])
+        assert (seen[timed_out]["attempt"], seen[timed_out]["cause"], seen[timed_out]["code"],
+                seen[timed_out]["reason"]) == (1, "timeout", 4000, "connect timeout")
+        assert seen_at[timed_out] - seen_at[0] >= 500 - 1  # connectTimeout after its first try, not before
+        assert "open" not in [state["state"] for state in seen]
 
 
 # --------------------------------------------------------------------------

@@ -11,15 +11,18 @@
 // It reconnects by itself after any close it did not ask for (but a server's 1000, a kick),
 // waiting a jittered, exponentially growing delay, and re-joins its rooms once the new
 // connection's connect frame has arrived. The delay starts over only once a connection has
-// stayed up `minUptime` ms, so a server that greets and drops at once is not hammered. An app-level
-// ping every `keepalive` ms notices a dead connection that the browser would not.
+// stayed up `minUptime` ms, so a server that greets and drops at once is not hammered. A socket
+// whose connect frame has not come `connectTimeout` ms after it was opened is dropped and
+// retried. An app-level ping every `keepalive` ms notices a dead connection that the browser
+// would not.
 //
 // onState(fn) calls fn(state, detail) with:
 //   connecting    {attempt: 0}     connect() opened a socket
 //   open          {clientId}       its connect frame arrived
 //   reconnecting  {attempt, delay, cause, code, reason}
 //                 lost: try number `attempt` comes in `delay` ms. cause: "close" (code, reason:
-//                 the close) or "error" (no WebSocket could be made)
+//                 the close), "timeout" (no connect frame in time), or "error" (no WebSocket
+//                 could be made)
 //   reconnecting  {attempt}        try number `attempt` opened a socket
 //   closed        {code, reason}   close(), or the server closed with 1000
 
@@ -29,6 +32,7 @@ export const DEFAULTS = Object.freeze({
   initialDelay: 500, // ms: the first retry waits 250-500 ms (half of it fixed, half random)
   maxDelay: 10000, // ms: each further wait doubles, up to this
   minUptime: 5000, // ms a connection must last for the waits to start over from initialDelay
+  connectTimeout: 10000, // ms from opening a socket to its connect frame, then drop and retry; 0: none
   keepalive: 25000, // ms between app-level pings, and how long a pong may take; 0: no pings
 });
 
@@ -59,7 +63,7 @@ export class Client {
     this._greeted = false; // the current connection's first frame (its connect) has arrived
     this._attempt = 0; // tries since the last connection that lasted minUptime
     this._stopped = true;
-    this._timers = { reconnect: 0, uptime: 0, ping: 0, pong: 0 };
+    this._timers = { reconnect: 0, connect: 0, uptime: 0, ping: 0, pong: 0 };
   }
 
   /** Call `fn(frame)` for every frame named `event` ("*": every frame). Returns an unsubscribe. */
@@ -130,6 +134,11 @@ export class Client {
     this._greeted = false;
     socket.onmessage = (message) => this._receive(message.data);
     socket.onclose = (event) => this._closed(event);
+    const { connectTimeout } = this._options;
+    if (connectTimeout) {
+      // It covers the handshake and the connect frame: a server may accept and never greet.
+      this._timers.connect = setTimeout(() => this._abandon("connect timeout", "timeout"), connectTimeout);
+    }
   }
 
   _receive(text) {
@@ -149,6 +158,7 @@ export class Client {
       return;
     }
     if (frame.event === "connect") {
+      clearTimeout(this._timers.connect);
       this.clientId = frame.client_id;
       // Only a connection that lasts starts the waits over: one that the server drops at once
       // (it greets, then fails) counts as a failed try.
@@ -174,6 +184,14 @@ export class Client {
       return;
     }
     this._retry("close");
+  }
+
+  // Give up on the socket: close it, take no more of its events, and try again.
+  _abandon(reason, cause) {
+    this._clearTimers();
+    this._drop(4000, reason);
+    this.lastClose = { code: 4000, reason };
+    this._retry(cause);
   }
 
   _retry(cause) {
