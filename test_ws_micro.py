@@ -1939,14 +1939,31 @@ def flaky_gateway(*holds: float | None, greet: bool = True) -> Iterator[tuple[st
 
 
 @contextlib.contextmanager
-def mute_server() -> Iterator[tuple[str, Attempts]]:
-    """A TCP server that accepts every connection and never answers its WebSocket handshake."""
+def mute_server(greet: bool = False) -> Iterator[tuple[str, Attempts]]:
+    """A TCP server that accepts every connection and never answers its WebSocket handshake; or, ``greet``,
+    answers it and sends a connect frame, then goes quiet as a peer behind a dead network does: it reads
+    what comes and answers nothing, not even a close."""
+    from websockets.utils import accept_key
+
     attempts = Attempts()
 
     class Mute(socketserver.BaseRequestHandler):
         def handle(self) -> None:
             index = attempts.open()
             with contextlib.suppress(OSError):
+                if greet:
+                    head = b""
+                    while b"\r\n\r\n" not in head:
+                        chunk = self.request.recv(4096)
+                        if not chunk:
+                            break
+                        head += chunk
+                    key = next(line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"sec-websocket-key:"))
+                    greeting = json.dumps(frame("connect", f"mute-{index}", {})).encode()
+                    self.request.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                         b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept_key(key).encode()
+                                         + b"\r\n\r\n" + bytes((0x81, len(greeting))) + greeting)
                 while self.request.recv(4096):
                     pass
             attempts.close(index)
@@ -2056,6 +2073,21 @@ def test_browser_client_drops_and_retries_a_connection_not_greeted_within_connec
                 seen[timed_out]["reason"]) == (1, "timeout", 4000, "connect timeout")
         assert seen_at[timed_out] - seen_at[0] >= 500 - 1  # connectTimeout after its first try, not before
         assert "open" not in [state["state"] for state in seen]
+
+
+def test_browser_client_leaves_a_dead_connection_at_once_when_its_keepalive_goes_unanswered(
+        browser: Browser) -> None:
+    # Chromium waits a minute for the closing handshake of a socket whose peer is gone; the client does not.
+    with run_server("--log-level", "warning") as server, mute_server(greet=True) as (url, attempts):
+        page = open_console(browser, server)
+        start_probe(page, url, initialDelay=100, keepalive=300)
+        page.evaluate("probe.connect()")
+        attempts.wait(lambda: len(attempts.opened) >= 2, "a second try")  # within 10 s, not after a minute
+        seen, seen_at = page.evaluate("seen"), page.evaluate("seenAt")
+        assert [state["state"] for state in seen[:2]] == ["connecting", "open"]
+        assert seen[2] == {"state": "reconnecting", "attempt": 1, "delay": seen[2]["delay"], "cause": "keepalive",
+                           "code": 4000, "reason": "keepalive timeout"}
+        assert seen_at[2] - seen_at[1] >= 600 - 1  # a ping's interval, then a pong's wait
 
 
 # --------------------------------------------------------------------------

@@ -21,8 +21,8 @@
 //   open          {clientId}       its connect frame arrived
 //   reconnecting  {attempt, delay, cause, code, reason}
 //                 lost: try number `attempt` comes in `delay` ms. cause: "close" (code, reason:
-//                 the close), "timeout" (no connect frame in time), or "error" (no WebSocket
-//                 could be made)
+//                 the close), "timeout" (no connect frame in time), "keepalive" (no pong in
+//                 time), or "error" (no WebSocket could be made)
 //   reconnecting  {attempt}        try number `attempt` opened a socket
 //   closed        {code, reason}   close(), or the server closed with 1000
 
@@ -186,7 +186,8 @@ export class Client {
     this._retry("close");
   }
 
-  // Give up on the socket: close it, take no more of its events, and try again.
+  // Give up on the socket without waiting for its close event, which on a dead network comes
+  // only when the browser gives up on the closing handshake (a minute in Chromium).
   _abandon(reason, cause) {
     this._clearTimers();
     this._drop(4000, reason);
@@ -209,8 +210,7 @@ export class Client {
     this._timers.ping = setTimeout(() => {
       if (!this.send("ping", { keepalive: Date.now() })) return;
       // No pong in time: the connection is dead even if the browser has not noticed.
-      this._timers.pong = setTimeout(() => this._socket && this._socket.close(4000, "keepalive timeout"),
-        keepalive);
+      this._timers.pong = setTimeout(() => this._abandon("keepalive timeout", "keepalive"), keepalive);
       this._schedulePing();
     }, keepalive);
   }
