@@ -2090,6 +2090,22 @@ def test_browser_client_leaves_a_dead_connection_at_once_when_its_keepalive_goes
         assert seen_at[2] - seen_at[1] >= 600 - 1  # a ping's interval, then a pong's wait
 
 
+def test_browser_client_gives_up_after_max_retries_until_reconnect_is_called(browser: Browser) -> None:
+    with run_server("--log-level", "warning") as server, flaky_gateway(0, 0, 0, None) as (url, attempts):
+        page = open_console(browser, server)
+        start_probe(page, url, initialDelay=100, maxRetries=2)
+        page.evaluate("probe.connect()")
+        seen = wait_seen(page, 1, "closed")
+        assert [wait["attempt"] for wait in waits(seen)] == [1, 2]
+        assert seen[-1] == {"state": "closed", "gaveUp": True, "attempt": 2, "cause": "close",
+                            "code": 1011, "reason": "flaky"}
+        assert len(attempts.opened) == 3  # the first try and two retries
+        page.evaluate("probe.reconnect()")  # still works once it has given up
+        seen = wait_seen(page, 4, "open")
+        assert seen[-2:] == [{"state": "connecting", "attempt": 0}, {"state": "open", "clientId": "flaky-3"}]
+        assert len(attempts.opened) == 4
+
+
 # --------------------------------------------------------------------------
 # Cluster mode: real redis-server, several real uvicorn instances
 # --------------------------------------------------------------------------

@@ -17,7 +17,7 @@
 // would not.
 //
 // onState(fn) calls fn(state, detail) with:
-//   connecting    {attempt: 0}     connect() opened a socket
+//   connecting    {attempt: 0}     connect() or reconnect() opened a socket
 //   open          {clientId}       its connect frame arrived
 //   reconnecting  {attempt, delay, cause, code, reason}
 //                 lost: try number `attempt` comes in `delay` ms. cause: "close" (code, reason:
@@ -25,6 +25,7 @@
 //                 time), or "error" (no WebSocket could be made)
 //   reconnecting  {attempt}        try number `attempt` opened a socket
 //   closed        {code, reason}   close(), or the server closed with 1000
+//   closed        {gaveUp: true, attempt, cause, code, reason}  maxRetries tries failed in a row
 
 export const DEFAULT_PATH = "/ws/py_client";
 
@@ -33,6 +34,7 @@ export const DEFAULTS = Object.freeze({
   maxDelay: 10000, // ms: each further wait doubles, up to this
   minUptime: 5000, // ms a connection must last for the waits to start over from initialDelay
   connectTimeout: 10000, // ms from opening a socket to its connect frame, then drop and retry; 0: none
+  maxRetries: Infinity, // failed tries in a row (see minUptime) before giving up: state "closed"
   keepalive: 25000, // ms between app-level pings, and how long a pong may take; 0: no pings
 });
 
@@ -86,6 +88,12 @@ export class Client {
     this._attempt = 0;
     this._open();
     return this;
+  }
+
+  /** Drop the connection, if any, and connect at once with the waits started over (also when closed). */
+  reconnect() {
+    this._stop(1000, "reconnect");
+    return this.connect();
   }
 
   /** Close for good: no reconnect. */
@@ -196,7 +204,12 @@ export class Client {
   }
 
   _retry(cause) {
-    const { initialDelay, maxDelay } = this._options;
+    const { initialDelay, maxDelay, maxRetries } = this._options;
+    if (this._attempt >= maxRetries) {
+      this._stop();
+      this._setState("closed", { ...this.lastClose, cause, gaveUp: true, attempt: this._attempt });
+      return;
+    }
     const ceiling = Math.min(maxDelay, initialDelay * 2 ** this._attempt);
     const delay = ceiling / 2 + Math.random() * (ceiling / 2); // "equal jitter"
     this._attempt += 1;
