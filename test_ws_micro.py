@@ -2106,6 +2106,21 @@ def test_browser_client_gives_up_after_max_retries_until_reconnect_is_called(bro
         assert len(attempts.opened) == 4
 
 
+def test_browser_client_retries_at_once_when_the_browser_comes_back_online(browser: Browser) -> None:
+    with run_server("--log-level", "warning") as server, flaky_gateway(0, None) as (url, attempts):
+        page = open_console(browser, server)
+        start_probe(page, url, initialDelay=60_000, maxDelay=60_000)
+        page.evaluate("probe.connect()")
+        page.wait_for_function("seen.some((s) => s.delay !== undefined)", timeout=TIMEOUT * 1000)
+        page.context.set_offline(True)
+        page.context.set_offline(False)
+        seen = wait_seen(page, 2, "open")  # long before the 30 s or more it was to wait
+        dropped, online = waits(seen)
+        assert (dropped["attempt"], dropped["cause"]) == (1, "close") and dropped["delay"] >= 30_000
+        assert (online["attempt"], online["cause"], online["delay"]) == (1, "online", 0)
+        assert len(attempts.opened) == 2
+
+
 # --------------------------------------------------------------------------
 # Cluster mode: real redis-server, several real uvicorn instances
 # --------------------------------------------------------------------------

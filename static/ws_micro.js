@@ -14,7 +14,7 @@
 // stayed up `minUptime` ms, so a server that greets and drops at once is not hammered. A socket
 // whose connect frame has not come `connectTimeout` ms after it was opened is dropped and
 // retried. An app-level ping every `keepalive` ms notices a dead connection that the browser
-// would not.
+// would not. A retry waiting for its delay goes at once when the browser comes back online.
 //
 // onState(fn) calls fn(state, detail) with:
 //   connecting    {attempt: 0}     connect() or reconnect() opened a socket
@@ -22,7 +22,7 @@
 //   reconnecting  {attempt, delay, cause, code, reason}
 //                 lost: try number `attempt` comes in `delay` ms. cause: "close" (code, reason:
 //                 the close), "timeout" (no connect frame in time), "keepalive" (no pong in
-//                 time), or "error" (no WebSocket could be made)
+//                 time), "error" (no WebSocket could be made), or "online" (delay 0)
 //   reconnecting  {attempt}        try number `attempt` opened a socket
 //   closed        {code, reason}   close(), or the server closed with 1000
 //   closed        {gaveUp: true, attempt, cause, code, reason}  maxRetries tries failed in a row
@@ -66,6 +66,7 @@ export class Client {
     this._attempt = 0; // tries since the last connection that lasted minUptime
     this._stopped = true;
     this._timers = { reconnect: 0, connect: 0, uptime: 0, ping: 0, pong: 0 };
+    this._online = () => this._retryNow();
   }
 
   /** Call `fn(frame)` for every frame named `event` ("*": every frame). Returns an unsubscribe. */
@@ -86,6 +87,7 @@ export class Client {
     if (!this._stopped) return this;
     this._stopped = false;
     this._attempt = 0;
+    globalThis.addEventListener?.("online", this._online);
     this._open();
     return this;
   }
@@ -214,7 +216,20 @@ export class Client {
     const delay = ceiling / 2 + Math.random() * (ceiling / 2); // "equal jitter"
     this._attempt += 1;
     this._setState("reconnecting", { ...this.lastClose, delay: Math.round(delay), attempt: this._attempt, cause });
-    this._timers.reconnect = setTimeout(() => this._open(), delay);
+    this._timers.reconnect = setTimeout(() => {
+      this._timers.reconnect = 0;
+      this._open();
+    }, delay);
+  }
+
+  // The browser is back online: a retry waiting for its delay goes now. The waits are not started
+  // over: the network is back, the server may not be.
+  _retryNow() {
+    if (!this._timers.reconnect) return;
+    clearTimeout(this._timers.reconnect);
+    this._timers.reconnect = 0;
+    this._setState("reconnecting", { ...this.lastClose, delay: 0, attempt: this._attempt, cause: "online" });
+    this._open();
   }
 
   _schedulePing() {
@@ -228,10 +243,11 @@ export class Client {
     }, keepalive);
   }
 
-  // Stop for good: no timers, no socket.
+  // Stop for good: no timers, no socket, no listening for the browser coming online.
   _stop(code, reason) {
     this._stopped = true;
     this._clearTimers();
+    globalThis.removeEventListener?.("online", this._online);
     this._drop(code, reason);
   }
 
