@@ -1804,9 +1804,11 @@ def test_browser_page_reconnects_and_rejoins_its_room_after_a_restart(browser: B
         page.fill("#room", "lobby")
         page.press("#room", "Enter")
         log_entry(page, "joined")
-    # The server is gone: the page says so and keeps trying.
+    # The server is gone: the page says so, and when it tries again, and keeps trying.
     page.wait_for_function("document.getElementById('state').dataset.state === 'reconnecting'",
                            timeout=TIMEOUT * 1000)
+    page.wait_for_function(r"""/^closed \d+; reconnecting in \d+\.\d s \(attempt \d+\)$/
+                               .test(document.getElementById('state').textContent)""", timeout=TIMEOUT * 1000)
     with run_server("--log-level", "warning", port=port) as server:
         page.wait_for_function("document.getElementById('state').dataset.state === 'open'", timeout=30_000)
         second_id = client_id_of(page)
@@ -2014,6 +2016,14 @@ def tries(page: Page) -> list[float]:
             if state["state"] in ("connecting", "reconnecting") and "delay" not in state]
 
 
+def until(predicate: Callable[[], bool], what: str) -> None:
+    """Poll ``predicate`` (state in another process, seen through its API) until it holds."""
+    deadline = time.monotonic() + TIMEOUT
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
 def test_browser_client_connect_is_a_no_op_while_connecting_or_open(browser: Browser) -> None:
     with run_server("--log-level", "warning") as server:
         page = open_console(browser, server)  # the console's own client: the first connection
@@ -2119,6 +2129,26 @@ def test_browser_client_retries_at_once_when_the_browser_comes_back_online(brows
         assert (dropped["attempt"], dropped["cause"]) == (1, "close") and dropped["delay"] >= 30_000
         assert (online["attempt"], online["cause"], online["delay"]) == (1, "online", 0)
         assert len(attempts.opened) == 2
+
+
+def test_browser_console_reconnect_button_replaces_the_connection_at_once(browser: Browser) -> None:
+    with run_server("--log-level", "warning") as server:
+        page = open_console(browser, server)
+        first_id = client_id_of(page)
+        page.fill("#room", "lobby")
+        page.press("#room", "Enter")
+        log_entry(page, "joined")
+        page.click("#reconnect")
+        page.wait_for_function("([id]) => document.getElementById('client-id').textContent !== id",
+                               arg=[first_id], timeout=TIMEOUT * 1000)
+        second_id = client_id_of(page)
+        assert page.locator("#state").inner_text() == "open"
+        page.locator("#log li", has_text="joined").nth(1).wait_for(timeout=TIMEOUT * 1000)
+        # The old connection is gone from the server, not left open beside the new one.
+        until(lambda: [c["client_id"] for c in server.get("/api/clients").json()["clients"]] == [second_id],
+              "the server to list only the new connection")
+        assert server.get(f"/api/clients/{second_id}").json()["rooms"] == ["lobby"]
+        assert server.metric("ws_micro_connections_total") == 2
 
 
 # --------------------------------------------------------------------------
