@@ -17,6 +17,7 @@ import resource
 import shutil
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -2070,9 +2071,11 @@ def test_browser_page_reconnects_and_rejoins_its_room_after_a_restart(browser: B
         page.fill("#room", "lobby")
         page.press("#room", "Enter")
         log_entry(page, "joined")
-    # The server is gone: the page says so and keeps trying.
+    # The server is gone: the page says so, and when it tries again, and keeps trying.
     page.wait_for_function("document.getElementById('state').dataset.state === 'reconnecting'",
                            timeout=TIMEOUT * 1000)
+    page.wait_for_function(r"""/^closed \d+; reconnecting in \d+\.\d s \(attempt \d+\)$/
+                               .test(document.getElementById('state').textContent)""", timeout=TIMEOUT * 1000)
     with run_server("--log-level", "warning", port=port) as server:
         page.wait_for_function("document.getElementById('state').dataset.state === 'open'", timeout=30_000)
         second_id = client_id_of(page)
@@ -2142,6 +2145,277 @@ def test_browser_page_fits_a_phone_and_works_without_the_api(browser: Browser, t
         send_from(page, "builtin", "", "ping", '{"n": 7}')
         log_entry(page, "pong")
         assert_rendered(page, tmp_path / "phone.png")
+
+
+# The JS client's reconnect rules, each against a real server that misbehaves in one way.
+
+
+class Attempts:
+    """The connections a test server accepted: when each came and when its client let go of it."""
+
+    def __init__(self) -> None:
+        self.opened: list[float] = []
+        self.closed: dict[int, float] = {}
+        self._changed = threading.Condition()
+
+    def open(self) -> int:
+        with self._changed:
+            self.opened.append(time.monotonic())
+            self._changed.notify_all()
+            return len(self.opened) - 1
+
+    def close(self, index: int) -> None:
+        with self._changed:
+            self.closed[index] = time.monotonic()
+            self._changed.notify_all()
+
+    def wait(self, predicate: Callable[[], bool], what: str) -> None:
+        with self._changed:
+            assert self._changed.wait_for(predicate, TIMEOUT), f"timed out waiting for {what}"
+
+
+@contextlib.contextmanager
+def flaky_gateway(*holds: float | None, greet: bool = True) -> Iterator[tuple[str, Attempts]]:
+    """A WebSocket server that greets each connection as the gateway does (unless not ``greet``), keeps the
+    i-th one ``holds[i]`` seconds (the last hold for all later ones; None: until the client leaves), then
+    closes it with 1011, as a gateway that fails under its clients would."""
+    from websockets.sync.server import ServerConnection, serve
+
+    attempts = Attempts()
+
+    def handler(ws: ServerConnection) -> None:
+        index = attempts.open()
+        if greet:
+            ws.send(json.dumps(frame("connect", f"flaky-{index}", {"message": "connection request granted"})))
+        hold = holds[min(index, len(holds) - 1)]
+        if hold is None:
+            with contextlib.suppress(ConnectionClosed):
+                for _ in ws:
+                    pass
+        else:
+            time.sleep(hold)  # this server's way: up for `hold` seconds, then it fails
+            ws.close(1011, "flaky")
+        attempts.close(index)
+
+    with serve(handler, "127.0.0.1", 0) as flaky:
+        thread = threading.Thread(target=flaky.serve_forever)
+        thread.start()
+        try:
+            yield f"ws://127.0.0.1:{flaky.socket.getsockname()[1]}/ws/py_client", attempts
+        finally:
+            flaky.shutdown()
+            thread.join(TIMEOUT)
+
+
+@contextlib.contextmanager
+def mute_server(greet: bool = False) -> Iterator[tuple[str, Attempts]]:
+    """A TCP server that accepts every connection and never answers its WebSocket handshake; or, ``greet``,
+    answers it and sends a connect frame, then goes quiet as a peer behind a dead network does: it reads
+    what comes and answers nothing, not even a close."""
+    from websockets.utils import accept_key
+
+    attempts = Attempts()
+
+    class Mute(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            index = attempts.open()
+            with contextlib.suppress(OSError):
+                if greet:
+                    head = b""
+                    while b"\r\n\r\n" not in head:
+                        chunk = self.request.recv(4096)
+                        if not chunk:
+                            break
+                        head += chunk
+                    key = next(line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"sec-websocket-key:"))
+                    greeting = json.dumps(frame("connect", f"mute-{index}", {})).encode()
+                    self.request.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                         b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept_key(key).encode()
+                                         + b"\r\n\r\n" + bytes((0x81, len(greeting))) + greeting)
+                while self.request.recv(4096):
+                    pass
+            attempts.close(index)
+
+    class MuteServer(socketserver.ThreadingTCPServer):
+        daemon_threads, block_on_close = True, False  # a socket the client never lets go of stays behind
+
+    with MuteServer(("127.0.0.1", 0), Mute) as mute:
+        thread = threading.Thread(target=mute.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+        try:
+            yield f"ws://127.0.0.1:{mute.server_address[1]}/ws/py_client", attempts
+        finally:
+            mute.shutdown()
+            thread.join(TIMEOUT)
+
+
+def start_probe(page: Page, url: str, **options: float) -> None:
+    """A JS Client of the test's own on the page, for ``url``, not yet connected (window.probe); every
+    state it reports lands in window.seen as {state, ...detail}, and when, in ms, in window.seenAt."""
+    page.evaluate("""async ([url, options]) => {
+        const { Client } = await import("./static/ws_micro.js");
+        window.seen = [];
+        window.seenAt = [];
+        window.probe = new Client(url, options);
+        probe.onState((state, detail) => {
+            seen.push({ state, ...detail });
+            seenAt.push(performance.now());
+        });
+    }""", [url, options])
+
+
+def wait_seen(page: Page, count: int, state: str) -> list[dict[str, Any]]:
+    """Wait until the probe has reported ``state`` ``count`` times; all it reported so far."""
+    page.wait_for_function("([count, state]) => seen.filter((s) => s.state === state).length >= count",
+                           arg=[count, state], timeout=TIMEOUT * 1000)
+    return list(page.evaluate("seen"))
+
+
+def waits(seen: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The reconnect waits among the reported states: those that say when the next try comes."""
+    return [state for state in seen if state["state"] == "reconnecting" and "delay" in state]
+
+
+def tries(page: Page) -> list[float]:
+    """When (ms, the page's clock) each of the probe's tries opened its socket."""
+    return [at for at, state in zip(page.evaluate("seenAt"), page.evaluate("seen"), strict=True)
+            if state["state"] in ("connecting", "reconnecting") and "delay" not in state]
+
+
+def until(predicate: Callable[[], bool], what: str) -> None:
+    """Poll ``predicate`` (state in another process, seen through its API) until it holds."""
+    deadline = time.monotonic() + TIMEOUT
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_browser_client_connect_is_a_no_op_while_connecting_or_open(browser: Browser) -> None:
+    with run_server("--log-level", "warning") as server:
+        page = open_console(browser, server)  # the console's own client: the first connection
+        page.evaluate("wsMicroClient.connect(); wsMicroClient.connect()")
+        start_probe(page, server.ws)
+        page.evaluate("probe.connect(); probe.connect()")  # the second call comes while it is connecting
+        wait_seen(page, 1, "open")
+        page.evaluate("probe.connect()")
+        # One more client, connected last. Chromium opens one socket at a time to a host (RFC 6455, 4.1),
+        # so a socket that one of the calls above opened would have been accepted before this one.
+        page.evaluate("""async (url) => {
+            const { Client } = await import("./static/ws_micro.js");
+            window.last = new Client(url).connect();
+        }""", server.ws)
+        page.wait_for_function("last.state === 'open'", timeout=TIMEOUT * 1000)
+        assert server.metric("ws_micro_connections_total") == 3
+        assert server.get("/api/clients").json()["count"] == 3
+        assert [state["state"] for state in page.evaluate("seen")] == ["connecting", "open"]
+        assert page.evaluate("wsMicroClient.clientId") == client_id_of(page)
+
+
+def test_browser_client_backs_off_from_a_server_that_drops_it_until_a_connection_lasts_min_uptime(
+        browser: Browser) -> None:
+    # Four connections dropped at once, one that lasts past minUptime, one more dropped, one that stays.
+    with run_server("--log-level", "warning") as server, flaky_gateway(0, 0, 0, 0, 1.0, 0, None) as (url, attempts):
+        page = open_console(browser, server)
+        start_probe(page, url, initialDelay=100, minUptime=500)
+        page.evaluate("probe.connect()")
+        seen = wait_seen(page, 7, "open")
+        # Each was greeted, so each opened; yet the waits grew, and started over only after the long one.
+        assert [(wait["attempt"], wait["cause"], wait["code"]) for wait in waits(seen)] == [
+            (1, "close", 1011), (2, "close", 1011), (3, "close", 1011), (4, "close", 1011),
+            (1, "close", 1011), (2, "close", 1011)]
+        for wait in waits(seen):  # each wait is between half and all of initialDelay * 2 ** (attempt - 1)
+            assert 50 * 2 ** (wait["attempt"] - 1) <= wait["delay"] <= 100 * 2 ** (wait["attempt"] - 1), wait
+        # So the tries spread out, 50 ms at least between the 1st and the 2nd, then 100, 200, 400 (retrying
+        # every 50-100 ms, it would have made all seven in well under 1 s); each was a connection to the server.
+        opened = tries(page)
+        for i in range(4):
+            assert opened[i + 1] - opened[i] >= 50 * 2**i - 1, opened
+        assert len(opened) == len(attempts.opened) == 7
+
+
+@pytest.mark.parametrize("server_kind", ["handshake hangs", "never greets"])
+def test_browser_client_drops_and_retries_a_connection_not_greeted_within_connect_timeout(
+        browser: Browser, server_kind: str) -> None:
+    test_server = mute_server() if server_kind == "handshake hangs" else flaky_gateway(None, greet=False)
+    with run_server("--log-level", "warning") as server, test_server as (url, attempts):
+        page = open_console(browser, server)
+        start_probe(page, url, initialDelay=100, connectTimeout=500)
+        page.evaluate("probe.connect()")
+        # It tried again, and let go of the first connection: no socket is left behind.
+        attempts.wait(lambda: len(attempts.opened) >= 2 and 0 in attempts.closed, "a second try")
+        seen, seen_at = page.evaluate("seen"), page.evaluate("seenAt")
+        timed_out = seen.index(waits(seen)[0])
+        assert (seen[timed_out]["attempt"], seen[timed_out]["cause"], seen[timed_out]["code"],
+                seen[timed_out]["reason"]) == (1, "timeout", 4000, "connect timeout")
+        assert seen_at[timed_out] - seen_at[0] >= 500 - 1  # connectTimeout after its first try, not before
+        assert "open" not in [state["state"] for state in seen]
+
+
+def test_browser_client_leaves_a_dead_connection_at_once_when_its_keepalive_goes_unanswered(
+        browser: Browser) -> None:
+    # Chromium waits a minute for the closing handshake of a socket whose peer is gone; the client does not.
+    with run_server("--log-level", "warning") as server, mute_server(greet=True) as (url, attempts):
+        page = open_console(browser, server)
+        start_probe(page, url, initialDelay=100, keepalive=300)
+        page.evaluate("probe.connect()")
+        attempts.wait(lambda: len(attempts.opened) >= 2, "a second try")  # within 10 s, not after a minute
+        seen, seen_at = page.evaluate("seen"), page.evaluate("seenAt")
+        assert [state["state"] for state in seen[:2]] == ["connecting", "open"]
+        assert seen[2] == {"state": "reconnecting", "attempt": 1, "delay": seen[2]["delay"], "cause": "keepalive",
+                           "code": 4000, "reason": "keepalive timeout"}
+        assert seen_at[2] - seen_at[1] >= 600 - 1  # a ping's interval, then a pong's wait
+
+
+def test_browser_client_gives_up_after_max_retries_until_reconnect_is_called(browser: Browser) -> None:
+    with run_server("--log-level", "warning") as server, flaky_gateway(0, 0, 0, None) as (url, attempts):
+        page = open_console(browser, server)
+        start_probe(page, url, initialDelay=100, maxRetries=2)
+        page.evaluate("probe.connect()")
+        seen = wait_seen(page, 1, "closed")
+        assert [wait["attempt"] for wait in waits(seen)] == [1, 2]
+        assert seen[-1] == {"state": "closed", "gaveUp": True, "attempt": 2, "cause": "close",
+                            "code": 1011, "reason": "flaky"}
+        assert len(attempts.opened) == 3  # the first try and two retries
+        page.evaluate("probe.reconnect()")  # still works once it has given up
+        seen = wait_seen(page, 4, "open")
+        assert seen[-2:] == [{"state": "connecting", "attempt": 0}, {"state": "open", "clientId": "flaky-3"}]
+        assert len(attempts.opened) == 4
+
+
+def test_browser_client_retries_at_once_when_the_browser_comes_back_online(browser: Browser) -> None:
+    with run_server("--log-level", "warning") as server, flaky_gateway(0, None) as (url, attempts):
+        page = open_console(browser, server)
+        start_probe(page, url, initialDelay=60_000, maxDelay=60_000)
+        page.evaluate("probe.connect()")
+        page.wait_for_function("seen.some((s) => s.delay !== undefined)", timeout=TIMEOUT * 1000)
+        page.context.set_offline(True)
+        page.context.set_offline(False)
+        seen = wait_seen(page, 2, "open")  # long before the 30 s or more it was to wait
+        dropped, online = waits(seen)
+        assert (dropped["attempt"], dropped["cause"]) == (1, "close") and dropped["delay"] >= 30_000
+        assert (online["attempt"], online["cause"], online["delay"]) == (1, "online", 0)
+        assert len(attempts.opened) == 2
+
+
+def test_browser_console_reconnect_button_replaces_the_connection_at_once(browser: Browser) -> None:
+    with run_server("--log-level", "warning") as server:
+        page = open_console(browser, server)
+        first_id = client_id_of(page)
+        page.fill("#room", "lobby")
+        page.press("#room", "Enter")
+        log_entry(page, "joined")
+        page.click("#reconnect")
+        page.wait_for_function("([id]) => document.getElementById('client-id').textContent !== id",
+                               arg=[first_id], timeout=TIMEOUT * 1000)
+        second_id = client_id_of(page)
+        assert page.locator("#state").inner_text() == "open"
+        page.locator("#log li", has_text="joined").nth(1).wait_for(timeout=TIMEOUT * 1000)
+        # The old connection is gone from the server, not left open beside the new one.
+        until(lambda: [c["client_id"] for c in server.get("/api/clients").json()["clients"]] == [second_id],
+              "the server to list only the new connection")
+        assert server.get(f"/api/clients/{second_id}").json()["rooms"] == ["lobby"]
+        assert server.metric("ws_micro_connections_total") == 2
 
 
 # --------------------------------------------------------------------------

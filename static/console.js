@@ -11,12 +11,25 @@ const $ = (id) => document.getElementById(id);
 const client = new Client(WS_URL);
 const MAX_LOG = 200;
 
+const CAUSES = { timeout: "timed out", keepalive: "no pong", online: "back online", error: "failed" };
+
+// What the badge says: the state, and while reconnecting why and when.
+function describe(state, detail) {
+  if (state === "reconnecting" && detail.delay !== undefined) {
+    const why = CAUSES[detail.cause] ?? (detail.code ? `closed ${detail.code}` : "closed");
+    const when = detail.delay ? `in ${(detail.delay / 1000).toFixed(1)} s` : "now";
+    return `${why}; reconnecting ${when} (attempt ${detail.attempt})`;
+  }
+  if (state === "reconnecting") return `reconnecting (attempt ${detail.attempt})`;
+  if (state === "closed" && detail.gaveUp) return `closed: gave up after ${detail.attempt} retries`;
+  if (state === "closed" && detail.reason) return `closed: ${detail.reason}`;
+  return state;
+}
+
 client.onState((state, detail) => {
   const badge = $("state");
   badge.dataset.state = state;
-  badge.textContent = state === "reconnecting" && detail.delay
-    ? `reconnecting (attempt ${detail.attempt}, ${detail.delay} ms)`
-    : state;
+  badge.textContent = describe(state, detail);
   if (state === "open") {
     $("client-id").textContent = detail.clientId;
     refreshClients();
@@ -127,6 +140,7 @@ async function refreshClients() {
 }
 
 $("refresh").addEventListener("click", refreshClients);
+$("reconnect").addEventListener("click", () => client.reconnect());
 $("clear").addEventListener("click", () => $("log").replaceChildren());
 client.connect();
 window.wsMicroClient = client; // for the console and the browser tests

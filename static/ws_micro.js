@@ -4,16 +4,39 @@
 //   const client = new Client();                  // ws(s)://<this page's host>/ws/py_client
 //   client.on("connect", () => client.join("lobby"));
 //   client.on("chat", (frame) => console.log(frame.client_id, frame.data.data));
-//   client.onState((state) => console.log(state)); // connecting, open, reconnecting, closed
+//   client.onState((state, detail) => console.log(state, detail)); // the states are below
 //   client.connect();
 //   client.send("chat", { text: "hi" }, { room: "lobby" });
 //
 // It reconnects by itself after any close it did not ask for (but a server's 1000, a kick),
 // waiting a jittered, exponentially growing delay, and re-joins its rooms once the new
-// connection's connect frame has arrived. An app-level ping every `keepalive` ms notices a
-// dead connection that the browser would not.
+// connection's connect frame has arrived. The delay starts over only once a connection has
+// stayed up `minUptime` ms, so a server that greets and drops at once is not hammered. A socket
+// whose connect frame has not come `connectTimeout` ms after it was opened is dropped and
+// retried. An app-level ping every `keepalive` ms notices a dead connection that the browser
+// would not. A retry waiting for its delay goes at once when the browser comes back online.
+//
+// onState(fn) calls fn(state, detail) with:
+//   connecting    {attempt: 0}     connect() or reconnect() opened a socket
+//   open          {clientId}       its connect frame arrived
+//   reconnecting  {attempt, delay, cause, code, reason}
+//                 lost: try number `attempt` comes in `delay` ms. cause: "close" (code, reason:
+//                 the close), "timeout" (no connect frame in time), "keepalive" (no pong in
+//                 time), "error" (no WebSocket could be made), or "online" (delay 0)
+//   reconnecting  {attempt}        try number `attempt` opened a socket
+//   closed        {code, reason}   close(), or the server closed with 1000
+//   closed        {gaveUp: true, attempt, cause, code, reason}  maxRetries tries failed in a row
 
 export const DEFAULT_PATH = "/ws/py_client";
+
+export const DEFAULTS = Object.freeze({
+  initialDelay: 500, // ms: the first retry waits 250-500 ms (half of it fixed, half random)
+  maxDelay: 10000, // ms: each further wait doubles, up to this
+  minUptime: 5000, // ms a connection must last for the waits to start over from initialDelay
+  connectTimeout: 10000, // ms from opening a socket to its connect frame, then drop and retry; 0: none
+  maxRetries: Infinity, // failed tries in a row (see minUptime) before giving up: state "closed"
+  keepalive: 25000, // ms between app-level pings, and how long a pong may take; 0: no pings
+});
 
 export function defaultUrl(location = globalThis.location) {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
@@ -23,25 +46,27 @@ export function defaultUrl(location = globalThis.location) {
 export class Client {
   /**
    * @param {string} [url] the gateway's WebSocket URL; defaults to this page's host
-   * @param {object} [options]
-   * @param {number} [options.initialDelay=500] first reconnect delay, ms
-   * @param {number} [options.maxDelay=10000] longest reconnect delay, ms
-   * @param {number} [options.keepalive=25000] ms between app-level pings; 0 turns them off
+   * @param {object} [options] any of DEFAULTS' names (a missing or undefined one takes its default)
    */
-  constructor(url = defaultUrl(), { initialDelay = 500, maxDelay = 10000, keepalive = 25000 } = {}) {
+  constructor(url = defaultUrl(), options = {}) {
     this.url = url;
     this.clientId = null;
     this.state = "closed";
     this.rooms = new Set();
     this.lastClose = null; // {code, reason} of the last close
-    this._options = { initialDelay, maxDelay, keepalive };
+    this._options = {};
+    for (const [name, value] of Object.entries(DEFAULTS)) this._options[name] = options[name] ?? value;
+    for (const name of Object.keys(options)) {
+      if (!(name in DEFAULTS)) console.warn(`ws_micro: unknown option ${name}; known: ${Object.keys(DEFAULTS)}`);
+    }
     this._handlers = new Map(); // event name (or "*") -> Set of functions
     this._stateHandlers = new Set();
-    this._socket = null;
+    this._socket = null; // the one socket it listens to; any other was let go of with _drop
     this._greeted = false; // the current connection's first frame (its connect) has arrived
-    this._attempt = 0;
+    this._attempt = 0; // tries since the last connection that lasted minUptime
     this._stopped = true;
-    this._timers = { reconnect: 0, ping: 0, pong: 0 };
+    this._timers = { reconnect: 0, connect: 0, uptime: 0, ping: 0, pong: 0 };
+    this._online = () => this._retryNow();
   }
 
   /** Call `fn(frame)` for every frame named `event` ("*": every frame). Returns an unsubscribe. */
@@ -57,18 +82,27 @@ export class Client {
     return () => this._stateHandlers.delete(fn);
   }
 
+  /** Connect; while connecting, open or waiting to reconnect, do nothing (one socket at a time). */
   connect() {
+    if (!this._stopped) return this;
     this._stopped = false;
+    this._attempt = 0;
+    globalThis.addEventListener?.("online", this._online);
     this._open();
     return this;
   }
 
+  /** Drop the connection, if any, and connect at once with the waits started over (also when closed). */
+  reconnect() {
+    this._stop(1000, "reconnect");
+    return this.connect();
+  }
+
   /** Close for good: no reconnect. */
   close(code = 1000, reason = "") {
-    this._stopped = true;
-    this._clearTimers();
-    if (this._socket) this._socket.close(code, reason);
-    this._setState("closed", { code, reason });
+    this._stop(code, reason);
+    this.lastClose = { code, reason };
+    this._setState("closed", this.lastClose);
   }
 
   /** Send an event; false (and nothing sent) while not connected. */
@@ -96,19 +130,25 @@ export class Client {
   // Internals
 
   _open() {
-    this._setState(this._attempt ? "reconnecting" : "connecting");
+    this._setState(this._attempt ? "reconnecting" : "connecting", { attempt: this._attempt });
     let socket;
     try {
       socket = new WebSocket(this.url);
     } catch (error) {
       this._emit("*", { event: "client_error", data: { data: { message: String(error) } } });
-      this._scheduleReconnect();
+      this.lastClose = { code: null, reason: String(error) };
+      this._retry("error");
       return;
     }
     this._socket = socket;
     this._greeted = false;
     socket.onmessage = (message) => this._receive(message.data);
-    socket.onclose = (event) => this._closed(socket, event);
+    socket.onclose = (event) => this._closed(event);
+    const { connectTimeout } = this._options;
+    if (connectTimeout) {
+      // It covers the handshake and the connect frame: a server may accept and never greet.
+      this._timers.connect = setTimeout(() => this._abandon("connect timeout", "timeout"), connectTimeout);
+    }
   }
 
   _receive(text) {
@@ -128,8 +168,11 @@ export class Client {
       return;
     }
     if (frame.event === "connect") {
+      clearTimeout(this._timers.connect);
       this.clientId = frame.client_id;
-      this._attempt = 0;
+      // Only a connection that lasts starts the waits over: one that the server drops at once
+      // (it greets, then fails) counts as a failed try.
+      this._timers.uptime = setTimeout(() => { this._attempt = 0; }, this._options.minUptime);
       this._setState("open", { clientId: this.clientId });
       for (const room of this.rooms) this.send("join", { room });
       this._schedulePing();
@@ -140,28 +183,53 @@ export class Client {
     this._emit("*", frame);
   }
 
-  _closed(socket, event) {
-    if (socket !== this._socket) return; // an older socket's late close
+  _closed(event) {
     this._clearTimers();
     this._socket = null;
     this.lastClose = { code: event.code, reason: event.reason };
-    if (this._stopped) return;
     if (event.code === 1000) {
       // The server closed us on purpose (e.g. DELETE /api/clients/{id}): stay closed.
-      this._stopped = true;
+      this._stop();
       this._setState("closed", this.lastClose);
       return;
     }
-    this._scheduleReconnect();
+    this._retry("close");
   }
 
-  _scheduleReconnect() {
-    const { initialDelay, maxDelay } = this._options;
+  // Give up on the socket without waiting for its close event, which on a dead network comes
+  // only when the browser gives up on the closing handshake (a minute in Chromium).
+  _abandon(reason, cause) {
+    this._clearTimers();
+    this._drop(4000, reason);
+    this.lastClose = { code: 4000, reason };
+    this._retry(cause);
+  }
+
+  _retry(cause) {
+    const { initialDelay, maxDelay, maxRetries } = this._options;
+    if (this._attempt >= maxRetries) {
+      this._stop();
+      this._setState("closed", { ...this.lastClose, cause, gaveUp: true, attempt: this._attempt });
+      return;
+    }
     const ceiling = Math.min(maxDelay, initialDelay * 2 ** this._attempt);
     const delay = ceiling / 2 + Math.random() * (ceiling / 2); // "equal jitter"
     this._attempt += 1;
-    this._setState("reconnecting", { ...this.lastClose, delay: Math.round(delay), attempt: this._attempt });
-    this._timers.reconnect = setTimeout(() => this._open(), delay);
+    this._setState("reconnecting", { ...this.lastClose, delay: Math.round(delay), attempt: this._attempt, cause });
+    this._timers.reconnect = setTimeout(() => {
+      this._timers.reconnect = 0;
+      this._open();
+    }, delay);
+  }
+
+  // The browser is back online: a retry waiting for its delay goes now. The waits are not started
+  // over: the network is back, the server may not be.
+  _retryNow() {
+    if (!this._timers.reconnect) return;
+    clearTimeout(this._timers.reconnect);
+    this._timers.reconnect = 0;
+    this._setState("reconnecting", { ...this.lastClose, delay: 0, attempt: this._attempt, cause: "online" });
+    this._open();
   }
 
   _schedulePing() {
@@ -170,14 +238,33 @@ export class Client {
     this._timers.ping = setTimeout(() => {
       if (!this.send("ping", { keepalive: Date.now() })) return;
       // No pong in time: the connection is dead even if the browser has not noticed.
-      this._timers.pong = setTimeout(() => this._socket && this._socket.close(4000, "keepalive timeout"),
-        keepalive);
+      this._timers.pong = setTimeout(() => this._abandon("keepalive timeout", "keepalive"), keepalive);
       this._schedulePing();
     }, keepalive);
   }
 
+  // Stop for good: no timers, no socket, no listening for the browser coming online.
+  _stop(code, reason) {
+    this._stopped = true;
+    this._clearTimers();
+    globalThis.removeEventListener?.("online", this._online);
+    this._drop(code, reason);
+  }
+
+  // Let go of the socket: close it, and take no more events from it.
+  _drop(code, reason) {
+    const socket = this._socket;
+    if (!socket) return;
+    this._socket = null;
+    socket.onmessage = socket.onclose = null;
+    socket.close(code, reason);
+  }
+
   _clearTimers() {
-    for (const name of Object.keys(this._timers)) clearTimeout(this._timers[name]);
+    for (const name of Object.keys(this._timers)) {
+      clearTimeout(this._timers[name]);
+      this._timers[name] = 0;
+    }
   }
 
   _setState(state, detail = {}) {
