@@ -1031,9 +1031,33 @@ async def test_e2e_under_another_uvicorn_engine_frames_go_through_asgi_with_a_wa
             await ws.send(json.dumps(frame("echo", me)))
             assert (await recv_json(ws))["event"] == "echo"
             assert server.metric("ws_micro_fast_path") == 0
-    assert log.read_text().count("fast path off: not served by uvicorn's websockets-sansio engine (but by "
-                                 "uvicorn.protocols.websockets.websockets_impl), which takes frames up to "
+    assert log.read_text().count("fast path off: receive is not uvicorn's websockets-sansio engine's (it comes "
+                                 "from uvicorn.protocols.websockets.websockets_impl), which takes frames up to "
                                  "16777216 bytes") == 1
+
+
+def test_serve_leaves_the_log_to_a_program_that_configured_logging(tmp_path: Path) -> None:
+    script = tmp_path / "embedded.py"
+    script.write_text(
+        "import logging, sys\n"
+        "import ws_micro\n"
+        "logging.basicConfig(level=logging.INFO, format='ROOT %(name)s: %(message)s', stream=sys.stdout)\n"
+        "ws_micro.serve(ws_micro.create_app(), ws_micro.ServerSettings(host='127.0.0.1', port=int(sys.argv[1])))\n")
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(script), str(port)], env={**os.environ, "PYTHONPATH": str(HERE)},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            with contextlib.suppress(OSError), connect_sync(f"ws://127.0.0.1:{port}/ws/py_client") as ws:
+                assert json.loads(ws.recv(timeout=TIMEOUT))["event"] == "connect"
+                break
+            assert time.monotonic() < deadline and process.poll() is None, "the server did not start"
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=TIMEOUT)
+    assert "ROOT ws_micro: fast path on" in output, output  # the program's handler, not uvicorn's
 
 
 def test_ws_micro_logs_whether_the_fast_path_is_on(tmp_path: Path) -> None:
@@ -1292,10 +1316,28 @@ def half_handshakes(server: Server, count: int) -> list[socket.socket]:
     return stalled
 
 
-def client_frame(opcode: int, payload: bytes) -> bytes:
+def client_frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
     """A masked client frame (mask 0, so the payload is sent as is) of up to 125 bytes."""
     assert len(payload) < 126
-    return bytes((0x80 | opcode, 0x80 | len(payload))) + b"\0\0\0\0" + payload
+    return bytes(((0x80 if fin else 0) | opcode, 0x80 | len(payload))) + b"\0\0\0\0" + payload
+
+
+@pytest.mark.anyio
+async def test_e2e_a_join_read_after_its_connection_started_closing_leaves_no_member_behind() -> None:
+    # The engine cuts this client off (a message in too many fragments) while its join waits to be read.
+    with run_server("--log-level", "warning", "--close-timeout", "0.5") as server:
+        sock, me = raw_websocket(server)
+        join_frame = json.dumps(frame("join", me, {"room": "ghosts"})).encode()
+        sock.sendall(client_frame(0x1, join_frame) + client_frame(0x1, b"", fin=False)
+                     + client_frame(0x0, b"", fin=False) * 1001)
+        with contextlib.suppress(ConnectionResetError):
+            while await anyio.to_thread.run_sync(sock.recv, 65536):
+                pass
+        sock.close()
+        async with ws_client(server.ws) as (ws, me):
+            assert await join(ws, me, "ghosts") == 1  # alone: nobody cut off is still counted
+        published = server.post("/api/rooms/ghosts", {"event": "x", "data": {"data": {}}})
+        assert published.json() == {"delivered": 0}
 
 
 def server_sockets(server: Server, client_port: int) -> list[str]:
@@ -1937,6 +1979,38 @@ async def test_a_close_frame_the_peer_never_takes_ends_in_an_abort() -> None:
     with anyio.fail_after(TIMEOUT):
         await connection.closed()
     assert output.aborted and connection.state is ws_micro._State.CLOSED
+
+
+@pytest.mark.anyio
+async def test_a_peer_gone_while_frames_wait_is_sent_neither_them_nor_a_close_frame() -> None:
+    connection, output, _ = writer()
+    output.stall()
+    connection.send("in flight")
+    connection.send("queued")
+    connection.gone("abnormal")
+    output.drain()
+    with anyio.fail_after(TIMEOUT):
+        while connection._writer is not None and not connection._writer.done():
+            await anyio.lowlevel.checkpoint()
+    assert output.taken == ["in flight"] and output.closed_with is None  # the write under way finished
+
+
+@pytest.mark.anyio
+async def test_a_connection_that_left_joins_no_room() -> None:
+    registry = Registry()
+    connection, _, _ = writer()
+    connection._on_close = registry.remove
+    registry.add(connection)
+    connection.gone("abnormal")
+    assert await registry.join(connection, "lobby") == 0
+    assert registry.rooms == {} and connection.rooms == set()
+
+
+def test_a_registry_used_again_without_redis_leaves_cluster_mode() -> None:
+    registry = Registry()
+    create_app(registry=registry, redis_url="redis://127.0.0.1:1")
+    with TestClient(create_app(registry=registry)) as client:
+        assert client.get("/healthz").json() == {"status": "ok", "connections": 0}
 
 
 @pytest.mark.anyio

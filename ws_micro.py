@@ -30,7 +30,7 @@ of :class:`Settings` and :class:`ServerSettings` is a keyword argument, a flag
 The module reads top to bottom: settings, events, a connection, the registry, the
 WebSocket endpoint, the sidecar API and ``create_app``; then the optional parts,
 each behind a seam of the core (the Redis backend, the output under uvicorn);
-then the Python client and the command line.
+then ``serve()``, the Python client and the command line.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BackendUnavailable",
@@ -373,14 +373,10 @@ class _Frame:
         return frame
 
 
-def _error_frame(client_id: str, code: str, message: str, event: str | None = None) -> str:
-    return _Frame("error", {"code": code, "message": message, "event": event}).to(client_id)
-
-
-# Event names the protocol gives a meaning: those clients send the server (each one a method
-# of the endpoint, _Gateway, of the same name), and those only the server sends.  Neither kind can have a handler.
-# Clients may not send the server's: relayed, a forged "connect" would replace the receiver's id
-# and a forged "pong" would keep a dead connection's keepalive content.
+# Event names the protocol gives a meaning: those clients send the server (each handled by the
+# endpoint's method of that name: _Gateway._ping, ...), and those only the server sends.  Neither
+# kind can have a handler.  Clients may not send the server's: relayed, a forged "connect" would
+# replace the receiver's id and a forged "pong" would keep a dead connection's keepalive content.
 BUILTIN_EVENTS = ("ping", "echo", "join", "leave")
 SERVER_EVENTS = frozenset({"connect", "error", "pong", "joined", "left"})
 
@@ -408,28 +404,21 @@ def _start_now(awaitable: Awaitable[None]) -> Awaitable[None] | None:
         first = steps.send(None)
     except StopIteration:
         return None
-    return _Resume(steps, first)
+    return _resume(steps, first)
 
 
-class _Resume:
-    def __init__(self, steps: Generator[Any, Any, None], yielded: Any) -> None:
-        self._steps, self._yielded = steps, yielded
-
-    def __await__(self) -> Generator[Any, Any, None]:
-        yielded = self._yielded
-        while True:
+@types.coroutine
+def _resume(steps: Generator[Any, Any, None], yielded: Any) -> Generator[Any, Any, None]:
+    while True:
+        try:
             try:
                 value = yield yielded
             except BaseException as exc:  # thrown in by the event loop (cancellation): pass it on
-                try:
-                    yielded = self._steps.throw(exc)
-                except StopIteration:
-                    return
-                continue
-            try:
-                yielded = self._steps.send(value)
-            except StopIteration:
-                return
+                yielded = steps.throw(exc)
+            else:
+                yielded = steps.send(value)
+        except StopIteration:
+            return
 
 
 class _Output:
@@ -459,6 +448,10 @@ class _Output:
 
     def release(self) -> None:
         """Let go of the server's objects once the connection has ended."""
+
+
+# name, type, help, samples by label value, label name ("": no label)
+_MetricFamily = tuple[str, str, str, Mapping[str, int], str]
 
 
 class _Metrics:
@@ -495,9 +488,6 @@ class _Metrics:
                       for key, value in sorted(samples.items())]
         return "\n".join(lines) + "\n"
 
-
-# name, type, help, samples by label value, label name ("": no label)
-_MetricFamily = tuple[str, str, str, Mapping[str, int], str]
 
 
 class _State(enum.Enum):
@@ -610,7 +600,7 @@ class _Connection:
             await self._writer
 
     def abandon(self) -> None:
-        """Stop the writer, if one runs, and let go of the socket: the peer is gone, or the server is shutting down."""
+        """Stop the writer, if one runs, and let go of the socket: the connection's end, however it came."""
         if self._writer is not None:
             self._writer.cancel()
         self._output.release()
@@ -649,7 +639,7 @@ class _Connection:
                 if self._in_flight is not None:
                     in_flight, self._in_flight = self._in_flight, None
                     await self._finish(in_flight)
-                while self._queue:
+                while self._queue and self.state is not _State.CLOSED:
                     text = self._queue.popleft()
                     self._queued_bytes -= len(text)
                     rest = self._output.write_now(text)
@@ -658,8 +648,9 @@ class _Connection:
                     else:
                         await self._finish(rest)
             self._queue = self._flush_scope = None  # no await since the queue was found empty: nothing is left
-            if self.state is _State.BACKLOGGED:
-                self.state = _State.OPEN
+            if self.state is not _State.CLOSING:  # BACKLOGGED: drained; CLOSED: the peer is gone
+                if self.state is _State.BACKLOGGED:
+                    self.state, self._writer = _State.OPEN, None  # idle again: it holds no task
                 return
             with anyio.move_on_after(self._settings.close_timeout) as waited:
                 # The server answers with a websocket.disconnect, which ends the read loop.
@@ -683,10 +674,9 @@ class _Connection:
 # Registry
 # --------------------------------------------------------------------------
 
-# What the registry hands its backend for clients it does not hold: a frame for one client, for
-# a room's members or for everyone (``text`` alone: a relayed frame, unchanged; with a ``tail``: a
-# server frame, ``text + client id + tail``), or a kick.  Tagged, they go between instances as one
-# msgpack array each.
+# What the registry hands its backend for clients it does not hold, tagged (one msgpack array each
+# between instances): a frame for one client, a room's members or everyone (``text`` alone: a relayed
+# frame, unchanged; with a ``tail``: a server frame, ``text + client id + tail``), or a kick.
 
 
 class _ToClient(msgspec.Struct, tag="client", array_like=True):
@@ -715,7 +705,8 @@ _Delivery = _ToClient | _ToRoom | _ToEveryone | _Kick
 
 
 class BackendUnavailable(Exception):
-    """Other instances cannot be reached: cross-instance sends fail, local ones go on."""
+    """Other instances cannot be reached: cross-instance sends fail, local ones go on.
+    ``reason`` is its label in ``ws_micro_cluster_dropped_total``."""
 
     def __init__(self, message: str, reason: str = "backend_unavailable") -> None:
         super().__init__(message)
@@ -788,6 +779,7 @@ class Registry:
     recipients took them, never waiting for a socket, so handlers, HTTP routes and
     background tasks in the same event loop may call them.  In cluster mode they
     also reach other instances, and raise :class:`BackendUnavailable` when they cannot.
+    Its other methods serve the endpoint and the backend.
     """
 
     def __init__(self) -> None:
@@ -829,6 +821,8 @@ class Registry:
 
     async def join(self, connection: _Connection, room: str) -> int:
         """Add ``connection`` to ``room``; the room's members after it (on every instance)."""
+        if self.connections.get(connection.id) is not connection:  # it left as it started closing
+            return 0
         connection.rooms.add(room)
         members = self.rooms.setdefault(room, set())
         members.add(connection.id)
@@ -948,10 +942,10 @@ class _Gateway:
     """The WebSocket endpoint: handshake checks, the read loop and the protocol's routing."""
 
     def __init__(self, registry: Registry, settings: Settings,
-                 output: Callable[[Scope, Receive, Send, Settings, _Metrics], _Output]) -> None:
+                 choose_output: Callable[[Scope, Receive, Send, Settings, _Metrics], _Output]) -> None:
         self.registry = registry
         self.settings = settings
-        self._output = output  # chooses each connection's _Output
+        self._choose_output = choose_output
         self._handshakes = 0  # accepts in flight, counted against max_connections
         self.waiting = 0  # connections whose request head has not arrived (counted under serve()), likewise
         self._builtins = {name: getattr(self, f"_{name}") for name in BUILTIN_EVENTS}
@@ -990,7 +984,7 @@ class _Gateway:
         finally:
             self._handshakes -= 1
         client = websocket.client
-        output = self._output(scope, receive, send, self.settings, self.registry.metrics)
+        output = self._choose_output(scope, receive, send, self.settings, self.registry.metrics)
         connection = _Connection(output, remote=f"{client.host}:{client.port}" if client else None,
                                 settings=self.settings, metrics=self.registry.metrics, on_close=self.registry.remove)
         output.guard(connection)
@@ -1010,7 +1004,9 @@ class _Gateway:
         while connection.open:
             message = await receive()
             if message["type"] == "websocket.disconnect":
-                connection.gone(_peer_reason(message.get("code", 1006)))
+                connection.gone(_PEER_REASONS.get(message.get("code", 1006), "peer_error"))
+                return
+            if not connection.open:  # it started closing while we waited (kicked, cut off): read no more
                 return
             text = message.get("text")
             if text is None:
@@ -1126,7 +1122,9 @@ class _Gateway:
 
     def _error(self, connection: _Connection, code: str, message: str, event: str | None) -> None:
         self.registry.metrics.errors[code] += 1
-        connection.send(_error_frame(connection.id, code, message, event))
+        connection.send(_Frame("error", {"code": code, "message": message, "event": event}).to(connection.id))
+
+
 def _origin_allowed(origin: str, host: str, allowed: tuple[str, ...]) -> bool:
     if "*" in allowed or origin in allowed:
         return True
@@ -1134,18 +1132,10 @@ def _origin_allowed(origin: str, host: str, allowed: tuple[str, ...]) -> bool:
     return urlsplit(origin).netloc.lower() == host.lower() != ""
 
 
-def _peer_reason(code: int) -> str:
-    match code:
-        case 1000 | 1001:
-            return "closed"
-        case 1005 | 1006:  # no close code: the connection dropped (uvicorn reports 1005 for that too)
-            return "abnormal"
-        case 1012:
-            return "shutdown"
-        case 1009:  # the server's frame-size limit (uvicorn's ws_max_size) closed it
-            return "message_too_big"
-        case _:
-            return "peer_error"
+# A peer's close code, as a disconnects_total label; any other code is a "peer_error".
+_PEER_REASONS = {1000: "closed", 1001: "closed", 1012: "shutdown",
+                 1005: "abnormal", 1006: "abnormal",  # the connection dropped (uvicorn reports 1005 for that too)
+                 1009: "message_too_big"}  # the engine's frame-size limit closed it
 
 
 def _event_name(text: str) -> str | None:
@@ -1346,10 +1336,8 @@ def _is_loopback_host(host: str) -> bool:
 
 
 def _is_loopback(request: Request) -> bool:
-    if request.client is None:
-        return False
     try:
-        return ipaddress.ip_address(request.client.host).is_loopback
+        return request.client is not None and ipaddress.ip_address(request.client.host).is_loopback
     except ValueError:
         return False
 
@@ -1471,8 +1459,8 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
     """
     settings = Settings(**options)
     registry = registry if registry is not None else Registry()
-    if settings.redis_url:  # the optional parts, below: other instances over Redis
-        registry.backend = _RedisBackend(registry, settings)
+    # The optional parts, below: other instances over Redis.
+    registry.backend = _RedisBackend(registry, settings) if settings.redis_url else _Backend()
 
     async def healthz(request: Request) -> Response:
         status, details = registry.backend.health()
@@ -1587,7 +1575,7 @@ _decode_delivery = msgspec.msgpack.Decoder(_Delivery).decode
 #   p:instance:<id>:clients    HASH  client id -> the client's JSON entry in GET /api/clients
 #   p:instance:<id>:rooms      SET   rooms with members on that instance
 #   p:room:<room>              HASH  instance id -> members of the room there
-#   p:instance:<id>            pub/sub channel of that instance
+#   p:deliveries:<id>          pub/sub channel of that instance
 _LUA_PRELUDE = """
 local p = ARGV[1]
 local t = redis.call('TIME')
@@ -1601,7 +1589,7 @@ local function live()
 end
 local reached, unheard = 0, 0  -- clients sent a delivery; live instances that were not listening
 local function deliver(id, message, clients)
-  if redis.call('PUBLISH', p .. ':instance:' .. id, message) > 0 then
+  if redis.call('PUBLISH', p .. ':deliveries:' .. id, message) > 0 then
     reached = reached + clients
   else
     unheard = unheard + 1
@@ -1635,7 +1623,7 @@ return {added, live()}""",
 if not redis.call('ZSCORE', p .. ':instances', ARGV[4]) then return false end
 local id = redis.call('HGET', p .. ':directory', ARGV[2])
 if not id or id == ARGV[4] or not alive(id) then return -1 end
-return redis.call('PUBLISH', p .. ':instance:' .. id, ARGV[3])""",
+return redis.call('PUBLISH', p .. ':deliveries:' .. id, ARGV[3])""",
     # ARGV: p, room, message, own instance -> {members reached on other instances,
     #                                         live instances with members that were not listening}
     "room": """
@@ -1721,8 +1709,10 @@ class _RedisBackend(_Backend):
                                                         socket_connect_timeout=settings.redis_timeout,
                                                         retry=Retry(NoBackoff(), 0))
         self._scripts = {name: self.redis.register_script(_LUA_PRELUDE + body) for name, body in _LUA.items()}
-        self._channel = f"{settings.redis_prefix}:instance:{self.instance}"
-        self._clients_key = f"{self._channel}:clients"
+        # Not the p:instance:<id> of 0.1.0, whose deliveries were laid out otherwise: mixed versions do not
+        # misread each other, they find each other not listening (counted, and answered backend_unavailable).
+        self._channel = f"{settings.redis_prefix}:deliveries:{self.instance}"
+        self._clients_key = f"{settings.redis_prefix}:instance:{self.instance}:clients"
         self._tasks: TaskGroup | None = None
         self._session: anyio.CancelScope | None = None  # the current connection's, cancelled on failure
         self._outbox: list[tuple[str, tuple[Any, ...], Callable[[Any], None]]] = []
@@ -1777,7 +1767,7 @@ class _RedisBackend(_Backend):
 
     @property
     def resyncing(self) -> bool:
-        """Whether peers that Redis lost may still be registering again (see the class docstring)."""
+        """Whether peers that Redis lost may still be registering again (docs/cluster.md: the resync window)."""
         return bool(self._missing) and time.monotonic() < self._missing_until
 
     @property
@@ -1828,7 +1818,7 @@ class _RedisBackend(_Backend):
                 pipe.hset(self._clients_key, mapping={c.id: self._entry(c) for c in connections})
             for room, members in self.registry.rooms.items():
                 pipe.hset(f"{prefix}:room:{room}", self.instance, len(members))
-                pipe.sadd(f"{self._channel}:rooms", room)
+                pipe.sadd(f"{prefix}:instance:{self.instance}:rooms", room)
             results = await pipe.execute()
         # Peers we saw alive that Redis does not hold now may be reconnecting, as we did: until they
         # are back (or instance_ttl has passed), frames that may be for them are refused, not lost.
@@ -1912,10 +1902,8 @@ class _RedisBackend(_Backend):
             results = await self._call(pipe.execute())
         return int(results[-1])
 
-    # Sending
-
-    # Deliveries to other instances go through one outbox, flushed as one pipeline at a time:
-    # a busy gateway pays a Redis round trip per batch, not per frame, and keeps their order.
+    # Sending: deliveries to other instances go through one outbox, flushed as one pipeline at a
+    # time: a busy gateway pays a Redis round trip per batch, not per frame, and keeps their order.
 
     async def send(self, delivery: _ToClient | _Kick) -> bool:
         return bool(await self._request("send", delivery.client_id, _encode_delivery(delivery)) == 1)
@@ -2056,20 +2044,17 @@ class _RedisBackend(_Backend):
 # Under uvicorn
 # --------------------------------------------------------------------------
 
+_fast_path_reported: set[str | None] = set()
+
+
 def _uvicorn_or_asgi_output(scope: Scope, receive: Receive, send: Send, settings: Settings,
                             metrics: _Metrics) -> _Output:
     """A new connection's :class:`_Output`: :class:`_UvicornOutput` under uvicorn's websockets-sansio engine.
-    Which one is ``ws_micro_fast_path`` in /metrics; the log says why, once per reason."""
-    engine, why_not, level = _sansio_engine(receive, settings)
+    Whether it writes past ASGI is ``ws_micro_fast_path`` in /metrics; the log says why not, once per reason."""
+    engine, why_not, level = _sansio_engine(receive, send, settings)
     if engine is None:
         output = _Output(send)
     else:  # the engine's bounds hold whether or not frames may go past ASGI
-        wrapper = _unwrapped(send)
-        if wrapper != engine.send:  # under this engine the fast path should engage: say loudly why not
-            why_not, level = (f"send is wrapped by {getattr(wrapper, '__qualname__', wrapper)!r} (a middleware?), "
-                              "which direct writes would bypass"), logging.WARNING
-        elif engine.conn.extensions:
-            why_not = "permessage-deflate was negotiated, and it rewrites every frame"
         output = _UvicornOutput(engine, send, settings, direct=why_not is None)
         _fit_engine(engine, settings)
         _trim_handshake(engine, scope)
@@ -2083,19 +2068,17 @@ def _uvicorn_or_asgi_output(scope: Scope, receive: Receive, send: Send, settings
     return output
 
 
-_fast_path_reported: set[str | None] = set()
-
-
-def _sansio_engine(receive: Receive, settings: Settings) -> tuple[Any, str | None, int]:
-    """uvicorn's websockets-sansio protocol object serving this connection, or None, why not and how loudly."""
+def _sansio_engine(receive: Receive, send: Send, settings: Settings) -> tuple[Any, str | None, int]:
+    """uvicorn's websockets-sansio protocol object behind ``receive``, if any; why frames may not go
+    past it (None: they may), and how loudly to say so."""
     try:
         from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
     except ImportError:
         return None, "this uvicorn has no websockets-sansio engine", logging.INFO
     engine = getattr(receive, "__self__", None)
-    if not isinstance(engine, WebSocketsSansIOProtocol):  # another server or engine: as expected
-        server = getattr(receive, "__module__", None) or type(receive).__module__
-        why_not = f"not served by uvicorn's websockets-sansio engine (but by {server})"
+    if not isinstance(engine, WebSocketsSansIOProtocol):  # another server or engine, or a wrapped receive
+        source = getattr(receive, "__module__", None) or type(receive).__module__
+        why_not = f"receive is not uvicorn's websockets-sansio engine's (it comes from {source})"
         max_size, limit = getattr(getattr(engine, "config", None), "ws_max_size", None), settings.max_message_size
         if not isinstance(max_size, int) or max_size <= limit:
             return None, why_not, logging.INFO
@@ -2106,6 +2089,12 @@ def _sansio_engine(receive: Receive, settings: Settings) -> tuple[Any, str | Non
                       ), logging.WARNING
     if not hasattr(engine, "writable"):
         return None, "this uvicorn is older than 0.52.1 (no write backpressure)", logging.WARNING
+    wrapper = _unwrapped(send)
+    if wrapper != engine.send:  # under this engine the fast path should engage: say loudly why not
+        return engine, (f"send is wrapped by {getattr(wrapper, '__qualname__', wrapper)!r} (a middleware?), "
+                        "which direct writes would bypass"), logging.WARNING
+    if engine.conn.extensions:
+        return engine, "permessage-deflate was negotiated, and it rewrites every frame", logging.INFO
     return engine, None, logging.INFO
 
 
@@ -2113,6 +2102,8 @@ def _unwrapped(send: Send) -> Send:
     """``send`` without Starlette's exception wrappers (a host app's), which pass WebSocket messages unchanged."""
     while getattr(send, "__module__", None) == "starlette._exception_handler" and send.__name__ == "sender":
         cells = dict(zip(send.__code__.co_freevars, send.__closure__ or (), strict=True))
+        if "send" not in cells:  # another Starlette than the one this was written against
+            break
         send = cells["send"].cell_contents
     return send
 
@@ -2245,6 +2236,11 @@ def _reset(transport: Any) -> None:
     transport.abort()
 
 
+# --------------------------------------------------------------------------
+# Serving (ws-micro): uvicorn, guarded
+# --------------------------------------------------------------------------
+
+
 def _raw_response(status: int, code: str, message: str) -> bytes:
     """A whole HTTP/1.1 error response with the API's JSON body, for a connection that gets no further."""
     body = _encode({"error": {"code": code, "message": message}})
@@ -2330,6 +2326,8 @@ def _log_config(level: str) -> dict[str, Any]:
     """uvicorn's logging configuration, with the gateway's own lines beside uvicorn's."""
     from uvicorn.config import LOGGING_CONFIG
 
+    if logging.getLogger().handlers:  # the embedding program configured logging: ws_micro's lines go there
+        return LOGGING_CONFIG
     ws_micro = {"handlers": ["default"], "level": level.upper(), "propagate": False}
     return {**LOGGING_CONFIG, "loggers": {**LOGGING_CONFIG["loggers"], "ws_micro": ws_micro}}
 
