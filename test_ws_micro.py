@@ -8,6 +8,7 @@ loopback port and talk to it with real `websockets` clients.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -1862,6 +1863,40 @@ async def test_start_now_finishes_at_once_or_hands_over_the_rest() -> None:
     with anyio.move_on_after(0.05):
         await pending
     assert cancelled == [True]
+
+
+class FutureIterator:
+    """What granian's ``send`` returns: an awaitable whose ``__await__`` is an iterator with no ``send``."""
+
+    def __init__(self, future: Any) -> None:
+        self.future = future
+
+    def __await__(self) -> FutureIterator:
+        return self
+
+    def __iter__(self) -> FutureIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if not self.future.done():
+            self.future._asyncio_future_blocking = True  # as asyncio's own futures do: the task waits on it
+            return self.future
+        raise StopIteration(self.future.result())
+
+
+@pytest.mark.anyio
+async def test_start_now_takes_awaitables_whose_iterator_is_no_generator() -> None:
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    done.set_result(None)
+    assert ws_micro._start_now(FutureIterator(done)) is None  # type: ignore[arg-type]
+    pending = loop.create_future()
+    rest = ws_micro._start_now(FutureIterator(pending))  # type: ignore[arg-type]
+    assert rest is not None
+    loop.call_soon(pending.set_result, None)
+    with anyio.fail_after(TIMEOUT):
+        await rest
+    assert pending.done()
 
 
 # --------------------------------------------------------------------------

@@ -399,24 +399,26 @@ def _websocket_frame(payload: bytes) -> bytes:
 def _start_now(awaitable: Awaitable[None]) -> Awaitable[None] | None:
     """Run ``awaitable`` up to its first suspension: None if it finished, else an awaitable of the rest
     (which behaves as ``await awaitable`` would have).  An ASGI ``send`` usually finishes at once."""
-    steps = awaitable.__await__()
+    steps = awaitable.__await__()  # an iterator; not always a generator (granian's is not)
     try:
-        first = steps.send(None)
+        first = steps.send(None) if hasattr(steps, "send") else next(steps)
     except StopIteration:
         return None
     return _resume(steps, first)
 
 
 @types.coroutine
-def _resume(steps: Generator[Any, Any, None], yielded: Any) -> Generator[Any, Any, None]:
+def _resume(steps: Any, yielded: Any) -> Generator[Any, Any, None]:
     while True:
         try:
             try:
                 value = yield yielded
             except BaseException as exc:  # thrown in by the event loop (cancellation): pass it on
+                if not hasattr(steps, "throw"):
+                    raise
                 yielded = steps.throw(exc)
             else:
-                yielded = steps.send(value)
+                yielded = steps.send(value) if hasattr(steps, "send") else next(steps)
         except StopIteration:
             return
 
