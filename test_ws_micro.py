@@ -819,17 +819,29 @@ class Server:
         raise KeyError(name)
 
 
+# How each ASGI server runs ``ws_micro:app`` on a port (each a test extra, pinned to the versions tested).
+SERVERS: dict[str, Callable[[int], list[str]]] = {
+    "uvicorn": lambda port: ["uvicorn", "ws_micro:app", "--host", "127.0.0.1", "--port", str(port)],
+    "hypercorn": lambda port: ["hypercorn", "ws_micro:app", "--bind", f"127.0.0.1:{port}"],
+    "granian": lambda port: ["granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", str(port),
+                             "ws_micro:app"],
+}
+
+
 @contextlib.contextmanager
 def run_server(*args: str, env: dict[str, str] | None = None, uvicorn_app: bool | str = False,
                port: int | None = None, cwd: Path = HERE, log: Path | None = None,
-               open_files: int | None = None) -> Iterator[Server]:
+               open_files: int | None = None, asgi_server: str | None = None) -> Iterator[Server]:
     """Start the gateway as its own process (on a free port by default); stop it (SIGTERM, then kill) in finally.
 
-    ``uvicorn_app``: run ``uvicorn ws_micro:app``, or uvicorn with that app; ``log``: a file for its
-    output; ``open_files``: its file-descriptor limit, soft and hard.
+    ``uvicorn_app``: run ``uvicorn ws_micro:app``, or uvicorn with that app; ``asgi_server``: run
+    ``ws_micro:app`` under that ASGI server instead (see SERVERS); ``log``: a file for its output;
+    ``open_files``: its file-descriptor limit, soft and hard.
     """
     port = port or free_port()
-    if uvicorn_app:
+    if asgi_server is not None:
+        command = [sys.executable, "-m", *SERVERS[asgi_server](port), *args]
+    elif uvicorn_app:
         app = uvicorn_app if isinstance(uvicorn_app, str) else "ws_micro:app"
         command = [sys.executable, "-m", "uvicorn", app, "--port", str(port), *args]
     else:
@@ -871,6 +883,35 @@ def run_server(*args: str, env: dict[str, str] | None = None, uvicorn_app: bool 
 def server() -> Iterator[Server]:
     with run_server("--log-level", "warning", "--max-message-size", "4096") as running:
         yield running
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", list(SERVERS))
+async def test_e2e_ws_micro_app_runs_under_each_asgi_server_with_its_environment(name: str) -> None:
+    # hypercorn finds module:app with eval(), so the app must be a real attribute; granian's send returns an
+    # awaitable whose iterator is no generator.
+    with run_server(asgi_server=name, env={"WS_MICRO_MAX_MESSAGE_SIZE": "300"}) as server:
+        async with ws_client(server.ws) as (a, id_a), ws_client(server.ws) as (b, id_b):
+            await a.send(json.dumps(frame("ping", id_a, {"n": 1})))
+            assert await recv_json(a) == frame("pong", id_a, {"n": 1})
+            await join(a, id_a, "room")
+            await join(b, id_b, "room")
+            await a.send(json.dumps(frame("chat", id_a, {"hi": "b"}, room="room")))
+            assert await recv_json(b) == frame("chat", id_a, {"hi": "b"}, room="room")
+            pushed = await anyio.to_thread.run_sync(
+                lambda: server.post(f"/api/clients/{id_b}", {"event": "news", "data": {"data": {}}}))
+            assert pushed.status_code == 202 and await recv_json(b) == frame("news", id_b)
+            await a.send("x" * 400)  # over WS_MICRO_MAX_MESSAGE_SIZE
+            assert (await closed_with(a))[0] == 1009
+
+
+def test_a_bad_environment_value_fails_the_servers_startup_with_its_name() -> None:
+    result = subprocess.run([sys.executable, "-m", "uvicorn", "ws_micro:app", "--port", str(free_port())], cwd=HERE,
+                            env={**os.environ, "WS_MICRO_MAX_CONNECTIONS": "lots"}, capture_output=True, text=True,
+                            timeout=TIMEOUT)
+    assert result.returncode != 0
+    assert "WS_MICRO_MAX_CONNECTIONS must be an integer, but got 'lots'" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_a_flag_overrides_a_bad_environment_value() -> None:

@@ -73,7 +73,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 __version__ = "0.2.0"
@@ -1538,16 +1538,43 @@ def _static_folder(static_dir: str) -> Path | None:
     return None  # a copied single file: the gateway runs without the page
 
 
-app: Starlette
-"""``uvicorn ws_micro:app``: the gateway configured from ``WS_MICRO_*`` variables, built on first use."""
+class _AppFromEnvironment:
+    """The gateway configured from ``WS_MICRO_*`` variables, built when the server starts it (its lifespan)
+    or first uses it, never at import: ``uvicorn ws_micro:app``, ``hypercorn ws_micro:app``, and so on."""
+
+    def __init__(self) -> None:
+        self._app: Starlette | None = None
+
+    def built(self) -> Starlette:
+        if self._app is None:
+            self._app = create_app(**options_from_env(Settings, os.environ))
+        return self._app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._app is None and scope["type"] == "lifespan":  # a bad setting fails the startup, with its name
+            startup = await receive()
+            try:
+                self.built()
+            except ValueError as exc:
+                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                return
+            receive = _replaying(startup, receive)
+        await self.built()(scope, receive, send)
+
+    def __getattr__(self, name: str) -> Any:  # app.state, app.routes, ...: those of the built app
+        return getattr(self.built(), name)
 
 
-def __getattr__(name: str) -> Any:
-    # Lazy, so that importing the module (the CLI, an embedding app) never reads the environment.
-    if name == "app":
-        globals()["app"] = built = create_app(**options_from_env(Settings, os.environ))
-        return built
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def _replaying(first: Message, receive: Receive) -> Receive:
+    pending = [first]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
+
+
+app = _AppFromEnvironment()
 
 
 # --------------------------------------------------------------------------
