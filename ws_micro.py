@@ -86,6 +86,7 @@ __all__ = [
     "Registry",
     "ServerSettings",
     "Settings",
+    "app",
     "create_app",
     "main",
     "options_from_env",
