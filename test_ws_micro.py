@@ -822,9 +822,12 @@ class Server:
 # How each ASGI server runs ``ws_micro:app`` on a port (each a test extra, pinned to the versions tested).
 SERVERS: dict[str, Callable[[int], list[str]]] = {
     "uvicorn": lambda port: ["uvicorn", "ws_micro:app", "--host", "127.0.0.1", "--port", str(port)],
+    "uvicorn-wsproto": lambda port: ["uvicorn", "ws_micro:app", "--host", "127.0.0.1", "--port", str(port),
+                                     "--ws", "wsproto"],
     "hypercorn": lambda port: ["hypercorn", "ws_micro:app", "--bind", f"127.0.0.1:{port}"],
     "granian": lambda port: ["granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", str(port),
                              "ws_micro:app"],
+    "daphne": lambda port: ["daphne", "-b", "127.0.0.1", "-p", str(port), "ws_micro:app"],
 }
 
 
@@ -887,10 +890,19 @@ def server() -> Iterator[Server]:
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("name", list(SERVERS))
-async def test_e2e_ws_micro_app_runs_under_each_asgi_server_with_its_environment(name: str) -> None:
+async def test_e2e_ws_micro_app_runs_under_each_asgi_server_with_its_environment(name: str, tmp_path: Path) -> None:
     # hypercorn finds module:app with eval(), so the app must be a real attribute; granian's send returns an
-    # awaitable whose iterator is no generator.
-    with run_server(asgi_server=name, env={"WS_MICRO_MAX_MESSAGE_SIZE": "300"}) as server:
+    # awaitable whose iterator is no generator; hypercorn reads no more from a socket while the app reads
+    # nothing, so a client the gateway closed was never heard from again.
+    env = {"WS_MICRO_MAX_MESSAGE_SIZE": "300", "WS_MICRO_RATE_LIMIT": "5", "WS_MICRO_RATE_BURST": "5"}
+
+    def closed_for(code: int, reason: str) -> tuple[int, str]:
+        if name == "daphne":  # it takes only 1000 and 3000-4999 from an app, and sends no reason
+            return (code if code == 1000 else 4000 + code % 1000), ""
+        return code, reason
+
+    log = tmp_path / "server.log"
+    with run_server(asgi_server=name, env=env, log=log) as server:
         async with ws_client(server.ws) as (a, id_a), ws_client(server.ws) as (b, id_b):
             await a.send(json.dumps(frame("ping", id_a, {"n": 1})))
             assert await recv_json(a) == frame("pong", id_a, {"n": 1})
@@ -902,7 +914,22 @@ async def test_e2e_ws_micro_app_runs_under_each_asgi_server_with_its_environment
                 lambda: server.post(f"/api/clients/{id_b}", {"event": "news", "data": {"data": {}}}))
             assert pushed.status_code == 202 and await recv_json(b) == frame("news", id_b)
             await a.send("x" * 400)  # over WS_MICRO_MAX_MESSAGE_SIZE
-            assert (await closed_with(a))[0] == 1009
+            assert (await closed_with(a))[0] == closed_for(1009, "")[0]
+            kicked = await anyio.to_thread.run_sync(lambda: httpx.delete(f"{server.http}/api/clients/{id_b}",
+                                                                          timeout=TIMEOUT))
+            assert kicked.status_code == 202 and await closed_with(b) == closed_for(1000, "disconnected by the server")
+        async with ws_client(server.ws) as (flood, me):
+            for _ in range(30):
+                await flood.send(json.dumps(frame("ping", me)))
+            assert await closed_with(flood) == closed_for(1008, "rate limit exceeded")
+        async with ws_client(server.ws) as (binary, _):
+            await binary.send(b"bytes")
+            assert await closed_with(binary) == closed_for(1003, "binary frames are not supported")
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(server.ws, origin=Origin("https://evil.example")):
+                pass
+        assert refused.value.response.status_code == 403
+    assert "Traceback" not in log.read_text()  # no limit turned into an error (daphne's 1011 was one)
 
 
 def test_a_bad_environment_value_fails_the_servers_startup_with_its_name() -> None:

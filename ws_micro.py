@@ -441,7 +441,14 @@ class _Output:
         return _start_now(self._send({"type": "websocket.send", "text": text}))
 
     async def close(self, code: int, reason: str) -> None:
-        await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        try:
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        except Exception:
+            if not 1000 < code < 3000:
+                raise
+            # Some servers (daphne, through autobahn) take only 1000 and 3000-4999 from an app: the same
+            # code in the private range, 4000 + its last three digits (1009: 4009), says what 1011 would not.
+            await self._send({"type": "websocket.close", "code": 4000 + code % 1000, "reason": reason})
 
     def abort(self) -> None:
         """Drop the connection and what it buffers, if the server lets us: ASGI has no way to."""
@@ -962,8 +969,14 @@ class _Gateway:
             connection.send(_Frame("connect", {"message": "connection request granted"}).to(connection.id))
             self.registry.add(connection)
             logger.debug("client %s connected", connection.id)
-            await self._read(connection, receive)
+            if await self._read(connection, receive):
+                return
             await connection.closed()
+            # Some servers (hypercorn) stop reading the socket while the app reads nothing: the peer's
+            # close reply would never be read, nor the connection end.  Take, and drop, what it still sends.
+            with anyio.move_on_after(self.settings.close_timeout):
+                while (await receive())["type"] != "websocket.disconnect":
+                    pass
         finally:
             connection.abandon()
             self.registry.remove(connection)  # it may have left already, when it started closing
@@ -1002,26 +1015,27 @@ class _Gateway:
             return 503, "full", f"server is full ({self.settings.max_connections} connections)"
         return None
 
-    async def _read(self, connection: _Connection, receive: Receive) -> None:
-        """Handle frames until the peer leaves or the connection starts closing."""
+    async def _read(self, connection: _Connection, receive: Receive) -> bool:
+        """Handle frames until the connection starts closing (False) or the peer leaves (True)."""
         while connection.open:
             message = await receive()
             if message["type"] == "websocket.disconnect":
                 connection.gone(_PEER_REASONS.get(message.get("code", 1006), "peer_error"))
-                return
-            if not connection.open:  # it started closing while we waited (kicked, cut off): read no more
-                return
+                return True
+            if not connection.open:  # it started closing while we waited (kicked, cut off): handle no more
+                return False
             text = message.get("text")
             if text is None:
                 connection.close(CLOSE_UNSUPPORTED_DATA, "binary frames are not supported",
                                  label="binary_frame")
-                return
+                return False
             self.registry.metrics.messages_received += 1
             try:
                 await self._handle(connection, text)
             except Exception:
                 logger.exception("error handling a frame from client %s", connection.id)
                 connection.close(CLOSE_INTERNAL_ERROR, "internal error", label="internal_error")
+        return False
 
     async def _handle(self, connection: _Connection, text: str) -> None:
         settings = self.settings
