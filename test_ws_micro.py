@@ -932,6 +932,37 @@ async def test_e2e_ws_micro_app_runs_under_each_asgi_server_with_its_environment
     assert "Traceback" not in log.read_text()  # no limit turned into an error (daphne's 1011 was one)
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ["daphne", "granian"])
+async def test_e2e_a_reader_that_stops_is_cut_off_under_servers_without_uvicorns_backpressure(
+        name: str, tmp_path: Path) -> None:
+    # daphne's send never waited: 12,000 pushes of 8 KB to a stalled reader were all taken, and daphne grew by
+    # 100 MiB.  Now the gateway waits on Twisted's flow control, so the reader's queue fills and it is cut off.
+    log = tmp_path / "server.log"
+    with run_server(asgi_server=name, log=log) as server:
+        before = rss_mib(server.process)
+        async with ws_client(server.ws, max_queue=1) as (stuck, stuck_id):
+            stuck.transport.pause_reading()
+            body = {"event": "bulk", "data": {"data": {"pad": "x" * 8000}}}
+
+            def push_until_cut_off() -> int:
+                with httpx.Client(base_url=server.http, timeout=TIMEOUT) as client:
+                    for pushed in range(5000):
+                        if client.post(f"/api/clients/{stuck_id}", json=body).status_code == 404:
+                            return pushed
+                return 5000
+
+            pushed = await anyio.to_thread.run_sync(push_until_cut_off)
+            assert pushed < 2000  # max_queue_bytes (1 MiB) and the socket buffers: about 600 under uvicorn
+            assert rss_mib(server.process) - before < 30
+            stuck.transport.resume_reading()
+            code, _ = await closed_with(stuck)
+            assert code in ((4008,) if name == "daphne" else (1008, 1006))  # granian sends no close frame
+            await server.wait_until(lambda: server.metric("ws_micro_disconnects_total", reason="slow_consumer") == 1,
+                                    "the reader's connection to end as a slow consumer")
+    assert "Traceback" not in log.read_text()
+
+
 def test_a_bad_environment_value_fails_the_servers_startup_with_its_name() -> None:
     result = subprocess.run([sys.executable, "-m", "uvicorn", "ws_micro:app", "--port", str(free_port())], cwd=HERE,
                             env={**os.environ, "WS_MICRO_MAX_CONNECTIONS": "lots"}, capture_output=True, text=True,

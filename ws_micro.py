@@ -2085,6 +2085,70 @@ class _RedisBackend(_Backend):
 
 
 # --------------------------------------------------------------------------
+# Under daphne
+# --------------------------------------------------------------------------
+
+
+class _DaphneOutput(_Output):
+    """ASGI's ``send`` under daphne, made to wait while the socket's buffer is full, as uvicorn's does.
+
+    daphne's ``send`` never waits: it hands the frame to Twisted, which buffers it, so a
+    reader that stops reading would grow the server without end.  Registered as the
+    transport's producer (Twisted's own flow control), this output is paused while the
+    buffer is over its limit, and a frame written meanwhile waits: the connection then
+    queues, and is cut off by ``max_queue_*`` or ``send_timeout`` as under any server.
+    """
+
+    __slots__ = ("_lost", "_protocol", "_room")
+
+    def __init__(self, send: Send, protocol: Any) -> None:
+        super().__init__(send)
+        self._protocol = protocol
+        self._room = anyio.Event()
+        self._room.set()
+        self._lost = False
+        # The transport's producer is daphne's HTTP channel, which passes its pauses on to one of its own.
+        channel: Any = getattr(protocol.transport, "producer", None)
+        consumer: Any = channel if hasattr(channel, "registerProducer") else protocol
+        consumer.registerProducer(self, True)
+
+    @classmethod
+    def of(cls, send: Send) -> _DaphneOutput | None:
+        """The output for daphne's ``send`` (a partial of its server's ``handle_reply`` on the protocol)."""
+        protocol = next(iter(getattr(send, "args", ())), None)
+        if not type(protocol).__module__.startswith("daphne.") or not hasattr(protocol, "registerProducer"):
+            return None
+        return cls(send, protocol)
+
+    # Twisted's IPushProducer
+    def pauseProducing(self) -> None:
+        if self._room.is_set():
+            self._room = anyio.Event()
+
+    def resumeProducing(self) -> None:
+        self._room.set()
+
+    def stopProducing(self) -> None:
+        self._lost = True
+        self._room.set()
+
+    def write_now(self, text: str, wire: bytes | None = None) -> Awaitable[None] | None:
+        if self._room.is_set():
+            return super().write_now(text)
+        return self._write_later(text)
+
+    async def _write_later(self, text: str) -> None:
+        await self._room.wait()
+        if self._lost:
+            raise OSError("the connection was lost")
+        await self._send({"type": "websocket.send", "text": text})
+
+    def abort(self) -> None:
+        with contextlib.suppress(AttributeError):
+            self._protocol.transport.abortConnection()
+
+
+# --------------------------------------------------------------------------
 # Under uvicorn
 # --------------------------------------------------------------------------
 
@@ -2093,11 +2157,12 @@ _fast_path_reported: set[str | None] = set()
 
 def _uvicorn_or_asgi_output(scope: Scope, receive: Receive, send: Send, settings: Settings,
                             metrics: _Metrics) -> _Output:
-    """A new connection's :class:`_Output`: :class:`_UvicornOutput` under uvicorn's websockets-sansio engine.
-    Whether it writes past ASGI is ``ws_micro_fast_path`` in /metrics; the log says why not, once per reason."""
+    """A new connection's :class:`_Output`: :class:`_UvicornOutput` under uvicorn's websockets-sansio engine,
+    :class:`_DaphneOutput` under daphne, ASGI's ``send`` elsewhere.  Whether it writes past ASGI is
+    ``ws_micro_fast_path`` in /metrics; the log says why not, once per reason."""
     engine, why_not, level = _sansio_engine(receive, send, settings)
     if engine is None:
-        output = _Output(send)
+        output = _DaphneOutput.of(send) or _Output(send)
     else:  # the engine's bounds hold whether or not frames may go past ASGI
         output = _UvicornOutput(engine, send, settings, direct=why_not is None)
         _fit_engine(engine, settings)
