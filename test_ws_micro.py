@@ -940,7 +940,7 @@ async def test_e2e_a_reader_that_stops_is_cut_off_under_servers_without_uvicorns
     # 100 MiB.  Now the gateway waits on Twisted's flow control, so the reader's queue fills and it is cut off.
     log = tmp_path / "server.log"
     with run_server(asgi_server=name, log=log) as server:
-        before = rss_mib(server.process)
+        before = tree_rss_mib(server.process.pid)
         async with ws_client(server.ws, max_queue=1) as (stuck, stuck_id):
             stuck.transport.pause_reading()
             body = {"event": "bulk", "data": {"data": {"pad": "x" * 8000}}}
@@ -954,7 +954,7 @@ async def test_e2e_a_reader_that_stops_is_cut_off_under_servers_without_uvicorns
 
             pushed = await anyio.to_thread.run_sync(push_until_cut_off)
             assert pushed < 2000  # max_queue_bytes (1 MiB) and the socket buffers: about 600 under uvicorn
-            assert rss_mib(server.process) - before < 30
+            assert tree_rss_mib(server.process.pid) - before < 30
             stuck.transport.resume_reading()
             code, _ = await closed_with(stuck)
             assert code in ((4008,) if name == "daphne" else (1008, 1006))  # granian sends no close frame
@@ -1392,6 +1392,15 @@ def rss_mib(process: subprocess.Popen[str]) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError(f"no VmRSS for process {process.pid}")
+
+
+def tree_rss_mib(pid: int) -> float:
+    """The RSS of a process and all its descendants: servers such as granian serve from worker processes."""
+    children = [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+                for child in (task / "children").read_text().split()]
+    own = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+               if line.startswith("VmRSS:"))
+    return own / 1024 + sum(tree_rss_mib(child) for child in children)
 
 
 def raw_websocket(server: Server, receive_buffer: int = 4096) -> tuple[socket.socket, str]:
