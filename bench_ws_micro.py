@@ -54,6 +54,8 @@ SERVERS = {
     "ceiling": "bench.ceiling_server:app",
     "cluster": "ws_micro:app",  # twice, with WS_MICRO_REDIS_URL
     "before": "ws_micro:app",  # --before REF: ws_micro.py as of that commit, from BEFORE_DIR
+    "granian": "ws_micro:app",  # ws_micro under granian (one worker) instead of uvicorn
+    "hypercorn": "ws_micro:app",  # ws_micro under hypercorn (one worker)
 }
 BEFORE_DIR = Path(tempfile.gettempdir()) / f"ws_micro_before_{os.getpid()}"
 SERVER_CPU, GENERATOR_CPU = 0, 1
@@ -88,8 +90,10 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def _processes(self) -> list[psutil.Process]:
+        """Every process serving, workers included (granian and hypercorn serve from child processes)."""
         pids = [self.process.pid, *(p.pid for p, _ in self.others), *(p.pid for p in self.helpers)]
-        return [psutil.Process(pid) for pid in pids]
+        processes = [psutil.Process(pid) for pid in pids]
+        return processes + [child for process in processes for child in process.children(recursive=True)]
 
     def rss(self) -> int:
         return sum(int(p.memory_info().rss) for p in self._processes())
@@ -112,8 +116,15 @@ def run_server(name: str, env: dict[str, str] | None = None) -> Iterator[Server]
             yield Server(name, first.process, first.port, [(second.process, second.port)], [redis])
         return
     port = free_port()
-    command = [sys.executable, "-m", "uvicorn", SERVERS[name], "--host", "127.0.0.1", "--port", str(port),
-               "--log-level", "warning", *(("--app-dir", str(BEFORE_DIR)) if name == "before" else ())]
+    if name == "granian":
+        command = [sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port",
+                   str(port), "--log-level", "warning", SERVERS[name]]
+    elif name == "hypercorn":
+        command = [sys.executable, "-m", "hypercorn", SERVERS[name], "--bind", f"127.0.0.1:{port}",
+                   "--log-level", "warning"]
+    else:
+        command = [sys.executable, "-m", "uvicorn", SERVERS[name], "--host", "127.0.0.1", "--port", str(port),
+                   "--log-level", "warning", *(("--app-dir", str(BEFORE_DIR)) if name == "before" else ())]
     process = subprocess.Popen(command, cwd=HERE, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
                                preexec_fn=lambda: os.sched_setaffinity(0, {SERVER_CPU}))
     server = Server(name, process, port)
