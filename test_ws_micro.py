@@ -964,6 +964,22 @@ async def test_e2e_a_reader_that_stops_is_cut_off_under_each_asgi_server(
     assert "Traceback" not in log.read_text()
 
 
+# What a connected client gets when each server is stopped (docs/configuration.md's table): ASGI tells an app
+# nothing before the server ends its connections, so this is the server's doing, as with a bare Starlette app.
+SHUTDOWN_CLOSE = {"uvicorn": 1012, "uvicorn-wsproto": 1012, "hypercorn": 1011, "granian": 1006, "daphne": 1006}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", list(SERVERS))
+async def test_e2e_sigterm_ends_every_connection_under_each_asgi_server(name: str) -> None:
+    with run_server(asgi_server=name) as server:
+        async with ws_client(server.ws) as (ws, _):
+            server.process.send_signal(signal.SIGTERM)
+            code, _ = await closed_with(ws)
+        assert code == SHUTDOWN_CLOSE[name]
+        await anyio.to_thread.run_sync(lambda: server.process.wait(TIMEOUT))
+
+
 def test_a_bad_environment_value_fails_the_servers_startup_with_its_name() -> None:
     result = subprocess.run([sys.executable, "-m", "uvicorn", "ws_micro:app", "--port", str(free_port())], cwd=HERE,
                             env={**os.environ, "WS_MICRO_MAX_CONNECTIONS": "lots"}, capture_output=True, text=True,
