@@ -906,6 +906,10 @@ async def test_e2e_ws_micro_app_runs_under_each_asgi_server_with_its_environment
         async with ws_client(server.ws) as (a, id_a), ws_client(server.ws) as (b, id_b):
             await a.send(json.dumps(frame("ping", id_a, {"n": 1})))
             assert await recv_json(a) == frame("pong", id_a, {"n": 1})
+            await a.send(json.dumps(frame("echo", id_a, {"é": "🙂"}), ensure_ascii=False))
+            assert await recv_json(a) == frame("echo", id_a, {"é": "🙂"})
+            await a.send(json.dumps(frame("chat", id_a, {"to": "b"}, to=id_b)))
+            assert await recv_json(b) == frame("chat", id_a, {"to": "b"}, to=id_b)
             await join(a, id_a, "room")
             await join(b, id_b, "room")
             await a.send(json.dumps(frame("chat", id_a, {"hi": "b"}, room="room")))
