@@ -2435,14 +2435,8 @@ def flaky_gateway(*holds: float | None, greet: bool = True) -> Iterator[tuple[st
             ws.close(1011, "flaky")
         attempts.close(index)
 
-    with serve(handler, "127.0.0.1", 0) as flaky:
-        thread = threading.Thread(target=flaky.serve_forever)
-        thread.start()
-        try:
-            yield f"ws://127.0.0.1:{flaky.socket.getsockname()[1]}/ws/py_client", attempts
-        finally:
-            flaky.shutdown()
-            thread.join(TIMEOUT)
+    with serve(handler, "127.0.0.1", 0) as flaky, serving(flaky):
+        yield f"ws://127.0.0.1:{flaky.socket.getsockname()[1]}/ws/py_client", attempts
 
 
 @contextlib.contextmanager
@@ -2478,14 +2472,20 @@ def mute_server(greet: bool = False) -> Iterator[tuple[str, Attempts]]:
     class MuteServer(socketserver.ThreadingTCPServer):
         daemon_threads, block_on_close = True, False  # a socket the client never lets go of stays behind
 
-    with MuteServer(("127.0.0.1", 0), Mute) as mute:
-        thread = threading.Thread(target=mute.serve_forever, kwargs={"poll_interval": 0.05})
-        thread.start()
-        try:
-            yield f"ws://127.0.0.1:{mute.server_address[1]}/ws/py_client", attempts
-        finally:
-            mute.shutdown()
-            thread.join(TIMEOUT)
+    with MuteServer(("127.0.0.1", 0), Mute) as mute, serving(mute, poll_interval=0.05):
+        yield f"ws://127.0.0.1:{mute.server_address[1]}/ws/py_client", attempts
+
+
+@contextlib.contextmanager
+def serving(server: Any, **options: float) -> Iterator[None]:
+    """Run a blocking server's ``serve_forever`` (websockets' or socketserver's) in a thread; stop it after."""
+    thread = threading.Thread(target=server.serve_forever, kwargs=options)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        thread.join(TIMEOUT)
 
 
 def start_probe(page: Page, url: str, **options: float) -> None:
