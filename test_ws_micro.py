@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -982,6 +983,14 @@ async def test_e2e_sigterm_ends_every_connection_under_each_asgi_server(name: st
             code, _ = await closed_with(ws)
         assert code == SHUTDOWN_CLOSE[name]
         await anyio.to_thread.run_sync(lambda: server.process.wait(TIMEOUT))
+
+
+def test_probing_the_module_app_builds_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WS_MICRO_MAX_CONNECTIONS", "lots")  # building it now would raise
+    unbuilt = ws_micro._AppFromEnvironment()
+    assert inspect.unwrap(unbuilt) is unbuilt and not hasattr(unbuilt, "__wrapped__")
+    with pytest.raises(ValueError, match="WS_MICRO_MAX_CONNECTIONS must be an integer"):
+        unbuilt.state  # noqa: B018  (an attribute of the app builds it)
 
 
 def test_a_bad_environment_value_fails_the_servers_startup_with_its_name() -> None:

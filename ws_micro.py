@@ -29,7 +29,7 @@ of :class:`Settings` and :class:`ServerSettings` is a keyword argument, a flag
 
 The module reads top to bottom: settings, events, a connection, the registry, the
 WebSocket endpoint, the sidecar API and ``create_app``; then the optional parts,
-each behind a seam of the core (the Redis backend, the output under uvicorn);
+each behind a seam of the core (the Redis backend; the outputs under daphne and uvicorn);
 then ``serve()``, the Python client and the command line.
 """
 
@@ -1503,7 +1503,7 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
 
         page_routes = [Route("/", page, methods=["GET"]), Mount("/static", StaticFiles(directory=static))]
 
-    gateway = _Gateway(registry, settings, _uvicorn_or_asgi_output)
+    gateway = _Gateway(registry, settings, _choose_output)
     app = _GatewayApp(
         gateway,
         debug=debug,
@@ -1577,6 +1577,8 @@ class _AppFromEnvironment:
         await self.built()(scope, receive, send)
 
     def __getattr__(self, name: str) -> Any:  # app.state, app.routes, ...: those of the built app
+        if name.startswith("__"):  # a tool probing for __wrapped__ and the like must not build it
+            raise AttributeError(name)
         return getattr(self.built(), name)
 
 
@@ -2155,8 +2157,8 @@ class _DaphneOutput(_Output):
 _fast_path_reported: set[str | None] = set()
 
 
-def _uvicorn_or_asgi_output(scope: Scope, receive: Receive, send: Send, settings: Settings,
-                            metrics: _Metrics) -> _Output:
+def _choose_output(scope: Scope, receive: Receive, send: Send, settings: Settings,
+                   metrics: _Metrics) -> _Output:
     """A new connection's :class:`_Output`: :class:`_UvicornOutput` under uvicorn's websockets-sansio engine,
     :class:`_DaphneOutput` under daphne, ASGI's ``send`` elsewhere.  Whether it writes past ASGI is
     ``ws_micro_fast_path`` in /metrics; the log says why not, once per reason."""
