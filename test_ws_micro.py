@@ -27,7 +27,7 @@ import time
 import tomllib
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import anyio
 import anyio.lowlevel
@@ -38,7 +38,7 @@ from playwright.sync_api import Browser, Locator, Page, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
@@ -3095,3 +3095,536 @@ async def test_cluster_a_stream_across_a_redis_restart_is_received_or_refused(re
             assert received == [event for event in sent if event in set(received)], "frames arrived out of order"
             assert dropped(x) == len(refused)
             assert dropped(y) == 0
+
+
+# --------------------------------------------------------------------------
+# Authentication, permissions, users and presence (docs/auth.md)
+# --------------------------------------------------------------------------
+
+JWT_SECRET = "test-secret-that-is-long-enough-for-hs256!"
+BACKEND_SECRET = "backend-secret-for-signing-hook-requests"
+GRANTED = "connection request granted"
+
+
+def mint(claims: dict[str, Any] | None = None, key: Any = JWT_SECRET, algorithm: str = "HS256",
+         lifetime: float = 60, **headers: Any) -> str:
+    """A token as a backend mints one: ``sub`` alice, expiring in ``lifetime`` seconds, unless ``claims`` say
+    (a claim set to None is left out)."""
+    import jwt
+
+    payload = {"sub": "alice", "exp": int(time.time() + lifetime), **(claims or {})}
+    return jwt.encode({name: value for name, value in payload.items() if value is not None}, key,
+                      algorithm=algorithm, headers=headers or None)
+
+
+@pytest.fixture(scope="module")
+def rsa_keys() -> tuple[Any, str]:
+    """A private RSA key, and its public key as PEM text."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = private.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    return private, public
+
+
+def refusal(client: TestClient, url: str = "/ws/py_client", **headers: str) -> tuple[int, dict[str, Any]]:
+    """The status and error body of a handshake the gateway must refuse."""
+    with pytest.raises(WebSocketDenialResponse) as refused, client.websocket_connect(url, headers=headers):
+        pass
+    return refused.value.status_code, refused.value.json()["error"]
+
+
+def greeting(client: TestClient, url: str = "/ws/py_client", **headers: str) -> dict[str, Any]:
+    with client.websocket_connect(url, headers=headers) as ws:
+        hello = ws.receive_json()
+    assert hello["event"] == "connect"
+    return dict(hello["data"]["data"])
+
+
+def test_without_authentication_the_connect_frame_is_the_tutorials_byte_for_byte() -> None:
+    with gateway() as client, client.websocket_connect("/ws/py_client") as ws:
+        text = ws.receive_text()
+    client_id = json.loads(text)["client_id"]
+    assert text == f'{{"event":"connect","client_id":"{client_id}","data":{{"data":{{"message":"{GRANTED}"}}}}}}'
+
+
+def test_a_valid_token_in_the_header_or_the_query_names_the_user_beside_the_tutorials_message() -> None:
+    token = mint({"rooms": ["team:42"]})
+    with gateway(jwt_secret=JWT_SECRET) as client:
+        assert greeting(client, authorization=f"Bearer {token}") == {"message": GRANTED, "user": "alice",
+                                                                     "rooms": ["team:42"]}
+        assert greeting(client, f"/ws/py_client?token={token}")["user"] == "alice"
+
+
+@pytest.mark.parametrize(("claims", "options", "message"), [
+    ({"exp": int(time.time()) - 10}, {}, "the token has expired"),
+    ({"nbf": int(time.time()) + 3600}, {}, "the token is not valid yet (nbf)"),
+    ({"aud": "another-service"}, {}, "the token is not for this audience (None)"),
+    ({"aud": "another-service"}, {"jwt_audience": "ws"}, "the token is not for this audience ('ws')"),
+    ({"iss": "mallory"}, {"jwt_issuer": "auth.example"}, "the token is not from issuer 'auth.example'"),
+    ({"sub": None}, {}, "the token has no 'sub' claim"),
+    ({"exp": None}, {}, "the token has no 'exp' claim"),
+    ({"rooms": "lobby"}, {}, "invalid token claims: Expected `array`, got `str` - at `$.rooms`"),
+    ({"rooms": ["x" * 200]}, {}, "invalid token claims: room names have 1 to 128 characters"),
+])
+def test_tokens_that_are_not_valid_are_refused_with_401_saying_why(claims: dict[str, Any], options: dict[str, Any],
+                                                                   message: str) -> None:
+    token = mint(claims)
+    with gateway(jwt_secret=JWT_SECRET, **options) as client:
+        status, error = refusal(client, authorization=f"Bearer {token}")
+        assert (status, error["code"]) == (401, "unauthorized")
+        assert error["message"].startswith(message)
+        assert client.get("/healthz").json()["connections"] == 0
+
+
+def test_forged_tokens_are_refused_with_401(rsa_keys: tuple[Any, str]) -> None:
+    import jwt
+
+    private, _ = rsa_keys
+    unsigned = jwt.encode({"sub": "mallory", "exp": int(time.time()) + 60}, "", algorithm="none")
+    with gateway(jwt_secret=JWT_SECRET) as client:
+        for token, message in ((mint(key="another-secret-that-is-long-enough-too!"),
+                                "the token's signature does not match"),
+                               (unsigned, "tokens signed with 'none' are not accepted (only HS256)"),
+                               (mint(key=private, algorithm="RS256"), "tokens signed with 'RS256' are not accepted"),
+                               ("not.a.token", "invalid token:"),
+                               ("", "a token is required")):
+            status, error = refusal(client, f"/ws/py_client?token={token}")
+            assert (status, error["message"][:len(message)]) == (401, message), token
+        assert 'ws_micro_rejected_handshakes_total{reason="unauthorized"} 5' in client.get("/metrics").text
+        assert client.get("/healthz").json()["connections"] == 0
+
+
+def test_an_rs256_key_refuses_hs256_tokens_signed_with_its_own_text(rsa_keys: tuple[Any, str],
+                                                                     tmp_path: Path) -> None:
+    import hashlib
+    import hmac as hmac_module
+
+    private, public = rsa_keys
+    # The classic confusion: HMAC-sign a token with the public key's PEM text (PyJWT itself refuses
+    # to, so it is signed by hand here), hoping the server verifies HS256 with the key it has.
+    header = msgspec.json.encode({"alg": "HS256", "typ": "JWT"})
+    payload = msgspec.json.encode({"sub": "mallory", "exp": int(time.time()) + 60})
+
+    def b64(data: bytes) -> str:
+        import base64
+
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    signing_input = f"{b64(header)}.{b64(payload)}"
+    forged = signing_input + "." + b64(hmac_module.new(public.encode(), signing_input.encode(),
+                                                        hashlib.sha256).digest())
+    key_file = tmp_path / "jwt.pub.pem"
+    key_file.write_text(public)
+    for key in (public, str(key_file)):  # PEM text, or a file
+        with gateway(jwt_public_key=key, jwt_audience="ws") as client:
+            assert refusal(client, f"/ws/py_client?token={forged}") == (
+                401, {"code": "unauthorized", "message": "tokens signed with 'HS256' are not accepted (only RS256)"})
+            assert greeting(client, authorization="Bearer " + mint({"aud": "ws"}, private, "RS256"))["user"] == "alice"
+
+
+@contextlib.contextmanager
+def signed_in(client: TestClient, claims: dict[str, Any] | None = None) -> Iterator[tuple[Any, str]]:
+    with client.websocket_connect("/ws/py_client", headers={"authorization": f"Bearer {mint(claims)}"}) as ws:
+        hello = ws.receive_json()
+        yield ws, hello["client_id"]
+
+
+def test_joins_and_room_frames_outside_the_connections_patterns_are_forbidden_and_change_nothing() -> None:
+    claims = {"rooms": ["team:42"], "join": ["chat:*"], "publish": ["chat:general", "team:*"]}
+    with gateway(jwt_secret=JWT_SECRET, default_join=("lobby",)) as client, \
+            signed_in(client, claims) as (ws, me), signed_in(client, {"sub": "bob", **claims}) as (other, _):
+        for room in ("chat:general", "chat:random", "lobby"):
+            ws.send_json(frame("join", me, {"room": room}))
+            assert ws.receive_json()["event"] == "joined"
+        ws.send_json(frame("join", me, {"room": "admin"}))
+        assert ws.receive_json()["data"]["data"] == {
+            "code": "forbidden", "message": "this connection may not join room 'admin'", "event": "join"}
+        # Joined, but not granted to speak there: refused before the membership check.
+        ws.send_json(frame("chat", me, {"text": "hi"}, room="chat:random"))
+        assert ws.receive_json()["data"]["data"] == {
+            "code": "forbidden", "message": "this connection may not send to room 'chat:random'", "event": "chat"}
+        # Relays by id are off with authentication on.
+        ws.send_json(frame("chat", me, {"text": "psst"}, to=me))
+        assert ws.receive_json()["data"]["data"]["code"] == "forbidden"
+        # What is granted works: the auto-joined room, and a granted one.
+        other.send_json(frame("join", _, {"room": "chat:general"}))
+        assert other.receive_json()["event"] == "joined"
+        for room in ("team:42", "chat:general"):
+            ws.send_json(frame("chat", me, {"text": room}, room=room))
+            assert other.receive_json()["data"]["data"] == {"text": room}
+        rooms = client.get("/api/rooms").json()
+        assert rooms == {"count": 4, "rooms": [{"room": "chat:general", "members": 2},
+                                               {"room": "chat:random", "members": 1},
+                                               {"room": "lobby", "members": 1}, {"room": "team:42", "members": 2}]}
+
+
+def test_a_granted_relay_and_the_default_settings_open_what_tokens_do_not_grant() -> None:
+    with gateway(jwt_secret=JWT_SECRET, default_relay=True, default_publish=("*",), default_join=("*",)) as client, \
+            signed_in(client) as (a, id_a), signed_in(client, {"sub": "bob", "relay": False}) as (b, id_b):
+        a.send_json(frame("chat", id_a, {"text": "hi"}, to=id_b))
+        assert b.receive_json()["data"]["data"] == {"text": "hi"}
+        b.send_json(frame("chat", id_b, {"text": "no"}, to=id_a))
+        assert b.receive_json()["data"]["data"]["code"] == "forbidden"
+        for ws, me in ((a, id_a), (b, id_b)):
+            ws.send_json(frame("join", me, {"room": "anywhere"}))
+            assert ws.receive_json()["event"] == "joined"
+        a.send_json(frame("chat", id_a, {"text": "room"}, room="anywhere"))
+        assert b.receive_json()["data"]["data"] == {"text": "room"}
+
+
+def test_users_hold_several_connections_the_api_lists_pushes_to_and_logs_them_out() -> None:
+    with gateway(jwt_secret=JWT_SECRET) as client, signed_in(client, {"meta": {"plan": "pro"}}) as (tab1, id1), \
+            signed_in(client) as (tab2, id2), signed_in(client, {"sub": "bob"}) as (bob, id_bob):
+        listed = client.get("/api/users/alice").json()
+        assert (listed["user"], listed["count"]) == ("alice", 2)
+        assert {entry["client_id"]: entry.get("meta") for entry in listed["clients"]} == {id1: {"plan": "pro"},
+                                                                                         id2: None}
+        assert {entry["client_id"]: entry["user"] for entry in client.get("/api/clients").json()["clients"]} == {
+            id1: "alice", id2: "alice", id_bob: "bob"}
+        reply = client.post("/api/users/alice", json={"event": "notice", "data": {"data": {"n": 1}}})
+        assert (reply.status_code, reply.json()) == (202, {"delivered": 2})
+        for tab, me in ((tab1, id1), (tab2, id2)):
+            assert tab.receive_json() == frame("notice", me, {"n": 1})
+        bob.send_json(frame("ping", id_bob))  # bob got no notice: his next frame is the pong
+        assert bob.receive_json()["event"] == "pong"
+        reply = client.delete("/api/users/alice")
+        assert (reply.status_code, reply.json()) == (202, {"disconnected": 2})
+        for tab in (tab1, tab2):
+            with pytest.raises(WebSocketDisconnect) as closed:
+                tab.receive_json()
+            assert (closed.value.code, closed.value.reason) == (1000, "disconnected by the server")
+        assert client.get("/api/users/alice").json() == {"user": "alice", "count": 0, "clients": []}
+        assert client.post("/api/users/alice", json={"event": "x", "data": {"data": {}}}).json() == {"delivered": 0}
+
+
+def test_rooms_and_their_members_are_listed_with_users() -> None:
+    with gateway(jwt_secret=JWT_SECRET, default_join=("*",)) as client, \
+            signed_in(client, {"rooms": ["lobby"]}) as (_, id_a), signed_in(client, {"sub": "bob"}) as (b, id_b):
+        b.send_json(frame("join", id_b, {"room": "lobby"}))
+        assert b.receive_json()["event"] == "joined"
+        members = client.get("/api/rooms/lobby").json()
+        assert (members["room"], members["count"]) == ("lobby", 2)
+        assert sorted(members["members"], key=lambda m: m["user"]) == [{"client_id": id_a, "user": "alice"},
+                                                                       {"client_id": id_b, "user": "bob"}]
+        assert client.get("/api/rooms").json() == {"count": 1, "rooms": [{"room": "lobby", "members": 2}]}
+        assert client.get("/api/rooms/empty").json() == {"room": "empty", "count": 0, "members": []}
+
+
+def test_presence_events_tell_members_of_joins_leaves_and_disconnects() -> None:
+    def presence(ws: Any) -> dict[str, Any]:
+        received = ws.receive_json()
+        assert received["event"] == "presence", received
+        return dict(received["data"]["data"])
+
+    with gateway(jwt_secret=JWT_SECRET, default_join=("*",), presence_events=True) as client, \
+            signed_in(client, {"rooms": ["lobby"]}) as (a, id_a):
+        assert presence(a) == {"room": "lobby", "action": "joined", "client_id": id_a, "user": "alice"}
+        with signed_in(client, {"sub": "bob"}) as (b, id_b):
+            b.send_json(frame("join", id_b, {"room": "lobby"}))
+            assert b.receive_json()["event"] == "joined"  # its reply first, then it hears of itself
+            assert presence(b) == presence(a) == {"room": "lobby", "action": "joined", "client_id": id_b,
+                                                  "user": "bob"}
+            b.send_json(frame("leave", id_b, {"room": "lobby"}))
+            assert b.receive_json()["event"] == "left"
+            assert presence(a) == {"room": "lobby", "action": "left", "client_id": id_b, "user": "bob"}
+            b.send_json(frame("join", id_b, {"room": "lobby"}))
+            assert presence(a)["action"] == "joined"
+        assert presence(a) == {"room": "lobby", "action": "left", "client_id": id_b, "user": "bob"}
+
+
+def test_without_presence_events_members_hear_nothing_of_each_other() -> None:
+    with gateway(jwt_secret=JWT_SECRET, default_join=("*",)) as client, signed_in(client) as (a, id_a), \
+            signed_in(client, {"sub": "bob"}) as (b, id_b):
+        for ws, me in ((a, id_a), (b, id_b)):
+            ws.send_json(frame("join", me, {"room": "lobby"}))
+            assert ws.receive_json()["event"] == "joined"
+        a.send_json(frame("ping", id_a))
+        assert a.receive_json()["event"] == "pong"  # no presence frame came before it
+
+
+def test_the_endpoint_answers_a_plain_get_with_what_a_handshake_would_get() -> None:
+    with gateway(jwt_secret=JWT_SECRET, allowed_origins=("https://app.example",)) as client:
+        refused = client.get("/ws/py_client?token=nonsense", headers={"origin": "https://app.example"})
+        assert refused.status_code == 401
+        assert refused.json()["error"]["code"] == "unauthorized"
+        assert refused.headers["www-authenticate"] == "Bearer"
+        assert refused.headers["access-control-allow-origin"] == "https://app.example"
+        assert refused.headers["access-control-allow-credentials"] == "true"
+        accepted = client.get(f"/ws/py_client?token={mint()}")
+        assert (accepted.status_code, accepted.json()["error"]["code"]) == (426, "upgrade_required")
+        assert "access-control-allow-origin" not in accepted.headers
+        other = client.get("/ws/py_client", headers={"origin": "https://evil.example"})
+        assert (other.status_code, other.json()["error"]["code"]) == (403, "origin")
+        assert "access-control-allow-origin" not in other.headers
+        assert client.get("/healthz").json()["connections"] == 0
+
+
+def verify_signature_from_the_docs() -> Callable[[bytes, str, bytes], bool]:
+    """The backend's signature check, exactly as docs/auth.md shows it."""
+    page = (HERE / "docs" / "auth.md").read_text()
+    code = re.search(r"```python\n(import hashlib.*?)```", page, re.DOTALL)
+    assert code is not None, "docs/auth.md lost its verify_signature example"
+    namespace: dict[str, Any] = {}
+    exec(code[1], namespace)
+    return namespace["verify_signature"]  # type: ignore[no-any-return]
+
+
+class HookBackend:
+    """A real backend serving the connect hook (Starlette on uvicorn, in a thread, on a free port).
+
+    It checks each request's signature with the docs' function (a bad one gets 400, which the
+    gateway answers with 503), keeps the request, and answers as the handshake's ``mode`` query
+    parameter asks: grant, 401, 403, slowly, 500, garbage or a grant out of bounds.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        verify = verify_signature_from_the_docs()
+
+        async def hook(request: Request) -> Any:
+            body = await request.body()
+            if not verify(BACKEND_SECRET.encode(), request.headers.get("x-ws-micro-signature", ""), body):
+                return JSONResponse({"error": "bad signature"}, 400)
+            asked = json.loads(body)
+            self.requests.append(asked)
+            mode = asked["query"].get("mode", "grant")
+            if mode == "slow":
+                await anyio.sleep(3)
+            if mode in ("401", "403", "500"):
+                return JSONResponse({"error": mode}, int(mode))
+            if mode == "garbage":
+                return PlainTextResponse("<html>oops</html>")
+            if mode == "unbounded":
+                return JSONResponse({"user": "alice", "meta": {"blob": "x" * 5000}})
+            if mode == "empty":
+                return Response(status_code=204)
+            user = asked["headers"].get("cookie", "session=nobody").partition("=")[2]
+            return JSONResponse({"user": user, "rooms": ["team:42"], "publish": ["team:*"], "meta": {"plan": "pro"}})
+
+        import uvicorn
+
+        config = uvicorn.Config(Starlette(routes=[Route("/hook", hook, methods=["POST"])]), host="127.0.0.1",
+                                port=self.port, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
+        self.server = uvicorn.Server(config)
+
+    def __enter__(self) -> Self:
+        self.thread = threading.Thread(target=self.server.run)
+        self.thread.start()
+        deadline = time.monotonic() + TIMEOUT
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the hook backend did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(TIMEOUT)
+
+
+def hook_options(url: str) -> tuple[str, ...]:
+    return ("--connect-hook-url", url, "--backend-secret", BACKEND_SECRET, "--connect-hook-timeout", "0.5",
+            "--connect-hook-headers", "x-tenant")
+
+
+@pytest.mark.anyio
+async def test_e2e_the_connect_hook_grants_identities_refuses_and_fails_closed(tmp_path: Path) -> None:
+    log = tmp_path / "gateway.log"
+    with HookBackend() as backend, run_server(*hook_options(backend.url), log=log) as server:
+        headers = {"Cookie": "session=carol", "X-Tenant": "acme", "User-Agent": "tests/1"}
+        async with ws_client(server.ws + "?mode=grant&room=x", additional_headers=headers,
+                             origin=Origin(server.http)) as (ws, me):
+            # What the backend was asked, and what the client and the API see of its answer.
+            asked = backend.requests[-1]
+            assert asked["client_id"] == me
+            assert asked["path"] == "/ws/py_client" and asked["websocket"] is True
+            assert asked["query"] == {"mode": "grant", "room": "x"}
+            assert asked["headers"] == {"cookie": "session=carol", "x-tenant": "acme", "user-agent": "tests/1",
+                                        "origin": server.http}
+            assert asked["remote"].startswith("127.0.0.1:")
+            entry = server.get(f"/api/clients/{me}").json()
+            assert (entry["user"], entry["meta"], entry["rooms"]) == ("carol", {"plan": "pro"}, ["team:42"])
+            await ws.send(text("chat", me, {"text": "granted"}, room="team:42"))
+            await ws.send(text("ping", me))
+            assert (await recv_json(ws))["event"] == "pong"  # the room frame was allowed: no error came first
+        async with ws_client(server.ws + "?mode=empty") as (ws, me):
+            assert server.get(f"/api/clients/{me}").json()["user"] is None
+
+        expected = {"401": (401, "unauthorized"), "403": (403, "forbidden"), "slow": (503, "auth_unavailable"),
+                    "500": (503, "auth_unavailable"), "garbage": (503, "auth_unavailable"),
+                    "unbounded": (503, "auth_unavailable")}
+        for mode, (status, code) in expected.items():
+            with pytest.raises(InvalidStatus) as refused:
+                await connect(server.ws + f"?mode={mode}", open_timeout=TIMEOUT)
+            assert refused.value.response.status_code == status, mode
+            assert json.loads(refused.value.response.body or b"")["error"]["code"] == code, mode
+        for outcome, count in (("accepted", 2), ("refused", 2), ("timeout", 1), ("bad_status", 1),
+                               ("bad_answer", 2), ("unreachable", 0)):
+            assert server.metric("ws_micro_connect_hook_total", outcome=outcome) == count, outcome
+        assert server.metric("ws_micro_rejected_handshakes_total", reason="auth_unavailable") == 4
+        # A refused handshake leaves nothing behind.
+        assert server.get("/healthz").json()["connections"] == 0
+        assert server.get("/api/rooms").json() == {"count": 0, "rooms": []}
+    lines = log.read_text().splitlines()
+    warnings = [line for line in lines if "handshakes are refused with 503" in line]
+    assert len(warnings) == 3, warnings  # one per kind of failure: timeout, a status, an answer
+    assert any("the connect hook did not answer within 0.5 seconds" in line for line in warnings)
+    assert not any("Traceback" in line for line in lines)
+
+
+@pytest.mark.anyio
+async def test_e2e_a_connect_hook_that_is_down_refuses_everyone_with_503() -> None:
+    with run_server("--log-level", "warning", *hook_options(f"http://127.0.0.1:{free_port()}/hook")) as server:
+        for _ in range(3):
+            with pytest.raises(InvalidStatus) as refused:
+                await connect(server.ws, open_timeout=TIMEOUT)
+            assert refused.value.response.status_code == 503
+        assert server.metric("ws_micro_connect_hook_total", outcome="unreachable") == 3
+        assert server.get("/healthz").json()["connections"] == 0
+
+
+def test_refused_and_failed_handshakes_leave_no_task_or_entry_behind() -> None:
+    with HookBackend() as backend, \
+            gateway(connect_hook_url=backend.url, backend_secret=BACKEND_SECRET, connect_hook_timeout=0.2,
+                    jwt_secret=JWT_SECRET) as client:
+        assert client.portal is not None
+
+        def tasks() -> int:
+            return len(asyncio.all_tasks())
+
+        with client.websocket_connect("/ws/py_client?mode=grant") as ws:
+            ws.receive_json()
+        before = client.portal.call(tasks)
+        for _ in range(5):
+            for url in ("?mode=401", "?mode=slow", "?mode=garbage", f"?token={mint(lifetime=-5)}"):
+                refusal(client, "/ws/py_client" + url)
+        assert client.portal.call(tasks) == before
+        assert client.get("/healthz").json()["connections"] == 0
+        assert client.get("/api/clients").json() == {"count": 0, "clients": []}
+        assert client.get("/api/rooms").json() == {"count": 0, "rooms": []}
+
+
+@pytest.mark.anyio
+async def test_e2e_tokens_in_the_header_or_query_and_never_in_any_log(tmp_path: Path) -> None:
+    log = tmp_path / "gateway.log"
+    token, expired = mint(), mint(lifetime=-10)
+    with run_server("--log-level", "info", "--jwt-secret", JWT_SECRET, log=log) as server:
+        async with ws_client(server.ws, additional_headers={"Authorization": f"Bearer {token}"}) as (_, me):
+            assert server.get(f"/api/clients/{me}").json()["user"] == "alice"
+        async with ws_client(f"{server.ws}?x=1&token={token}&y=2") as (ws, me):
+            await ws.send(text("ping", me))
+            assert (await recv_json(ws))["event"] == "pong"
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(f"{server.ws}?token={expired}", open_timeout=TIMEOUT)
+        assert refused.value.response.status_code == 401
+        assert json.loads(refused.value.response.body or b"")["error"] == {
+            "code": "unauthorized", "message": "the token has expired"}
+        assert server.get(f"/ws/py_client?token={token}").status_code == 426
+        assert server.get(f"/?token={token}").status_code == 200
+    logged = log.read_text()
+    assert '"WebSocket /ws/py_client?x=1&token=[redacted]&y=2" [accepted]' in logged
+    assert '"WebSocket /ws/py_client?token=[redacted]" 401' in logged
+    assert '"GET /ws/py_client?token=[redacted] HTTP/1.1" 426' in logged
+    assert '"GET /?token=[redacted] HTTP/1.1" 200' in logged
+    for secret in (token, expired, token.split(".")[1], JWT_SECRET):
+        assert secret not in logged
+
+
+@pytest.mark.anyio
+async def test_python_client_sends_its_token_and_raises_on_a_refusal() -> None:
+    with run_server("--log-level", "warning", "--jwt-secret", JWT_SECRET) as server:
+        async with Client(server.ws, token=mint({"sub": "dora"})) as client:
+            assert client.user == "dora"
+            assert server.get(f"/api/clients/{client.client_id}").json()["user"] == "dora"
+        with pytest.raises(ws_micro.HandshakeRefused) as refused:
+            await Client(server.ws, token=mint(key="not-the-secret-but-long-enough-for-hs256")).connect()
+        assert (refused.value.status, refused.value.code) == (401, "unauthorized")
+        assert refused.value.message == "the token's signature does not match"
+        with pytest.raises(ws_micro.HandshakeRefused) as refused:
+            await Client(server.ws).connect()
+        assert refused.value.status == 401
+
+        def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "ws_micro.py", "client", server.ws, *args], cwd=HERE, input="",
+                                  capture_output=True, text=True, timeout=TIMEOUT,
+                                  env={**os.environ, **(env or {})})
+
+        for result in (cli("--token", mint({"sub": "erin"})), cli(env={"WS_MICRO_TOKEN": mint({"sub": "erin"})})):
+            assert result.returncode == 0, result.stderr
+            assert json.loads(result.stdout.splitlines()[0])["data"]["data"]["user"] == "erin"
+        result = cli("--token", "nonsense")
+        assert result.returncode == 1
+        assert result.stderr.startswith("ws-micro client: the server refused the connection: HTTP 401 unauthorized: "
+                                        "invalid token:")
+        assert "Traceback" not in result.stderr
+
+
+@pytest.mark.anyio
+async def test_cluster_users_and_presence_span_instances(redis_server: RedisServer) -> None:
+    auth = ("--jwt-secret", JWT_SECRET, "--default-join", "*", "--presence-events")
+
+    def signed(server: Server, sub: str) -> Any:
+        return ws_client(server.ws, additional_headers={"Authorization": f"Bearer {mint({'sub': sub})}"})
+
+    async def presence(ws: ClientConnection) -> dict[str, Any]:
+        received = await recv_json(ws)
+        assert received["event"] == "presence", received
+        return dict(received["data"]["data"])
+
+    with cluster(redis_server, 2, *auth) as (x, y):
+        async with signed(x, "alice") as (tab1, id1), signed(y, "alice") as (tab2, id2), \
+                signed(y, "bob") as (bob, id_bob):
+            for server in (x, y):
+                listed = server.get("/api/users/alice").json()
+                assert {entry["client_id"]: entry["instance"] for entry in listed["clients"]} == {
+                    id1: instance_of(x), id2: instance_of(y)}
+            # Presence: counts and members over both instances, and events from one to the other.
+            assert await join(tab1, id1, "lobby") == 1
+            assert await presence(tab1) == {"room": "lobby", "action": "joined", "client_id": id1, "user": "alice"}
+            assert await join(bob, id_bob, "lobby") == 2
+            joined = {"room": "lobby", "action": "joined", "client_id": id_bob, "user": "bob"}
+            assert await presence(bob) == joined
+            assert await presence(tab1) == joined  # from the other instance
+            for server in (x, y):
+                assert server.get("/api/rooms").json() == {"count": 1, "rooms": [{"room": "lobby", "members": 2}]}
+                members = server.get("/api/rooms/lobby").json()["members"]
+                assert sorted(members, key=lambda m: m["user"]) == [{"client_id": id1, "user": "alice"},
+                                                                    {"client_id": id_bob, "user": "bob"}]
+            # A push to a user reaches each of their tabs, wherever it is, and no one else.
+            reply = y.post("/api/users/alice", {"event": "notice", "data": {"data": {"n": 1}}})
+            assert (reply.status_code, reply.json()) == (202, {"delivered": 2})
+            for tab, me in ((tab1, id1), (tab2, id2)):
+                assert await recv_json(tab) == frame("notice", me, {"n": 1})
+            # A logout from either instance closes every tab; bob's instance tells the room.
+            reply = httpx.delete(x.http + "/api/users/alice", timeout=TIMEOUT)
+            assert (reply.status_code, reply.json()) == (202, {"disconnected": 2})
+            for tab in (tab1, tab2):
+                assert await closed_with(tab) == (1000, "disconnected by the server")
+            assert await presence(bob) == {"room": "lobby", "action": "left", "client_id": id1, "user": "alice"}
+            for server in (x, y):
+                await server.wait_until(lambda s=server: s.get("/api/users/alice").json()["count"] == 0,
+                                        "alice's connections to leave the cluster")
+                assert server.get("/api/rooms/lobby").json()["members"] == [{"client_id": id_bob, "user": "bob"}]
+
+
+@pytest.mark.anyio
+async def test_cluster_a_dead_instances_users_and_room_members_are_reaped(redis_server: RedisServer) -> None:
+    auth = ("--jwt-secret", JWT_SECRET, "--default-join", "*")
+    with cluster(redis_server, 2, *auth) as (x, y):
+        async with ws_client(x.ws, additional_headers={"Authorization": f"Bearer {mint()}"}) as (a, id_a), \
+                ws_client(y.ws, additional_headers={"Authorization": f"Bearer {mint({'sub': 'bob'})}"}) as (b, id_b):
+            assert await join(a, id_a, "lobby") == 1
+            assert await join(b, id_b, "lobby") == 2
+            assert x.get("/api/users/bob").json()["count"] == 1
+            y.process.kill()
+            await x.wait_until(lambda: x.get("/api/users/bob").json()["count"] == 0, "bob's instance to be reaped")
+            assert x.get("/api/rooms").json() == {"count": 1, "rooms": [{"room": "lobby", "members": 1}]}
+            assert x.get("/api/rooms/lobby").json()["members"] == [{"client_id": id_a, "user": "alice"}]
+            await x.wait_until(lambda: redis_server.command("EXISTS", "ws_micro:user-members:bob", "ws_micro:user:bob",
+                                                            "ws_micro:room-members:lobby") == 1,
+                               "the dead instance's keys to be reaped (alice's membership stays)")
+            assert redis_server.command("HKEYS", "ws_micro:room-members:lobby") == [id_a]

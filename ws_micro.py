@@ -43,6 +43,8 @@ import dataclasses
 import datetime
 import enum
 import errno
+import fnmatch
+import hashlib
 import hmac
 import inspect
 import ipaddress
@@ -69,7 +71,7 @@ import msgspec
 from anyio.abc import TaskGroup
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
@@ -82,6 +84,7 @@ __all__ = [
     "BackendUnavailable",
     "Client",
     "Event",
+    "HandshakeRefused",
     "Payload",
     "Registry",
     "ServerSettings",
@@ -113,11 +116,11 @@ UNKNOWN_EVENT = "unknown_event"
 RATE_LIMITED = "rate_limited"
 INTERNAL_ERROR = "internal_error"
 BACKEND_UNAVAILABLE = "backend_unavailable"  # cluster mode: the instance of the recipients cannot be reached
+FORBIDDEN = "forbidden"  # outside the connection's permissions (and, from the API, a request it refuses)
 # Sidecar API only.
-FORBIDDEN = "forbidden"
 UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
 ERROR_CODES = (INVALID_JSON, INVALID_EVENT, CLIENT_ID_MISMATCH, UNKNOWN_CLIENT, NOT_IN_ROOM,
-               UNKNOWN_EVENT, RATE_LIMITED, INTERNAL_ERROR, BACKEND_UNAVAILABLE)
+               UNKNOWN_EVENT, RATE_LIMITED, INTERNAL_ERROR, BACKEND_UNAVAILABLE, FORBIDDEN)
 
 # Close codes (RFC 6455 section 7.4.1).
 CLOSE_NORMAL = 1000
@@ -127,8 +130,14 @@ CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
 
 # Why handshakes are refused (the rejected_handshakes_total labels): a disallowed origin, a full
-# server, a request head that did not arrive within handshake_timeout.
-HANDSHAKE_REFUSALS = ("origin", "full", "timeout")
+# server, a request head that did not arrive within handshake_timeout; no valid credentials (401),
+# credentials the connect hook refused (403), a connect hook that did not answer (503).
+HANDSHAKE_REFUSALS = ("origin", "full", "timeout", "unauthorized", "forbidden", "auth_unavailable")
+
+# Bounds on what a token or the connect hook grants a connection.
+MAX_USER_LENGTH = 256
+MAX_PATTERNS = 100  # room patterns in each of join and publish
+MAX_META_BYTES = 4096  # the meta object, as JSON
 
 # Why connections end (the disconnects_total labels).
 DISCONNECT_REASONS = ("closed", "abnormal", "shutdown", "peer_error", "kicked", "slow_consumer",
@@ -175,6 +184,34 @@ class Settings:
     api_body_timeout: float = 10.0
     """Seconds a push body may take to arrive; a slower one gets 408."""
 
+    # Authentication (docs/auth.md): on when jwt_secret, jwt_public_key or connect_hook_url is set
+    jwt_secret: str | None = None
+    """Key of the HS256 tokens clients bring (pip install 'ws-micro[jwt]')."""
+    jwt_public_key: str | None = None
+    """Public key of the RS256 or ES256 tokens clients bring: PEM text, or the path of a PEM file."""
+    jwt_audience: str | None = None
+    """The ``aud`` every token must name; unset, tokens that name one are refused."""
+    jwt_issuer: str | None = None
+    """The ``iss`` every token must name, if set."""
+    connect_hook_url: str | None = None
+    """The backend URL asked, by a signed POST, whether to accept each handshake that brings no token
+    (pip install 'ws-micro[hook]')."""
+    connect_hook_timeout: float = 3.0
+    """Seconds the connect hook may take to answer before the handshake is refused with 503."""
+    connect_hook_headers: tuple[str, ...] = ()
+    """Request headers passed to the connect hook besides Cookie, Authorization, Origin and User-Agent."""
+    backend_secret: str | None = None
+    """Key of the HMAC-SHA256 signature on the gateway's requests to the backend; needed by the hook."""
+    # Permissions with authentication on; without it, any client may join, publish and relay anywhere.
+    default_join: tuple[str, ...] = ()
+    """Room patterns (``chat:*``) any authenticated connection may join, besides those it is granted."""
+    default_publish: tuple[str, ...] = ()
+    """Room patterns any authenticated connection may send to, besides those it is granted."""
+    default_relay: bool = False
+    """Whether authenticated connections may send to other clients by id (``to``) unless granted."""
+    presence_events: bool = False
+    """Tell a room's members, with a ``presence`` event, when someone joins or leaves it."""
+
     # Cluster: several instances share one registry over Redis (pip install 'ws-micro[redis]')
     redis_url: str | None = None
     """``redis://host:port/db``; without it, everything stays in this process."""
@@ -187,6 +224,11 @@ class Settings:
     instance_ttl: float = 10.0
     """Seconds after its last heartbeat an instance (killed, cut off) stops counting, with its clients."""
 
+    @property
+    def authenticating(self) -> bool:
+        """Whether handshakes must be authenticated (by a token or the connect hook)."""
+        return bool(self.jwt_secret or self.jwt_public_key or self.connect_hook_url)
+
     def __post_init__(self) -> None:
         for name in ("max_message_size", "max_connections", "rate_burst", "max_queue_messages",
                      "max_queue_bytes", "max_rooms_per_connection", "max_room_name_length"):
@@ -196,7 +238,7 @@ class Settings:
         if self.rate_limit < 0:
             raise ValueError(f"rate_limit must be 0 (off) or more, but got {self.rate_limit!r}")
         for name in ("send_timeout", "close_timeout", "api_body_timeout", "redis_timeout", "heartbeat_interval",
-                     "instance_ttl"):
+                     "instance_ttl", "connect_hook_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be more than 0, but got {getattr(self, name)!r}")
         if self.instance_ttl <= self.heartbeat_interval:
@@ -204,6 +246,13 @@ class Settings:
                              f"but got {self.instance_ttl!r}")
         if not self.path.startswith("/"):
             raise ValueError(f"path must start with '/', but got {self.path!r}")
+        if self.connect_hook_url is not None:
+            if urlsplit(self.connect_hook_url).scheme not in ("http", "https"):
+                raise ValueError(f"connect_hook_url must be an http:// or https:// URL, but got "
+                                 f"{self.connect_hook_url!r}")
+            if not self.backend_secret:
+                raise ValueError("connect_hook_url needs backend_secret, the key the backend checks the "
+                                 "gateway's requests with (python -c 'import secrets; print(secrets.token_hex(32))')")
         if self.static_dir not in ("auto", "") and not (Path(self.static_dir) / "index.html").is_file():
             raise ValueError(f"static_dir must be a folder with an index.html, but got {self.static_dir!r}")
 
@@ -306,6 +355,18 @@ class _RoomRequest(msgspec.Struct):
     room: str
 
 
+class _Grant(msgspec.Struct):
+    """Who a connection is and what it may do: a token's claims (``sub`` is the user), or the connect hook's
+    answer.  Room patterns are globs (``chat:*``), added to the settings' defaults."""
+
+    user: str | None = None
+    rooms: list[str] = []  # joined at connect, and joinable again
+    join: list[str] = []  # room patterns it may join
+    publish: list[str] = []  # room patterns it may send to
+    relay: bool | None = None  # may send to other clients by id; None: as default_relay says
+    meta: dict[str, Any] | None = None  # kept on the connection, shown by the sidecar API
+
+
 _Handler = Callable[[str, Event], Awaitable[None]]
 
 _decode_event = msgspec.json.Decoder(Event).decode
@@ -379,7 +440,69 @@ class _Frame:
 # kind can have a handler.  Clients may not send the server's: relayed, a forged "connect" would
 # replace the receiver's id and a forged "pong" would keep a dead connection's keepalive content.
 BUILTIN_EVENTS = ("ping", "echo", "join", "leave")
-SERVER_EVENTS = frozenset({"connect", "error", "pong", "joined", "left"})
+SERVER_EVENTS = frozenset({"connect", "error", "pong", "joined", "left", "presence"})
+
+
+# --------------------------------------------------------------------------
+# Access: who a connection is, and what it may do
+# --------------------------------------------------------------------------
+
+
+class _Refused(Exception):
+    """A handshake refused before accept: its HTTP status, error code (a rejected_handshakes_total label)
+    and why."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def _matches(patterns: tuple[str, ...], room: str) -> bool:
+    return any(pattern == "*" or fnmatch.fnmatchcase(room, pattern) for pattern in patterns)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Identity:
+    """Who a connection is and what it may do.  ``ANONYMOUS``, shared by every connection when
+    authentication is off, may do anything: the tutorial's protocol, unchanged."""
+
+    user: str | None = None
+    meta: dict[str, Any] | None = None
+    rooms: tuple[str, ...] = ()  # joined at connect
+    join: tuple[str, ...] = ("*",)  # room patterns it may join
+    publish: tuple[str, ...] = ("*",)  # room patterns it may send to
+    relay: bool = True  # may send to other clients by id
+    authenticated: bool = False  # its connect frame names its user and rooms
+
+    def may_join(self, room: str) -> bool:
+        return room in self.rooms or _matches(self.join, room)
+
+    def may_publish(self, room: str) -> bool:
+        return _matches(self.publish, room)
+
+
+ANONYMOUS = _Identity()
+
+
+def _identity(grant: _Grant, settings: Settings) -> _Identity:
+    """The identity a grant gives, with the settings' defaults; ValueError says what in it is out of bounds."""
+    if grant.user is not None and not 0 < len(grant.user) <= MAX_USER_LENGTH:
+        raise ValueError(f"the user must have 1 to {MAX_USER_LENGTH} characters, but got {len(grant.user)}")
+    rooms = tuple(dict.fromkeys(grant.rooms))
+    if len(rooms) > settings.max_rooms_per_connection:
+        raise ValueError(f"at most {settings.max_rooms_per_connection} rooms, but got {len(rooms)}")
+    for room in rooms:
+        if not 0 < len(room) <= settings.max_room_name_length:
+            raise ValueError(f"room names have 1 to {settings.max_room_name_length} characters, "
+                             f"but got {room[:40]!r}")
+    for name, patterns in (("join", grant.join), ("publish", grant.publish)):
+        if len(patterns) > MAX_PATTERNS:
+            raise ValueError(f"at most {MAX_PATTERNS} {name} patterns, but got {len(patterns)}")
+    if grant.meta is not None and len(_encode(grant.meta)) > MAX_META_BYTES:
+        raise ValueError(f"meta must be at most {MAX_META_BYTES} bytes of JSON")
+    return _Identity(user=grant.user, meta=grant.meta, rooms=rooms,
+                     join=(*settings.default_join, *grant.join), publish=(*settings.default_publish, *grant.publish),
+                     relay=settings.default_relay if grant.relay is None else grant.relay, authenticated=True)
 
 
 # --------------------------------------------------------------------------
@@ -521,11 +644,13 @@ class _Connection:
 
     __slots__ = ("_close_frame", "_flush_scope", "_in_flight", "_metrics", "_on_close", "_output", "_queue",
                  "_queued_bytes", "_refilled_at", "_settings", "_tokens", "_writer", "close_reason", "connected_at",
-                 "id", "remote", "rooms", "state")
+                 "id", "identity", "remote", "rooms", "state")
 
     def __init__(self, output: _Output, *, remote: str | None, settings: Settings, metrics: _Metrics,
-                 on_close: Callable[[_Connection], None]) -> None:
-        self.id = str(uuid.uuid4())
+                 on_close: Callable[[_Connection], None], client_id: str | None = None,
+                 identity: _Identity = ANONYMOUS) -> None:
+        self.id = client_id or str(uuid.uuid4())
+        self.identity = identity
         self.remote = remote  # "host:port" of the peer, when the server knows it
         self.connected_at = time.time()
         self.rooms: set[str] = set()
@@ -632,6 +757,8 @@ class _Connection:
             "connected_at": datetime.datetime.fromtimestamp(self.connected_at, datetime.UTC).isoformat(),
             "rooms": sorted(self.rooms),
             "remote": self.remote,
+            "user": self.identity.user,
+            **({"meta": self.identity.meta} if self.identity.meta is not None else {}),
         }
 
     def _start_writer(self, state: _State) -> None:
@@ -685,8 +812,9 @@ class _Connection:
 # --------------------------------------------------------------------------
 
 # What the registry hands its backend for clients it does not hold, tagged (one msgpack array each
-# between instances): a frame for one client, a room's members or everyone (``text`` alone: a relayed
-# frame, unchanged; with a ``tail``: a server frame, ``text + client id + tail``), or a kick.
+# between instances): a frame for one client, a room's members, a user's connections or everyone
+# (``text`` alone: a relayed frame, unchanged; with a ``tail``: a server frame, ``text + client id +
+# tail``), or a kick of one client or of a user's every connection.
 
 
 class _ToClient(msgspec.Struct, tag="client", array_like=True):
@@ -700,6 +828,12 @@ class _ToRoom(msgspec.Struct, tag="room", array_like=True):
     tail: str | None = None
 
 
+class _ToUser(msgspec.Struct, tag="user", array_like=True):
+    user: str
+    text: str
+    tail: str
+
+
 class _ToEveryone(msgspec.Struct, tag="all", array_like=True):
     text: str
     tail: str | None = None
@@ -711,7 +845,14 @@ class _Kick(msgspec.Struct, tag="kick", array_like=True):
     reason: str
 
 
-_Delivery = _ToClient | _ToRoom | _ToEveryone | _Kick
+class _KickUser(msgspec.Struct, tag="kick_user", array_like=True):
+    user: str
+    code: int
+    reason: str
+
+
+_Delivery = _ToClient | _ToRoom | _ToUser | _ToEveryone | _Kick | _KickUser
+_ToGroup = _ToRoom | _ToUser | _KickUser  # what goes to the instances holding a room's or a user's connections
 
 
 class BackendUnavailable(Exception):
@@ -736,8 +877,8 @@ class _Backend:
     async def register(self, connection: _Connection) -> None:
         pass
 
-    def unregister(self, client_id: str, members_left: Mapping[str, int]) -> None:
-        pass
+    def unregister(self, connection: _Connection, rooms_left: Mapping[str, int], user_left: int) -> None:
+        """``connection`` is gone; it leaves rooms with these members here, and its user with ``user_left``."""
 
     async def room_changed(self, connection: _Connection, room: str, members_here: int) -> int:
         """The members of ``room`` everywhere, now that this instance has ``members_here``."""
@@ -752,8 +893,11 @@ class _Backend:
     async def forward(self, delivery: _ToClient, failed: Callable[[str, str], None]) -> None:
         failed(UNKNOWN_CLIENT, f"no client with id {delivery.client_id!r}")
 
-    async def publish(self, delivery: _ToRoom) -> int:
+    async def publish(self, delivery: _ToGroup) -> int:
         return 0
+
+    def publish_soon(self, delivery: _ToRoom) -> None:
+        """``publish``, without waiting or telling anyone whether it arrived (presence events)."""
 
     async def forward_to_room(self, delivery: _ToRoom, failed: Callable[[str, str], None]) -> None:
         pass
@@ -774,12 +918,32 @@ class _Backend:
         """A client this instance does not hold."""
         return None
 
+    async def members(self, kind: str, name: str, here: Iterable[_Connection]) -> list[dict[str, Any]]:
+        """The clients (as ``clients`` lists them) in room ``name`` (``kind`` "room") or of user ``name``
+        ("user"), ``here`` and on other instances."""
+        return [self.entry(connection) for connection in here]
+
+    async def rooms(self, here: Mapping[str, set[str]]) -> dict[str, int]:
+        """Every room with members, and how many, here and on other instances."""
+        return {room: len(members) for room, members in here.items()}
+
     def health(self) -> tuple[str, dict[str, Any]]:
         """``ok`` or ``degraded``, and what /healthz says besides."""
         return "ok", {}
 
     def metrics(self) -> list[_MetricFamily]:
         return []
+
+
+def _leave(groups: dict[str, set[str]], name: str, client_id: str) -> int:
+    """Take a client out of a room or user in ``groups``; the members left."""
+    members = groups.get(name)
+    if members is None:
+        return 0
+    members.discard(client_id)
+    if not members:
+        del groups[name]
+    return len(members)
 
 
 class Registry:
@@ -795,9 +959,11 @@ class Registry:
     def __init__(self) -> None:
         self.connections: dict[str, _Connection] = {}
         self.rooms: dict[str, set[str]] = {}  # room name -> ids of its members here
+        self.users: dict[str, set[str]] = {}  # user -> ids of their connections here
         self.handlers: dict[str, _Handler] = {}
         self.metrics = _Metrics()
         self.backend = _Backend()  # create_app(redis_url=...) sets a _RedisBackend
+        self.presence_events = False  # create_app(presence_events=True): members hear of joins and leaves
 
     def __len__(self) -> int:
         return len(self.connections)
@@ -819,15 +985,21 @@ class Registry:
 
     def add(self, connection: _Connection) -> None:
         self.connections[connection.id] = connection
+        if connection.identity.user is not None:
+            self.users.setdefault(connection.identity.user, set()).add(connection.id)
         self.metrics.connections_total += 1
 
     def remove(self, connection: _Connection) -> None:
-        """Forget a connection and its room memberships; safe to call twice."""
+        """Forget a connection, its rooms and its user; safe to call twice."""
         if self.connections.pop(connection.id, None) is None:
             return
-        members_left = {room: self._leave_room(connection.id, room) for room in connection.rooms}
+        rooms_left = {room: _leave(self.rooms, room, connection.id) for room in connection.rooms}
+        user = connection.identity.user
+        user_left = 0 if user is None else _leave(self.users, user, connection.id)
+        self.backend.unregister(connection, rooms_left, user_left)
+        for room in connection.rooms:
+            self.announce(room, "left", connection)
         connection.rooms.clear()
-        self.backend.unregister(connection.id, members_left)
 
     async def join(self, connection: _Connection, room: str) -> int:
         """Add ``connection`` to ``room``; the room's members after it (on every instance)."""
@@ -840,16 +1012,17 @@ class Registry:
 
     async def leave(self, connection: _Connection, room: str) -> int:
         connection.rooms.discard(room)
-        return await self._members(connection, room, self._leave_room(connection.id, room))
+        return await self._members(connection, room, _leave(self.rooms, room, connection.id))
 
-    def _leave_room(self, client_id: str, room: str) -> int:
-        members = self.rooms.get(room)
-        if members is None:
-            return 0
-        members.discard(client_id)
-        if not members:
-            del self.rooms[room]
-        return len(members)
+    def announce(self, room: str, action: str, connection: _Connection) -> None:
+        """With presence events on, tell the members of ``room`` (on every instance) that ``connection``
+        ``"joined"`` or ``"left"`` it; a joiner hears of itself too, after its ``joined`` reply."""
+        if not self.presence_events:
+            return
+        frame = _Frame("presence", {"room": room, "action": action, "client_id": connection.id,
+                                    "user": connection.identity.user})
+        self._fan_out(self.rooms.get(room, ()), frame)
+        self.backend.publish_soon(_ToRoom(room, frame.head, frame.tail))
 
     async def _members(self, connection: _Connection, room: str, members_here: int) -> int:
         try:
@@ -880,6 +1053,12 @@ class Registry:
         elsewhere = await self.backend.broadcast(_ToEveryone(frame.head, frame.tail))
         return elsewhere + self._fan_out(list(self.connections), frame)
 
+    async def send_to_user(self, user: str, event: str, data: Mapping[str, Any] | None = None) -> int:
+        """Send a server event to every connection of ``user``; how many took it."""
+        frame = _Frame(event, data)
+        elsewhere = await self.backend.publish(_ToUser(user, frame.head, frame.tail))
+        return elsewhere + self._fan_out(self.users.get(user, ()), frame)
+
     async def disconnect(self, client_id: str, code: int = CLOSE_NORMAL, reason: str = "") -> bool:
         """Close a client's connection after what is queued for it; False if it is unknown."""
         connection = self.connections.get(client_id)
@@ -887,6 +1066,11 @@ class Registry:
             connection.close(code, reason, label="kicked")
             return True
         return await self.backend.send(_Kick(client_id, code, reason))
+
+    async def disconnect_user(self, user: str, code: int = CLOSE_NORMAL, reason: str = "") -> int:
+        """Close every connection of ``user`` (log them out everywhere); how many there were."""
+        elsewhere = await self.backend.publish(_KickUser(user, code, reason))
+        return elsewhere + self._kick(self.users.get(user, ()), code, reason)
 
     async def relay_to_client(self, client_id: str, text: str, failed: Callable[[str, str], None]) -> None:
         """Deliver a client's frame, unchanged, to one client; else ``failed(code, message)``, maybe later."""
@@ -913,6 +1097,10 @@ class Registry:
                 self.connections[client_id].close(code, reason, label="kicked")
             case _ToRoom(room, text, tail):
                 self._deliver(list(self.rooms.get(room, ())), text, tail)
+            case _ToUser(user, text, tail):
+                self._deliver(list(self.users.get(user, ())), text, tail)
+            case _KickUser(user, code, reason):
+                self._kick(self.users.get(user, ()), code, reason)
             case _ToEveryone(text, tail):
                 self._deliver(list(self.connections), text, tail)
         return True
@@ -922,6 +1110,12 @@ class Registry:
             self._relay(client_ids, text)
         else:
             self._fan_out(client_ids, _Frame.parts(text, tail))
+
+    def _kick(self, client_ids: Iterable[str], code: int, reason: str) -> int:
+        kicked = list(client_ids)  # each close takes its connection out of the set
+        for client_id in kicked:
+            self.connections[client_id].close(code, reason, label="kicked")
+        return len(kicked)
 
     def _fan_out(self, client_ids: Iterable[str], frame: _Frame) -> int:
         delivered = 0
@@ -948,13 +1142,31 @@ class Registry:
 # --------------------------------------------------------------------------
 
 
+class _Authorizer:
+    """Who a handshake is.  Without authentication, anyone: every connection is ``ANONYMOUS``.  With it,
+    :class:`_TokenAndHookAuthorizer` (below) grants an identity or raises :class:`_Refused`."""
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        yield
+
+    async def authorize(self, request: HTTPConnection, client_id: str) -> _Identity:
+        """``request``: the handshake (or a plain GET of the endpoint, asking what a handshake would get)."""
+        return ANONYMOUS
+
+    def metrics(self) -> list[_MetricFamily]:
+        return []
+
+
 class _Gateway:
     """The WebSocket endpoint: handshake checks, the read loop and the protocol's routing."""
 
     def __init__(self, registry: Registry, settings: Settings,
-                 choose_output: Callable[[Scope, Receive, Send, Settings, _Metrics], _Output]) -> None:
+                 choose_output: Callable[[Scope, Receive, Send, Settings, _Metrics], _Output],
+                 authorizer: _Authorizer) -> None:
         self.registry = registry
         self.settings = settings
+        self.authorizer = authorizer
         self._choose_output = choose_output
         self._handshakes = 0  # accepts in flight, counted against max_connections
         self.waiting = 0  # connections whose request head has not arrived (counted under serve()), likewise
@@ -965,9 +1177,16 @@ class _Gateway:
         if connection is None:
             return
         try:
-            await self.registry.backend.register(connection)  # findable before anyone can learn the id
-            connection.send(_Frame("connect", {"message": "connection request granted"}).to(connection.id))
             self.registry.add(connection)
+            await self.registry.backend.register(connection)  # findable before anyone can learn the id
+            identity = connection.identity
+            greeting: dict[str, Any] = {"message": "connection request granted"}
+            if identity.authenticated:
+                greeting.update(user=identity.user, rooms=list(identity.rooms))
+            connection.send(_Frame("connect", greeting).to(connection.id))
+            for room in identity.rooms:
+                await self.registry.join(connection, room)
+                self.registry.announce(room, "joined", connection)
             logger.debug("client %s connected", connection.id)
             if await self._read(connection, receive):
                 return
@@ -986,34 +1205,42 @@ class _Gateway:
     async def _accept(self, scope: Scope, receive: Receive, send: Send) -> _Connection | None:
         """Check and accept the handshake; the new connection, or None if it was refused or abandoned."""
         websocket = WebSocket(scope, receive, send)
-        refusal = self._refusal(websocket)
-        if refusal is not None:
-            status, reason, message = refusal
-            self.registry.metrics.rejected_handshakes[reason] += 1
-            await _deny(websocket, status, reason, message)
-            return None
-        self._handshakes += 1
+        client_id = str(uuid.uuid4())
         try:
-            await websocket.accept()
+            async with self.admitting(websocket, client_id) as identity:
+                await websocket.accept()
+        except _Refused as refusal:
+            await _deny(websocket, refusal.status, refusal.code, refusal.message)
+            return None
         except WebSocketDisconnect:
             return None
-        finally:
-            self._handshakes -= 1
         client = websocket.client
         output = self._choose_output(scope, receive, send, self.settings, self.registry.metrics)
         connection = _Connection(output, remote=f"{client.host}:{client.port}" if client else None,
-                                settings=self.settings, metrics=self.registry.metrics, on_close=self.registry.remove)
+                                 settings=self.settings, metrics=self.registry.metrics, on_close=self.registry.remove,
+                                 client_id=client_id, identity=identity)
         output.guard(connection)
         return connection
 
-    def _refusal(self, websocket: WebSocket) -> tuple[int, str, str] | None:
-        origin = websocket.headers.get("origin")
-        if origin is not None and not _origin_allowed(origin, websocket.headers.get("host", ""),
-                                                      self.settings.allowed_origins):
-            return 403, "origin", f"origin {origin!r} is not allowed"
-        if len(self.registry) + self._handshakes + self.waiting >= self.settings.max_connections:
-            return 503, "full", f"server is full ({self.settings.max_connections} connections)"
-        return None
+    @contextlib.asynccontextmanager
+    async def admitting(self, request: HTTPConnection, client_id: str) -> AsyncIterator[_Identity]:
+        """Check a handshake (origin, room on the server, credentials), counting it against
+        ``max_connections`` until the block ends; raise :class:`_Refused`, counted, if it may not connect."""
+        try:
+            origin = request.headers.get("origin")
+            if origin is not None and not _origin_allowed(origin, request.headers.get("host", ""),
+                                                          self.settings.allowed_origins):
+                raise _Refused(403, "origin", f"origin {origin!r} is not allowed")
+            if len(self.registry) + self._handshakes + self.waiting >= self.settings.max_connections:
+                raise _Refused(503, "full", f"server is full ({self.settings.max_connections} connections)")
+            self._handshakes += 1
+            try:
+                yield await self.authorizer.authorize(request, client_id)
+            finally:
+                self._handshakes -= 1
+        except _Refused as refusal:
+            self.registry.metrics.rejected_handshakes[refusal.code] += 1
+            raise
 
     async def _read(self, connection: _Connection, receive: Receive) -> bool:
         """Handle frames until the connection starts closing (False) or the peer leaves (True)."""
@@ -1072,9 +1299,14 @@ class _Gateway:
         elif event.to is not None and event.room is not None:
             failed(INVALID_EVENT, "set 'to' or 'room', not both")
         elif event.to is not None:
-            await self.registry.relay_to_client(event.to, text, failed)
+            if not connection.identity.relay:
+                failed(FORBIDDEN, "this connection may not send to other clients")
+            else:
+                await self.registry.relay_to_client(event.to, text, failed)
         elif event.room is not None:
-            if event.room not in connection.rooms:
+            if not connection.identity.may_publish(event.room):
+                failed(FORBIDDEN, f"this connection may not send to room {event.room!r}")
+            elif event.room not in connection.rooms:
                 failed(NOT_IN_ROOM, f"join room {event.room!r} before sending to it")
             else:
                 await self.registry.relay_to_room(event.room, connection.id, text, failed)
@@ -1095,12 +1327,16 @@ class _Gateway:
         room = self._room_of(connection, event)
         if room is None:
             return
+        if not connection.identity.may_join(room):
+            self._error(connection, FORBIDDEN, f"this connection may not join room {room!r}", event.event)
+            return
         limit = self.settings.max_rooms_per_connection
         if room not in connection.rooms and len(connection.rooms) >= limit:
             self._error(connection, INVALID_EVENT, f"at most {limit} rooms per connection", event.event)
             return
         members = await self.registry.join(connection, room)
         connection.send(_Frame("joined", {"room": room, "members": members}).to(connection.id))
+        self.registry.announce(room, "joined", connection)
 
     async def _leave(self, connection: _Connection, event: Event, text: str) -> None:
         room = self._room_of(connection, event)
@@ -1111,6 +1347,7 @@ class _Gateway:
             return
         members = await self.registry.leave(connection, room)
         connection.send(_Frame("left", {"room": room, "members": members}).to(connection.id))
+        self.registry.announce(room, "left", connection)
 
     async def _call_handler(self, connection: _Connection, event: Event) -> None:
         name = event.event
@@ -1168,7 +1405,7 @@ def _event_name(text: str) -> str | None:
 async def _deny(websocket: WebSocket, status: int, code: str, message: str) -> None:
     """Refuse a handshake with a real HTTP status, before accept."""
     try:
-        await websocket.send_denial_response(_api_error(status, code, message))
+        await websocket.send_denial_response(_refusal_response(status, code, message))
     except RuntimeError:  # the server lacks the denial-response extension: it answers 403
         await websocket.close(CLOSE_POLICY_VIOLATION)
 
@@ -1184,6 +1421,13 @@ def _json(content: Any, status: int = 200) -> Response:
 
 def _api_error(status: int, code: str, message: str) -> Response:
     return _json({"error": {"code": code, "message": message}}, status)
+
+
+def _refusal_response(status: int, code: str, message: str) -> Response:
+    response = _api_error(status, code, message)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response
 
 
 async def _backend_unavailable(request: Request, exc: Exception) -> Response:
@@ -1281,11 +1525,45 @@ def _api_routes(registry: Registry, settings: Settings) -> list[Route]:
     async def broadcast(request: Request, push: _Push) -> Response:
         return _json({"delivered": await registry.broadcast(push.event, push.data.data)}, 202)
 
+    async def members(kind: str, name: str, here: dict[str, set[str]]) -> list[dict[str, Any]]:
+        connections = [registry.connections[client_id] for client_id in here.get(name, ())]
+        return await registry.backend.members(kind, name, connections)
+
+    async def list_rooms(request: Request) -> Response:
+        rooms = await registry.backend.rooms(registry.rooms)
+        return _json({"count": len(rooms), "rooms": [{"room": room, "members": members}
+                                                     for room, members in sorted(rooms.items())]})
+
+    async def get_room(request: Request) -> Response:
+        room = request.path_params["room"]
+        entries = await members("room", room, registry.rooms)
+        return _json({"room": room, "count": len(entries),
+                      "members": [{"client_id": entry["client_id"], "user": entry.get("user")} for entry in entries]})
+
+    async def get_user(request: Request) -> Response:
+        user = request.path_params["user"]
+        entries = await members("user", user, registry.users)
+        return _json({"user": user, "count": len(entries), "clients": entries})
+
+    async def push_to_user(request: Request, push: _Push) -> Response:
+        return _json({"delivered": await registry.send_to_user(request.path_params["user"], push.event,
+                                                               push.data.data)}, 202)
+
+    async def disconnect_user(request: Request) -> Response:
+        disconnected = await registry.disconnect_user(request.path_params["user"], CLOSE_NORMAL,
+                                                      "disconnected by the server")
+        return _json({"disconnected": disconnected}, 202)
+
     return [
         Route("/api/clients", guarded(list_clients), methods=["GET"]),
         Route("/api/clients/{client_id}", guarded(get_client), methods=["GET"]),
         Route("/api/clients/{client_id}", guarded(pushing(push_to_client)), methods=["POST"]),
         Route("/api/clients/{client_id}", guarded(disconnect_client), methods=["DELETE"]),
+        Route("/api/users/{user}", guarded(get_user), methods=["GET"]),
+        Route("/api/users/{user}", guarded(pushing(push_to_user)), methods=["POST"]),
+        Route("/api/users/{user}", guarded(disconnect_user), methods=["DELETE"]),
+        Route("/api/rooms", guarded(list_rooms), methods=["GET"]),
+        Route("/api/rooms/{room}", guarded(get_room), methods=["GET"]),
         Route("/api/rooms/{room}", guarded(pushing(publish_to_room)), methods=["POST"]),
         Route("/api/broadcast", guarded(pushing(broadcast)), methods=["POST"]),
     ]
@@ -1432,6 +1710,32 @@ class _ClientCausedFilter(logging.Filter):
         return logging.getLogger(record.name).isEnabledFor(record.levelno)  # the level it passed at may differ
 
 
+# A token in a URL's query (browsers cannot set headers on a WebSocket), up to the next parameter.
+_TOKEN_IN_URL = re.compile(r"([?&](?:token|resume_token)=)[^&\s\"']*")
+# The servers' loggers that write request lines (``"WebSocket /ws/py_client?token=..." [accepted]``).
+_REQUEST_LOGGERS = ("uvicorn.error", "uvicorn.access", "hypercorn.error", "hypercorn.access")
+
+
+class _RedactingFilter(logging.Filter):
+    """Writes ``token=[redacted]`` for the token in a logged URL: logs are kept and read more widely
+    than tokens may be."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(arg, str) and "token=" in arg for arg in record.args):
+            record.args = tuple(_TOKEN_IN_URL.sub(r"\1[redacted]", arg) if isinstance(arg, str) else arg
+                                for arg in record.args)
+        if isinstance(record.msg, str) and "token=" in record.msg:
+            record.msg = _TOKEN_IN_URL.sub(r"\1[redacted]", record.msg)
+        return True
+
+
+def _redact_tokens_in_logs() -> None:
+    for name in _REQUEST_LOGGERS:
+        server_log = logging.getLogger(name)
+        if not any(isinstance(f, _RedactingFilter) for f in server_log.filters):
+            server_log.addFilter(_RedactingFilter())
+
+
 def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
     """Log running out of descriptors as one line per 10 s, not asyncio's traceback per refused accept."""
     previous = loop.get_exception_handler()
@@ -1475,22 +1779,41 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
     Pass your own ``registry`` to register handlers on it; ``app.state.registry`` is the one in use.
     """
     settings = Settings(**options)
+    _redact_tokens_in_logs()  # now, before the server logs a first request
     registry = registry if registry is not None else Registry()
-    # The optional parts, below: other instances over Redis.
+    # The optional parts, below: authentication, and other instances over Redis.
+    authorizer = _TokenAndHookAuthorizer(settings) if settings.authenticating else _Authorizer()
     registry.backend = _RedisBackend(registry, settings) if settings.redis_url else _Backend()
+    registry.presence_events = settings.presence_events
 
     async def healthz(request: Request) -> Response:
         status, details = registry.backend.health()
         return _json({"status": status, "connections": len(registry), **details})
 
     async def metrics(request: Request) -> Response:
-        return PlainTextResponse(registry.metrics.render(len(registry), registry.backend.metrics()),
+        return PlainTextResponse(registry.metrics.render(len(registry),
+                                                         [*authorizer.metrics(), *registry.backend.metrics()]),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def probe(request: Request) -> Response:
+        """A plain GET of the WebSocket endpoint: what a handshake with these credentials would get.
+        Browsers cannot read a refused handshake's status; the JS client asks here."""
+        try:
+            async with gateway.admitting(request, str(uuid.uuid4())):
+                response = _api_error(426, "upgrade_required", "a WebSocket handshake would be accepted")
+                response.headers["Upgrade"] = "websocket"
+        except _Refused as refusal:
+            response = _refusal_response(refusal.status, refusal.code, refusal.message)
+        origin = request.headers.get("origin")
+        if origin is not None and ("*" in settings.allowed_origins or origin in settings.allowed_origins):
+            response.headers.update({"Access-Control-Allow-Origin": origin, "Access-Control-Allow-Credentials": "true",
+                                     "Vary": "Origin"})
+        return response
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         _harden_process(settings)
-        async with registry.backend.running():
+        async with registry.backend.running(), authorizer.running():
             yield
 
     page_routes: list[BaseRoute] = []
@@ -1503,12 +1826,13 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
 
         page_routes = [Route("/", page, methods=["GET"]), Mount("/static", StaticFiles(directory=static))]
 
-    gateway = _Gateway(registry, settings, _choose_output)
+    gateway = _Gateway(registry, settings, _choose_output, authorizer)
     app = _GatewayApp(
         gateway,
         debug=debug,
         routes=[
             WebSocketRoute(settings.path, gateway),
+            Route(settings.path, probe, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             *_api_routes(registry, settings),
@@ -1595,6 +1919,238 @@ app = _AppFromEnvironment()
 
 
 # --------------------------------------------------------------------------
+# Authentication: signed tokens and the connect hook
+# --------------------------------------------------------------------------
+
+SIGNATURE_HEADER = "X-WS-Micro-Signature"  # on the gateway's requests to the backend: t=<unix time>,v1=<hex>
+HOOK_HEADERS = ("cookie", "authorization", "origin", "user-agent")  # passed to the hook, with connect_hook_headers
+HOOK_ANSWER_LIMIT = 64 * 1024  # bytes of a hook's answer read before it counts as garbage
+HOOK_POOL_SIZE = 100  # connections to the backend kept open: at most as many hook requests at once
+
+# What became of each connect hook request (the connect_hook_total labels): it granted an identity; it
+# refused (401, 403); it did not answer in time; it could not be reached; it answered another status;
+# it answered what is not a grant.  Every outcome but the first two refuses the handshake with 503.
+HOOK_OUTCOMES = ("accepted", "refused", "timeout", "unreachable", "bad_status", "bad_answer")
+
+
+def _signature(secret: bytes, body: bytes, timestamp: int) -> str:
+    """The ``SIGNATURE_HEADER`` value: HMAC-SHA256 of ``b"<timestamp>." + body``, as payment webhooks sign."""
+    return f"t={timestamp},v1={hmac.new(secret, b'%d.' % timestamp + body, hashlib.sha256).hexdigest()}"
+
+
+def _credentials(request: HTTPConnection) -> str | None:
+    """The token a handshake brings: ``Authorization: Bearer`` (programs) or ``?token=`` (browsers)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.query_params.get("token") or None
+
+
+class _TokenVerifier:
+    """Checks signed tokens (JWTs) with PyJWT: signature, ``exp`` (required), ``nbf``, ``aud``, ``iss``, and
+    ``sub`` (required: the user).  Each key takes one algorithm, so ``none`` and HS/RS confusion fail."""
+
+    def __init__(self, settings: Settings) -> None:
+        try:
+            import jwt
+        except ImportError:
+            raise ValueError("jwt_secret and jwt_public_key need PyJWT: pip install 'ws-micro[jwt]'") from None
+        self._jwt = jwt
+        self.settings = settings
+        self.keys: dict[str, Any] = {}  # algorithm -> key
+        if settings.jwt_secret:
+            self.keys["HS256"] = settings.jwt_secret
+        if settings.jwt_public_key:
+            algorithm, key = _public_key(settings.jwt_public_key)
+            self.keys[algorithm] = key
+
+    def verify(self, token: str) -> _Grant:
+        """The grant a token carries; :class:`_Refused` (401) saying why it is not valid."""
+        jwt = self._jwt
+        try:
+            algorithm = jwt.get_unverified_header(token).get("alg")
+            if algorithm not in self.keys:
+                raise _Refused(401, "unauthorized", f"tokens signed with {algorithm!r} are not accepted "
+                                                    f"(only {', '.join(self.keys)})")
+            claims = jwt.decode(token, self.keys[algorithm], algorithms=[algorithm],
+                                audience=self.settings.jwt_audience, issuer=self.settings.jwt_issuer,
+                                options={"require": ["exp", "sub"]})
+            return msgspec.convert({**claims, "user": claims["sub"]}, _Grant)
+        except jwt.ExpiredSignatureError:
+            message = "the token has expired"
+        except jwt.ImmatureSignatureError:
+            message = "the token is not valid yet (nbf)"
+        except jwt.InvalidAudienceError:
+            message = f"the token is not for this audience ({self.settings.jwt_audience!r})"
+        except jwt.InvalidIssuerError:
+            message = f"the token is not from issuer {self.settings.jwt_issuer!r}"
+        except jwt.MissingRequiredClaimError as exc:
+            message = f"the token has no {exc.claim!r} claim"
+        except jwt.InvalidSignatureError:
+            message = "the token's signature does not match"
+        except jwt.InvalidTokenError as exc:
+            message = f"invalid token: {exc}"
+        except msgspec.ValidationError as exc:
+            message = f"invalid token claims: {exc}"
+        raise _Refused(401, "unauthorized", message)
+
+
+def _public_key(text: str) -> tuple[str, Any]:
+    """A PEM public key (its text, or a file holding it) and the one algorithm it verifies."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    if "-----BEGIN" not in text:
+        try:
+            text = Path(text).read_text()
+        except OSError as exc:
+            raise ValueError(f"jwt_public_key must be PEM text or a PEM file, but cannot read {text!r}: "
+                             f"{exc.strerror}") from None
+    try:
+        key = load_pem_public_key(text.encode())
+    except ValueError as exc:
+        raise ValueError(f"jwt_public_key is not a PEM public key: {exc}") from None
+    if isinstance(key, rsa.RSAPublicKey):
+        return "RS256", key
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        return "ES256", key
+    raise ValueError(f"jwt_public_key must be an RSA or P-256 key, but got {type(key).__name__}")
+
+
+class _BackendClient:
+    """The gateway's signed JSON POSTs to the backend, over a pool of kept-alive connections (aiohttp)."""
+
+    def __init__(self, settings: Settings, what: str) -> None:
+        try:
+            import aiohttp
+        except ImportError:
+            raise ValueError(f"{what} needs aiohttp: pip install 'ws-micro[hook]'") from None
+        assert settings.backend_secret is not None
+        self._aiohttp = aiohttp
+        self._secret = settings.backend_secret.encode()
+        self._session: Any = None
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        connector = self._aiohttp.TCPConnector(limit=HOOK_POOL_SIZE)
+        async with self._aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",)) as session:
+            self._session = session
+            try:
+                yield
+            finally:
+                self._session = None
+
+    async def post(self, url: str, body: bytes) -> tuple[int, bytes]:
+        """The status and body (at most HOOK_ANSWER_LIMIT + 1 bytes) of a signed POST of ``body``; raise
+        ``ConnectionError`` if the backend cannot be reached.  The caller bounds its time."""
+        if self._session is None:
+            raise ConnectionError("the app is not running (its lifespan has not started)")
+        signature = _signature(self._secret, body, int(time.time()))
+        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: signature}
+        answer = b""
+        try:
+            async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as response:
+                async for chunk in response.content.iter_chunked(16384):
+                    answer += chunk
+                    if len(answer) > HOOK_ANSWER_LIMIT:
+                        break
+                return response.status, answer
+        except (self._aiohttp.ClientError, OSError) as exc:
+            raise ConnectionError(str(exc) or type(exc).__name__) from None
+
+
+class _ConnectHook:
+    """Asks the backend whether to accept a handshake, as AWS's ``$connect`` authorizer and Centrifugo's
+    connect proxy do; docs/auth.md has the request and the answers.  Fails closed: no clear answer, 503."""
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.connect_hook_url is not None
+        self.url = settings.connect_hook_url
+        self.settings = settings
+        self.client = _BackendClient(settings, "connect_hook_url")
+        self.headers = (*HOOK_HEADERS, *(name.lower() for name in settings.connect_hook_headers))
+        self.outcomes = collections.Counter(dict.fromkeys(HOOK_OUTCOMES, 0))
+        self._throttle = _Throttle()
+        self._decode = msgspec.json.Decoder(_Grant).decode
+
+    async def ask(self, request: HTTPConnection, client_id: str) -> _Identity:
+        client = request.client
+        body = _encode({
+            "client_id": client_id,
+            "remote": f"{client.host}:{client.port}" if client else None,
+            "path": request.url.path,
+            "query": dict(request.query_params),
+            "headers": {name: request.headers[name] for name in self.headers if name in request.headers},
+            "websocket": request.scope["type"] == "websocket",  # false: a plain GET asking what it would get
+        })
+        timeout = self.settings.connect_hook_timeout
+        try:
+            with anyio.fail_after(timeout):
+                status, answer = await self.client.post(self.url, body)
+        except TimeoutError:
+            raise self._failed("timeout", f"the connect hook did not answer within {timeout:g} seconds") from None
+        except ConnectionError as exc:
+            raise self._failed("unreachable", f"the connect hook cannot be reached ({exc})") from None
+        if status in (401, 403):
+            self.outcomes["refused"] += 1
+            raise _Refused(status, "unauthorized" if status == 401 else "forbidden",
+                           "the credentials were refused" if status == 401 else "this connection is not allowed")
+        if not 200 <= status < 300:
+            raise self._failed("bad_status", f"the connect hook answered HTTP {status}")
+        try:
+            identity = _identity(self._decode(answer) if answer.strip() else _Grant(), self.settings)
+        except (msgspec.MsgspecError, ValueError) as exc:
+            raise self._failed("bad_answer", f"the connect hook's answer is not a grant: {str(exc)[:200]}") from None
+        self.outcomes["accepted"] += 1
+        return identity
+
+    def _failed(self, outcome: str, message: str) -> _Refused:
+        """Count and log (at most once per 10 s) a hook that gave no answer; the client gets 503."""
+        self.outcomes[outcome] += 1
+        held = self._throttle(outcome)
+        if held is not None:
+            logger.warning("%s; handshakes are refused with 503%s", message,
+                           f" ({held} more since the last report)" if held else "")
+        return _Refused(503, "auth_unavailable", "authentication is unavailable; try again later")
+
+
+class _TokenAndHookAuthorizer(_Authorizer):
+    """Authentication on: a handshake with a token is judged by it, when tokens are configured; any other
+    goes to the connect hook, if there is one, or is refused with 401."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.tokens = _TokenVerifier(settings) if settings.jwt_secret or settings.jwt_public_key else None
+        self.hook = _ConnectHook(settings) if settings.connect_hook_url else None
+        self.settings = settings
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        if self.hook is None:
+            yield
+        else:
+            async with self.hook.client.running():
+                yield
+
+    async def authorize(self, request: HTTPConnection, client_id: str) -> _Identity:
+        token = _credentials(request)
+        if token is not None and self.tokens is not None:
+            try:
+                return _identity(self.tokens.verify(token), self.settings)
+            except ValueError as exc:
+                raise _Refused(401, "unauthorized", f"invalid token claims: {exc}") from None
+        if self.hook is not None:
+            return await self.hook.ask(request, client_id)
+        raise _Refused(401, "unauthorized", "a token is required: send 'Authorization: Bearer <token>' "
+                                            "or add ?token=<token> to the URL")
+
+    def metrics(self) -> list[_MetricFamily]:
+        if self.hook is None:
+            return []
+        return [("connect_hook_total", "counter", "Connect hook requests, by outcome.", self.hook.outcomes,
+                 "outcome")]
+
+
+# --------------------------------------------------------------------------
 # Cluster over Redis
 # --------------------------------------------------------------------------
 
@@ -1620,7 +2176,11 @@ _decode_delivery = msgspec.msgpack.Decoder(_Delivery).decode
 #   p:directory                HASH  client id -> instance id
 #   p:instance:<id>:clients    HASH  client id -> the client's JSON entry in GET /api/clients
 #   p:instance:<id>:rooms      SET   rooms with members on that instance
-#   p:room:<room>              HASH  instance id -> members of the room there
+#   p:instance:<id>:users      SET   users with connections on that instance
+#   p:room:<room>              HASH  instance id -> members of the room there (whom to publish to)
+#   p:user:<user>              HASH  instance id -> connections of the user there
+#   p:room-members:<room>      HASH  client id -> instance id, for each member (presence)
+#   p:user-members:<user>      HASH  client id -> instance id, for each connection of the user
 #   p:deliveries:<id>          pub/sub channel of that instance
 _LUA_PRELUDE = """
 local p = ARGV[1]
@@ -1646,10 +2206,19 @@ local function reap(id)
   for _, client in ipairs(redis.call('HKEYS', clients)) do
     if redis.call('HGET', p .. ':directory', client) == id then redis.call('HDEL', p .. ':directory', client) end
   end
-  for _, room in ipairs(redis.call('SMEMBERS', p .. ':instance:' .. id .. ':rooms')) do
-    redis.call('HDEL', p .. ':room:' .. room, id)
+  for _, kind in ipairs({'room', 'user'}) do
+    local names = p .. ':instance:' .. id .. ':' .. kind .. 's'
+    for _, name in ipairs(redis.call('SMEMBERS', names)) do
+      redis.call('HDEL', p .. ':' .. kind .. ':' .. name, id)
+      local members = p .. ':' .. kind .. '-members:' .. name
+      local held = redis.call('HGETALL', members)
+      for i = 1, #held, 2 do
+        if held[i + 1] == id then redis.call('HDEL', members, held[i]) end
+      end
+    end
+    redis.call('DEL', names)
   end
-  redis.call('DEL', clients, p .. ':instance:' .. id .. ':rooms')
+  redis.call('DEL', clients)
   redis.call('ZREM', p .. ':instances', id)
 end
 """
@@ -1670,11 +2239,11 @@ if not redis.call('ZSCORE', p .. ':instances', ARGV[4]) then return false end
 local id = redis.call('HGET', p .. ':directory', ARGV[2])
 if not id or id == ARGV[4] or not alive(id) then return -1 end
 return redis.call('PUBLISH', p .. ':deliveries:' .. id, ARGV[3])""",
-    # ARGV: p, room, message, own instance -> {members reached on other instances,
-    #                                         live instances with members that were not listening}
-    "room": """
+    # ARGV: p, "room:<room>" or "user:<user>", message, own instance
+    #   -> {members reached on other instances, live instances with members that were not listening}
+    "group": """
 if not redis.call('ZSCORE', p .. ':instances', ARGV[4]) then return false end
-local counts = redis.call('HGETALL', p .. ':room:' .. ARGV[2])
+local counts = redis.call('HGETALL', p .. ':' .. ARGV[2])
 for i = 1, #counts, 2 do
   if counts[i] ~= ARGV[4] and alive(counts[i]) then deliver(counts[i], ARGV[3], tonumber(counts[i + 1])) end
 end
@@ -1686,15 +2255,22 @@ for _, id in ipairs(live()) do
   if id ~= ARGV[3] then deliver(id, ARGV[2], redis.call('HLEN', p .. ':instance:' .. id .. ':clients')) end
 end
 return {reached, unheard}""",
-    # ARGV: p, room, own instance, members here -> members on every live instance
+    # ARGV: p, "room" or "user", its name, own instance, members here, a client id, 1 if that client is a
+    #       member now (else 0) -> members on every live instance
     "members": """
-local key = p .. ':room:' .. ARGV[2]
-if tonumber(ARGV[4]) > 0 then
-  redis.call('HSET', key, ARGV[3], ARGV[4])
-  redis.call('SADD', p .. ':instance:' .. ARGV[3] .. ':rooms', ARGV[2])
+local key = p .. ':' .. ARGV[2] .. ':' .. ARGV[3]
+local names = p .. ':instance:' .. ARGV[4] .. ':' .. ARGV[2] .. 's'
+if ARGV[7] == '1' then
+  redis.call('HSET', p .. ':' .. ARGV[2] .. '-members:' .. ARGV[3], ARGV[6], ARGV[4])
 else
-  redis.call('HDEL', key, ARGV[3])
-  redis.call('SREM', p .. ':instance:' .. ARGV[3] .. ':rooms', ARGV[2])
+  redis.call('HDEL', p .. ':' .. ARGV[2] .. '-members:' .. ARGV[3], ARGV[6])
+end
+if tonumber(ARGV[5]) > 0 then
+  redis.call('HSET', key, ARGV[4], ARGV[5])
+  redis.call('SADD', names, ARGV[3])
+else
+  redis.call('HDEL', key, ARGV[4])
+  redis.call('SREM', names, ARGV[3])
 end
 local members = 0
 local counts = redis.call('HGETALL', key)
@@ -1711,12 +2287,43 @@ for _, id in ipairs(live()) do
   end
 end
 return entries""",
+    # ARGV: p, "room" or "user", its name -> the JSON entries of its members on live instances
+    "group_members": """
+local entries = {}
+local members = redis.call('HGETALL', p .. ':' .. ARGV[2] .. '-members:' .. ARGV[3])
+for i = 1, #members, 2 do
+  if alive(members[i + 1]) then
+    local entry = redis.call('HGET', p .. ':instance:' .. members[i + 1] .. ':clients', members[i])
+    if entry then entries[#entries + 1] = entry end
+  end
+end
+return entries""",
+    # ARGV: p -> {room, members, room, members, ...}: every room with members on a live instance
+    "rooms": """
+local totals, order = {}, {}
+for _, id in ipairs(live()) do
+  for _, room in ipairs(redis.call('SMEMBERS', p .. ':instance:' .. id .. ':rooms')) do
+    local count = tonumber(redis.call('HGET', p .. ':room:' .. room, id) or 0)
+    if count > 0 then
+      if not totals[room] then totals[room] = 0; order[#order + 1] = room end
+      totals[room] = totals[room] + count
+    end
+  end
+end
+local flat = {}
+for _, room in ipairs(order) do flat[#flat + 1] = room; flat[#flat + 1] = totals[room] end
+return flat""",
     # ARGV: p, client id -> its JSON entry, if its instance is live
     "get": """
 local id = redis.call('HGET', p .. ':directory', ARGV[2])
 if not id or not alive(id) then return false end
 return redis.call('HGET', p .. ':instance:' .. id .. ':clients', ARGV[2])""",
 }
+
+
+def _group_key(delivery: _ToGroup) -> str:
+    """The Redis key (after the prefix) of the instances holding a delivery's room or user."""
+    return f"room:{delivery.room}" if isinstance(delivery, _ToRoom) else f"user:{delivery.user}"
 
 
 class _RedisBackend(_Backend):
@@ -1862,9 +2469,11 @@ class _RedisBackend(_Backend):
             if connections:
                 pipe.hset(f"{prefix}:directory", mapping={c.id: self.instance for c in connections})
                 pipe.hset(self._clients_key, mapping={c.id: self._entry(c) for c in connections})
-            for room, members in self.registry.rooms.items():
-                pipe.hset(f"{prefix}:room:{room}", self.instance, len(members))
-                pipe.sadd(f"{prefix}:instance:{self.instance}:rooms", room)
+            for kind, groups in (("room", self.registry.rooms), ("user", self.registry.users)):
+                for name, members in groups.items():
+                    pipe.hset(f"{prefix}:{kind}:{name}", self.instance, len(members))
+                    pipe.hset(f"{prefix}:{kind}-members:{name}", mapping=dict.fromkeys(members, self.instance))
+                    pipe.sadd(f"{prefix}:instance:{self.instance}:{kind}s", name)
             results = await pipe.execute()
         # Peers we saw alive that Redis does not hold now may be reconnecting, as we did: until they
         # are back (or instance_ttl has passed), frames that may be for them are refused, not lost.
@@ -1919,34 +2528,44 @@ class _RedisBackend(_Backend):
             await self._call(self._register(connection))
 
     async def _register(self, connection: _Connection) -> None:
+        user = connection.identity.user
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(f"{self.settings.redis_prefix}:directory", connection.id, self.instance)
             pipe.hset(self._clients_key, connection.id, self._entry(connection))
+            if user is not None:
+                await self._members(pipe, "user", user, len(self.registry.users.get(user, ())), connection.id, True)
             await pipe.execute()
 
-    def unregister(self, client_id: str, members_left: Mapping[str, int]) -> None:
-        """Take a gone client out of the directory and its rooms, in the background."""
+    def unregister(self, connection: _Connection, rooms_left: Mapping[str, int], user_left: int) -> None:
+        """Take a gone client out of the directory, its rooms and its user, in the background."""
         if self.available and self._tasks is not None:
-            self._tasks.start_soon(self._unregister, client_id, members_left)
+            self._tasks.start_soon(self._unregister, connection.id, connection.identity.user, rooms_left, user_left)
 
-    async def _unregister(self, client_id: str, members_left: Mapping[str, int]) -> None:
+    async def _unregister(self, client_id: str, user: str | None, rooms_left: Mapping[str, int],
+                          user_left: int) -> None:
         prefix = self.settings.redis_prefix
         with contextlib.suppress(BackendUnavailable):
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hdel(f"{prefix}:directory", client_id)
                 pipe.hdel(self._clients_key, client_id)
-                for room, members in members_left.items():
-                    await self._scripts["members"](args=(prefix, room, self.instance, members), client=pipe)
+                for room, members in rooms_left.items():
+                    await self._members(pipe, "room", room, members, client_id, False)
+                if user is not None:
+                    await self._members(pipe, "user", user, user_left, client_id, False)
                 await self._call(pipe.execute())
 
     async def room_changed(self, connection: _Connection, room: str, members_here: int) -> int:
         """Record this instance's members of ``room``; the members on every instance."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(self._clients_key, connection.id, self._entry(connection))
-            await self._scripts["members"](args=(self.settings.redis_prefix, room, self.instance, members_here),
-                                           client=pipe)
+            await self._members(pipe, "room", room, members_here, connection.id, room in connection.rooms)
             results = await self._call(pipe.execute())
         return int(results[-1])
+
+    async def _members(self, pipe: Any, kind: str, name: str, members_here: int, client_id: str,
+                       member: bool) -> None:
+        await self._scripts["members"](args=(self.settings.redis_prefix, kind, name, self.instance, members_here,
+                                             client_id, int(member)), client=pipe)
 
     # Sending: deliveries to other instances go through one outbox, flushed as one pipeline at a
     # time: a busy gateway pays a Redis round trip per batch, not per frame, and keeps their order.
@@ -1965,8 +2584,16 @@ class _RedisBackend(_Backend):
 
         await self._submit("send", (client_id, _encode_delivery(delivery)), done)
 
-    async def publish(self, delivery: _ToRoom) -> int:
-        return int((await self._request("room", delivery.room, _encode_delivery(delivery)))[0])
+    async def publish(self, delivery: _ToGroup) -> int:
+        return int((await self._request("group", _group_key(delivery), _encode_delivery(delivery)))[0])
+
+    def publish_soon(self, delivery: _ToRoom) -> None:
+        if not self.available or self._outbox_ready is None or len(self._outbox) >= OUTBOX_LIMIT:
+            self.dropped["backend_unavailable"] += 1
+            return
+        args = (self.settings.redis_prefix, _group_key(delivery), _encode_delivery(delivery), self.instance)
+        self._outbox.append(("group", args, lambda result: None))
+        self._outbox_ready.set()
 
     async def forward_to_room(self, delivery: _ToRoom, failed: Callable[[str, str], None]) -> None:
         room = delivery.room
@@ -1979,7 +2606,7 @@ class _RedisBackend(_Backend):
                 failed(BACKEND_UNAVAILABLE, f"{result[1]} instance(s) with members of {room!r} {NOT_LISTENING}; "
                                             "their members missed this frame")
 
-        await self._submit("room", (room, _encode_delivery(delivery)), done)
+        await self._submit("group", (_group_key(delivery), _encode_delivery(delivery)), done)
 
     async def broadcast(self, delivery: _ToEveryone) -> int:
         return int((await self._request("all", _encode_delivery(delivery)))[0])
@@ -2069,6 +2696,17 @@ class _RedisBackend(_Backend):
         if entry is None and self.resyncing:  # unknown, or on a peer not back yet
             raise BackendUnavailable(RESYNCING)
         return None if entry is None else dict(msgspec.json.decode(entry))
+
+    async def members(self, kind: str, name: str, here: Iterable[_Connection]) -> list[dict[str, Any]]:
+        if self.resyncing:
+            raise BackendUnavailable(RESYNCING)
+        return [msgspec.json.decode(entry) for entry in await self._script("group_members", kind, name)]
+
+    async def rooms(self, here: Mapping[str, set[str]]) -> dict[str, int]:
+        if self.resyncing:
+            raise BackendUnavailable(RESYNCING)
+        flat = await self._script("rooms")
+        return {room.decode(): int(members) for room, members in zip(flat[::2], flat[1::2], strict=True)}
 
     async def _script(self, name: str, *args: Any) -> Any:
         return await self._call(self._scripts[name](args=(self.settings.redis_prefix, *args)))
@@ -2484,32 +3122,50 @@ def serve(app: Starlette, settings: ServerSettings | None = None) -> None:
 # --------------------------------------------------------------------------
 
 
+class HandshakeRefused(ConnectionError):
+    """The server refused the handshake with an HTTP status: 401 (no valid token), 403, 503 (full, or its
+    authentication unavailable).  ``code`` and ``message`` are those of its error body."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"the server refused the connection: HTTP {status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
 class Client:
     """An async client for the protocol, built on ``websockets``::
 
-        async with Client("ws://localhost:8000/ws/py_client") as client:
+        async with Client("ws://localhost:8000/ws/py_client", token=token) as client:
             await client.send("join", {"room": "lobby"})
             async for event in client:
                 print(event.event, event.data.data)
 
-    Iteration ends when the server closes the connection normally; an abnormal
-    close raises ``websockets.ConnectionClosedError``.
+    ``token`` goes in an ``Authorization: Bearer`` header.  A refused handshake raises
+    :class:`HandshakeRefused`.  Iteration ends when the server closes the connection
+    normally; an abnormal close raises ``websockets.ConnectionClosedError``.
     """
 
-    def __init__(self, url: str = DEFAULT_URL, **connect_options: Any) -> None:
+    def __init__(self, url: str = DEFAULT_URL, *, token: str | None = None, **connect_options: Any) -> None:
         self.url = url
         self.client_id = ""
+        self.user: str | None = None  # with authentication on, who the server says we are
         self.connect_frame = ""
         # websockets' options; frames are capped (inflated, if compressed) at uvicorn's default limit.
         self._connect_options = {"max_size": 16 * 1024 * 1024, "open_timeout": 10.0, **connect_options}
+        if token is not None:
+            headers = dict(self._connect_options.get("additional_headers") or {})
+            self._connect_options["additional_headers"] = {**headers, "Authorization": f"Bearer {token}"}
         self._connection: Any = None
 
     async def connect(self) -> Self:
         """Open the connection and wait, up to ``open_timeout``, for the connect frame that carries our id;
-        else ``TimeoutError``, or ``ConnectionError`` if something else came."""
+        else ``TimeoutError``, :class:`HandshakeRefused`, or ``ConnectionError`` if something else came."""
         from websockets.asyncio.client import connect
+        from websockets.exceptions import InvalidStatus
 
-        self._connection = await connect(self.url, **self._connect_options)
+        try:
+            self._connection = await connect(self.url, **self._connect_options)
+        except InvalidStatus as exc:
+            raise _handshake_refused(exc.response.status_code, bytes(exc.response.body or b"")) from None
         try:
             with anyio.fail_after(self._connect_options["open_timeout"] or math.inf):
                 self.connect_frame = await self.recv_text()
@@ -2523,6 +3179,8 @@ class Client:
             await self.close()
             raise
         self.client_id = event.client_id
+        user = event.data.data.get("user")
+        self.user = user if isinstance(user, str) else None
         return self
 
     async def __aenter__(self) -> Self:
@@ -2570,7 +3228,15 @@ class Client:
         return self._connection.close_code if self._connection is not None else None
 
 
-async def _run_client(url: str, linger: float) -> int:
+def _handshake_refused(status: int, body: bytes) -> HandshakeRefused:
+    try:
+        error = msgspec.json.decode(body)["error"]
+        return HandshakeRefused(status, str(error["code"]), str(error["message"]))
+    except (msgspec.DecodeError, KeyError, TypeError):
+        return HandshakeRefused(status, "http_error", body[:200].decode(errors="replace"))
+
+
+async def _run_client(url: str, linger: float, token: str | None = None) -> int:
     """The ``client`` command: frames to stdout as JSON lines, stdin lines to the server."""
     from websockets.exceptions import ConnectionClosed
 
@@ -2582,7 +3248,7 @@ async def _run_client(url: str, linger: float) -> int:
             portal.call(send_line.send, line)
         portal.call(send_line.send, None)
 
-    client = await Client(url).connect()
+    client = await Client(url, token=token).connect()
     print(client.connect_frame, flush=True)
     async with anyio.from_thread.BlockingPortal() as portal, anyio.create_task_group() as tasks:
 
@@ -2664,9 +3330,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
         parser.add_argument("url", nargs="?", default=DEFAULT_URL)
         parser.add_argument("--linger", type=float, default=0.5,
                             help="seconds to wait for replies after stdin ends (default 0.5)")
+        parser.add_argument("--token", default=environ.get(ENV_PREFIX + "TOKEN"),
+                            help=f"sent as 'Authorization: Bearer'; env {ENV_PREFIX}TOKEN, which, unlike a flag, "
+                                 "other users cannot see in the process list")
         args = parser.parse_args(argv[1:])
         try:
-            return anyio.run(_run_client, args.url, args.linger)
+            return anyio.run(_run_client, args.url, args.linger, args.token)
         except (OSError, ConnectionError) as exc:
             print(f"ws-micro client: {exc}", file=sys.stderr)
             return 1
