@@ -2497,7 +2497,7 @@ def serving(server: Any, **options: float) -> Iterator[None]:
         thread.join(TIMEOUT)
 
 
-def start_probe(page: Page, url: str, **options: float) -> None:
+def start_probe(page: Page, url: str, **options: float | str) -> None:
     """A JS Client of the test's own on the page, for ``url``, not yet connected (window.probe); every
     state it reports lands in window.seen as {state, ...detail}, and when, in ms, in window.seenAt."""
     page.evaluate("""async ([url, options]) => {
@@ -2663,6 +2663,121 @@ def test_browser_console_reconnect_button_replaces_the_connection_at_once(browse
               "the server to list only the new connection")
         assert server.get(f"/api/clients/{second_id}").json()["rooms"] == ["lobby"]
         assert server.metric("ws_micro_connections_total") == 2
+
+
+# Tokens: the page and the JS client against the gateway's --jwt-secret.
+
+JWT_SECRET = "a-test-secret-for-hs256-32-bytes+"  # PyJWT wants an HS256 key of 32 bytes or more
+
+
+def mint_token(user: str, expires_in: float = 60, secret: str = JWT_SECRET) -> str:
+    """A JWT as the gateway's --jwt-secret takes it: HS256, with the `sub` (the user) and `exp` it requires."""
+    import jwt  # PyJWT: only the token tests need it
+
+    return jwt.encode({"sub": user, "exp": int(time.time() + expires_in)}, secret, algorithm="HS256")
+
+
+def wait_state(page: Page, state: str) -> None:
+    page.wait_for_function("([state]) => document.getElementById('state').dataset.state === state",
+                           arg=[state], timeout=TIMEOUT * 1000)
+
+
+def test_browser_page_connects_with_a_token_from_its_fragment_and_takes_it_out_of_the_address_bar(
+        browser: Browser, tmp_path: Path) -> None:
+    token, log = mint_token("alice"), tmp_path / "server.log"
+    with run_server("--log-level", "info", "--jwt-secret", JWT_SECRET, log=log) as server:
+        page = browser.new_context().new_page()
+        page.goto(f"{server.http}/#token={token}")  # a fragment: the browser never sends it to the server
+        wait_state(page, "open")
+        assert page.locator("#user").inner_text() == "alice"
+        assert page.evaluate("wsMicroClient.user") == "alice"
+        assert page.evaluate("location.href") == f"{server.http}/"  # not in the address bar, nor bookmarked
+        assert page.input_value("#token") == token  # kept for the page's next tries
+        send_from(page, "builtin", "", "ping", '{"n": 1}')
+        log_entry(page, "pong")
+    text = log.read_text()
+    assert '"GET / HTTP/1.1" 200' in text  # the access log was on, and saw the page's requests
+    assert token not in text and token.split(".")[2] not in text
+
+
+@pytest.mark.parametrize("kind", ["none", "expired", "wrong-secret"])
+def test_browser_page_shows_a_refused_token_and_tries_no_more_until_retried(browser: Browser, kind: str) -> None:
+    token = {"none": None, "expired": mint_token("alice", expires_in=-60),
+             "wrong-secret": mint_token("alice", secret="another-secret-of-32-bytes-or-more")}[kind]
+    with run_server("--log-level", "warning", "--jwt-secret", JWT_SECRET) as server:
+        page = browser.new_context().new_page()
+        page.clock.install()  # the page's timers run in real time, and are fast-forwarded below
+        page.goto(f"{server.http}/" + (f"#token={token}" if token else ""))
+        wait_state(page, "refused")
+        refused = server.metric("ws_micro_rejected_handshakes_total", reason="unauthorized")
+        assert 1 <= refused <= 2  # the handshake, and perhaps the page's one GET asking why
+        # Five minutes later by the page's clock, any retry would have come (the waits are 10 s at most).
+        page.clock.run_for(5 * 60_000)
+        assert page.evaluate("wsMicroClient.state") == "refused"
+        assert server.metric("ws_micro_rejected_handshakes_total", reason="unauthorized") == refused
+        # The page says what the gateway answers the same request.
+        answer = server.get("/ws/py_client", params={"token": token} if token else {})
+        assert (answer.status_code, answer.json()["error"]["code"]) == (401, "unauthorized")
+        assert page.locator("#state").inner_text() == "refused: 401 unauthorized"
+        assert page.locator("#refusal-status").inner_text() == "401 unauthorized"
+        assert page.locator("#refusal-message").inner_text() == answer.json()["error"]["message"]
+        # The token field is open beside the refusal: a new token, then Retry.
+        page.fill("#token", mint_token("alice"))
+        page.click("#retry")
+        wait_state(page, "open")
+        assert page.locator("#user").inner_text() == "alice"
+        assert page.locator("#refusal").is_hidden()
+
+
+def test_browser_client_gets_a_fresh_token_from_its_function_for_every_try(browser: Browser) -> None:
+    minted: list[str] = []
+    expired = False  # when set, the next tokens have expired already
+
+    def fresh_token() -> str:  # the app's own token endpoint, say
+        minted.append(mint_token(f"user-{len(minted) + 1}", expires_in=-60 if expired else 60))
+        return minted[-1]
+
+    with run_server("--log-level", "warning", "--jwt-secret", JWT_SECRET, "--max-message-size", "1024") as server:
+        page = browser.new_context().new_page()
+        page.expose_function("fetchFreshToken", fresh_token)  # JS gets a Promise of its answer
+        page.goto(f"{server.http}/healthz")  # this origin, without the console's own client
+        page.evaluate("""async (url) => {
+            const { Client } = await import("/static/ws_micro.js");
+            window.seen = [];
+            window.probe = new Client(url, { initialDelay: 100, token: () => fetchFreshToken() });
+            probe.onState((state, detail) => seen.push({ state, ...detail, user: probe.user }));
+            probe.connect();
+        }""", server.ws)
+        assert wait_seen(page, 1, "open")[-1]["user"] == "user-1"
+        page.evaluate("probe.send('echo', { pad: 'x'.repeat(2000) })")  # too large: the server closes (1009)
+        seen = wait_seen(page, 2, "open")
+        assert [(wait["cause"], wait["code"]) for wait in waits(seen)] == [("close", 1009)]
+        assert seen[-1]["user"] == "user-2" and len(minted) == 2  # the retry asked for a token of its own
+        expired = True
+        page.evaluate("probe.send('echo', { pad: 'x'.repeat(2000) })")
+        seen = wait_seen(page, 1, "refused")
+        assert {key: seen[-1][key] for key in ("status", "code")} == {"status": 401, "code": "unauthorized"}
+        assert page.evaluate("probe.refusal.status") == 401 and len(minted) == 3
+        expired = False
+        page.evaluate("probe.reconnect()")  # the app, once it can get a good token again
+        assert wait_seen(page, 3, "open")[-1]["user"] == "user-4"
+        assert len(minted) == 4
+
+
+def test_browser_client_on_another_origin_learns_why_it_was_refused(browser: Browser) -> None:
+    with run_server("--log-level", "warning") as site, run_server(
+            "--log-level", "warning", "--jwt-secret", JWT_SECRET, "--allowed-origins", site.http) as gateway:
+        page = browser.new_context().new_page()
+        page.goto(f"{site.http}/healthz")  # a page of another origin, which the gateway allows
+        start_probe(page, gateway.ws, token=mint_token("alice", expires_in=-60))
+        page.evaluate("probe.connect()")
+        # Its GET asking why went cross-origin with credentials: the answer let the page read it.
+        refused = wait_seen(page, 1, "refused")[-1]
+        assert (refused["status"], refused["code"]) == (401, "unauthorized")
+        start_probe(page, gateway.ws, token=mint_token("alice"))
+        page.evaluate("probe.connect()")
+        wait_seen(page, 1, "open")
+        assert page.evaluate("probe.user") == "alice"
 
 
 # --------------------------------------------------------------------------

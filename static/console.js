@@ -8,15 +8,37 @@ const WS_URL = new URLSearchParams(location.search).get("ws")
   ?? new URL("ws/py_client", ROOT).href.replace(/^http/, "ws");
 
 const $ = (id) => document.getElementById(id);
-const client = new Client(WS_URL);
 const MAX_LOG = 200;
 
-const CAUSES = { timeout: "timed out", keepalive: "no pong", online: "back online", error: "failed" };
+// A token comes in the page's fragment, #token=...: unlike a query string, a fragment is never sent
+// to the server, so it cannot land in an access log. It goes into the token field, and out of the
+// address bar (and this page's history entry), so that it is not bookmarked, shared or shown.
+function takeTokenFromFragment() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  const token = params.get("token");
+  if (token === null) return false;
+  params.delete("token");
+  const rest = params.toString();
+  history.replaceState(history.state, "", `${location.pathname}${location.search}${rest ? `#${rest}` : ""}`);
+  $("token").value = token;
+  return true;
+}
+
+takeTokenFromFragment();
+// The token field is read before every try, so an edited token is used from the next one on.
+const client = new Client(WS_URL, { token: () => $("token").value.trim() || null });
+
+const CAUSES = { timeout: "timed out", keepalive: "no pong", online: "back online", error: "failed", token: "no token" };
+
+// A refusal in a few words: "401 unauthorized".
+const refused = (refusal) => `${refusal.status}${refusal.code ? ` ${refusal.code}` : ""}`;
 
 // What the badge says: the state, and while reconnecting why and when.
 function describe(state, detail) {
+  if (state === "refused") return `refused: ${refused(detail)}`;
   if (state === "reconnecting" && detail.delay !== undefined) {
-    const why = CAUSES[detail.cause] ?? (detail.code ? `closed ${detail.code}` : "closed");
+    const why = detail.refusal ? `refused ${refused(detail.refusal)}`
+      : CAUSES[detail.cause] ?? (detail.code ? `closed ${detail.code}` : "closed");
     const when = detail.delay ? `in ${(detail.delay / 1000).toFixed(1)} s` : "now";
     return `${why}; reconnecting ${when} (attempt ${detail.attempt})`;
   }
@@ -26,19 +48,43 @@ function describe(state, detail) {
   return state;
 }
 
+// The box under the header: why the gateway refused this page, and what happens next.
+function showRefusal(refusal, final) {
+  const box = $("refusal");
+  box.hidden = !refusal;
+  $("retry").hidden = !final;
+  if (!refusal) return;
+  box.dataset.final = String(final);
+  $("refusal-title").textContent = final ? "Connection refused:" : "Refused for now:";
+  $("refusal-status").textContent = refused(refusal);
+  $("refusal-message").textContent = refusal.message ?? "";
+  $("refusal-next").textContent = final
+    ? "The page will not try again by itself. Check or replace the token, then retry."
+    : "Retrying by itself; the badge says when.";
+  if (final) $("token-panel").open = true;
+}
+
 client.onState((state, detail) => {
   const badge = $("state");
   badge.dataset.state = state;
   badge.textContent = describe(state, detail);
   if (state === "open") {
     $("client-id").textContent = detail.clientId;
+    $("user").textContent = client.user ?? "";
+    $("user-wrap").hidden = client.user === null;
+    showRefusal(null, false);
+    renderRooms();
     refreshClients();
+  } else if (state === "refused") {
+    showRefusal(detail, true);
+  } else if (state === "reconnecting" && detail.delay !== undefined) {
+    showRefusal(detail.refusal ?? null, false);
   }
 });
 
 client.on("*", (frame) => {
   const item = document.createElement("li");
-  item.className = frame.event === "error" ? "frame error" : "frame";
+  item.className = frame.event === "error" ? "frame error" : frame.event === "presence" ? "frame presence" : "frame";
   const head = document.createElement("div");
   head.className = "frame-head";
   const name = document.createElement("strong");
@@ -48,14 +94,19 @@ client.on("*", (frame) => {
   head.append(name, " ", from);
   if (frame.room) head.append(` in ${frame.room}`);
   const body = document.createElement("pre");
-  body.textContent = frame.event === "error"
-    ? `${frame.data.data.code}: ${frame.data.data.message}`
-    : JSON.stringify(frame.data.data);
+  body.textContent = frame.event === "error" ? `${frame.data.data.code}: ${frame.data.data.message}`
+    : frame.event === "presence" ? presence(frame.data.data)
+      : JSON.stringify(frame.data.data);
   item.append(head, body);
   $("log").prepend(item);
   while ($("log").children.length > MAX_LOG) $("log").lastChild.remove();
-  if (frame.event === "joined" || frame.event === "left") renderRooms();
+  if (["joined", "left", "error"].includes(frame.event)) renderRooms();
 });
+
+// "alice (3d04...) joined lobby"; without a user, the id alone.
+function presence({ room, action, client_id: who, user }) {
+  return `${user ? `${user} (${who})` : who} ${action} ${room}`;
+}
 
 $("send-form").addEventListener("submit", (event) => {
   event.preventDefault();
@@ -141,6 +192,15 @@ async function refreshClients() {
 
 $("refresh").addEventListener("click", refreshClients);
 $("reconnect").addEventListener("click", () => client.reconnect());
+$("retry").addEventListener("click", () => client.reconnect());
+$("token-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  client.reconnect();
+});
+// A token pasted into the address bar of the open page (#token=...): use it at once.
+window.addEventListener("hashchange", () => {
+  if (takeTokenFromFragment()) client.reconnect();
+});
 $("clear").addEventListener("click", () => $("log").replaceChildren());
 client.connect();
 window.wsMicroClient = client; // for the console and the browser tests

@@ -16,6 +16,14 @@
 // retried. An app-level ping every `keepalive` ms notices a dead connection that the browser
 // would not. A retry waiting for its delay goes at once when the browser comes back online.
 //
+// `token` (a string, or a function returning one or a Promise of one, called before every try)
+// goes in the URL's query as `token=`: browsers cannot set headers on a WebSocket. A browser
+// sees a refused handshake only as a close (1006) before open, so after a try closes before its
+// connect frame the client asks the gateway why, once: a plain GET of the same URL answers the
+// handshake's status. 401 or 403 stops the client (state "refused") until connect() or
+// reconnect(); other answers (503: full, or the auth backend down) are kept in `refusal` and
+// the client retries as usual.
+//
 // onState(fn) calls fn(state, detail) with:
 //   connecting    {attempt: 0}     connect() or reconnect() opened a socket
 //   open          {clientId}       its connect frame arrived
@@ -26,6 +34,8 @@
 //   reconnecting  {attempt}        try number `attempt` opened a socket
 //   closed        {code, reason}   close(), or the server closed with 1000
 //   closed        {gaveUp: true, attempt, cause, code, reason}  maxRetries tries failed in a row
+//   refused       {status, code, message}  the gateway refused the handshake with 401 or 403: no retry
+// A wait after a refused try (503) also carries `refusal: {status, code, message}`.
 
 export const DEFAULT_PATH = "/ws/py_client";
 
@@ -36,7 +46,15 @@ export const DEFAULTS = Object.freeze({
   connectTimeout: 10000, // ms from opening a socket to its connect frame, then drop and retry; 0: none
   maxRetries: Infinity, // failed tries in a row (see minUptime) before giving up: state "closed"
   keepalive: 25000, // ms between app-level pings, and how long a pong may take; 0: no pings
+  token: null, // a string, or a function returning one (or a Promise of one), called before every try
 });
+
+// Events only the gateway sends, always with the recipient's own id and never with `to` or `room`.
+// A gateway without the server-event check relays any name: such a frame is another client's forgery.
+const SERVER_EVENTS = new Set(["error", "pong", "joined", "left", "presence"]);
+
+// The statuses of a refused handshake that no retry will change: the token (or the origin) must.
+const FINAL_REFUSALS = new Set([401, 403]);
 
 export function defaultUrl(location = globalThis.location) {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
@@ -52,8 +70,12 @@ export class Client {
     this.url = url;
     this.clientId = null;
     this.state = "closed";
-    this.rooms = new Set();
+    this.user = null; // who the gateway says this connection is (its connect frame's user), or null
+    this.rooms = new Set(); // the rooms this client is in: those it joined and those the gateway put it in
     this.lastClose = null; // {code, reason} of the last close
+    // {status, code, message}: why the gateway refused the last try, as its probe found out; null when
+    // that probe found no refusal (the server was down, or would have accepted), and once open.
+    this.refusal = null;
     this._options = {};
     for (const [name, value] of Object.entries(DEFAULTS)) this._options[name] = options[name] ?? value;
     for (const name of Object.keys(options)) {
@@ -61,6 +83,9 @@ export class Client {
     }
     this._handlers = new Map(); // event name (or "*") -> Set of functions
     this._stateHandlers = new Set();
+    this._joined = new Set(); // the rooms join() asked for: joined again after a reconnect
+    this._granted = new Set(); // the rooms the gateway joined this connection to itself, at connect
+    this._try = null; // the current try; a token or a probe that comes back for an older one is dropped
     this._socket = null; // the one socket it listens to; any other was let go of with _drop
     this._greeted = false; // the current connection's first frame (its connect) has arrived
     this._attempt = 0; // tries since the last connection that lasted minUptime
@@ -117,12 +142,15 @@ export class Client {
 
   /** Join a room now (if connected) and after every reconnect. */
   join(room) {
+    this._joined.add(room);
     this.rooms.add(room);
     return this.send("join", { room });
   }
 
-  /** Leave a room, and stop re-joining it. */
+  /** Leave a room, and stop re-joining it (a room the gateway joins at connect, it joins again). */
   leave(room) {
+    this._joined.delete(room);
+    this._granted.delete(room);
     this.rooms.delete(room);
     return this.send("leave", { room });
   }
@@ -130,25 +158,48 @@ export class Client {
   // Internals
 
   _open() {
+    const current = (this._try = {});
     this._setState(this._attempt ? "reconnecting" : "connecting", { attempt: this._attempt });
-    let socket;
+    const { connectTimeout, token } = this._options;
+    if (connectTimeout) {
+      // It covers the token, the handshake and the connect frame: a server may accept and never greet.
+      this._timers.connect = setTimeout(() => this._abandon("connect timeout", "timeout"), connectTimeout);
+    }
+    if (typeof token !== "function") {
+      this._openSocket(current, token);
+      return;
+    }
+    // A fresh token for every try: a short-lived one fetched now has not expired by the handshake.
+    new Promise((resolve) => resolve(token())).then(
+      (value) => this._openSocket(current, value),
+      (error) => this._failed(current, `no token: ${error?.message ?? error}`, "token"),
+    );
+  }
+
+  _openSocket(current, token) {
+    if (this._try !== current) return; // given up on (timeout, close(), reconnect()) while the token came
+    let url, socket;
     try {
-      socket = new WebSocket(this.url);
+      url = withToken(this.url, token);
+      socket = new WebSocket(url);
     } catch (error) {
-      this._emit("*", { event: "client_error", data: { data: { message: String(error) } } });
-      this.lastClose = { code: null, reason: String(error) };
-      this._retry("error");
+      // The error names the URL, and with it the token: say which URL without it.
+      this._failed(current, `cannot open a WebSocket to ${this.url}: ${error?.name ?? "error"}`, "error");
       return;
     }
     this._socket = socket;
     this._greeted = false;
     socket.onmessage = (message) => this._receive(message.data);
-    socket.onclose = (event) => this._closed(event);
-    const { connectTimeout } = this._options;
-    if (connectTimeout) {
-      // It covers the handshake and the connect frame: a server may accept and never greet.
-      this._timers.connect = setTimeout(() => this._abandon("connect timeout", "timeout"), connectTimeout);
-    }
+    socket.onclose = (event) => this._closed(event, current, url);
+  }
+
+  // A try that made no socket: say so in the frame log, and retry.
+  _failed(current, message, cause) {
+    if (this._try !== current) return;
+    clearTimeout(this._timers.connect);
+    this._emit("*", { event: "client_error", data: { data: { message } } });
+    this.lastClose = { code: null, reason: message };
+    this._retry(cause);
   }
 
   _receive(text) {
@@ -167,23 +218,42 @@ export class Client {
       console.warn("ws_micro: ignored a connect frame that was not the first, from", frame.client_id);
       return;
     }
+    if (SERVER_EVENTS.has(frame.event) && !this._fromServer(frame)) {
+      console.warn(`ws_micro: ignored a ${frame.event} frame that the server did not send, from`, frame.client_id);
+      return;
+    }
     if (frame.event === "connect") {
       clearTimeout(this._timers.connect);
       this.clientId = frame.client_id;
+      this.refusal = null;
+      const info = frame.data?.data ?? {};
+      this.user = typeof info.user === "string" ? info.user : null;
+      // The gateway joined these itself (the token's rooms), and joins them again on every connection.
+      this._granted = new Set(Array.isArray(info.rooms) ? info.rooms.filter((room) => typeof room === "string") : []);
+      this.rooms.clear();
+      for (const room of [...this._joined, ...this._granted]) this.rooms.add(room);
       // Only a connection that lasts starts the waits over: one that the server drops at once
       // (it greets, then fails) counts as a failed try.
       this._timers.uptime = setTimeout(() => { this._attempt = 0; }, this._options.minUptime);
       this._setState("open", { clientId: this.clientId });
-      for (const room of this.rooms) this.send("join", { room });
+      for (const room of this._joined) if (!this._granted.has(room)) this.send("join", { room });
       this._schedulePing();
     } else if (frame.event === "pong") {
       clearTimeout(this._timers.pong);
+    } else if (frame.event === "error") {
+      const { code, event, room } = frame.data?.data ?? {};
+      // A room this connection may not join is not joined again on every reconnect (the gateway names
+      // the room in the error when it can; otherwise it stays and is refused again).
+      if (code === "forbidden" && event === "join" && typeof room === "string" && !this._granted.has(room)) {
+        this._joined.delete(room);
+        this.rooms.delete(room);
+      }
     }
     this._emit(frame.event, frame);
     this._emit("*", frame);
   }
 
-  _closed(event) {
+  _closed(event, current, url) {
     this._clearTimers();
     this._socket = null;
     this.lastClose = { code: event.code, reason: event.reason };
@@ -193,7 +263,23 @@ export class Client {
       this._setState("closed", this.lastClose);
       return;
     }
-    this._retry("close");
+    if (this._greeted || !globalThis.fetch) {
+      this._retry("close");
+      return;
+    }
+    // Closed before its connect frame: maybe refused, and the browser does not say with what status.
+    // The gateway answers a plain GET of the same URL with it. One such probe per failed try.
+    const timeout = this._options.connectTimeout || DEFAULTS.connectTimeout;
+    probe(url, timeout).then((refusal) => {
+      if (this._try !== current) return; // close(), connect() or reconnect() came first
+      this.refusal = refusal;
+      if (refusal && FINAL_REFUSALS.has(refusal.status)) {
+        this._stop();
+        this._setState("refused", { ...refusal });
+        return;
+      }
+      this._retry("close", refusal);
+    });
   }
 
   // Give up on the socket without waiting for its close event, which on a dead network comes
@@ -205,17 +291,20 @@ export class Client {
     this._retry(cause);
   }
 
-  _retry(cause) {
+  _retry(cause, refusal = null) {
     const { initialDelay, maxDelay, maxRetries } = this._options;
+    const why = refusal ? { refusal: { ...refusal } } : {};
     if (this._attempt >= maxRetries) {
       this._stop();
-      this._setState("closed", { ...this.lastClose, cause, gaveUp: true, attempt: this._attempt });
+      this._setState("closed", { ...this.lastClose, cause, ...why, gaveUp: true, attempt: this._attempt });
       return;
     }
     const ceiling = Math.min(maxDelay, initialDelay * 2 ** this._attempt);
     const delay = ceiling / 2 + Math.random() * (ceiling / 2); // "equal jitter"
     this._attempt += 1;
-    this._setState("reconnecting", { ...this.lastClose, delay: Math.round(delay), attempt: this._attempt, cause });
+    this._setState("reconnecting", {
+      ...this.lastClose, delay: Math.round(delay), attempt: this._attempt, cause, ...why,
+    });
     this._timers.reconnect = setTimeout(() => {
       this._timers.reconnect = 0;
       this._open();
@@ -251,8 +340,9 @@ export class Client {
     this._drop(code, reason);
   }
 
-  // Let go of the socket: close it, and take no more events from it.
+  // Let go of the socket: close it, and take no more events from it, nor a token or probe for it.
   _drop(code, reason) {
+    this._try = null;
     const socket = this._socket;
     if (!socket) return;
     this._socket = null;
@@ -265,6 +355,12 @@ export class Client {
       clearTimeout(this._timers[name]);
       this._timers[name] = 0;
     }
+  }
+
+  // A frame the gateway itself sent: it carries our own id, and no `to` or `room` (a relayed one has
+  // its sender's id, which the gateway checks, so no client can send a frame with ours).
+  _fromServer(frame) {
+    return frame.client_id === this.clientId && frame.to == null && frame.room == null;
   }
 
   _setState(state, detail = {}) {
@@ -282,5 +378,44 @@ export class Client {
         console.error(`ws_micro: a handler for ${event} failed`, error);
       }
     }
+  }
+}
+
+// The URL of one try: `url` with `token=<token>` in its query (an existing query is kept).
+function withToken(url, token) {
+  if (token === null || token === undefined || token === "") return url;
+  const parsed = new URL(url, globalThis.location?.href);
+  parsed.searchParams.set("token", String(token));
+  return parsed.href;
+}
+
+// Why the gateway refuses a handshake: a plain GET of the WebSocket's URL (the same query, so the same
+// token; cookies go along as they do with the WebSocket) answers the handshake's status with
+// {"error": {"code", "message"}}: 401 or 403 (refused), 503 (full, or its auth backend is down), or
+// 426 (it would be accepted now). {status, code, message} for a refusal; null for anything else,
+// including no answer in time and an answer this page may not read (another origin, not allowed).
+async function probe(url, timeout) {
+  const target = new URL(url, globalThis.location?.href);
+  target.protocol = target.protocol === "wss:" ? "https:" : target.protocol === "ws:" ? "http:" : target.protocol;
+  const abort = new AbortController();
+  const timer = setTimeout(() => abort.abort(), timeout);
+  try {
+    const response = await fetch(target, { credentials: "include", cache: "no-store", signal: abort.signal });
+    if (![401, 403, 503].includes(response.status)) return null;
+    let error = {};
+    try {
+      error = (await response.json())?.error ?? {};
+    } catch {
+      // not the gateway's JSON (a proxy's page): the status alone
+    }
+    return {
+      status: response.status,
+      code: typeof error.code === "string" ? error.code : null,
+      message: typeof error.message === "string" ? error.message : response.statusText,
+    };
+  } catch {
+    return null; // no answer: the server is down or unreachable, and the usual retries apply
+  } finally {
+    clearTimeout(timer);
   }
 }
