@@ -2665,16 +2665,7 @@ def test_browser_console_reconnect_button_replaces_the_connection_at_once(browse
         assert server.metric("ws_micro_connections_total") == 2
 
 
-# Tokens: the page and the JS client against the gateway's --jwt-secret.
-
-JWT_SECRET = "a-test-secret-for-hs256-32-bytes+"  # PyJWT wants an HS256 key of 32 bytes or more
-
-
-def mint_token(user: str, expires_in: float = 60, secret: str = JWT_SECRET) -> str:
-    """A JWT as the gateway's --jwt-secret takes it: HS256, with the `sub` (the user) and `exp` it requires."""
-    import jwt  # PyJWT: only the token tests need it
-
-    return jwt.encode({"sub": user, "exp": int(time.time() + expires_in)}, secret, algorithm="HS256")
+# Tokens: the page and the JS client against the gateway's --jwt-secret (JWT_SECRET, tokens from mint()).
 
 
 def wait_state(page: Page, state: str) -> None:
@@ -2684,7 +2675,7 @@ def wait_state(page: Page, state: str) -> None:
 
 def test_browser_page_connects_with_a_token_from_its_fragment_and_takes_it_out_of_the_address_bar(
         browser: Browser, tmp_path: Path) -> None:
-    token, log = mint_token("alice"), tmp_path / "server.log"
+    token, log = mint(), tmp_path / "server.log"
     with run_server("--log-level", "info", "--jwt-secret", JWT_SECRET, log=log) as server:
         page = browser.new_context().new_page()
         page.goto(f"{server.http}/#token={token}")  # a fragment: the browser never sends it to the server
@@ -2702,8 +2693,8 @@ def test_browser_page_connects_with_a_token_from_its_fragment_and_takes_it_out_o
 
 @pytest.mark.parametrize("kind", ["none", "expired", "wrong-secret"])
 def test_browser_page_shows_a_refused_token_and_tries_no_more_until_retried(browser: Browser, kind: str) -> None:
-    token = {"none": None, "expired": mint_token("alice", expires_in=-60),
-             "wrong-secret": mint_token("alice", secret="another-secret-of-32-bytes-or-more")}[kind]
+    token = {"none": None, "expired": mint(lifetime=-60),
+             "wrong-secret": mint(key="another-secret-of-32-bytes-or-more")}[kind]
     with run_server("--log-level", "warning", "--jwt-secret", JWT_SECRET) as server:
         page = browser.new_context().new_page()
         page.clock.install()  # the page's timers run in real time, and are fast-forwarded below
@@ -2722,7 +2713,7 @@ def test_browser_page_shows_a_refused_token_and_tries_no_more_until_retried(brow
         assert page.locator("#refusal-status").inner_text() == "401 unauthorized"
         assert page.locator("#refusal-message").inner_text() == answer.json()["error"]["message"]
         # The token field is open beside the refusal: a new token, then Retry.
-        page.fill("#token", mint_token("alice"))
+        page.fill("#token", mint())
         page.click("#retry")
         wait_state(page, "open")
         assert page.locator("#user").inner_text() == "alice"
@@ -2734,7 +2725,7 @@ def test_browser_client_gets_a_fresh_token_from_its_function_for_every_try(brows
     expired = False  # when set, the next tokens have expired already
 
     def fresh_token() -> str:  # the app's own token endpoint, say
-        minted.append(mint_token(f"user-{len(minted) + 1}", expires_in=-60 if expired else 60))
+        minted.append(mint({"sub": f"user-{len(minted) + 1}"}, lifetime=-60 if expired else 60))
         return minted[-1]
 
     with run_server("--log-level", "warning", "--jwt-secret", JWT_SECRET, "--max-message-size", "1024") as server:
@@ -2769,12 +2760,12 @@ def test_browser_client_on_another_origin_learns_why_it_was_refused(browser: Bro
             "--log-level", "warning", "--jwt-secret", JWT_SECRET, "--allowed-origins", site.http) as gateway:
         page = browser.new_context().new_page()
         page.goto(f"{site.http}/healthz")  # a page of another origin, which the gateway allows
-        start_probe(page, gateway.ws, token=mint_token("alice", expires_in=-60))
+        start_probe(page, gateway.ws, token=mint(lifetime=-60))
         page.evaluate("probe.connect()")
         # Its GET asking why went cross-origin with credentials: the answer let the page read it.
         refused = wait_seen(page, 1, "refused")[-1]
         assert (refused["status"], refused["code"]) == (401, "unauthorized")
-        start_probe(page, gateway.ws, token=mint_token("alice"))
+        start_probe(page, gateway.ws, token=mint())
         page.evaluate("probe.connect()")
         wait_seen(page, 1, "open")
         assert page.evaluate("probe.user") == "alice"
@@ -3356,11 +3347,13 @@ def test_joins_and_room_frames_outside_the_connections_patterns_are_forbidden_an
             assert ws.receive_json()["event"] == "joined"
         ws.send_json(frame("join", me, {"room": "admin"}))
         assert ws.receive_json()["data"]["data"] == {
-            "code": "forbidden", "message": "this connection may not join room 'admin'", "event": "join"}
+            "code": "forbidden", "message": "this connection may not join room 'admin'", "event": "join",
+            "room": "admin"}
         # Joined, but not granted to speak there: refused before the membership check.
         ws.send_json(frame("chat", me, {"text": "hi"}, room="chat:random"))
         assert ws.receive_json()["data"]["data"] == {
-            "code": "forbidden", "message": "this connection may not send to room 'chat:random'", "event": "chat"}
+            "code": "forbidden", "message": "this connection may not send to room 'chat:random'", "event": "chat",
+            "room": "chat:random"}
         # Relays by id are off with authentication on.
         ws.send_json(frame("chat", me, {"text": "psst"}, to=me))
         assert ws.receive_json()["data"]["data"]["code"] == "forbidden"
@@ -3508,8 +3501,8 @@ class HookBackend:
             asked = json.loads(body)
             self.requests.append(asked)
             mode = asked["query"].get("mode", "grant")
-            if mode == "slow":
-                await anyio.sleep(3)
+            if mode == "slow":  # longer than the gateway's connect_hook_timeout
+                await anyio.sleep(1)
             if mode in ("401", "403", "500"):
                 return JSONResponse({"error": mode}, int(mode))
             if mode == "garbage":
@@ -3524,7 +3517,7 @@ class HookBackend:
         import uvicorn
 
         config = uvicorn.Config(Starlette(routes=[Route("/hook", hook, methods=["POST"])]), host="127.0.0.1",
-                                port=self.port, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
+                                port=self.port, log_level="warning", lifespan="off", timeout_graceful_shutdown=3)
         self.server = uvicorn.Server(config)
 
     def __enter__(self) -> Self:
@@ -3743,3 +3736,61 @@ async def test_cluster_a_dead_instances_users_and_room_members_are_reaped(redis_
                                                             "ws_micro:room-members:lobby") == 1,
                                "the dead instance's keys to be reaped (alice's membership stays)")
             assert redis_server.command("HKEYS", "ws_micro:room-members:lobby") == [id_a]
+
+
+@pytest.mark.anyio
+async def test_presence_of_many_slow_members_cut_off_at_once_is_announced_without_recursion() -> None:
+    # Each member cut off is announced to the others, which cuts the next one off, and so on: a
+    # recursion as deep as the room is large, had the announcements not been queued.
+    registry, settings = Registry(), Settings(max_queue_messages=1)
+    registry.presence_events = True
+    members, outputs = [], []
+    for _ in range(500):
+        output = StallingOutput()
+        outputs.append(output)
+        connection = ws_micro._Connection(output, remote=None, settings=settings, metrics=registry.metrics,
+                                          on_close=registry.remove)
+        registry.add(connection)
+        await registry.join(connection, "big")
+        members.append(connection)
+        output.stall()
+    assert await registry.publish("big", "news") == 500  # in flight
+    assert await registry.publish("big", "news") == 500  # queued
+    assert await registry.publish("big", "news") == 0  # over the queue: every member is cut off
+    assert len(registry) == 0 and registry.rooms == {}
+    assert {member.close_reason for member in members} == {"slow_consumer"}
+    for member, output in zip(members, outputs, strict=True):
+        output.drain()
+        await member.closed()
+
+
+@pytest.mark.anyio
+async def test_e2e_a_flood_of_handshakes_the_hook_cannot_answer_is_bounded(tmp_path: Path) -> None:
+    log = tmp_path / "gateway.log"
+    with HookBackend() as backend, run_server(*hook_options(backend.url), "--max-connections", "40",
+                                              log=log) as server:
+        async with ws_client(server.ws) as _:  # warm: the server's memory with one connection
+            pass
+        before = rss_mib(server.process)
+        statuses: list[int] = []
+
+        async def attempt() -> None:
+            with pytest.raises(InvalidStatus) as refused:
+                await connect(server.ws + "?mode=slow", open_timeout=TIMEOUT)
+            statuses.append(refused.value.response.status_code)
+
+        for _ in range(3):  # three waves of 200 handshakes at once, each waiting for a hook that hangs
+            async with anyio.create_task_group() as tasks:
+                for _ in range(200):
+                    tasks.start_soon(attempt)
+        assert set(statuses) == {503} and len(statuses) == 600
+        full = server.metric("ws_micro_rejected_handshakes_total", reason="full")
+        waited = server.metric("ws_micro_connect_hook_total", outcome="timeout")
+        assert full + waited == 600 and 0 < waited <= 3 * 40  # at most max_connections wait on the hook at once
+        assert server.get("/healthz").json()["connections"] == 0
+        assert rss_mib(server.process) - before < 15
+    lines = log.read_text().splitlines()
+    # One line per 10 s, not one per handshake: the hook's failures, and uvicorn's (see _CLIENT_CAUSED).
+    assert len([line for line in lines if line.startswith("WARNING")]) <= 2
+    assert len([line for line in lines if line.startswith("ERROR")]) <= 2
+    assert not any("Traceback" in line for line in lines)

@@ -964,6 +964,7 @@ class Registry:
         self.metrics = _Metrics()
         self.backend = _Backend()  # create_app(redis_url=...) sets a _RedisBackend
         self.presence_events = False  # create_app(presence_events=True): members hear of joins and leaves
+        self._announcements: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
 
     def __len__(self) -> int:
         return len(self.connections)
@@ -1019,10 +1020,20 @@ class Registry:
         ``"joined"`` or ``"left"`` it; a joiner hears of itself too, after its ``joined`` reply."""
         if not self.presence_events:
             return
-        frame = _Frame("presence", {"room": room, "action": action, "client_id": connection.id,
-                                    "user": connection.identity.user})
-        self._fan_out(self.rooms.get(room, ()), frame)
-        self.backend.publish_soon(_ToRoom(room, frame.head, frame.tail))
+        self._announcements.append((room, {"room": room, "action": action, "client_id": connection.id,
+                                           "user": connection.identity.user}))
+        if len(self._announcements) > 1:  # sending one cut a slow member off: the loop below sends its leaving too
+            return
+        # A loop, not recursion: one announcement may close members whose leaving is announced in turn.
+        try:
+            while self._announcements:
+                room, data = self._announcements[0]
+                frame = _Frame("presence", data)
+                self._fan_out(self.rooms.get(room, ()), frame)
+                self.backend.publish_soon(_ToRoom(room, frame.head, frame.tail))
+                self._announcements.popleft()
+        finally:
+            self._announcements.clear()
 
     async def _members(self, connection: _Connection, room: str, members_here: int) -> int:
         try:
@@ -1112,10 +1123,13 @@ class Registry:
             self._fan_out(client_ids, _Frame.parts(text, tail))
 
     def _kick(self, client_ids: Iterable[str], code: int, reason: str) -> int:
-        kicked = list(client_ids)  # each close takes its connection out of the set
-        for client_id in kicked:
-            self.connections[client_id].close(code, reason, label="kicked")
-        return len(kicked)
+        kicked = 0
+        for client_id in list(client_ids):  # each close takes its connection out of the set
+            connection = self.connections.get(client_id)
+            if connection is not None:
+                connection.close(code, reason, label="kicked")
+                kicked += 1
+        return kicked
 
     def _fan_out(self, client_ids: Iterable[str], frame: _Frame) -> int:
         delivered = 0
@@ -1210,6 +1224,7 @@ class _Gateway:
             async with self.admitting(websocket, client_id) as identity:
                 await websocket.accept()
         except _Refused as refusal:
+            self.registry.metrics.rejected_handshakes[refusal.code] += 1
             await _deny(websocket, refusal.status, refusal.code, refusal.message)
             return None
         except WebSocketDisconnect:
@@ -1225,22 +1240,18 @@ class _Gateway:
     @contextlib.asynccontextmanager
     async def admitting(self, request: HTTPConnection, client_id: str) -> AsyncIterator[_Identity]:
         """Check a handshake (origin, room on the server, credentials), counting it against
-        ``max_connections`` until the block ends; raise :class:`_Refused`, counted, if it may not connect."""
+        ``max_connections`` until the block ends; raise :class:`_Refused` if it may not connect."""
+        origin = request.headers.get("origin")
+        if origin is not None and not _origin_allowed(origin, request.headers.get("host", ""),
+                                                      self.settings.allowed_origins):
+            raise _Refused(403, "origin", f"origin {origin!r} is not allowed")
+        if len(self.registry) + self._handshakes + self.waiting >= self.settings.max_connections:
+            raise _Refused(503, "full", f"server is full ({self.settings.max_connections} connections)")
+        self._handshakes += 1
         try:
-            origin = request.headers.get("origin")
-            if origin is not None and not _origin_allowed(origin, request.headers.get("host", ""),
-                                                          self.settings.allowed_origins):
-                raise _Refused(403, "origin", f"origin {origin!r} is not allowed")
-            if len(self.registry) + self._handshakes + self.waiting >= self.settings.max_connections:
-                raise _Refused(503, "full", f"server is full ({self.settings.max_connections} connections)")
-            self._handshakes += 1
-            try:
-                yield await self.authorizer.authorize(request, client_id)
-            finally:
-                self._handshakes -= 1
-        except _Refused as refusal:
-            self.registry.metrics.rejected_handshakes[refusal.code] += 1
-            raise
+            yield await self.authorizer.authorize(request, client_id)
+        finally:
+            self._handshakes -= 1
 
     async def _read(self, connection: _Connection, receive: Receive) -> bool:
         """Handle frames until the connection starts closing (False) or the peer leaves (True)."""
@@ -1305,7 +1316,8 @@ class _Gateway:
                 await self.registry.relay_to_client(event.to, text, failed)
         elif event.room is not None:
             if not connection.identity.may_publish(event.room):
-                failed(FORBIDDEN, f"this connection may not send to room {event.room!r}")
+                self._error(connection, FORBIDDEN, f"this connection may not send to room {event.room!r}",
+                            event.event, room=event.room)
             elif event.room not in connection.rooms:
                 failed(NOT_IN_ROOM, f"join room {event.room!r} before sending to it")
             else:
@@ -1328,7 +1340,7 @@ class _Gateway:
         if room is None:
             return
         if not connection.identity.may_join(room):
-            self._error(connection, FORBIDDEN, f"this connection may not join room {room!r}", event.event)
+            self._error(connection, FORBIDDEN, f"this connection may not join room {room!r}", event.event, room=room)
             return
         limit = self.settings.max_rooms_per_connection
         if room not in connection.rooms and len(connection.rooms) >= limit:
@@ -1374,9 +1386,10 @@ class _Gateway:
             return None
         return room
 
-    def _error(self, connection: _Connection, code: str, message: str, event: str | None) -> None:
+    def _error(self, connection: _Connection, code: str, message: str, event: str | None, **extra: str) -> None:
         self.registry.metrics.errors[code] += 1
-        connection.send(_Frame("error", {"code": code, "message": message, "event": event}).to(connection.id))
+        connection.send(_Frame("error", {"code": code, "message": message, "event": event, **extra})
+                        .to(connection.id))
 
 
 def _origin_allowed(origin: str, host: str, allowed: tuple[str, ...]) -> bool:
