@@ -3794,3 +3794,25 @@ async def test_e2e_a_flood_of_handshakes_the_hook_cannot_answer_is_bounded(tmp_p
     assert len([line for line in lines if line.startswith("WARNING")]) <= 2
     assert len([line for line in lines if line.startswith("ERROR")]) <= 2
     assert not any("Traceback" in line for line in lines)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", list(SERVERS))
+async def test_e2e_tokens_and_the_connect_hook_work_under_each_asgi_server(name: str) -> None:
+    # daphne cannot send an HTTP status of the app's choosing: it refuses every handshake with 403.
+    # It runs no lifespan either: the hook's pool is made on first use.
+    refused = 403 if name == "daphne" else 401
+    with HookBackend() as backend, run_server(asgi_server=name, env={
+            "WS_MICRO_JWT_SECRET": JWT_SECRET, "WS_MICRO_CONNECT_HOOK_URL": backend.url,
+            "WS_MICRO_BACKEND_SECRET": BACKEND_SECRET, "WS_MICRO_CONNECT_HOOK_TIMEOUT": "2"}) as server:
+        for url, headers, user in ((server.ws, {"Authorization": f"Bearer {mint()}"}, "alice"),
+                                   (server.ws + "?mode=grant", {"Cookie": "session=zed"}, "zed")):
+            async with ws_client(url, additional_headers=headers) as (ws, me):
+                await ws.send(text("ping", me))
+                assert (await recv_json(ws))["event"] == "pong"
+                assert server.get(f"/api/clients/{me}").json()["user"] == user
+        for url in (server.ws + "?token=forged", server.ws + "?mode=401"):
+            with pytest.raises(InvalidStatus) as refusal:
+                await connect(url, open_timeout=TIMEOUT)
+            assert refusal.value.response.status_code == refused
+        assert server.get("/healthz").json()["connections"] == 0

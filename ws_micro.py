@@ -2045,19 +2045,20 @@ class _BackendClient:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        connector = self._aiohttp.TCPConnector(limit=HOOK_POOL_SIZE)
-        async with self._aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",)) as session:
-            self._session = session
-            try:
-                yield
-            finally:
+        """Close the pool when the app stops; a server that runs no lifespan (daphne) never closes it."""
+        try:
+            yield
+        finally:
+            if self._session is not None:
+                await self._session.close()
                 self._session = None
 
     async def post(self, url: str, body: bytes) -> tuple[int, bytes]:
         """The status and body (at most HOOK_ANSWER_LIMIT + 1 bytes) of a signed POST of ``body``; raise
         ``ConnectionError`` if the backend cannot be reached.  The caller bounds its time."""
-        if self._session is None:
-            raise ConnectionError("the app is not running (its lifespan has not started)")
+        if self._session is None:  # made on first use: aiohttp binds it to the running event loop
+            connector = self._aiohttp.TCPConnector(limit=HOOK_POOL_SIZE)
+            self._session = self._aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
         signature = _signature(self._secret, body, int(time.time()))
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: signature}
         answer = b""
