@@ -20,12 +20,13 @@ import shutil
 import signal
 import socket
 import socketserver
+import struct
 import subprocess
 import sys
 import threading
 import time
 import tomllib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Self
 
@@ -1442,11 +1443,12 @@ def tree_rss_mib(pid: int) -> float:
     return own / 1024 + sum(tree_rss_mib(child) for child in children)
 
 
-def raw_websocket(server: Server, receive_buffer: int = 4096) -> tuple[socket.socket, str]:
+def raw_websocket(server: Server, receive_buffer: int = 4096, query: str = "") -> tuple[socket.socket, str]:
     """A WebSocket opened by hand, with a small receive buffer, up to its connect frame; and the client id."""
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-    sock.sendall(b"GET /ws/py_client HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    sock.sendall(f"GET /ws/py_client{query} HTTP/1.1\r\n".encode()
+                 + b"Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                  b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
     received = b""
     while b"connection request granted" not in received:
@@ -1465,9 +1467,13 @@ def half_handshakes(server: Server, count: int) -> list[socket.socket]:
 
 
 def client_frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
-    """A masked client frame (mask 0, so the payload is sent as is) of up to 125 bytes."""
-    assert len(payload) < 126
-    return bytes(((0x80 if fin else 0) | opcode, 0x80 | len(payload))) + b"\0\0\0\0" + payload
+    """A masked client frame (mask 0, so the payload is sent as is) of up to 64 KiB."""
+    first = (0x80 if fin else 0) | opcode
+    if len(payload) < 126:
+        head = bytes((first, 0x80 | len(payload)))
+    else:
+        head = bytes((first, 0x80 | 126)) + len(payload).to_bytes(2, "big")
+    return head + b"\0\0\0\0" + payload
 
 
 @pytest.mark.anyio
@@ -3489,43 +3495,24 @@ def verify_signature_from_the_docs() -> Callable[[bytes, str, bytes], bool]:
     return namespace["verify_signature"]  # type: ignore[no-any-return]
 
 
-class HookBackend:
-    """A real backend serving the connect hook (Starlette on uvicorn, in a thread, on a free port).
+class BackendServer:
+    """A real backend (Starlette on uvicorn, in a thread, on a free port) that checks the signature of
+    each of the gateway's requests with the docs' function; a bad one gets 400."""
 
-    It checks each request's signature with the docs' function (a bad one gets 400, which the
-    gateway answers with 503), keeps the request, and answers as the handshake's ``mode`` query
-    parameter asks: grant, 401, 403, slowly, 500, garbage or a grant out of bounds.
-    """
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
+    def __init__(self, path: str, answer: Callable[[dict[str, Any]], Awaitable[Any]]) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/hook"
+        self.url = f"http://127.0.0.1:{self.port}{path}"
         verify = verify_signature_from_the_docs()
 
-        async def hook(request: Request) -> Any:
+        async def endpoint(request: Request) -> Any:
             body = await request.body()
             if not verify(BACKEND_SECRET.encode(), request.headers.get("x-ws-micro-signature", ""), body):
                 return JSONResponse({"error": "bad signature"}, 400)
-            asked = json.loads(body)
-            self.requests.append(asked)
-            mode = asked["query"].get("mode", "grant")
-            if mode == "slow":  # longer than the gateway's connect_hook_timeout
-                await anyio.sleep(1)
-            if mode in ("401", "403", "500"):
-                return JSONResponse({"error": mode}, int(mode))
-            if mode == "garbage":
-                return PlainTextResponse("<html>oops</html>")
-            if mode == "unbounded":
-                return JSONResponse({"user": "alice", "meta": {"blob": "x" * 5000}})
-            if mode == "empty":
-                return Response(status_code=204)
-            user = asked["headers"].get("cookie", "session=nobody").partition("=")[2]
-            return JSONResponse({"user": user, "rooms": ["team:42"], "publish": ["team:*"], "meta": {"plan": "pro"}})
+            return await answer(json.loads(body))
 
         import uvicorn
 
-        config = uvicorn.Config(Starlette(routes=[Route("/hook", hook, methods=["POST"])]), host="127.0.0.1",
+        config = uvicorn.Config(Starlette(routes=[Route(path, endpoint, methods=["POST"])]), host="127.0.0.1",
                                 port=self.port, log_level="warning", lifespan="off", timeout_graceful_shutdown=3)
         self.server = uvicorn.Server(config)
 
@@ -3534,13 +3521,38 @@ class HookBackend:
         self.thread.start()
         deadline = time.monotonic() + TIMEOUT
         while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the hook backend did not start"
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the backend did not start"
             time.sleep(0.01)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.server.should_exit = True
         self.thread.join(TIMEOUT)
+
+
+class HookBackend(BackendServer):
+    """The connect hook: it keeps each request, and answers as the handshake's ``mode`` query parameter
+    asks: grant, 401, 403, slowly, 500, garbage or a grant out of bounds."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        super().__init__("/hook", self.answer)
+
+    async def answer(self, asked: dict[str, Any]) -> Any:
+        self.requests.append(asked)
+        mode = asked["query"].get("mode", "grant")
+        if mode == "slow":  # longer than the gateway's connect_hook_timeout
+            await anyio.sleep(1)
+        if mode in ("401", "403", "500"):
+            return JSONResponse({"error": mode}, int(mode))
+        if mode == "garbage":
+            return PlainTextResponse("<html>oops</html>")
+        if mode == "unbounded":
+            return JSONResponse({"user": "alice", "meta": {"blob": "x" * 5000}})
+        if mode == "empty":
+            return Response(status_code=204)
+        user = asked["headers"].get("cookie", "session=nobody").partition("=")[2]
+        return JSONResponse({"user": user, "rooms": ["team:42"], "publish": ["team:*"], "meta": {"plan": "pro"}})
 
 
 def hook_options(url: str) -> tuple[str, ...]:
@@ -3841,3 +3853,340 @@ def test_an_es256_key_takes_es256_tokens_and_other_key_types_are_refused_at_star
         assert greeting(client, authorization="Bearer " + mint())["user"] == "alice"  # and HS256 with the secret
     with pytest.raises(ValueError, match="jwt_public_key must be an RSA or P-256 key, but got"):
         create_app(jwt_public_key=pem(ed25519.Ed25519PrivateKey.generate()))
+
+
+# --------------------------------------------------------------------------
+# Forwarding client events, connects and disconnects to the backend (docs/backend.md)
+# --------------------------------------------------------------------------
+
+
+class EventBackend(BackendServer):
+    """Takes forwarded events and notices at ``/events``, keeping each body in arrival order.
+
+    An event is answered as its ``data.mode`` says: ``reply`` (two frames, numbered), ``none`` (204),
+    ``500``, ``garbage``, ``slow`` (after 1 s). The first ``failing`` notices get 500.
+    """
+
+    def __init__(self, failing: int = 0) -> None:
+        self.received: list[dict[str, Any]] = []
+        self.failing = failing
+        super().__init__("/events", self.answer)
+
+    async def answer(self, body: dict[str, Any]) -> Any:
+        if body["type"] != "event" and self.failing > 0:
+            self.failing -= 1
+            return JSONResponse({"error": "not now"}, 500)
+        self.received.append(body)
+        mode = body.get("data", {}).get("mode", "reply")
+        if body["type"] != "event" or mode == "none":
+            return Response(status_code=204)
+        if mode == "slow":
+            await anyio.sleep(1)
+        if mode == "500":
+            return JSONResponse({"error": "boom"}, 500)
+        if mode == "garbage":
+            return PlainTextResponse("<html>oops</html>")
+        n = body["data"].get("n", 0)
+        return JSONResponse({"events": [{"event": "ack", "data": {"n": n, "part": 1}},
+                                        {"event": "ack", "data": {"n": n, "part": 2}}]})
+
+    def notices(self, client_id: str) -> list[tuple[str, str | None]]:
+        return [(body["type"], body.get("reason")) for body in self.received
+                if body["client_id"] == client_id and body["type"] != "event"]
+
+
+@contextlib.contextmanager
+def printing(lines: list[str], *command: str, env: dict[str, str]) -> Iterator[None]:
+    """Run ``command`` while the block runs; then kill it, and put what it printed in ``lines``."""
+    process = subprocess.Popen(command, text=True, stdout=subprocess.PIPE, env={**os.environ, **env})
+    try:
+        yield
+    finally:
+        process.kill()
+        lines += process.communicate()[0].splitlines()
+
+
+def forward_options(url: str, *more: str) -> tuple[str, ...]:
+    return ("--forward-url", url, "--backend-secret", BACKEND_SECRET, "--forward-timeout", "0.5", *more)
+
+
+async def eventually(predicate: Callable[[], bool], what: str) -> None:
+    """Wait, polling, for state another process (the backend's thread) changes; fail after TIMEOUT."""
+    with anyio.move_on_after(TIMEOUT):
+        while not predicate():  # noqa: ASYNC110 - the state lives in another thread, which has no event for us
+            await anyio.sleep(0.01)
+        return
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.anyio
+async def test_e2e_events_reach_the_backend_and_its_answers_reach_the_sender(tmp_path: Path) -> None:
+    log = tmp_path / "gateway.log"
+    with EventBackend() as backend, run_server(*forward_options(backend.url), log=log) as server:
+        async with ws_client(server.ws) as (ws, me):
+            await join(ws, me, "lobby")
+            await ws.send(text("chat", me, {"text": "hi", "n": 1}))
+            assert await recv_json(ws) == frame("ack", me, {"n": 1, "part": 1})
+            assert await recv_json(ws) == frame("ack", me, {"n": 1, "part": 2})
+            assert [body["type"] for body in backend.received] == ["connect", "event"]  # the connect first
+            forwarded = backend.received[-1]
+            assert forwarded == {"type": "event", "client_id": me, "user": None, "meta": None, "event": "chat",
+                                 "data": {"text": "hi", "n": 1}, "rooms": ["lobby"]}
+            # No answer to send back: nothing comes, and the next frame's reply is the next thing.
+            await ws.send(text("typing", me, {"mode": "none"}))
+            await ws.send(text("ping", me))
+            assert (await recv_json(ws))["event"] == "pong"
+            # What the sender sees when the backend fails, and the connection stays open.
+            for mode, code, message in (
+                    ("500", "backend_error", "the backend answered HTTP 500"),
+                    ("garbage", "backend_error", 'the backend\'s answer is not {"events": [...]}: JSON is malformed'),
+                    ("slow", "backend_unavailable", "the backend did not answer within 0.5 seconds")):
+                await ws.send(text("chat", me, {"mode": mode}))
+                reply = (await recv_json(ws))["data"]["data"]
+                assert (reply["code"], reply["event"]) == (code, "chat")
+                assert reply["message"].startswith(message), reply
+                assert reply.get("status") == (None if mode == "slow" else 500 if mode == "500" else 200)
+            await ws.send(text("ping", me))
+            assert (await recv_json(ws))["event"] == "pong"
+        for outcome, count in (("ok", 2), ("backend_error", 2), ("timeout", 1), ("unreachable", 0), ("busy", 0)):
+            assert server.metric("ws_micro_forwarded_total", outcome=outcome) == count, outcome
+        assert server.metric("ws_micro_forward_seconds_count") == 5
+        assert server.metric("ws_micro_forward_seconds_bucket", le="+Inf") == 5
+        assert server.metric("ws_micro_forward_seconds_bucket", le="0.25") == 4  # all but the slow one
+    assert not any("Traceback" in line for line in log.read_text().splitlines())
+
+
+@pytest.mark.anyio
+async def test_e2e_only_the_listed_events_are_forwarded_and_handlers_and_builtins_come_first() -> None:
+    with EventBackend() as backend, run_server(*forward_options(backend.url, "--forward-events", "chat,game:*"),
+                                               "--log-level", "warning") as server:
+        async with ws_client(server.ws) as (ws, me):
+            for name in ("game:move", "chat"):
+                await ws.send(text(name, me, {"mode": "none"}))
+            await ws.send(text("other", me))
+            assert (await recv_json(ws))["data"]["data"]["code"] == "unknown_event"
+            await ws.send(text("echo", me, {"n": 1}))
+            assert (await recv_json(ws))["event"] == "echo"
+    assert [body["event"] for body in backend.received if body["type"] == "event"] == ["game:move", "chat"]
+
+
+@pytest.mark.anyio
+async def test_e2e_a_backend_that_is_down_gets_backend_unavailable_and_the_connection_stays() -> None:
+    with run_server(*forward_options(f"http://127.0.0.1:{free_port()}/events"), "--log-level", "warning") as server:
+        async with ws_client(server.ws) as (ws, me):
+            await ws.send(text("chat", me))
+            reply = (await recv_json(ws))["data"]["data"]
+            assert (reply["code"], reply["event"]) == ("backend_unavailable", "chat")
+            assert reply["message"].startswith("the backend cannot be reached")
+            await ws.send(text("ping", me))
+            assert (await recv_json(ws))["event"] == "pong"
+        assert server.metric("ws_micro_forwarded_total", outcome="unreachable") == 1
+
+
+@pytest.mark.anyio
+async def test_e2e_each_connections_events_reach_the_backend_in_order_under_load() -> None:
+    clients, events = 20, 50
+    with EventBackend() as backend, run_server(*forward_options(backend.url), "--log-level", "warning") as server:
+
+        async def talk() -> None:
+            async with ws_client(server.ws) as (ws, me):
+                for n in range(events):  # all at once: the gateway reads the next when the backend answered
+                    await ws.send(text("move", me, {"n": n}))
+                replies = [(await recv_json(ws))["data"]["data"] for _ in range(2 * events)]
+                assert replies == [{"n": n, "part": part} for n in range(events) for part in (1, 2)]
+
+        async with anyio.create_task_group() as tasks:
+            for _ in range(clients):
+                tasks.start_soon(talk)
+    by_client: dict[str, list[int]] = {}
+    for body in backend.received:
+        if body["type"] == "event":
+            by_client.setdefault(body["client_id"], []).append(body["data"]["n"])
+    assert len(by_client) == clients
+    assert all(sequence == list(range(events)) for sequence in by_client.values())
+
+
+@pytest.mark.anyio
+async def test_e2e_a_client_flooding_a_slow_backend_is_paused_and_the_gateway_stays_small() -> None:
+    # One event in flight per connection: its next frames wait, unread, in the kernel's buffers and
+    # then the client's, which stops sending. The gateway holds one frame per connection at most.
+    with EventBackend() as backend, run_server(*forward_options(backend.url, "--forward-timeout", "5"),
+                                               "--log-level", "warning") as server:
+        async with ws_client(server.ws):
+            pass
+        before = rss_mib(server.process)
+        sock, me = raw_websocket(server)
+        sock.setblocking(False)
+        flood = client_frame(0x1, text("chat", me, {"mode": "slow", "pad": "x" * 8000}).encode())
+        sent = 0
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(20_000):  # 160 MB, were it all taken
+                sent += sock.send(flood)
+        assert sent < 20 * 1024 * 1024, "the gateway kept reading while its backend was slow"
+        await eventually(lambda: len([b for b in backend.received if b["type"] == "event"]) >= 2,
+                    "two slow events to reach the backend")
+        assert server.metric("ws_micro_forwarded_total", outcome="busy") == 0
+        assert rss_mib(server.process) - before < 20
+        assert server.get("/healthz").json()["connections"] == 1
+        sock.close()
+
+
+@pytest.mark.anyio
+async def test_e2e_past_forward_max_pending_events_are_refused_at_once() -> None:
+    with EventBackend() as backend, run_server(*forward_options(backend.url, "--forward-max-pending", "3",
+                                                                "--forward-timeout", "5"),
+                                               "--log-level", "warning") as server:
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(ws_client(server.ws)) for _ in range(8)]
+            for ws, me in clients[:3]:
+                await ws.send(text("chat", me, {"mode": "slow"}))
+            await eventually(lambda: len([b for b in backend.received if b["type"] == "event"]) == 3,
+                        "three slow events to wait at the backend")
+            for ws, me in clients[3:]:
+                await ws.send(text("chat", me))
+                reply = (await recv_json(ws))["data"]["data"]
+                assert (reply["code"], reply["message"]) == (
+                    "backend_unavailable", "3 events are waiting for the backend; try again later")
+            for ws, _ in clients[:3]:
+                assert (await recv_json(ws))["event"] == "ack"
+        assert server.metric("ws_micro_forwarded_total", outcome="busy") == 5
+
+
+@pytest.mark.anyio
+async def test_e2e_the_backend_hears_of_each_connect_and_disconnect_once_however_it_ends() -> None:
+    limits = ("--rate-limit", "5", "--rate-burst", "2", "--max-message-size", "70000", "--max-queue-bytes", "65536",
+              "--send-timeout", "1", "--jwt-secret", JWT_SECRET, "--log-level", "warning")
+    with EventBackend(failing=2) as backend, run_server(*forward_options(backend.url), *limits) as server:
+        ends: dict[str, str] = {}
+        bearer = {"Authorization": f"Bearer {mint()}"}
+
+        async with ws_client(server.ws, additional_headers=bearer) as (ws, me):  # a normal close
+            ends[me] = "closed"
+            await ws.send(text("chat", me, {"mode": "none"}))
+            await ws.send(text("ping", me))
+            assert (await recv_json(ws))["event"] == "pong"
+        async with ws_client(server.ws, additional_headers=bearer) as (ws, me):  # kicked by the API
+            ends[me] = "kicked"
+            assert httpx.delete(f"{server.http}/api/clients/{me}", timeout=TIMEOUT).status_code == 202
+            await closed_with(ws)
+        async with ws_client(server.ws, additional_headers=bearer) as (ws, me):  # over the rate limit
+            ends[me] = "rate_limited"
+            for _ in range(10):
+                await ws.send(text("ping", me))
+            assert (await closed_with(ws))[0] == 1008
+        async with ws_client(server.ws, additional_headers=bearer) as (ws, me):  # a frame too big
+            ends[me] = "message_too_big"
+            await ws.send(text("chat", me, {"pad": "x" * 80_000}))
+            assert (await closed_with(ws))[0] == 1009
+        sock, me = raw_websocket(server, query=f"?token={mint()}")  # gone without a close frame
+        ends[me] = "abnormal"
+        await eventually(lambda: ("connect", None) in backend.notices(me), "the dropped client's connect notice")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        sock, me = raw_websocket(server, query=f"?token={mint()}")  # a reader that stops: cut off as slow
+        ends[me] = "slow_consumer"
+        for _ in range(500):
+            if server.post(f"/api/clients/{me}", {"event": "bulk", "data": {"data": {"pad": "x" * 60_000}}},
+                           headers=JSON).status_code == 404:
+                break
+        else:
+            raise AssertionError("the reader that stopped was never cut off")
+        sock.close()
+        async with ws_client(server.ws, additional_headers=bearer) as (ws, me):  # logged out with its user
+            ends[me] = "kicked#user"
+            assert httpx.delete(f"{server.http}/api/users/alice", timeout=TIMEOUT).json() == {"disconnected": 1}
+            await closed_with(ws)
+        await eventually(lambda: all(len(backend.notices(client_id)) == 2 for client_id in ends), "the notices so far")
+        assert server.metric("ws_micro_notices_total", outcome="retried") == 2  # the first, failed twice
+        assert server.metric("ws_micro_notices_total", outcome="sent") == 2 * len(ends)
+        async with ws_client(server.ws, additional_headers=bearer) as (ws, me):  # the server stops
+            ends[me] = "shutdown"
+            server.process.send_signal(signal.SIGTERM)
+            assert (await closed_with(ws))[0] == 1012
+        assert server.process.wait(TIMEOUT) == 0
+    for client_id, end in ends.items():
+        assert backend.notices(client_id) == [("connect", None), ("disconnect", end.partition("#")[0])], end
+    events = [body for body in backend.received if body["type"] == "event"]
+    first = next(iter(ends))
+    # Its connect notice was retried (the backend failed it twice), so its event went ahead of it after
+    # forward_timeout; its disconnect waited for it.
+    assert [body["type"] for body in backend.received if body["client_id"] == first] == [
+        "event", "connect", "disconnect"]
+
+    assert events[0]["user"] == "alice"
+    connect = next(body for body in backend.received if body["type"] == "connect")
+    assert connect == {"type": "connect", "id": f"{connect['client_id']}:connect", "client_id": connect["client_id"],
+                       "user": "alice", "meta": None, "rooms": [], "remote": connect["remote"]}
+
+
+@pytest.mark.anyio
+async def test_e2e_notices_can_go_elsewhere_or_nowhere_and_are_dropped_counted_when_never_taken() -> None:
+    with EventBackend() as events, EventBackend() as lifecycle:
+        with run_server(*forward_options(events.url, "--lifecycle-url", lifecycle.url), "--log-level", "warning") \
+                as server:
+            async with ws_client(server.ws) as (ws, me):
+                await ws.send(text("chat", me, {"mode": "none"}))
+                await ws.send(text("ping", me))
+                await recv_json(ws)
+            await eventually(lambda: len(lifecycle.notices(me)) == 2, "the notices at the lifecycle URL")
+        assert [body["type"] for body in events.received] == ["event"]
+        with run_server(*forward_options(events.url, "--lifecycle-url", ""), "--log-level", "warning") as server:
+            async with ws_client(server.ws) as (ws, me):
+                await ws.send(text("chat", me, {"mode": "none"}))
+                await ws.send(text("ping", me))
+                await recv_json(ws)
+            assert server.metric("ws_micro_notices_total", outcome="sent") == 0
+        assert events.notices(me) == []
+        # Without forward_url, a lifecycle URL alone: notices, and events are not taken.
+        with run_server("--lifecycle-url", lifecycle.url, "--backend-secret", BACKEND_SECRET, "--log-level",
+                        "warning") as server:
+            async with ws_client(server.ws) as (ws, me):
+                await ws.send(text("chat", me))
+                assert (await recv_json(ws))["data"]["data"]["code"] == "unknown_event"
+            await eventually(lambda: len(lifecycle.notices(me)) == 2, "the notices without forwarding")
+    down = f"http://127.0.0.1:{free_port()}/events"
+    with run_server(*forward_options(down, "--lifecycle-retries", "1"), "--log-level", "warning") as server:
+        async with ws_client(server.ws) as (ws, me):
+            pass
+        await server.wait_until(lambda: server.metric("ws_micro_notices_total", outcome="dropped") == 2,
+                                "both notices to be given up on")
+        assert server.metric("ws_micro_notices_total", outcome="retried") == 2
+
+
+@pytest.mark.anyio
+async def test_e2e_the_docs_backend_answers_chat_through_the_sidecar_api_and_logs_disconnects(
+        tmp_path: Path) -> None:
+    page = (HERE / "docs" / "backend.md").read_text()
+    code = re.search(r"## A complete backend.*?```python\n(.*?)```", page, re.DOTALL)
+    assert code is not None, "docs/backend.md lost its complete backend"
+    (tmp_path / "backend.py").write_text(code[1])
+    port, gateway_port = free_port(), free_port()
+    printed: list[str] = []
+    with printing(printed, sys.executable, str(tmp_path / "backend.py"), env={
+            "WS_MICRO_BACKEND_SECRET": BACKEND_SECRET, "PORT": str(port),
+            "GATEWAY": f"http://localhost:{gateway_port}"}), \
+            run_server(*forward_options(f"http://127.0.0.1:{port}/"), "--forward-timeout", "5",
+                       "--log-level", "warning", port=gateway_port) as server:
+        async with ws_client(server.ws) as (a, id_a), ws_client(server.ws) as (b, id_b):
+            await join(b, id_b, "lobby")
+            await a.send(text("chat", id_a, {"room": "lobby", "text": "hi"}))
+            assert await recv_json(a) == frame("sent", id_a, {"room": "lobby"})
+            assert await recv_json(b) == frame("chat", id_b, {"from": id_a, "text": "hi"})
+    # The gateway has stopped, after sending the notices it had: both clients closed normally.
+    assert sorted(printed) == sorted([f"disconnected: {id_a} closed", f"disconnected: {id_b} closed"])
+
+
+@pytest.mark.anyio
+async def test_cluster_each_instance_forwards_its_clients_and_reports_them_once(redis_server: RedisServer) -> None:
+    with EventBackend() as backend, cluster(redis_server, 2, *forward_options(backend.url)) as (x, y):
+        async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b):
+            for ws, me in ((a, id_a), (b, id_b)):
+                await ws.send(text("chat", me, {"n": 7}))
+                assert await recv_json(ws) == frame("ack", me, {"n": 7, "part": 1})
+                assert await recv_json(ws) == frame("ack", me, {"n": 7, "part": 2})
+            assert httpx.delete(f"{x.http}/api/clients/{id_b}", timeout=TIMEOUT).status_code == 202  # b is on y
+            await closed_with(b)
+        await eventually(lambda: len(backend.notices(id_a)) == 2 and len(backend.notices(id_b)) == 2, "both notices")
+    assert backend.notices(id_a) == [("connect", None), ("disconnect", "closed")]
+    assert backend.notices(id_b) == [("connect", None), ("disconnect", "kicked")]
+    assert sorted(body["client_id"] for body in backend.received if body["type"] == "event") == sorted([id_a, id_b])

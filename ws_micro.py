@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import collections
 import contextlib
 import dataclasses
@@ -48,6 +49,7 @@ import hashlib
 import hmac
 import inspect
 import ipaddress
+import itertools
 import logging
 import math
 import os
@@ -117,10 +119,11 @@ RATE_LIMITED = "rate_limited"
 INTERNAL_ERROR = "internal_error"
 BACKEND_UNAVAILABLE = "backend_unavailable"  # cluster mode: the instance of the recipients cannot be reached
 FORBIDDEN = "forbidden"  # outside the connection's permissions (and, from the API, a request it refuses)
+BACKEND_ERROR = "backend_error"  # a forwarded event's backend answered with an error status, or garbage
 # Sidecar API only.
 UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
 ERROR_CODES = (INVALID_JSON, INVALID_EVENT, CLIENT_ID_MISMATCH, UNKNOWN_CLIENT, NOT_IN_ROOM,
-               UNKNOWN_EVENT, RATE_LIMITED, INTERNAL_ERROR, BACKEND_UNAVAILABLE, FORBIDDEN)
+               UNKNOWN_EVENT, RATE_LIMITED, INTERNAL_ERROR, BACKEND_UNAVAILABLE, FORBIDDEN, BACKEND_ERROR)
 
 # Close codes (RFC 6455 section 7.4.1).
 CLOSE_NORMAL = 1000
@@ -212,6 +215,21 @@ class Settings:
     presence_events: bool = False
     """Tell a room's members, with a ``presence`` event, when someone joins or leaves it."""
 
+    # Forwarding to the backend (docs/backend.md): client events, and connects and disconnects
+    forward_url: str | None = None
+    """The backend URL that client events no built-in or handler takes are POSTed to, signed
+    (pip install 'ws-micro[hook]'; needs backend_secret)."""
+    forward_events: tuple[str, ...] = ("*",)
+    """Event names or patterns (``chat``, ``game:*``) to forward; others get ``unknown_event``."""
+    forward_timeout: float = 5.0
+    """Seconds the backend may take to answer a forwarded event; then the sender gets ``backend_unavailable``."""
+    forward_max_pending: int = 1000
+    """Forwarded events waiting for the backend at once, across connections; more get ``backend_unavailable``."""
+    lifecycle_url: str = "auto"
+    """Where connects and disconnects are POSTed: "auto": forward_url (none without it); "": nowhere; or a URL."""
+    lifecycle_retries: int = 3
+    """Tries more for a connect or disconnect notice the backend did not take, before it is dropped."""
+
     # Cluster: several instances share one registry over Redis (pip install 'ws-micro[redis]')
     redis_url: str | None = None
     """``redis://host:port/db``; without it, everything stays in this process."""
@@ -225,20 +243,25 @@ class Settings:
     """Seconds after its last heartbeat an instance (killed, cut off) stops counting, with its clients."""
 
     @property
+    def lifecycle_target(self) -> str | None:
+        """The URL connects and disconnects are POSTed to, if any."""
+        return self.forward_url if self.lifecycle_url == "auto" else self.lifecycle_url or None
+
+    @property
     def authenticating(self) -> bool:
         """Whether handshakes must be authenticated (by a token or the connect hook)."""
         return bool(self.jwt_secret or self.jwt_public_key or self.connect_hook_url)
 
     def __post_init__(self) -> None:
         for name in ("max_message_size", "max_connections", "rate_burst", "max_queue_messages",
-                     "max_queue_bytes", "max_rooms_per_connection", "max_room_name_length"):
+                     "max_queue_bytes", "max_rooms_per_connection", "max_room_name_length", "forward_max_pending"):
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, but got {value!r}")
         if self.rate_limit < 0:
             raise ValueError(f"rate_limit must be 0 (off) or more, but got {self.rate_limit!r}")
         for name in ("send_timeout", "close_timeout", "api_body_timeout", "redis_timeout", "heartbeat_interval",
-                     "instance_ttl", "connect_hook_timeout"):
+                     "instance_ttl", "connect_hook_timeout", "forward_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be more than 0, but got {getattr(self, name)!r}")
         if self.instance_ttl <= self.heartbeat_interval:
@@ -246,13 +269,17 @@ class Settings:
                              f"but got {self.instance_ttl!r}")
         if not self.path.startswith("/"):
             raise ValueError(f"path must start with '/', but got {self.path!r}")
-        if self.connect_hook_url is not None:
-            if urlsplit(self.connect_hook_url).scheme not in ("http", "https"):
-                raise ValueError(f"connect_hook_url must be an http:// or https:// URL, but got "
-                                 f"{self.connect_hook_url!r}")
+        if self.lifecycle_retries < 0:
+            raise ValueError(f"lifecycle_retries must be 0 or more, but got {self.lifecycle_retries!r}")
+        for name in ("connect_hook_url", "forward_url", "lifecycle_url"):
+            url = getattr(self, name)
+            if url in (None, "", "auto"):
+                continue
+            if urlsplit(url).scheme not in ("http", "https"):
+                raise ValueError(f"{name} must be an http:// or https:// URL, but got {url!r}")
             if not self.backend_secret:
-                raise ValueError("connect_hook_url needs backend_secret, the key the backend checks the "
-                                 "gateway's requests with (python -c 'import secrets; print(secrets.token_hex(32))')")
+                raise ValueError(f"{name} needs backend_secret, the key the backend checks the gateway's requests "
+                                 "with (python -c 'import secrets; print(secrets.token_hex(32))')")
         if self.static_dir not in ("auto", "") and not (Path(self.static_dir) / "index.html").is_file():
             raise ValueError(f"static_dir must be a folder with an index.html, but got {self.static_dir!r}")
 
@@ -587,6 +614,28 @@ class _Output:
 _MetricFamily = tuple[str, str, str, Mapping[str, int], str]
 
 
+class _Histogram:
+    """A Prometheus histogram of durations, in seconds."""
+
+    BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+    def __init__(self, name: str, help: str) -> None:
+        self.name, self.help = name, help
+        self.counts = [0] * (len(self.BOUNDS) + 1)  # the last: over every bound
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.BOUNDS, seconds)] += 1
+        self.sum += seconds
+
+    def lines(self) -> list[str]:
+        name = f"ws_micro_{self.name}"
+        lines = [f"# HELP {name} {self.help}", f"# TYPE {name} histogram"]
+        for bound, count in zip((*map(str, self.BOUNDS), "+Inf"), itertools.accumulate(self.counts), strict=True):
+            lines.append(f'{name}_bucket{{le="{bound}"}} {count}')
+        return [*lines, f"{name}_sum {self.sum}", f"{name}_count {sum(self.counts)}"]
+
+
 class _Metrics:
     """Counters behind ``/metrics`` (Prometheus text format)."""
 
@@ -600,8 +649,8 @@ class _Metrics:
         self.rejected_handshakes = collections.Counter(dict.fromkeys(HANDSHAKE_REFUSALS, 0))
         self.fast_path = 0  # 1 while the newest connection writes past ASGI (see _UvicornOutput)
 
-    def render(self, connections: int, extra: Sequence[_MetricFamily] = ()) -> str:
-        families: list[_MetricFamily] = [
+    def render(self, connections: int, extra: Sequence[_MetricFamily | _Histogram] = ()) -> str:
+        families: list[_MetricFamily | _Histogram] = [
             ("open_connections", "gauge", "WebSocket connections open now.", {"": connections}, ""),
             ("connections_total", "counter", "WebSocket connections accepted.", {"": self.connections_total}, ""),
             ("messages_received_total", "counter", "Frames received from clients.", {"": self.messages_received}, ""),
@@ -615,7 +664,11 @@ class _Metrics:
             *extra,
         ]
         lines: list[str] = []
-        for name, kind, help, samples, label in families:
+        for family in families:
+            if isinstance(family, _Histogram):
+                lines += family.lines()
+                continue
+            name, kind, help, samples, label = family
             lines += [f"# HELP ws_micro_{name} {help}", f"# TYPE ws_micro_{name} {kind}"]
             lines += [f'ws_micro_{name}{{{label}="{key}"}} {value}' if label else f"ws_micro_{name} {value}"
                       for key, value in sorted(samples.items())]
@@ -1172,15 +1225,41 @@ class _Authorizer:
         return []
 
 
+class _Forwarder:
+    """Where the client events that no built-in or handler takes go, and who hears of connects and
+    disconnects.  Alone: nowhere (the sender gets ``unknown_event``), and no one.  With ``forward_url``,
+    :class:`_HttpForwarder` (below) POSTs them to the backend."""
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        yield
+
+    def takes(self, event: str) -> bool:
+        return False
+
+    async def forward(self, connection: _Connection, event: Event, failed: Callable[..., None]) -> None:
+        """Forward ``event`` and send its replies to ``connection``; else ``failed(code, message, **details)``."""
+
+    def connected(self, connection: _Connection) -> None:
+        """``connection`` was accepted."""
+
+    def disconnected(self, connection: _Connection) -> None:
+        """``connection`` ended, once for each connected(); its ``close_reason`` says how."""
+
+    def metrics(self) -> list[_MetricFamily | _Histogram]:
+        return []
+
+
 class _Gateway:
     """The WebSocket endpoint: handshake checks, the read loop and the protocol's routing."""
 
     def __init__(self, registry: Registry, settings: Settings,
                  choose_output: Callable[[Scope, Receive, Send, Settings, _Metrics], _Output],
-                 authorizer: _Authorizer) -> None:
+                 authorizer: _Authorizer, forwarder: _Forwarder) -> None:
         self.registry = registry
         self.settings = settings
         self.authorizer = authorizer
+        self.forwarder = forwarder
         self._choose_output = choose_output
         self._handshakes = 0  # accepts in flight, counted against max_connections
         self.waiting = 0  # connections whose request head has not arrived (counted under serve()), likewise
@@ -1191,6 +1270,7 @@ class _Gateway:
         if connection is None:
             return
         try:
+            self.forwarder.connected(connection)
             self.registry.add(connection)
             await self.registry.backend.register(connection)  # findable before anyone can learn the id
             identity = connection.identity
@@ -1213,7 +1293,9 @@ class _Gateway:
         finally:
             connection.abandon()
             self.registry.remove(connection)  # it may have left already, when it started closing
-            self.registry.metrics.disconnects[connection.close_reason or "abnormal"] += 1
+            connection.close_reason = connection.close_reason or "abnormal"
+            self.registry.metrics.disconnects[connection.close_reason] += 1
+            self.forwarder.disconnected(connection)
             logger.debug("client %s disconnected (%s)", connection.id, connection.close_reason)
 
     async def _accept(self, scope: Scope, receive: Receive, send: Send) -> _Connection | None:
@@ -1365,7 +1447,16 @@ class _Gateway:
         name = event.event
         handler = self.registry.handlers.get(name)
         if handler is None:
-            self._error(connection, UNKNOWN_EVENT, f"no handler for event {name!r}", name)
+            if not self.forwarder.takes(name):
+                self._error(connection, UNKNOWN_EVENT, f"no handler for event {name!r}", name)
+                return
+
+            def failed(code: str, message: str, **details: Any) -> None:
+                self._error(connection, code, message, name, **details)
+
+            # Awaited: the connection's next frame is read once the backend has answered this one, so its
+            # events arrive in order, and a client that keeps sending to a slow backend waits.
+            await self.forwarder.forward(connection, event, failed)
             return
         try:
             await handler(connection.id, event)
@@ -1386,7 +1477,7 @@ class _Gateway:
             return None
         return room
 
-    def _error(self, connection: _Connection, code: str, message: str, event: str | None, **extra: str) -> None:
+    def _error(self, connection: _Connection, code: str, message: str, event: str | None, **extra: Any) -> None:
         self.registry.metrics.errors[code] += 1
         connection.send(_Frame("error", {"code": code, "message": message, "event": event, **extra})
                         .to(connection.id))
@@ -1795,7 +1886,10 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
     _redact_tokens_in_logs()  # now, before the server logs a first request
     registry = registry if registry is not None else Registry()
     # The optional parts, below: authentication, and other instances over Redis.
-    authorizer = _TokenAndHookAuthorizer(settings) if settings.authenticating else _Authorizer()
+    backend_client = _BackendClient(settings)
+    authorizer = _TokenAndHookAuthorizer(settings, backend_client) if settings.authenticating else _Authorizer()
+    forwarder = _HttpForwarder(settings, backend_client) if settings.forward_url or settings.lifecycle_target \
+        else _Forwarder()
     registry.backend = _RedisBackend(registry, settings) if settings.redis_url else _Backend()
     registry.presence_events = settings.presence_events
 
@@ -1804,8 +1898,8 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
         return _json({"status": status, "connections": len(registry), **details})
 
     async def metrics(request: Request) -> Response:
-        return PlainTextResponse(registry.metrics.render(len(registry),
-                                                         [*authorizer.metrics(), *registry.backend.metrics()]),
+        return PlainTextResponse(registry.metrics.render(len(registry), [*authorizer.metrics(), *forwarder.metrics(),
+                                                                         *registry.backend.metrics()]),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def probe(request: Request) -> Response:
@@ -1826,7 +1920,7 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         _harden_process(settings)
-        async with registry.backend.running(), authorizer.running():
+        async with registry.backend.running(), backend_client.running(), authorizer.running(), forwarder.running():
             yield
 
     page_routes: list[BaseRoute] = []
@@ -1839,7 +1933,7 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
 
         page_routes = [Route("/", page, methods=["GET"]), Mount("/static", StaticFiles(directory=static))]
 
-    gateway = _Gateway(registry, settings, _choose_output, authorizer)
+    gateway = _Gateway(registry, settings, _choose_output, authorizer, forwarder)
     app = _GatewayApp(
         gateway,
         debug=debug,
@@ -1932,23 +2026,77 @@ app = _AppFromEnvironment()
 
 
 # --------------------------------------------------------------------------
-# Authentication: signed tokens and the connect hook
+# Requests to the backend: signed, over one pool (the connect hook, forwarding)
 # --------------------------------------------------------------------------
 
-SIGNATURE_HEADER = "X-WS-Micro-Signature"  # on the gateway's requests to the backend: t=<unix time>,v1=<hex>
-HOOK_HEADERS = ("cookie", "authorization", "origin", "user-agent")  # passed to the hook, with connect_hook_headers
-HOOK_ANSWER_LIMIT = 64 * 1024  # bytes of a hook's answer read before it counts as garbage
-HOOK_POOL_SIZE = 100  # connections to the backend kept open: at most as many hook requests at once
-
-# What became of each connect hook request (the connect_hook_total labels): it granted an identity; it
-# refused (401, 403); it did not answer in time; it could not be reached; it answered another status;
-# it answered what is not a grant.  Every outcome but the first two refuses the handshake with 503.
-HOOK_OUTCOMES = ("accepted", "refused", "timeout", "unreachable", "bad_status", "bad_answer")
+SIGNATURE_HEADER = "X-WS-Micro-Signature"  # t=<unix time>,v1=<hex HMAC-SHA256>
+BACKEND_POOL_SIZE = 100  # connections to the backend kept open: at most as many requests at once
 
 
 def _signature(secret: bytes, body: bytes, timestamp: int) -> str:
     """The ``SIGNATURE_HEADER`` value: HMAC-SHA256 of ``b"<timestamp>." + body``, as payment webhooks sign."""
     return f"t={timestamp},v1={hmac.new(secret, b'%d.' % timestamp + body, hashlib.sha256).hexdigest()}"
+
+
+class _BackendClient:
+    """The gateway's signed JSON POSTs to the backend, over one pool of kept-alive connections (aiohttp,
+    imported only when a backend URL is set: a copied single file runs without it)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._aiohttp: Any = None
+        self._secret = (settings.backend_secret or "").encode()
+        self._session: Any = None
+        for name, url in (("connect_hook_url", settings.connect_hook_url), ("forward_url", settings.forward_url),
+                          ("lifecycle_url", settings.lifecycle_target)):
+            if url:
+                try:
+                    import aiohttp
+                except ImportError:
+                    raise ValueError(f"{name} needs aiohttp: pip install 'ws-micro[hook]'") from None
+                self._aiohttp = aiohttp
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Close the pool when the app stops; a server that runs no lifespan (daphne) never closes it."""
+        try:
+            yield
+        finally:
+            if self._session is not None:
+                await self._session.close()
+                self._session = None
+
+    async def post(self, url: str, body: bytes, limit: int) -> tuple[int, bytes]:
+        """The status and body (at most ``limit`` + 1 bytes) of a signed POST of ``body``; raise
+        ``ConnectionError`` if the backend cannot be reached.  The caller bounds its time."""
+        if self._session is None:  # made on first use: aiohttp binds it to the running event loop
+            connector = self._aiohttp.TCPConnector(limit=BACKEND_POOL_SIZE)
+            self._session = self._aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
+        signature = _signature(self._secret, body, int(time.time()))
+        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: signature}
+        answer = b""
+        try:
+            async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as response:
+                async for chunk in response.content.iter_chunked(16384):
+                    answer += chunk
+                    if len(answer) > limit:
+                        break
+                return response.status, answer
+        except (self._aiohttp.ClientError, OSError) as exc:
+            raise ConnectionError(str(exc) or type(exc).__name__) from None
+
+
+
+# --------------------------------------------------------------------------
+# Authentication: signed tokens and the connect hook
+# --------------------------------------------------------------------------
+
+HOOK_HEADERS = ("cookie", "authorization", "origin", "user-agent")  # passed to the hook, with connect_hook_headers
+HOOK_ANSWER_LIMIT = 64 * 1024  # bytes of a hook's answer read before it counts as garbage
+
+# What became of each connect hook request (the connect_hook_total labels): it granted an identity; it
+# refused (401, 403); it did not answer in time; it could not be reached; it answered another status;
+# it answered what is not a grant.  Every outcome but the first two refuses the handshake with 503.
+HOOK_OUTCOMES = ("accepted", "refused", "timeout", "unreachable", "bad_status", "bad_answer")
 
 
 def _credentials(request: HTTPConnection) -> str | None:
@@ -2030,58 +2178,15 @@ def _public_key(text: str) -> tuple[str, Any]:
     raise ValueError(f"jwt_public_key must be an RSA or P-256 key, but got {type(key).__name__}")
 
 
-class _BackendClient:
-    """The gateway's signed JSON POSTs to the backend, over a pool of kept-alive connections (aiohttp)."""
-
-    def __init__(self, settings: Settings, what: str) -> None:
-        try:
-            import aiohttp
-        except ImportError:
-            raise ValueError(f"{what} needs aiohttp: pip install 'ws-micro[hook]'") from None
-        assert settings.backend_secret is not None
-        self._aiohttp = aiohttp
-        self._secret = settings.backend_secret.encode()
-        self._session: Any = None
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[None]:
-        """Close the pool when the app stops; a server that runs no lifespan (daphne) never closes it."""
-        try:
-            yield
-        finally:
-            if self._session is not None:
-                await self._session.close()
-                self._session = None
-
-    async def post(self, url: str, body: bytes) -> tuple[int, bytes]:
-        """The status and body (at most HOOK_ANSWER_LIMIT + 1 bytes) of a signed POST of ``body``; raise
-        ``ConnectionError`` if the backend cannot be reached.  The caller bounds its time."""
-        if self._session is None:  # made on first use: aiohttp binds it to the running event loop
-            connector = self._aiohttp.TCPConnector(limit=HOOK_POOL_SIZE)
-            self._session = self._aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
-        signature = _signature(self._secret, body, int(time.time()))
-        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: signature}
-        answer = b""
-        try:
-            async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as response:
-                async for chunk in response.content.iter_chunked(16384):
-                    answer += chunk
-                    if len(answer) > HOOK_ANSWER_LIMIT:
-                        break
-                return response.status, answer
-        except (self._aiohttp.ClientError, OSError) as exc:
-            raise ConnectionError(str(exc) or type(exc).__name__) from None
-
-
 class _ConnectHook:
     """Asks the backend whether to accept a handshake, as AWS's ``$connect`` authorizer and Centrifugo's
     connect proxy do; docs/auth.md has the request and the answers.  Fails closed: no clear answer, 503."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, client: _BackendClient) -> None:
         assert settings.connect_hook_url is not None
         self.url = settings.connect_hook_url
         self.settings = settings
-        self.client = _BackendClient(settings, "connect_hook_url")
+        self.client = client
         self.headers = (*HOOK_HEADERS, *(name.lower() for name in settings.connect_hook_headers))
         self.outcomes = collections.Counter(dict.fromkeys(HOOK_OUTCOMES, 0))
         self._throttle = _Throttle()
@@ -2100,7 +2205,7 @@ class _ConnectHook:
         timeout = self.settings.connect_hook_timeout
         try:
             with anyio.fail_after(timeout):
-                status, answer = await self.client.post(self.url, body)
+                status, answer = await self.client.post(self.url, body, HOOK_ANSWER_LIMIT)
         except TimeoutError:
             raise self._failed("timeout", f"the connect hook did not answer within {timeout:g} seconds") from None
         except ConnectionError as exc:
@@ -2132,18 +2237,10 @@ class _TokenAndHookAuthorizer(_Authorizer):
     """Authentication on: a handshake with a token is judged by it, when tokens are configured; any other
     goes to the connect hook, if there is one, or is refused with 401."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, client: _BackendClient) -> None:
         self.tokens = _TokenVerifier(settings) if settings.jwt_secret or settings.jwt_public_key else None
-        self.hook = _ConnectHook(settings) if settings.connect_hook_url else None
+        self.hook = _ConnectHook(settings, client) if settings.connect_hook_url else None
         self.settings = settings
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[None]:
-        if self.hook is None:
-            yield
-        else:
-            async with self.hook.client.running():
-                yield
 
     async def authorize(self, request: HTTPConnection, client_id: str) -> _Identity:
         token = _credentials(request)
@@ -2162,6 +2259,213 @@ class _TokenAndHookAuthorizer(_Authorizer):
             return []
         return [("connect_hook_total", "counter", "Connect hook requests, by outcome.", self.hook.outcomes,
                  "outcome")]
+
+
+# --------------------------------------------------------------------------
+# Forwarding to the backend: client events, connects and disconnects
+# --------------------------------------------------------------------------
+
+FORWARD_ANSWER_LIMIT = 1024 * 1024  # bytes of the backend's answer to a forwarded event
+NOTICE_QUEUE = 10_000  # connect and disconnect notices waiting to be sent before more are dropped
+NOTICE_SENDERS = 8  # notices sent at once
+
+# What became of each forwarded event (the forwarded_total labels): answered with 2xx; answered an
+# error status or garbage (backend_error); no answer in time or no connection (backend_unavailable);
+# refused unsent because forward_max_pending events were waiting already (backend_unavailable).
+FORWARD_OUTCOMES = ("ok", "backend_error", "timeout", "unreachable", "busy")
+# Connect and disconnect notices (the notices_total labels): taken by the backend (2xx); tried again;
+# given up after lifecycle_retries more tries, or because NOTICE_QUEUE were waiting.
+NOTICE_OUTCOMES = ("sent", "retried", "dropped")
+
+
+class _ReplyEvent(msgspec.Struct):
+    event: str
+    data: dict[str, Any] = {}
+
+
+class _Reply(msgspec.Struct):
+    """The backend's answer to a forwarded event: frames for its sender, in order."""
+
+    events: list[_ReplyEvent] = []
+
+
+class _HttpForwarder(_Forwarder):
+    """POSTs client events to ``forward_url`` and sends the answer's events back to their sender, like AWS's
+    two-way routes; tells ``lifecycle_url`` of every connect and disconnect.  docs/backend.md has the bodies.
+
+    A connection forwards one event at a time, in order: its next frame is read when the backend has
+    answered.  At most ``forward_max_pending`` wait in all; more are refused at once, so the memory held
+    for a slow backend is bounded whatever it does.  Notices never delay a client: they are queued
+    (at most NOTICE_QUEUE), sent by NOTICE_SENDERS tasks, tried ``lifecycle_retries`` more times, and
+    counted when dropped.  A connection's events and its disconnect wait for its connect notice.
+    """
+
+    def __init__(self, settings: Settings, client: _BackendClient) -> None:
+        self.settings = settings
+        self.client = client
+        self.url = settings.forward_url
+        self.lifecycle_url = settings.lifecycle_target
+        self.outcomes = collections.Counter(dict.fromkeys(FORWARD_OUTCOMES, 0))
+        self.latency = _Histogram("forward_seconds", "Time the backend took to answer a forwarded event.")
+        self.notices = collections.Counter(dict.fromkeys(NOTICE_OUTCOMES, 0))
+        self.pending = 0
+        self._decode = msgspec.json.Decoder(_Reply).decode
+        self._throttle = _Throttle()
+        # Notices: (body, set when it is done, the notice that must go first).
+        self._queue: collections.deque[tuple[bytes, anyio.Event, anyio.Event | None]] = collections.deque()
+        self._queued: anyio.Event | None = None
+        self._senders: set[asyncio.Task[None]] = set()
+        self._sending = 0
+        self._idle: anyio.Event | None = None  # set when nothing is queued or being sent
+        self._connect_notices: dict[str, anyio.Event] = {}  # client id -> its connect notice's done event
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """At shutdown, send the notices still queued (disconnects, mostly) for up to ``forward_timeout``."""
+        try:
+            yield
+        finally:
+            with anyio.move_on_after(self.settings.forward_timeout, shield=True):
+                while self._queue or self._sending:
+                    self._idle = anyio.Event()
+                    await self._idle.wait()
+            for sender in self._senders:
+                sender.cancel()
+            self.notices["dropped"] += len(self._queue)
+            self._queue.clear()
+
+    def takes(self, event: str) -> bool:
+        return self.url is not None and _matches(self.settings.forward_events, event)
+
+    async def forward(self, connection: _Connection, event: Event, failed: Callable[..., None]) -> None:
+        assert self.url is not None
+        limit = self.settings.forward_max_pending
+        if self.pending >= limit:
+            self.outcomes["busy"] += 1
+            failed(BACKEND_UNAVAILABLE, f"{limit} events are waiting for the backend; try again later")
+            return
+        identity, timeout = connection.identity, self.settings.forward_timeout
+        body = _encode({"type": "event", "client_id": connection.id, "user": identity.user, "meta": identity.meta,
+                        "event": event.event, "data": event.data.data, "rooms": sorted(connection.rooms)})
+        self.pending += 1
+        try:
+            notice = self._connect_notices.get(connection.id)
+            if notice is not None:
+                with anyio.move_on_after(timeout):  # the backend hears of the client before its events
+                    await notice.wait()
+            started = time.perf_counter()
+            try:
+                with anyio.fail_after(timeout):
+                    status, answer = await self.client.post(self.url, body, FORWARD_ANSWER_LIMIT)
+            finally:
+                self.latency.observe(time.perf_counter() - started)
+        except TimeoutError:
+            self._unavailable(failed, "timeout", f"the backend did not answer within {timeout:g} seconds")
+            return
+        except ConnectionError as exc:
+            self._unavailable(failed, "unreachable", f"the backend cannot be reached ({exc})")
+            return
+        finally:
+            self.pending -= 1
+        if not 200 <= status < 300:
+            self.outcomes["backend_error"] += 1
+            failed(BACKEND_ERROR, f"the backend answered HTTP {status}", status=status)
+            return
+        try:
+            reply = self._decode(answer) if answer.strip() else _Reply()
+        except msgspec.MsgspecError as exc:
+            self.outcomes["backend_error"] += 1
+            failed(BACKEND_ERROR, f"the backend's answer is not {{\"events\": [...]}}: {str(exc)[:200]}",
+                   status=status)
+            return
+        self.outcomes["ok"] += 1
+        for item in reply.events:
+            connection.send(_Frame(item.event, item.data).to(connection.id))
+
+    def _unavailable(self, failed: Callable[..., None], outcome: str, message: str) -> None:
+        self.outcomes[outcome] += 1
+        held = self._throttle(outcome)
+        if held is not None:
+            logger.warning("forwarding: %s%s", message, f" ({held} more since the last report)" if held else "")
+        failed(BACKEND_UNAVAILABLE, message)
+
+    # Notices
+
+    def connected(self, connection: _Connection) -> None:
+        if self.lifecycle_url is not None:
+            identity = connection.identity
+            self._connect_notices[connection.id] = self._notify({
+                "type": "connect", "id": f"{connection.id}:connect", "client_id": connection.id,
+                "user": identity.user, "meta": identity.meta, "rooms": list(identity.rooms),
+                "remote": connection.remote})
+
+    def disconnected(self, connection: _Connection) -> None:
+        if self.lifecycle_url is not None:
+            identity = connection.identity
+            self._notify({"type": "disconnect", "id": f"{connection.id}:disconnect", "client_id": connection.id,
+                          "user": identity.user, "meta": identity.meta, "reason": connection.close_reason},
+                         after=self._connect_notices.pop(connection.id, None))
+
+    def _notify(self, content: dict[str, Any], after: anyio.Event | None = None) -> anyio.Event:
+        done = anyio.Event()
+        if len(self._queue) >= NOTICE_QUEUE:  # the backend is down or slow: do not hold more
+            self.notices["dropped"] += 1
+            done.set()
+            return done
+        self._queue.append((_encode(content), done, after))
+        if len(self._senders) < NOTICE_SENDERS:  # started on first use: under daphne no lifespan runs
+            sender = asyncio.get_running_loop().create_task(self._send_notices())
+            self._senders.add(sender)
+            sender.add_done_callback(self._senders.discard)
+        if self._queued is not None:
+            self._queued.set()
+        return done
+
+    async def _send_notices(self) -> None:
+        assert self.lifecycle_url is not None
+        while True:
+            while not self._queue:
+                self._queued = anyio.Event()
+                await self._queued.wait()
+            body, done, after = self._queue.popleft()
+            self._sending += 1
+            try:
+                if after is not None:
+                    await after.wait()
+                await self._send_notice(body)
+            finally:
+                self._sending -= 1
+                done.set()
+                if not self._queue and not self._sending and self._idle is not None:
+                    self._idle.set()
+
+    async def _send_notice(self, body: bytes) -> None:
+        assert self.lifecycle_url is not None
+        retries = self.settings.lifecycle_retries
+        for attempt in range(retries + 1):
+            try:
+                with anyio.fail_after(self.settings.forward_timeout):
+                    status, _ = await self.client.post(self.lifecycle_url, body, FORWARD_ANSWER_LIMIT)
+                if 200 <= status < 300:
+                    self.notices["sent"] += 1
+                    return
+                why = f"HTTP {status}"
+            except (TimeoutError, ConnectionError) as exc:
+                why = str(exc) or type(exc).__name__
+            if attempt < retries:
+                self.notices["retried"] += 1
+                await anyio.sleep(min(0.5 * 2 ** attempt, 5.0))
+        self.notices["dropped"] += 1
+        held = self._throttle("notice")
+        if held is not None:
+            logger.warning("forwarding: a connect or disconnect notice was dropped after %d tries (%s)%s",
+                           retries + 1, why, f" ({held} more since the last report)" if held else "")
+
+    def metrics(self) -> list[_MetricFamily | _Histogram]:
+        return [("forwarded_total", "counter", "Client events forwarded to the backend, by outcome.", self.outcomes,
+                 "outcome"), self.latency,
+                ("notices_total", "counter", "Connect and disconnect notices to the backend, by outcome.",
+                 self.notices, "outcome")]
 
 
 # --------------------------------------------------------------------------
