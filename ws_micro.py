@@ -1886,10 +1886,8 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
     _redact_tokens_in_logs()  # now, before the server logs a first request
     registry = registry if registry is not None else Registry()
     # The optional parts, below: authentication, and other instances over Redis.
-    backend_client = _BackendClient(settings)
-    authorizer = _TokenAndHookAuthorizer(settings, backend_client) if settings.authenticating else _Authorizer()
-    forwarder = _HttpForwarder(settings, backend_client) if settings.forward_url or settings.lifecycle_target \
-        else _Forwarder()
+    authorizer = _TokenAndHookAuthorizer(settings) if settings.authenticating else _Authorizer()
+    forwarder = _HttpForwarder(settings) if settings.forward_url or settings.lifecycle_target else _Forwarder()
     registry.backend = _RedisBackend(registry, settings) if settings.redis_url else _Backend()
     registry.presence_events = settings.presence_events
 
@@ -1920,7 +1918,7 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         _harden_process(settings)
-        async with registry.backend.running(), backend_client.running(), authorizer.running(), forwarder.running():
+        async with registry.backend.running(), authorizer.running(), forwarder.running():
             yield
 
     page_routes: list[BaseRoute] = []
@@ -2026,11 +2024,11 @@ app = _AppFromEnvironment()
 
 
 # --------------------------------------------------------------------------
-# Requests to the backend: signed, over one pool (the connect hook, forwarding)
+# Requests to the backend: signed, pooled (the connect hook, forwarding)
 # --------------------------------------------------------------------------
 
 SIGNATURE_HEADER = "X-WS-Micro-Signature"  # t=<unix time>,v1=<hex HMAC-SHA256>
-BACKEND_POOL_SIZE = 100  # connections to the backend kept open: at most as many requests at once
+BACKEND_POOL_SIZE = 100  # connections a pool keeps open to the backend: at most as many requests at once
 
 
 def _signature(secret: bytes, body: bytes, timestamp: int) -> str:
@@ -2039,21 +2037,19 @@ def _signature(secret: bytes, body: bytes, timestamp: int) -> str:
 
 
 class _BackendClient:
-    """The gateway's signed JSON POSTs to the backend, over one pool of kept-alive connections (aiohttp,
-    imported only when a backend URL is set: a copied single file runs without it)."""
+    """Signed JSON POSTs to the backend over a pool of kept-alive connections (aiohttp, imported only
+    when a backend URL is set: a copied single file runs without it).  The connect hook and forwarding
+    each have their own, so that a backend slow to take events cannot keep new clients out."""
 
-    def __init__(self, settings: Settings) -> None:
-        self._aiohttp: Any = None
-        self._secret = (settings.backend_secret or "").encode()
+    def __init__(self, settings: Settings, what: str) -> None:
+        try:
+            import aiohttp
+        except ImportError:
+            raise ValueError(f"{what} needs aiohttp: pip install 'ws-micro[hook]'") from None
+        assert settings.backend_secret is not None
+        self._aiohttp = aiohttp
+        self._secret = settings.backend_secret.encode()
         self._session: Any = None
-        for name, url in (("connect_hook_url", settings.connect_hook_url), ("forward_url", settings.forward_url),
-                          ("lifecycle_url", settings.lifecycle_target)):
-            if url:
-                try:
-                    import aiohttp
-                except ImportError:
-                    raise ValueError(f"{name} needs aiohttp: pip install 'ws-micro[hook]'") from None
-                self._aiohttp = aiohttp
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -2182,11 +2178,11 @@ class _ConnectHook:
     """Asks the backend whether to accept a handshake, as AWS's ``$connect`` authorizer and Centrifugo's
     connect proxy do; docs/auth.md has the request and the answers.  Fails closed: no clear answer, 503."""
 
-    def __init__(self, settings: Settings, client: _BackendClient) -> None:
+    def __init__(self, settings: Settings) -> None:
         assert settings.connect_hook_url is not None
         self.url = settings.connect_hook_url
         self.settings = settings
-        self.client = client
+        self.client = _BackendClient(settings, "connect_hook_url")
         self.headers = (*HOOK_HEADERS, *(name.lower() for name in settings.connect_hook_headers))
         self.outcomes = collections.Counter(dict.fromkeys(HOOK_OUTCOMES, 0))
         self._throttle = _Throttle()
@@ -2237,10 +2233,18 @@ class _TokenAndHookAuthorizer(_Authorizer):
     """Authentication on: a handshake with a token is judged by it, when tokens are configured; any other
     goes to the connect hook, if there is one, or is refused with 401."""
 
-    def __init__(self, settings: Settings, client: _BackendClient) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.tokens = _TokenVerifier(settings) if settings.jwt_secret or settings.jwt_public_key else None
-        self.hook = _ConnectHook(settings, client) if settings.connect_hook_url else None
+        self.hook = _ConnectHook(settings) if settings.connect_hook_url else None
         self.settings = settings
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        if self.hook is None:
+            yield
+        else:
+            async with self.hook.client.running():
+                yield
 
     async def authorize(self, request: HTTPConnection, client_id: str) -> _Identity:
         token = _credentials(request)
@@ -2300,9 +2304,9 @@ class _HttpForwarder(_Forwarder):
     counted when dropped.  A connection's events and its disconnect wait for its connect notice.
     """
 
-    def __init__(self, settings: Settings, client: _BackendClient) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.client = client
+        self.client = _BackendClient(settings, "forward_url" if settings.forward_url else "lifecycle_url")
         self.url = settings.forward_url
         self.lifecycle_url = settings.lifecycle_target
         self.outcomes = collections.Counter(dict.fromkeys(FORWARD_OUTCOMES, 0))
@@ -2322,17 +2326,21 @@ class _HttpForwarder(_Forwarder):
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """At shutdown, send the notices still queued (disconnects, mostly) for up to ``forward_timeout``."""
-        try:
-            yield
-        finally:
-            with anyio.move_on_after(self.settings.forward_timeout, shield=True):
-                while self._queue or self._sending:
-                    self._idle = anyio.Event()
-                    await self._idle.wait()
-            for sender in self._senders:
-                sender.cancel()
-            self.notices["dropped"] += len(self._queue)
-            self._queue.clear()
+        async with self.client.running():
+            try:
+                yield
+            finally:
+                await self._drain()
+
+    async def _drain(self) -> None:
+        with anyio.move_on_after(self.settings.forward_timeout, shield=True):
+            while self._queue or self._sending:
+                self._idle = anyio.Event()
+                await self._idle.wait()
+        for sender in self._senders:
+            sender.cancel()
+        self.notices["dropped"] += len(self._queue)
+        self._queue.clear()
 
     def takes(self, event: str) -> bool:
         return self.url is not None and _matches(self.settings.forward_events, event)
