@@ -728,8 +728,8 @@ async def handshakes(server: Server, args: argparse.Namespace) -> dict[str, floa
     result = window.result("handshakes_per_s")
     result["failed"] = sum(failures.values())
     result["server_cpu_us"] = window.server_cpu_share / result["handshakes_per_s"] * 1e6
-    if server.helpers:
-        result["backend_cpu"] = window.helper_cpu_share
+    if server.helpers:  # the hook's backend: its part of server_cpu_us
+        result["backend_cpu_us"] = window.helper_cpu_share / result["handshakes_per_s"] * 1e6
     return result
 
 
@@ -900,9 +900,8 @@ def main() -> int:
             elif scenario == "handshakes":
                 notes.append(f"p50 {m['p50_ms']:.2f} ms")
             if "server_cpu_us" in m:
-                notes.append(f"server CPU {m['server_cpu_us']:,.0f} µs each")
-            if "backend_cpu" in m:
-                notes.append(f"backend CPU {m['backend_cpu']:.0%}")
+                backend = f", {m['backend_cpu_us']:,.0f} of them the backend's" if "backend_cpu_us" in m else ""
+                notes.append(f"server CPU {m['server_cpu_us']:,.0f} µs each{backend}")
             if m.get("failed"):
                 notes.append(f"{m['failed']:.0f} failed")
             if "connections" in m:
