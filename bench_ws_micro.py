@@ -884,7 +884,7 @@ def main() -> int:
                    for srv, rs in runs[scenario].items() if rs and "error" not in rs[0]}
         base = medians.get("tutorial" if "tutorial" in medians else servers[0], {}).get(headline)
         for srv, m in medians.items():
-            key = headline if headline in m else next(iter(m))  # the backend's row: answers/s
+            key = headline if headline in m else "answers_per_s"  # the backend's row (handshakes)
             ratio = f"{m[key] / base:.2f}x" if base and key == headline else "-"
             notes = []
             if "slow_cut_off" in m:
