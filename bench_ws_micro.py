@@ -9,6 +9,7 @@ noisy: read the ratios, take the absolute numbers as context only.
     pip install '.[bench]'
     python bench_ws_micro.py                 # every scenario, 3 rounds
     python bench_ws_micro.py --runs 5 --only echo,relay --json results.json
+    python bench_ws_micro.py --runs 5 --only handshakes --servers ws_micro,jwt,jwt_rs256,hook,backend
 
 Servers (all on the same uvicorn, its default settings):
     ws_micro   uvicorn ws_micro:app                   (as shipped)
@@ -18,13 +19,27 @@ Servers (all on the same uvicorn, its default settings):
                alternate between the instances, so every relay and half of every fan-out
                crosses Redis (compare it with ws_micro: --only relay,fanout_api,fanout_room
                --servers ws_micro,cluster)
+    jwt        ws_micro with WS_MICRO_JWT_SECRET; every handshake brings an HS256 token (minted
+               once, up front) as Authorization: Bearer (jwt_query: as ?token= instead)
+    jwt_rs256  the same with WS_MICRO_JWT_PUBLIC_KEY, a PEM file of an RSA-2048 key: RS256 tokens
+    hook       ws_micro with WS_MICRO_CONNECT_HOOK_URL and WS_MICRO_BACKEND_SECRET, asking
+               bench/hook_backend.py (its own uvicorn process, on the server's CPU too, so a
+               hook's cost includes the backend's CPU); handshakes bring a session cookie
+    backend    bench/hook_backend.py alone, for the handshakes scenario only: the same signed
+               POSTs the gateway makes, sent by this process (aiohttp) one at a time and then
+               --openers at a time: the backend's own answer time, to set against the hook's cost
+The tokens and the hook grant any room and `to` relays, so every scenario runs under them.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import functools
+import hashlib
+import hmac
 import itertools
 import json
 import os
@@ -45,7 +60,7 @@ from typing import Any
 
 import msgspec
 import psutil  # type: ignore[import-untyped]
-from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+from picows import WSCloseCode, WSError, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 HERE = Path(__file__).parent
 SERVERS = {
@@ -56,8 +71,17 @@ SERVERS = {
     "before": "ws_micro:app",  # --before REF: ws_micro.py as of that commit, from BEFORE_DIR
     "granian": "ws_micro:app",  # ws_micro under granian (one worker) instead of uvicorn
     "hypercorn": "ws_micro:app",  # ws_micro under hypercorn (one worker)
+    "jwt": "ws_micro:app",  # with WS_MICRO_JWT_SECRET, tokens in the Authorization header
+    "jwt_query": "ws_micro:app",  # the same, tokens in ?token=
+    "jwt_rs256": "ws_micro:app",  # with WS_MICRO_JWT_PUBLIC_KEY (RSA-2048)
+    "hook": "ws_micro:app",  # with WS_MICRO_CONNECT_HOOK_URL, and the backend beside it
+    "backend": "bench.hook_backend:app",  # the hook's backend alone (the handshakes scenario only)
 }
 BEFORE_DIR = Path(tempfile.gettempdir()) / f"ws_micro_before_{os.getpid()}"
+AUTH_DIR = Path(tempfile.gettempdir()) / f"ws_micro_auth_{os.getpid()}"  # the RSA public key's PEM file
+BACKEND_SECRET = "bench-backend-secret"
+HOOK_PATH = "/ws-connect"
+COOKIE = "session=" + "3f" * 16  # what the hook's handshakes bring, and the hook passes on
 SERVER_CPU, GENERATOR_CPU = 0, 1
 
 
@@ -74,16 +98,18 @@ class Server:
     process: subprocess.Popen[bytes]
     port: int
     others: list[tuple[subprocess.Popen[bytes], int]] = field(default_factory=list)  # more instances
-    helpers: list[subprocess.Popen[bytes]] = field(default_factory=list)  # redis-server
+    helpers: list[subprocess.Popen[bytes]] = field(default_factory=list)  # redis-server, the hook's backend
+    headers: dict[str, str] = field(default_factory=dict)  # what every handshake sends (a token, a cookie)
+    query: str = ""  # what every handshake's URL ends with ("?token=...")
 
     @property
     def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws/py_client"
+        return f"ws://127.0.0.1:{self.port}/ws/py_client{self.query}"
 
     def ws_of(self, n: int) -> str:
         """The WebSocket URL of the instance the ``n``-th client connects to (they alternate)."""
         ports = [self.port, *(port for _, port in self.others)]
-        return f"ws://127.0.0.1:{ports[n % len(ports)]}/ws/py_client"
+        return f"ws://127.0.0.1:{ports[n % len(ports)]}/ws/py_client{self.query}"
 
     @property
     def http(self) -> str:
@@ -101,6 +127,40 @@ class Server:
     def cpu_seconds(self) -> float:
         return sum(float(t.user + t.system) for t in (p.cpu_times() for p in self._processes()))
 
+    def helper_cpu_seconds(self) -> float:
+        """The helpers' share of :meth:`cpu_seconds` (Redis, the hook's backend)."""
+        return sum(float(t.user + t.system) for t in (psutil.Process(p.pid).cpu_times() for p in self.helpers))
+
+
+@dataclass(frozen=True)
+class AuthMaterial:
+    """The keys the auth contenders' servers are started with, and the tokens their clients send."""
+
+    secret: str
+    public_key_file: Path
+    hs256_token: str
+    rs256_token: str
+
+
+@functools.cache
+def auth_material() -> AuthMaterial:
+    """Minted once per benchmark: each handshake sends the same token, as a client reconnecting would."""
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    secret = os.urandom(32).hex()
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    AUTH_DIR.mkdir(exist_ok=True)
+    public_key_file = AUTH_DIR / "jwt.pub.pem"
+    public_key_file.write_bytes(private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    # Valid for a day: a full run of every scenario for every contender fits.  The grants let every
+    # scenario run (relay needs `to`, fan-out a room); the handshakes scenario uses none of them.
+    claims = {"sub": "bench", "exp": int(time.time()) + 86_400, "join": ["*"], "publish": ["*"], "relay": True}
+    return AuthMaterial(secret, public_key_file, jwt.encode(claims, secret, algorithm="HS256"),
+                        jwt.encode(claims, private, algorithm="RS256"))
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -115,6 +175,29 @@ def run_server(name: str, env: dict[str, str] | None = None) -> Iterator[Server]
                 run_server("ws_micro", {"WS_MICRO_REDIS_URL": url}) as second:
             yield Server(name, first.process, first.port, [(second.process, second.port)], [redis])
         return
+    if name in ("jwt", "jwt_query", "jwt_rs256"):
+        auth = auth_material()
+        if name == "jwt_rs256":
+            env, token = {"WS_MICRO_JWT_PUBLIC_KEY": str(auth.public_key_file)}, auth.rs256_token
+        else:
+            env, token = {"WS_MICRO_JWT_SECRET": auth.secret}, auth.hs256_token
+        with run_server("ws_micro", env) as server:
+            server.name = name
+            if name == "jwt_query":
+                server.query = f"?token={token}"
+            else:
+                server.headers = {"Authorization": f"Bearer {token}"}
+            yield server
+        return
+    if name == "hook":  # the backend first, on the server's CPU too
+        with run_server("backend") as backend, run_server("ws_micro", {
+                "WS_MICRO_CONNECT_HOOK_URL": backend.http + HOOK_PATH,
+                "WS_MICRO_BACKEND_SECRET": BACKEND_SECRET}) as server:
+            server.name, server.helpers, server.headers = name, [backend.process], {"Cookie": COOKIE}
+            yield server
+        return
+    if name == "backend":
+        env = {"BENCH_BACKEND_SECRET": BACKEND_SECRET, **(env or {})}
     port = free_port()
     if name == "granian":
         command = [sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port",
@@ -206,6 +289,7 @@ class Peer(WSListener):
         self.on_frame: Callable[[Peer, WSFrame], None] = lambda peer, frame: None
         self.tally: Iterator[int] | None = None  # set: the peer only counts its frames (fan-out receivers)
         self.close_code: int | None = None
+        self.closing = False  # this side sent a close frame: the server's is its answer
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
@@ -222,7 +306,8 @@ class Peer(WSListener):
                 self.on_frame(self, frame)
         elif frame.msg_type == CLOSE:
             self.close_code = int(frame.get_close_code().value)
-            transport.send_close(frame.get_close_code())
+            if not self.closing:
+                transport.send_close(frame.get_close_code())
             transport.disconnect()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
@@ -237,6 +322,12 @@ class Peer(WSListener):
         if self.transport is not None:
             self.transport.disconnect(graceful=False)
 
+    def close_cleanly(self) -> None:
+        """Start the closing handshake (1000); ``disconnected`` is done once the server has answered."""
+        assert self.transport is not None
+        self.closing = True
+        self.transport.send_close(WSCloseCode.OK)
+
 
 async def open_peers(server: Server, n: int, concurrency: int = 100, **options: Any) -> list[Peer]:
     """Open ``n`` connections, ``concurrency`` handshakes at a time, each past its connect frame.
@@ -248,7 +339,8 @@ async def open_peers(server: Server, n: int, concurrency: int = 100, **options: 
 
     async def one(i: int) -> None:
         async with limit:
-            _, peer = await ws_connect(Peer, server.ws_of(i), websocket_handshake_timeout=30, **options)
+            _, peer = await ws_connect(Peer, server.ws_of(i), websocket_handshake_timeout=30,
+                                       extra_headers=server.headers, **options)
             assert isinstance(peer, Peer)
             await asyncio.wait_for(peer.connected, 30)
             peers[i] = peer
@@ -299,6 +391,7 @@ class Window:
     elapsed: float = 0.0
     cpu_share: float = 0.0
     server_cpu_share: float = 0.0
+    helper_cpu_share: float = 0.0  # of server_cpu_share: the helpers' (Redis, the hook's backend)
 
     def record(self, sent_ns: int) -> None:
         next(self.tally)
@@ -310,7 +403,7 @@ class Window:
 
     async def measure(self, server: Server, seconds: float, warmup: float = 0.5) -> None:
         await asyncio.sleep(warmup)
-        server_cpu = server.cpu_seconds()
+        server_cpu, helper_cpu = server.cpu_seconds(), server.helper_cpu_seconds()
         tally_at_open = next(self.tally)
         self.started, self.cpu_started, self.open = time.perf_counter(), time.process_time(), True
         self.started_ns = time.perf_counter_ns()
@@ -321,6 +414,7 @@ class Window:
         self.elapsed = time.perf_counter() - self.started
         self.cpu_share = (time.process_time() - self.cpu_started) / self.elapsed
         self.server_cpu_share = (server.cpu_seconds() - server_cpu) / self.elapsed
+        self.helper_cpu_share = (server.helper_cpu_seconds() - helper_cpu) / self.elapsed
 
     def result(self, unit: str) -> dict[str, float]:
         return {
@@ -593,6 +687,99 @@ async def connections(server: Server, args: argparse.Namespace, deflate: bool) -
             "connections": count, "compressed": compressed}
 
 
+async def handshakes(server: Server, args: argparse.Namespace) -> dict[str, float]:
+    """``args.openers`` clients, each opening a connection, waiting for its connect frame and closing it
+    cleanly (1000, and the server's answer), over and over: handshakes/s, and the latency from the TCP
+    connect to the connect frame.  The ``backend`` contender answers POSTs instead (:func:`backend_answers`)."""
+    if server.name == "backend":
+        return await backend_answers(server, args)
+    window = Window()
+    stop = False
+    failures: collections.Counter[str] = collections.Counter()
+
+    async def opener(n: int) -> None:
+        while not stop:
+            started = time.perf_counter_ns()
+            try:
+                _, peer = await ws_connect(Peer, server.ws_of(n), websocket_handshake_timeout=30,
+                                           extra_headers=server.headers)
+                assert isinstance(peer, Peer)
+                await asyncio.wait_for(peer.connected, 30)
+            except (OSError, TimeoutError, WSError) as exc:  # a refusal (401, 503) is a WSError
+                failures[str(exc)[:120]] += 1
+                await asyncio.sleep(0.01)
+                continue
+            window.record(started)
+            peer.close_cleanly()
+            try:
+                await asyncio.wait_for(peer.disconnected, 30)
+            except TimeoutError:
+                failures["no answer to the close frame"] += 1
+                peer.close()
+            if peer.close_code not in (None, 1000):
+                failures[f"closed with {peer.close_code}"] += 1
+
+    openers = [asyncio.ensure_future(opener(n)) for n in range(args.openers)]
+    await window.measure(server, args.seconds)
+    stop = True
+    await asyncio.wait_for(asyncio.gather(*openers), 60)
+    for failure, count in failures.most_common(5):
+        print(f"    {server.name}: {count} x {failure}", file=sys.stderr)
+    result = window.result("handshakes_per_s")
+    result["failed"] = sum(failures.values())
+    result["server_cpu_us"] = window.server_cpu_share / result["handshakes_per_s"] * 1e6
+    if server.helpers:  # the hook's backend: its part of server_cpu_us
+        result["backend_cpu_us"] = window.helper_cpu_share / result["handshakes_per_s"] * 1e6
+    return result
+
+
+def hook_request() -> bytes:
+    """A body like the one the gateway POSTs to the connect hook for the ``hook`` contender's handshakes."""
+    return msgspec.json.encode({
+        "client_id": "c5d0f1e2-8a3b-4c6d-9e7f-0a1b2c3d4e5f", "remote": "127.0.0.1:51234", "path": "/ws/py_client",
+        "query": {}, "headers": {"cookie": COOKIE, "user-agent": "picows/2"}, "websocket": True})
+
+
+async def backend_answers(server: Server, args: argparse.Namespace) -> dict[str, float]:
+    """The hook's backend alone: the gateway's signed POST, made from here with aiohttp (as the gateway
+    makes it: one pooled session), one at a time and then ``args.openers`` at a time."""
+    import aiohttp
+
+    url, body, secret = server.http + HOOK_PATH, hook_request(), BACKEND_SECRET.encode()
+    failures = 0
+
+    async def post(session: aiohttp.ClientSession) -> None:
+        nonlocal failures
+        now = int(time.time())
+        signature = f"t={now},v1={hmac.new(secret, b'%d.' % now + body, hashlib.sha256).hexdigest()}"
+        started = time.perf_counter_ns()
+        async with session.post(url, data=body, headers={"Content-Type": "application/json",
+                                                         "X-WS-Micro-Signature": signature}) as response:
+            await response.read()
+            if response.status != 200:
+                failures += 1
+        window.record(started)
+
+    async def posting(session: aiohttp.ClientSession) -> None:
+        while not stop:
+            await post(session)
+
+    connector = aiohttp.TCPConnector(limit=100)
+    async with aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",)) as session:
+        result: dict[str, float] = {}
+        for concurrency, prefix in ((1, "seq_"), (args.openers, "")):
+            window, stop = Window(), False
+            posters = [asyncio.ensure_future(posting(session)) for _ in range(concurrency)]
+            await window.measure(server, args.seconds)
+            stop = True
+            await asyncio.wait_for(asyncio.gather(*posters), 60)
+            figures = window.result("answers_per_s")
+            figures["server_cpu_us"] = window.server_cpu_share / figures["answers_per_s"] * 1e6
+            result.update({prefix + key: value for key, value in figures.items()})
+    result["failed"] = failures
+    return result
+
+
 SCENARIOS: dict[str, Callable[[Server, argparse.Namespace], Awaitable[dict[str, float]]]] = {
     "echo": echo,
     "relay": relay,
@@ -602,10 +789,12 @@ SCENARIOS: dict[str, Callable[[Server, argparse.Namespace], Awaitable[dict[str, 
     "connections_deflate": lambda server, args: connections(server, args, deflate=True),
     "stream_healthy": lambda server, args: fan_out(server, args, "api", slow=0),
     "stream_1pct_slow": lambda server, args: fan_out(server, args, "api", slow=args.receivers // 100),
+    "handshakes": handshakes,
 }
 HEADLINE = {"echo": "msgs_per_s", "relay": "msgs_per_s", "fanout_api": "deliveries_per_s",
             "fanout_room": "deliveries_per_s", "connections": "kib_per_connection",
-            "connections_deflate": "kib_per_connection", "stream_healthy": "p99_ms", "stream_1pct_slow": "p99_ms"}
+            "connections_deflate": "kib_per_connection", "stream_healthy": "p99_ms", "stream_1pct_slow": "p99_ms",
+            "handshakes": "handshakes_per_s"}
 
 
 # --------------------------------------------------------------------------
@@ -647,6 +836,8 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=25.0, help="broadcasts per second of the streams")
     parser.add_argument("--stream-payload", type=int, default=8000, help="padding characters of stream frames")
     parser.add_argument("--connections", type=int, default=10_000)
+    parser.add_argument("--openers", type=int, default=50,
+                        help="clients opening and closing connections at once (handshakes)")
     parser.add_argument("--drain", type=float, default=5.0,
                         help="seconds a fan-out's broadcasts may take to arrive after its window closes")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds one scenario run may take")
@@ -693,7 +884,8 @@ def main() -> int:
                    for srv, rs in runs[scenario].items() if rs and "error" not in rs[0]}
         base = medians.get("tutorial" if "tutorial" in medians else servers[0], {}).get(headline)
         for srv, m in medians.items():
-            ratio = f"{m[headline] / base:.2f}x" if base else "-"
+            key = headline if headline in m else "answers_per_s"  # the backend's row (handshakes)
+            ratio = f"{m[key] / base:.2f}x" if base and key == headline else "-"
             notes = []
             if "slow_cut_off" in m:
                 cut = f"{m['slow_cut_off']:.0f} slow readers cut off"
@@ -702,15 +894,26 @@ def main() -> int:
                 notes.append(f"{m['undelivered_samples']:.0f} sampled deliveries never made")
             if "peak_rss_mib" in m:
                 notes.append(f"peak RSS {m['peak_rss_mib']:.0f} MiB")
-            if "handshakes_per_s" in m:
+            if "seq_p50_ms" in m:
+                notes.append(f"one at a time: {m['seq_answers_per_s']:,.0f}/s, p50 {m['seq_p50_ms']:.2f} ms, "
+                             f"p99 {m['seq_p99_ms']:.2f} ms; {args.openers} at a time: p50 {m['p50_ms']:.2f} ms")
+            elif scenario == "handshakes":
+                notes.append(f"p50 {m['p50_ms']:.2f} ms")
+            if "server_cpu_us" in m:
+                backend = f", {m['backend_cpu_us']:,.0f} of them the backend's" if "backend_cpu_us" in m else ""
+                notes.append(f"server CPU {m['server_cpu_us']:,.0f} µs each{backend}")
+            if m.get("failed"):
+                notes.append(f"{m['failed']:.0f} failed")
+            if "connections" in m:
                 notes.append(f"{m['handshakes_per_s']:,.0f} handshakes/s, {m['connections']:,.0f} connections")
             extra = f" ({'; '.join(notes)})" if notes else ""
-            print(f"| {scenario} | {srv} | {headline}{extra} | {m[headline]:,.1f} | {ratio} | "
+            print(f"| {scenario} | {srv} | {key}{extra} | {m[key]:,.1f} | {ratio} | "
                   f"{m.get('p99_ms', float('nan')):.1f} | {m.get('generator_cpu', float('nan')):.0%} | "
                   f"{m.get('server_cpu', float('nan')):.0%} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
     shutil.rmtree(BEFORE_DIR, ignore_errors=True)
+    shutil.rmtree(AUTH_DIR, ignore_errors=True)
     return 0
 
 
