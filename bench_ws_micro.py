@@ -21,6 +21,8 @@ Servers (all on the same uvicorn, its default settings):
                --servers ws_micro,cluster)
     jwt        ws_micro with WS_MICRO_JWT_SECRET; every handshake brings an HS256 token (minted
                once, up front) as Authorization: Bearer (jwt_query: as ?token= instead)
+    jwt_fresh  jwt, with a token never seen before for each handshake (the gateway remembers the
+               tokens it verified, so jwt measures a reconnect with the token a client has)
     jwt_rs256  the same with WS_MICRO_JWT_PUBLIC_KEY, a PEM file of an RSA-2048 key: RS256 tokens
     hook       ws_micro with WS_MICRO_CONNECT_HOOK_URL and WS_MICRO_BACKEND_SECRET, asking
                bench/hook_backend.py (its own uvicorn process, on the server's CPU too, so a
@@ -74,6 +76,8 @@ SERVERS = {
     "jwt": "ws_micro:app",  # with WS_MICRO_JWT_SECRET, tokens in the Authorization header
     "jwt_query": "ws_micro:app",  # the same, tokens in ?token=
     "jwt_rs256": "ws_micro:app",  # with WS_MICRO_JWT_PUBLIC_KEY (RSA-2048)
+    "jwt_fresh": "ws_micro:app",  # with WS_MICRO_JWT_SECRET, a token never seen before for each handshake
+    "forward": "ws_micro:app",  # with WS_MICRO_FORWARD_URL to bench/hook_backend.py on the generator's CPU
     "hook": "ws_micro:app",  # with WS_MICRO_CONNECT_HOOK_URL, and the backend beside it
     "backend": "bench.hook_backend:app",  # the hook's backend alone (the handshakes scenario only)
 }
@@ -81,6 +85,7 @@ BEFORE_DIR = Path(tempfile.gettempdir()) / f"ws_micro_before_{os.getpid()}"
 AUTH_DIR = Path(tempfile.gettempdir()) / f"ws_micro_auth_{os.getpid()}"  # the RSA public key's PEM file
 BACKEND_SECRET = "bench-backend-secret"
 HOOK_PATH = "/ws-connect"
+EVENTS_PATH = "/events"  # bench/hook_backend.py's forwarding route: it answers each event with an ack
 COOKIE = "session=" + "3f" * 16  # what the hook's handshakes bring, and the hook passes on
 SERVER_CPU, GENERATOR_CPU = 0, 1
 
@@ -101,6 +106,7 @@ class Server:
     helpers: list[subprocess.Popen[bytes]] = field(default_factory=list)  # redis-server, the hook's backend
     headers: dict[str, str] = field(default_factory=dict)  # what every handshake sends (a token, a cookie)
     query: str = ""  # what every handshake's URL ends with ("?token=...")
+    tokens: Iterator[str] | None = None  # a token for each handshake (jwt_fresh), sent as Authorization: Bearer
 
     @property
     def ws(self) -> str:
@@ -169,11 +175,29 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def run_server(name: str, env: dict[str, str] | None = None) -> Iterator[Server]:
+def run_server(name: str, env: dict[str, str] | None = None, cpu: int = SERVER_CPU) -> Iterator[Server]:
+    if name == "forward":  # the backend on the generator's CPU: the gateway and the backend each have a core
+        with run_server("backend", cpu=GENERATOR_CPU) as backend, run_server("ws_micro", {
+                "WS_MICRO_FORWARD_URL": backend.http + EVENTS_PATH, "WS_MICRO_BACKEND_SECRET": BACKEND_SECRET,
+                "WS_MICRO_LIFECYCLE_URL": ""}) as server:
+            server.name, server.helpers = name, [backend.process]
+            yield server
+        return
     if name == "cluster":
         with run_redis() as (redis, url), run_server("ws_micro", {"WS_MICRO_REDIS_URL": url}) as first, \
                 run_server("ws_micro", {"WS_MICRO_REDIS_URL": url}) as second:
             yield Server(name, first.process, first.port, [(second.process, second.port)], [redis])
+        return
+    if name == "jwt_fresh":
+        import jwt
+
+        auth = auth_material()
+        # More tokens than the gateway remembers (TOKEN_CACHE_SIZE), taken in turn: each is verified anew.
+        claims = {"sub": "bench", "exp": int(time.time()) + 86_400}
+        fresh = [jwt.encode({**claims, "jti": str(n)}, auth.secret, algorithm="HS256") for n in range(20_000)]
+        with run_server("ws_micro", {"WS_MICRO_JWT_SECRET": auth.secret}) as server:
+            server.name, server.tokens = name, itertools.cycle(fresh)
+            yield server
         return
     if name in ("jwt", "jwt_query", "jwt_rs256"):
         auth = auth_material()
@@ -209,7 +233,7 @@ def run_server(name: str, env: dict[str, str] | None = None) -> Iterator[Server]
         command = [sys.executable, "-m", "uvicorn", SERVERS[name], "--host", "127.0.0.1", "--port", str(port),
                    "--log-level", "warning", *(("--app-dir", str(BEFORE_DIR)) if name == "before" else ())]
     process = subprocess.Popen(command, cwd=HERE, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
-                               preexec_fn=lambda: os.sched_setaffinity(0, {SERVER_CPU}))
+                               preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
     server = Server(name, process, port)
     try:
         deadline = time.monotonic() + 20
@@ -701,8 +725,10 @@ async def handshakes(server: Server, args: argparse.Namespace) -> dict[str, floa
         while not stop:
             started = time.perf_counter_ns()
             try:
+                headers = server.headers if server.tokens is None else {
+                    "Authorization": f"Bearer {next(server.tokens)}"}
                 _, peer = await ws_connect(Peer, server.ws_of(n), websocket_handshake_timeout=30,
-                                           extra_headers=server.headers)
+                                           extra_headers=headers)
                 assert isinstance(peer, Peer)
                 await asyncio.wait_for(peer.connected, 30)
             except (OSError, TimeoutError, WSError) as exc:  # a refusal (401, 503) is a WSError
@@ -740,12 +766,14 @@ def hook_request() -> bytes:
         "query": {}, "headers": {"cookie": COOKIE, "user-agent": "picows/2"}, "websocket": True})
 
 
-async def backend_answers(server: Server, args: argparse.Namespace) -> dict[str, float]:
+async def backend_answers(server: Server, args: argparse.Namespace, path: str = HOOK_PATH,
+                          body: bytes | None = None, concurrency: int | None = None) -> dict[str, float]:
     """The hook's backend alone: the gateway's signed POST, made from here with aiohttp (as the gateway
     makes it: one pooled session), one at a time and then ``args.openers`` at a time."""
     import aiohttp
 
-    url, body, secret = server.http + HOOK_PATH, hook_request(), BACKEND_SECRET.encode()
+    url, secret = server.http + path, BACKEND_SECRET.encode()
+    body = body if body is not None else hook_request()
     failures = 0
 
     async def post(session: aiohttp.ClientSession) -> None:
@@ -767,9 +795,9 @@ async def backend_answers(server: Server, args: argparse.Namespace) -> dict[str,
     connector = aiohttp.TCPConnector(limit=100)
     async with aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",)) as session:
         result: dict[str, float] = {}
-        for concurrency, prefix in ((1, "seq_"), (args.openers, "")):
+        for posters_at_once, prefix in ((1, "seq_"), (concurrency or args.openers, "")):
             window, stop = Window(), False
-            posters = [asyncio.ensure_future(posting(session)) for _ in range(concurrency)]
+            posters = [asyncio.ensure_future(posting(session)) for _ in range(posters_at_once)]
             await window.measure(server, args.seconds)
             stop = True
             await asyncio.wait_for(asyncio.gather(*posters), 60)
@@ -777,6 +805,43 @@ async def backend_answers(server: Server, args: argparse.Namespace) -> dict[str,
             figures["server_cpu_us"] = window.server_cpu_share / figures["answers_per_s"] * 1e6
             result.update({prefix + key: value for key, value in figures.items()})
     result["failed"] = failures
+    return result
+
+
+async def forward(server: Server, args: argparse.Namespace) -> dict[str, float]:
+    """``args.echo_connections`` clients sending events the gateway forwards to the backend, whose answer
+    (an ``ack`` with the event's data) comes back as a frame: forwarded events/s with their replies, and
+    the time from sending an event to its reply.  A connection forwards one event at a time, so each keeps
+    ``args.in_flight`` queued behind it.  The ``backend`` contender answers the same POSTs sent from here
+    (:func:`backend_answers`), at as many at once as there are clients: the backend's own rate."""
+    if server.name == "backend":
+        body = msgspec.json.encode({"type": "event", "client_id": "c5d0f1e2-8a3b-4c6d-9e7f-0a1b2c3d4e5f",
+                                    "user": None, "meta": None, "event": "chat",
+                                    "data": {"t": 0, "seq": -1, "pad": PAD}, "rooms": []})
+        return await backend_answers(server, args, EVENTS_PATH, body, args.echo_connections)
+    peers = await open_peers(server, args.echo_connections)
+    window = Window()
+    failures = 0
+
+    def on_frame(peer: Peer, received: WSFrame) -> None:
+        nonlocal failures
+        reply = decode_frame(received.get_payload_as_bytes())
+        if reply.event != "ack":
+            failures += 1
+        window.record(reply.data.data.t)
+        peer.send(frame("chat", peer.client_id, time.perf_counter_ns()))
+
+    for peer in peers:
+        peer.on_frame = on_frame
+        for _ in range(args.in_flight):
+            peer.send(frame("chat", peer.client_id, time.perf_counter_ns()))
+    await window.measure(server, args.seconds)
+    close_all(peers)
+    result = window.result("events_per_s")
+    result["failed"] = failures
+    result["server_cpu_us"] = window.server_cpu_share / result["events_per_s"] * 1e6
+    if server.helpers:
+        result["backend_cpu_us"] = window.helper_cpu_share / result["events_per_s"] * 1e6
     return result
 
 
@@ -790,11 +855,12 @@ SCENARIOS: dict[str, Callable[[Server, argparse.Namespace], Awaitable[dict[str, 
     "stream_healthy": lambda server, args: fan_out(server, args, "api", slow=0),
     "stream_1pct_slow": lambda server, args: fan_out(server, args, "api", slow=args.receivers // 100),
     "handshakes": handshakes,
+    "forward": forward,
 }
 HEADLINE = {"echo": "msgs_per_s", "relay": "msgs_per_s", "fanout_api": "deliveries_per_s",
             "fanout_room": "deliveries_per_s", "connections": "kib_per_connection",
             "connections_deflate": "kib_per_connection", "stream_healthy": "p99_ms", "stream_1pct_slow": "p99_ms",
-            "handshakes": "handshakes_per_s"}
+            "handshakes": "handshakes_per_s", "forward": "events_per_s"}
 
 
 # --------------------------------------------------------------------------

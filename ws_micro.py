@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import bisect
 import collections
 import contextlib
@@ -2065,8 +2066,12 @@ class _BackendClient:
         """The status and body (at most ``limit`` + 1 bytes) of a signed POST of ``body``; raise
         ``ConnectionError`` if the backend cannot be reached.  The caller bounds its time."""
         if self._session is None:  # made on first use: aiohttp binds it to the running event loop
-            connector = self._aiohttp.TCPConnector(limit=BACKEND_POOL_SIZE)
-            self._session = self._aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
+            aiohttp = self._aiohttp
+            # No cookie jar: a backend's cookies are not passed on to it again, or to anyone.  No timeout of
+            # aiohttp's own: the caller bounds each request (a real deadline, and cheaper per request).
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=BACKEND_POOL_SIZE), cookie_jar=aiohttp.DummyCookieJar(),
+                timeout=aiohttp.ClientTimeout(total=None), skip_auto_headers=("User-Agent",))
         signature = _signature(self._secret, body, int(time.time()))
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: signature}
         answer = b""
@@ -2086,6 +2091,7 @@ class _BackendClient:
 # Authentication: signed tokens and the connect hook
 # --------------------------------------------------------------------------
 
+TOKEN_CACHE_SIZE = 10_000  # verified tokens remembered until they expire
 HOOK_HEADERS = ("cookie", "authorization", "origin", "user-agent")  # passed to the hook, with connect_hook_headers
 HOOK_ANSWER_LIMIT = 64 * 1024  # bytes of a hook's answer read before it counts as garbage
 
@@ -2105,7 +2111,11 @@ def _credentials(request: HTTPConnection) -> str | None:
 
 class _TokenVerifier:
     """Checks signed tokens (JWTs) with PyJWT: signature, ``exp`` (required), ``nbf``, ``aud``, ``iss``, and
-    ``sub`` (required: the user).  Each key takes one algorithm, so ``none`` and HS/RS confusion fail."""
+    ``sub`` (required: the user).  Each key takes one algorithm, so ``none`` and HS/RS confusion fail.
+
+    A token verified once is remembered (the last TOKEN_CACHE_SIZE) until its ``exp``: clients that
+    reconnect with the token they have, all at once after a restart, cost a lookup each.
+    """
 
     def __init__(self, settings: Settings) -> None:
         try:
@@ -2120,19 +2130,38 @@ class _TokenVerifier:
         if settings.jwt_public_key:
             algorithm, key = _public_key(settings.jwt_public_key)
             self.keys[algorithm] = key
+        self._verified: collections.OrderedDict[str, tuple[_Grant, float, float]] = collections.OrderedDict()
 
     def verify(self, token: str) -> _Grant:
         """The grant a token carries; :class:`_Refused` (401) saying why it is not valid."""
+        remembered = self._verified.get(token)
+        if remembered is not None:
+            grant, not_before, expires = remembered
+            if not_before <= time.time() < expires:
+                self._verified.move_to_end(token)
+                return grant
+            del self._verified[token]  # expired since: verified again, it is refused with the reason
+        grant, not_before, expires = self._decode(token)
+        self._verified[token] = (grant, not_before, expires)
+        if len(self._verified) > TOKEN_CACHE_SIZE:
+            self._verified.popitem(last=False)
+        return grant
+
+    def _decode(self, token: str) -> tuple[_Grant, float, float]:
         jwt = self._jwt
         try:
-            algorithm = jwt.get_unverified_header(token).get("alg")
+            # With one key its algorithm is the only one accepted, and PyJWT refuses any other itself.
+            algorithm = next(iter(self.keys)) if len(self.keys) == 1 else _token_algorithm(token)
             if algorithm not in self.keys:
-                raise _Refused(401, "unauthorized", f"tokens signed with {algorithm!r} are not accepted "
-                                                    f"(only {', '.join(self.keys)})")
+                raise jwt.InvalidAlgorithmError(algorithm)
             claims = jwt.decode(token, self.keys[algorithm], algorithms=[algorithm],
                                 audience=self.settings.jwt_audience, issuer=self.settings.jwt_issuer,
                                 options={"require": ["exp", "sub"]})
-            return msgspec.convert({**claims, "user": claims["sub"]}, _Grant)
+            grant = msgspec.convert({**claims, "user": claims["sub"]}, _Grant)
+            return grant, float(claims.get("nbf", 0)), float(claims["exp"])
+        except jwt.InvalidAlgorithmError:
+            message = (f"tokens signed with {_token_algorithm(token)!r} are not accepted "
+                       f"(only {', '.join(self.keys)})")
         except jwt.ExpiredSignatureError:
             message = "the token has expired"
         except jwt.ImmatureSignatureError:
@@ -2150,6 +2179,16 @@ class _TokenVerifier:
         except msgspec.ValidationError as exc:
             message = f"invalid token claims: {exc}"
         raise _Refused(401, "unauthorized", message)
+
+
+def _token_algorithm(token: str) -> str | None:
+    """The ``alg`` a token's header names, unverified; None if it has none."""
+    try:
+        header = msgspec.json.decode(base64.urlsafe_b64decode(token.partition(".")[0] + "=="))
+    except (ValueError, msgspec.DecodeError):
+        return None
+    algorithm = header.get("alg") if isinstance(header, dict) else None
+    return algorithm if isinstance(algorithm, str) else None
 
 
 def _public_key(text: str) -> tuple[str, Any]:
@@ -2193,7 +2232,7 @@ class _ConnectHook:
         body = _encode({
             "client_id": client_id,
             "remote": f"{client.host}:{client.port}" if client else None,
-            "path": request.url.path,
+            "path": request.scope["path"],
             "query": dict(request.query_params),
             "headers": {name: request.headers[name] for name in self.headers if name in request.headers},
             "websocket": request.scope["type"] == "websocket",  # false: a plain GET asking what it would get

@@ -1,4 +1,4 @@
-"""A trivial connect hook backend for the benchmark's ``hook`` contender.
+"""A trivial backend for the benchmark's ``hook`` and ``forward`` contenders.
 
 It answers every ``POST /ws-connect`` with 200 and a fixed grant: the user ``bench``,
 any room to join and publish to, and ``to`` relays (so that every scenario can run
@@ -14,7 +14,9 @@ import hashlib
 import hmac
 import os
 import time
+from typing import Any
 
+import msgspec
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -40,8 +42,21 @@ async def connect(request: Request) -> Response:
     return Response(GRANT, media_type="application/json")
 
 
+_decode_event = msgspec.json.Decoder(dict[str, Any]).decode
+
+
+async def events(request: Request) -> Response:
+    """A forwarded event: answered with one ``ack`` carrying the event's data (its send time, for latency)."""
+    body = await request.body()
+    if SECRET and not verify_signature(SECRET, request.headers.get("x-ws-micro-signature", ""), body):
+        return Response(b'{"error":"bad signature"}', 401, media_type="application/json")
+    data = _decode_event(body)["data"]
+    return Response(msgspec.json.encode({"events": [{"event": "ack", "data": data}]}), media_type="application/json")
+
+
 async def healthz(request: Request) -> Response:
     return Response(b"ok")
 
 
-app = Starlette(routes=[Route("/ws-connect", connect, methods=["POST"]), Route("/healthz", healthz)])
+app = Starlette(routes=[Route("/ws-connect", connect, methods=["POST"]), Route("/events", events, methods=["POST"]),
+                        Route("/healthz", healthz)])
