@@ -27,10 +27,11 @@ or mount ``create_app(registry=...)`` in a Starlette or FastAPI app.  Every fiel
 of :class:`Settings` and :class:`ServerSettings` is a keyword argument, a flag
 (``--max-message-size``) and a variable (``WS_MICRO_MAX_MESSAGE_SIZE``).
 
-The module reads top to bottom: settings, events, a connection, the registry, the
-WebSocket endpoint, the sidecar API and ``create_app``; then the optional parts,
-each behind a seam of the core (the Redis backend; the outputs under daphne and uvicorn);
-then ``serve()``, the Python client and the command line.
+The module reads top to bottom: settings, events, who a connection is, a connection, the
+registry, the WebSocket endpoint, the sidecar API and ``create_app``; then the optional parts,
+each behind a seam of the core (authentication: tokens and the connect hook; forwarding to
+the backend; the Redis backend; the outputs under daphne and uvicorn); then ``serve()``, the
+Python client and the command line.
 """
 
 from __future__ import annotations
