@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import inspect
 import json
 import logging
@@ -3705,6 +3706,21 @@ async def test_cluster_users_and_presence_span_instances(redis_server: RedisServ
         assert received["event"] == "presence", received
         return dict(received["data"]["data"])
 
+    # Presence from another instance is sent without waiting: alice's join, published by X before bob
+    # joined on Y, may reach Y after bob's join began, and then bob hears of it too (docs/auth.md).
+    stale: dict[str, Any] = {}
+
+    async def hears(ws: ClientConnection, expected: dict[str, Any]) -> None:
+        while (received := await recv_json(ws))["data"]["data"] == stale:
+            pass
+        assert received["event"] == "presence" and received["data"]["data"] == expected, received
+
+    async def joins(ws: ClientConnection, me: str, room: str) -> int:
+        await ws.send(text("join", me, {"room": room}))
+        while (received := await recv_json(ws))["event"] != "joined":
+            assert received["data"]["data"] == stale, received
+        return int(received["data"]["data"]["members"])
+
     with cluster(redis_server, 2, *auth) as (x, y):
         async with signed(x, "alice") as (tab1, id1), signed(y, "alice") as (tab2, id2), \
                 signed(y, "bob") as (bob, id_bob):
@@ -3713,11 +3729,12 @@ async def test_cluster_users_and_presence_span_instances(redis_server: RedisServ
                 assert {entry["client_id"]: entry["instance"] for entry in listed["clients"]} == {
                     id1: instance_of(x), id2: instance_of(y)}
             # Presence: counts and members over both instances, and events from one to the other.
-            assert await join(tab1, id1, "lobby") == 1
-            assert await presence(tab1) == {"room": "lobby", "action": "joined", "client_id": id1, "user": "alice"}
-            assert await join(bob, id_bob, "lobby") == 2
+            assert await joins(tab1, id1, "lobby") == 1
+            stale.update(room="lobby", action="joined", client_id=id1, user="alice")
+            assert await presence(tab1) == stale
+            assert await joins(bob, id_bob, "lobby") == 2
             joined = {"room": "lobby", "action": "joined", "client_id": id_bob, "user": "bob"}
-            assert await presence(bob) == joined
+            await hears(bob, joined)
             assert await presence(tab1) == joined  # from the other instance
             for server in (x, y):
                 assert server.get("/api/rooms").json() == {"count": 1, "rooms": [{"room": "lobby", "members": 2}]}
@@ -3734,7 +3751,7 @@ async def test_cluster_users_and_presence_span_instances(redis_server: RedisServ
             assert (reply.status_code, reply.json()) == (202, {"disconnected": 2})
             for tab in (tab1, tab2):
                 assert await closed_with(tab) == (1000, "disconnected by the server")
-            assert await presence(bob) == {"room": "lobby", "action": "left", "client_id": id1, "user": "alice"}
+            await hears(bob, {"room": "lobby", "action": "left", "client_id": id1, "user": "alice"})
             for server in (x, y):
                 await server.wait_until(lambda s=server: s.get("/api/users/alice").json()["count"] == 0,
                                         "alice's connections to leave the cluster")
@@ -3868,15 +3885,22 @@ class EventBackend(BackendServer):
     ``500``, ``garbage``, ``slow`` (after 1 s). The first ``failing`` notices get 500.
     """
 
-    def __init__(self, failing: int = 0) -> None:
+    def __init__(self, failing: int = 0, notice_delay: float = 0) -> None:
         self.received: list[dict[str, Any]] = []
         self.failing = failing
+        self.notice_delay = notice_delay  # seconds each notice takes to be answered (under forward_timeout)
+        self.notices_at_once = self.most_notices_at_once = 0
         super().__init__("/events", self.answer)
 
     async def answer(self, body: dict[str, Any]) -> Any:
         if body["type"] != "event" and self.failing > 0:
             self.failing -= 1
             return JSONResponse({"error": "not now"}, 500)
+        if body["type"] != "event" and self.notice_delay:
+            self.notices_at_once += 1
+            self.most_notices_at_once = max(self.most_notices_at_once, self.notices_at_once)
+            await anyio.sleep(self.notice_delay)
+            self.notices_at_once -= 1
         self.received.append(body)
         mode = body.get("data", {}).get("mode", "reply")
         if body["type"] != "event" or mode == "none":
@@ -4203,3 +4227,62 @@ def test_a_remembered_token_is_refused_once_it_expires() -> None:
             time.sleep(0.05)
         assert refusal(client, authorization=f"Bearer {token}") == (
             401, {"code": "unauthorized", "message": "the token has expired"})
+
+
+@pytest.mark.anyio
+async def test_e2e_notices_are_sent_several_at_once_after_the_senders_were_idle() -> None:
+    with EventBackend(notice_delay=0.2) as backend, run_server(*forward_options(backend.url), "--log-level",
+                                                               "warning") as server:
+        def notified(client_ids: list[str], notices: int) -> bool:
+            return all(len(backend.notices(client_id)) == notices for client_id in client_ids)
+
+        for wave in range(2):
+            backend.most_notices_at_once = 0
+            async with contextlib.AsyncExitStack() as stack:
+                client_ids = [(await stack.enter_async_context(ws_client(server.ws)))[1] for _ in range(8)]
+                await eventually(functools.partial(notified, client_ids, 1), "eight connect notices")
+            await eventually(functools.partial(notified, client_ids, 2), "their disconnect notices")
+            # The second wave finds every sender made by the first one idle: they must all wake.
+            assert backend.most_notices_at_once >= 4, wave
+
+
+@pytest.mark.anyio
+async def test_e2e_a_hook_answer_over_its_limit_is_refused_even_when_it_is_valid_json() -> None:
+    async def padded(asked: dict[str, Any]) -> Any:
+        return Response(b'{"user": "big"}' + b" " * 70_000, media_type="application/json")
+
+    with BackendServer("/hook", padded) as backend, \
+            run_server(*hook_options(backend.url), "--log-level", "warning") as server:
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(server.ws, open_timeout=TIMEOUT)
+        assert refused.value.response.status_code == 503
+        assert server.metric("ws_micro_connect_hook_total", outcome="bad_answer") == 1
+
+
+@pytest.mark.anyio
+async def test_cluster_a_client_kicked_while_its_join_waits_for_redis_is_in_no_room_after(
+        redis_server: RedisServer) -> None:
+    with cluster(redis_server, 2, "--presence-events") as (x, y):
+        async with ws_client(x.ws) as (watcher, watcher_id):
+            assert await join(watcher, watcher_id, "r2") == 1
+            assert (await recv_json(watcher))["event"] == "presence"  # its own
+            async with ws_client(x.ws) as (kicked, kicked_id):
+                assert redis_server.process is not None
+                redis_server.process.send_signal(signal.SIGSTOP)  # the join's write waits for Redis
+                try:
+                    await kicked.send(text("join", kicked_id, {"room": "r2"}))
+                    assert httpx.delete(f"{x.http}/api/clients/{kicked_id}", timeout=TIMEOUT).status_code == 202
+                    assert await closed_with(kicked) == (1000, "disconnected by the server")
+                finally:
+                    redis_server.process.send_signal(signal.SIGCONT)
+            members = [{"client_id": watcher_id, "user": None}]
+            for server in (x, y):
+                await server.wait_until(lambda s=server: s.get("/api/rooms/r2").json()["members"] == members,
+                                        "the kicked client to be in no room")
+            await x.wait_until(lambda: redis_server.command("HKEYS", "ws_micro:room-members:r2") == [watcher_id],
+                               "Redis to hold only the watcher in the room")
+            assert kicked_id not in redis_server.command("HKEYS", f"ws_micro:instance:{instance_of(x)}:clients")
+            # The watcher never heard that the kicked client joined.
+            await watcher.send(text("ping", watcher_id))
+            while (received := await recv_json(watcher))["event"] != "pong":
+                assert received["data"]["data"].get("action") != "joined", received

@@ -527,6 +527,8 @@ def _identity(grant: _Grant, settings: Settings) -> _Identity:
     for name, patterns in (("join", grant.join), ("publish", grant.publish)):
         if len(patterns) > MAX_PATTERNS:
             raise ValueError(f"at most {MAX_PATTERNS} {name} patterns, but got {len(patterns)}")
+        if any(not 0 < len(pattern) <= MAX_USER_LENGTH for pattern in patterns):
+            raise ValueError(f"{name} patterns have 1 to {MAX_USER_LENGTH} characters")
     if grant.meta is not None and len(_encode(grant.meta)) > MAX_META_BYTES:
         raise ValueError(f"meta must be at most {MAX_META_BYTES} bytes of JSON")
     return _Identity(user=grant.user, meta=grant.meta, rooms=rooms,
@@ -1058,13 +1060,22 @@ class Registry:
         connection.rooms.clear()
 
     async def join(self, connection: _Connection, room: str) -> int:
-        """Add ``connection`` to ``room``; the room's members after it (on every instance)."""
+        """Add ``connection`` to ``room``; the room's members after it (on every instance), or 0 if the
+        connection has left the registry (it is closing)."""
         if self.connections.get(connection.id) is not connection:  # it left as it started closing
             return 0
         connection.rooms.add(room)
         members = self.rooms.setdefault(room, set())
         members.add(connection.id)
-        return await self._members(connection, room, len(members))
+        count = await self._members(connection, room, len(members))
+        if self.connections.get(connection.id) is not connection:
+            # It left while the backend wrote its membership, maybe after the backend had already removed
+            # it: remove it again, now that the write is done.
+            user = connection.identity.user
+            self.backend.unregister(connection, {room: len(self.rooms.get(room, ()))},
+                                    0 if user is None else len(self.users.get(user, ())))
+            return 0
+        return count
 
     async def leave(self, connection: _Connection, room: str) -> int:
         connection.rooms.discard(room)
@@ -1281,8 +1292,8 @@ class _Gateway:
                 greeting.update(user=identity.user, rooms=list(identity.rooms))
             connection.send(_Frame("connect", greeting).to(connection.id))
             for room in identity.rooms:
-                await self.registry.join(connection, room)
-                self.registry.announce(room, "joined", connection)
+                if await self.registry.join(connection, room):
+                    self.registry.announce(room, "joined", connection)
             logger.debug("client %s connected", connection.id)
             if await self._read(connection, receive):
                 return
@@ -1431,8 +1442,9 @@ class _Gateway:
             self._error(connection, INVALID_EVENT, f"at most {limit} rooms per connection", event.event)
             return
         members = await self.registry.join(connection, room)
-        connection.send(_Frame("joined", {"room": room, "members": members}).to(connection.id))
-        self.registry.announce(room, "joined", connection)
+        if members:  # else it is closing: no reply, and no one hears it joined
+            connection.send(_Frame("joined", {"room": room, "members": members}).to(connection.id))
+            self.registry.announce(room, "joined", connection)
 
     async def _leave(self, connection: _Connection, event: Event, text: str) -> None:
         room = self._room_of(connection, event)
@@ -2093,6 +2105,7 @@ class _BackendClient:
 # --------------------------------------------------------------------------
 
 TOKEN_CACHE_SIZE = 10_000  # verified tokens remembered until they expire
+TOKEN_CACHE_TOKEN_SIZE = 4096  # characters of the longest token remembered
 HOOK_HEADERS = ("cookie", "authorization", "origin", "user-agent")  # passed to the hook, with connect_hook_headers
 HOOK_ANSWER_LIMIT = 64 * 1024  # bytes of a hook's answer read before it counts as garbage
 
@@ -2143,9 +2156,10 @@ class _TokenVerifier:
                 return grant
             del self._verified[token]  # expired since: verified again, it is refused with the reason
         grant, not_before, expires = self._decode(token)
-        self._verified[token] = (grant, not_before, expires)
-        if len(self._verified) > TOKEN_CACHE_SIZE:
-            self._verified.popitem(last=False)
+        if len(token) <= TOKEN_CACHE_TOKEN_SIZE:  # what the cache holds stays small: 10,000 x 4 KB at most
+            self._verified[token] = (grant, not_before, expires)
+            if len(self._verified) > TOKEN_CACHE_SIZE:
+                self._verified.popitem(last=False)
         return grant
 
     def _decode(self, token: str) -> tuple[_Grant, float, float]:
@@ -2253,6 +2267,8 @@ class _ConnectHook:
         if not 200 <= status < 300:
             raise self._failed("bad_status", f"the connect hook answered HTTP {status}")
         try:
+            if len(answer) > HOOK_ANSWER_LIMIT:
+                raise ValueError(f"it is larger than {HOOK_ANSWER_LIMIT} bytes")
             identity = _identity(self._decode(answer) if answer.strip() else _Grant(), self.settings)
         except (msgspec.MsgspecError, ValueError) as exc:
             raise self._failed("bad_answer", f"the connect hook's answer is not a grant: {str(exc)[:200]}") from None
@@ -2420,6 +2436,8 @@ class _HttpForwarder(_Forwarder):
             failed(BACKEND_ERROR, f"the backend answered HTTP {status}", status=status)
             return
         try:
+            if len(answer) > FORWARD_ANSWER_LIMIT:
+                raise msgspec.DecodeError(f"it is larger than {FORWARD_ANSWER_LIMIT} bytes")
             reply = self._decode(answer) if answer.strip() else _Reply()
         except msgspec.MsgspecError as exc:
             self.outcomes["backend_error"] += 1
@@ -2473,7 +2491,8 @@ class _HttpForwarder(_Forwarder):
         assert self.lifecycle_url is not None
         while True:
             while not self._queue:
-                self._queued = anyio.Event()
+                if self._queued is None or self._queued.is_set():  # one event that wakes every idle sender
+                    self._queued = anyio.Event()
                 await self._queued.wait()
             body, done, after = self._queue.popleft()
             self._sending += 1
