@@ -2587,20 +2587,24 @@ local function deliver(id, message, clients)
   end
 end
 local function reap(id)
+  -- Each client's entry names its rooms and user: its memberships go with it, at a cost of the
+  -- instance's own memberships, whatever the size of the rooms.
   local clients = p .. ':instance:' .. id .. ':clients'
-  for _, client in ipairs(redis.call('HKEYS', clients)) do
+  local entries = redis.call('HGETALL', clients)
+  for i = 1, #entries, 2 do
+    local client = entries[i]
     if redis.call('HGET', p .. ':directory', client) == id then redis.call('HDEL', p .. ':directory', client) end
+    local ok, entry = pcall(cjson.decode, entries[i + 1])
+    if ok and type(entry) == 'table' then
+      for _, room in ipairs(type(entry.rooms) == 'table' and entry.rooms or {}) do
+        redis.call('HDEL', p .. ':room-members:' .. room, client)
+      end
+      if type(entry.user) == 'string' then redis.call('HDEL', p .. ':user-members:' .. entry.user, client) end
+    end
   end
   for _, kind in ipairs({'room', 'user'}) do
     local names = p .. ':instance:' .. id .. ':' .. kind .. 's'
-    for _, name in ipairs(redis.call('SMEMBERS', names)) do
-      redis.call('HDEL', p .. ':' .. kind .. ':' .. name, id)
-      local members = p .. ':' .. kind .. '-members:' .. name
-      local held = redis.call('HGETALL', members)
-      for i = 1, #held, 2 do
-        if held[i + 1] == id then redis.call('HDEL', members, held[i]) end
-      end
-    end
+    for _, name in ipairs(redis.call('SMEMBERS', names)) do redis.call('HDEL', p .. ':' .. kind .. ':' .. name, id) end
     redis.call('DEL', names)
   end
   redis.call('DEL', clients)
