@@ -1395,8 +1395,8 @@ class _Gateway:
             self._error(connection, INVALID_JSON, str(exc), None)
             return
 
-        def failed(code: str, message: str) -> None:
-            self._error(connection, code, message, event.event)
+        def failed(code: str, message: str, **details: Any) -> None:
+            self._error(connection, code, message, event.event, **details)
 
         if event.client_id != connection.id:
             failed(CLIENT_ID_MISMATCH, f"client_id must be this connection's id, but got {event.client_id!r}")
@@ -1411,8 +1411,7 @@ class _Gateway:
                 await self.registry.relay_to_client(event.to, text, failed)
         elif event.room is not None:
             if not connection.identity.may_publish(event.room):
-                self._error(connection, FORBIDDEN, f"this connection may not send to room {event.room!r}",
-                            event.event, room=event.room)
+                failed(FORBIDDEN, f"this connection may not send to room {event.room!r}", room=event.room)
             elif event.room not in connection.rooms:
                 failed(NOT_IN_ROOM, f"join room {event.room!r} before sending to it")
             else:
@@ -1420,7 +1419,7 @@ class _Gateway:
         elif event.event in self._builtins:
             await self._builtins[event.event](connection, event, text)
         else:
-            await self._call_handler(connection, event)
+            await self._call_handler(connection, event, failed)
 
     # The built-in events, one method each (see BUILTIN_EVENTS).
 
@@ -1457,17 +1456,13 @@ class _Gateway:
         connection.send(_Frame("left", {"room": room, "members": members}).to(connection.id))
         self.registry.announce(room, "left", connection)
 
-    async def _call_handler(self, connection: _Connection, event: Event) -> None:
+    async def _call_handler(self, connection: _Connection, event: Event, failed: Callable[..., None]) -> None:
         name = event.event
         handler = self.registry.handlers.get(name)
         if handler is None:
             if not self.forwarder.takes(name):
-                self._error(connection, UNKNOWN_EVENT, f"no handler for event {name!r}", name)
+                failed(UNKNOWN_EVENT, f"no handler for event {name!r}")
                 return
-
-            def failed(code: str, message: str, **details: Any) -> None:
-                self._error(connection, code, message, name, **details)
-
             # Awaited: the connection's next frame is read once the backend has answered this one, so its
             # events arrive in order, and a client that keeps sending to a slow backend waits.
             await self.forwarder.forward(connection, event, failed)
@@ -1476,7 +1471,7 @@ class _Gateway:
             await handler(connection.id, event)
         except Exception:
             logger.exception("handler for event %r failed (client %s)", name, connection.id)
-            self._error(connection, INTERNAL_ERROR, f"the handler for {name!r} failed", name)
+            failed(INTERNAL_ERROR, f"the handler for {name!r} failed")
 
     def _room_of(self, connection: _Connection, event: Event) -> str | None:
         try:
