@@ -1537,10 +1537,17 @@ def _api_error(status: int, code: str, message: str) -> Response:
 
 
 def _refusal_response(status: int, code: str, message: str) -> Response:
+    """A refused handshake's (or API call's) answer; a 401 says which credentials to send."""
     response = _api_error(status, code, message)
     if status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
     return response
+
+
+def _bearer(request: HTTPConnection) -> str | None:
+    """What follows ``Authorization: Bearer``, as sent; None without such a header."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token if scheme.lower() == "bearer" else None
 
 
 async def _backend_unavailable(request: Request, exc: Exception) -> Response:
@@ -1564,11 +1571,9 @@ def _api_routes(registry: Registry, settings: Settings) -> list[Route]:
             if refusal is not None:
                 return _api_error(403, FORBIDDEN, refusal)
             if settings.api_token is not None:
-                scheme, _, token = request.headers.get("authorization", "").partition(" ")
-                if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.api_token.encode()):
-                    response = _api_error(401, "unauthorized", "send 'Authorization: Bearer <token>'")
-                    response.headers["WWW-Authenticate"] = "Bearer"
-                    return response
+                token = _bearer(request)
+                if token is None or not hmac.compare_digest(token.encode(), settings.api_token.encode()):
+                    return _refusal_response(401, "unauthorized", "send 'Authorization: Bearer <token>'")
             else:
                 refusal = _not_local(request)
                 if refusal is not None:
@@ -2112,10 +2117,8 @@ HOOK_OUTCOMES = ("accepted", "refused", "timeout", "unreachable", "bad_status", 
 
 def _credentials(request: HTTPConnection) -> str | None:
     """The token a handshake brings: ``Authorization: Bearer`` (programs) or ``?token=`` (browsers)."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    return request.query_params.get("token") or None
+    token = (_bearer(request) or "").strip()
+    return token or request.query_params.get("token") or None
 
 
 class _TokenVerifier:
