@@ -1795,6 +1795,12 @@ class _Throttle:
         self._reported_at[key] = now
         return self._held.pop(key, 0)
 
+    def warn(self, key: str, message: str) -> None:
+        """Log ``message`` as a warning, unless one for ``key`` was logged within ``interval``."""
+        held = self(key)
+        if held is not None:
+            logger.warning("%s%s", message, f" ({held} more since the last report)" if held else "")
+
 
 # uvicorn's log lines that any client can cause, once per connection or request; what each becomes.
 _CLIENT_CAUSED = {
@@ -2276,10 +2282,7 @@ class _ConnectHook:
     def _failed(self, outcome: str, message: str) -> _Refused:
         """Count and log (at most once per 10 s) a hook that gave no answer; the client gets 503."""
         self.outcomes[outcome] += 1
-        held = self._throttle(outcome)
-        if held is not None:
-            logger.warning("%s; handshakes are refused with 503%s", message,
-                           f" ({held} more since the last report)" if held else "")
+        self._throttle.warn(outcome, f"{message}; handshakes are refused with 503")
         return _Refused(503, "auth_unavailable", "authentication is unavailable; try again later")
 
 
@@ -2448,9 +2451,7 @@ class _HttpForwarder(_Forwarder):
 
     def _unavailable(self, failed: Callable[..., None], outcome: str, message: str) -> None:
         self.outcomes[outcome] += 1
-        held = self._throttle(outcome)
-        if held is not None:
-            logger.warning("forwarding: %s%s", message, f" ({held} more since the last report)" if held else "")
+        self._throttle.warn(outcome, f"forwarding: {message}")
         failed(BACKEND_UNAVAILABLE, message)
 
     # Notices
@@ -2521,10 +2522,8 @@ class _HttpForwarder(_Forwarder):
                 self.notices["retried"] += 1
                 await anyio.sleep(min(0.5 * 2 ** attempt, 5.0))
         self.notices["dropped"] += 1
-        held = self._throttle("notice")
-        if held is not None:
-            logger.warning("forwarding: a connect or disconnect notice was dropped after %d tries (%s)%s",
-                           retries + 1, why, f" ({held} more since the last report)" if held else "")
+        self._throttle.warn("notice", f"forwarding: a connect or disconnect notice was dropped after {retries + 1} "
+                                      f"tries ({why})")
 
     def metrics(self) -> list[_MetricFamily | _Histogram]:
         return [("forwarded_total", "counter", "Client events forwarded to the backend, by outcome.", self.outcomes,
