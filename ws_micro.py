@@ -2974,12 +2974,13 @@ class _RedisBackend(_Backend):
         return int((await self._request("group", _group_key(delivery), _encode_delivery(delivery)))[0])
 
     def publish_soon(self, delivery: _ToRoom) -> None:
+        def done(result: Any) -> None:
+            pass
+
         if not self.available or self._outbox_ready is None or len(self._outbox) >= OUTBOX_LIMIT:
-            self.dropped["backend_unavailable"] += 1
+            self._delivered("group", BackendUnavailable(UNAVAILABLE), done)  # counted as dropped
             return
-        args = (self.settings.redis_prefix, _group_key(delivery), _encode_delivery(delivery), self.instance)
-        self._outbox.append(("group", args, lambda result: None))
-        self._outbox_ready.set()
+        self._enqueue("group", (_group_key(delivery), _encode_delivery(delivery)), done)
 
     async def forward_to_room(self, delivery: _ToRoom, failed: Callable[[str, str], None]) -> None:
         room = delivery.room
@@ -3018,6 +3019,10 @@ class _RedisBackend(_Backend):
             return
         while len(self._outbox) >= OUTBOX_LIMIT:  # Redis is slow: the sender waits, its socket fills
             await self._outbox_drained.wait()
+        self._enqueue(name, args, done)
+
+    def _enqueue(self, name: str, args: tuple[Any, ...], done: Callable[[Any], None]) -> None:
+        assert self._outbox_ready is not None
         self._outbox.append((name, (self.settings.redis_prefix, *args, self.instance), done))
         self._outbox_ready.set()
 
