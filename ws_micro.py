@@ -142,6 +142,7 @@ HANDSHAKE_REFUSALS = ("origin", "full", "timeout", "unauthorized", "forbidden", 
 # Bounds on what a token or the connect hook grants a connection.
 MAX_USER_LENGTH = 256
 MAX_PATTERNS = 100  # room patterns in each of join and publish
+MAX_PATTERN_LENGTH = 256
 MAX_META_BYTES = 4096  # the meta object, as JSON
 
 # Why connections end (the disconnects_total labels).
@@ -513,6 +514,13 @@ class _Identity:
 ANONYMOUS = _Identity()
 
 
+def _bad_room_name(room: str, settings: Settings) -> str | None:
+    """Why ``room`` cannot be a room's name; None if it can."""
+    if 0 < len(room) <= settings.max_room_name_length:
+        return None
+    return f"room names have 1 to {settings.max_room_name_length} characters, but got {len(room)}"
+
+
 def _identity(grant: _Grant, settings: Settings) -> _Identity:
     """The identity a grant gives, with the settings' defaults; ValueError says what in it is out of bounds."""
     if grant.user is not None and not 0 < len(grant.user) <= MAX_USER_LENGTH:
@@ -521,14 +529,14 @@ def _identity(grant: _Grant, settings: Settings) -> _Identity:
     if len(rooms) > settings.max_rooms_per_connection:
         raise ValueError(f"at most {settings.max_rooms_per_connection} rooms, but got {len(rooms)}")
     for room in rooms:
-        if not 0 < len(room) <= settings.max_room_name_length:
-            raise ValueError(f"room names have 1 to {settings.max_room_name_length} characters, "
-                             f"but got {room[:40]!r}")
+        problem = _bad_room_name(room, settings)
+        if problem is not None:
+            raise ValueError(problem)
     for name, patterns in (("join", grant.join), ("publish", grant.publish)):
         if len(patterns) > MAX_PATTERNS:
             raise ValueError(f"at most {MAX_PATTERNS} {name} patterns, but got {len(patterns)}")
-        if any(not 0 < len(pattern) <= MAX_USER_LENGTH for pattern in patterns):
-            raise ValueError(f"{name} patterns have 1 to {MAX_USER_LENGTH} characters")
+        if any(not 0 < len(pattern) <= MAX_PATTERN_LENGTH for pattern in patterns):
+            raise ValueError(f"{name} patterns have 1 to {MAX_PATTERN_LENGTH} characters")
     if grant.meta is not None and len(_encode(grant.meta)) > MAX_META_BYTES:
         raise ValueError(f"meta must be at most {MAX_META_BYTES} bytes of JSON")
     return _Identity(user=grant.user, meta=grant.meta, rooms=rooms,
@@ -1479,10 +1487,9 @@ class _Gateway:
         except msgspec.ValidationError as exc:
             self._error(connection, INVALID_EVENT, f"{exc} (in data.data)", event.event)
             return None
-        if not 0 < len(room) <= self.settings.max_room_name_length:
-            self._error(connection, INVALID_EVENT,
-                        f"room names have 1 to {self.settings.max_room_name_length} characters, "
-                        f"but got {len(room)}", event.event)
+        problem = _bad_room_name(room, self.settings)
+        if problem is not None:
+            self._error(connection, INVALID_EVENT, problem, event.event)
             return None
         return room
 
@@ -2103,7 +2110,6 @@ class _BackendClient:
                 return response.status, answer
         except (self._aiohttp.ClientError, OSError) as exc:
             raise ConnectionError(str(exc) or type(exc).__name__) from None
-
 
 
 # --------------------------------------------------------------------------
