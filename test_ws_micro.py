@@ -4673,3 +4673,23 @@ async def test_cluster_a_waiting_session_ends_when_kicked_or_expired_and_its_roo
                     assert info["client_id"] != me and info["data"]["data"]["recovered"] is False
             assert y.get("/api/rooms/lobby").json()["count"] == 1
         assert redis_server.command("KEYS", "ws_micro:session:*") == []
+
+
+@pytest.mark.anyio
+async def test_the_backend_hears_a_session_begin_and_end_once_however_often_its_connection_drops() -> None:
+    with EventBackend() as backend, run_server(*forward_options(backend.url, "--recovery-window", "2"),
+                                               "--log-level", "warning") as server:
+        token = ""
+        for attempt in range(3):
+            ws = await connect(resume_url(server, token, offset=0) if token else server.ws)
+            hello = await greeted(ws)
+            me, token = hello["client_id"], hello["data"]["data"]["resume_token"]
+            assert hello["data"]["data"]["recovered"] is (attempt > 0)
+            await ws.send(text("chat", me, {"mode": "none", "n": attempt}))
+            await nothing_more(ws, me)  # the event was forwarded before the ping was read
+            cut(ws)
+            await until_away(server, me)
+        assert backend.notices(me) == [("connect", None)]
+        await eventually(lambda: len(backend.notices(me)) == 2, "the session to expire")
+        assert backend.notices(me) == [("connect", None), ("disconnect", "expired")]
+        assert [body["data"]["n"] for body in backend.received if body["type"] == "event"] == [0, 1, 2]
