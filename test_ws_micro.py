@@ -4693,3 +4693,24 @@ async def test_the_backend_hears_a_session_begin_and_end_once_however_often_its_
         await eventually(lambda: len(backend.notices(me)) == 2, "the session to expire")
         assert backend.notices(me) == [("connect", None), ("disconnect", "expired")]
         assert [body["data"]["n"] for body in backend.received if body["type"] == "event"] == [0, 1, 2]
+
+
+@pytest.mark.anyio
+async def test_cluster_sessions_outlive_a_rolling_restart_of_their_instance(redis_server: RedisServer) -> None:
+    with cluster(redis_server, 2, "--recovery-window", "60") as (x, y):
+        ws = await connect(x.ws)
+        hello = await greeted(ws)
+        me, token = hello["client_id"], hello["data"]["data"]["resume_token"]
+        await join(ws, me, "lobby")
+        x.process.send_signal(signal.SIGTERM)
+        assert (await closed_with(ws))[0] == 1012
+        assert x.process.wait(TIMEOUT) == 0
+        await until_away(y, me)
+        assert y.post("/api/rooms/lobby", {"event": "while_restarting", "data": {"data": {}}}).json() == {
+            "delivered": 1}
+        push(y, f"/api/clients/{me}", "direct", 1)
+        async with connect(resume_url(y, token, offset=1)) as back:
+            info = (await greeted(back))["data"]["data"]
+            assert (info["recovered"], info["rooms"]) == (True, ["lobby"])
+            assert [(await recv_json(back))["event"] for _ in range(2)] == ["while_restarting", "direct"]
+            await nothing_more(back, me)
