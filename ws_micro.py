@@ -837,30 +837,33 @@ class _Connection:
     def open(self) -> bool:
         return self.state is _State.OPEN or self.state is _State.BACKLOGGED
 
-    def send(self, text: str, wire: bytes | None = None) -> bool:
-        """Send or queue a text frame; False when the connection is closing or was just cut off.
-        With recovery on, the frame is kept in the session too, and kept only while the peer is away."""
-        session = self.session
-        if session is None:
-            return self.emit(text, wire)
-        if not self.open:
-            if self.state is not _State.AWAY:
-                return False
-            if not session.keep(text, self._settings):
-                self.end("overflowed")
-                return False
-            return True
-        session.keep(text, self._settings)
-        return self.emit(text, wire) or self.state is _State.AWAY  # kept for when it comes back
+    @property
+    def away(self) -> bool:
+        """Whether its peer is gone and its session waits for it (recovery)."""
+        return self.state is _State.AWAY
 
-    def emit(self, text: str, wire: bytes | None = None) -> bool:
-        """Send a frame that is not the session's to keep: the connect frame, and the frames replayed."""
+    def send(self, text: str, wire: bytes | None = None, *, keep: bool = True) -> bool:
+        """Send or queue a text frame; False when the connection is closing or was just cut off.
+
+        With recovery on, the frame is also kept in the session (only kept, while the peer is away),
+        unless ``keep`` is False: the connect frame, and frames replayed from the session.
+        """
+        session = self.session
+        if session is not None and keep:
+            if not self.open:
+                if self.state is not _State.AWAY:
+                    return False
+                if not session.keep(text, self._settings):
+                    self.end("overflowed")
+                    return False
+                return True
+            session.keep(text, self._settings)
         if self.state is _State.OPEN:
             try:
                 rest = self._output.write_now(text, wire)
             except (OSError, RuntimeError):  # the peer is gone; the read loop hears it too
                 self.gone("abnormal")
-                return False
+                return self.away  # kept, for when it comes back
             if rest is None:
                 self._metrics.messages_sent += 1
             else:
@@ -1213,7 +1216,6 @@ class Registry:
         self.away: dict[str, _Connection] = {}
         self.sessions = collections.Counter(dict.fromkeys(SESSION_OUTCOMES, 0))
         self.session_ended: Callable[[_Connection], None] = lambda connection: None
-        self._skip: Collection[str] = ()  # clients deliver_here() passes over
         self._announcements: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
 
     def __len__(self) -> int:
@@ -1473,12 +1475,6 @@ class Registry:
     def deliver_here(self, delivery: _Delivery, skip: Collection[str] = ()) -> bool:
         """Deliver what another instance sent this one, to any client but those in ``skip``; False if its
         client is gone."""
-        if skip and not isinstance(delivery, _ToClient | _Kick):
-            self._skip = skip
-            try:
-                return self.deliver_here(delivery)
-            finally:
-                self._skip = ()
         match delivery:
             case _ToClient(client_id) | _Kick(client_id) if client_id not in self.connections:
                 return False
@@ -1487,18 +1483,17 @@ class Registry:
             case _Kick(client_id, code, reason):
                 self.connections[client_id].close(code, reason, label="kicked")
             case _ToRoom(room, text, tail):
-                self._deliver(list(self.rooms.get(room, ())), text, tail)
+                self._deliver(self.rooms.get(room, ()), text, tail, skip)
             case _ToUser(user, text, tail):
-                self._deliver(list(self.users.get(user, ())), text, tail)
+                self._deliver(self.users.get(user, ()), text, tail, skip)
             case _KickUser(user, code, reason):
                 self._kick(self.users.get(user, ()), code, reason)
             case _ToEveryone(text, tail):
-                self._deliver(list(self.connections), text, tail)
+                self._deliver(self.connections, text, tail, skip)
         return True
 
-    def _deliver(self, client_ids: list[str], text: str, tail: str | None) -> None:
-        if self._skip:
-            client_ids = [client_id for client_id in client_ids if client_id not in self._skip]
+    def _deliver(self, members: Iterable[str], text: str, tail: str | None, skip: Collection[str]) -> None:
+        client_ids = [client_id for client_id in members if client_id not in skip] if skip else list(members)
         if tail is None:
             self._relay(client_ids, text)
         else:
@@ -1655,7 +1650,7 @@ class _Gateway:
                                  "rooms": sorted(connection.rooms)},
                     recovered=True, offset=connection.session.sent - len(missed))
         for text in missed:
-            connection.emit(text)
+            connection.send(text, keep=False)
         logger.debug("client %s resumed, %d frames replayed", connection.id, len(missed))
         return True
 
@@ -1663,7 +1658,7 @@ class _Gateway:
         """Send the connect frame; with recovery on, it carries the session's next resume token."""
         if connection.session is not None:
             greeting.update(resume_token=connection.session.issue_token(connection.id), **recovery)
-        connection.emit(_Frame("connect", greeting).to(connection.id))
+        connection.send(_Frame("connect", greeting).to(connection.id), keep=False)
 
     async def _accept(self, scope: Scope, receive: Receive, send: Send
                       ) -> tuple[_Connection, tuple[_Connection | _Parked | None, int | None] | None] | None:
@@ -4454,11 +4449,14 @@ async def _run_client(url: str, linger: float, token: str | None = None) -> int:
     async with anyio.from_thread.BlockingPortal() as portal, anyio.create_task_group() as tasks:
 
         async def print_frames() -> None:
-            try:
-                while True:
+            while True:
+                try:
                     print(await client.recv_text(), flush=True)
-            except ConnectionClosed:
-                pass
+                except SessionLost as lost:  # connected again, as a new client: say so, and show its frame
+                    print(f"{lost}", file=sys.stderr)
+                    print(client.connect_frame, flush=True)
+                except ConnectionClosed:
+                    break
             tasks.cancel_scope.cancel()
 
         tasks.start_soon(print_frames)
@@ -4480,6 +4478,8 @@ async def _run_client(url: str, linger: float, token: str | None = None) -> int:
             message.setdefault("data", {"data": {}})
             try:
                 await client.send_text(_encode(message).decode())
+            except SessionLost as lost:
+                print(f"not sent: {lost}", file=sys.stderr)
             except ConnectionClosed:
                 break
         await client.close()
