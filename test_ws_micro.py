@@ -2971,6 +2971,29 @@ def test_browser_client_comes_back_as_itself_with_every_frame_it_missed_after_it
     assert "resume_offset=2" not in text  # the offset is not logged either
 
 
+def test_browser_client_back_in_its_session_changes_only_the_rooms_it_changed_while_away(browser: Browser) -> None:
+    with (run_server("--log-level", "warning", "--recovery-window", "120") as server,
+          CuttingProxy(server.port) as proxy):
+        page = browser.new_context().new_page()
+        page.goto(proxy.http + "/")
+        wait_state(page, "open")
+        client_id = client_id_of(page)
+        for room in ("lobby", "news"):
+            page.fill("#room", room)
+            page.press("#room", "Enter")
+        page.locator("#log li", has_text="joined").nth(1).wait_for(timeout=TIMEOUT * 1000)
+        proxy.cut(hold=True)
+        wait_for_a_failed_retry(page)
+        page.evaluate("wsMicroClient.leave('news'); wsMicroClient.join('sport')")  # while it cannot send them
+        proxy.release()
+        page.locator("#session", has_text="session recovered").wait_for(timeout=TIMEOUT * 1000)
+        log_entry(page, '{"room":"news","members":0}')
+        log_entry(page, '{"room":"sport","members":1}')
+        assert server.get(f"/api/clients/{client_id}").json()["rooms"] == ["lobby", "sport"]
+        assert page.locator("#log li", has_text="joined").count() == 3  # lobby, news, then sport: lobby not again
+        assert [room.inner_text() for room in page.locator("#rooms li button.link").all()] == ["lobby", "sport"]
+
+
 @pytest.mark.parametrize("kind", ["token used", "window passed"])
 def test_browser_client_starts_a_new_session_when_its_own_cannot_be_resumed(browser: Browser, kind: str) -> None:
     window = "120" if kind == "token used" else "0.5"
