@@ -2530,6 +2530,7 @@ class CuttingProxy:
         self._upgrades = 0
         self._links: set[asyncio.StreamWriter] = set()
         self._stalled: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # one for each connection through it
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever)
         self._thread.start()
@@ -2541,8 +2542,12 @@ class CuttingProxy:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._server.close()
-        self.cut()
+        async def close() -> None:
+            self._server.close()
+            await self._cut(False, 0)
+            if self._tasks:  # each ends once its sockets are reset
+                await asyncio.wait(self._tasks, timeout=TIMEOUT)
+        self._call(close())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(TIMEOUT)
         self._loop.close()
@@ -2579,14 +2584,21 @@ class CuttingProxy:
         if self._holding:
             self._reset(writer)
             return
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
         try:
             upstream_reader, upstream = await asyncio.open_connection("127.0.0.1", self.target)
         except OSError:
             self._reset(writer)
+            self._tasks.discard(task)
             return
         self._links.update((writer, upstream))
-        await asyncio.gather(self._pipe(reader, upstream), self._pipe(upstream_reader, writer, upstream))
-        self._links.difference_update((writer, upstream))
+        try:
+            await asyncio.gather(self._pipe(reader, upstream), self._pipe(upstream_reader, writer, upstream))
+        finally:
+            self._links.difference_update((writer, upstream))
+            self._tasks.discard(task)
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     upstream: asyncio.StreamWriter | None = None) -> None:
