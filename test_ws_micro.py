@@ -29,6 +29,7 @@ import threading
 import time
 import tomllib
 import urllib.parse
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, Self
@@ -4558,3 +4559,389 @@ async def test_cluster_a_client_kicked_while_its_join_waits_for_redis_is_in_no_r
             await watcher.send(text("ping", watcher_id))
             while (received := await recv_json(watcher))["event"] != "pong":
                 assert received["data"]["data"].get("action") != "joined", received
+
+
+# --------------------------------------------------------------------------
+# Connection recovery (docs/recovery.md)
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def recovering() -> Iterator[Server]:
+    with run_server("--log-level", "warning", "--recovery-window", "60") as running:
+        yield running
+
+
+def cut(ws: ClientConnection) -> None:
+    """Drop the TCP connection as a network would: a reset, no close frame."""
+    sock = ws.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    ws.transport.abort()
+
+
+async def until_away(server: Server, client_id: str) -> None:
+    await server.wait_until(lambda: "away_since" in server.get(f"/api/clients/{client_id}").json(),
+                            f"{client_id} to be away")
+
+
+def resume_url(server: Server, token: str, offset: int | None = None) -> str:
+    query = f"?resume_token={token}" + ("" if offset is None else f"&resume_offset={offset}")
+    return server.ws + query
+
+
+async def greeted(ws: ClientConnection) -> dict[str, Any]:
+    hello = await recv_json(ws)
+    assert hello["event"] == "connect", hello
+    return dict(hello)
+
+
+def push(server: Server, path: str, event: str, n: int) -> None:
+    assert server.post(path, {"event": event, "data": {"data": {"n": n}}}).json() == {"delivered": 1}, path
+
+
+async def nothing_more(ws: ClientConnection, client_id: str) -> None:
+    """The frames received so far were all there was: a ping's pong comes next."""
+    await ws.send(json.dumps(frame("ping", client_id, {"last": True})))
+    assert await recv_json(ws) == frame("pong", client_id, {"last": True})
+
+
+@pytest.mark.anyio
+async def test_recovery_gives_a_dropped_client_its_id_rooms_and_every_missed_frame_once_in_order(
+        recovering: Server) -> None:
+    server = recovering
+    async with ws_client(server.ws) as (peer, peer_id):
+        await peer.send(json.dumps(frame("join", peer_id, {"room": "lobby"})))
+        await recv_json(peer)
+        ws = await connect(server.ws)
+        hello = await greeted(ws)
+        me, token = hello["client_id"], hello["data"]["data"]["resume_token"]
+        assert hello["data"]["data"]["recovered"] is False and token.startswith(me + ".")
+        await ws.send(json.dumps(frame("join", me, {"room": "lobby"})))
+        assert (await recv_json(ws))["event"] == "joined"  # frame 1
+        # Sent while connected but never read: lost in the dead socket's buffers, as on a real network.
+        push(server, f"/api/clients/{me}", "in_flight", 0)
+        cut(ws)
+        await until_away(server, me)
+        assert server.get("/healthz").json()["connections"] == 1  # the away client is no open connection
+        # While it is away: by id, to its room, to everyone, and relayed by another client.
+        push(server, f"/api/clients/{me}", "direct", 1)
+        assert server.post("/api/rooms/lobby", {"event": "room", "data": {"data": {"n": 2}}}).json() == {
+            "delivered": 2}
+        assert (await recv_json(peer))["event"] == "room"
+        relayed = json.dumps(frame("relay", peer_id, {"n": 3}, to=me))
+        await peer.send(relayed)
+        room_relay = json.dumps(frame("chat", peer_id, {"n": 4}, room="lobby"))
+        await peer.send(room_relay)
+        await nothing_more(peer, peer_id)  # the relays went through before it answered
+        assert server.post("/api/broadcast", {"event": "all", "data": {"data": {"n": 5}}}).json() == {"delivered": 2}
+        assert (await recv_json(peer))["event"] == "all"
+
+        async with connect(resume_url(server, token, offset=1)) as back:
+            again = await greeted(back)
+            assert again["client_id"] == me
+            info = again["data"]["data"]
+            assert info["recovered"] is True and info["rooms"] == ["lobby"] and info["offset"] == 1
+            assert info["resume_token"] not in (token, None)
+            received = [await recv_json(back) for _ in range(6)]
+            assert [(f["event"], f["data"]["data"]["n"]) for f in received] == [
+                ("in_flight", 0), ("direct", 1), ("room", 2), ("relay", 3), ("chat", 4), ("all", 5)]
+            assert received[3] == json.loads(relayed) and received[4] == json.loads(room_relay)
+            assert server.post("/api/rooms/lobby", {"event": "after", "data": {"data": {"n": 6}}}).json() == {
+                "delivered": 2}
+            assert (await recv_json(back))["event"] == "after"
+            await nothing_more(back, me)
+            assert server.get(f"/api/clients/{me}").json()["rooms"] == ["lobby"]
+            assert "away_since" not in server.get(f"/api/clients/{me}").json()
+    assert server.metric("ws_micro_sessions_total", outcome="resumed") >= 1
+
+
+@pytest.mark.anyio
+async def test_recovery_without_an_offset_replays_what_was_sent_while_away(recovering: Server) -> None:
+    server = recovering
+    ws = await connect(server.ws)
+    hello = await greeted(ws)
+    me, token = hello["client_id"], hello["data"]["data"]["resume_token"]
+    push(server, f"/api/clients/{me}", "before", 1)
+    assert (await recv_json(ws))["event"] == "before"
+    cut(ws)
+    await until_away(server, me)
+    push(server, f"/api/clients/{me}", "away", 2)
+    async with connect(resume_url(server, token)) as back:
+        assert (await greeted(back))["data"]["data"]["offset"] == 1
+        assert (await recv_json(back))["event"] == "away"
+        await nothing_more(back, me)
+
+
+@pytest.mark.anyio
+async def test_recovery_takes_over_a_connection_the_server_still_thinks_open(recovering: Server) -> None:
+    server = recovering
+    old = await connect(server.ws)
+    hello = await greeted(old)
+    me, token = hello["client_id"], hello["data"]["data"]["resume_token"]
+    push(server, f"/api/clients/{me}", "unread", 1)
+    # The client gave up on its connection (its network changed) before the server noticed anything.
+    async with connect(resume_url(server, token, offset=0)) as back:
+        info = (await greeted(back))["data"]["data"]
+        assert info["recovered"] is True
+        assert (await recv_json(back))["event"] == "unread"
+        push(server, f"/api/clients/{me}", "new", 2)
+        assert (await recv_json(back))["event"] == "new"
+        await nothing_more(back, me)
+        # The old connection was dropped by the server, and gets nothing more.
+        with anyio.fail_after(TIMEOUT), contextlib.suppress(ConnectionClosed):
+            while (json.loads(await old.recv()))["event"] == "unread":
+                pass
+            raise AssertionError("the old connection got a frame after its session moved")
+        assert server.get("/api/clients").json()["clients"].count(server.get(f"/api/clients/{me}").json()) == 1
+
+
+@pytest.mark.anyio
+async def test_a_resume_token_works_once_and_cannot_be_guessed(recovering: Server) -> None:
+    server = recovering
+    ws = await connect(server.ws)
+    hello = await greeted(ws)
+    me, token = hello["client_id"], hello["data"]["data"]["resume_token"]
+    cut(ws)
+    await until_away(server, me)
+    # Guessed: the client id is no secret, the rest is.  A guess gets a new session and spoils nothing.
+    for guess in (f"{me}.{'A' * 43}", me, f"{me}.", "x" * 5000, f"{uuid.uuid4()}.{token.split('.')[1]}"):
+        async with connect(resume_url(server, guess, offset=0)) as stranger:
+            info = await greeted(stranger)
+            assert info["client_id"] != me and info["data"]["data"]["recovered"] is False
+    push(server, f"/api/clients/{me}", "kept", 1)
+    async with connect(resume_url(server, token, offset=0)) as back:
+        assert (await greeted(back))["data"]["data"]["recovered"] is True
+        assert (await recv_json(back))["event"] == "kept"
+        # The same token again, while its session is in use: refused before the handshake, with a reason.
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(resume_url(server, token, offset=0))
+        assert refused.value.response.status_code == 409
+        assert json.loads(refused.value.response.body or b"")["error"]["code"] == "resume_token_used"
+        assert server.get(f"/ws/py_client?resume_token={token}").status_code == 409  # what the JS client asks
+        await nothing_more(back, me)
+    assert server.metric("ws_micro_sessions_total", outcome="token_reused") >= 1
+    with pytest.raises(InvalidStatus) as bad_offset:
+        await connect(resume_url(server, token) + "&resume_offset=-1")
+    assert bad_offset.value.response.status_code == 400
+
+
+@pytest.mark.anyio
+async def test_a_session_ends_for_good_when_kicked_or_closed_by_its_client(recovering: Server) -> None:
+    server = recovering
+    ws = await connect(server.ws)
+    hello = await greeted(ws)
+    me, token = hello["client_id"], hello["data"]["data"]["resume_token"]
+    cut(ws)
+    await until_away(server, me)
+    assert server.http and httpx.delete(f"{server.http}/api/clients/{me}", timeout=TIMEOUT).status_code == 202
+    assert server.post(f"/api/clients/{me}", {"event": "x", "data": {"data": {}}}).status_code == 404
+    async with connect(resume_url(server, token, offset=0)) as stranger:
+        info = await greeted(stranger)
+        assert info["client_id"] != me and info["data"]["data"]["recovered"] is False
+
+    async with connect(server.ws) as closing:
+        hello = await greeted(closing)
+        me, token = hello["client_id"], hello["data"]["data"]["resume_token"]
+    await server.wait_until(lambda: server.get(f"/api/clients/{me}").status_code == 404, "a closed client to go")
+    async with connect(resume_url(server, token, offset=0)) as stranger:
+        assert (await greeted(stranger))["data"]["data"]["recovered"] is False
+
+
+@pytest.mark.anyio
+async def test_a_session_expires_after_the_window_and_resuming_then_says_not_recovered() -> None:
+    with run_server("--log-level", "warning", "--recovery-window", "0.5") as server:
+        ws = await connect(server.ws)
+        hello = await greeted(ws)
+        me, token = hello["client_id"], hello["data"]["data"]["resume_token"]
+        await ws.send(json.dumps(frame("join", me, {"room": "gone"})))
+        await recv_json(ws)
+        cut(ws)
+        await server.wait_until(lambda: server.metric("ws_micro_sessions_total", outcome="expired") == 1,
+                                "the session to expire")
+        assert server.get(f"/api/clients/{me}").status_code == 404
+        assert server.get("/api/rooms").json() == {"count": 0, "rooms": []}
+        assert server.metric("ws_micro_sessions_away") == 0
+        async with connect(resume_url(server, token, offset=1)) as back:
+            info = await greeted(back)
+            assert info["client_id"] != me and info["data"]["data"]["recovered"] is False
+
+
+@pytest.mark.anyio
+async def test_a_session_whose_missed_frames_pass_the_bounds_is_lost_and_says_so() -> None:
+    with run_server("--log-level", "warning", "--recovery-window", "60", "--recovery-max-frames", "3") as server:
+        ws = await connect(server.ws)
+        hello = await greeted(ws)
+        me, token = hello["client_id"], hello["data"]["data"]["resume_token"]
+        for n in range(5):  # connected, the oldest make room
+            push(server, f"/api/clients/{me}", "seen", n)
+            assert (await recv_json(ws))["data"]["data"]["n"] == n
+        cut(ws)
+        await until_away(server, me)
+        for n in range(3):
+            push(server, f"/api/clients/{me}", "kept", n)
+        assert server.metric("ws_micro_sessions_kept_bytes") > 0
+        # The fourth would push out a frame the client never saw: the session ends, and the push says so.
+        assert server.post(f"/api/clients/{me}", {"event": "x", "data": {"data": {}}}).status_code == 404
+        assert server.metric("ws_micro_sessions_total", outcome="overflowed") == 1
+        assert server.metric("ws_micro_sessions_kept_bytes") == 0
+        async with connect(resume_url(server, token, offset=5)) as back:
+            info = await greeted(back)
+            assert info["client_id"] != me and info["data"]["data"]["recovered"] is False
+        # An offset older than what was kept while connected cannot be recovered either.
+        ws = await connect(server.ws)
+        hello = await greeted(ws)
+        me, token = hello["client_id"], hello["data"]["data"]["resume_token"]
+        for n in range(5):
+            push(server, f"/api/clients/{me}", "seen", n)
+        cut(ws)
+        await until_away(server, me)
+        async with connect(resume_url(server, token, offset=1)) as back:
+            assert (await greeted(back))["data"]["data"]["recovered"] is False
+        assert server.metric("ws_micro_sessions_total", outcome="not_recovered") == 2  # each: its token or its frames
+
+
+@pytest.mark.anyio
+async def test_waiting_sessions_are_bounded_and_the_oldest_make_room() -> None:
+    with run_server("--log-level", "warning", "--recovery-window", "60", "--recovery-max-sessions", "2") as server:
+        sessions = []
+        for _ in range(3):
+            ws = await connect(server.ws)
+            hello = await greeted(ws)
+            sessions.append((hello["client_id"], hello["data"]["data"]["resume_token"]))
+            cut(ws)
+            await until_away(server, hello["client_id"])
+        assert server.metric("ws_micro_sessions_away") == 2
+        assert server.metric("ws_micro_sessions_total", outcome="evicted") == 1
+        assert server.get(f"/api/clients/{sessions[0][0]}").status_code == 404
+        for (_, token), recovered in zip(sessions, (False, True, True), strict=True):
+            async with connect(resume_url(server, token, offset=0)) as back:
+                assert (await greeted(back))["data"]["data"]["recovered"] is recovered
+
+
+@pytest.mark.anyio
+async def test_the_python_client_resumes_by_itself_and_says_whether_it_recovered(recovering: Server) -> None:
+    server = recovering
+    async with Client(server.ws) as client:
+        await client.send("join", {"room": "py"})
+        assert (await client.recv()).event == "joined"
+        me = client.client_id
+        assert client.recovered is False
+        cut(client._connection)
+        await until_away(server, me)
+        push(server, "/api/rooms/py", "missed", 1)
+        event = await client.recv()
+        assert (event.event, event.data.data, client.client_id, client.recovered) == ("missed", {"n": 1}, me, True)
+        await client.send("ping", {"n": 2})
+        assert (await client.recv()).event == "pong"
+        # Kicked while away: the next resume gets a new session, and the app hears of it.
+        cut(client._connection)
+        await until_away(server, me)
+        assert httpx.delete(f"{server.http}/api/clients/{me}", timeout=TIMEOUT).status_code == 202
+        with pytest.raises(ws_micro.SessionLost):
+            await client.recv()
+        assert client.client_id != me and client.recovered is False
+        await client.send("ping", {"n": 3})
+        assert (await client.recv()).event == "pong"
+
+
+@pytest.mark.anyio
+async def test_recovery_off_changes_nothing_on_the_wire(server: Server) -> None:
+    async with connect(server.ws + "?resume_token=whatever.secret&resume_offset=3") as ws:
+        hello = await greeted(ws)
+        assert hello["data"]["data"] == {"message": "connection request granted"}
+
+
+@pytest.mark.anyio
+async def test_cluster_a_client_resumes_through_another_instance_with_every_missed_frame(
+        redis_server: RedisServer) -> None:
+    with cluster(redis_server, 2, "--recovery-window", "60") as (x, y):
+        async with ws_client(y.ws) as (peer, peer_id):
+            await join(peer, peer_id, "lobby")
+            ws = await connect(x.ws)
+            hello = await greeted(ws)
+            me, token = hello["client_id"], hello["data"]["data"]["resume_token"]
+            assert await join(ws, me, "lobby") == 2  # frame 1
+            push(y, f"/api/clients/{me}", "in_flight", 0)  # never read: the socket dies with it
+            assert (await recv_json(ws))["event"] == "in_flight"  # (it did arrive; the client lost it)
+            cut(ws)
+            await until_away(y, me)
+            assert y.get("/api/rooms/lobby").json()["count"] == 2  # still a member while away
+            push(y, f"/api/clients/{me}", "direct", 1)
+            assert x.post("/api/rooms/lobby", {"event": "room", "data": {"data": {"n": 2}}}).json() == {"delivered": 2}
+            assert (await recv_json(peer))["event"] == "room"
+            relayed = text("relay", peer_id, {"n": 3}, to=me)
+            await peer.send(relayed)
+            await peer.send(text("chat", peer_id, {"n": 4}, room="lobby"))
+            await nothing_more(peer, peer_id)
+            assert y.post("/api/broadcast", {"event": "all", "data": {"data": {"n": 5}}}).json() == {"delivered": 2}
+            assert (await recv_json(peer))["event"] == "all"
+
+            async with connect(resume_url(y, token, offset=1)) as back:  # through the other instance
+                info = await greeted(back)
+                assert info["client_id"] == me
+                assert (info["data"]["data"]["recovered"], info["data"]["data"]["rooms"]) == (True, ["lobby"])
+                received = [await recv_json(back) for _ in range(6)]
+                assert [(f["event"], f["data"]["data"]["n"]) for f in received] == [
+                    ("in_flight", 0), ("direct", 1), ("room", 2), ("relay", 3), ("chat", 4), ("all", 5)]
+                assert received[3] == json.loads(relayed)
+                assert x.post("/api/rooms/lobby", {"event": "after", "data": {"data": {"n": 6}}}).json() == {
+                    "delivered": 2}
+                assert (await recv_json(back))["event"] == "after"
+                await nothing_more(back, me)
+                entry = x.get(f"/api/clients/{me}").json()
+                assert entry["instance"] == instance_of(y) and "away_since" not in entry
+                assert x.get("/api/rooms/lobby").json()["count"] == 2
+                with pytest.raises(InvalidStatus) as refused:  # spent, across the cluster too
+                    await connect(resume_url(x, token, offset=0))
+                assert refused.value.response.status_code == 409
+
+            # A client whose old connection the other instance still holds open takes it over.
+            old = await connect(x.ws)
+            hello = await greeted(old)
+            other, token = hello["client_id"], hello["data"]["data"]["resume_token"]
+            push(x, f"/api/clients/{other}", "unread", 1)
+            async with connect(resume_url(y, token, offset=0)) as back:
+                assert (await greeted(back))["data"]["data"]["recovered"] is True
+                assert (await recv_json(back))["event"] == "unread"
+                push(x, f"/api/clients/{other}", "new", 2)
+                assert (await recv_json(back))["event"] == "new"
+                await nothing_more(back, other)
+            with anyio.fail_after(TIMEOUT), contextlib.suppress(ConnectionClosed):
+                while json.loads(await old.recv())["event"] == "unread":
+                    pass
+                raise AssertionError("the old connection got a frame after its session moved")
+        assert redis_server.command("KEYS", "ws_micro:kept:*") == []
+
+
+@pytest.mark.anyio
+async def test_cluster_a_waiting_session_ends_when_kicked_or_expired_and_its_room_hears_it(
+        redis_server: RedisServer) -> None:
+    with cluster(redis_server, 2, "--recovery-window", "1", "--presence-events") as (x, y):
+        async with ws_client(y.ws) as (peer, peer_id):
+            await join(peer, peer_id, "lobby")
+            assert (await recv_json(peer))["data"]["data"]["client_id"] == peer_id  # it hears its own join
+            sessions = []
+            for _ in range(2):
+                ws = await connect(x.ws)
+                hello = await greeted(ws)
+                me = hello["client_id"]
+                await join(ws, me, "lobby")
+                joined = await recv_json(peer)
+                assert (joined["event"], joined["data"]["data"]["client_id"]) == ("presence", me)
+                sessions.append((me, hello["data"]["data"]["resume_token"]))
+                cut(ws)
+                await until_away(y, me)
+            kicked, expired = sessions
+            assert httpx.delete(f"{y.http}/api/clients/{kicked[0]}", timeout=TIMEOUT).status_code == 202
+            for _ in range(2):  # the kick at once, the expiry within a heartbeat of the window's end
+                left = (await recv_json(peer))["data"]["data"]
+                assert left["action"] == "left" and left["client_id"] in (kicked[0], expired[0])
+            assert x.metric("ws_micro_sessions_total", outcome="kicked") == 1
+            await x.wait_until(lambda: x.metric("ws_micro_sessions_total", outcome="expired") == 1, "expiry")
+            for me, token in sessions:
+                assert y.get(f"/api/clients/{me}").status_code == 404
+                async with connect(resume_url(y, token, offset=1)) as back:
+                    info = await greeted(back)
+                    assert info["client_id"] != me and info["data"]["data"]["recovered"] is False
+            assert y.get("/api/rooms/lobby").json()["count"] == 1
+        assert redis_server.command("KEYS", "ws_micro:session:*") == []

@@ -56,6 +56,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import signal
 import socket
 import struct
@@ -64,9 +65,9 @@ import threading
 import time
 import types
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Generator, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Self, TypeVar, get_type_hints
+from typing import Any, Literal, Self, TypeVar, get_type_hints
 from urllib.parse import urlsplit
 
 import anyio
@@ -92,6 +93,7 @@ __all__ = [
     "Payload",
     "Registry",
     "ServerSettings",
+    "SessionLost",
     "Settings",
     "app",
     "create_app",
@@ -137,7 +139,8 @@ CLOSE_INTERNAL_ERROR = 1011
 # Why handshakes are refused (the rejected_handshakes_total labels): a disallowed origin, a full
 # server, a request head that did not arrive within handshake_timeout; no valid credentials (401),
 # credentials the connect hook refused (403), a connect hook that did not answer (503).
-HANDSHAKE_REFUSALS = ("origin", "full", "timeout", "unauthorized", "forbidden", "auth_unavailable")
+HANDSHAKE_REFUSALS = ("origin", "full", "timeout", "unauthorized", "forbidden", "auth_unavailable",
+                      "invalid_resume", "resume_token_used")
 
 # Bounds on what a token or the connect hook grants a connection.
 MAX_USER_LENGTH = 256
@@ -148,6 +151,13 @@ MAX_META_BYTES = 4096  # the meta object, as JSON
 # Why connections end (the disconnects_total labels).
 DISCONNECT_REASONS = ("closed", "abnormal", "shutdown", "peer_error", "kicked", "slow_consumer",
                       "rate_limited", "message_too_big", "binary_frame", "internal_error")
+
+# What became of sessions (connection recovery; the sessions_total labels): resumed by their client;
+# ended while it was away: the window passed, the frames kept for it passed the bounds, kicked, or
+# pushed out by newer ones past recovery_max_sessions; or a resume that got a new session instead (its
+# token unknown or not the session's, its frames no longer kept, or another user), or was refused (its
+# token already used).
+SESSION_OUTCOMES = ("resumed", "expired", "overflowed", "kicked", "evicted", "not_recovered", "token_reused")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -233,6 +243,17 @@ class Settings:
     lifecycle_retries: int = 3
     """Tries more for a connect or disconnect notice the backend did not take, before it is dropped."""
 
+    # Connection recovery (docs/recovery.md): off unless recovery_window is set
+    recovery_window: float = 0.0
+    """Seconds a client whose connection dropped may come back as itself, with the frames it missed; 0: off."""
+    recovery_max_frames: int = 1000
+    """Frames kept for one session: the last ones sent to it, and those sent while it is away (past this,
+    the session ends)."""
+    recovery_max_bytes: int = 1024 * 1024
+    """Characters of JSON kept for one session, likewise."""
+    recovery_max_sessions: int = 10_000
+    """Sessions waiting for their client at once; past this, the one waiting longest ends."""
+
     # Cluster: several instances share one registry over Redis (pip install 'ws-micro[redis]')
     redis_url: str | None = None
     """``redis://host:port/db``; without it, everything stays in this process."""
@@ -257,12 +278,14 @@ class Settings:
 
     def __post_init__(self) -> None:
         for name in ("max_message_size", "max_connections", "rate_burst", "max_queue_messages",
-                     "max_queue_bytes", "max_rooms_per_connection", "max_room_name_length", "forward_max_pending"):
+                     "max_queue_bytes", "max_rooms_per_connection", "max_room_name_length", "forward_max_pending",
+                     "recovery_max_frames", "recovery_max_bytes", "recovery_max_sessions"):
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, but got {value!r}")
-        if self.rate_limit < 0:
-            raise ValueError(f"rate_limit must be 0 (off) or more, but got {self.rate_limit!r}")
+        for name in ("rate_limit", "recovery_window"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 (off) or more, but got {getattr(self, name)!r}")
         for name in ("send_timeout", "close_timeout", "api_body_timeout", "redis_timeout", "heartbeat_interval",
                      "instance_ttl", "connect_hook_timeout", "forward_timeout"):
             if getattr(self, name) <= 0:
@@ -549,6 +572,10 @@ def _identity(grant: _Grant, settings: Settings) -> _Identity:
 # --------------------------------------------------------------------------
 
 
+def _iso(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat()
+
+
 def _websocket_frame(payload: bytes) -> bytes:
     """``payload`` as one final, unmasked text frame (RFC 6455, 5.2): the same bytes for every receiver."""
     size = len(payload)
@@ -695,6 +722,73 @@ class _State(enum.Enum):
     BACKLOGGED = "backlogged"  # queued: a writer task waits for the socket, then drains the queue in order
     CLOSING = "closing"  # refused: the writer sends what is owed (the queue, if flushed), then the close frame
     CLOSED = "closed"  # refused: the close frame went out, or the peer is gone
+    # With recovery on (see _Session):
+    AWAY = "away"  # kept in its session: the peer vanished, and may come back within the window
+    MOVED = "moved"  # refused: its session went on in a newer connection
+
+
+class _Session:
+    """What connection recovery keeps of a connection's session: the last frames sent to it,
+    numbered, and the hash of its one valid resume token.
+
+    A frame's offset is how many frames the session was sent before it, after the connect frames;
+    the client counts the same, and comes back with the count it got to.  Frames are kept while
+    connected too, since those the dead socket had buffered were never read.  Connected, the
+    oldest make room for new ones; away, only those the client had before it left do, and a
+    session that would pass the bounds otherwise is lost.
+    """
+
+    __slots__ = ("away_at", "expiry", "frames", "sent", "size", "token_hash", "used_hash")
+
+    def __init__(self) -> None:
+        self.frames: collections.deque[str] = collections.deque()
+        self.size = 0  # characters in frames
+        self.sent = 0  # the offset after the last frame
+        self.away_at = -1  # sent when its connection dropped; -1 while connected
+        self.token_hash = b""  # of the token the last connect frame gave; b"" once it was presented
+        self.used_hash = b""  # of the one before it: presented again, it is refused
+        self.expiry: asyncio.TimerHandle | None = None  # away: when the window ends
+
+    def keep(self, text: str, settings: Settings) -> bool:
+        """Keep a frame; False if the session is away and the frame would pass its bounds."""
+        frames = self.frames
+        frames.append(text)
+        self.size += len(text)
+        self.sent += 1
+        while len(frames) > settings.recovery_max_frames or self.size > settings.recovery_max_bytes:
+            if 0 <= self.away_at <= self.sent - len(frames):  # the oldest was sent while away
+                return False
+            self.size -= len(frames.popleft())
+        return True
+
+    def missed(self, offset: int | None) -> list[str] | None:
+        """The frames after ``offset`` (None: after the connection dropped), or None if some are no
+        longer kept, or the offset is past the last frame."""
+        start = self.away_at if offset is None else offset
+        first = self.sent - len(self.frames)  # the offset of the oldest kept frame
+        if not first <= start <= self.sent:
+            return None
+        return list(itertools.islice(self.frames, start - first, None))
+
+    def issue_token(self, client_id: str) -> str:
+        """A new resume token, the only one valid from now on: ``<client id>.<secret>``."""
+        secret = secrets.token_urlsafe(32)
+        self.token_hash = _token_hash(secret)
+        return f"{client_id}.{secret}"
+
+    def claim(self, secret: str, *, spend: bool = True) -> bool | None:
+        """Take the session with a presented token's secret: True, and the token is spent (if ``spend``);
+        False if it is not the session's; None if it is the token spent last."""
+        presented = _token_hash(secret)
+        if self.token_hash and hmac.compare_digest(presented, self.token_hash):
+            if spend:
+                self.used_hash, self.token_hash = self.token_hash, b""
+            return True
+        return None if self.used_hash and hmac.compare_digest(presented, self.used_hash) else False
+
+
+def _token_hash(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
 
 
 class _Connection:
@@ -708,8 +802,8 @@ class _Connection:
     """
 
     __slots__ = ("_close_frame", "_flush_scope", "_in_flight", "_metrics", "_on_close", "_output", "_queue",
-                 "_queued_bytes", "_refilled_at", "_settings", "_tokens", "_writer", "close_reason", "connected_at",
-                 "id", "identity", "remote", "rooms", "state")
+                 "_queued_bytes", "_refilled_at", "_settings", "_tokens", "_writer", "away_since", "close_reason",
+                 "connected_at", "final", "id", "identity", "remote", "rooms", "session", "state")
 
     def __init__(self, output: _Output, *, remote: str | None, settings: Settings, metrics: _Metrics,
                  on_close: Callable[[_Connection], None], client_id: str | None = None,
@@ -721,6 +815,9 @@ class _Connection:
         self.rooms: set[str] = set()
         self.state = _State.OPEN
         self.close_reason = ""  # the disconnects_total label, once known
+        self.final = False  # whether its end is its session's end, with recovery on: closed by the server or with 1000
+        self.session = _Session() if settings.recovery_window else None
+        self.away_since = 0.0
         self._output = output
         self._settings = settings
         self._metrics = metrics
@@ -741,7 +838,23 @@ class _Connection:
         return self.state is _State.OPEN or self.state is _State.BACKLOGGED
 
     def send(self, text: str, wire: bytes | None = None) -> bool:
-        """Send or queue a text frame; False when the connection is closing or was just cut off."""
+        """Send or queue a text frame; False when the connection is closing or was just cut off.
+        With recovery on, the frame is kept in the session too, and kept only while the peer is away."""
+        session = self.session
+        if session is None:
+            return self.emit(text, wire)
+        if not self.open:
+            if self.state is not _State.AWAY:
+                return False
+            if not session.keep(text, self._settings):
+                self.end("overflowed")
+                return False
+            return True
+        session.keep(text, self._settings)
+        return self.emit(text, wire) or self.state is _State.AWAY  # kept for when it comes back
+
+    def emit(self, text: str, wire: bytes | None = None) -> bool:
+        """Send a frame that is not the session's to keep: the connect frame, and the frames replayed."""
         if self.state is _State.OPEN:
             try:
                 rest = self._output.write_now(text, wire)
@@ -771,8 +884,11 @@ class _Connection:
         Flushing and the close frame each get ``close_timeout`` seconds.
         """
         if not self.open:
+            if self.state is _State.AWAY:
+                self.end(label)
             return
         backlogged = self.state is _State.BACKLOGGED
+        self.final = True
         self.close_reason = label
         self._close_frame = (code, reason)
         if not backlogged:
@@ -787,12 +903,48 @@ class _Connection:
                 self._flush_scope.cancel()  # stop waiting on a socket that does not drain
         self._on_close(self)
 
-    def gone(self, reason: str) -> None:
-        """The peer is gone (it closed, or the server failed to write to it): nothing more goes out."""
-        if self.state is not _State.CLOSED:
+    def gone(self, reason: str, *, final: bool = False) -> None:
+        """The peer is gone (it closed, or the server failed to write to it): nothing more goes out.
+        Its session, with recovery on, waits for it (see Registry.remove) unless ``final``."""
+        if self.state is _State.OPEN or self.state is _State.BACKLOGGED or self.state is _State.CLOSING:
             self.state = _State.CLOSED
+            self.final = self.final or final
             self.close_reason = self.close_reason or reason
             self._on_close(self)
+
+    def wait_away(self) -> None:
+        """Keep the session of a connection whose peer vanished, for it to come back."""
+        assert self.session is not None
+        self.state = _State.AWAY
+        self.session.away_at = self.session.sent
+        self.away_since = time.time()
+        if self._writer is not None:  # what it queued is kept in the session
+            self._writer.cancel()
+
+    def end(self, reason: str) -> None:
+        """End the session of a connection whose peer is away."""
+        if self.state is _State.AWAY:
+            self.state, self.final, self.close_reason = _State.CLOSED, True, reason
+            self._on_close(self)
+
+    def renew(self) -> None:
+        """Start afresh: a new client id, and a new session, for a connection that could not resume one."""
+        self.id = str(uuid.uuid4())
+        self.rooms, self.final, self.close_reason = set(), False, ""
+        self.session = _Session()
+
+    def drop(self, *, final: bool = False) -> None:
+        """Cut the connection off, without a close frame (its peer is thought gone)."""
+        self._output.abort()
+        self.gone("abnormal", final=final)
+
+    def supersede(self) -> None:
+        """Its session goes on in a newer connection: drop this one, and send it nothing more."""
+        self.state = _State.MOVED
+        self.session = None
+        if self._writer is not None:
+            self._writer.cancel()
+        self._output.abort()
 
     async def closed(self) -> None:
         """Wait for the writer, if one runs, to write what it owes: the queued frames, then the close frame."""
@@ -819,11 +971,12 @@ class _Connection:
     def describe(self) -> dict[str, Any]:
         return {
             "client_id": self.id,
-            "connected_at": datetime.datetime.fromtimestamp(self.connected_at, datetime.UTC).isoformat(),
+            "connected_at": _iso(self.connected_at),
             "rooms": sorted(self.rooms),
             "remote": self.remote,
             "user": self.identity.user,
             **({"meta": self.identity.meta} if self.identity.meta is not None else {}),
+            **({"away_since": _iso(self.away_since)} if self.state is _State.AWAY else {}),
         }
 
     def _start_writer(self, state: _State) -> None:
@@ -996,8 +1149,33 @@ class _Backend:
         """``ok`` or ``degraded``, and what /healthz says besides."""
         return "ok", {}
 
+    # Sessions (connection recovery): alone, they wait in the registry; in cluster mode, in Redis.
+
+    def park(self, connection: _Connection) -> bool:
+        """Keep the session of an away ``connection`` elsewhere; False: it waits here, in the registry."""
+        return False
+
+    async def claim(self, client_id: str, token_hash: str, user: str | None, *,
+                    spend: bool) -> _Parked | Literal[False] | None:
+        """A session kept elsewhere that a resume token (its client id and hash) names, if the token is its
+        own and it is ``user``'s: False if there is none, None if the token was spent already."""
+        return False
+
+    async def resume(self, connection: _Connection, parked: _Parked, offset: int | None) -> list[str] | None:
+        """Hand ``connection`` a session kept elsewhere (see Registry.resume)."""
+        return None
+
     def metrics(self) -> list[_MetricFamily]:
         return []
+
+
+@dataclasses.dataclass(frozen=True)
+class _Parked:
+    """A session the backend keeps for a client that is away, as a resume token found it."""
+
+    client_id: str
+    token_hash: str  # hex
+    rooms: tuple[str, ...]
 
 
 def _leave(groups: dict[str, set[str]], name: str, client_id: str) -> int:
@@ -1029,10 +1207,18 @@ class Registry:
         self.metrics = _Metrics()
         self.backend = _Backend()  # create_app(redis_url=...) sets a _RedisBackend
         self.presence_events = False  # create_app(presence_events=True): members hear of joins and leaves
+        # Connection recovery (create_app(recovery_window=...)): the sessions waiting for their client,
+        # oldest first, and what became of sessions; session_ended() is told of those that end while away.
+        self.settings = Settings()
+        self.away: dict[str, _Connection] = {}
+        self.sessions = collections.Counter(dict.fromkeys(SESSION_OUTCOMES, 0))
+        self.session_ended: Callable[[_Connection], None] = lambda connection: None
+        self._skip: Collection[str] = ()  # clients deliver_here() passes over
         self._announcements: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
 
     def __len__(self) -> int:
-        return len(self.connections)
+        """The connections open now: sessions waiting for their client are not."""
+        return len(self.connections) - len(self.away)
 
     def on(self, event: str) -> Callable[[_Handler], _Handler]:
         """Register ``async def handler(client_id, event)`` for frames named ``event``."""
@@ -1056,16 +1242,129 @@ class Registry:
         self.metrics.connections_total += 1
 
     def remove(self, connection: _Connection) -> None:
-        """Forget a connection, its rooms and its user; safe to call twice."""
-        if self.connections.pop(connection.id, None) is None:
+        """Forget a connection, its rooms and its user; safe to call twice.  With recovery on, the
+        session of a connection whose peer vanished (not closed with 1000) waits for it instead."""
+        if self.connections.get(connection.id) is not connection or connection.state is _State.AWAY:
+            return  # gone already, or its session waits, or went on in a newer connection
+        if connection.session is not None and not connection.final and connection.state is _State.CLOSED:
+            self._wait_for(connection)
             return
-        rooms_left = {room: _leave(self.rooms, room, connection.id) for room in connection.rooms}
-        user = connection.identity.user
-        user_left = 0 if user is None else _leave(self.users, user, connection.id)
+        away = self.away.pop(connection.id, None) is not None
+        rooms_left, user_left = self._forget(connection)
         self.backend.unregister(connection, rooms_left, user_left)
         for room in connection.rooms:
             self.announce(room, "left", connection)
         connection.rooms.clear()
+        if away:
+            session = connection.session
+            if session is not None and session.expiry is not None:
+                session.expiry.cancel()
+            self.sessions[connection.close_reason] += 1
+            self.session_ended(connection)
+
+    def _forget(self, connection: _Connection) -> tuple[dict[str, int], int]:
+        """Take a connection out of this instance's registry; the members left here of its rooms and user."""
+        del self.connections[connection.id]
+        rooms_left = {room: _leave(self.rooms, room, connection.id) for room in connection.rooms}
+        user = connection.identity.user
+        return rooms_left, 0 if user is None else _leave(self.users, user, connection.id)
+
+    def adopt(self, connection: _Connection) -> None:
+        """Hold a connection resuming a session from elsewhere, with its rooms, while it is handed over."""
+        self.connections[connection.id] = connection
+        for room in connection.rooms:
+            self.rooms.setdefault(room, set()).add(connection.id)
+        if connection.identity.user is not None:
+            self.users.setdefault(connection.identity.user, set()).add(connection.id)
+
+    # Sessions (connection recovery): claim() checks a resume token before the handshake is accepted;
+    # resume() hands the session to the new connection after.  In cluster mode, a session waits in Redis
+    # (the backend parks it) and may come back through any instance.
+
+    def _wait_for(self, connection: _Connection) -> None:
+        """Keep the session of a connection whose peer vanished, for ``recovery_window`` seconds."""
+        connection.wait_away()
+        assert connection.session is not None
+        if self.backend.park(connection):  # it waits in the cluster, and leaves this instance
+            self._forget(connection)
+            return
+        connection.session.expiry = asyncio.get_running_loop().call_later(
+            self.settings.recovery_window, connection.end, "expired")
+        self.away[connection.id] = connection
+        if len(self.away) > self.settings.recovery_max_sessions:
+            next(iter(self.away.values())).end("evicted")
+
+    def session_metrics(self) -> list[_MetricFamily]:
+        kept = sum(connection.session.size for connection in self.away.values() if connection.session is not None)
+        return [("sessions_away", "gauge", "Sessions waiting here for their client to come back.",
+                 {"": len(self.away)}, ""),
+                ("sessions_kept_bytes", "gauge", "Characters of JSON kept for the sessions waiting here.",
+                 {"": kept}, ""),
+                ("sessions_total", "counter", "What became of sessions (connection recovery), by outcome.",
+                 self.sessions, "outcome")]
+
+    async def claim(self, token: str, identity: _Identity, *, spend: bool = True) -> _Connection | _Parked | None:
+        """The session ``token`` resumes, its token now spent (if ``spend``): the connection holding it, or
+        where the backend keeps it; None if there is none (it ended, the token is not its own, or
+        ``identity`` is another user's).
+
+        Raises :class:`_Refused` (409) for the token spent last: a second connection presenting a token
+        is refused, not given a new session the client might take for its own.
+        """
+        client_id, _, secret = token.partition(".")
+        previous = self.connections.get(client_id)
+        claimed: _Connection | _Parked | Literal[False] | None
+        if previous is None or previous.session is None:
+            claimed = await self.backend.claim(client_id, _token_hash(secret).hex(), identity.user, spend=spend)
+        elif previous.final or previous.identity.user != identity.user:
+            return None
+        else:
+            taken = previous.session.claim(secret, spend=spend)
+            claimed = previous if taken else taken
+        if claimed is None:
+            if spend:
+                self.sessions["token_reused"] += 1
+            raise _Refused(409, "resume_token_used", "this resume token was used already; connect without it")
+        return claimed or None
+
+    async def resume(self, connection: _Connection, claimed: _Connection | _Parked,
+                     offset: int | None) -> list[str] | None:
+        """Give the claimed session (its id, rooms and kept frames) to ``connection``, taking it over from
+        a connection whose peer has not been seen to leave yet; the frames after ``offset`` that the client
+        missed, or None if they are not all kept any more (the session ends) or it ended meanwhile."""
+        if isinstance(claimed, _Parked):
+            missed = await self.backend.resume(connection, claimed, offset)
+        else:
+            missed = self._take(connection, claimed, offset)
+        if missed is not None:
+            self.metrics.connections_total += 1
+            self.sessions["resumed"] += 1
+        return missed
+
+    def _take(self, connection: _Connection, previous: _Connection, offset: int | None) -> list[str] | None:
+        session = previous.session
+        if self.connections.get(previous.id) is not previous or session is None:  # it ended meanwhile
+            return None
+        if previous.open:  # a client often notices a dead connection before the server does
+            session.away_at = session.sent
+        elif previous.state is not _State.AWAY:  # it started closing
+            return None
+        missed = session.missed(offset)
+        if missed is None:
+            if previous.open:
+                previous.drop(final=True)
+            else:
+                previous.end("not_recovered")
+            return None
+        if session.expiry is not None:
+            session.expiry.cancel()
+            session.expiry = None
+        self.away.pop(previous.id, None)
+        session.away_at = -1
+        connection.session, connection.rooms = session, previous.rooms
+        previous.supersede()
+        self.connections[connection.id] = connection
+        return missed
 
     async def join(self, connection: _Connection, room: str) -> int:
         """Add ``connection`` to ``room``; the room's members after it (on every instance), or 0 if the
@@ -1171,8 +1470,15 @@ class Registry:
         # After the local members: they get it even when other instances cannot be reached.
         await self.backend.forward_to_room(_ToRoom(room, text), failed)
 
-    def deliver_here(self, delivery: _Delivery) -> bool:
-        """Deliver what another instance sent this one; False if its client is gone."""
+    def deliver_here(self, delivery: _Delivery, skip: Collection[str] = ()) -> bool:
+        """Deliver what another instance sent this one, to any client but those in ``skip``; False if its
+        client is gone."""
+        if skip and not isinstance(delivery, _ToClient | _Kick):
+            self._skip = skip
+            try:
+                return self.deliver_here(delivery)
+            finally:
+                self._skip = ()
         match delivery:
             case _ToClient(client_id) | _Kick(client_id) if client_id not in self.connections:
                 return False
@@ -1191,6 +1497,8 @@ class Registry:
         return True
 
     def _deliver(self, client_ids: list[str], text: str, tail: str | None) -> None:
+        if self._skip:
+            client_ids = [client_id for client_id in client_ids if client_id not in self._skip]
         if tail is None:
             self._relay(client_ids, text)
         else:
@@ -1287,22 +1595,14 @@ class _Gateway:
         self._builtins = {name: getattr(self, f"_{name}") for name in BUILTIN_EVENTS}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        connection = await self._accept(scope, receive, send)
-        if connection is None:
+        accepted = await self._accept(scope, receive, send)
+        if accepted is None:
             return
+        connection, resuming = accepted
         try:
-            self.forwarder.connected(connection)
-            self.registry.add(connection)
-            await self.registry.backend.register(connection)  # findable before anyone can learn the id
-            identity = connection.identity
-            greeting: dict[str, Any] = {"message": "connection request granted"}
-            if identity.authenticated:
-                greeting.update(user=identity.user, rooms=list(identity.rooms))
-            connection.send(_Frame("connect", greeting).to(connection.id))
-            for room in identity.rooms:
-                if await self.registry.join(connection, room):
-                    self.registry.announce(room, "joined", connection)
-            logger.debug("client %s connected", connection.id)
+            if resuming is None or not await self._resume(connection, *resuming):
+                # A token that found no session counts here; a session that could not be resumed, as it ended.
+                await self._start(connection, resuming is not None and resuming[0] is None)
             if await self._read(connection, receive):
                 return
             await connection.closed()
@@ -1316,15 +1616,70 @@ class _Gateway:
             self.registry.remove(connection)  # it may have left already, when it started closing
             connection.close_reason = connection.close_reason or "abnormal"
             self.registry.metrics.disconnects[connection.close_reason] += 1
-            self.forwarder.disconnected(connection)
-            logger.debug("client %s disconnected (%s)", connection.id, connection.close_reason)
+            if connection.state is not _State.AWAY and connection.state is not _State.MOVED:
+                self.ended(connection)  # else its session goes on: ended() is called when it ends
 
-    async def _accept(self, scope: Scope, receive: Receive, send: Send) -> _Connection | None:
-        """Check and accept the handshake; the new connection, or None if it was refused or abandoned."""
+    def ended(self, connection: _Connection) -> None:
+        """A client's session ended: with recovery on, maybe long after its last connection did."""
+        self.forwarder.disconnected(connection)
+        logger.debug("client %s disconnected (%s)", connection.id, connection.close_reason)
+
+    async def _start(self, connection: _Connection, no_session_found: bool) -> None:
+        """Open a new session: register the connection, greet it, and join the rooms it was granted."""
+        self.forwarder.connected(connection)
+        self.registry.add(connection)
+        await self.registry.backend.register(connection)  # findable before anyone can learn the id
+        identity = connection.identity
+        greeting: dict[str, Any] = {"message": "connection request granted"}
+        if identity.authenticated:
+            greeting.update(user=identity.user, rooms=list(identity.rooms))
+        if no_session_found:
+            self.registry.sessions["not_recovered"] += 1
+        self._greet(connection, greeting, recovered=False)
+        for room in identity.rooms:
+            if await self.registry.join(connection, room):
+                self.registry.announce(room, "joined", connection)
+        logger.debug("client %s connected", connection.id)
+
+    async def _resume(self, connection: _Connection, claimed: _Connection | _Parked | None,
+                      offset: int | None) -> bool:
+        """Go on with the claimed session, if its frames are all kept: greet the connection as its
+        client, then replay what the client missed, before any new frame; else False."""
+        missed = None if claimed is None else await self.registry.resume(connection, claimed, offset)
+        if missed is None:
+            if claimed is not None:
+                connection.renew()  # a new session, then: not the one it came for
+            return False
+        assert connection.session is not None
+        self._greet(connection, {"message": "connection request granted", "user": connection.identity.user,
+                                 "rooms": sorted(connection.rooms)},
+                    recovered=True, offset=connection.session.sent - len(missed))
+        for text in missed:
+            connection.emit(text)
+        logger.debug("client %s resumed, %d frames replayed", connection.id, len(missed))
+        return True
+
+    def _greet(self, connection: _Connection, greeting: dict[str, Any], **recovery: Any) -> None:
+        """Send the connect frame; with recovery on, it carries the session's next resume token."""
+        if connection.session is not None:
+            greeting.update(resume_token=connection.session.issue_token(connection.id), **recovery)
+        connection.emit(_Frame("connect", greeting).to(connection.id))
+
+    async def _accept(self, scope: Scope, receive: Receive, send: Send
+                      ) -> tuple[_Connection, tuple[_Connection | _Parked | None, int | None] | None] | None:
+        """Check and accept the handshake; the new connection, and if it came to resume a session, the
+        session it claimed (None if there is none) and the client's offset; or None if it was refused
+        or abandoned."""
         websocket = WebSocket(scope, receive, send)
-        client_id = str(uuid.uuid4())
+        claimed: _Connection | _Parked | None = None
+        client_id = str(uuid.uuid4())  # the connect hook is asked about a new id, even for a resume
         try:
+            resume = _resume_request(websocket) if self.settings.recovery_window else None
             async with self.admitting(websocket, client_id) as identity:
+                if resume is not None:
+                    claimed = await self.registry.claim(resume[0], identity)
+                    if claimed is not None:
+                        client_id = claimed.id if isinstance(claimed, _Connection) else claimed.client_id
                 await websocket.accept()
         except _Refused as refusal:
             self.registry.metrics.rejected_handshakes[refusal.code] += 1
@@ -1338,7 +1693,7 @@ class _Gateway:
                                  settings=self.settings, metrics=self.registry.metrics, on_close=self.registry.remove,
                                  client_id=client_id, identity=identity)
         output.guard(connection)
-        return connection
+        return connection, None if resume is None else (claimed, resume[1])
 
     @contextlib.asynccontextmanager
     async def admitting(self, request: HTTPConnection, client_id: str) -> AsyncIterator[_Identity]:
@@ -1361,7 +1716,8 @@ class _Gateway:
         while connection.open:
             message = await receive()
             if message["type"] == "websocket.disconnect":
-                connection.gone(_PEER_REASONS.get(message.get("code", 1006), "peer_error"))
+                code = message.get("code", 1006)
+                connection.gone(_PEER_REASONS.get(code, "peer_error"), final=code == CLOSE_NORMAL)
                 return True
             if not connection.open:  # it started closing while we waited (kicked, cut off): handle no more
                 return False
@@ -1510,6 +1866,27 @@ def _origin_allowed(origin: str, host: str, allowed: tuple[str, ...]) -> bool:
 _PEER_REASONS = {1000: "closed", 1001: "closed", 1012: "shutdown",
                  1005: "abnormal", 1006: "abnormal",  # the connection dropped (uvicorn reports 1005 for that too)
                  1009: "message_too_big"}  # the engine's frame-size limit closed it
+
+
+MAX_RESUME_TOKEN_LENGTH = 128
+RESUME_TOKEN_HEADER = "X-WS-Micro-Resume-Token"
+RESUME_OFFSET_HEADER = "X-WS-Micro-Resume-Offset"
+
+
+def _resume_request(request: HTTPConnection) -> tuple[str, int | None] | None:
+    """The resume token and offset a handshake brings (query parameters, or headers for programs), if any;
+    raises :class:`_Refused` (400) for an offset that is not a count."""
+    token = request.query_params.get("resume_token") or request.headers.get(RESUME_TOKEN_HEADER)
+    if not token:
+        return None
+    text = request.query_params.get("resume_offset") or request.headers.get(RESUME_OFFSET_HEADER)
+    if text is None:
+        offset = None
+    elif text.isascii() and text.isdigit() and len(text) < 16:
+        offset = int(text)
+    else:
+        raise _Refused(400, "invalid_resume", f"resume_offset must be a count of frames, but got {text[:40]!r}")
+    return token[:MAX_RESUME_TOKEN_LENGTH + 1], offset
 
 
 def _event_name(text: str) -> str | None:
@@ -1917,21 +2294,26 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
     forwarder = _HttpForwarder(settings) if settings.forward_url or settings.lifecycle_target else _Forwarder()
     registry.backend = _RedisBackend(registry, settings) if settings.redis_url else _Backend()
     registry.presence_events = settings.presence_events
+    registry.settings = settings
 
     async def healthz(request: Request) -> Response:
         status, details = registry.backend.health()
         return _json({"status": status, "connections": len(registry), **details})
 
     async def metrics(request: Request) -> Response:
-        return PlainTextResponse(registry.metrics.render(len(registry), [*authorizer.metrics(), *forwarder.metrics(),
-                                                                         *registry.backend.metrics()]),
+        return PlainTextResponse(registry.metrics.render(len(registry), [
+                                     *registry.session_metrics(), *authorizer.metrics(), *forwarder.metrics(),
+                                     *registry.backend.metrics()]),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def probe(request: Request) -> Response:
         """A plain GET of the WebSocket endpoint: what a handshake with these credentials would get.
         Browsers cannot read a refused handshake's status; the JS client asks here."""
         try:
-            async with gateway.admitting(request, str(uuid.uuid4())):
+            async with gateway.admitting(request, str(uuid.uuid4())) as identity:
+                resume = _resume_request(request) if settings.recovery_window else None
+                if resume is not None:
+                    await registry.claim(resume[0], identity, spend=False)
                 response = _api_error(426, "upgrade_required", "a WebSocket handshake would be accepted")
                 response.headers["Upgrade"] = "websocket"
         except _Refused as refusal:
@@ -1959,6 +2341,7 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
         page_routes = [Route("/", page, methods=["GET"]), Mount("/static", StaticFiles(directory=static))]
 
     gateway = _Gateway(registry, settings, _choose_output, authorizer, forwarder)
+    registry.session_ended = gateway.ended
     app = _GatewayApp(
         gateway,
         debug=debug,
@@ -2555,8 +2938,39 @@ RESYNC_POLL = 0.1  # seconds between looks for peers while they are registering 
 # had not all registered again.
 CLUSTER_DROP_REASONS = ("gone", "no_subscriber", "backend_unavailable", "resyncing")
 
+
+# Connection recovery's messages between instances (and from the scripts): a session was parked in
+# Redis by its instance, and every delivery on its way to it there has come since; it may be
+# resumed now; the instance resuming it has been sent every delivery routed to it before it did;
+# it ended (kicked, overflowed, expired, resumed), told the instance that parked it; and a request
+# to the instance holding a connection open to park it, for a client come back elsewhere.
+class _WasParked(msgspec.Struct, tag="parked", array_like=True):
+    client_id: str
+
+
+class _Sealed(msgspec.Struct, tag="sealed", array_like=True):
+    client_id: str
+
+
+class _WasResumed(msgspec.Struct, tag="resumed", array_like=True):
+    client_id: str
+
+
+class _SessionEnded(msgspec.Struct, tag="ended", array_like=True):
+    client_id: str
+    reason: str
+
+
+class _TakeOver(msgspec.Struct, tag="takeover", array_like=True):
+    client_id: str
+    token_hash: str
+    requester: str
+
+
+_Control = _WasParked | _Sealed | _WasResumed | _SessionEnded | _TakeOver
+
 _encode_delivery = msgspec.msgpack.Encoder().encode
-_decode_delivery = msgspec.msgpack.Decoder(_Delivery).decode
+_decode_delivery = msgspec.msgpack.Decoder(_Delivery | _Control).decode
 
 # The scripts run inside Redis, so each lookup and its publish is one round trip, and liveness
 # is judged by one clock (Redis's).  ARGV[1] is the key prefix.  Keys, for prefix p:
@@ -2570,6 +2984,12 @@ _decode_delivery = msgspec.msgpack.Decoder(_Delivery).decode
 #   p:room-members:<room>      HASH  client id -> instance id, for each member (presence)
 #   p:user-members:<user>      HASH  client id -> instance id, for each connection of the user
 #   p:deliveries:<id>          pub/sub channel of that instance
+# With connection recovery, a session waiting for its client lives in Redis as an instance of its
+# own, "~<client id>", alive until its window ends: the scripts route frames to it as to any
+# instance, and keep() appends them to its list instead of publishing them.
+#   p:session:<client id>      HASH  its resume token's hash, offsets, bounds, who parked it, who waits
+#   p:kept:<client id>         LIST  its frames, the first at offset "base"
+#   p:used:<client id>         STRING  the hash of its last spent token (a second use is refused), expiring
 _LUA_PRELUDE = """
 local p = ARGV[1]
 local t = redis.call('TIME')
@@ -2582,13 +3002,6 @@ local function live()
   return redis.call('ZRANGEBYSCORE', p .. ':instances', '(' .. now, '+inf')
 end
 local reached, unheard = 0, 0  -- clients sent a delivery; live instances that were not listening
-local function deliver(id, message, clients)
-  if redis.call('PUBLISH', p .. ':deliveries:' .. id, message) > 0 then
-    reached = reached + clients
-  else
-    unheard = unheard + 1
-  end
-end
 local function reap(id)
   -- Each client's entry names its rooms and user: its memberships go with it, at a cost of the
   -- instance's own memberships, whatever the size of the rooms.
@@ -2613,13 +3026,59 @@ local function reap(id)
   redis.call('DEL', clients)
   redis.call('ZREM', p .. ':instances', id)
 end
+-- A waiting session ends: its memberships go, and the instance that parked it is told, to tell the
+-- backend and the session's rooms.  ("ended", client, reason) is an _Ended delivery.
+local function end_session(client, reason)
+  local session = p .. ':session:' .. client
+  local parker = redis.call('HGET', session, 'parker')
+  reap('~' .. client)
+  redis.call('DEL', session, p .. ':kept:' .. client)
+  if parker then redis.call('PUBLISH', p .. ':deliveries:' .. parker, cmsgpack.pack({'ended', client, reason})) end
+end
+-- Keep a delivery (a msgpack-encoded _Delivery) for a waiting session, within its bounds: 'kept';
+-- 'kicked' (a kick ends it); or 'lost' (no such session, or this frame passed its bounds and ended it).
+local function keep(client, message)
+  local d = cmsgpack.unpack(message)
+  local tag, text = d[1], nil
+  if tag == 'client' then text = d[3]
+  elseif tag == 'room' or tag == 'user' then text = d[3] .. (d[4] and (client .. d[4]) or '')
+  elseif tag == 'all' then text = d[2] .. (d[3] and (client .. d[3]) or '')
+  elseif tag == 'kick' or tag == 'kick_user' then end_session(client, 'kicked') return 'kicked'
+  else return 'lost' end
+  local session = p .. ':session:' .. client
+  local kept = p .. ':kept:' .. client
+  if redis.call('EXISTS', session) == 0 then return 'lost' end
+  local n = redis.call('RPUSH', kept, text)
+  local size = redis.call('HINCRBY', session, 'size', #text)
+  local b = redis.call('HMGET', session, 'base', 'away_at', 'max_frames', 'max_bytes')
+  local base, away_at, max_frames, max_bytes = tonumber(b[1]), tonumber(b[2]), tonumber(b[3]), tonumber(b[4])
+  while n > max_frames or size > max_bytes do
+    if base >= away_at then end_session(client, 'overflowed') return 'lost' end
+    size = size - #redis.call('LPOP', kept)
+    base, n = base + 1, n - 1
+  end
+  redis.call('HSET', session, 'base', base, 'size', size)
+  return 'kept'
+end
+local function deliver(id, message, clients)
+  if string.sub(id, 1, 1) == '~' then
+    keep(string.sub(id, 2), message)
+    reached = reached + clients
+  elseif redis.call('PUBLISH', p .. ':deliveries:' .. id, message) > 0 then
+    reached = reached + clients
+  else
+    unheard = unheard + 1
+  end
+end
 """
 _LUA = {
     # ARGV: p, instance, ttl -> {1 if the instance was not registered (new, reaped, or Redis restarted),
     #                            {live instances}}
     "heartbeat": """
 local added = redis.call('ZADD', p .. ':instances', now + tonumber(ARGV[3]), ARGV[2])
-for _, dead in ipairs(redis.call('ZRANGEBYSCORE', p .. ':instances', '-inf', now)) do reap(dead) end
+for _, dead in ipairs(redis.call('ZRANGEBYSCORE', p .. ':instances', '-inf', now)) do
+  if string.sub(dead, 1, 1) == '~' then end_session(string.sub(dead, 2), 'expired') else reap(dead) end
+end
 return {added, live()}""",
     # ARGV: p, instance
     "reap": "reap(ARGV[2]) return 1",
@@ -2630,6 +3089,7 @@ return {added, live()}""",
 if not redis.call('ZSCORE', p .. ':instances', ARGV[4]) then return false end
 local id = redis.call('HGET', p .. ':directory', ARGV[2])
 if not id or id == ARGV[4] or not alive(id) then return -1 end
+if string.sub(id, 1, 1) == '~' then return keep(ARGV[2], ARGV[3]) == 'lost' and -1 or 1 end
 return redis.call('PUBLISH', p .. ':deliveries:' .. id, ARGV[3])""",
     # ARGV: p, "room:<room>" or "user:<user>", message, own instance
     #   -> {members reached on other instances, live instances with members that were not listening}
@@ -2705,12 +3165,114 @@ end
 local flat = {}
 for _, room in ipairs(order) do flat[#flat + 1] = room; flat[#flat + 1] = totals[room] end
 return flat""",
+    # Connection recovery.  ARGV: p, client id, its entry (JSON, with rooms and user), the members left here
+    # of its rooms and user (JSON {"rooms": {room: n}, "user": n}), token hash, window (s), base, away_at,
+    # max_frames, max_bytes, size, who waits for it ("" none), its kept frames..., own instance
+    # -> 1 parked, 0 it was not this instance's (Redis lost it): it is not kept.  The marker ("parked",
+    # client) on our own channel comes after every delivery that was on its way to it here.
+    "park": """
+local client, own = ARGV[2], ARGV[#ARGV]
+local home = '~' .. client
+if redis.call('HGET', p .. ':directory', client) ~= own then return 0 end
+local entry, left = cjson.decode(ARGV[3]), cjson.decode(ARGV[4])
+redis.call('HSET', p .. ':directory', client, home)
+redis.call('HDEL', p .. ':instance:' .. own .. ':clients', client)
+redis.call('HSET', p .. ':instance:' .. home .. ':clients', client, ARGV[3])
+local function move(kind, name, members_left)
+  if members_left > 0 then
+    redis.call('HSET', p .. ':' .. kind .. ':' .. name, own, members_left)
+  else
+    redis.call('HDEL', p .. ':' .. kind .. ':' .. name, own)
+    redis.call('SREM', p .. ':instance:' .. own .. ':' .. kind .. 's', name)
+  end
+  redis.call('HSET', p .. ':' .. kind .. ':' .. name, home, 1)
+  redis.call('SADD', p .. ':instance:' .. home .. ':' .. kind .. 's', name)
+  redis.call('HSET', p .. ':' .. kind .. '-members:' .. name, client, home)
+end
+for _, room in ipairs(entry.rooms) do move('room', room, tonumber(left.rooms[room]) or 0) end
+if type(entry.user) == 'string' then move('user', entry.user, tonumber(left.user) or 0) end
+redis.call('ZADD', p .. ':instances', now + tonumber(ARGV[6]), home)
+local session = p .. ':session:' .. client
+redis.call('DEL', session, p .. ':kept:' .. client)
+redis.call('HSET', session, 'token', ARGV[5], 'parker', own, 'sealed', 0, 'base', ARGV[7], 'away_at', ARGV[8],
+           'max_frames', ARGV[9], 'max_bytes', ARGV[10], 'size', ARGV[11])
+if ARGV[12] ~= '' then redis.call('HSET', session, 'waiter', ARGV[12]) end
+for i = 13, #ARGV - 1 do redis.call('RPUSH', p .. ':kept:' .. client, ARGV[i]) end
+redis.call('PUBLISH', p .. ':deliveries:' .. own, cmsgpack.pack({'parked', client}))
+return 1""",
+    # ARGV: p, client id, a msgpack-encoded delivery that was on its way to it, own instance -> 1
+    "keep": "keep(ARGV[2], ARGV[3]) return 1",
+    # ARGV: p, client id, reason, own instance -> 1
+    "end": "if redis.call('EXISTS', p .. ':session:' .. ARGV[2]) == 1 then end_session(ARGV[2], ARGV[3]) end return 1",
+    # Every delivery on its way to the parker has been kept: it may be resumed.  ARGV: p, client id, own
+    "seal": """
+local session = p .. ':session:' .. ARGV[2]
+if redis.call('EXISTS', session) == 0 then return 0 end
+redis.call('HSET', session, 'sealed', 1)
+local waiter = redis.call('HGET', session, 'waiter')
+if waiter then redis.call('PUBLISH', p .. ':deliveries:' .. waiter, cmsgpack.pack({'sealed', ARGV[2]})) end
+return 1""",
+    # ARGV: p, instance, message, own instance -> 1: a control message to one instance
+    "tell": "redis.call('PUBLISH', p .. ':deliveries:' .. ARGV[2], ARGV[3]) return 1",
+    # What a resume token would take.  ARGV: p, client id, token hash, own instance ->
+    #   {"parked", entry} | {"unsealed"} (we are told when it is) | {"open", instance} | {"reused"} | {"none"}
+    "peek": """
+local client = ARGV[2]
+local id = redis.call('HGET', p .. ':directory', client)
+if redis.call('GET', p .. ':used:' .. client) == ARGV[3] then return {'reused'} end
+if not id or not alive(id) then return {'none'} end
+if string.sub(id, 1, 1) ~= '~' then return {'open', id} end
+local session = p .. ':session:' .. client
+local s = redis.call('HMGET', session, 'token', 'sealed')
+if s[1] ~= ARGV[3] then return {'none'} end
+if s[2] ~= '1' then redis.call('HSET', session, 'waiter', ARGV[#ARGV]) return {'unsealed'} end
+return {'parked', redis.call('HGET', p .. ':instance:' .. id .. ':clients', client)}""",
+    # Take a parked session: its memberships move here, its token is spent.  ARGV: p, client id, token
+    # hash, its new entry, window (s), own instance -> {"ok", base, away_at, frames...}, or {"gone"} if
+    # it is not there (ended, or taken).  The marker ("resumed", client) on our channel follows every
+    # delivery routed here for it before, which its list holds.
+    "resume": """
+local client, own = ARGV[2], ARGV[#ARGV]
+local home = '~' .. client
+local session = p .. ':session:' .. client
+local s = redis.call('HMGET', session, 'token', 'sealed', 'base', 'away_at', 'parker')
+if redis.call('HGET', p .. ':directory', client) ~= home or not alive(home) or s[1] ~= ARGV[3] or s[2] ~= '1' then
+  return {'gone'}
+end
+for _, kind in ipairs({'room', 'user'}) do
+  for _, name in ipairs(redis.call('SMEMBERS', p .. ':instance:' .. home .. ':' .. kind .. 's')) do
+    redis.call('HINCRBY', p .. ':' .. kind .. ':' .. name, own, 1)
+    redis.call('SADD', p .. ':instance:' .. own .. ':' .. kind .. 's', name)
+    redis.call('HSET', p .. ':' .. kind .. '-members:' .. name, client, own)
+  end
+end
+redis.call('HSET', p .. ':directory', client, own)
+redis.call('HSET', p .. ':instance:' .. own .. ':clients', client, ARGV[4])
+local frames = redis.call('LRANGE', p .. ':kept:' .. client, 0, -1)
+-- reap() would take the memberships just moved: drop the parked instance's own keys only.
+for _, kind in ipairs({'room', 'user'}) do
+  local names = p .. ':instance:' .. home .. ':' .. kind .. 's'
+  for _, name in ipairs(redis.call('SMEMBERS', names)) do redis.call('HDEL', p .. ':' .. kind .. ':' .. name, home) end
+  redis.call('DEL', names)
+end
+redis.call('DEL', p .. ':instance:' .. home .. ':clients', session, p .. ':kept:' .. client)
+redis.call('ZREM', p .. ':instances', home)
+redis.call('SET', p .. ':used:' .. client, ARGV[3], 'EX', math.ceil(tonumber(ARGV[5])))
+redis.call('PUBLISH', p .. ':deliveries:' .. own, cmsgpack.pack({'resumed', client}))
+if s[5] then redis.call('PUBLISH', p .. ':deliveries:' .. s[5], cmsgpack.pack({'ended', client, 'resumed'})) end
+local answer = {'ok', s[3], s[4]}
+for _, frame in ipairs(frames) do answer[#answer + 1] = frame end
+return answer""",
     # ARGV: p, client id -> its JSON entry, if its instance is live
     "get": """
 local id = redis.call('HGET', p .. ':directory', ARGV[2])
 if not id or not alive(id) then return false end
 return redis.call('HGET', p .. ':instance:' .. id .. ':clients', ARGV[2])""",
 }
+
+
+def _ignore(result: Any) -> None:
+    pass
 
 
 def _group_key(delivery: _ToGroup) -> str:
@@ -2763,6 +3325,15 @@ class _RedisBackend(_Backend):
         self._outbox: list[tuple[str, tuple[Any, ...], Callable[[Any], None]]] = []
         self._outbox_ready: anyio.Event | None = None  # events need the event loop: made in running()
         self._outbox_drained: anyio.Event
+        # Connection recovery: sessions parked by this instance, until they end (to tell of it), and of
+        # those, the ones whose marker has not come back (deliveries for them here go to Redis too);
+        # sessions resumed here whose marker has not come (earlier deliveries are in their lists); resumes
+        # waiting for a session to be sealed; and clients an instance waits for us to park.
+        self._parked: dict[str, _Connection] = {}
+        self._parking: dict[str, _Connection] = {}
+        self._resuming: set[str] = set()
+        self._sealed: dict[str, anyio.Event] = {}
+        self._takeovers: dict[str, str] = {}
         self._peers: set[str] = set()  # other instances alive at the last heartbeat
         self._missing: set[str] = set()  # peers not registered again since Redis lost their state
         self._missing_until = 0.0  # time.monotonic() after which they count as dead
@@ -2841,7 +3412,7 @@ class _RedisBackend(_Backend):
 
     def _saw(self, live: Sequence[bytes]) -> None:
         """Note the instances alive now: peers back end the resynchronising window."""
-        self._peers = {instance.decode() for instance in live} - {self.instance}
+        self._peers = {instance.decode() for instance in live if not instance.startswith(b"~")} - {self.instance}
         if self._missing:
             self._missing -= self._peers
             if not self._missing:
@@ -2887,9 +3458,157 @@ class _RedisBackend(_Backend):
             except msgspec.MsgspecError:
                 logger.warning("cluster: ignored a message on %s that is not ws_micro's", self._channel)
                 continue
+            if isinstance(delivery, _Control):
+                self._control(delivery)
+                continue
             self.received += 1
-            if not self.registry.deliver_here(delivery):
+            if self._parking and self._divert(delivery, message["data"]):
+                continue
+            if not self.registry.deliver_here(delivery, self._resuming):
                 self.dropped["gone"] += 1
+
+    # Sessions (connection recovery; docs/recovery.md, "In cluster mode")
+
+    def park(self, connection: _Connection) -> bool:
+        """Move an away connection's session to Redis (see the "park" script); False while Redis is away:
+        then it waits here, and can be resumed here only."""
+        session = connection.session
+        if not self.available or self._outbox_ready is None or session is None:
+            return False
+        registry, user = self.registry, connection.identity.user
+        left = {"rooms": {room: len(registry.rooms.get(room, ())) - 1 for room in connection.rooms},
+                "user": 0 if user is None else len(registry.users.get(user, ())) - 1}
+        settings = self.settings
+        client_id = connection.id
+
+        def done(result: Any) -> None:
+            if result != 1:  # not kept: the session is over
+                self._session_over(client_id, "abnormal")
+
+        self._enqueue("park", (client_id, self._entry(connection), _encode(left), session.token_hash.hex(),
+                               settings.recovery_window, session.sent - len(session.frames), session.away_at,
+                               settings.recovery_max_frames, settings.recovery_max_bytes, session.size,
+                               self._takeovers.pop(client_id, ""), *session.frames), done)
+        self._parked[client_id] = self._parking[client_id] = connection
+        if len(self._parked) > settings.recovery_max_sessions:
+            self._enqueue("end", (next(iter(self._parked)), "evicted"), _ignore)
+        return True
+
+    def _divert(self, delivery: _Delivery, message: bytes) -> bool:
+        """Keep in Redis what came here for sessions being parked; True if that was all it was for."""
+        for connection in self._parking.values():
+            match delivery:
+                case _ToClient(client_id) | _Kick(client_id) if client_id == connection.id:
+                    self._enqueue("keep", (client_id, message), _ignore)
+                    return True
+                case _ToRoom(room) if room in connection.rooms:
+                    self._enqueue("keep", (connection.id, message), _ignore)
+                case _ToUser(user) | _KickUser(user) if user == connection.identity.user:
+                    self._enqueue("keep", (connection.id, message), _ignore)
+                case _ToEveryone():
+                    self._enqueue("keep", (connection.id, message), _ignore)
+        return False
+
+    def _control(self, message: _Control) -> None:
+        match message:
+            case _WasParked(client_id):
+                if self._parking.pop(client_id, None) is not None:
+                    self._enqueue("seal", (client_id,), _ignore)
+            case _Sealed(client_id):
+                if client_id in self._sealed:
+                    self._sealed[client_id].set()
+            case _WasResumed(client_id):
+                self._resuming.discard(client_id)
+            case _SessionEnded(client_id, reason):
+                self._session_over(client_id, reason)
+            case _TakeOver(client_id, token_hash, requester):
+                connection = self.registry.connections.get(client_id)
+                session = None if connection is None else connection.session
+                if connection is not None and connection.open and session is not None and hmac.compare_digest(
+                        session.token_hash.hex(), token_hash):
+                    self._takeovers[client_id] = requester  # park() names it, for the seal to tell it
+                    connection.drop()
+                else:
+                    self._enqueue("tell", (requester, _encode_delivery(_Sealed(client_id))), _ignore)
+
+    def _session_over(self, client_id: str, reason: str) -> None:
+        """A session this instance parked ended: tell its rooms and the backend, unless it was resumed."""
+        self._parking.pop(client_id, None)
+        connection = self._parked.pop(client_id, None)
+        if connection is None or reason == "resumed":
+            return
+        connection.close_reason = reason
+        if reason in SESSION_OUTCOMES:
+            self.registry.sessions[reason] += 1
+        for room in connection.rooms:
+            self.registry.announce(room, "left", connection)
+        self.registry.session_ended(connection)
+
+    async def claim(self, client_id: str, token_hash: str, user: str | None, *,
+                    spend: bool) -> _Parked | Literal[False] | None:
+        sealed = self._sealed[client_id] = anyio.Event()
+        try:
+            for attempt in range(2):
+                kind, *found = await self._request("peek", client_id, token_hash)
+                if kind == b"reused":
+                    return None
+                if kind == b"parked":
+                    entry = msgspec.json.decode(found[0])
+                    return _Parked(client_id, token_hash, tuple(entry["rooms"])) if entry["user"] == user else False
+                if kind == b"none" or not spend or attempt:
+                    return False
+                if kind == b"open":  # connected through another instance: ask it to let go
+                    self._enqueue("tell", (found[0], _encode_delivery(_TakeOver(client_id, token_hash, self.instance))),
+                                  _ignore)
+                with anyio.move_on_after(self.settings.redis_timeout):
+                    await sealed.wait()
+        except BackendUnavailable:
+            pass
+        finally:
+            if self._sealed.get(client_id) is sealed:
+                del self._sealed[client_id]
+        return False
+
+    async def resume(self, connection: _Connection, parked: _Parked, offset: int | None) -> list[str] | None:
+        # Held here first, so that frames for it from now on are kept for after the replay; those routed
+        # to it in Redis before the script runs are in its list (deliver_here passes it over for them).
+        connection.rooms = set(parked.rooms)
+        connection.wait_away()
+        assert connection.session is not None
+        connection.session.away_at = -1  # frames held meanwhile never overflow it
+        self.registry.adopt(connection)
+        self._resuming.add(connection.id)
+        entry = {**self.entry(connection), "connected_at": _iso(connection.connected_at)}
+        entry.pop("away_since", None)
+        try:
+            answer = await self._request("resume", connection.id, parked.token_hash, _encode(entry),
+                                         self.settings.recovery_window)
+        except BackendUnavailable:
+            answer = [b"gone"]
+        if answer[0] != b"ok":
+            self._resuming.discard(connection.id)
+            self.registry._forget(connection)
+            connection.state = _State.OPEN
+            return None
+        held = connection.session
+        session = _Session()
+        base, away_at, frames = int(answer[1]), int(answer[2]), [frame.decode() for frame in answer[3:]]
+        session.frames.extend(frames)
+        session.frames.extend(held.frames)
+        session.sent = base + len(session.frames)
+        session.size = sum(map(len, session.frames))
+        session.away_at = away_at
+        missed = session.missed(offset)
+        session.away_at = -1
+        session.used_hash = bytes.fromhex(parked.token_hash)
+        connection.session, connection.state = session, _State.OPEN
+        if missed is None:  # the client is further behind than what was kept: the session ends here
+            connection.final, connection.close_reason = True, "not_recovered"
+            self.registry.remove(connection)
+            self.registry.sessions["not_recovered"] += 1
+            self.registry.session_ended(connection)
+            return None
+        return missed
 
     # Reading
 
@@ -2904,7 +3623,9 @@ class _RedisBackend(_Backend):
                 ("cluster_received_total", "counter", "Deliveries received from other instances.",
                  {"": self.received}, ""),
                 ("cluster_dropped_total", "counter", "Cross-instance deliveries lost, by reason.",
-                 self.dropped, "reason")]
+                 self.dropped, "reason"),
+                ("sessions_parked", "gauge", "Sessions this instance moved to Redis to wait for their client.",
+                 {"": len(self._parked)}, "")]
 
     def entry(self, connection: _Connection) -> dict[str, Any]:
         return {**connection.describe(), "instance": self.instance}
@@ -3068,7 +3789,7 @@ class _RedisBackend(_Backend):
             result = self._refusal(name, result, resyncing) or result
         if isinstance(result, BackendUnavailable):
             self.dropped[result.reason] += 1
-        elif name != "send" and result[1]:  # sent to some instances; others were not listening
+        elif name in ("group", "all") and result[1]:  # sent to some instances; others were not listening
             self.dropped["no_subscriber"] += 1
         done(result)
 
@@ -3528,6 +4249,11 @@ class HandshakeRefused(ConnectionError):
         self.status, self.code, self.message = status, code, message
 
 
+class SessionLost(ConnectionError):
+    """The connection dropped and the server could not recover the session: the client is connected
+    again, as a new client (a new ``client_id``, in no rooms), and missed frames; resynchronise."""
+
+
 class Client:
     """An async client for the protocol, built on ``websockets``::
 
@@ -3539,13 +4265,25 @@ class Client:
     ``token`` goes in an ``Authorization: Bearer`` header.  A refused handshake raises
     :class:`HandshakeRefused`.  Iteration ends when the server closes the connection
     normally; an abnormal close raises ``websockets.ConnectionClosedError``.
+
+    With recovery on at the server, a connection that drops is resumed, within
+    ``resume_timeout`` seconds of tries: the client keeps its id and rooms and receives what it
+    missed, in order, as if nothing happened (``recovered`` is True).  If the server cannot
+    recover the session, the send or receive raises :class:`SessionLost`, connected again.
     """
 
-    def __init__(self, url: str = DEFAULT_URL, *, token: str | None = None, **connect_options: Any) -> None:
+    def __init__(self, url: str = DEFAULT_URL, *, token: str | None = None, resume_timeout: float = 30.0,
+                 **connect_options: Any) -> None:
         self.url = url
         self.client_id = ""
         self.user: str | None = None  # with authentication on, who the server says we are
         self.connect_frame = ""
+        # Connection recovery: whether the last connect resumed the session (None: the server offers none),
+        # and the frames received since the session began, but its connect frames.
+        self.recovered: bool | None = None
+        self.offset = 0
+        self._resume_token: str | None = None
+        self._resume_timeout = resume_timeout
         # websockets' options; frames are capped (inflated, if compressed) at uvicorn's default limit.
         self._connect_options = {"max_size": 16 * 1024 * 1024, "open_timeout": 10.0, **connect_options}
         if token is not None:
@@ -3559,13 +4297,18 @@ class Client:
         from websockets.asyncio.client import connect
         from websockets.exceptions import InvalidStatus
 
+        options = self._connect_options
+        if self._resume_token is not None:
+            options = {**options, "additional_headers": {**dict(options.get("additional_headers") or {}),
+                                                         RESUME_TOKEN_HEADER: self._resume_token,
+                                                         RESUME_OFFSET_HEADER: str(self.offset)}}
         try:
-            self._connection = await connect(self.url, **self._connect_options)
+            self._connection = await connect(self.url, **options)
         except InvalidStatus as exc:
             raise _handshake_refused(exc.response.status_code, bytes(exc.response.body or b"")) from None
         try:
             with anyio.fail_after(self._connect_options["open_timeout"] or math.inf):
-                self.connect_frame = await self.recv_text()
+                self.connect_frame = await self._connection.recv()
             event = _decode(_decode_event, self.connect_frame)
             if event.event != "connect":
                 raise ConnectionError(f"expected a connect frame, but got {event.event!r}")
@@ -3576,9 +4319,42 @@ class Client:
             await self.close()
             raise
         self.client_id = event.client_id
-        user = event.data.data.get("user")
+        greeting = event.data.data
+        user = greeting.get("user")
         self.user = user if isinstance(user, str) else None
+        token, recovered = greeting.get("resume_token"), greeting.get("recovered")
+        self._resume_token = token if isinstance(token, str) else None
+        self.recovered = recovered if isinstance(recovered, bool) else None
+        if not self.recovered:
+            self.offset = 0
         return self
+
+    def _resumable(self, closed: Any) -> bool:
+        """Whether the session outlives this close: the connection dropped (no close frame came), or the
+        server went away (1001, 1012: restarting); not a close the server chose (kicked, cut off)."""
+        return self._resume_token is not None and (closed.rcvd is None or closed.rcvd.code in (1001, 1012))
+
+    async def _resume(self) -> None:
+        """Connect again after a drop, with the session's resume token; :class:`SessionLost` if the server
+        gave a new session."""
+        from websockets.exceptions import InvalidHandshake
+
+        delay, deadline = 0.05, time.monotonic() + self._resume_timeout
+        while True:
+            try:
+                await self.connect()
+                break
+            except HandshakeRefused as exc:
+                if exc.status != 409 and exc.status != 400:
+                    raise
+                self._resume_token = None  # spent already: a new session, then
+            except (OSError, TimeoutError, InvalidHandshake):
+                if time.monotonic() + delay > deadline:
+                    raise
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        if not self.recovered:
+            raise SessionLost(f"the session could not be recovered; connected again as {self.client_id}")
 
     async def __aenter__(self) -> Self:
         return await self.connect()
@@ -3591,12 +4367,30 @@ class Client:
         await self.send_text(_encode(Event(event, self.client_id, Payload(dict(data or {})), to, room)).decode())
 
     async def send_text(self, text: str) -> None:
-        await self._connection.send(text)
+        from websockets.exceptions import ConnectionClosedError
+
+        try:
+            await self._connection.send(text)
+        except ConnectionClosedError as exc:
+            if not self._resumable(exc):
+                raise
+            await self._resume()
+            await self._connection.send(text)
 
     async def recv_text(self) -> str:
-        text = await self._connection.recv()
+        from websockets.exceptions import ConnectionClosedError
+
+        while True:
+            try:
+                text = await self._connection.recv()
+                break
+            except ConnectionClosedError as exc:
+                if not self._resumable(exc):
+                    raise
+                await self._resume()
         if not isinstance(text, str):
             raise ConnectionError(f"expected a text frame, but got {type(text).__name__}")
+        self.offset += 1
         return text
 
     async def recv(self) -> Event:
