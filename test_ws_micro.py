@@ -4945,3 +4945,44 @@ async def test_cluster_a_waiting_session_ends_when_kicked_or_expired_and_its_roo
                     assert info["client_id"] != me and info["data"]["data"]["recovered"] is False
             assert y.get("/api/rooms/lobby").json()["count"] == 1
         assert redis_server.command("KEYS", "ws_micro:session:*") == []
+
+
+@pytest.mark.anyio
+async def test_the_backend_hears_a_session_begin_and_end_once_however_often_its_connection_drops() -> None:
+    with EventBackend() as backend, run_server(*forward_options(backend.url, "--recovery-window", "2"),
+                                               "--log-level", "warning") as server:
+        token = ""
+        for attempt in range(3):
+            ws = await connect(resume_url(server, token, offset=0) if token else server.ws)
+            hello = await greeted(ws)
+            me, token = hello["client_id"], hello["data"]["data"]["resume_token"]
+            assert hello["data"]["data"]["recovered"] is (attempt > 0)
+            await ws.send(text("chat", me, {"mode": "none", "n": attempt}))
+            await nothing_more(ws, me)  # the event was forwarded before the ping was read
+            cut(ws)
+            await until_away(server, me)
+        assert backend.notices(me) == [("connect", None)]
+        await eventually(lambda: len(backend.notices(me)) == 2, "the session to expire")
+        assert backend.notices(me) == [("connect", None), ("disconnect", "expired")]
+        assert [body["data"]["n"] for body in backend.received if body["type"] == "event"] == [0, 1, 2]
+
+
+@pytest.mark.anyio
+async def test_cluster_sessions_outlive_a_rolling_restart_of_their_instance(redis_server: RedisServer) -> None:
+    with cluster(redis_server, 2, "--recovery-window", "60") as (x, y):
+        ws = await connect(x.ws)
+        hello = await greeted(ws)
+        me, token = hello["client_id"], hello["data"]["data"]["resume_token"]
+        await join(ws, me, "lobby")
+        x.process.send_signal(signal.SIGTERM)
+        assert (await closed_with(ws))[0] == 1012
+        assert x.process.wait(TIMEOUT) == 0
+        await until_away(y, me)
+        assert y.post("/api/rooms/lobby", {"event": "while_restarting", "data": {"data": {}}}).json() == {
+            "delivered": 1}
+        push(y, f"/api/clients/{me}", "direct", 1)
+        async with connect(resume_url(y, token, offset=1)) as back:
+            info = (await greeted(back))["data"]["data"]
+            assert (info["recovered"], info["rooms"]) == (True, ["lobby"])
+            assert [(await recv_json(back))["event"] for _ in range(2)] == ["while_restarting", "direct"]
+            await nothing_more(back, me)

@@ -3167,7 +3167,8 @@ for _, room in ipairs(order) do flat[#flat + 1] = room; flat[#flat + 1] = totals
 return flat""",
     # Connection recovery.  ARGV: p, client id, its entry (JSON, with rooms and user), the members left here
     # of its rooms and user (JSON {"rooms": {room: n}, "user": n}), token hash, window (s), base, away_at,
-    # max_frames, max_bytes, size, who waits for it ("" none), its kept frames..., own instance
+    # max_frames, max_bytes, size, who waits for it ("" none), 1 if sealed already, its kept frames..., own
+    # instance
     # -> 1 parked, 0 it was not this instance's (Redis lost it): it is not kept.  The marker ("parked",
     # client) on our own channel comes after every delivery that was on its way to it here.
     "park": """
@@ -3194,10 +3195,10 @@ if type(entry.user) == 'string' then move('user', entry.user, tonumber(left.user
 redis.call('ZADD', p .. ':instances', now + tonumber(ARGV[6]), home)
 local session = p .. ':session:' .. client
 redis.call('DEL', session, p .. ':kept:' .. client)
-redis.call('HSET', session, 'token', ARGV[5], 'parker', own, 'sealed', 0, 'base', ARGV[7], 'away_at', ARGV[8],
+redis.call('HSET', session, 'token', ARGV[5], 'parker', own, 'sealed', ARGV[13], 'base', ARGV[7], 'away_at', ARGV[8],
            'max_frames', ARGV[9], 'max_bytes', ARGV[10], 'size', ARGV[11])
 if ARGV[12] ~= '' then redis.call('HSET', session, 'waiter', ARGV[12]) end
-for i = 13, #ARGV - 1 do redis.call('RPUSH', p .. ':kept:' .. client, ARGV[i]) end
+for i = 14, #ARGV - 1 do redis.call('RPUSH', p .. ':kept:' .. client, ARGV[i]) end
 redis.call('PUBLISH', p .. ':deliveries:' .. own, cmsgpack.pack({'parked', client}))
 return 1""",
     # ARGV: p, client id, a msgpack-encoded delivery that was on its way to it, own instance -> 1
@@ -3351,6 +3352,10 @@ class _RedisBackend(_Backend):
             try:
                 yield
             finally:
+                # Sessions parked as the server closed their connections (recovery): onto Redis first.
+                with anyio.move_on_after(self.settings.redis_timeout):
+                    while self._outbox and self.available:
+                        await self._outbox_drained.wait()
                 tasks.cancel_scope.cancel()
                 with anyio.CancelScope(shield=True), anyio.move_on_after(self.settings.redis_timeout):
                     with contextlib.suppress(BackendUnavailable):  # then the others reap us by deadline
@@ -3485,11 +3490,16 @@ class _RedisBackend(_Backend):
             if result != 1:  # not kept: the session is over
                 self._session_over(client_id, "abnormal")
 
+        # The server is stopping (a rolling restart): what is on its way here is lost anyway, and this
+        # instance may not be listening for its marker; sealed now, the session can be resumed elsewhere.
+        sealed = connection.close_reason == "shutdown"
         self._enqueue("park", (client_id, self._entry(connection), _encode(left), session.token_hash.hex(),
                                settings.recovery_window, session.sent - len(session.frames), session.away_at,
                                settings.recovery_max_frames, settings.recovery_max_bytes, session.size,
-                               self._takeovers.pop(client_id, ""), *session.frames), done)
-        self._parked[client_id] = self._parking[client_id] = connection
+                               self._takeovers.pop(client_id, ""), int(sealed), *session.frames), done)
+        self._parked[client_id] = connection
+        if not sealed:
+            self._parking[client_id] = connection
         if len(self._parked) > settings.recovery_max_sessions:
             self._enqueue("end", (next(iter(self._parked)), "evicted"), _ignore)
         return True
