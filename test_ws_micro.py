@@ -28,8 +28,9 @@ import sys
 import threading
 import time
 import tomllib
+import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, Self
 
@@ -2515,6 +2516,109 @@ def serving(server: Any, **options: float) -> Iterator[None]:
         thread.join(TIMEOUT)
 
 
+class CuttingProxy:
+    """A TCP proxy on a free loopback port in front of a server's ``port``, for a browser to reach the server
+    through. ``cut()`` ends every connection through it as a network failure does: each of its two sockets
+    is reset (SO_LINGER 0), so neither end gets a close frame or even a FIN. With ``hold``, every connection
+    that comes after is reset as soon as it is accepted, until ``release()``; with ``upgrades``, that many
+    of the WebSocket connections that come after are reset as soon as the server accepts them, before the
+    browser sees the server's answer. ``stall()`` loses what the server sends from then on, on the connections
+    open then, as a network does that fails while frames are on their way."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self._holding = False
+        self._upgrades = 0
+        self._links: set[asyncio.StreamWriter] = set()
+        self._stalled: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # one for each connection through it
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever)
+        self._thread.start()
+        self._server: asyncio.Server = self._call(asyncio.start_server(self._link, "127.0.0.1", 0))
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        self.http = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        async def close() -> None:
+            self._server.close()
+            await self._cut(False, 0)
+            if self._tasks:  # each ends once its sockets are reset
+                await asyncio.wait(self._tasks, timeout=TIMEOUT)
+        self._call(close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(TIMEOUT)
+        self._loop.close()
+
+    def cut(self, *, hold: bool = False, upgrades: int = 0) -> None:
+        self._call(self._cut(hold, upgrades))
+
+    def release(self) -> None:
+        self._call(self._cut(False, 0, cut=False))
+
+    def stall(self) -> None:
+        async def stall() -> None:
+            self._stalled.update(self._links)
+        self._call(stall())
+
+    def _call(self, work: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(work, self._loop).result(TIMEOUT)
+
+    async def _cut(self, hold: bool, upgrades: int, *, cut: bool = True) -> None:
+        self._holding, self._upgrades = hold, upgrades  # in the proxy's loop: no connection slips in between
+        for writer in list(self._links) if cut else []:
+            self._reset(writer)
+        if cut:
+            self._links.clear()
+            self._stalled.clear()
+
+    @staticmethod
+    def _reset(writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # closed at once: with SO_LINGER 0, an RST
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._holding:
+            self._reset(writer)
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            upstream_reader, upstream = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            self._reset(writer)
+            self._tasks.discard(task)
+            return
+        self._links.update((writer, upstream))
+        try:
+            await asyncio.gather(self._pipe(reader, upstream), self._pipe(upstream_reader, writer, upstream))
+        finally:
+            self._links.difference_update((writer, upstream))
+            self._tasks.discard(task)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    upstream: asyncio.StreamWriter | None = None) -> None:
+        """Copy one direction until its end closes (or is reset), then close the other end's socket.
+        ``upstream``: this direction carries the server's answers, on that connection to the server."""
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                if upstream is not None and self._upgrades and data.startswith(b"HTTP/1.1 101 "):
+                    self._upgrades -= 1
+                    self._reset(writer)
+                    self._reset(upstream)
+                    return
+                if writer in self._stalled:
+                    continue
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+
 def start_probe(page: Page, url: str, **options: float | str) -> None:
     """A JS Client of the test's own on the page, for ``url``, not yet connected (window.probe); every
     state it reports lands in window.seen as {state, ...detail}, and when, in ms, in window.seenAt."""
@@ -2644,7 +2748,8 @@ def test_browser_client_gives_up_after_max_retries_until_reconnect_is_called(bro
         assert len(attempts.opened) == 3  # the first try and two retries
         page.evaluate("probe.reconnect()")  # still works once it has given up
         seen = wait_seen(page, 4, "open")
-        assert seen[-2:] == [{"state": "connecting", "attempt": 0}, {"state": "open", "clientId": "flaky-3"}]
+        assert seen[-2:] == [{"state": "connecting", "attempt": 0},
+                             {"state": "open", "clientId": "flaky-3", "recovered": None}]
         assert len(attempts.opened) == 4
 
 
@@ -2787,6 +2892,173 @@ def test_browser_client_on_another_origin_learns_why_it_was_refused(browser: Bro
         page.evaluate("probe.connect()")
         wait_seen(page, 1, "open")
         assert page.evaluate("probe.user") == "alice"
+
+
+# Connection recovery: the page and the JS client against a gateway with --recovery-window, which they
+# reach through a CuttingProxy that the test cuts as a network failure would.
+
+
+def news(n: int) -> dict[str, Any]:
+    return {"event": "news", "data": {"data": {"n": n}}}
+
+
+def log_lines(page: Page) -> list[str]:
+    """The page's log, oldest first."""
+    return list(reversed(page.eval_on_selector_all("#log li", "items => items.map((item) => item.textContent)")))
+
+
+def news_seen(page: Page) -> list[int]:
+    """The ``news`` frames in the page's log, oldest first, by their n."""
+    return [int(match[1]) for line in log_lines(page) if (match := re.fullmatch(r'news to me\{"n":(\d+)\}', line))]
+
+
+def wait_for_a_failed_retry(page: Page) -> None:
+    """Wait until the page has said that a retry failed too: its badge counts a second attempt."""
+    page.wait_for_function(r"""/reconnecting in .*\(attempt ([2-9]|\d\d+)\)$/
+                               .test(document.getElementById('state').textContent)""", timeout=TIMEOUT * 1000)
+
+
+def test_browser_client_comes_back_as_itself_with_every_frame_it_missed_after_its_connection_drops(
+        browser: Browser, tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    with (run_server("--log-level", "info", "--recovery-window", "120", log=log) as server,
+          CuttingProxy(server.port) as proxy):
+        page = browser.new_context().new_page()
+        sockets: list[str] = []  # the URL of each WebSocket the page opened
+        page.on("websocket", lambda ws: sockets.append(ws.url))
+        page.goto(proxy.http + "/")
+        wait_state(page, "open")
+        client_id = client_id_of(page)
+        page.fill("#room", "lobby")
+        page.press("#room", "Enter")
+        log_entry(page, "joined")
+        assert server.post(f"/api/clients/{client_id}", news(0)).json() == {"delivered": 1}
+        log_entry(page, '{"n":0}')
+
+        # The network fails: first what the gateway sends is lost on its way (n 1, which the gateway wrote to
+        # a connection it still had); then the connection is gone, and no close frame, not even a FIN,
+        # reaches either end; and the network stays down a while.
+        proxy.stall()
+        assert server.post(f"/api/clients/{client_id}", news(1)).json() == {"delivered": 1}
+        proxy.cut(hold=True)
+        wait_for_a_failed_retry(page)
+        until(lambda: server.metric("ws_micro_sessions_away") == 1, "the gateway to keep the session")
+        for path, n in ((f"/api/clients/{client_id}", 2), ("/api/rooms/lobby", 3), ("/api/broadcast", 4)):
+            assert server.post(path, news(n)).json() == {"delivered": 1}, path  # kept for it
+        assert news_seen(page) == [0]
+        proxy.release()  # the network is back: the page gets through by itself
+
+        page.locator("#session", has_text="session recovered").wait_for(timeout=TIMEOUT * 1000)
+        assert page.locator("#state").inner_text() == "open"
+        assert client_id_of(page) == client_id
+        assert page.evaluate("wsMicroClient.recovered") is True
+        assert server.post(f"/api/clients/{client_id}", news(5)).json() == {"delivered": 1}
+        log_entry(page, '{"n":5}')
+        # Every frame it missed, once each and in order, then the new one; what it had got, not again.
+        assert news_seen(page) == [0, 1, 2, 3, 4, 5]
+        lines = log_lines(page)
+        recovered = lines.index("session recovered: same id, same rooms; the frames it missed follow")
+        assert lines[recovered - 1].startswith("connect to me") and '"recovered":true' in lines[recovered - 1]
+        assert lines[recovered + 1] == 'news to me{"n":1}'
+        # Still in its room, which it did not join again: one "joined" only.
+        assert page.locator("#log li", has_text="joined").count() == 1
+        assert server.get(f"/api/clients/{client_id}").json()["rooms"] == ["lobby"]
+        assert [room.inner_text() for room in page.locator("#rooms li button.link").all()] == ["lobby"]
+        assert server.post("/api/rooms/lobby", news(6)).json() == {"delivered": 1}
+        log_entry(page, '{"n":6}')
+
+        # Its tries since the drop each carried the first connection's token and how many frames it had
+        # got since (joined, and n 0); the token is nowhere on the page, its address or its storage.
+        resumes = [dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query)) for url in sockets[1:]]
+        assert len(resumes) >= 2 and all(resume.keys() == {"resume_token", "resume_offset"} for resume in resumes)
+        assert {(resume["resume_token"].split(".")[0], resume["resume_offset"]) for resume in resumes} == {
+            (client_id, "2")}
+        token = resumes[0]["resume_token"]
+        assert len({resume["resume_token"] for resume in resumes}) == 1
+        assert token not in page.content() and "resume_token" not in page.content()
+        assert page.evaluate("location.href") == proxy.http + "/"
+        assert page.evaluate("localStorage.length + sessionStorage.length") == 0
+    text = log.read_text()
+    assert "WebSocket /ws/py_client" in text  # the access log was on, and saw the page's handshakes
+    assert token.split(".")[1] not in text
+    assert "resume_offset=2" not in text  # the offset is not logged either
+
+
+def test_browser_client_back_in_its_session_changes_only_the_rooms_it_changed_while_away(browser: Browser) -> None:
+    with (run_server("--log-level", "warning", "--recovery-window", "120") as server,
+          CuttingProxy(server.port) as proxy):
+        page = browser.new_context().new_page()
+        page.goto(proxy.http + "/")
+        wait_state(page, "open")
+        client_id = client_id_of(page)
+        for room in ("lobby", "news"):
+            page.fill("#room", room)
+            page.press("#room", "Enter")
+        page.locator("#log li", has_text="joined").nth(1).wait_for(timeout=TIMEOUT * 1000)
+        proxy.cut(hold=True)
+        wait_for_a_failed_retry(page)
+        page.evaluate("wsMicroClient.leave('news'); wsMicroClient.join('sport')")  # while it cannot send them
+        proxy.release()
+        page.locator("#session", has_text="session recovered").wait_for(timeout=TIMEOUT * 1000)
+        log_entry(page, '{"room":"news","members":0}')
+        log_entry(page, '{"room":"sport","members":1}')
+        assert server.get(f"/api/clients/{client_id}").json()["rooms"] == ["lobby", "sport"]
+        assert page.locator("#log li", has_text="joined").count() == 3  # lobby, news, then sport: lobby not again
+        assert [room.inner_text() for room in page.locator("#rooms li button.link").all()] == ["lobby", "sport"]
+
+
+@pytest.mark.parametrize("kind", ["token used", "window passed"])
+def test_browser_client_starts_a_new_session_when_its_own_cannot_be_resumed(browser: Browser, kind: str) -> None:
+    window = "120" if kind == "token used" else "0.5"
+    with (run_server("--log-level", "warning", "--recovery-window", window) as server,
+          CuttingProxy(server.port) as proxy):
+        page = browser.new_context().new_page()
+        sockets: list[str] = []
+        page.on("websocket", lambda ws: sockets.append(ws.url))
+        page.goto(proxy.http + "/")
+        wait_state(page, "open")
+        first_id = client_id_of(page)
+        page.fill("#room", "lobby")
+        page.press("#room", "Enter")
+        log_entry(page, "joined")
+        page.evaluate("window.seen = []; void wsMicroClient.onState((state, detail) => seen.push({state, ...detail}))")
+        if kind == "token used":
+            # Its first try gets through, and the gateway takes its token; then the network fails before the
+            # page sees the answer. Its next try would bring the same token, which the gateway refuses (409).
+            proxy.cut(upgrades=1)
+        else:
+            proxy.cut(hold=True)
+            until(lambda: server.metric("ws_micro_sessions_total", outcome="expired") == 1,
+                  "the session to end when the window passed")
+            proxy.release()
+
+        page.locator("#session", has_text="new session").wait_for(timeout=TIMEOUT * 1000)
+        second_id = client_id_of(page)
+        assert second_id != first_id and page.evaluate("wsMicroClient.recovered") is False
+        assert "new session: new id; frames sent meanwhile are lost, resynchronise" in log_lines(page)
+        # It joined its room again, as in a new session it must.
+        page.locator("#log li", has_text="joined").nth(1).wait_for(timeout=TIMEOUT * 1000)
+        assert server.get(f"/api/clients/{second_id}").json()["rooms"] == ["lobby"]
+        assert server.post("/api/rooms/lobby", news(1)).json()["delivered"] >= 1
+        log_entry(page, '{"n":1}')
+        assert page.evaluate("wsMicroClient.offset") == 2  # counted from the new session's connect frame
+        tokens = [dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query)).get("resume_token")
+                  for url in sockets]
+        assert tokens[0] is None and str(tokens[1]).startswith(first_id + ".")
+        if kind == "token used":
+            # One try brought the old session's token, which the gateway took; the page asked once why that
+            # try failed (409), and its next try went without the token: it never brought it again.
+            assert len(tokens) == 3 and tokens[2] is None
+            assert server.metric("ws_micro_sessions_total", outcome="resumed") == 1
+            refusals = [wait.get("refusal") or {} for wait in waits(page.evaluate("seen"))]
+            assert refusals[0] == {}  # the drop
+            assert [(refusal.get("status"), refusal.get("code")) for refusal in refusals[1:]] == [
+                (409, "resume_token_used")]
+        else:
+            # Every try brought it, the last one too: the gateway answered that one with a new session.
+            assert len(set(tokens[1:])) == 1
+            assert server.metric("ws_micro_sessions_total", outcome="not_recovered") == 1
+        assert page.locator("#refusal").is_hidden()
 
 
 # --------------------------------------------------------------------------

@@ -82,6 +82,26 @@ client.onState((state, detail) => {
   }
 });
 
+// With recovery on, after each reconnect: did the gateway keep this page's session? The header says so,
+// and a line in the log, after the connect frame (replayed frames follow it).
+let connects = 0;
+function showSession() {
+  connects += 1;
+  const { recovered } = client;
+  if (recovered === null || (connects === 1 && !recovered)) return; // no recovery, or the first session
+  const text = recovered ? "session recovered: same id, same rooms; the frames it missed follow"
+    : "new session: new id; frames sent meanwhile are lost, resynchronise";
+  const session = $("session");
+  session.hidden = false;
+  session.dataset.recovered = String(recovered);
+  session.textContent = recovered ? "session recovered" : "new session";
+  const item = document.createElement("li");
+  item.className = "frame session";
+  item.dataset.recovered = String(recovered);
+  item.textContent = text;
+  $("log").prepend(item);
+}
+
 client.on("*", (frame) => {
   const item = document.createElement("li");
   item.className = frame.event === "error" ? "frame error" : frame.event === "presence" ? "frame presence" : "frame";
@@ -101,6 +121,7 @@ client.on("*", (frame) => {
   $("log").prepend(item);
   while ($("log").children.length > MAX_LOG) $("log").lastChild.remove();
   if (["joined", "left", "error"].includes(frame.event)) renderRooms();
+  if (frame.event === "connect") showSession();
 });
 
 // "alice (3d04...) joined lobby"; without a user, the id alone.

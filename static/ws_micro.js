@@ -24,9 +24,18 @@
 // reconnect(); other answers (503: full, or the auth backend down) are kept in `refusal` and
 // the client retries as usual.
 //
+// Recovery (a gateway with recovery_window): every connect frame brings a single-use resume token, kept
+// in memory only, and the client counts the frames it receives after each connect frame (`offset`).
+// Reconnecting by itself, it sends both (`resume_token=`, `resume_offset=`); the gateway then gives it
+// back its id and rooms and replays the frames it missed, and `recovered` is true: it joins nothing
+// again. `recovered` false is a new session (new id, rooms joined again): the app must resynchronise.
+// A token the gateway has seen used (409) is dropped, and the next try starts a new session. Once the
+// client stops (close(), reconnect(), a kick, a refusal, giving up), it forgets the token.
+//
 // onState(fn) calls fn(state, detail) with:
 //   connecting    {attempt: 0}     connect() or reconnect() opened a socket
-//   open          {clientId}       its connect frame arrived
+//   open          {clientId, recovered}  its connect frame arrived; recovered: true, false, or null
+//                                  (a gateway without recovery)
 //   reconnecting  {attempt, delay, cause, code, reason}
 //                 lost: try number `attempt` comes in `delay` ms. cause: "close" (code, reason:
 //                 the close), "timeout" (no connect frame in time), "keepalive" (no pong in
@@ -35,7 +44,8 @@
 //   closed        {code, reason}   close(), or the server closed with 1000
 //   closed        {gaveUp: true, attempt, cause, code, reason}  maxRetries tries failed in a row
 //   refused       {status, code, message}  the gateway refused the handshake with 401 or 403: no retry
-// A wait after a refused try (503) also carries `refusal: {status, code, message}`.
+// A wait after a refused try (503, or 409: a resume token used already) also carries
+// `refusal: {status, code, message}`.
 
 export const DEFAULT_PATH = "/ws/py_client";
 
@@ -55,6 +65,9 @@ const SERVER_EVENTS = new Set(["error", "pong", "joined", "left", "presence"]);
 
 // The statuses of a refused handshake that no retry will change: the token (or the origin) must.
 const FINAL_REFUSALS = new Set([401, 403]);
+// A refused resume token: it was used already (by an earlier try whose connect frame never came, or by
+// someone else). The next try goes without it, and starts a new session.
+const TOKEN_USED = 409;
 
 export function defaultUrl(location = globalThis.location) {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
@@ -62,6 +75,9 @@ export function defaultUrl(location = globalThis.location) {
 }
 
 export class Client {
+  // The session's resume token: a secret, in no field that JSON, a log of the client or storage could see.
+  #resumeToken = null;
+
   /**
    * @param {string} [url] the gateway's WebSocket URL; defaults to this page's host
    * @param {object} [options] any of DEFAULTS' names (a missing or undefined one takes its default)
@@ -76,6 +92,11 @@ export class Client {
     // {status, code, message}: why the gateway refused the last try, as its probe found out; null when
     // that probe found no refusal (the server was down, or would have accepted), and once open.
     this.refusal = null;
+    // Connection recovery: whether the last connect frame resumed the session (true), began a new one
+    // (false), or came from a gateway without recovery (null; also before any); and the frames received
+    // in this session after its connect frames, which a resumed connection's replay goes on from.
+    this.recovered = null;
+    this.offset = 0;
     this._options = {};
     for (const [name, value] of Object.entries(DEFAULTS)) this._options[name] = options[name] ?? value;
     for (const name of Object.keys(options)) {
@@ -85,6 +106,7 @@ export class Client {
     this._stateHandlers = new Set();
     this._joined = new Set(); // the rooms join() asked for: joined again after a reconnect
     this._granted = new Set(); // the rooms the gateway joined this connection to itself, at connect
+    this._left = new Set(); // rooms left while not connected: a resumed session is still in them
     this._try = null; // the current try; a token or a probe that comes back for an older one is dropped
     this._socket = null; // the one socket it listens to; any other was let go of with _drop
     this._greeted = false; // the current connection's first frame (its connect) has arrived
@@ -142,6 +164,7 @@ export class Client {
 
   /** Join a room now (if connected) and after every reconnect. */
   join(room) {
+    this._left.delete(room);
     this._joined.add(room);
     this.rooms.add(room);
     return this.send("join", { room });
@@ -152,7 +175,9 @@ export class Client {
     this._joined.delete(room);
     this._granted.delete(room);
     this.rooms.delete(room);
-    return this.send("leave", { room });
+    const sent = this.send("leave", { room });
+    if (!sent) this._left.add(room);
+    return sent;
   }
 
   // Internals
@@ -179,11 +204,13 @@ export class Client {
   _openSocket(current, token) {
     if (this._try !== current) return; // given up on (timeout, close(), reconnect()) while the token came
     let url, socket;
+    current.resuming = this.#resumeToken !== null;
     try {
-      url = withToken(this.url, token);
+      const resume = current.resuming ? { resume_token: this.#resumeToken, resume_offset: this.offset } : {};
+      url = withParams(this.url, { token, ...resume });
       socket = new WebSocket(url);
     } catch (error) {
-      // The error names the URL, and with it the token: say which URL without it.
+      // The error names the URL, and with it the tokens: say which URL without them.
       this._failed(current, `cannot open a WebSocket to ${this.url}: ${error?.name ?? "error"}`, "error");
       return;
     }
@@ -203,6 +230,9 @@ export class Client {
   }
 
   _receive(text) {
+    if (typeof text !== "string") return; // the gateway sends text frames only, and counts only those
+    // As the gateway counts: every frame after the connect frame, those ignored below too.
+    if (this._greeted) this.offset += 1;
     let frame;
     try {
       frame = JSON.parse(text);
@@ -228,15 +258,31 @@ export class Client {
       this.refusal = null;
       const info = frame.data?.data ?? {};
       this.user = typeof info.user === "string" ? info.user : null;
-      // The gateway joined these itself (the token's rooms), and joins them again on every connection.
-      this._granted = new Set(Array.isArray(info.rooms) ? info.rooms.filter((room) => typeof room === "string") : []);
+      const rooms = Array.isArray(info.rooms) ? info.rooms.filter((room) => typeof room === "string") : [];
+      this.recovered = typeof info.recovered === "boolean" ? info.recovered : null;
+      this.#resumeToken = typeof info.resume_token === "string" ? info.resume_token : null;
+      delete info.resume_token; // the app's handlers (and whatever they log) never see it
+      if (this.recovered) {
+        // The same session, still in its rooms (those it joined and those it was granted); the replay of
+        // what this client missed goes on from the gateway's offset, the one this client sent.
+        if (Number.isSafeInteger(info.offset) && info.offset >= 0) this.offset = info.offset;
+      } else {
+        this.offset = 0;
+        // The gateway joined these itself (the token's rooms), and joins them again on every connection.
+        this._granted = new Set(rooms);
+      }
+      const left = this.recovered ? rooms.filter((room) => this._left.has(room)) : [];
+      const inRooms = new Set(this.recovered ? rooms.filter((room) => !this._left.has(room)) : this._granted);
+      this._left.clear();
       this.rooms.clear();
-      for (const room of [...this._joined, ...this._granted]) this.rooms.add(room);
+      for (const room of [...inRooms, ...this._joined]) this.rooms.add(room);
       // Only a connection that lasts starts the waits over: one that the server drops at once
       // (it greets, then fails) counts as a failed try.
       this._timers.uptime = setTimeout(() => { this._attempt = 0; }, this._options.minUptime);
-      this._setState("open", { clientId: this.clientId });
-      for (const room of this._joined) if (!this._granted.has(room)) this.send("join", { room });
+      this._setState("open", { clientId: this.clientId, recovered: this.recovered });
+      // A resumed session is in its rooms already: only what changed while away is sent.
+      for (const room of left) this.send("leave", { room });
+      for (const room of this._joined) if (!inRooms.has(room)) this.send("join", { room });
       this._schedulePing();
     } else if (frame.event === "pong") {
       clearTimeout(this._timers.pong);
@@ -278,6 +324,9 @@ export class Client {
         this._setState("refused", { ...refusal });
         return;
       }
+      // Its resume token was used already: never again, or every try would be refused the same way. A
+      // try that failed for any other reason (the network, a server restarting) keeps it.
+      if (refusal?.status === TOKEN_USED && current.resuming) this.#resumeToken = null;
       this._retry("close", refusal);
     });
   }
@@ -332,9 +381,10 @@ export class Client {
     }, keepalive);
   }
 
-  // Stop for good: no timers, no socket, no listening for the browser coming online.
+  // Stop for good: no timers, no socket, no listening for the browser coming online, no session to resume.
   _stop(code, reason) {
     this._stopped = true;
+    this.#resumeToken = null;
     this._clearTimers();
     globalThis.removeEventListener?.("online", this._online);
     this._drop(code, reason);
@@ -381,18 +431,20 @@ export class Client {
   }
 }
 
-// The URL of one try: `url` with `token=<token>` in its query (an existing query is kept).
-function withToken(url, token) {
-  if (token === null || token === undefined || token === "") return url;
+// The URL of one try: `url` with `params` that have a value (token, resume_token, resume_offset) in its
+// query; an existing query is kept.
+function withParams(url, params) {
+  const given = Object.entries(params).filter(([, value]) => value !== null && value !== undefined && value !== "");
+  if (!given.length) return url;
   const parsed = new URL(url, globalThis.location?.href);
-  parsed.searchParams.set("token", String(token));
+  for (const [name, value] of given) parsed.searchParams.set(name, String(value));
   return parsed.href;
 }
 
 // Why the gateway refuses a handshake: a plain GET of the WebSocket's URL (the same query, so the same
 // token; cookies go along as they do with the WebSocket) answers the handshake's status with
-// {"error": {"code", "message"}}: 401 or 403 (refused), 503 (full, or its auth backend is down), or
-// 426 (it would be accepted now). {status, code, message} for a refusal; null for anything else,
+// {"error": {"code", "message"}}: 401 or 403 (refused), 409 (its resume token was used already), 503
+// (full, or its auth backend is down), or 426 (it would be accepted now). {status, code, message} for a refusal; null for anything else,
 // including no answer in time and an answer this page may not read (another origin, not allowed).
 async function probe(url, timeout) {
   const target = new URL(url, globalThis.location?.href);
@@ -401,7 +453,7 @@ async function probe(url, timeout) {
   const timer = setTimeout(() => abort.abort(), timeout);
   try {
     const response = await fetch(target, { credentials: "include", cache: "no-store", signal: abort.signal });
-    if (![401, 403, 503].includes(response.status)) return null;
+    if (![401, 403, 409, 503].includes(response.status)) return null;
     let error = {};
     try {
       error = (await response.json())?.error ?? {};
