@@ -1646,9 +1646,11 @@ class _Gateway:
                 connection.renew()  # a new session, then: not the one it came for
             return False
         assert connection.session is not None
-        self._greet(connection, {"message": "connection request granted", "user": connection.identity.user,
-                                 "rooms": sorted(connection.rooms)},
-                    recovered=True, offset=connection.session.sent - len(missed))
+        greeting: dict[str, Any] = {"message": "connection request granted"}
+        if connection.identity.authenticated:
+            greeting["user"] = connection.identity.user
+        self._greet(connection, greeting, recovered=True, rooms=sorted(connection.rooms),
+                    offset=connection.session.sent - len(missed), missed=len(missed))
         for text in missed:
             connection.send(text, keep=False)
         logger.debug("client %s resumed, %d frames replayed", connection.id, len(missed))

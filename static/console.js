@@ -89,7 +89,7 @@ function showSession() {
   connects += 1;
   const { recovered } = client;
   if (recovered === null || (connects === 1 && !recovered)) return; // no recovery, or the first session
-  const text = recovered ? "session recovered: same id, same rooms; the frames it missed follow"
+  const text = recovered ? `session recovered: same id, same rooms; the ${client.missed} frame(s) it missed follow`
     : "new session: new id; frames sent meanwhile are lost, resynchronise";
   const session = $("session");
   session.hidden = false;

@@ -96,6 +96,7 @@ export class Client {
     // (false), or came from a gateway without recovery (null; also before any); and the frames received
     // in this session after its connect frames, which a resumed connection's replay goes on from.
     this.recovered = null;
+    this.missed = 0; // with recovered true: how many frames the gateway replays after the connect frame
     this.offset = 0;
     this._options = {};
     for (const [name, value] of Object.entries(DEFAULTS)) this._options[name] = options[name] ?? value;
@@ -260,6 +261,7 @@ export class Client {
       this.user = typeof info.user === "string" ? info.user : null;
       const rooms = Array.isArray(info.rooms) ? info.rooms.filter((room) => typeof room === "string") : [];
       this.recovered = typeof info.recovered === "boolean" ? info.recovered : null;
+      this.missed = this.recovered && Number.isSafeInteger(info.missed) ? info.missed : 0;
       this.#resumeToken = typeof info.resume_token === "string" ? info.resume_token : null;
       delete info.resume_token; // the app's handlers (and whatever they log) never see it
       if (this.recovered) {
