@@ -776,15 +776,28 @@ class _Session:
         self.token_hash = _token_hash(secret)
         return f"{client_id}.{secret}"
 
-    def claim(self, secret: str, *, spend: bool = True) -> bool | None:
+    def claim(self, secret: str, *, spend: bool = True, waiting: bool = False) -> bool | None:
         """Take the session with a presented token's secret: True, and the token is spent (if ``spend``);
-        False if it is not the session's; None if it is the token spent last."""
+        False if it is not the session's; None if it is the token spent last, unless the session is
+        ``waiting`` for its client after a resume: its client may never have had the next one, then, and
+        the one it has is as good (not while a resume with it is under way: token_hash is b"" then)."""
         presented = _token_hash(secret)
         if self.token_hash and hmac.compare_digest(presented, self.token_hash):
             if spend:
                 self.used_hash, self.token_hash = self.token_hash, b""
             return True
-        return None if self.used_hash and hmac.compare_digest(presented, self.used_hash) else False
+        if self.used_hash and hmac.compare_digest(presented, self.used_hash):
+            if not (waiting and self.token_hash):
+                return None
+            if spend:
+                self.token_hash = b""
+            return True
+        return False
+
+    def unclaim(self) -> None:
+        """The connection that spent the token never opened: the token is good again."""
+        if not self.token_hash:
+            self.token_hash = self.used_hash
 
 
 def _token_hash(secret: str) -> bytes:
@@ -934,7 +947,7 @@ class _Connection:
         """Start afresh: a new client id, and a new session, for a connection that could not resume one."""
         self.id = str(uuid.uuid4())
         self.rooms, self.final, self.close_reason = set(), False, ""
-        self.session = _Session()
+        self.session, self.state = _Session(), _State.OPEN
 
     def drop(self, *, final: bool = False) -> None:
         """Cut the connection off, without a close frame (its peer is thought gone)."""
@@ -1114,8 +1127,11 @@ class _Backend:
     async def forward(self, delivery: _ToClient, failed: Callable[[str, str], None]) -> None:
         failed(UNKNOWN_CLIENT, f"no client with id {delivery.client_id!r}")
 
-    async def publish(self, delivery: _ToGroup) -> int:
-        return 0
+    async def publish(self, delivery: _ToGroup, here: Callable[[], int] = lambda: 0) -> int:
+        """Deliver to the other instances, and ``here()`` (the fan-out on this one) as the delivery is
+        queued for them: a client moving between this instance and the cluster (recovery) then gets
+        it once.  The members reached in all."""
+        return here()
 
     def publish_soon(self, delivery: _ToRoom) -> None:
         """``publish``, without waiting or telling anyone whether it arrived (presence events)."""
@@ -1123,8 +1139,9 @@ class _Backend:
     async def forward_to_room(self, delivery: _ToRoom, failed: Callable[[str, str], None]) -> None:
         pass
 
-    async def broadcast(self, delivery: _ToEveryone) -> int:
-        return 0
+    async def broadcast(self, delivery: _ToEveryone, here: Callable[[], int] = lambda: 0) -> int:
+        """Like :meth:`publish`, to every client."""
+        return here()
 
     # Reading, for the sidecar API, /healthz and /metrics.
 
@@ -1251,8 +1268,9 @@ class Registry:
         if connection.session is not None and not connection.final and connection.state is _State.CLOSED:
             self._wait_for(connection)
             return
-        away = self.away.pop(connection.id, None) is not None
-        rooms_left, user_left = self._forget(connection)
+        self.away.pop(connection.id, None)
+        away = connection.session is not None and connection.session.away_at >= 0  # its session waited
+        rooms_left, user_left = self.forget(connection)
         self.backend.unregister(connection, rooms_left, user_left)
         for room in connection.rooms:
             self.announce(room, "left", connection)
@@ -1264,7 +1282,7 @@ class Registry:
             self.sessions[connection.close_reason] += 1
             self.session_ended(connection)
 
-    def _forget(self, connection: _Connection) -> tuple[dict[str, int], int]:
+    def forget(self, connection: _Connection) -> tuple[dict[str, int], int]:
         """Take a connection out of this instance's registry; the members left here of its rooms and user."""
         del self.connections[connection.id]
         rooms_left = {room: _leave(self.rooms, room, connection.id) for room in connection.rooms}
@@ -1286,10 +1304,11 @@ class Registry:
     def _wait_for(self, connection: _Connection) -> None:
         """Keep the session of a connection whose peer vanished, for ``recovery_window`` seconds."""
         connection.wait_away()
+        if not self.backend.park(connection):  # else it waits in the cluster, and leaves this instance
+            self.wait_here(connection)
+
+    def wait_here(self, connection: _Connection) -> None:
         assert connection.session is not None
-        if self.backend.park(connection):  # it waits in the cluster, and leaves this instance
-            self._forget(connection)
-            return
         connection.session.expiry = asyncio.get_running_loop().call_later(
             self.settings.recovery_window, connection.end, "expired")
         self.away[connection.id] = connection
@@ -1321,7 +1340,7 @@ class Registry:
         elif previous.final or previous.identity.user != identity.user:
             return None
         else:
-            taken = previous.session.claim(secret, spend=spend)
+            taken = previous.session.claim(secret, spend=spend, waiting=previous.away)
             claimed = previous if taken else taken
         if claimed is None:
             if spend:
@@ -1354,6 +1373,7 @@ class Registry:
         missed = session.missed(offset)
         if missed is None:
             if previous.open:
+                session.away_at = -1  # it never waited: its connection's end is its session's
                 previous.drop(final=True)
             else:
                 previous.end("not_recovered")
@@ -1429,21 +1449,21 @@ class Registry:
     async def publish(self, room: str, event: str, data: Mapping[str, Any] | None = None) -> int:
         """Send a server event to every member of ``room``; how many took it."""
         frame = _Frame(event, data)
-        # Other instances first: when they cannot be reached this raises before anyone got the frame.
-        elsewhere = await self.backend.publish(_ToRoom(room, frame.head, frame.tail))
-        return elsewhere + self._fan_out(self.rooms.get(room, ()), frame)
+        # When other instances cannot be reached this raises before anyone got the frame.
+        return await self.backend.publish(_ToRoom(room, frame.head, frame.tail),
+                                          lambda: self._fan_out(self.rooms.get(room, ()), frame))
 
     async def broadcast(self, event: str, data: Mapping[str, Any] | None = None) -> int:
         """Send a server event to every connected client; how many took it."""
         frame = _Frame(event, data)
-        elsewhere = await self.backend.broadcast(_ToEveryone(frame.head, frame.tail))
-        return elsewhere + self._fan_out(list(self.connections), frame)
+        return await self.backend.broadcast(_ToEveryone(frame.head, frame.tail),
+                                            lambda: self._fan_out(list(self.connections), frame))
 
     async def send_to_user(self, user: str, event: str, data: Mapping[str, Any] | None = None) -> int:
         """Send a server event to every connection of ``user``; how many took it."""
         frame = _Frame(event, data)
-        elsewhere = await self.backend.publish(_ToUser(user, frame.head, frame.tail))
-        return elsewhere + self._fan_out(self.users.get(user, ()), frame)
+        return await self.backend.publish(_ToUser(user, frame.head, frame.tail),
+                                          lambda: self._fan_out(self.users.get(user, ()), frame))
 
     async def disconnect(self, client_id: str, code: int = CLOSE_NORMAL, reason: str = "") -> bool:
         """Close a client's connection after what is queued for it; False if it is unknown."""
@@ -1455,8 +1475,8 @@ class Registry:
 
     async def disconnect_user(self, user: str, code: int = CLOSE_NORMAL, reason: str = "") -> int:
         """Close every connection of ``user`` (log them out everywhere); how many there were."""
-        elsewhere = await self.backend.publish(_KickUser(user, code, reason))
-        return elsewhere + self._kick(self.users.get(user, ()), code, reason)
+        return await self.backend.publish(_KickUser(user, code, reason),
+                                          lambda: self._kick(self.users.get(user, ()), code, reason))
 
     async def relay_to_client(self, client_id: str, text: str, failed: Callable[[str, str], None]) -> None:
         """Deliver a client's frame, unchanged, to one client; else ``failed(code, message)``, maybe later."""
@@ -1646,14 +1666,24 @@ class _Gateway:
                 connection.renew()  # a new session, then: not the one it came for
             return False
         assert connection.session is not None
+        # Its rooms are those of its session, as far as its credentials now allow, and those they grant.
+        identity = connection.identity
+        revoked = sorted(room for room in connection.rooms if not identity.may_join(room))
+        granted = [room for room in identity.rooms if room not in connection.rooms]
         greeting: dict[str, Any] = {"message": "connection request granted"}
-        if connection.identity.authenticated:
-            greeting["user"] = connection.identity.user
-        self._greet(connection, greeting, recovered=True, rooms=sorted(connection.rooms),
+        if identity.authenticated:
+            greeting["user"] = identity.user
+        self._greet(connection, greeting, recovered=True, rooms=sorted({*connection.rooms, *granted} - {*revoked}),
                     offset=connection.session.sent - len(missed), missed=len(missed))
         for text in missed:
             connection.send(text, keep=False)
         logger.debug("client %s resumed, %d frames replayed", connection.id, len(missed))
+        for room in revoked:
+            await self.registry.leave(connection, room)
+            self.registry.announce(room, "left", connection)
+        for room in granted:
+            if await self.registry.join(connection, room):
+                self.registry.announce(room, "joined", connection)
         return True
 
     def _greet(self, connection: _Connection, greeting: dict[str, Any], **recovery: Any) -> None:
@@ -1683,6 +1713,8 @@ class _Gateway:
             await _deny(websocket, refusal.status, refusal.code, refusal.message)
             return None
         except WebSocketDisconnect:
+            if isinstance(claimed, _Connection) and claimed.session is not None:
+                claimed.session.unclaim()
             return None
         client = websocket.client
         output = self._choose_output(scope, receive, send, self.settings, self.registry.metrics)
@@ -1714,7 +1746,9 @@ class _Gateway:
             message = await receive()
             if message["type"] == "websocket.disconnect":
                 code = message.get("code", 1006)
-                connection.gone(_PEER_REASONS.get(code, "peer_error"), final=code == CLOSE_NORMAL)
+                # 1009: the server's engine closed it for a frame over the limit, which ends a session too.
+                connection.gone(_PEER_REASONS.get(code, "peer_error"),
+                                final=code in (CLOSE_NORMAL, CLOSE_MESSAGE_TOO_BIG))
                 return True
             if not connection.open:  # it started closing while we waited (kicked, cut off): handle no more
                 return False
@@ -3029,12 +3063,14 @@ local function end_session(client, reason)
   local session = p .. ':session:' .. client
   local parker = redis.call('HGET', session, 'parker')
   reap('~' .. client)
-  redis.call('DEL', session, p .. ':kept:' .. client)
+  redis.call('DEL', session, p .. ':kept:' .. client, p .. ':pending:' .. client)
   if parker then redis.call('PUBLISH', p .. ':deliveries:' .. parker, cmsgpack.pack({'ended', client, reason})) end
 end
 -- Keep a delivery (a msgpack-encoded _Delivery) for a waiting session, within its bounds: 'kept';
 -- 'kicked' (a kick ends it); or 'lost' (no such session, or this frame passed its bounds and ended it).
-local function keep(client, message)
+-- Until the session is sealed, frames routed to it here wait in a pending list, behind those its old
+-- instance forwards ("diverted": routed to it there before it was parked), which go first.
+local function keep(client, message, diverted)
   local d = cmsgpack.unpack(message)
   local tag, text = d[1], nil
   if tag == 'client' then text = d[3]
@@ -3043,14 +3079,15 @@ local function keep(client, message)
   elseif tag == 'kick' or tag == 'kick_user' then end_session(client, 'kicked') return 'kicked'
   else return 'lost' end
   local session = p .. ':session:' .. client
-  local kept = p .. ':kept:' .. client
+  local kept, pending = p .. ':kept:' .. client, p .. ':pending:' .. client
   if redis.call('EXISTS', session) == 0 then return 'lost' end
-  local n = redis.call('RPUSH', kept, text)
-  local size = redis.call('HINCRBY', session, 'size', #text)
-  local b = redis.call('HMGET', session, 'base', 'away_at', 'max_frames', 'max_bytes')
+  local b = redis.call('HMGET', session, 'base', 'away_at', 'max_frames', 'max_bytes', 'sealed')
   local base, away_at, max_frames, max_bytes = tonumber(b[1]), tonumber(b[2]), tonumber(b[3]), tonumber(b[4])
+  redis.call('RPUSH', (diverted or b[5] == '1') and kept or pending, text)
+  local n = redis.call('LLEN', kept) + redis.call('LLEN', pending)
+  local size = redis.call('HINCRBY', session, 'size', #text)
   while n > max_frames or size > max_bytes do
-    if base >= away_at then end_session(client, 'overflowed') return 'lost' end
+    if base >= away_at or redis.call('LLEN', kept) == 0 then end_session(client, 'overflowed') return 'lost' end
     size = size - #redis.call('LPOP', kept)
     base, n = base + 1, n - 1
   end
@@ -3059,7 +3096,7 @@ local function keep(client, message)
 end
 local function deliver(id, message, clients)
   if string.sub(id, 1, 1) == '~' then
-    keep(string.sub(id, 2), message)
+    keep(string.sub(id, 2), message, false)
     reached = reached + clients
   elseif redis.call('PUBLISH', p .. ':deliveries:' .. id, message) > 0 then
     reached = reached + clients
@@ -3086,7 +3123,7 @@ return {added, live()}""",
 if not redis.call('ZSCORE', p .. ':instances', ARGV[4]) then return false end
 local id = redis.call('HGET', p .. ':directory', ARGV[2])
 if not id or id == ARGV[4] or not alive(id) then return -1 end
-if string.sub(id, 1, 1) == '~' then return keep(ARGV[2], ARGV[3]) == 'lost' and -1 or 1 end
+if string.sub(id, 1, 1) == '~' then return keep(ARGV[2], ARGV[3], false) == 'lost' and -1 or 1 end
 return redis.call('PUBLISH', p .. ':deliveries:' .. id, ARGV[3])""",
     # ARGV: p, "room:<room>" or "user:<user>", message, own instance
     #   -> {members reached on other instances, live instances with members that were not listening}
@@ -3199,31 +3236,40 @@ for i = 14, #ARGV - 1 do redis.call('RPUSH', p .. ':kept:' .. client, ARGV[i]) e
 redis.call('PUBLISH', p .. ':deliveries:' .. own, cmsgpack.pack({'parked', client}))
 return 1""",
     # ARGV: p, client id, a msgpack-encoded delivery that was on its way to it, own instance -> 1
-    "keep": "keep(ARGV[2], ARGV[3]) return 1",
+    "keep": "keep(ARGV[2], ARGV[3], true) return 1",
     # ARGV: p, client id, reason, own instance -> 1
     "end": "if redis.call('EXISTS', p .. ':session:' .. ARGV[2]) == 1 then end_session(ARGV[2], ARGV[3]) end return 1",
     # Every delivery on its way to the parker has been kept: it may be resumed.  ARGV: p, client id, own
     "seal": """
 local session = p .. ':session:' .. ARGV[2]
 if redis.call('EXISTS', session) == 0 then return 0 end
+local pending = p .. ':pending:' .. ARGV[2]
+for _, frame in ipairs(redis.call('LRANGE', pending, 0, -1)) do redis.call('RPUSH', p .. ':kept:' .. ARGV[2], frame) end
+redis.call('DEL', pending)
 redis.call('HSET', session, 'sealed', 1)
 local waiter = redis.call('HGET', session, 'waiter')
 if waiter then redis.call('PUBLISH', p .. ':deliveries:' .. waiter, cmsgpack.pack({'sealed', ARGV[2]})) end
 return 1""",
     # ARGV: p, instance, message, own instance -> 1: a control message to one instance
     "tell": "redis.call('PUBLISH', p .. ':deliveries:' .. ARGV[2], ARGV[3]) return 1",
-    # What a resume token would take.  ARGV: p, client id, token hash, own instance ->
-    #   {"parked", entry} | {"unsealed"} (we are told when it is) | {"open", instance} | {"reused"} | {"none"}
+    # What a resume token would take; with "claim", it is held for this instance for a few seconds, so
+    # that one concurrent resume wins.  The token spent last is as good while the session waits (its
+    # client may never have had the next one).  ARGV: p, client id, token hash, "claim" or "look", own
+    # instance -> {"parked", entry} | {"unsealed"} (we are told when it is) | {"open", instance}
+    #           | {"reused"} | {"none"}
     "peek": """
-local client = ARGV[2]
+local client, own = ARGV[2], ARGV[#ARGV]
 local id = redis.call('HGET', p .. ':directory', client)
-if redis.call('GET', p .. ':used:' .. client) == ARGV[3] then return {'reused'} end
+local used = redis.call('GET', p .. ':used:' .. client) == ARGV[3]
 if not id or not alive(id) then return {'none'} end
-if string.sub(id, 1, 1) ~= '~' then return {'open', id} end
+if string.sub(id, 1, 1) ~= '~' then return used and {'reused'} or {'open', id} end
 local session = p .. ':session:' .. client
 local s = redis.call('HMGET', session, 'token', 'sealed')
-if s[1] ~= ARGV[3] then return {'none'} end
-if s[2] ~= '1' then redis.call('HSET', session, 'waiter', ARGV[#ARGV]) return {'unsealed'} end
+if s[1] ~= ARGV[3] and not used then return {'none'} end
+if s[2] ~= '1' then redis.call('HSET', session, 'waiter', own) return {'unsealed'} end
+if ARGV[4] == 'claim' and not redis.call('SET', p .. ':claiming:' .. client, own, 'NX', 'EX', 3) then
+  return {'reused'}
+end
 return {'parked', redis.call('HGET', p .. ':instance:' .. id .. ':clients', client)}""",
     # Take a parked session: its memberships move here, its token is spent.  ARGV: p, client id, token
     # hash, its new entry, window (s), own instance -> {"ok", base, away_at, frames...}, or {"gone"} if
@@ -3234,7 +3280,9 @@ local client, own = ARGV[2], ARGV[#ARGV]
 local home = '~' .. client
 local session = p .. ':session:' .. client
 local s = redis.call('HMGET', session, 'token', 'sealed', 'base', 'away_at', 'parker')
-if redis.call('HGET', p .. ':directory', client) ~= home or not alive(home) or s[1] ~= ARGV[3] or s[2] ~= '1' then
+local token_ok = s[1] == ARGV[3] or redis.call('GET', p .. ':used:' .. client) == ARGV[3]
+if redis.call('HGET', p .. ':directory', client) ~= home or not alive(home) or not token_ok or s[2] ~= '1'
+    or redis.call('GET', p .. ':claiming:' .. client) ~= own then
   return {'gone'}
 end
 for _, kind in ipairs({'room', 'user'}) do
@@ -3253,7 +3301,8 @@ for _, kind in ipairs({'room', 'user'}) do
   for _, name in ipairs(redis.call('SMEMBERS', names)) do redis.call('HDEL', p .. ':' .. kind .. ':' .. name, home) end
   redis.call('DEL', names)
 end
-redis.call('DEL', p .. ':instance:' .. home .. ':clients', session, p .. ':kept:' .. client)
+redis.call('DEL', p .. ':instance:' .. home .. ':clients', session, p .. ':kept:' .. client,
+           p .. ':pending:' .. client, p .. ':claiming:' .. client)
 redis.call('ZREM', p .. ':instances', home)
 redis.call('SET', p .. ':used:' .. client, ARGV[3], 'EX', math.ceil(tonumber(ARGV[5])))
 redis.call('PUBLISH', p .. ':deliveries:' .. own, cmsgpack.pack({'resumed', client}))
@@ -3472,12 +3521,22 @@ class _RedisBackend(_Backend):
     # Sessions (connection recovery; docs/recovery.md, "In cluster mode")
 
     def park(self, connection: _Connection) -> bool:
-        """Move an away connection's session to Redis (see the "park" script); False while Redis is away:
-        then it waits here, and can be resumed here only."""
-        session = connection.session
-        if not self.available or self._outbox_ready is None or session is None:
+        """Move an away connection's session to Redis (see the "park" script), soon; False while Redis is
+        away: then it waits here, and can be resumed here only."""
+        if not self.available or self._outbox_ready is None:
             return False
-        registry, user = self.registry, connection.identity.user
+        # Soon, not now: the delivery whose write found the connection dead queues its script first, so the
+        # frame is in the session's kept frames once, not also sent on to it by that script.
+        asyncio.get_running_loop().call_soon(self._park, connection)
+        return True
+
+    def _park(self, connection: _Connection) -> None:
+        registry, user, session = self.registry, connection.identity.user, connection.session
+        if registry.connections.get(connection.id) is not connection or not connection.away or session is None:
+            return  # resumed here, or ended, meanwhile
+        if not self.available:
+            registry.wait_here(connection)
+            return
         left = {"rooms": {room: len(registry.rooms.get(room, ())) - 1 for room in connection.rooms},
                 "user": 0 if user is None else len(registry.users.get(user, ())) - 1}
         settings = self.settings
@@ -3494,12 +3553,12 @@ class _RedisBackend(_Backend):
                                settings.recovery_window, session.sent - len(session.frames), session.away_at,
                                settings.recovery_max_frames, settings.recovery_max_bytes, session.size,
                                self._takeovers.pop(client_id, ""), int(sealed), *session.frames), done)
+        registry.forget(connection)
         self._parked[client_id] = connection
         if not sealed:
             self._parking[client_id] = connection
         if len(self._parked) > settings.recovery_max_sessions:
             self._enqueue("end", (next(iter(self._parked)), "evicted"), _ignore)
-        return True
 
     def _divert(self, delivery: _Delivery, message: bytes) -> bool:
         """Keep in Redis what came here for sessions being parked; True if that was all it was for."""
@@ -3556,7 +3615,7 @@ class _RedisBackend(_Backend):
         sealed = self._sealed[client_id] = anyio.Event()
         try:
             for attempt in range(2):
-                kind, *found = await self._request("peek", client_id, token_hash)
+                kind, *found = await self._request("peek", client_id, token_hash, "claim" if spend else "look")
                 if kind == b"reused":
                     return None
                 if kind == b"parked":
@@ -3579,11 +3638,14 @@ class _RedisBackend(_Backend):
     async def resume(self, connection: _Connection, parked: _Parked, offset: int | None) -> list[str] | None:
         # Held here first, so that frames for it from now on are kept for after the replay; those routed
         # to it in Redis before the script runs are in its list (deliver_here passes it over for them).
+        registry = self.registry
+        if connection.id in registry.connections:  # another connection is resuming it here
+            return None
         connection.rooms = set(parked.rooms)
         connection.wait_away()
         assert connection.session is not None
         connection.session.away_at = -1  # frames held meanwhile never overflow it
-        self.registry.adopt(connection)
+        registry.adopt(connection)
         self._resuming.add(connection.id)
         entry = {**self.entry(connection), "connected_at": _iso(connection.connected_at)}
         entry.pop("away_since", None)
@@ -3592,9 +3654,12 @@ class _RedisBackend(_Backend):
                                          self.settings.recovery_window)
         except BackendUnavailable:
             answer = [b"gone"]
+        if registry.connections.get(connection.id) is not connection or not connection.away:
+            self._resuming.discard(connection.id)
+            return None  # kicked meanwhile: its session ended (and it left the registry)
         if answer[0] != b"ok":
             self._resuming.discard(connection.id)
-            self.registry._forget(connection)
+            registry.forget(connection)
             connection.state = _State.OPEN
             return None
         held = connection.session
@@ -3704,8 +3769,9 @@ class _RedisBackend(_Backend):
 
         await self._submit("send", (client_id, _encode_delivery(delivery)), done)
 
-    async def publish(self, delivery: _ToGroup) -> int:
-        return int((await self._request("group", _group_key(delivery), _encode_delivery(delivery)))[0])
+    async def publish(self, delivery: _ToGroup, here: Callable[[], int] = lambda: 0) -> int:
+        answer, reached = await self._request("group", _group_key(delivery), _encode_delivery(delivery), here=here)
+        return int(answer[0]) + int(reached)
 
     def publish_soon(self, delivery: _ToRoom) -> None:
         def done(result: Any) -> None:
@@ -3729,10 +3795,13 @@ class _RedisBackend(_Backend):
 
         await self._submit("group", (_group_key(delivery), _encode_delivery(delivery)), done)
 
-    async def broadcast(self, delivery: _ToEveryone) -> int:
-        return int((await self._request("all", _encode_delivery(delivery)))[0])
+    async def broadcast(self, delivery: _ToEveryone, here: Callable[[], int] = lambda: 0) -> int:
+        answer, reached = await self._request("all", _encode_delivery(delivery), here=here)
+        return int(answer[0]) + int(reached)
 
-    async def _request(self, name: str, *args: Any) -> Any:
+    async def _request(self, name: str, *args: Any, here: Callable[[], int] | None = None) -> Any:
+        """Run a script through the outbox; its answer, or with ``here``, its answer and what ``here()``
+        returned, called as soon as the script is queued (not if it could not be: then nobody got it)."""
         reply: list[Any] = []
         answered = anyio.Event()
 
@@ -3741,10 +3810,15 @@ class _RedisBackend(_Backend):
             answered.set()
 
         await self._submit(name, args, done)
+        if reply and isinstance(reply[0], BaseException):
+            raise reply[0]
+        if here is not None and self.resyncing:  # the outbox holds it back (_flush), and fails it
+            raise BackendUnavailable(RESYNCING, "resyncing")
+        reached = here() if here is not None else 0
         await answered.wait()
         if isinstance(reply[0], BaseException):
             raise reply[0]
-        return reply[0]
+        return reply[0] if here is None else (reply[0], reached)
 
     async def _submit(self, name: str, args: tuple[Any, ...], done: Callable[[Any], None]) -> None:
         """Queue a delivery script; ``done`` gets its result, or :class:`BackendUnavailable`."""
