@@ -5073,17 +5073,18 @@ async def test_cluster_a_stream_of_frames_reaches_a_client_dropping_and_resuming
         await join(ws, me, "stream")
         received = 1  # joined
         numbers: list[int] = []
-        total = 400
+        total, publishers = 600, 4
 
-        async def publish() -> None:
-            async with httpx.AsyncClient(base_url=x.http, timeout=TIMEOUT) as api:
-                for n in range(total):
+        async def publish(first: int) -> None:  # each its own sequence: first, first + publishers, ...
+            async with httpx.AsyncClient(base_url=(x if first % 2 else y).http, timeout=TIMEOUT) as api:
+                for n in range(first, total, publishers):
                     body = {"event": "n", "data": {"data": {"n": n}}}
-                    response = await api.post("/api/rooms/stream" if n % 2 else "/api/broadcast", json=body)
+                    response = await api.post("/api/rooms/stream" if n % 3 else "/api/broadcast", json=body)
                     assert response.json() == {"delivered": 1}, (n, response.text)
 
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(publish)
+            for first in range(publishers):
+                tasks.start_soon(publish, first)
             while len(numbers) < total // 4:
                 numbers.append((await recv_json(ws))["data"]["data"]["n"])
                 received += 1
@@ -5093,7 +5094,9 @@ async def test_cluster_a_stream_of_frames_reaches_a_client_dropping_and_resuming
                 while len(numbers) < total:
                     numbers.append((await recv_json(back))["data"]["data"]["n"])
                 await nothing_more(back, me)
-        assert numbers == list(range(total))
+        assert sorted(numbers) == list(range(total))  # each once
+        for first in range(publishers):  # and each publisher's in the order it sent them
+            assert [n for n in numbers if n % publishers == first] == list(range(first, total, publishers))
 
 
 @pytest.mark.anyio
