@@ -3006,18 +3006,29 @@ def test_browser_client_back_in_its_session_changes_only_the_rooms_it_changed_wh
         assert [room.inner_text() for room in page.locator("#rooms li button.link").all()] == ["lobby", "sport"]
 
 
-def test_browser_client_recovers_its_session_when_the_answer_to_its_resume_is_lost(browser: Browser) -> None:
-    with (run_server("--log-level", "warning", "--recovery-window", "120") as server,
+@contextlib.contextmanager
+def page_in_lobby(browser: Browser, window: str) -> Iterator[tuple[Server, CuttingProxy, Page, list[str]]]:
+    """A console page behind a cutting proxy, in room lobby, with recovery on; the URLs of its sockets."""
+    with (run_server("--log-level", "warning", "--recovery-window", window) as server,
           CuttingProxy(server.port) as proxy):
         page = browser.new_context().new_page()
         sockets: list[str] = []
         page.on("websocket", lambda ws: sockets.append(ws.url))
         page.goto(proxy.http + "/")
         wait_state(page, "open")
-        client_id = client_id_of(page)
         page.fill("#room", "lobby")
         page.press("#room", "Enter")
         log_entry(page, "joined")
+        yield server, proxy, page, sockets
+
+
+def resume_tokens(sockets: list[str]) -> list[str | None]:
+    return [dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query)).get("resume_token") for url in sockets]
+
+
+def test_browser_client_recovers_its_session_when_the_answer_to_its_resume_is_lost(browser: Browser) -> None:
+    with page_in_lobby(browser, "120") as (server, proxy, page, sockets):
+        client_id = client_id_of(page)
         # Its first try gets through and the gateway takes its token; then the network fails before the page
         # sees the answer, with the next token. Its next try brings the same token, which is as good again
         # once that connection has dropped: the session is not lost to one lost packet.
@@ -3026,25 +3037,15 @@ def test_browser_client_recovers_its_session_when_the_answer_to_its_resume_is_lo
         assert client_id_of(page) == client_id and page.evaluate("wsMicroClient.recovered") is True
         assert server.post("/api/rooms/lobby", news(1)).json()["delivered"] == 1
         log_entry(page, '{"n":1}')
-        tokens = [dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query)).get("resume_token")
-                  for url in sockets]
+        tokens = resume_tokens(sockets)
         assert tokens[0] is None and len(tokens) == 3 and tokens[1] == tokens[2]
         assert page.locator("#log li", has_text="joined").count() == 1  # its room kept, not joined again
         assert page.locator("#refusal").is_hidden()
 
 
 def test_browser_client_starts_a_new_session_when_its_own_cannot_be_resumed(browser: Browser) -> None:
-    with (run_server("--log-level", "warning", "--recovery-window", "0.5") as server,
-          CuttingProxy(server.port) as proxy):
-        page = browser.new_context().new_page()
-        sockets: list[str] = []
-        page.on("websocket", lambda ws: sockets.append(ws.url))
-        page.goto(proxy.http + "/")
-        wait_state(page, "open")
+    with page_in_lobby(browser, "0.5") as (server, proxy, page, sockets):
         first_id = client_id_of(page)
-        page.fill("#room", "lobby")
-        page.press("#room", "Enter")
-        log_entry(page, "joined")
         proxy.cut(hold=True)
         until(lambda: server.metric("ws_micro_sessions_total", outcome="expired") == 1,
               "the session to end when the window passed")
@@ -3060,8 +3061,7 @@ def test_browser_client_starts_a_new_session_when_its_own_cannot_be_resumed(brow
         assert server.post("/api/rooms/lobby", news(1)).json()["delivered"] >= 1
         log_entry(page, '{"n":1}')
         assert page.evaluate("wsMicroClient.offset") == 2  # counted from the new session's connect frame
-        tokens = [dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query)).get("resume_token")
-                  for url in sockets]
+        tokens = resume_tokens(sockets)
         assert tokens[0] is None and str(tokens[1]).startswith(first_id + ".")
         # Every try brought it, the last one too: the gateway answered that one with a new session.
         assert len(set(tokens[1:])) == 1
@@ -4603,6 +4603,19 @@ async def greeted(ws: ClientConnection) -> dict[str, Any]:
     return dict(hello)
 
 
+async def new_session(url: str, **options: Any) -> tuple[ClientConnection, str, str]:
+    """A connection, its client id and its resume token."""
+    ws = await connect(url, **options)
+    hello = await greeted(ws)
+    return ws, hello["client_id"], hello["data"]["data"]["resume_token"]
+
+
+async def drop(ws: ClientConnection, server: Server, client_id: str) -> None:
+    """Cut the connection, and wait until the server sees its session waiting."""
+    cut(ws)
+    await until_away(server, client_id)
+
+
 def push(server: Server, path: str, event: str, n: int) -> None:
     assert server.post(path, {"event": event, "data": {"data": {"n": n}}}).json() == {"delivered": 1}, path
 
@@ -4628,8 +4641,7 @@ async def test_recovery_gives_a_dropped_client_its_id_rooms_and_every_missed_fra
         assert (await recv_json(ws))["event"] == "joined"  # frame 1
         # Sent while connected but never read: lost in the dead socket's buffers, as on a real network.
         push(server, f"/api/clients/{me}", "in_flight", 0)
-        cut(ws)
-        await until_away(server, me)
+        await drop(ws, server, me)
         assert server.get("/healthz").json()["connections"] == 1  # the away client is no open connection
         # While it is away: by id, to its room, to everyone, and relayed by another client.
         push(server, f"/api/clients/{me}", "direct", 1)
@@ -4666,13 +4678,10 @@ async def test_recovery_gives_a_dropped_client_its_id_rooms_and_every_missed_fra
 @pytest.mark.anyio
 async def test_recovery_without_an_offset_replays_what_was_sent_while_away(recovering: Server) -> None:
     server = recovering
-    ws = await connect(server.ws)
-    hello = await greeted(ws)
-    me, token = hello["client_id"], hello["data"]["data"]["resume_token"]
+    ws, me, token = await new_session(server.ws)
     push(server, f"/api/clients/{me}", "before", 1)
     assert (await recv_json(ws))["event"] == "before"
-    cut(ws)
-    await until_away(server, me)
+    await drop(ws, server, me)
     push(server, f"/api/clients/{me}", "away", 2)
     async with connect(resume_url(server, token)) as back:
         assert (await greeted(back))["data"]["data"]["offset"] == 1
@@ -4683,9 +4692,7 @@ async def test_recovery_without_an_offset_replays_what_was_sent_while_away(recov
 @pytest.mark.anyio
 async def test_recovery_takes_over_a_connection_the_server_still_thinks_open(recovering: Server) -> None:
     server = recovering
-    old = await connect(server.ws)
-    hello = await greeted(old)
-    me, token = hello["client_id"], hello["data"]["data"]["resume_token"]
+    old, me, token = await new_session(server.ws)
     push(server, f"/api/clients/{me}", "unread", 1)
     # The client gave up on its connection (its network changed) before the server noticed anything.
     async with connect(resume_url(server, token, offset=0)) as back:
@@ -4706,11 +4713,8 @@ async def test_recovery_takes_over_a_connection_the_server_still_thinks_open(rec
 @pytest.mark.anyio
 async def test_a_resume_token_works_once_and_cannot_be_guessed(recovering: Server) -> None:
     server = recovering
-    ws = await connect(server.ws)
-    hello = await greeted(ws)
-    me, token = hello["client_id"], hello["data"]["data"]["resume_token"]
-    cut(ws)
-    await until_away(server, me)
+    ws, me, token = await new_session(server.ws)
+    await drop(ws, server, me)
     # Guessed: the client id is no secret, the rest is.  A guess gets a new session and spoils nothing.
     for guess in (f"{me}.{'A' * 43}", me, f"{me}.", "x" * 5000, f"{uuid.uuid4()}.{token.split('.')[1]}"):
         async with connect(resume_url(server, guess, offset=0)) as stranger:
@@ -4736,11 +4740,8 @@ async def test_a_resume_token_works_once_and_cannot_be_guessed(recovering: Serve
 @pytest.mark.anyio
 async def test_a_session_ends_for_good_when_kicked_or_closed_by_its_client(recovering: Server) -> None:
     server = recovering
-    ws = await connect(server.ws)
-    hello = await greeted(ws)
-    me, token = hello["client_id"], hello["data"]["data"]["resume_token"]
-    cut(ws)
-    await until_away(server, me)
+    ws, me, token = await new_session(server.ws)
+    await drop(ws, server, me)
     assert server.http and httpx.delete(f"{server.http}/api/clients/{me}", timeout=TIMEOUT).status_code == 202
     assert server.post(f"/api/clients/{me}", {"event": "x", "data": {"data": {}}}).status_code == 404
     async with connect(resume_url(server, token, offset=0)) as stranger:
@@ -4758,9 +4759,7 @@ async def test_a_session_ends_for_good_when_kicked_or_closed_by_its_client(recov
 @pytest.mark.anyio
 async def test_a_session_expires_after_the_window_and_resuming_then_says_not_recovered() -> None:
     with run_server("--log-level", "warning", "--recovery-window", "0.5") as server:
-        ws = await connect(server.ws)
-        hello = await greeted(ws)
-        me, token = hello["client_id"], hello["data"]["data"]["resume_token"]
+        ws, me, token = await new_session(server.ws)
         await ws.send(json.dumps(frame("join", me, {"room": "gone"})))
         await recv_json(ws)
         cut(ws)
@@ -4777,14 +4776,11 @@ async def test_a_session_expires_after_the_window_and_resuming_then_says_not_rec
 @pytest.mark.anyio
 async def test_a_session_whose_missed_frames_pass_the_bounds_is_lost_and_says_so() -> None:
     with run_server("--log-level", "warning", "--recovery-window", "60", "--recovery-max-frames", "3") as server:
-        ws = await connect(server.ws)
-        hello = await greeted(ws)
-        me, token = hello["client_id"], hello["data"]["data"]["resume_token"]
+        ws, me, token = await new_session(server.ws)
         for n in range(5):  # connected, the oldest make room
             push(server, f"/api/clients/{me}", "seen", n)
             assert (await recv_json(ws))["data"]["data"]["n"] == n
-        cut(ws)
-        await until_away(server, me)
+        await drop(ws, server, me)
         for n in range(3):
             push(server, f"/api/clients/{me}", "kept", n)
         assert server.metric("ws_micro_sessions_kept_bytes") > 0
@@ -4796,13 +4792,10 @@ async def test_a_session_whose_missed_frames_pass_the_bounds_is_lost_and_says_so
             info = await greeted(back)
             assert info["client_id"] != me and info["data"]["data"]["recovered"] is False
         # An offset older than what was kept while connected cannot be recovered either.
-        ws = await connect(server.ws)
-        hello = await greeted(ws)
-        me, token = hello["client_id"], hello["data"]["data"]["resume_token"]
+        ws, me, token = await new_session(server.ws)
         for n in range(5):
             push(server, f"/api/clients/{me}", "seen", n)
-        cut(ws)
-        await until_away(server, me)
+        await drop(ws, server, me)
         async with connect(resume_url(server, token, offset=1)) as back:
             assert (await greeted(back))["data"]["data"]["recovered"] is False
         assert server.metric("ws_micro_sessions_total", outcome="not_recovered") == 2  # each: its token or its frames
@@ -4865,14 +4858,11 @@ async def test_cluster_a_client_resumes_through_another_instance_with_every_miss
     with cluster(redis_server, 2, "--recovery-window", "60") as (x, y):
         async with ws_client(y.ws) as (peer, peer_id):
             await join(peer, peer_id, "lobby")
-            ws = await connect(x.ws)
-            hello = await greeted(ws)
-            me, token = hello["client_id"], hello["data"]["data"]["resume_token"]
+            ws, me, token = await new_session(x.ws)
             assert await join(ws, me, "lobby") == 2  # frame 1
             push(y, f"/api/clients/{me}", "in_flight", 0)  # never read: the socket dies with it
             assert (await recv_json(ws))["event"] == "in_flight"  # (it did arrive; the client lost it)
-            cut(ws)
-            await until_away(y, me)
+            await drop(ws, y, me)
             assert y.get("/api/rooms/lobby").json()["count"] == 2  # still a member while away
             push(y, f"/api/clients/{me}", "direct", 1)
             assert x.post("/api/rooms/lobby", {"event": "room", "data": {"data": {"n": 2}}}).json() == {"delivered": 2}
@@ -4904,9 +4894,7 @@ async def test_cluster_a_client_resumes_through_another_instance_with_every_miss
                 assert refused.value.response.status_code == 409
 
             # A client whose old connection the other instance still holds open takes it over.
-            old = await connect(x.ws)
-            hello = await greeted(old)
-            other, token = hello["client_id"], hello["data"]["data"]["resume_token"]
+            old, other, token = await new_session(x.ws)
             push(x, f"/api/clients/{other}", "unread", 1)
             async with connect(resume_url(y, token, offset=0)) as back:
                 assert (await greeted(back))["data"]["data"]["recovered"] is True
@@ -4937,8 +4925,7 @@ async def test_cluster_a_waiting_session_ends_when_kicked_or_expired_and_its_roo
                 joined = await recv_json(peer)
                 assert (joined["event"], joined["data"]["data"]["client_id"]) == ("presence", me)
                 sessions.append((me, hello["data"]["data"]["resume_token"]))
-                cut(ws)
-                await until_away(y, me)
+                await drop(ws, y, me)
             kicked, expired = sessions
             assert httpx.delete(f"{y.http}/api/clients/{kicked[0]}", timeout=TIMEOUT).status_code == 202
             for _ in range(2):  # the kick at once, the expiry within a heartbeat of the window's end
@@ -4967,8 +4954,7 @@ async def test_the_backend_hears_a_session_begin_and_end_once_however_often_its_
             assert hello["data"]["data"]["recovered"] is (attempt > 0)
             await ws.send(text("chat", me, {"mode": "none", "n": attempt}))
             await nothing_more(ws, me)  # the event was forwarded before the ping was read
-            cut(ws)
-            await until_away(server, me)
+            await drop(ws, server, me)
         assert backend.notices(me) == [("connect", None)]
         await eventually(lambda: len(backend.notices(me)) == 2, "the session to expire")
         assert backend.notices(me) == [("connect", None), ("disconnect", "expired")]
@@ -4978,9 +4964,7 @@ async def test_the_backend_hears_a_session_begin_and_end_once_however_often_its_
 @pytest.mark.anyio
 async def test_cluster_sessions_outlive_a_rolling_restart_of_their_instance(redis_server: RedisServer) -> None:
     with cluster(redis_server, 2, "--recovery-window", "60") as (x, y):
-        ws = await connect(x.ws)
-        hello = await greeted(ws)
-        me, token = hello["client_id"], hello["data"]["data"]["resume_token"]
+        ws, me, token = await new_session(x.ws)
         await join(ws, me, "lobby")
         x.process.send_signal(signal.SIGTERM)
         assert (await closed_with(ws))[0] == 1012
@@ -5005,16 +4989,12 @@ async def test_a_resume_whose_answer_is_lost_can_be_made_again_with_the_same_tok
         servers = [stack.enter_context(run_server("--log-level", "warning", "--recovery-window", "60", *options))
                    for _ in range(instances)]
         first, last = servers[0], servers[-1]
-        ws = await connect(first.ws)
-        hello = await greeted(ws)
-        me, token = hello["client_id"], hello["data"]["data"]["resume_token"]
-        cut(ws)
-        await until_away(last, me)
+        ws, me, token = await new_session(first.ws)
+        await drop(ws, last, me)
         push(last, f"/api/clients/{me}", "missed", 1)
         # The gateway takes the token and answers with the next one; the network drops that answer.
         lost = await connect(resume_url(last, token, offset=0))
-        cut(lost)
-        await until_away(last, me)
+        await drop(lost, last, me)
         async with connect(resume_url(last, token, offset=0)) as back:
             info = (await greeted(back))["data"]["data"]
             assert (info["recovered"], info["missed"]) == (True, 1)
@@ -5030,11 +5010,8 @@ async def test_a_resume_whose_answer_is_lost_can_be_made_again_with_the_same_tok
 async def test_cluster_concurrent_resumes_with_one_token_have_one_winner_that_stays_reachable(
         redis_server: RedisServer) -> None:
     with cluster(redis_server, 2, "--recovery-window", "60") as (x, y):
-        ws = await connect(x.ws)
-        hello = await greeted(ws)
-        me, token = hello["client_id"], hello["data"]["data"]["resume_token"]
-        cut(ws)
-        await until_away(y, me)
+        ws, me, token = await new_session(x.ws)
+        await drop(ws, y, me)
         outcomes: list[Any] = []
 
         async def resume() -> None:
@@ -5067,9 +5044,7 @@ async def test_cluster_a_stream_of_frames_reaches_a_client_dropping_and_resuming
     # Frames published through the instance the client drops from, resumed through the other: the
     # moments a frame can fall between the two, or reach the client both ways, are all crossed.
     with cluster(redis_server, 2, "--recovery-window", "60") as (x, y):
-        ws = await connect(x.ws)
-        hello = await greeted(ws)
-        me, token = hello["client_id"], hello["data"]["data"]["resume_token"]
+        ws, me, token = await new_session(x.ws)
         await join(ws, me, "stream")
         received = 1  # joined
         numbers: list[int] = []
@@ -5107,8 +5082,7 @@ async def test_a_resume_keeps_only_the_rooms_its_new_credentials_allow() -> None
         hello = await greeted(ws)
         me, token = hello["client_id"], hello["data"]["data"]["resume_token"]
         assert hello["data"]["data"]["rooms"] == ["secret"]
-        cut(ws)
-        await until_away(server, me)
+        await drop(ws, server, me)
         revoked = mint({"rooms": ["public"]})
         async with connect(resume_url(server, token, offset=0),
                            additional_headers={"Authorization": f"Bearer {revoked}"}) as back:
@@ -5118,11 +5092,8 @@ async def test_a_resume_keeps_only_the_rooms_its_new_credentials_allow() -> None
                                     "the revoked room to be left")
             assert server.post("/api/rooms/secret", {"event": "x", "data": {"data": {}}}).json() == {"delivered": 0}
         # Someone else's credentials do not take the session.
-        ws = await connect(server.ws, additional_headers={"Authorization": f"Bearer {granted}"})
-        hello = await greeted(ws)
-        me, token = hello["client_id"], hello["data"]["data"]["resume_token"]
-        cut(ws)
-        await until_away(server, me)
+        ws, me, token = await new_session(server.ws, additional_headers={"Authorization": f"Bearer {granted}"})
+        await drop(ws, server, me)
         mallory = mint({"sub": "mallory"})
         async with connect(resume_url(server, token, offset=0),
                            additional_headers={"Authorization": f"Bearer {mallory}"}) as other:
@@ -5133,9 +5104,7 @@ async def test_a_resume_keeps_only_the_rooms_its_new_credentials_allow() -> None
 
 @pytest.mark.anyio
 async def test_a_frame_over_the_size_limit_ends_the_session_too(recovering: Server) -> None:
-    ws = await connect(recovering.ws, max_size=None)
-    hello = await greeted(ws)
-    me, token = hello["client_id"], hello["data"]["data"]["resume_token"]
+    ws, me, token = await new_session(recovering.ws, max_size=None)
     await ws.send("x" * (70 * 1024))
     assert (await closed_with(ws))[0] == 1009
     await recovering.wait_until(lambda: recovering.get(f"/api/clients/{me}").status_code == 404, "the session to end")
