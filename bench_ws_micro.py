@@ -10,6 +10,8 @@ noisy: read the ratios, take the absolute numbers as context only.
     python bench_ws_micro.py                 # every scenario, 3 rounds
     python bench_ws_micro.py --runs 5 --only echo,relay --json results.json
     python bench_ws_micro.py --runs 5 --only handshakes --servers ws_micro,jwt,jwt_rs256,hook,backend
+    python bench_ws_micro.py --runs 5 --only fanout_api,fanout_room --servers ws_micro,recovery --warmup-frames 1000
+    python bench_ws_micro.py --runs 3 --only connections,away,away_empty --servers ws_micro,recovery
 
 Servers (all on the same uvicorn, its default settings):
     ws_micro   uvicorn ws_micro:app                   (as shipped)
@@ -30,6 +32,9 @@ Servers (all on the same uvicorn, its default settings):
     backend    bench/hook_backend.py alone, for the handshakes scenario only: the same signed
                POSTs the gateway makes, sent by this process (aiohttp) one at a time and then
                --openers at a time: the backend's own answer time, to set against the hook's cost
+    recovery   ws_micro with connection recovery on (WS_MICRO_RECOVERY_WINDOW, --recovery-window
+               seconds; --away-window in the away scenarios), its bounds at their defaults: every
+               connection keeps the last frames sent to it (compare it with ws_micro, where it is off)
 The tokens and the hook grant any room and `to` relays, so every scenario runs under them.
 """
 
@@ -50,6 +55,7 @@ import resource
 import shutil
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -80,6 +86,7 @@ SERVERS = {
     "forward": "ws_micro:app",  # with WS_MICRO_FORWARD_URL to bench/hook_backend.py on the generator's CPU
     "hook": "ws_micro:app",  # with WS_MICRO_CONNECT_HOOK_URL, and the backend beside it
     "backend": "bench.hook_backend:app",  # the hook's backend alone (the handshakes scenario only)
+    "recovery": "ws_micro:app",  # with WS_MICRO_RECOVERY_WINDOW: connection recovery on
 }
 BEFORE_DIR = Path(tempfile.gettempdir()) / f"ws_micro_before_{os.getpid()}"
 AUTH_DIR = Path(tempfile.gettempdir()) / f"ws_micro_auth_{os.getpid()}"  # the RSA public key's PEM file
@@ -175,7 +182,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def run_server(name: str, env: dict[str, str] | None = None, cpu: int = SERVER_CPU) -> Iterator[Server]:
+def run_server(name: str, env: dict[str, str] | None = None, cpu: int = SERVER_CPU,
+               recovery_window: float = 120.0) -> Iterator[Server]:
+    if name == "recovery":  # recovery_max_frames, _bytes and _sessions at their defaults
+        with run_server("ws_micro", {"WS_MICRO_RECOVERY_WINDOW": f"{recovery_window:g}"}) as server:
+            server.name = name
+            yield server
+        return
     if name == "forward":  # the backend on the generator's CPU: the gateway and the backend each have a core
         with run_server("backend", cpu=GENERATOR_CPU) as backend, run_server("ws_micro", {
                 "WS_MICRO_FORWARD_URL": backend.http + EVENTS_PATH, "WS_MICRO_BACKEND_SECRET": BACKEND_SECRET,
@@ -544,7 +557,8 @@ async def fan_out(server: Server, args: argparse.Namespace, via: str, slow: int 
 
     The sender keeps ``args.broadcasts_in_flight`` broadcasts outstanding (a
     broadcast is done when every healthy receiver has it), or, with ``rate``,
-    sends at a fixed rate (the slow-consumer stream).
+    sends at a fixed rate (the slow-consumer stream).  Without a rate, the window
+    opens once every receiver has had ``args.warmup_frames`` frames.
     """
     # Slow readers are clients on a slow link: a 64 KiB receive buffer (Linux would otherwise grow
     # a loopback buffer to many MiB before the server notices anything).
@@ -560,6 +574,7 @@ async def fan_out(server: Server, args: argparse.Namespace, via: str, slow: int 
     remaining: dict[int, int] = {}  # broadcast -> sampled healthy receivers still waiting for it
     sent_at: dict[int, int] = {}
     done = asyncio.Event()
+    warmed_up = asyncio.Event()  # the first args.warmup_frames broadcasts reached every sampled receiver
     healthy = receivers[slow:]
 
     sampled = healthy[::args.sample_every]
@@ -578,6 +593,8 @@ async def fan_out(server: Server, args: argparse.Namespace, via: str, slow: int 
             if left <= 1:
                 del remaining[data.seq]
                 done.set()
+                if data.seq + 1 >= args.warmup_frames:
+                    warmed_up.set()
             else:
                 remaining[data.seq] = left - 1
 
@@ -636,6 +653,8 @@ async def fan_out(server: Server, args: argparse.Namespace, via: str, slow: int 
 
     sending = asyncio.ensure_future(send_loop())
     watching = asyncio.ensure_future(watch())
+    if args.warmup_frames and not (slow or args.rate_always):
+        await asyncio.wait_for(warmed_up.wait(), args.timeout)
     await window.measure(server, args.stream_seconds if slow or args.rate_always else args.seconds)
     stop = True
     done.set()
@@ -658,6 +677,7 @@ async def fan_out(server: Server, args: argparse.Namespace, via: str, slow: int 
             window.latencies_ns.extend([drained_ns - sent_at[seq]] * waiting)
             undelivered += waiting
     result = window.result("deliveries_per_s")
+    result["server_cpu_us"] = window.server_cpu_share / result["deliveries_per_s"] * 1e6  # a busy core's measure
     result["undelivered_samples"] = undelivered
     result["peak_rss_mib"] = peak_rss / 2**20
     if slow:
@@ -709,6 +729,98 @@ async def connections(server: Server, args: argparse.Namespace, deflate: bool) -
         close_all(peers)
     return {"handshakes_per_s": count / elapsed, "kib_per_connection": (after - before) / count / 1024,
             "connections": count, "compressed": compressed}
+
+
+def vanish(peer: Peer) -> None:
+    """Drop a connection as a dead network link looks to the server: a TCP reset, no close frame."""
+    assert peer.transport is not None
+    sock = peer.transport.underlying_transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()
+
+
+def server_metrics(server: Server) -> dict[str, float]:
+    """The server's /metrics samples without labels, by name without ``ws_micro_`` (none: no /metrics)."""
+    try:
+        text = urllib.request.urlopen(server.http + "/metrics", timeout=10).read().decode()
+    except urllib.error.HTTPError:  # the tutorial's server and the ceiling have none
+        return {}
+    return {name.removeprefix("ws_micro_"): float(value)
+            for name, value in (line.split() for line in text.splitlines() if line.startswith("ws_micro_"))
+            if "{" not in name}
+
+
+async def metrics_when(server: Server, ready: Callable[[dict[str, float]], bool],
+                       seconds: float) -> dict[str, float]:
+    """Poll /metrics until ``ready`` says so (or ``seconds`` pass); the last samples."""
+    deadline = time.monotonic() + seconds
+    while True:
+        samples = await asyncio.to_thread(server_metrics, server)
+        if ready(samples) or time.monotonic() > deadline:
+            return samples
+        await asyncio.sleep(0.2)
+
+
+async def away(server: Server, args: argparse.Namespace, frames: int) -> dict[str, float]:
+    """Sessions waiting for clients that vanished, and the memory they hold.
+
+    In a wave, ``args.away_sessions`` clients connect, each gets ``frames`` frames (each its own
+    string: the client before it in a ring relays them with ``to``), and all vanish at once (a TCP
+    reset, no close frame).  With recovery on (the ``recovery`` contender) their sessions then wait.
+    The headline is the second wave's RSS growth per waiting session: its connections reuse the
+    memory the first wave's left to the allocator, so what grows is what the sessions hold (the
+    first wave's growth is reported too).  Beside it, the characters /metrics says are kept.  Then,
+    once ``--away-window`` has passed and every session expired, the RSS left, and a third wave's
+    growth (its sessions wait too): less than the second's if the expired sessions' memory went back
+    to the allocator and was reused.  With recovery off (ws_micro) the same clients come and go and
+    nothing waits: the baseline for each figure.
+    """
+    n = args.away_sessions
+    received, all_received = 0, asyncio.Event()
+    result = {"before_mib": server.rss() / 2**20}
+
+    def on_frame(peer: Peer, received_frame: WSFrame) -> None:
+        nonlocal received
+        received += 1
+        if received == frames * n:
+            all_received.set()
+
+    async def wave(k: int) -> None:
+        nonlocal received
+        peers = await open_peers(server, n, concurrency=200)
+        received = 0
+        all_received.clear()
+        for i, peer in enumerate(peers):
+            peer.on_frame = on_frame
+            to = peers[(i + 1) % len(peers)].client_id
+            for seq in range(frames):
+                peer.send(frame("m", peer.client_id, 0, seq, to=to, pad=""))
+        if frames:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(all_received.wait(), 60)
+        await asyncio.sleep(1.0)  # let the server settle before reading its memory
+        result[f"connected{k}_mib"] = server.rss() / 2**20
+        result[f"received{k}"] = received
+        for peer in peers:
+            vanish(peer)
+        await metrics_when(server, lambda samples: not samples.get("open_connections"), 30)
+        await asyncio.sleep(1.0)
+        result[f"away{k}_mib"] = server.rss() / 2**20
+        samples = await asyncio.to_thread(server_metrics, server)
+        result[f"sessions_away{k}"] = samples.get("sessions_away", 0.0)
+        result[f"kept_chars{k}"] = samples.get("sessions_kept_bytes", 0.0)
+
+    await wave(1)
+    await wave(2)
+    await metrics_when(server, lambda samples: not samples.get("sessions_away"), args.away_window + 30)
+    await asyncio.sleep(1.0)
+    result["expired_mib"] = server.rss() / 2**20
+    await wave(3)
+    result["kib_per_session"] = (result["away2_mib"] - result["away1_mib"]) * 1024 / n
+    result["kib_first_wave"] = (result["away1_mib"] - result["before_mib"]) * 1024 / n
+    result["kib_third_wave"] = (result["away3_mib"] - result["expired_mib"]) * 1024 / n
+    result["kept_chars_per_session"] = result["kept_chars2"] / max(1.0, result["sessions_away2"])
+    return result
 
 
 async def handshakes(server: Server, args: argparse.Namespace) -> dict[str, float]:
@@ -856,11 +968,14 @@ SCENARIOS: dict[str, Callable[[Server, argparse.Namespace], Awaitable[dict[str, 
     "stream_1pct_slow": lambda server, args: fan_out(server, args, "api", slow=args.receivers // 100),
     "handshakes": handshakes,
     "forward": forward,
+    "away": lambda server, args: away(server, args, args.away_frames),
+    "away_empty": lambda server, args: away(server, args, 0),
 }
 HEADLINE = {"echo": "msgs_per_s", "relay": "msgs_per_s", "fanout_api": "deliveries_per_s",
             "fanout_room": "deliveries_per_s", "connections": "kib_per_connection",
             "connections_deflate": "kib_per_connection", "stream_healthy": "p99_ms", "stream_1pct_slow": "p99_ms",
-            "handshakes": "handshakes_per_s", "forward": "events_per_s"}
+            "handshakes": "handshakes_per_s", "forward": "events_per_s",
+            "away": "kib_per_session", "away_empty": "kib_per_session"}
 
 
 # --------------------------------------------------------------------------
@@ -870,7 +985,8 @@ HEADLINE = {"echo": "msgs_per_s", "relay": "msgs_per_s", "fanout_api": "deliveri
 
 def run_scenario(name: str, server_name: str, args: argparse.Namespace) -> dict[str, float]:
     scenario = SCENARIOS[name]
-    with run_server(server_name) as server:
+    window = args.away_window if name.startswith("away") else args.recovery_window
+    with run_server(server_name, recovery_window=window) as server:
         async def main() -> dict[str, float]:
             if name.startswith("stream"):
                 args.rate_always = True
@@ -888,7 +1004,9 @@ def run_scenario(name: str, server_name: str, args: argparse.Namespace) -> dict[
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenarios")
+    parser.add_argument("--only", default=",".join(s for s in SCENARIOS if not s.startswith("away")),
+                        help="comma-separated scenarios; all but away and away_empty unless given (those "
+                             "measure recovery: --servers ws_micro,recovery)")
     parser.add_argument("--servers", default="ws_micro,tutorial,ceiling",
                         help=f"comma-separated, of {', '.join(SERVERS)}")
     parser.add_argument("--seconds", type=float, default=3.0, help="measuring window of throughput scenarios")
@@ -899,6 +1017,9 @@ def main() -> int:
     parser.add_argument("--broadcasts-in-flight", type=int, default=4)
     parser.add_argument("--sample-every", type=int, default=10, help="fan-out receivers per latency sample")
     parser.add_argument("--fan-out-payload", type=int, default=40, help="padding characters of fan-out frames")
+    parser.add_argument("--warmup-frames", type=int, default=0,
+                        help="frames every fan-out receiver gets before the window opens (1000 fills the "
+                             "recovery contender's sessions to recovery_max_frames: its steady state)")
     parser.add_argument("--rate", type=float, default=25.0, help="broadcasts per second of the streams")
     parser.add_argument("--stream-payload", type=int, default=8000, help="padding characters of stream frames")
     parser.add_argument("--connections", type=int, default=10_000)
@@ -906,6 +1027,14 @@ def main() -> int:
                         help="clients opening and closing connections at once (handshakes)")
     parser.add_argument("--drain", type=float, default=5.0,
                         help="seconds a fan-out's broadcasts may take to arrive after its window closes")
+    parser.add_argument("--recovery-window", type=float, default=120.0,
+                        help="the recovery contender's recovery_window, seconds")
+    parser.add_argument("--away-window", type=float, default=20.0,
+                        help="the recovery contender's recovery_window in the away scenarios, seconds")
+    parser.add_argument("--away-sessions", type=int, default=5000,
+                        help="clients that vanish in each wave of the away scenarios (three waves)")
+    parser.add_argument("--away-frames", type=int, default=10,
+                        help="frames each of them gets first (the away scenario; away_empty: none)")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds one scenario run may take")
     parser.add_argument("--json", metavar="FILE", help="also write every run's figures as JSON")
     parser.add_argument("--before", metavar="REF",
@@ -951,7 +1080,7 @@ def main() -> int:
         base = medians.get("tutorial" if "tutorial" in medians else servers[0], {}).get(headline)
         for srv, m in medians.items():
             key = headline if headline in m else "answers_per_s"  # the backend's row (handshakes)
-            ratio = f"{m[key] / base:.2f}x" if base and key == headline else "-"
+            ratio = f"{m[key] / base:.2f}x" if base and key == headline and not scenario.startswith("away") else "-"
             notes = []
             if "slow_cut_off" in m:
                 cut = f"{m['slow_cut_off']:.0f} slow readers cut off"
@@ -970,6 +1099,12 @@ def main() -> int:
                 notes.append(f"server CPU {m['server_cpu_us']:,.0f} µs each{backend}")
             if m.get("failed"):
                 notes.append(f"{m['failed']:.0f} failed")
+            if scenario.startswith("away"):
+                notes.append(f"{m['sessions_away2']:,.0f} sessions waiting, {m['kept_chars_per_session']:,.0f} "
+                             f"characters kept each; first wave {m['kib_first_wave']:.1f} KiB each, third "
+                             f"(after expiry) {m['kib_third_wave']:.1f}; RSS {m['before_mib']:.0f} MiB before, "
+                             f"{m['away1_mib']:.0f}, {m['away2_mib']:.0f} after two waves, "
+                             f"{m['expired_mib']:.0f} once expired, {m['away3_mib']:.0f} after a third")
             if "connections" in m:
                 notes.append(f"{m['handshakes_per_s']:,.0f} handshakes/s, {m['connections']:,.0f} connections")
             extra = f" ({'; '.join(notes)})" if notes else ""
