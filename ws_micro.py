@@ -649,6 +649,13 @@ class _Output:
         """Let go of the server's objects once the connection has ended."""
 
 
+async def _send_nothing(message: Message) -> None:
+    raise OSError("the connection is gone")
+
+
+_NO_OUTPUT = _Output(_send_nothing)  # a waiting session's: its socket is gone
+
+
 # name, type, help, samples by label value, label name ("": no label)
 _MetricFamily = tuple[str, str, str, Mapping[str, int], str]
 
@@ -738,9 +745,10 @@ class _Session:
     session that would pass the bounds otherwise is lost.
     """
 
-    __slots__ = ("away_at", "expiry", "frames", "sent", "size", "token_hash", "used_hash")
+    __slots__ = ("away_at", "expiry", "frames", "max_bytes", "max_frames", "sent", "size", "token_hash", "used_hash")
 
-    def __init__(self) -> None:
+    def __init__(self, settings: Settings) -> None:
+        self.max_frames, self.max_bytes = settings.recovery_max_frames, settings.recovery_max_bytes
         self.frames: collections.deque[str] = collections.deque()
         self.size = 0  # characters in frames
         self.sent = 0  # the offset after the last frame
@@ -749,13 +757,15 @@ class _Session:
         self.used_hash = b""  # of the one before it: presented again, it is refused
         self.expiry: asyncio.TimerHandle | None = None  # away: when the window ends
 
-    def keep(self, text: str, settings: Settings) -> bool:
+    def keep(self, text: str) -> bool:
         """Keep a frame; False if the session is away and the frame would pass its bounds."""
         frames = self.frames
         frames.append(text)
         self.size += len(text)
         self.sent += 1
-        while len(frames) > settings.recovery_max_frames or self.size > settings.recovery_max_bytes:
+        if len(frames) <= self.max_frames and self.size <= self.max_bytes:
+            return True
+        while len(frames) > self.max_frames or self.size > self.max_bytes:
             if 0 <= self.away_at <= self.sent - len(frames):  # the oldest was sent while away
                 return False
             self.size -= len(frames.popleft())
@@ -829,7 +839,7 @@ class _Connection:
         self.state = _State.OPEN
         self.close_reason = ""  # the disconnects_total label, once known
         self.final = False  # whether its end is its session's end, with recovery on: closed by the server or with 1000
-        self.session = _Session() if settings.recovery_window else None
+        self.session = _Session(settings) if settings.recovery_window else None
         self.away_since = 0.0
         self._output = output
         self._settings = settings
@@ -863,14 +873,15 @@ class _Connection:
         """
         session = self.session
         if session is not None and keep:
-            if not self.open:
-                if self.state is not _State.AWAY:
-                    return False
-                if not session.keep(text, self._settings):
+            state = self.state
+            if state is _State.AWAY:
+                if not session.keep(text):
                     self.end("overflowed")
                     return False
                 return True
-            session.keep(text, self._settings)
+            if state is not _State.OPEN and state is not _State.BACKLOGGED:
+                return False
+            session.keep(text)  # connected: the oldest make room
         if self.state is _State.OPEN:
             try:
                 rest = self._output.write_now(text, wire)
@@ -928,14 +939,21 @@ class _Connection:
             self.close_reason = self.close_reason or reason
             self._on_close(self)
 
-    def wait_away(self) -> None:
-        """Keep the session of a connection whose peer vanished, for it to come back."""
-        assert self.session is not None
+    def hold(self) -> None:
+        """Keep the frames sent to it, and write none, until it is let go on (state OPEN)."""
         self.state = _State.AWAY
-        self.session.away_at = self.session.sent
-        self.away_since = time.time()
         if self._writer is not None:  # what it queued is kept in the session
             self._writer.cancel()
+
+    def wait_away(self) -> None:
+        """Keep the session of a connection whose peer vanished, for it to come back; let go of the
+        server's objects for the socket (most of what a connection costs) at once."""
+        assert self.session is not None
+        self.hold()
+        self.session.away_at = self.session.sent
+        self.away_since = time.time()
+        self._output.release()
+        self._output = _NO_OUTPUT
 
     def end(self, reason: str) -> None:
         """End the session of a connection whose peer is away."""
@@ -947,7 +965,7 @@ class _Connection:
         """Start afresh: a new client id, and a new session, for a connection that could not resume one."""
         self.id = str(uuid.uuid4())
         self.rooms, self.final, self.close_reason = set(), False, ""
-        self.session, self.state = _Session(), _State.OPEN
+        self.session, self.state = _Session(self._settings), _State.OPEN
 
     def drop(self, *, final: bool = False) -> None:
         """Cut the connection off, without a close frame (its peer is thought gone)."""
@@ -3642,12 +3660,10 @@ class _RedisBackend(_Backend):
         if connection.id in registry.connections:  # another connection is resuming it here
             return None
         connection.rooms = set(parked.rooms)
-        connection.wait_away()
-        assert connection.session is not None
-        connection.session.away_at = -1  # frames held meanwhile never overflow it
+        connection.hold()  # frames held meanwhile never overflow it: its session is not away (away_at -1)
         registry.adopt(connection)
         self._resuming.add(connection.id)
-        entry = {**self.entry(connection), "connected_at": _iso(connection.connected_at)}
+        entry = self.entry(connection)
         entry.pop("away_since", None)
         try:
             answer = await self._request("resume", connection.id, parked.token_hash, _encode(entry),
@@ -3663,7 +3679,8 @@ class _RedisBackend(_Backend):
             connection.state = _State.OPEN
             return None
         held = connection.session
-        session = _Session()
+        assert held is not None
+        session = _Session(self.settings)
         base, away_at, frames = int(answer[1]), int(answer[2]), [frame.decode() for frame in answer[3:]]
         session.frames.extend(frames)
         session.frames.extend(held.frames)
