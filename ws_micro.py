@@ -246,10 +246,10 @@ class Settings:
     # Connection recovery (docs/recovery.md): off unless recovery_window is set
     recovery_window: float = 0.0
     """Seconds a client whose connection dropped may come back as itself, with the frames it missed; 0: off."""
-    recovery_max_frames: int = 1000
+    recovery_max_frames: int = 100
     """Frames kept for one session: the last ones sent to it, and those sent while it is away (past this,
     the session ends)."""
-    recovery_max_bytes: int = 1024 * 1024
+    recovery_max_bytes: int = 256 * 1024
     """Characters of JSON kept for one session, likewise."""
     recovery_max_sessions: int = 10_000
     """Sessions waiting for their client at once; past this, the one waiting longest ends."""
