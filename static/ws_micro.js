@@ -29,7 +29,7 @@
 // Reconnecting by itself, it sends both (`resume_token=`, `resume_offset=`); the gateway then gives it
 // back its id and rooms and replays the frames it missed, and `recovered` is true: it joins nothing
 // again. `recovered` false is a new session (new id, rooms joined again): the app must resynchronise.
-// A token the gateway has seen used (409) is dropped, and the next try starts a new session. Once the
+// A token in use by an open connection (409) is dropped, and the next try starts a new session. Once the
 // client stops (close(), reconnect(), a kick, a refusal, giving up), it forgets the token.
 //
 // onState(fn) calls fn(state, detail) with:
