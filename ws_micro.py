@@ -754,7 +754,7 @@ class _Session:
         self.sent = 0  # the offset after the last frame
         self.away_at = -1  # sent when its connection dropped; -1 while connected
         self.token_hash = b""  # of the token the last connect frame gave; b"" once it was presented
-        self.used_hash = b""  # of the one before it: presented again, it is refused
+        self.used_hash = b""  # of the one before it: presented again, refused unless the session waits (claim)
         self.expiry: asyncio.TimerHandle | None = None  # away: when the window ends
 
     def keep(self, text: str) -> bool:
@@ -763,8 +763,6 @@ class _Session:
         frames.append(text)
         self.size += len(text)
         self.sent += 1
-        if len(frames) <= self.max_frames and self.size <= self.max_bytes:
-            return True
         while len(frames) > self.max_frames or self.size > self.max_bytes:
             if 0 <= self.away_at <= self.sent - len(frames):  # the oldest was sent while away
                 return False
@@ -1663,12 +1661,9 @@ class _Gateway:
         self.registry.add(connection)
         await self.registry.backend.register(connection)  # findable before anyone can learn the id
         identity = connection.identity
-        greeting: dict[str, Any] = {"message": "connection request granted"}
-        if identity.authenticated:
-            greeting.update(user=identity.user, rooms=list(identity.rooms))
         if no_session_found:
             self.registry.sessions["not_recovered"] += 1
-        self._greet(connection, greeting, recovered=False)
+        self._greet(connection, list(identity.rooms) if identity.authenticated else None, recovered=False)
         for room in identity.rooms:
             if await self.registry.join(connection, room):
                 self.registry.announce(room, "joined", connection)
@@ -1688,10 +1683,7 @@ class _Gateway:
         identity = connection.identity
         revoked = sorted(room for room in connection.rooms if not identity.may_join(room))
         granted = [room for room in identity.rooms if room not in connection.rooms]
-        greeting: dict[str, Any] = {"message": "connection request granted"}
-        if identity.authenticated:
-            greeting["user"] = identity.user
-        self._greet(connection, greeting, recovered=True, rooms=sorted({*connection.rooms, *granted} - {*revoked}),
+        self._greet(connection, sorted({*connection.rooms, *granted} - {*revoked}), recovered=True,
                     offset=connection.session.sent - len(missed), missed=len(missed))
         for text in missed:
             connection.send(text, keep=False)
@@ -1704,8 +1696,14 @@ class _Gateway:
                 self.registry.announce(room, "joined", connection)
         return True
 
-    def _greet(self, connection: _Connection, greeting: dict[str, Any], **recovery: Any) -> None:
-        """Send the connect frame; with recovery on, it carries the session's next resume token."""
+    def _greet(self, connection: _Connection, rooms: list[str] | None, **recovery: Any) -> None:
+        """Send the connect frame: with authentication, the user (and ``rooms``); with recovery on, the
+        session's next resume token and ``recovery``'s fields."""
+        greeting: dict[str, Any] = {"message": "connection request granted"}
+        if connection.identity.authenticated:
+            greeting["user"] = connection.identity.user
+        if rooms is not None:
+            greeting["rooms"] = rooms
         if connection.session is not None:
             greeting.update(resume_token=connection.session.issue_token(connection.id), **recovery)
         connection.send(_Frame("connect", greeting).to(connection.id), keep=False)
@@ -3038,7 +3036,10 @@ _decode_delivery = msgspec.msgpack.Decoder(_Delivery | _Control).decode
 # instance, and keep() appends them to its list instead of publishing them.
 #   p:session:<client id>      HASH  its resume token's hash, offsets, bounds, who parked it, who waits
 #   p:kept:<client id>         LIST  its frames, the first at offset "base"
-#   p:used:<client id>         STRING  the hash of its last spent token (a second use is refused), expiring
+#   p:pending:<client id>      LIST  frames routed to it until it is sealed (then appended to kept)
+#   p:claiming:<client id>     STRING  the instance resuming it, for a few seconds: one resume wins
+#   p:used:<client id>         STRING  the hash of its last spent token (refused while the session is
+#                                      connected), expiring after the window
 _LUA_PRELUDE = """
 local p = ARGV[1]
 local t = redis.call('TIME')
@@ -3075,8 +3076,14 @@ local function reap(id)
   redis.call('DEL', clients)
   redis.call('ZREM', p .. ':instances', id)
 end
+-- Make a client a member, on instance id, of a room or user ("room" or "user"); recovery moves members.
+local function add_member(kind, name, client, id)
+  redis.call('HINCRBY', p .. ':' .. kind .. ':' .. name, id, 1)
+  redis.call('SADD', p .. ':instance:' .. id .. ':' .. kind .. 's', name)
+  redis.call('HSET', p .. ':' .. kind .. '-members:' .. name, client, id)
+end
 -- A waiting session ends: its memberships go, and the instance that parked it is told, to tell the
--- backend and the session's rooms.  ("ended", client, reason) is an _Ended delivery.
+-- backend and the session's rooms.  ("ended", client, reason) is a _SessionEnded message.
 local function end_session(client, reason)
   local session = p .. ':session:' .. client
   local parker = redis.call('HGET', session, 'parker')
@@ -3238,9 +3245,7 @@ local function move(kind, name, members_left)
     redis.call('HDEL', p .. ':' .. kind .. ':' .. name, own)
     redis.call('SREM', p .. ':instance:' .. own .. ':' .. kind .. 's', name)
   end
-  redis.call('HSET', p .. ':' .. kind .. ':' .. name, home, 1)
-  redis.call('SADD', p .. ':instance:' .. home .. ':' .. kind .. 's', name)
-  redis.call('HSET', p .. ':' .. kind .. '-members:' .. name, client, home)
+  add_member(kind, name, client, home)
 end
 for _, room in ipairs(entry.rooms) do move('room', room, tonumber(left.rooms[room]) or 0) end
 if type(entry.user) == 'string' then move('user', entry.user, tonumber(left.user) or 0) end
@@ -3305,9 +3310,7 @@ if redis.call('HGET', p .. ':directory', client) ~= home or not alive(home) or n
 end
 for _, kind in ipairs({'room', 'user'}) do
   for _, name in ipairs(redis.call('SMEMBERS', p .. ':instance:' .. home .. ':' .. kind .. 's')) do
-    redis.call('HINCRBY', p .. ':' .. kind .. ':' .. name, own, 1)
-    redis.call('SADD', p .. ':instance:' .. own .. ':' .. kind .. 's', name)
-    redis.call('HSET', p .. ':' .. kind .. '-members:' .. name, client, own)
+    add_member(kind, name, client, own)
   end
 end
 redis.call('HSET', p .. ':directory', client, own)
