@@ -2191,11 +2191,11 @@ async def test_a_peer_gone_while_frames_wait_is_sent_neither_them_nor_a_close_fr
 async def test_a_connection_that_left_joins_no_room() -> None:
     registry = Registry()
     connection, _, _ = writer()
-    connection._on_close = registry.remove
-    registry.add(connection)
+    connection._on_close = registry._remove
+    registry._add(connection)
     connection.gone("abnormal")
-    assert await registry.join(connection, "lobby") == 0
-    assert registry.rooms == {} and connection.rooms == set()
+    assert await registry._join(connection, "lobby") == 0
+    assert registry._rooms == {} and connection.rooms == set()
 
 
 def test_a_registry_used_again_without_redis_leaves_cluster_mode() -> None:
@@ -4062,22 +4062,22 @@ async def test_cluster_a_dead_instances_users_and_room_members_are_reaped(redis_
 async def test_presence_of_many_slow_members_cut_off_at_once_is_announced_without_recursion() -> None:
     # Each member cut off is announced to the others, which cuts the next one off, and so on: a
     # recursion as deep as the room is large, had the announcements not been queued.
-    registry, settings = Registry(), Settings(max_queue_messages=1)
-    registry.presence_events = True
+    registry, settings = Registry(), Settings(max_queue_messages=1, presence_events=True)
+    registry._use(settings, ws_micro._Backend(), lambda connection: None)
     members, outputs = [], []
     for _ in range(500):
         output = StallingOutput()
         outputs.append(output)
-        connection = ws_micro._Connection(output, remote=None, settings=settings, metrics=registry.metrics,
-                                          on_close=registry.remove)
-        registry.add(connection)
-        await registry.join(connection, "big")
+        connection = ws_micro._Connection(output, remote=None, settings=settings, metrics=registry._metrics,
+                                          on_close=registry._remove)
+        registry._add(connection)
+        await registry._join(connection, "big")
         members.append(connection)
         output.stall()
     assert await registry.publish("big", "news") == 500  # in flight
     assert await registry.publish("big", "news") == 500  # queued
     assert await registry.publish("big", "news") == 0  # over the queue: every member is cut off
-    assert len(registry) == 0 and registry.rooms == {}
+    assert len(registry) == 0 and registry._rooms == {}
     assert {member.close_reason for member in members} == {"slow_consumer"}
     for member, output in zip(members, outputs, strict=True):
         output.drain()

@@ -2,13 +2,13 @@
 # requires-python = ">=3.11"
 # dependencies = [
 #     "starlette>=0.44",
-#     "uvicorn>=0.52.1,<0.55",
+#     "uvicorn>=0.52.1",
 #     "websockets>=15.0",
 #     "msgspec>=0.19",
 #     "anyio>=4.4",
 # ]
 # ///
-"""ws_micro: a single-file WebSocket gateway.
+"""ws_micro: a WebSocket gateway in one module.
 
 Browsers and programs hold WebSocket connections at ``/ws/py_client``; each gets
 an id, and JSON events move between them, their rooms and the backends beside
@@ -27,11 +27,22 @@ or mount ``create_app(registry=...)`` in a Starlette or FastAPI app.  Every fiel
 of :class:`Settings` and :class:`ServerSettings` is a keyword argument, a flag
 (``--max-message-size``) and a variable (``WS_MICRO_MAX_MESSAGE_SIZE``).
 
-The module reads top to bottom: settings, events, who a connection is, a connection, the
-registry, the WebSocket endpoint, the sidecar API and ``create_app``; then the optional parts,
-each behind a seam of the core (authentication: tokens and the connect hook; forwarding to
-the backend; the Redis backend; the outputs under daphne and uvicorn); then ``serve()``, the
-Python client and the command line.
+This module is the whole gateway for one instance, and reaches its server and its
+libraries through their public APIs only: copied alone, it runs.  It reads top to
+bottom: settings, the protocol, access, metrics, the output seam, a connection,
+recovery, the backend seam, the registry, authentication, forwarding, the endpoint,
+the sidecar API and ``create_app``; then ``serve()``, the Python client and the
+command line.  Two sibling modules add what it cannot do alone, each loaded only
+when it sits beside this one, at the same version: ``ws_micro_redis.py`` (cluster
+mode, when ``redis_url`` is set) and ``ws_micro_servers.py`` (what needs a
+server's internals: uvicorn's fast path and engine bounds, a deadline on request
+heads, daphne's flow control).
+
+Naming: the names in ``__all__`` are the public API; everything else has a leading
+underscore and may change.  Upper-case constants without one are values a client or
+an operator sees (error codes, close codes, header names, metric labels, fixed
+bounds), each documented in docs/; a metric's label values are a tuple beside the
+code that counts them, and every label starts at 0.
 """
 
 from __future__ import annotations
@@ -47,9 +58,9 @@ import datetime
 import enum
 import errno
 import fnmatch
+import functools
 import hashlib
 import hmac
-import inspect
 import ipaddress
 import itertools
 import logging
@@ -58,7 +69,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import struct
 import sys
 import threading
@@ -73,7 +83,6 @@ from urllib.parse import urlsplit
 import anyio
 import anyio.from_thread
 import msgspec
-from anyio.abc import TaskGroup
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
@@ -83,7 +92,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "BackendUnavailable",
@@ -104,60 +113,11 @@ __all__ = [
 
 logger = logging.getLogger("ws_micro")
 
-
 # --------------------------------------------------------------------------
-# Constants and settings
+# Settings
 # --------------------------------------------------------------------------
 
 ENV_PREFIX = "WS_MICRO_"
-DEFAULT_URL = "ws://localhost:8000/ws/py_client"
-
-# Error codes carried by {"event": "error"} frames (and by API error bodies).
-INVALID_JSON = "invalid_json"
-INVALID_EVENT = "invalid_event"
-CLIENT_ID_MISMATCH = "client_id_mismatch"
-UNKNOWN_CLIENT = "unknown_client"
-NOT_IN_ROOM = "not_in_room"
-UNKNOWN_EVENT = "unknown_event"
-RATE_LIMITED = "rate_limited"
-INTERNAL_ERROR = "internal_error"
-BACKEND_UNAVAILABLE = "backend_unavailable"  # cluster mode: the instance of the recipients cannot be reached
-FORBIDDEN = "forbidden"  # outside the connection's permissions (and, from the API, a request it refuses)
-BACKEND_ERROR = "backend_error"  # a forwarded event's backend answered with an error status, or garbage
-# Sidecar API only.
-UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
-ERROR_CODES = (INVALID_JSON, INVALID_EVENT, CLIENT_ID_MISMATCH, UNKNOWN_CLIENT, NOT_IN_ROOM,
-               UNKNOWN_EVENT, RATE_LIMITED, INTERNAL_ERROR, BACKEND_UNAVAILABLE, FORBIDDEN, BACKEND_ERROR)
-
-# Close codes (RFC 6455 section 7.4.1).
-CLOSE_NORMAL = 1000
-CLOSE_UNSUPPORTED_DATA = 1003
-CLOSE_POLICY_VIOLATION = 1008
-CLOSE_MESSAGE_TOO_BIG = 1009
-CLOSE_INTERNAL_ERROR = 1011
-
-# Why handshakes are refused (the rejected_handshakes_total labels): a disallowed origin, a full
-# server, a request head that did not arrive within handshake_timeout; no valid credentials (401),
-# credentials the connect hook refused (403), a connect hook that did not answer (503).
-HANDSHAKE_REFUSALS = ("origin", "full", "timeout", "unauthorized", "forbidden", "auth_unavailable",
-                      "invalid_resume", "resume_token_used")
-
-# Bounds on what a token or the connect hook grants a connection.
-MAX_USER_LENGTH = 256
-MAX_PATTERNS = 100  # room patterns in each of join and publish
-MAX_PATTERN_LENGTH = 256
-MAX_META_BYTES = 4096  # the meta object, as JSON
-
-# Why connections end (the disconnects_total labels).
-DISCONNECT_REASONS = ("closed", "abnormal", "shutdown", "peer_error", "kicked", "slow_consumer",
-                      "rate_limited", "message_too_big", "binary_frame", "internal_error")
-
-# What became of sessions (connection recovery; the sessions_total labels): resumed by their client;
-# ended while it was away: the window passed, the frames kept for it passed the bounds, kicked, or
-# pushed out by newer ones past recovery_max_sessions; or a resume that got a new session instead (its
-# token unknown or not the session's, its frames no longer kept, or another user), or was refused (its
-# token already used).
-SESSION_OUTCOMES = ("resumed", "expired", "overflowed", "kicked", "evicted", "not_recovered", "token_reused")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -372,11 +332,33 @@ def _convert(kind: Any, text: str) -> Any:
         return text or None
     return text
 
-
 # --------------------------------------------------------------------------
-# Events
+# Protocol: events, error codes and close codes
 # --------------------------------------------------------------------------
 
+# Error codes carried by {"event": "error"} frames (and by API error bodies).
+INVALID_JSON = "invalid_json"
+INVALID_EVENT = "invalid_event"
+CLIENT_ID_MISMATCH = "client_id_mismatch"
+UNKNOWN_CLIENT = "unknown_client"
+NOT_IN_ROOM = "not_in_room"
+UNKNOWN_EVENT = "unknown_event"
+RATE_LIMITED = "rate_limited"
+INTERNAL_ERROR = "internal_error"
+BACKEND_UNAVAILABLE = "backend_unavailable"  # cluster mode: the instance of the recipients cannot be reached
+FORBIDDEN = "forbidden"  # outside the connection's permissions (and, from the API, a request it refuses)
+BACKEND_ERROR = "backend_error"  # a forwarded event's backend answered with an error status, or garbage
+# Sidecar API only.
+UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+ERROR_CODES = (INVALID_JSON, INVALID_EVENT, CLIENT_ID_MISMATCH, UNKNOWN_CLIENT, NOT_IN_ROOM,
+               UNKNOWN_EVENT, RATE_LIMITED, INTERNAL_ERROR, BACKEND_UNAVAILABLE, FORBIDDEN, BACKEND_ERROR)
+
+# Close codes (RFC 6455 section 7.4.1).
+CLOSE_NORMAL = 1000
+CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_MESSAGE_TOO_BIG = 1009
+CLOSE_INTERNAL_ERROR = 1011
 
 class Payload(msgspec.Struct):
     """The tutorial's ``WebsocketData``: an event's content sits one level down, in ``data.data``."""
@@ -496,9 +478,25 @@ BUILTIN_EVENTS = ("ping", "echo", "join", "leave")
 SERVER_EVENTS = frozenset({"connect", "error", "pong", "joined", "left", "presence"})
 
 
+def _websocket_frame(payload: bytes) -> bytes:
+    """``payload`` as one final, unmasked text frame (RFC 6455, 5.2): the same bytes for every receiver."""
+    size = len(payload)
+    if size < 126:
+        return bytes((0x81, size)) + payload
+    if size < 65536:
+        return struct.pack("!BBH", 0x81, 126, size) + payload
+    return struct.pack("!BBQ", 0x81, 127, size) + payload
+
+
 # --------------------------------------------------------------------------
 # Access: who a connection is, and what it may do
 # --------------------------------------------------------------------------
+
+# Bounds on what a token or the connect hook grants a connection.
+MAX_USER_LENGTH = 256
+MAX_PATTERNS = 100  # room patterns in each of join and publish
+MAX_PATTERN_LENGTH = 256
+MAX_META_BYTES = 4096  # the meta object, as JSON
 
 
 class _Refused(Exception):
@@ -568,93 +566,18 @@ def _identity(grant: _Grant, settings: Settings) -> _Identity:
 
 
 # --------------------------------------------------------------------------
-# Connection
+# Metrics and the log
 # --------------------------------------------------------------------------
 
+# Why handshakes are refused (the rejected_handshakes_total labels): a disallowed origin, a full
+# server, a request head that did not arrive within handshake_timeout; no valid credentials (401),
+# credentials the connect hook refused (403), a connect hook that did not answer (503).
+HANDSHAKE_REFUSALS = ("origin", "full", "timeout", "unauthorized", "forbidden", "auth_unavailable",
+                      "invalid_resume", "resume_token_used")
 
-def _iso(timestamp: float) -> str:
-    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat()
-
-
-def _websocket_frame(payload: bytes) -> bytes:
-    """``payload`` as one final, unmasked text frame (RFC 6455, 5.2): the same bytes for every receiver."""
-    size = len(payload)
-    if size < 126:
-        return bytes((0x81, size)) + payload
-    if size < 65536:
-        return struct.pack("!BBH", 0x81, 126, size) + payload
-    return struct.pack("!BBQ", 0x81, 127, size) + payload
-
-
-def _start_now(awaitable: Awaitable[None]) -> Awaitable[None] | None:
-    """Run ``awaitable`` up to its first suspension: None if it finished, else an awaitable of the rest
-    (which behaves as ``await awaitable`` would have).  An ASGI ``send`` usually finishes at once."""
-    steps = awaitable.__await__()  # an iterator; not always a generator (granian's is not)
-    try:
-        first = steps.send(None) if hasattr(steps, "send") else next(steps)
-    except StopIteration:
-        return None
-    return _resume(steps, first)
-
-
-@types.coroutine
-def _resume(steps: Any, yielded: Any) -> Generator[Any, Any, None]:
-    while True:
-        try:
-            try:
-                value = yield yielded
-            except BaseException as exc:  # thrown in by the event loop (cancellation): pass it on
-                if not hasattr(steps, "throw"):
-                    raise
-                yielded = steps.throw(exc)
-            else:
-                yielded = steps.send(value) if hasattr(steps, "send") else next(steps)
-        except StopIteration:
-            return
-
-
-class _Output:
-    """Where a connection's frames go, chosen once per connection: here, the WebSocket's ASGI ``send``.
-
-    Under uvicorn, :class:`_UvicornOutput` (below) writes past ASGI where it can.
-    """
-
-    __slots__ = ("_send",)
-
-    def __init__(self, send: Send) -> None:
-        self._send = send
-
-    def write_now(self, text: str, wire: bytes | None = None) -> Awaitable[None] | None:
-        """Write ``text`` (``wire``: as :func:`_websocket_frame` frames it) without waiting: None if it
-        went out, else an awaitable of the rest of the write."""
-        return _start_now(self._send({"type": "websocket.send", "text": text}))
-
-    async def close(self, code: int, reason: str) -> None:
-        try:
-            await self._send({"type": "websocket.close", "code": code, "reason": reason})
-        except Exception:
-            if not 1000 < code < 3000:
-                raise
-            # Some servers (daphne, through autobahn) take only 1000 and 3000-4999 from an app: the same
-            # code in the private range, 4000 + its last three digits (1009: 4009), says what 1011 would not.
-            await self._send({"type": "websocket.close", "code": 4000 + code % 1000, "reason": reason})
-
-    def abort(self) -> None:
-        """Drop the connection and what it buffers, if the server lets us: ASGI has no way to."""
-
-    def guard(self, connection: _Connection) -> None:
-        """Hold what the server does on the connection's behalf to its limits: nothing, through ASGI."""
-
-    def release(self) -> None:
-        """Let go of the server's objects once the connection has ended."""
-
-
-async def _send_nothing(message: Message) -> None:
-    raise OSError("the connection is gone")
-
-
-_NO_OUTPUT = _Output(_send_nothing)  # a waiting session's: its socket is gone
-
+# Why connections end (the disconnects_total labels).
+DISCONNECT_REASONS = ("closed", "abnormal", "shutdown", "peer_error", "kicked", "slow_consumer",
+                      "rate_limited", "message_too_big", "binary_frame", "internal_error")
 
 # name, type, help, samples by label value, label name ("": no label)
 _MetricFamily = tuple[str, str, str, Mapping[str, int], str]
@@ -693,7 +616,7 @@ class _Metrics:
         self.errors = collections.Counter(dict.fromkeys(ERROR_CODES, 0))
         self.disconnects = collections.Counter(dict.fromkeys(DISCONNECT_REASONS, 0))
         self.rejected_handshakes = collections.Counter(dict.fromkeys(HANDSHAKE_REFUSALS, 0))
-        self.fast_path = 0  # 1 while the newest connection writes past ASGI (see _UvicornOutput)
+        self.fast_path = 0  # 1 while the newest connection writes past ASGI (ws_micro_servers.py)
 
     def render(self, connections: int, extra: Sequence[_MetricFamily | _Histogram] = ()) -> str:
         families: list[_MetricFamily | _Histogram] = [
@@ -721,95 +644,154 @@ class _Metrics:
         return "\n".join(lines) + "\n"
 
 
+class _Throttle:
+    """At most one report per ``interval`` seconds for each key: whatever a client can make happen
+    as often as it connects or sends must not write a log line each time."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._reported_at: dict[str, float] = {}
+        self._held: collections.Counter[str] = collections.Counter()
+
+    def __call__(self, key: str) -> int | None:
+        """None: hold this one back; else report it, with how many were held back since the last."""
+        now = time.monotonic()
+        if key in self._reported_at and now - self._reported_at[key] < self.interval:
+            self._held[key] += 1
+            return None
+        self._reported_at[key] = now
+        return self._held.pop(key, 0)
+
+    def warn(self, key: str, message: str) -> None:
+        """Log ``message`` as a warning, unless one for ``key`` was logged within ``interval``."""
+        held = self(key)
+        if held is not None:
+            logger.warning("%s%s", message, f" ({held} more since the last report)" if held else "")
+
+
+# --------------------------------------------------------------------------
+# Output: where a connection's frames go (the server seam)
+# --------------------------------------------------------------------------
+
+
+def _start_now(awaitable: Awaitable[None]) -> Awaitable[None] | None:
+    """Run ``awaitable`` up to its first suspension: None if it finished, else an awaitable of the rest
+    (which behaves as ``await awaitable`` would have).  An ASGI ``send`` usually finishes at once."""
+    steps = awaitable.__await__()  # an iterator; not always a generator (granian's is not)
+    try:
+        first = steps.send(None) if hasattr(steps, "send") else next(steps)
+    except StopIteration:
+        return None
+    return _rest_of(steps, first)
+
+
+@types.coroutine
+def _rest_of(steps: Any, yielded: Any) -> Generator[Any, Any, None]:
+    while True:
+        try:
+            try:
+                value = yield yielded
+            except BaseException as exc:  # thrown in by the event loop (cancellation): pass it on
+                if not hasattr(steps, "throw"):
+                    raise
+                yielded = steps.throw(exc)
+            else:
+                yielded = steps.send(value) if hasattr(steps, "send") else next(steps)
+        except StopIteration:
+            return
+
+
+class _Output:
+    """Where a connection's frames go, chosen once per connection (by :class:`_ServerSupport`): here, the
+    WebSocket's ASGI ``send``.  ws_micro_servers.py's outputs write past ASGI where their server allows."""
+
+    __slots__ = ("_send",)
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+
+    def write_now(self, text: str, wire: bytes | None = None) -> Awaitable[None] | None:
+        """Write ``text`` (``wire``: as :func:`_websocket_frame` frames it) without waiting: None if it
+        went out, else an awaitable of the rest of the write."""
+        return _start_now(self._send({"type": "websocket.send", "text": text}))
+
+    async def close(self, code: int, reason: str) -> None:
+        try:
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        except Exception:
+            if not 1000 < code < 3000:
+                raise
+            # Some servers (daphne, through autobahn) take only 1000 and 3000-4999 from an app: the same
+            # code in the private range, 4000 + its last three digits (1009: 4009), says what 1011 would not.
+            await self._send({"type": "websocket.close", "code": 4000 + code % 1000, "reason": reason})
+
+    def abort(self) -> None:
+        """Drop the connection and what it buffers, if the server lets us: ASGI has no way to."""
+
+    def guard(self, connection: _Connection) -> None:
+        """Hold what the server does on the connection's behalf to its limits: nothing, through ASGI."""
+
+    def release(self) -> None:
+        """Let go of the server's objects once the connection has ended."""
+
+
+async def _send_nothing(message: Message) -> None:
+    raise OSError("the connection is gone")
+
+
+_NO_OUTPUT = _Output(_send_nothing)  # a waiting session's: its socket is gone
+
+
+class _ServerSupport:
+    """What the gateway can do for the server it runs under beyond ASGI.  This module alone: nothing, and
+    everything still works under any ASGI server, within what ASGI lets an app bound (docs/configuration.md
+    lists what that leaves out).  ``ws_micro_servers.py``, when it sits beside this module, does more."""
+
+    def __init__(self, why: str = "", level: int = logging.INFO) -> None:
+        self._why, self._level = why, level  # why ws_micro_servers.py is not in use, said at the first connection
+
+    def output(self, scope: Scope, receive: Receive, send: Send, settings: Settings, metrics: _Metrics) -> _Output:
+        """The output of a connection just accepted."""
+        if self._why:
+            logger.log(self._level, "fast path off: %s; frames go through ASGI", self._why)
+            self._why = ""
+        return _Output(send)
+
+    def harden(self) -> None:
+        """At startup: keep the lines the server logs for whatever a client does to a few."""
+
+    def http_protocol(self, gateway: _Gateway, head_timeout: float, max_open: int) -> type[asyncio.Protocol] | None:
+        """For :func:`serve`: uvicorn's HTTP protocol with a deadline on each request head, counting the sockets
+        waiting for one in ``gateway.waiting``; None: uvicorn's own."""
+        return None
+
+
+# --------------------------------------------------------------------------
+# Connection
+# --------------------------------------------------------------------------
+
+def _iso(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat()
+
 
 class _State(enum.Enum):
-    """Where a connection is in its life; each value says how :meth:`_Connection.send` treats a frame."""
+    """Where a connection is in its life; each value says how :meth:`_Connection.send` treats a frame.
+    The one record of it: with recovery on, whether a session waits for its client is its state too."""
 
     OPEN = "open"  # written at once
     BACKLOGGED = "backlogged"  # queued: a writer task waits for the socket, then drains the queue in order
     CLOSING = "closing"  # refused: the writer sends what is owed (the queue, if flushed), then the close frame
-    CLOSED = "closed"  # refused: the close frame went out, or the peer is gone
-    # With recovery on (see _Session):
-    AWAY = "away"  # kept in its session: the peer vanished, and may come back within the window
+    CLOSED = "closed"  # refused: the close frame went out, or the peer closed or was cut off; its session ends
+    # With recovery on (see _Session), a session can outlive its connection:
+    DROPPED = "dropped"  # refused: the peer vanished without a close frame (or left with 1001): its session waits
+    AWAY = "away"  # kept in its session, which waits for its client to come back within the window
+    RESUMING = "resuming"  # kept in its session, which is being handed to it from elsewhere (cluster mode)
+    ENDED = "ended"  # refused: its session ended while it was away (expired, overflowed, kicked, evicted)
     MOVED = "moved"  # refused: its session went on in a newer connection
 
 
-class _Session:
-    """What connection recovery keeps of a connection's session: the last frames sent to it,
-    numbered, and the hash of its one valid resume token.
-
-    A frame's offset is how many frames the session was sent before it, after the connect frames;
-    the client counts the same, and comes back with the count it got to.  Frames are kept while
-    connected too, since those the dead socket had buffered were never read.  Connected, the
-    oldest make room for new ones; away, only those the client had before it left do, and a
-    session that would pass the bounds otherwise is lost.
-    """
-
-    __slots__ = ("away_at", "expiry", "frames", "max_bytes", "max_frames", "sent", "size", "token_hash", "used_hash")
-
-    def __init__(self, settings: Settings) -> None:
-        self.max_frames, self.max_bytes = settings.recovery_max_frames, settings.recovery_max_bytes
-        self.frames: collections.deque[str] = collections.deque()
-        self.size = 0  # characters in frames
-        self.sent = 0  # the offset after the last frame
-        self.away_at = -1  # sent when its connection dropped; -1 while connected
-        self.token_hash = b""  # of the token the last connect frame gave; b"" once it was presented
-        self.used_hash = b""  # of the one before it: presented again, refused unless the session waits (claim)
-        self.expiry: asyncio.TimerHandle | None = None  # away: when the window ends
-
-    def keep(self, text: str) -> bool:
-        """Keep a frame; False if the session is away and the frame would pass its bounds."""
-        frames = self.frames
-        frames.append(text)
-        self.size += len(text)
-        self.sent += 1
-        while len(frames) > self.max_frames or self.size > self.max_bytes:
-            if 0 <= self.away_at <= self.sent - len(frames):  # the oldest was sent while away
-                return False
-            self.size -= len(frames.popleft())
-        return True
-
-    def missed(self, offset: int | None) -> list[str] | None:
-        """The frames after ``offset`` (None: after the connection dropped), or None if some are no
-        longer kept, or the offset is past the last frame."""
-        start = self.away_at if offset is None else offset
-        first = self.sent - len(self.frames)  # the offset of the oldest kept frame
-        if not first <= start <= self.sent:
-            return None
-        return list(itertools.islice(self.frames, start - first, None))
-
-    def issue_token(self, client_id: str) -> str:
-        """A new resume token, the only one valid from now on: ``<client id>.<secret>``."""
-        secret = secrets.token_urlsafe(32)
-        self.token_hash = _token_hash(secret)
-        return f"{client_id}.{secret}"
-
-    def claim(self, secret: str, *, spend: bool = True, waiting: bool = False) -> bool | None:
-        """Take the session with a presented token's secret: True, and the token is spent (if ``spend``);
-        False if it is not the session's; None if it is the token spent last, unless the session is
-        ``waiting`` for its client after a resume: its client may never have had the next one, then, and
-        the one it has is as good (not while a resume with it is under way: token_hash is b"" then)."""
-        presented = _token_hash(secret)
-        if self.token_hash and hmac.compare_digest(presented, self.token_hash):
-            if spend:
-                self.used_hash, self.token_hash = self.token_hash, b""
-            return True
-        if self.used_hash and hmac.compare_digest(presented, self.used_hash):
-            if not (waiting and self.token_hash):
-                return None
-            if spend:
-                self.token_hash = b""
-            return True
-        return False
-
-    def unclaim(self) -> None:
-        """The connection that spent the token never opened: the token is good again."""
-        if not self.token_hash:
-            self.token_hash = self.used_hash
-
-
-def _token_hash(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode()).digest()
+_WRITING = frozenset({_State.OPEN, _State.BACKLOGGED, _State.CLOSING})  # the writer has something to do
+_KEEPING = frozenset({_State.AWAY, _State.RESUMING})  # frames go into the session, not out
 
 
 class _Connection:
@@ -820,15 +802,16 @@ class _Connection:
     connection holds no task.  A peer that stops reading fills only its own queue,
     and is closed with 1008 past ``max_queue_messages``, ``max_queue_bytes`` or
     ``send_timeout``.  It leaves the registry (``on_close``) as soon as it starts closing.
+    With recovery on, ``session`` keeps what it is sent (see :class:`_Session`).
     """
 
     __slots__ = ("_close_frame", "_flush_scope", "_in_flight", "_metrics", "_on_close", "_output", "_queue",
                  "_queued_bytes", "_refilled_at", "_settings", "_tokens", "_writer", "away_since", "close_reason",
-                 "connected_at", "final", "id", "identity", "remote", "rooms", "session", "state")
+                 "connected_at", "id", "identity", "remote", "rooms", "session", "state")
 
     def __init__(self, output: _Output, *, remote: str | None, settings: Settings, metrics: _Metrics,
                  on_close: Callable[[_Connection], None], client_id: str | None = None,
-                 identity: _Identity = ANONYMOUS) -> None:
+                 identity: _Identity = ANONYMOUS, session: _Session | None = None) -> None:
         self.id = client_id or str(uuid.uuid4())
         self.identity = identity
         self.remote = remote  # "host:port" of the peer, when the server knows it
@@ -836,8 +819,7 @@ class _Connection:
         self.rooms: set[str] = set()
         self.state = _State.OPEN
         self.close_reason = ""  # the disconnects_total label, once known
-        self.final = False  # whether its end is its session's end, with recovery on: closed by the server or with 1000
-        self.session = _Session(settings) if settings.recovery_window else None
+        self.session = session
         self.away_since = 0.0
         self._output = output
         self._settings = settings
@@ -872,7 +854,7 @@ class _Connection:
         session = self.session
         if session is not None and keep:
             state = self.state
-            if state is _State.AWAY:
+            if state in _KEEPING:
                 if not session.keep(text):
                     self.end("overflowed")
                     return False
@@ -904,16 +886,12 @@ class _Connection:
         return True
 
     def close(self, code: int, reason: str, *, label: str, flush: bool = True) -> None:
-        """Close with ``code`` after the queued frames (``flush``) or at once, dropping them.
-
-        Flushing and the close frame each get ``close_timeout`` seconds.
-        """
+        """Close with ``code`` after the queued frames (``flush``) or at once, dropping them; with recovery on,
+        its session ends too.  Flushing and the close frame each get ``close_timeout`` seconds."""
         if not self.open:
-            if self.state is _State.AWAY:
-                self.end(label)
+            self.end(label)  # away: its session ends
             return
         backlogged = self.state is _State.BACKLOGGED
-        self.final = True
         self.close_reason = label
         self._close_frame = (code, reason)
         if not backlogged:
@@ -929,41 +907,47 @@ class _Connection:
         self._on_close(self)
 
     def gone(self, reason: str, *, final: bool = False) -> None:
-        """The peer is gone (it closed, or the server failed to write to it): nothing more goes out.
-        Its session, with recovery on, waits for it (see Registry.remove) unless ``final``."""
-        if self.state is _State.OPEN or self.state is _State.BACKLOGGED or self.state is _State.CLOSING:
-            self.state = _State.CLOSED
-            self.final = self.final or final
+        """The peer is gone (it closed, or the server failed to write to it): nothing more goes out.  Its
+        session, with recovery on, waits for it (DROPPED, see Registry._remove) unless ``final``, or unless the
+        server was closing it."""
+        if self.state in _WRITING:
+            self.state = _State.CLOSED if final or self.state is _State.CLOSING else _State.DROPPED
             self.close_reason = self.close_reason or reason
             self._on_close(self)
 
     def hold(self) -> None:
-        """Keep the frames sent to it, and write none, until it is let go on (state OPEN)."""
-        self.state = _State.AWAY
+        """Keep the frames sent to it, and write none, while its session is handed to it (RESUMING)."""
+        self.state = _State.RESUMING
         if self._writer is not None:  # what it queued is kept in the session
             self._writer.cancel()
+
+    def go_on(self, session: _Session) -> None:
+        """Its session, handed to it: write frames again."""
+        self.session, self.state = session, _State.OPEN
 
     def wait_away(self) -> None:
         """Keep the session of a connection whose peer vanished, for it to come back; let go of the
         server's objects for the socket (most of what a connection costs) at once."""
         assert self.session is not None
         self.hold()
+        self.state = _State.AWAY
         self.session.away_at = self.session.sent
         self.away_since = time.time()
         self._output.release()
         self._output = _NO_OUTPUT
 
     def end(self, reason: str) -> None:
-        """End the session of a connection whose peer is away."""
-        if self.state is _State.AWAY:
-            self.state, self.final, self.close_reason = _State.CLOSED, True, reason
+        """End the session of a connection whose peer is away (ENDED), or being handed its session."""
+        if self.state in _KEEPING:
+            self.state = _State.ENDED if self.state is _State.AWAY else _State.CLOSED
+            self.close_reason = reason
             self._on_close(self)
 
-    def renew(self) -> None:
+    def renew(self, session: _Session | None) -> None:
         """Start afresh: a new client id, and a new session, for a connection that could not resume one."""
         self.id = str(uuid.uuid4())
-        self.rooms, self.final, self.close_reason = set(), False, ""
-        self.session, self.state = _Session(self._settings), _State.OPEN
+        self.rooms, self.close_reason = set(), ""
+        self.session, self.state = session, _State.OPEN
 
     def drop(self, *, final: bool = False) -> None:
         """Cut the connection off, without a close frame (its peer is thought gone)."""
@@ -980,7 +964,7 @@ class _Connection:
 
     async def closed(self) -> None:
         """Wait for the writer, if one runs, to write what it owes: the queued frames, then the close frame."""
-        if self._writer is not None and self.state is not _State.CLOSED:
+        if self._writer is not None and self.state in _WRITING:
             await self._writer
 
     def abandon(self) -> None:
@@ -1026,7 +1010,7 @@ class _Connection:
                 if self._in_flight is not None:
                     in_flight, self._in_flight = self._in_flight, None
                     await self._finish(in_flight)
-                while self._queue and self.state is not _State.CLOSED:
+                while self._queue and self.state in _WRITING:
                     text = self._queue.popleft()
                     self._queued_bytes -= len(text)
                     rest = self._output.write_now(text)
@@ -1035,7 +1019,7 @@ class _Connection:
                     else:
                         await self._finish(rest)
             self._queue = self._flush_scope = None  # no await since the queue was found empty: nothing is left
-            if self.state is not _State.CLOSING:  # BACKLOGGED: drained; CLOSED: the peer is gone
+            if self.state is not _State.CLOSING:  # BACKLOGGED: drained; else the peer is gone
                 if self.state is _State.BACKLOGGED:
                     self.state, self._writer = _State.OPEN, None  # idle again: it holds no task
                 return
@@ -1058,7 +1042,213 @@ class _Connection:
 
 
 # --------------------------------------------------------------------------
-# Registry
+# Connection recovery: sessions that outlive their connection
+# --------------------------------------------------------------------------
+
+# A session is what a client keeps across connections with recovery on: its id, its rooms, and the
+# frames sent to it.  When its connection drops, its session waits for the client to come back with
+# its resume token (docs/recovery.md): in this process, in the registry's store below; in cluster mode,
+# in Redis, where any instance can resume it (the backend parks it there).
+
+# What became of sessions (the sessions_total labels): resumed by their client; ended while it was
+# away: the window passed, the frames kept for it passed the bounds, kicked, or pushed out by newer ones
+# past recovery_max_sessions; or a resume that got a new session instead (its token unknown or not the
+# session's, its frames no longer kept, or another user), or was refused (its token already used).
+SESSION_OUTCOMES = ("resumed", "expired", "overflowed", "kicked", "evicted", "not_recovered", "token_reused")
+
+MAX_RESUME_TOKEN_LENGTH = 128
+RESUME_TOKEN_HEADER = "X-WS-Micro-Resume-Token"
+RESUME_OFFSET_HEADER = "X-WS-Micro-Resume-Offset"
+
+
+def _resume_request(request: HTTPConnection) -> tuple[str, int | None] | None:
+    """The resume token and offset a handshake brings (query parameters, or headers for programs), if any;
+    raises :class:`_Refused` (400) for an offset that is not a count."""
+    token = request.query_params.get("resume_token") or request.headers.get(RESUME_TOKEN_HEADER)
+    if not token:
+        return None
+    text = request.query_params.get("resume_offset") or request.headers.get(RESUME_OFFSET_HEADER)
+    if text is None:
+        offset = None
+    elif text.isascii() and text.isdigit() and len(text) < 16:
+        offset = int(text)
+    else:
+        raise _Refused(400, "invalid_resume", f"resume_offset must be a count of frames, but got {text[:40]!r}")
+    return token[:MAX_RESUME_TOKEN_LENGTH + 1], offset
+
+
+def _token_hash(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+class _Session:
+    """What connection recovery keeps of a connection's session: the last frames sent to it,
+    numbered, and the hash of its one valid resume token.
+
+    A frame's offset is how many frames the session was sent before it, after the connect frames;
+    the client counts the same, and comes back with the count it got to.  Frames are kept while
+    connected too, since those the dead socket had buffered were never read.  Connected, the
+    oldest make room for new ones; away, only those the client had before it left do, and a
+    session that would pass the bounds otherwise is lost.
+    """
+
+    __slots__ = ("away_at", "frames", "max_bytes", "max_frames", "sent", "size", "token_hash", "used_hash")
+
+    def __init__(self, settings: Settings) -> None:
+        self.max_frames, self.max_bytes = settings.recovery_max_frames, settings.recovery_max_bytes
+        self.frames: collections.deque[str] = collections.deque()
+        self.size = 0  # characters in frames
+        self.sent = 0  # the offset after the last frame
+        self.away_at = -1  # the offset when its connection dropped; -1 while connected
+        self.token_hash = b""  # of the token the last connect frame gave; b"" once it was presented
+        self.used_hash = b""  # of the one before it: presented again, refused unless the session waits (claim)
+
+    @classmethod
+    def restored(cls, settings: Settings, base: int, away_at: int, frames: Iterable[str],
+                 used_hash: bytes) -> _Session:
+        """A session kept elsewhere (cluster mode): its frames, the first at offset ``base``."""
+        session = cls(settings)
+        session.frames.extend(frames)
+        session.sent = base + len(session.frames)
+        session.size = sum(map(len, session.frames))
+        session.away_at, session.used_hash = away_at, used_hash
+        return session
+
+    def keep(self, text: str) -> bool:
+        """Keep a frame; False if the session is away and the frame would pass its bounds."""
+        frames = self.frames
+        frames.append(text)
+        self.size += len(text)
+        self.sent += 1
+        while len(frames) > self.max_frames or self.size > self.max_bytes:
+            if 0 <= self.away_at <= self.sent - len(frames):  # the oldest was sent while away
+                return False
+            self.size -= len(frames.popleft())
+        return True
+
+    def back(self, offset: int | None) -> list[str] | None:
+        """Its client is back: the frames after ``offset`` (None: after the connection dropped), or None if
+        some are no longer kept, or the offset is past the last frame.  Connected again from now on."""
+        start = self.away_at if offset is None else offset
+        self.away_at = -1
+        first = self.sent - len(self.frames)  # the offset of the oldest kept frame
+        if not first <= start <= self.sent:
+            return None
+        return list(itertools.islice(self.frames, start - first, None))
+
+    def issue_token(self, client_id: str) -> str:
+        """A new resume token, the only one valid from now on: ``<client id>.<secret>``."""
+        secret = secrets.token_urlsafe(32)
+        self.token_hash = _token_hash(secret)
+        return f"{client_id}.{secret}"
+
+    def claim(self, secret: str, *, spend: bool = True, waiting: bool = False) -> bool | None:
+        """Take the session with a presented token's secret: True, and the token is spent (if ``spend``);
+        False if it is not the session's; None if it is the token spent last, unless the session is
+        ``waiting`` for its client after a resume: its client may never have had the next one, then, and
+        the one it has is as good (not while a resume with it is under way: token_hash is b"" then)."""
+        presented = _token_hash(secret)
+        if self.token_hash and hmac.compare_digest(presented, self.token_hash):
+            if spend:
+                self.used_hash, self.token_hash = self.token_hash, b""
+            return True
+        if self.used_hash and hmac.compare_digest(presented, self.used_hash):
+            if not (waiting and self.token_hash):
+                return None
+            if spend:
+                self.token_hash = b""
+            return True
+        return False
+
+    def holds(self, token_hash: str) -> bool:
+        """Whether ``token_hash`` (hex) is its token's."""
+        return hmac.compare_digest(self.token_hash.hex(), token_hash)
+
+    def unclaim(self) -> None:
+        """The connection that spent the token never opened: the token is good again."""
+        if not self.token_hash:
+            self.token_hash = self.used_hash
+
+
+@dataclasses.dataclass(frozen=True)
+class _Parked:
+    """A session the backend keeps for a client that is away, as a resume token found it."""
+
+    client_id: str
+    token_hash: str  # hex
+    rooms: tuple[str, ...]
+
+
+class _Sessions:
+    """The registry's store of the sessions waiting here for their client, oldest first, and the count of
+    what became of sessions.  Each waits ``recovery_window`` seconds; past ``recovery_max_sessions``, the
+    one waiting longest ends ("evicted")."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.outcomes = collections.Counter(dict.fromkeys(SESSION_OUTCOMES, 0))
+        self._waiting: dict[str, tuple[_Connection, asyncio.TimerHandle]] = {}  # client id -> it, its expiry
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def new(self) -> _Session | None:
+        """A new connection's session; None with recovery off."""
+        return _Session(self.settings) if self.settings.recovery_window else None
+
+    def wait(self, connection: _Connection) -> None:
+        """Keep the session of an away connection here, for ``recovery_window`` seconds."""
+        expiry = asyncio.get_running_loop().call_later(self.settings.recovery_window, connection.end, "expired")
+        self._waiting[connection.id] = (connection, expiry)
+        if len(self._waiting) > self.settings.recovery_max_sessions:
+            next(iter(self._waiting.values()))[0].end("evicted")
+
+    def stop_waiting(self, connection: _Connection) -> None:
+        entry = self._waiting.pop(connection.id, None)
+        if entry is not None:
+            entry[1].cancel()
+
+    def claim(self, previous: _Connection, secret: str, user: str | None, *, spend: bool) -> bool | None:
+        """Whether a resume token's ``secret`` is that of the session ``previous`` holds, for ``user`` (its
+        token now spent, if ``spend``); None if it is the token spent last (see :meth:`_Session.claim`)."""
+        session = previous.session
+        if session is None or not (previous.open or previous.state in _KEEPING) or previous.identity.user != user:
+            return False
+        return session.claim(secret, spend=spend, waiting=previous.away)
+
+    def take(self, connection: _Connection, previous: _Connection, offset: int | None) -> list[str] | None:
+        """Move the session ``previous`` holds (waiting, or still open: a client often notices a dead
+        connection before the server does) to ``connection``; the frames after ``offset``, or None if they
+        are not all kept any more (the session ends) or it is closing."""
+        session = previous.session
+        if session is None or not (previous.open or previous.away):
+            return None
+        if previous.open:
+            session.away_at = session.sent
+        missed = session.back(offset)
+        if missed is None:
+            if previous.open:
+                previous.drop(final=True)  # it never waited: its connection's end is its session's
+            else:
+                previous.end("not_recovered")
+            return None
+        self.stop_waiting(previous)
+        connection.session, connection.rooms = session, previous.rooms
+        previous.supersede()
+        return missed
+
+    def metrics(self) -> list[_MetricFamily]:
+        kept = sum(connection.session.size for connection, _ in self._waiting.values() if connection.session)
+        return [("sessions_away", "gauge", "Sessions waiting here for their client to come back.",
+                 {"": len(self._waiting)}, ""),
+                ("sessions_kept_bytes", "gauge", "Characters of JSON kept for the sessions waiting here.",
+                 {"": kept}, ""),
+                ("sessions_total", "counter", "What became of sessions (connection recovery), by outcome.",
+                 self.outcomes, "outcome")]
+
+
+# --------------------------------------------------------------------------
+# The backend seam: clients on other instances
 # --------------------------------------------------------------------------
 
 # What the registry hands its backend for clients it does not hold, tagged (one msgpack array each
@@ -1105,6 +1295,21 @@ _Delivery = _ToClient | _ToRoom | _ToUser | _ToEveryone | _Kick | _KickUser
 _ToGroup = _ToRoom | _ToUser | _KickUser  # what goes to the instances holding a room's or a user's connections
 
 
+def _addressed(delivery: _Delivery, connection: _Connection) -> bool:
+    """Whether ``delivery`` is for ``connection``, by its id, its rooms or its user: what the registry finds
+    through its indexes (Registry._deliver_here), asked of a connection it no longer indexes (cluster mode:
+    a session on its way to Redis)."""
+    match delivery:
+        case _ToClient(client_id) | _Kick(client_id):
+            return client_id == connection.id
+        case _ToRoom(room):
+            return room in connection.rooms
+        case _ToUser(user) | _KickUser(user):
+            return user == connection.identity.user
+        case _ToEveryone():
+            return True
+
+
 class BackendUnavailable(Exception):
     """Other instances cannot be reached: cross-instance sends fail, local ones go on.
     ``reason`` is its label in ``ws_micro_cluster_dropped_total``."""
@@ -1115,8 +1320,11 @@ class BackendUnavailable(Exception):
 
 
 class _Backend:
-    """What the registry asks about clients it does not hold.  Alone, there are none; in cluster
-    mode, :class:`_RedisBackend` (below) reaches them, or raises :class:`BackendUnavailable`."""
+    """What the registry asks about clients it does not hold.  Alone, there are none; in cluster mode,
+    ws_micro_redis.py's backend reaches them over Redis, or raises :class:`BackendUnavailable`.
+
+    A backend reads the registry, but changes a connection, a session or the registry only through the
+    registry's methods meant for it (those that name the backend in their docstring)."""
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -1185,10 +1393,10 @@ class _Backend:
         """``ok`` or ``degraded``, and what /healthz says besides."""
         return "ok", {}
 
-    # Sessions (connection recovery): alone, they wait in the registry; in cluster mode, in Redis.
+    # Sessions (connection recovery): alone, they wait in the registry's store; in cluster mode, in Redis.
 
     def park(self, connection: _Connection) -> bool:
-        """Keep the session of an away ``connection`` elsewhere; False: it waits here, in the registry."""
+        """Keep the session of an away ``connection`` elsewhere; False: it waits here, in the registry's store."""
         return False
 
     async def claim(self, client_id: str, token_hash: str, user: str | None, *,
@@ -1197,24 +1405,22 @@ class _Backend:
         own and it is ``user``'s: False if there is none, None if the token was spent already."""
         return False
 
-    async def resume(self, connection: _Connection, parked: _Parked, offset: int | None) -> list[str] | None:
-        """Hand ``connection`` a session kept elsewhere (see Registry.resume)."""
+    async def take(self, connection: _Connection, parked: _Parked) -> tuple[int, int, list[str]] | None:
+        """Take a session kept elsewhere for ``connection``, which holds the frames sent to it meanwhile: the
+        offset of its first kept frame, the offset when its connection dropped, and its kept frames; None if
+        it is gone (ended, or taken by another connection)."""
         return None
 
     def metrics(self) -> list[_MetricFamily]:
         return []
 
 
-@dataclasses.dataclass(frozen=True)
-class _Parked:
-    """A session the backend keeps for a client that is away, as a resume token found it."""
-
-    client_id: str
-    token_hash: str  # hex
-    rooms: tuple[str, ...]
+# --------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------
 
 
-def _leave(groups: dict[str, set[str]], name: str, client_id: str) -> int:
+def _discard_member(groups: dict[str, set[str]], name: str, client_id: str) -> int:
     """Take a client out of a room or user in ``groups``; the members left."""
     members = groups.get(name)
     if members is None:
@@ -1232,28 +1438,28 @@ class Registry:
     recipients took them, never waiting for a socket, so handlers, HTTP routes and
     background tasks in the same event loop may call them.  In cluster mode they
     also reach other instances, and raise :class:`BackendUnavailable` when they cannot.
-    Its other methods serve the endpoint and the backend.
+
+    Its public half is :meth:`on`, the send methods and ``len()`` (docs/embedding.md).  Its
+    internal half, for the endpoint, the sidecar API and the backend, has a leading underscore.
     """
 
     def __init__(self) -> None:
-        self.connections: dict[str, _Connection] = {}
-        self.rooms: dict[str, set[str]] = {}  # room name -> ids of its members here
-        self.users: dict[str, set[str]] = {}  # user -> ids of their connections here
-        self.handlers: dict[str, _Handler] = {}
-        self.metrics = _Metrics()
-        self.backend = _Backend()  # create_app(redis_url=...) sets a _RedisBackend
-        self.presence_events = False  # create_app(presence_events=True): members hear of joins and leaves
-        # Connection recovery (create_app(recovery_window=...)): the sessions waiting for their client,
-        # oldest first, and what became of sessions; session_ended() is told of those that end while away.
-        self.settings = Settings()
-        self.away: dict[str, _Connection] = {}
-        self.sessions = collections.Counter(dict.fromkeys(SESSION_OUTCOMES, 0))
-        self.session_ended: Callable[[_Connection], None] = lambda connection: None
+        self._connections: dict[str, _Connection] = {}  # client id -> its connection here
+        self._rooms: dict[str, set[str]] = {}  # room name -> ids of its members here
+        self._users: dict[str, set[str]] = {}  # user -> ids of their connections here
+        self._handlers: dict[str, _Handler] = {}
+        self._metrics = _Metrics()
+        # What create_app(...) sets (see _use): its settings, the backend, the recovery store, and who
+        # hears of a session that ended while its client was away.
+        self._settings = Settings()
+        self._backend = _Backend()
+        self._sessions = _Sessions(self._settings)
+        self._session_ended: Callable[[_Connection], None] = lambda connection: None
         self._announcements: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
 
     def __len__(self) -> int:
         """The connections open now: sessions waiting for their client are not."""
-        return len(self.connections) - len(self.away)
+        return len(self._connections) - len(self._sessions)
 
     def on(self, event: str) -> Callable[[_Handler], _Handler]:
         """Register ``async def handler(client_id, event)`` for frames named ``event``."""
@@ -1263,84 +1469,95 @@ class Registry:
             raise ValueError(f"{event!r} is sent by the server only and cannot have a handler")
 
         def register(handler: _Handler) -> _Handler:
-            self.handlers[event] = handler
+            self._handlers[event] = handler
             return handler
 
         return register
 
+    def _use(self, settings: Settings, backend: _Backend, session_ended: Callable[[_Connection], None]) -> None:
+        """Serve the app ``create_app`` builds with these settings; a registry serves one app at a time."""
+        self._settings, self._backend, self._session_ended = settings, backend, session_ended
+        self._sessions = _Sessions(settings)
+
     # Membership
 
-    def add(self, connection: _Connection) -> None:
-        self.connections[connection.id] = connection
+    def _add(self, connection: _Connection) -> None:
+        self._connections[connection.id] = connection
         if connection.identity.user is not None:
-            self.users.setdefault(connection.identity.user, set()).add(connection.id)
-        self.metrics.connections_total += 1
+            self._users.setdefault(connection.identity.user, set()).add(connection.id)
+        self._metrics.connections_total += 1
 
-    def remove(self, connection: _Connection) -> None:
-        """Forget a connection, its rooms and its user; safe to call twice.  With recovery on, the
-        session of a connection whose peer vanished (not closed with 1000) waits for it instead."""
-        if self.connections.get(connection.id) is not connection or connection.state is _State.AWAY:
+    def _remove(self, connection: _Connection) -> None:
+        """Forget a connection, its rooms and its user; safe to call twice.  With recovery on, the session
+        of a connection whose peer vanished (DROPPED) waits for it instead."""
+        state = connection.state
+        if self._connections.get(connection.id) is not connection or state in _KEEPING:
             return  # gone already, or its session waits, or went on in a newer connection
-        if connection.session is not None and not connection.final and connection.state is _State.CLOSED:
+        if state is _State.DROPPED and connection.session is not None:
             self._wait_for(connection)
             return
-        self.away.pop(connection.id, None)
-        away = connection.session is not None and connection.session.away_at >= 0  # its session waited
-        rooms_left, user_left = self.forget(connection)
-        self.backend.unregister(connection, rooms_left, user_left)
+        self._sessions.stop_waiting(connection)
+        rooms_left, user_left = self._forget(connection)
+        self._backend.unregister(connection, rooms_left, user_left)
         for room in connection.rooms:
-            self.announce(room, "left", connection)
+            self._announce(room, "left", connection)
         connection.rooms.clear()
-        if away:
-            session = connection.session
-            if session is not None and session.expiry is not None:
-                session.expiry.cancel()
-            self.sessions[connection.close_reason] += 1
-            self.session_ended(connection)
+        if state is _State.ENDED:  # its session waited, and ended
+            self._sessions.outcomes[connection.close_reason] += 1
+            self._session_ended(connection)
 
-    def forget(self, connection: _Connection) -> tuple[dict[str, int], int]:
-        """Take a connection out of this instance's registry; the members left here of its rooms and user."""
-        del self.connections[connection.id]
-        rooms_left = {room: _leave(self.rooms, room, connection.id) for room in connection.rooms}
+    def _forget(self, connection: _Connection) -> tuple[dict[str, int], int]:
+        """Take a connection out of this instance's indexes; the members left here of its rooms and user.
+        For the backend too: a session it parks elsewhere leaves this instance."""
+        del self._connections[connection.id]
+        rooms_left = {room: _discard_member(self._rooms, room, connection.id) for room in connection.rooms}
         user = connection.identity.user
-        return rooms_left, 0 if user is None else _leave(self.users, user, connection.id)
+        return rooms_left, 0 if user is None else _discard_member(self._users, user, connection.id)
 
-    def adopt(self, connection: _Connection) -> None:
+    def _adopt(self, connection: _Connection) -> None:
         """Hold a connection resuming a session from elsewhere, with its rooms, while it is handed over."""
-        self.connections[connection.id] = connection
+        self._connections[connection.id] = connection
         for room in connection.rooms:
-            self.rooms.setdefault(room, set()).add(connection.id)
+            self._rooms.setdefault(room, set()).add(connection.id)
         if connection.identity.user is not None:
-            self.users.setdefault(connection.identity.user, set()).add(connection.id)
+            self._users.setdefault(connection.identity.user, set()).add(connection.id)
 
-    # Sessions (connection recovery): claim() checks a resume token before the handshake is accepted;
-    # resume() hands the session to the new connection after.  In cluster mode, a session waits in Redis
+    # Sessions (connection recovery): _claim() checks a resume token before the handshake is accepted;
+    # _resume() hands the session to the new connection after.  In cluster mode, a session waits in Redis
     # (the backend parks it) and may come back through any instance.
 
     def _wait_for(self, connection: _Connection) -> None:
         """Keep the session of a connection whose peer vanished, for ``recovery_window`` seconds."""
         connection.wait_away()
-        if not self.backend.park(connection):  # else it waits in the cluster, and leaves this instance
-            self.wait_here(connection)
+        if not self._backend.park(connection):  # else it waits in the cluster, and leaves this instance
+            self._sessions.wait(connection)
 
-    def wait_here(self, connection: _Connection) -> None:
-        assert connection.session is not None
-        connection.session.expiry = asyncio.get_running_loop().call_later(
-            self.settings.recovery_window, connection.end, "expired")
-        self.away[connection.id] = connection
-        if len(self.away) > self.settings.recovery_max_sessions:
-            next(iter(self.away.values())).end("evicted")
+    def _wait_here(self, connection: _Connection) -> None:
+        """For the backend: keep here the session of an away connection it could not park after all."""
+        self._sessions.wait(connection)
 
-    def session_metrics(self) -> list[_MetricFamily]:
-        kept = sum(connection.session.size for connection in self.away.values() if connection.session is not None)
-        return [("sessions_away", "gauge", "Sessions waiting here for their client to come back.",
-                 {"": len(self.away)}, ""),
-                ("sessions_kept_bytes", "gauge", "Characters of JSON kept for the sessions waiting here.",
-                 {"": kept}, ""),
-                ("sessions_total", "counter", "What became of sessions (connection recovery), by outcome.",
-                 self.sessions, "outcome")]
+    def _session_over(self, connection: _Connection, reason: str) -> None:
+        """For the backend: a session it parked ended while its client was away (``reason``, a sessions_total
+        label or a disconnects_total one): tell its rooms and whoever hears of ended sessions."""
+        connection.close_reason = reason
+        if reason in SESSION_OUTCOMES:
+            self._sessions.outcomes[reason] += 1
+        for room in connection.rooms:
+            self._announce(room, "left", connection)
+        self._session_ended(connection)
 
-    async def claim(self, token: str, identity: _Identity, *, spend: bool = True) -> _Connection | _Parked | None:
+    def _drop_session(self, client_id: str, token_hash: str) -> bool:
+        """For the backend: cut off the open connection holding the session a resume token (its hash, hex)
+        names, for its client has come back elsewhere; False if there is none."""
+        connection = self._connections.get(client_id)
+        if connection is None or not connection.open or connection.session is None:
+            return False
+        if not connection.session.holds(token_hash):
+            return False
+        connection.drop()
+        return True
+
+    async def _claim(self, token: str, identity: _Identity, *, spend: bool = True) -> _Connection | _Parked | None:
         """The session ``token`` resumes, its token now spent (if ``spend``): the connection holding it, or
         where the backend keeps it; None if there is none (it ended, the token is not its own, or
         ``identity`` is another user's).
@@ -1349,87 +1566,90 @@ class Registry:
         is refused, not given a new session the client might take for its own.
         """
         client_id, _, secret = token.partition(".")
-        previous = self.connections.get(client_id)
+        previous = self._connections.get(client_id)
         claimed: _Connection | _Parked | Literal[False] | None
         if previous is None or previous.session is None:
-            claimed = await self.backend.claim(client_id, _token_hash(secret).hex(), identity.user, spend=spend)
-        elif previous.final or previous.identity.user != identity.user:
-            return None
+            claimed = await self._backend.claim(client_id, _token_hash(secret).hex(), identity.user, spend=spend)
         else:
-            taken = previous.session.claim(secret, spend=spend, waiting=previous.away)
+            taken = self._sessions.claim(previous, secret, identity.user, spend=spend)
             claimed = previous if taken else taken
         if claimed is None:
             if spend:
-                self.sessions["token_reused"] += 1
+                self._sessions.outcomes["token_reused"] += 1
             raise _Refused(409, "resume_token_used", "this resume token was used already; connect without it")
         return claimed or None
 
-    async def resume(self, connection: _Connection, claimed: _Connection | _Parked,
-                     offset: int | None) -> list[str] | None:
+    async def _resume(self, connection: _Connection, claimed: _Connection | _Parked,
+                      offset: int | None) -> list[str] | None:
         """Give the claimed session (its id, rooms and kept frames) to ``connection``, taking it over from
         a connection whose peer has not been seen to leave yet; the frames after ``offset`` that the client
         missed, or None if they are not all kept any more (the session ends) or it ended meanwhile."""
         if isinstance(claimed, _Parked):
-            missed = await self.backend.resume(connection, claimed, offset)
+            missed = await self._resume_parked(connection, claimed, offset)
+        elif self._connections.get(claimed.id) is not claimed:  # it ended meanwhile
+            missed = None
         else:
-            missed = self._take(connection, claimed, offset)
+            missed = self._sessions.take(connection, claimed, offset)
+            if missed is not None:
+                self._connections[connection.id] = connection
         if missed is not None:
-            self.metrics.connections_total += 1
-            self.sessions["resumed"] += 1
+            self._metrics.connections_total += 1
+            self._sessions.outcomes["resumed"] += 1
         return missed
 
-    def _take(self, connection: _Connection, previous: _Connection, offset: int | None) -> list[str] | None:
-        session = previous.session
-        if self.connections.get(previous.id) is not previous or session is None:  # it ended meanwhile
+    async def _resume_parked(self, connection: _Connection, parked: _Parked, offset: int | None) -> list[str] | None:
+        """Take a session the backend keeps (see :meth:`_resume`).  The connection holds it here from the
+        start, keeping the frames sent to it meanwhile for after the replay."""
+        if connection.id in self._connections:  # another connection is resuming it here
             return None
-        if previous.open:  # a client often notices a dead connection before the server does
-            session.away_at = session.sent
-        elif previous.state is not _State.AWAY:  # it started closing
+        connection.rooms = set(parked.rooms)
+        connection.hold()
+        self._adopt(connection)
+        taken = await self._backend.take(connection, parked)
+        if self._connections.get(connection.id) is not connection or connection.state is not _State.RESUMING:
+            return None  # kicked meanwhile: its session ended, and it left the registry
+        if taken is None:  # gone from the backend meanwhile
+            self._forget(connection)
             return None
-        missed = session.missed(offset)
-        if missed is None:
-            if previous.open:
-                session.away_at = -1  # it never waited: its connection's end is its session's
-                previous.drop(final=True)
-            else:
-                previous.end("not_recovered")
+        base, away_at, frames = taken
+        held = connection.session.frames if connection.session is not None else ()
+        session = _Session.restored(self._settings, base, away_at, [*frames, *held], bytes.fromhex(parked.token_hash))
+        missed = session.back(offset)
+        connection.session = session
+        if missed is None:  # the client is further behind than what was kept: the session ends here
+            connection.end("not_recovered")
+            self._sessions.outcomes["not_recovered"] += 1
+            self._session_ended(connection)
             return None
-        if session.expiry is not None:
-            session.expiry.cancel()
-            session.expiry = None
-        self.away.pop(previous.id, None)
-        session.away_at = -1
-        connection.session, connection.rooms = session, previous.rooms
-        previous.supersede()
-        self.connections[connection.id] = connection
+        connection.go_on(session)
         return missed
 
-    async def join(self, connection: _Connection, room: str) -> int:
+    async def _join(self, connection: _Connection, room: str) -> int:
         """Add ``connection`` to ``room``; the room's members after it (on every instance), or 0 if the
         connection has left the registry (it is closing)."""
-        if self.connections.get(connection.id) is not connection:  # it left as it started closing
+        if self._connections.get(connection.id) is not connection:  # it left as it started closing
             return 0
         connection.rooms.add(room)
-        members = self.rooms.setdefault(room, set())
+        members = self._rooms.setdefault(room, set())
         members.add(connection.id)
         count = await self._members(connection, room, len(members))
-        if self.connections.get(connection.id) is not connection:
+        if self._connections.get(connection.id) is not connection:
             # It left while the backend wrote its membership, maybe after the backend had already removed
             # it: remove it again, now that the write is done.
             user = connection.identity.user
-            self.backend.unregister(connection, {room: len(self.rooms.get(room, ()))},
-                                    0 if user is None else len(self.users.get(user, ())))
+            self._backend.unregister(connection, {room: len(self._rooms.get(room, ()))},
+                                     0 if user is None else len(self._users.get(user, ())))
             return 0
         return count
 
-    async def leave(self, connection: _Connection, room: str) -> int:
+    async def _leave(self, connection: _Connection, room: str) -> int:
         connection.rooms.discard(room)
-        return await self._members(connection, room, _leave(self.rooms, room, connection.id))
+        return await self._members(connection, room, _discard_member(self._rooms, room, connection.id))
 
-    def announce(self, room: str, action: str, connection: _Connection) -> None:
+    def _announce(self, room: str, action: str, connection: _Connection) -> None:
         """With presence events on, tell the members of ``room`` (on every instance) that ``connection``
         ``"joined"`` or ``"left"`` it; a joiner hears of itself too, after its ``joined`` reply."""
-        if not self.presence_events:
+        if not self._settings.presence_events:
             return
         self._announcements.append((room, {"room": room, "action": action, "client_id": connection.id,
                                            "user": connection.identity.user}))
@@ -1440,15 +1660,15 @@ class Registry:
             while self._announcements:
                 room, data = self._announcements[0]
                 frame = _Frame("presence", data)
-                self._fan_out(self.rooms.get(room, ()), frame)
-                self.backend.publish_soon(_ToRoom(room, frame.head, frame.tail))
+                self._fan_out(self._rooms.get(room, ()), frame)
+                self._backend.publish_soon(_ToRoom(room, frame.head, frame.tail))
                 self._announcements.popleft()
         finally:
             self._announcements.clear()
 
     async def _members(self, connection: _Connection, room: str, members_here: int) -> int:
         try:
-            return await self.backend.room_changed(connection, room, members_here)
+            return await self._backend.room_changed(connection, room, members_here)
         except BackendUnavailable:
             return members_here  # the count we know; the next sync writes the membership
 
@@ -1457,75 +1677,75 @@ class Registry:
     async def send_to_client(self, client_id: str, event: str, data: Mapping[str, Any] | None = None) -> bool:
         """Send a server event to one client; False if no such client is connected."""
         text = _Frame(event, data).to(client_id)
-        connection = self.connections.get(client_id)
+        connection = self._connections.get(client_id)
         if connection is not None:
             return connection.send(text)
-        return await self.backend.send(_ToClient(client_id, text))
+        return await self._backend.send(_ToClient(client_id, text))
 
     async def publish(self, room: str, event: str, data: Mapping[str, Any] | None = None) -> int:
         """Send a server event to every member of ``room``; how many took it."""
         frame = _Frame(event, data)
         # When other instances cannot be reached this raises before anyone got the frame.
-        return await self.backend.publish(_ToRoom(room, frame.head, frame.tail),
-                                          lambda: self._fan_out(self.rooms.get(room, ()), frame))
+        return await self._backend.publish(_ToRoom(room, frame.head, frame.tail),
+                                          lambda: self._fan_out(self._rooms.get(room, ()), frame))
 
     async def broadcast(self, event: str, data: Mapping[str, Any] | None = None) -> int:
         """Send a server event to every connected client; how many took it."""
         frame = _Frame(event, data)
-        return await self.backend.broadcast(_ToEveryone(frame.head, frame.tail),
-                                            lambda: self._fan_out(list(self.connections), frame))
+        return await self._backend.broadcast(_ToEveryone(frame.head, frame.tail),
+                                            lambda: self._fan_out(list(self._connections), frame))
 
     async def send_to_user(self, user: str, event: str, data: Mapping[str, Any] | None = None) -> int:
         """Send a server event to every connection of ``user``; how many took it."""
         frame = _Frame(event, data)
-        return await self.backend.publish(_ToUser(user, frame.head, frame.tail),
-                                          lambda: self._fan_out(self.users.get(user, ()), frame))
+        return await self._backend.publish(_ToUser(user, frame.head, frame.tail),
+                                          lambda: self._fan_out(self._users.get(user, ()), frame))
 
     async def disconnect(self, client_id: str, code: int = CLOSE_NORMAL, reason: str = "") -> bool:
         """Close a client's connection after what is queued for it; False if it is unknown."""
-        connection = self.connections.get(client_id)
+        connection = self._connections.get(client_id)
         if connection is not None:
             connection.close(code, reason, label="kicked")
             return True
-        return await self.backend.send(_Kick(client_id, code, reason))
+        return await self._backend.send(_Kick(client_id, code, reason))
 
     async def disconnect_user(self, user: str, code: int = CLOSE_NORMAL, reason: str = "") -> int:
         """Close every connection of ``user`` (log them out everywhere); how many there were."""
-        return await self.backend.publish(_KickUser(user, code, reason),
-                                          lambda: self._kick(self.users.get(user, ()), code, reason))
+        return await self._backend.publish(_KickUser(user, code, reason),
+                                          lambda: self._kick(self._users.get(user, ()), code, reason))
 
-    async def relay_to_client(self, client_id: str, text: str, failed: Callable[[str, str], None]) -> None:
+    async def _relay_to_client(self, client_id: str, text: str, failed: Callable[[str, str], None]) -> None:
         """Deliver a client's frame, unchanged, to one client; else ``failed(code, message)``, maybe later."""
-        connection = self.connections.get(client_id)
+        connection = self._connections.get(client_id)
         if connection is None:
-            await self.backend.forward(_ToClient(client_id, text), failed)
+            await self._backend.forward(_ToClient(client_id, text), failed)
         elif not connection.send(text):
             failed(UNKNOWN_CLIENT, f"no client with id {client_id!r}")
 
-    async def relay_to_room(self, room: str, sender: str, text: str, failed: Callable[[str, str], None]) -> None:
+    async def _relay_to_room(self, room: str, sender: str, text: str, failed: Callable[[str, str], None]) -> None:
         """Deliver a client's frame, unchanged, to the other members of ``room``, here and elsewhere."""
-        self._relay([member for member in self.rooms.get(room, ()) if member != sender], text)
+        self._relay([member for member in self._rooms.get(room, ()) if member != sender], text)
         # After the local members: they get it even when other instances cannot be reached.
-        await self.backend.forward_to_room(_ToRoom(room, text), failed)
+        await self._backend.forward_to_room(_ToRoom(room, text), failed)
 
-    def deliver_here(self, delivery: _Delivery, skip: Collection[str] = ()) -> bool:
+    def _deliver_here(self, delivery: _Delivery, skip: Collection[str] = ()) -> bool:
         """Deliver what another instance sent this one, to any client but those in ``skip``; False if its
         client is gone."""
         match delivery:
-            case _ToClient(client_id) | _Kick(client_id) if client_id not in self.connections:
+            case _ToClient(client_id) | _Kick(client_id) if client_id not in self._connections:
                 return False
             case _ToClient(client_id, text):
-                self.connections[client_id].send(text)
+                self._connections[client_id].send(text)
             case _Kick(client_id, code, reason):
-                self.connections[client_id].close(code, reason, label="kicked")
+                self._connections[client_id].close(code, reason, label="kicked")
             case _ToRoom(room, text, tail):
-                self._deliver(self.rooms.get(room, ()), text, tail, skip)
+                self._deliver(self._rooms.get(room, ()), text, tail, skip)
             case _ToUser(user, text, tail):
-                self._deliver(self.users.get(user, ()), text, tail, skip)
+                self._deliver(self._users.get(user, ()), text, tail, skip)
             case _KickUser(user, code, reason):
-                self._kick(self.users.get(user, ()), code, reason)
+                self._kick(self._users.get(user, ()), code, reason)
             case _ToEveryone(text, tail):
-                self._deliver(self.connections, text, tail, skip)
+                self._deliver(self._connections, text, tail, skip)
         return True
 
     def _deliver(self, members: Iterable[str], text: str, tail: str | None, skip: Collection[str]) -> None:
@@ -1538,7 +1758,7 @@ class Registry:
     def _kick(self, client_ids: Iterable[str], code: int, reason: str) -> int:
         kicked = 0
         for client_id in list(client_ids):  # each close takes its connection out of the set
-            connection = self.connections.get(client_id)
+            connection = self._connections.get(client_id)
             if connection is not None:
                 connection.close(code, reason, label="kicked")
                 kicked += 1
@@ -1547,7 +1767,7 @@ class Registry:
     def _fan_out(self, client_ids: Iterable[str], frame: _Frame) -> int:
         delivered = 0
         for client_id in list(client_ids):  # a send may cut a slow member off and change the set
-            connection = self.connections.get(client_id)
+            connection = self._connections.get(client_id)
             if connection is not None and connection.send(frame.to(client_id)):
                 delivered += 1
         return delivered
@@ -1558,926 +1778,10 @@ class Registry:
         wire = _websocket_frame(text.encode())  # the same bytes for every receiver
         delivered = 0
         for client_id in client_ids:
-            connection = self.connections.get(client_id)
+            connection = self._connections.get(client_id)
             if connection is not None and connection.send(text, wire):
                 delivered += 1
         return delivered
-
-
-# --------------------------------------------------------------------------
-# WebSocket endpoint
-# --------------------------------------------------------------------------
-
-
-class _Authorizer:
-    """Who a handshake is.  Without authentication, anyone: every connection is ``ANONYMOUS``.  With it,
-    :class:`_TokenAndHookAuthorizer` (below) grants an identity or raises :class:`_Refused`."""
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[None]:
-        yield
-
-    async def authorize(self, request: HTTPConnection, client_id: str) -> _Identity:
-        """``request``: the handshake (or a plain GET of the endpoint, asking what a handshake would get)."""
-        return ANONYMOUS
-
-    def metrics(self) -> list[_MetricFamily]:
-        return []
-
-
-class _Forwarder:
-    """Where the client events that no built-in or handler takes go, and who hears of connects and
-    disconnects.  Alone: nowhere (the sender gets ``unknown_event``), and no one.  With ``forward_url``,
-    :class:`_HttpForwarder` (below) POSTs them to the backend."""
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[None]:
-        yield
-
-    def takes(self, event: str) -> bool:
-        return False
-
-    async def forward(self, connection: _Connection, event: Event, failed: Callable[..., None]) -> None:
-        """Forward ``event`` and send its replies to ``connection``; else ``failed(code, message, **details)``."""
-
-    def connected(self, connection: _Connection) -> None:
-        """``connection`` was accepted."""
-
-    def disconnected(self, connection: _Connection) -> None:
-        """``connection`` ended, once for each connected(); its ``close_reason`` says how."""
-
-    def metrics(self) -> list[_MetricFamily | _Histogram]:
-        return []
-
-
-class _Gateway:
-    """The WebSocket endpoint: handshake checks, the read loop and the protocol's routing."""
-
-    def __init__(self, registry: Registry, settings: Settings,
-                 choose_output: Callable[[Scope, Receive, Send, Settings, _Metrics], _Output],
-                 authorizer: _Authorizer, forwarder: _Forwarder) -> None:
-        self.registry = registry
-        self.settings = settings
-        self.authorizer = authorizer
-        self.forwarder = forwarder
-        self._choose_output = choose_output
-        self._handshakes = 0  # accepts in flight, counted against max_connections
-        self.waiting = 0  # connections whose request head has not arrived (counted under serve()), likewise
-        self._builtins = {name: getattr(self, f"_{name}") for name in BUILTIN_EVENTS}
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        accepted = await self._accept(scope, receive, send)
-        if accepted is None:
-            return
-        connection, resuming = accepted
-        try:
-            if resuming is None or not await self._resume(connection, *resuming):
-                # A token that found no session counts here; a session that could not be resumed, as it ended.
-                await self._start(connection, resuming is not None and resuming[0] is None)
-            if await self._read(connection, receive):
-                return
-            await connection.closed()
-            # Some servers (hypercorn) stop reading the socket while the app reads nothing: the peer's
-            # close reply would never be read, nor the connection end.  Take, and drop, what it still sends.
-            with anyio.move_on_after(self.settings.close_timeout):
-                while (await receive())["type"] != "websocket.disconnect":
-                    pass
-        finally:
-            connection.abandon()
-            self.registry.remove(connection)  # it may have left already, when it started closing
-            connection.close_reason = connection.close_reason or "abnormal"
-            self.registry.metrics.disconnects[connection.close_reason] += 1
-            if connection.state is not _State.AWAY and connection.state is not _State.MOVED:
-                self.ended(connection)  # else its session goes on: ended() is called when it ends
-
-    def ended(self, connection: _Connection) -> None:
-        """A client's session ended: with recovery on, maybe long after its last connection did."""
-        self.forwarder.disconnected(connection)
-        logger.debug("client %s disconnected (%s)", connection.id, connection.close_reason)
-
-    async def _start(self, connection: _Connection, no_session_found: bool) -> None:
-        """Open a new session: register the connection, greet it, and join the rooms it was granted."""
-        self.forwarder.connected(connection)
-        self.registry.add(connection)
-        await self.registry.backend.register(connection)  # findable before anyone can learn the id
-        identity = connection.identity
-        if no_session_found:
-            self.registry.sessions["not_recovered"] += 1
-        self._greet(connection, list(identity.rooms) if identity.authenticated else None, recovered=False)
-        for room in identity.rooms:
-            if await self.registry.join(connection, room):
-                self.registry.announce(room, "joined", connection)
-        logger.debug("client %s connected", connection.id)
-
-    async def _resume(self, connection: _Connection, claimed: _Connection | _Parked | None,
-                      offset: int | None) -> bool:
-        """Go on with the claimed session, if its frames are all kept: greet the connection as its
-        client, then replay what the client missed, before any new frame; else False."""
-        missed = None if claimed is None else await self.registry.resume(connection, claimed, offset)
-        if missed is None:
-            if claimed is not None:
-                connection.renew()  # a new session, then: not the one it came for
-            return False
-        assert connection.session is not None
-        # Its rooms are those of its session, as far as its credentials now allow, and those they grant.
-        identity = connection.identity
-        revoked = sorted(room for room in connection.rooms if not identity.may_join(room))
-        granted = [room for room in identity.rooms if room not in connection.rooms]
-        self._greet(connection, sorted({*connection.rooms, *granted} - {*revoked}), recovered=True,
-                    offset=connection.session.sent - len(missed), missed=len(missed))
-        for text in missed:
-            connection.send(text, keep=False)
-        logger.debug("client %s resumed, %d frames replayed", connection.id, len(missed))
-        for room in revoked:
-            await self.registry.leave(connection, room)
-            self.registry.announce(room, "left", connection)
-        for room in granted:
-            if await self.registry.join(connection, room):
-                self.registry.announce(room, "joined", connection)
-        return True
-
-    def _greet(self, connection: _Connection, rooms: list[str] | None, **recovery: Any) -> None:
-        """Send the connect frame: with authentication, the user (and ``rooms``); with recovery on, the
-        session's next resume token and ``recovery``'s fields."""
-        greeting: dict[str, Any] = {"message": "connection request granted"}
-        if connection.identity.authenticated:
-            greeting["user"] = connection.identity.user
-        if rooms is not None:
-            greeting["rooms"] = rooms
-        if connection.session is not None:
-            greeting.update(resume_token=connection.session.issue_token(connection.id), **recovery)
-        connection.send(_Frame("connect", greeting).to(connection.id), keep=False)
-
-    async def _accept(self, scope: Scope, receive: Receive, send: Send
-                      ) -> tuple[_Connection, tuple[_Connection | _Parked | None, int | None] | None] | None:
-        """Check and accept the handshake; the new connection, and if it came to resume a session, the
-        session it claimed (None if there is none) and the client's offset; or None if it was refused
-        or abandoned."""
-        websocket = WebSocket(scope, receive, send)
-        claimed: _Connection | _Parked | None = None
-        client_id = str(uuid.uuid4())  # the connect hook is asked about a new id, even for a resume
-        try:
-            resume = _resume_request(websocket) if self.settings.recovery_window else None
-            async with self.admitting(websocket, client_id) as identity:
-                if resume is not None:
-                    claimed = await self.registry.claim(resume[0], identity)
-                    if claimed is not None:
-                        client_id = claimed.id if isinstance(claimed, _Connection) else claimed.client_id
-                await websocket.accept()
-        except _Refused as refusal:
-            self.registry.metrics.rejected_handshakes[refusal.code] += 1
-            await _deny(websocket, refusal.status, refusal.code, refusal.message)
-            return None
-        except WebSocketDisconnect:
-            if isinstance(claimed, _Connection) and claimed.session is not None:
-                claimed.session.unclaim()
-            return None
-        client = websocket.client
-        output = self._choose_output(scope, receive, send, self.settings, self.registry.metrics)
-        connection = _Connection(output, remote=f"{client.host}:{client.port}" if client else None,
-                                 settings=self.settings, metrics=self.registry.metrics, on_close=self.registry.remove,
-                                 client_id=client_id, identity=identity)
-        output.guard(connection)
-        return connection, None if resume is None else (claimed, resume[1])
-
-    @contextlib.asynccontextmanager
-    async def admitting(self, request: HTTPConnection, client_id: str) -> AsyncIterator[_Identity]:
-        """Check a handshake (origin, room on the server, credentials), counting it against
-        ``max_connections`` until the block ends; raise :class:`_Refused` if it may not connect."""
-        origin = request.headers.get("origin")
-        if origin is not None and not _origin_allowed(origin, request.headers.get("host", ""),
-                                                      self.settings.allowed_origins):
-            raise _Refused(403, "origin", f"origin {origin!r} is not allowed")
-        if len(self.registry) + self._handshakes + self.waiting >= self.settings.max_connections:
-            raise _Refused(503, "full", f"server is full ({self.settings.max_connections} connections)")
-        self._handshakes += 1
-        try:
-            yield await self.authorizer.authorize(request, client_id)
-        finally:
-            self._handshakes -= 1
-
-    async def _read(self, connection: _Connection, receive: Receive) -> bool:
-        """Handle frames until the connection starts closing (False) or the peer leaves (True)."""
-        while connection.open:
-            message = await receive()
-            if message["type"] == "websocket.disconnect":
-                code = message.get("code", 1006)
-                # 1009: the server's engine closed it for a frame over the limit, which ends a session too.
-                connection.gone(_PEER_REASONS.get(code, "peer_error"),
-                                final=code in (CLOSE_NORMAL, CLOSE_MESSAGE_TOO_BIG))
-                return True
-            if not connection.open:  # it started closing while we waited (kicked, cut off): handle no more
-                return False
-            text = message.get("text")
-            if text is None:
-                connection.close(CLOSE_UNSUPPORTED_DATA, "binary frames are not supported",
-                                 label="binary_frame")
-                return False
-            self.registry.metrics.messages_received += 1
-            try:
-                await self._handle(connection, text)
-            except Exception:
-                logger.exception("error handling a frame from client %s", connection.id)
-                connection.close(CLOSE_INTERNAL_ERROR, "internal error", label="internal_error")
-        return False
-
-    async def _handle(self, connection: _Connection, text: str) -> None:
-        settings = self.settings
-        limit = settings.max_message_size
-        if len(text) > limit or (len(text) * 4 > limit and len(text.encode()) > limit):
-            connection.close(CLOSE_MESSAGE_TOO_BIG, f"message larger than {limit} bytes",
-                             label="message_too_big", flush=False)
-            return
-        tokens = connection.take_token()
-        if tokens < 0:
-            if tokens < -settings.rate_burst:
-                connection.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded", label="rate_limited",
-                                 flush=False)
-            else:
-                self._error(connection, RATE_LIMITED,
-                            f"more than {settings.rate_limit:g} messages per second", None)
-            return
-        try:
-            event = _decode(_decode_event, text)
-        except msgspec.ValidationError as exc:
-            self._error(connection, INVALID_EVENT, str(exc), _event_name(text))
-            return
-        except msgspec.DecodeError as exc:
-            self._error(connection, INVALID_JSON, str(exc), None)
-            return
-
-        def failed(code: str, message: str, **details: Any) -> None:
-            self._error(connection, code, message, event.event, **details)
-
-        if event.client_id != connection.id:
-            failed(CLIENT_ID_MISMATCH, f"client_id must be this connection's id, but got {event.client_id!r}")
-        elif event.event in SERVER_EVENTS:
-            failed(INVALID_EVENT, f"{event.event!r} is sent by the server only")
-        elif event.to is not None and event.room is not None:
-            failed(INVALID_EVENT, "set 'to' or 'room', not both")
-        elif event.to is not None:
-            if not connection.identity.relay:
-                failed(FORBIDDEN, "this connection may not send to other clients")
-            else:
-                await self.registry.relay_to_client(event.to, text, failed)
-        elif event.room is not None:
-            if not connection.identity.may_publish(event.room):
-                failed(FORBIDDEN, f"this connection may not send to room {event.room!r}", room=event.room)
-            elif event.room not in connection.rooms:
-                failed(NOT_IN_ROOM, f"join room {event.room!r} before sending to it")
-            else:
-                await self.registry.relay_to_room(event.room, connection.id, text, failed)
-        elif event.event in self._builtins:
-            await self._builtins[event.event](connection, event, text)
-        else:
-            await self._call_handler(connection, event, failed)
-
-    # The built-in events, one method each (see BUILTIN_EVENTS).
-
-    async def _ping(self, connection: _Connection, event: Event, text: str) -> None:
-        connection.send(_Frame("pong", event.data.data).to(connection.id))
-
-    async def _echo(self, connection: _Connection, event: Event, text: str) -> None:
-        connection.send(text)
-
-    async def _join(self, connection: _Connection, event: Event, text: str) -> None:
-        room = self._room_of(connection, event)
-        if room is None:
-            return
-        if not connection.identity.may_join(room):
-            self._error(connection, FORBIDDEN, f"this connection may not join room {room!r}", event.event, room=room)
-            return
-        limit = self.settings.max_rooms_per_connection
-        if room not in connection.rooms and len(connection.rooms) >= limit:
-            self._error(connection, INVALID_EVENT, f"at most {limit} rooms per connection", event.event)
-            return
-        members = await self.registry.join(connection, room)
-        if members:  # else it is closing: no reply, and no one hears it joined
-            connection.send(_Frame("joined", {"room": room, "members": members}).to(connection.id))
-            self.registry.announce(room, "joined", connection)
-
-    async def _leave(self, connection: _Connection, event: Event, text: str) -> None:
-        room = self._room_of(connection, event)
-        if room is None:
-            return
-        if room not in connection.rooms:
-            self._error(connection, NOT_IN_ROOM, f"not a member of room {room!r}", event.event)
-            return
-        members = await self.registry.leave(connection, room)
-        connection.send(_Frame("left", {"room": room, "members": members}).to(connection.id))
-        self.registry.announce(room, "left", connection)
-
-    async def _call_handler(self, connection: _Connection, event: Event, failed: Callable[..., None]) -> None:
-        name = event.event
-        handler = self.registry.handlers.get(name)
-        if handler is None:
-            if not self.forwarder.takes(name):
-                failed(UNKNOWN_EVENT, f"no handler for event {name!r}")
-                return
-            # Awaited: the connection's next frame is read once the backend has answered this one, so its
-            # events arrive in order, and a client that keeps sending to a slow backend waits.
-            await self.forwarder.forward(connection, event, failed)
-            return
-        try:
-            await handler(connection.id, event)
-        except Exception:
-            logger.exception("handler for event %r failed (client %s)", name, connection.id)
-            failed(INTERNAL_ERROR, f"the handler for {name!r} failed")
-
-    def _room_of(self, connection: _Connection, event: Event) -> str | None:
-        try:
-            room = msgspec.convert(event.data.data, _RoomRequest).room
-        except msgspec.ValidationError as exc:
-            self._error(connection, INVALID_EVENT, f"{exc} (in data.data)", event.event)
-            return None
-        problem = _bad_room_name(room, self.settings)
-        if problem is not None:
-            self._error(connection, INVALID_EVENT, problem, event.event)
-            return None
-        return room
-
-    def _error(self, connection: _Connection, code: str, message: str, event: str | None, **extra: Any) -> None:
-        self.registry.metrics.errors[code] += 1
-        connection.send(_Frame("error", {"code": code, "message": message, "event": event, **extra})
-                        .to(connection.id))
-
-
-def _origin_allowed(origin: str, host: str, allowed: tuple[str, ...]) -> bool:
-    if "*" in allowed or origin in allowed:
-        return True
-    # Same-origin pages may always connect (the browser page served beside us).
-    return urlsplit(origin).netloc.lower() == host.lower() != ""
-
-
-# A peer's close code, as a disconnects_total label; any other code is a "peer_error".
-_PEER_REASONS = {1000: "closed", 1001: "closed", 1012: "shutdown",
-                 1005: "abnormal", 1006: "abnormal",  # the connection dropped (uvicorn reports 1005 for that too)
-                 1009: "message_too_big"}  # the engine's frame-size limit closed it
-
-
-MAX_RESUME_TOKEN_LENGTH = 128
-RESUME_TOKEN_HEADER = "X-WS-Micro-Resume-Token"
-RESUME_OFFSET_HEADER = "X-WS-Micro-Resume-Offset"
-
-
-def _resume_request(request: HTTPConnection) -> tuple[str, int | None] | None:
-    """The resume token and offset a handshake brings (query parameters, or headers for programs), if any;
-    raises :class:`_Refused` (400) for an offset that is not a count."""
-    token = request.query_params.get("resume_token") or request.headers.get(RESUME_TOKEN_HEADER)
-    if not token:
-        return None
-    text = request.query_params.get("resume_offset") or request.headers.get(RESUME_OFFSET_HEADER)
-    if text is None:
-        offset = None
-    elif text.isascii() and text.isdigit() and len(text) < 16:
-        offset = int(text)
-    else:
-        raise _Refused(400, "invalid_resume", f"resume_offset must be a count of frames, but got {text[:40]!r}")
-    return token[:MAX_RESUME_TOKEN_LENGTH + 1], offset
-
-
-def _event_name(text: str) -> str | None:
-    """The ``event`` of an envelope that failed validation, if it has a string one."""
-    try:
-        value = _decode(msgspec.json.decode, text)
-    except msgspec.DecodeError:
-        return None
-    name = value.get("event") if isinstance(value, dict) else None
-    return name if isinstance(name, str) else None
-
-
-async def _deny(websocket: WebSocket, status: int, code: str, message: str) -> None:
-    """Refuse a handshake with a real HTTP status, before accept."""
-    try:
-        await websocket.send_denial_response(_refusal_response(status, code, message))
-    except RuntimeError:  # the server lacks the denial-response extension: it answers 403
-        await websocket.close(CLOSE_POLICY_VIOLATION)
-
-
-# --------------------------------------------------------------------------
-# Sidecar HTTP API
-# --------------------------------------------------------------------------
-
-
-def _json(content: Any, status: int = 200) -> Response:
-    return Response(_encode(content), status_code=status, media_type="application/json")
-
-
-def _api_error(status: int, code: str, message: str) -> Response:
-    return _json({"error": {"code": code, "message": message}}, status)
-
-
-def _refusal_response(status: int, code: str, message: str) -> Response:
-    """A refused handshake's (or API call's) answer; a 401 says which credentials to send."""
-    response = _api_error(status, code, message)
-    if status == 401:
-        response.headers["WWW-Authenticate"] = "Bearer"
-    return response
-
-
-def _bearer(request: HTTPConnection) -> str | None:
-    """What follows ``Authorization: Bearer``, as sent; None without such a header."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token if scheme.lower() == "bearer" else None
-
-
-async def _backend_unavailable(request: Request, exc: Exception) -> Response:
-    return _api_error(503, BACKEND_UNAVAILABLE, str(exc))
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    response = _api_error(exc.status_code, code, exc.detail)
-    response.headers.update(exc.headers or {})  # 405's Allow
-    return response
-
-
-def _api_routes(registry: Registry, settings: Settings) -> list[Route]:
-    """The routes a backend uses to reach clients (compare API Gateway's @connections)."""
-
-    def guarded(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-        async def check(request: Request) -> Response:
-            refusal = _cross_site(request, settings.allowed_origins)
-            if refusal is not None:
-                return _api_error(403, FORBIDDEN, refusal)
-            if settings.api_token is not None:
-                token = _bearer(request)
-                if token is None or not hmac.compare_digest(token.encode(), settings.api_token.encode()):
-                    return _refusal_response(401, "unauthorized", "send 'Authorization: Bearer <token>'")
-            else:
-                refusal = _not_local(request)
-                if refusal is not None:
-                    return _api_error(403, FORBIDDEN, f"without WS_MICRO_API_TOKEN {refusal}")
-            return await endpoint(request)
-
-        return check
-
-    async def read_push(request: Request) -> _Push | Response:
-        # Only JSON: a page may POST text/plain or a form to any site without asking (no CORS
-        # preflight), but not application/json.
-        content_type = request.headers.get("content-type")
-        if (content_type or "").partition(";")[0].strip().lower() != "application/json":
-            return _api_error(415, UNSUPPORTED_MEDIA_TYPE,
-                              f"send a push with Content-Type: application/json, not {content_type!r}")
-        body = b""
-        with anyio.move_on_after(settings.api_body_timeout) as deadline:  # a trickle would hold a task for ever
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > settings.max_message_size:
-                    return _api_error(413, "too_large", f"body larger than {settings.max_message_size} bytes")
-        if deadline.cancelled_caught:
-            return _api_error(408, "timeout", f"the body did not arrive within {settings.api_body_timeout:g} seconds")
-        try:
-            text = body.decode()
-        except UnicodeDecodeError as exc:
-            return _api_error(400, INVALID_JSON, f"the body is not UTF-8: {body[exc.start:exc.end]!r} "
-                                                 f"at byte {exc.start} ({exc.reason})")
-        try:
-            return _decode(_decode_push, text)
-        except msgspec.ValidationError as exc:
-            return _api_error(422, INVALID_EVENT, str(exc))
-        except msgspec.DecodeError as exc:
-            return _api_error(400, INVALID_JSON, str(exc))
-
-    async def list_clients(request: Request) -> Response:
-        clients = await registry.backend.clients(registry.connections.values())
-        return _json({"count": len(clients), "clients": clients})
-
-    async def get_client(request: Request) -> Response:
-        client_id = request.path_params["client_id"]
-        connection = registry.connections.get(client_id)
-        entry = registry.backend.entry(connection) if connection else await registry.backend.client(client_id)
-        return _unknown_client(request) if entry is None else _json(entry)
-
-    def pushing(deliver: Callable[[Request, _Push], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-        async def endpoint(request: Request) -> Response:
-            push = await read_push(request)
-            return push if isinstance(push, Response) else await deliver(request, push)
-
-        return endpoint
-
-    async def push_to_client(request: Request, push: _Push) -> Response:
-        if not await registry.send_to_client(request.path_params["client_id"], push.event, push.data.data):
-            return _unknown_client(request)
-        return _json({"delivered": 1}, 202)
-
-    async def disconnect_client(request: Request) -> Response:
-        if not await registry.disconnect(request.path_params["client_id"], CLOSE_NORMAL, "disconnected by the server"):
-            return _unknown_client(request)
-        return _json({"disconnected": 1}, 202)
-
-    async def publish_to_room(request: Request, push: _Push) -> Response:
-        delivered = await registry.publish(request.path_params["room"], push.event, push.data.data)
-        return _json({"delivered": delivered}, 202)
-
-    async def broadcast(request: Request, push: _Push) -> Response:
-        return _json({"delivered": await registry.broadcast(push.event, push.data.data)}, 202)
-
-    async def members(kind: str, name: str, here: dict[str, set[str]]) -> list[dict[str, Any]]:
-        connections = [registry.connections[client_id] for client_id in here.get(name, ())]
-        return await registry.backend.members(kind, name, connections)
-
-    async def list_rooms(request: Request) -> Response:
-        rooms = await registry.backend.rooms(registry.rooms)
-        return _json({"count": len(rooms), "rooms": [{"room": room, "members": members}
-                                                     for room, members in sorted(rooms.items())]})
-
-    async def get_room(request: Request) -> Response:
-        room = request.path_params["room"]
-        entries = await members("room", room, registry.rooms)
-        return _json({"room": room, "count": len(entries),
-                      "members": [{"client_id": entry["client_id"], "user": entry.get("user")} for entry in entries]})
-
-    async def get_user(request: Request) -> Response:
-        user = request.path_params["user"]
-        entries = await members("user", user, registry.users)
-        return _json({"user": user, "count": len(entries), "clients": entries})
-
-    async def push_to_user(request: Request, push: _Push) -> Response:
-        return _json({"delivered": await registry.send_to_user(request.path_params["user"], push.event,
-                                                               push.data.data)}, 202)
-
-    async def disconnect_user(request: Request) -> Response:
-        disconnected = await registry.disconnect_user(request.path_params["user"], CLOSE_NORMAL,
-                                                      "disconnected by the server")
-        return _json({"disconnected": disconnected}, 202)
-
-    return [
-        Route("/api/clients", guarded(list_clients), methods=["GET"]),
-        Route("/api/clients/{client_id}", guarded(get_client), methods=["GET"]),
-        Route("/api/clients/{client_id}", guarded(pushing(push_to_client)), methods=["POST"]),
-        Route("/api/clients/{client_id}", guarded(disconnect_client), methods=["DELETE"]),
-        Route("/api/users/{user}", guarded(get_user), methods=["GET"]),
-        Route("/api/users/{user}", guarded(pushing(push_to_user)), methods=["POST"]),
-        Route("/api/users/{user}", guarded(disconnect_user), methods=["DELETE"]),
-        Route("/api/rooms", guarded(list_rooms), methods=["GET"]),
-        Route("/api/rooms/{room}", guarded(get_room), methods=["GET"]),
-        Route("/api/rooms/{room}", guarded(pushing(publish_to_room)), methods=["POST"]),
-        Route("/api/broadcast", guarded(pushing(broadcast)), methods=["POST"]),
-    ]
-
-
-def _unknown_client(request: Request) -> Response:
-    return _api_error(404, UNKNOWN_CLIENT, f"no client with id {request.path_params['client_id']!r}")
-
-
-def _cross_site(request: Request, allowed_origins: tuple[str, ...]) -> str | None:
-    """Why a request comes from another site's page, which must not drive the API; None if it does not.
-
-    Browsers send ``Origin`` (on every POST and DELETE) and ``Sec-Fetch-Site``; programs send neither.
-    """
-    origin = request.headers.get("origin")
-    if origin is not None:
-        if not _origin_allowed(origin, request.headers.get("host", ""), allowed_origins):
-            return f"origin {origin!r} is not allowed"
-        if origin in allowed_origins or "*" in allowed_origins:
-            return None  # listed: a browser calls it cross-site or same-site, and that is the point
-    site = request.headers.get("sec-fetch-site")
-    if site in ("cross-site", "same-site"):  # same-site: another port or subdomain, e.g. any dev server
-        return f"requests from other sites' pages are refused (Sec-Fetch-Site: {site})"
-    return None
-
-
-_PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
-
-
-def _not_local(request: Request) -> str | None:
-    """Why a request without a token is refused; None if it comes from this machine.
-
-    Not by the peer's address alone: behind a proxy it is the proxy's, and a
-    DNS-rebinding page reaches us from loopback under its own host name.
-    """
-    for header in _PROXY_HEADERS:
-        if header in request.headers:
-            return f"the API refuses proxied requests (this one has {header!r}); behind a proxy, set a token"
-    host = request.headers.get("host", "")
-    if not _is_loopback_host(host):
-        return f"the API answers requests for a loopback name only, not Host {host!r}"
-    if not _is_loopback(request):
-        return "the API answers loopback clients only"
-    return None
-
-
-def _is_loopback_host(host: str) -> bool:
-    """Whether a Host header names this machine: localhost, *.localhost, 127.x.x.x or [::1], with any port."""
-    host = host.lower()
-    if host.startswith("["):  # [::1] or [::1]:8000
-        name, bracket, port = host[1:].partition("]")
-        if not bracket or (port and not port.startswith(":")):
-            return False
-        port = port[1:]
-    else:
-        name, _, port = host.partition(":")
-    if port and not (port.isascii() and port.isdigit()):
-        return False
-    if name == "localhost" or name.endswith(".localhost"):  # browsers resolve these to loopback themselves
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback and (":" in name) == host.startswith("[")
-    except ValueError:
-        return False
-
-
-def _is_loopback(request: Request) -> bool:
-    try:
-        return request.client is not None and ipaddress.ip_address(request.client.host).is_loopback
-    except ValueError:
-        return False
-
-
-# --------------------------------------------------------------------------
-# Application
-# --------------------------------------------------------------------------
-
-DESCRIPTOR_RESERVE = 64  # file descriptors kept for the server's own use: listeners, Redis, logs, static files
-
-
-def _raise_descriptor_limit() -> int:
-    """Raise this process's open-file limit to its hard limit; how many descriptors clients may hold."""
-    try:
-        import resource
-    except ImportError:  # not a Unix
-        return sys.maxsize
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft != wanted:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-            soft = wanted
-    return max(soft - DESCRIPTOR_RESERVE, 1)
-
-
-class _Throttle:
-    """At most one report per ``interval`` seconds for each key: whatever a client can make happen
-    as often as it connects or sends must not write a log line each time."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        self.interval = interval
-        self._reported_at: dict[str, float] = {}
-        self._held: collections.Counter[str] = collections.Counter()
-
-    def __call__(self, key: str) -> int | None:
-        """None: hold this one back; else report it, with how many were held back since the last."""
-        now = time.monotonic()
-        if key in self._reported_at and now - self._reported_at[key] < self.interval:
-            self._held[key] += 1
-            return None
-        self._reported_at[key] = now
-        return self._held.pop(key, 0)
-
-    def warn(self, key: str, message: str) -> None:
-        """Log ``message`` as a warning, unless one for ``key`` was logged within ``interval``."""
-        held = self(key)
-        if held is not None:
-            logger.warning("%s%s", message, f" ({held} more since the last report)" if held else "")
-
-
-# uvicorn's log lines that any client can cause, once per connection or request; what each becomes.
-_CLIENT_CAUSED = {
-    "Invalid UTF-8 sequence received from client.":  # the engine, with a traceback; then it closes with 1007
-        (logging.INFO, "Invalid UTF-8 sequence received from a client; closed with 1007"),
-    "Invalid HTTP request received.": (logging.WARNING, "Invalid HTTP request received"),
-    "Unsupported upgrade request.": (logging.WARNING, "Unsupported upgrade request"),
-    "ASGI callable returned without completing handshake.":  # after each refused handshake (uvicorn PR #3138)
-        (logging.ERROR, "ASGI callable returned without completing handshake"),
-}
-
-
-class _ClientCausedFilter(logging.Filter):
-    """uvicorn's lines that a client causes: no traceback, and each at most once per 10 s, with a count."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._throttle = _Throttle()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        rewrite = _CLIENT_CAUSED.get(record.msg) if isinstance(record.msg, str) else None
-        if rewrite is None:
-            return True
-        held = self._throttle(record.msg)
-        if held is None:
-            return False
-        record.levelno, text = rewrite
-        record.levelname = logging.getLevelName(record.levelno)
-        record.msg = text + (f" ({held} more since the last report)" if held else "")
-        record.exc_info = record.exc_text = None
-        return logging.getLogger(record.name).isEnabledFor(record.levelno)  # the level it passed at may differ
-
-
-# A token in a URL's query (browsers cannot set headers on a WebSocket), up to the next parameter.
-_TOKEN_IN_URL = re.compile(r"([?&](?:token|resume_token)=)[^&\s\"']*")
-# The servers' loggers that write request lines (``"WebSocket /ws/py_client?token=..." [accepted]``).
-_REQUEST_LOGGERS = ("uvicorn.error", "uvicorn.access", "hypercorn.error", "hypercorn.access")
-
-
-class _RedactingFilter(logging.Filter):
-    """Writes ``token=[redacted]`` for the token in a logged URL: logs are kept and read more widely
-    than tokens may be."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple) and any(isinstance(arg, str) and "token=" in arg for arg in record.args):
-            record.args = tuple(_TOKEN_IN_URL.sub(r"\1[redacted]", arg) if isinstance(arg, str) else arg
-                                for arg in record.args)
-        if isinstance(record.msg, str) and "token=" in record.msg:
-            record.msg = _TOKEN_IN_URL.sub(r"\1[redacted]", record.msg)
-        return True
-
-
-def _redact_tokens_in_logs() -> None:
-    for name in _REQUEST_LOGGERS:
-        server_log = logging.getLogger(name)
-        if not any(isinstance(f, _RedactingFilter) for f in server_log.filters):
-            server_log.addFilter(_RedactingFilter())
-
-
-def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
-    """Log running out of descriptors as one line per 10 s, not asyncio's traceback per refused accept."""
-    previous = loop.get_exception_handler()
-    if getattr(previous, "quiets_accept_errors", False):
-        return
-    throttle = _Throttle()
-
-    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        error = context.get("exception")
-        retry = getattr(context.get("handle"), "_callback", None)
-        if isinstance(error, ValueError) and getattr(retry, "__name__", "") == "_start_serving":
-            return  # asyncio retrying, once per refused accept, on a listener that has closed since
-        if not isinstance(error, OSError) or error.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
-                                                                   errno.ENOMEM):
-            (previous or type(loop).default_exception_handler)(loop, context)
-            return
-        held = throttle("accept")
-        if held is not None:
-            logger.error("cannot accept connections: %s (%d refused since the last report); raise the open-file "
-                         "limit (ulimit -n) or lower max_connections", error.strerror, held + 1)
-
-    handle.quiets_accept_errors = True  # type: ignore[attr-defined]
-    loop.set_exception_handler(handle)
-
-
-def _harden_process(settings: Settings) -> None:
-    """What the app can do for the process it runs in: descriptors and a readable log under abuse."""
-    budget = _raise_descriptor_limit()
-    if settings.max_connections > budget:
-        logger.warning("max_connections (%d) is more than this process's open-file limit leaves for clients (%d): "
-                       "raise it with ulimit -n", settings.max_connections, budget)
-    _quiet_accept_errors(asyncio.get_running_loop())
-    server_log = logging.getLogger("uvicorn.error")
-    if not any(isinstance(f, _ClientCausedFilter) for f in server_log.filters):
-        server_log.addFilter(_ClientCausedFilter())
-
-
-def create_app(*, registry: Registry | None = None, debug: bool = False, **options: Any) -> Starlette:
-    """Build the gateway as a Starlette app; ``options`` are the fields of :class:`Settings`.
-
-    Pass your own ``registry`` to register handlers on it; ``app.state.registry`` is the one in use.
-    """
-    settings = Settings(**options)
-    _redact_tokens_in_logs()  # now, before the server logs a first request
-    registry = registry if registry is not None else Registry()
-    # The optional parts, below: authentication, and other instances over Redis.
-    authorizer = _TokenAndHookAuthorizer(settings) if settings.authenticating else _Authorizer()
-    forwarder = _HttpForwarder(settings) if settings.forward_url or settings.lifecycle_target else _Forwarder()
-    registry.backend = _RedisBackend(registry, settings) if settings.redis_url else _Backend()
-    registry.presence_events = settings.presence_events
-    registry.settings = settings
-
-    async def healthz(request: Request) -> Response:
-        status, details = registry.backend.health()
-        return _json({"status": status, "connections": len(registry), **details})
-
-    async def metrics(request: Request) -> Response:
-        return PlainTextResponse(registry.metrics.render(len(registry), [
-                                     *registry.session_metrics(), *authorizer.metrics(), *forwarder.metrics(),
-                                     *registry.backend.metrics()]),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    async def probe(request: Request) -> Response:
-        """A plain GET of the WebSocket endpoint: what a handshake with these credentials would get.
-        Browsers cannot read a refused handshake's status; the JS client asks here."""
-        try:
-            async with gateway.admitting(request, str(uuid.uuid4())) as identity:
-                resume = _resume_request(request) if settings.recovery_window else None
-                if resume is not None:
-                    await registry.claim(resume[0], identity, spend=False)
-                response = _api_error(426, "upgrade_required", "a WebSocket handshake would be accepted")
-                response.headers["Upgrade"] = "websocket"
-        except _Refused as refusal:
-            response = _refusal_response(refusal.status, refusal.code, refusal.message)
-        origin = request.headers.get("origin")
-        if origin is not None and ("*" in settings.allowed_origins or origin in settings.allowed_origins):
-            response.headers.update({"Access-Control-Allow-Origin": origin, "Access-Control-Allow-Credentials": "true",
-                                     "Vary": "Origin"})
-        return response
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        _harden_process(settings)
-        async with registry.backend.running(), authorizer.running(), forwarder.running():
-            yield
-
-    page_routes: list[BaseRoute] = []
-    static = _static_folder(settings.static_dir)
-    if static is not None:
-        index = static / "index.html"
-
-        async def page(request: Request) -> Response:
-            return FileResponse(index)
-
-        page_routes = [Route("/", page, methods=["GET"]), Mount("/static", StaticFiles(directory=static))]
-
-    gateway = _Gateway(registry, settings, _choose_output, authorizer, forwarder)
-    registry.session_ended = gateway.ended
-    app = _GatewayApp(
-        gateway,
-        debug=debug,
-        routes=[
-            WebSocketRoute(settings.path, gateway),
-            Route(settings.path, probe, methods=["GET"]),
-            Route("/healthz", healthz, methods=["GET"]),
-            Route("/metrics", metrics, methods=["GET"]),
-            *_api_routes(registry, settings),
-            *page_routes,
-        ],
-        exception_handlers={HTTPException: _http_error, BackendUnavailable: _backend_unavailable},
-        lifespan=lifespan,
-    )
-    app.state.registry = registry
-    app.state.settings = settings
-    return app
-
-
-class _GatewayApp(Starlette):
-    """Starlette, calling the WebSocket endpoint directly when no middleware was added: its middleware
-    and router would each keep a coroutine frame alive for as long as a connection lasts."""
-
-    def __init__(self, gateway: _Gateway, **options: Any) -> None:
-        super().__init__(**options)
-        self.gateway = gateway
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket" and not self.user_middleware:
-            path, root_path = scope["path"], scope.get("root_path", "")
-            if root_path and path.startswith(root_path):  # mounted: match as Starlette's router does
-                path = path[len(root_path):]
-            if path == self.gateway.settings.path:
-                scope["app"] = self
-                await self.gateway(scope, receive, send)
-                return
-        await super().__call__(scope, receive, send)
-
-
-def _static_folder(static_dir: str) -> Path | None:
-    """The browser page's folder: beside the module (a checkout, a copied folder) or installed with it."""
-    if static_dir != "auto":
-        return Path(static_dir) if static_dir else None
-    here = Path(__file__).resolve().parent
-    for folder in (here / "static", here / "ws_micro_static"):
-        if (folder / "index.html").is_file():
-            return folder
-    return None  # a copied single file: the gateway runs without the page
-
-
-class _AppFromEnvironment:
-    """The gateway configured from ``WS_MICRO_*`` variables, built when the server starts it (its lifespan)
-    or first uses it, never at import: ``uvicorn ws_micro:app``, ``hypercorn ws_micro:app``, and so on."""
-
-    def __init__(self) -> None:
-        self._app: Starlette | None = None
-
-    def built(self) -> Starlette:
-        if self._app is None:
-            self._app = create_app(**options_from_env(Settings, os.environ))
-        return self._app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self._app is None and scope["type"] == "lifespan":  # a bad setting fails the startup, with its name
-            startup = await receive()
-            try:
-                self.built()
-            except ValueError as exc:
-                await send({"type": "lifespan.startup.failed", "message": str(exc)})
-                return
-            receive = _replaying(startup, receive)
-        await self.built()(scope, receive, send)
-
-    def __getattr__(self, name: str) -> Any:  # app.state, app.routes, ...: those of the built app
-        if name.startswith("__"):  # a tool probing for __wrapped__ and the like must not build it
-            raise AttributeError(name)
-        return getattr(self.built(), name)
-
-
-def _replaying(first: Message, receive: Receive) -> Receive:
-    pending = [first]
-
-    async def replay() -> Message:
-        return pending.pop() if pending else await receive()
-
-    return replay
-
-
-app = _AppFromEnvironment()
 
 
 # --------------------------------------------------------------------------
@@ -2542,6 +1846,7 @@ class _BackendClient:
             raise ConnectionError(str(exc) or type(exc).__name__) from None
 
 
+
 # --------------------------------------------------------------------------
 # Authentication: signed tokens and the connect hook
 # --------------------------------------------------------------------------
@@ -2555,6 +1860,22 @@ HOOK_ANSWER_LIMIT = 64 * 1024  # bytes of a hook's answer read before it counts 
 # refused (401, 403); it did not answer in time; it could not be reached; it answered another status;
 # it answered what is not a grant.  Every outcome but the first two refuses the handshake with 503.
 HOOK_OUTCOMES = ("accepted", "refused", "timeout", "unreachable", "bad_status", "bad_answer")
+
+
+class _Authorizer:
+    """Who a handshake is.  Without authentication, anyone: every connection is ``ANONYMOUS``.  With it,
+    :class:`_TokenAndHookAuthorizer` (below) grants an identity or raises :class:`_Refused`."""
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        yield
+
+    async def authorize(self, request: HTTPConnection, client_id: str) -> _Identity:
+        """``request``: the handshake (or a plain GET of the endpoint, asking what a handshake would get)."""
+        return ANONYMOUS
+
+    def metrics(self) -> list[_MetricFamily]:
+        return []
 
 
 def _credentials(request: HTTPConnection) -> str | None:
@@ -2758,6 +2079,7 @@ class _TokenAndHookAuthorizer(_Authorizer):
                  "outcome")]
 
 
+
 # --------------------------------------------------------------------------
 # Forwarding to the backend: client events, connects and disconnects
 # --------------------------------------------------------------------------
@@ -2773,6 +2095,32 @@ FORWARD_OUTCOMES = ("ok", "backend_error", "timeout", "unreachable", "busy")
 # Connect and disconnect notices (the notices_total labels): taken by the backend (2xx); tried again;
 # given up after lifecycle_retries more tries, or because NOTICE_QUEUE were waiting.
 NOTICE_OUTCOMES = ("sent", "retried", "dropped")
+
+
+
+class _Forwarder:
+    """Where the client events that no built-in or handler takes go, and who hears of connects and
+    disconnects.  Alone: nowhere (the sender gets ``unknown_event``), and no one.  With ``forward_url``,
+    :class:`_HttpForwarder` (below) POSTs them to the backend."""
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        yield
+
+    def takes(self, event: str) -> bool:
+        return False
+
+    async def forward(self, connection: _Connection, event: Event, failed: Callable[..., None]) -> None:
+        """Forward ``event`` and send its replies to ``connection``; else ``failed(code, message, **details)``."""
+
+    def connected(self, connection: _Connection) -> None:
+        """``connection`` was accepted."""
+
+    def disconnected(self, connection: _Connection) -> None:
+        """``connection`` ended, once for each connected(); its ``close_reason`` says how."""
+
+    def metrics(self) -> list[_MetricFamily | _Histogram]:
+        return []
 
 
 class _ReplyEvent(msgspec.Struct):
@@ -2968,1326 +2316,840 @@ class _HttpForwarder(_Forwarder):
                  self.notices, "outcome")]
 
 
+
 # --------------------------------------------------------------------------
-# Cluster over Redis
+# WebSocket endpoint
 # --------------------------------------------------------------------------
 
-UNAVAILABLE = "Redis is unavailable; only clients on this instance can be reached"
-RESYNCING = ("Redis lost the cluster's state and instances are still registering again; "
-             "only clients on this instance and on instances already back can be reached")
-NOT_LISTENING = "not listening to Redis (reconnecting, or dead for less than instance_ttl)"
-OUTBOX_LIMIT = 10_000  # deliveries waiting for Redis before senders wait too
-RESYNC_POLL = 0.1  # seconds between looks for peers while they are registering again
+class _Gateway:
+    """The WebSocket endpoint: handshake checks, the read loop and the protocol's routing."""
 
-# Why a cross-instance delivery was lost (the cluster_dropped_total labels): its client left
-# before it arrived; its instance was not listening (dead before its deadline passed, or
-# reconnecting); Redis could not be reached; Redis had lost the instances' state and they
-# had not all registered again.
-CLUSTER_DROP_REASONS = ("gone", "no_subscriber", "backend_unavailable", "resyncing")
-
-
-# Connection recovery's messages between instances (and from the scripts): a session was parked in
-# Redis by its instance, and every delivery on its way to it there has come since; it may be
-# resumed now; the instance resuming it has been sent every delivery routed to it before it did;
-# it ended (kicked, overflowed, expired, resumed), told the instance that parked it; and a request
-# to the instance holding a connection open to park it, for a client come back elsewhere.
-class _WasParked(msgspec.Struct, tag="parked", array_like=True):
-    client_id: str
-
-
-class _Sealed(msgspec.Struct, tag="sealed", array_like=True):
-    client_id: str
-
-
-class _WasResumed(msgspec.Struct, tag="resumed", array_like=True):
-    client_id: str
-
-
-class _SessionEnded(msgspec.Struct, tag="ended", array_like=True):
-    client_id: str
-    reason: str
-
-
-class _TakeOver(msgspec.Struct, tag="takeover", array_like=True):
-    client_id: str
-    token_hash: str
-    requester: str
-
-
-_Control = _WasParked | _Sealed | _WasResumed | _SessionEnded | _TakeOver
-
-_encode_delivery = msgspec.msgpack.Encoder().encode
-_decode_delivery = msgspec.msgpack.Decoder(_Delivery | _Control).decode
-
-# The scripts run inside Redis, so each lookup and its publish is one round trip, and liveness
-# is judged by one clock (Redis's).  ARGV[1] is the key prefix.  Keys, for prefix p:
-#   p:instances                ZSET  instance id -> deadline (Redis time, s): live while in the future
-#   p:directory                HASH  client id -> instance id
-#   p:instance:<id>:clients    HASH  client id -> the client's JSON entry in GET /api/clients
-#   p:instance:<id>:rooms      SET   rooms with members on that instance
-#   p:instance:<id>:users      SET   users with connections on that instance
-#   p:room:<room>              HASH  instance id -> members of the room there (whom to publish to)
-#   p:user:<user>              HASH  instance id -> connections of the user there
-#   p:room-members:<room>      HASH  client id -> instance id, for each member (presence)
-#   p:user-members:<user>      HASH  client id -> instance id, for each connection of the user
-#   p:deliveries:<id>          pub/sub channel of that instance
-# With connection recovery, a session waiting for its client lives in Redis as an instance of its
-# own, "~<client id>", alive until its window ends: the scripts route frames to it as to any
-# instance, and keep() appends them to its list instead of publishing them.
-#   p:session:<client id>      HASH  its resume token's hash, offsets, bounds, who parked it, who waits
-#   p:kept:<client id>         LIST  its frames, the first at offset "base"
-#   p:pending:<client id>      LIST  frames routed to it until it is sealed (then appended to kept)
-#   p:claiming:<client id>     STRING  the instance resuming it, for a few seconds: one resume wins
-#   p:used:<client id>         STRING  the hash of its last spent token (refused while the session is
-#                                      connected), expiring after the window
-_LUA_PRELUDE = """
-local p = ARGV[1]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local function alive(id)
-  local deadline = redis.call('ZSCORE', p .. ':instances', id)
-  return deadline and tonumber(deadline) > now
-end
-local function live()
-  return redis.call('ZRANGEBYSCORE', p .. ':instances', '(' .. now, '+inf')
-end
-local reached, unheard = 0, 0  -- clients sent a delivery; live instances that were not listening
-local function reap(id)
-  -- Each client's entry names its rooms and user: its memberships go with it, at a cost of the
-  -- instance's own memberships, whatever the size of the rooms.
-  local clients = p .. ':instance:' .. id .. ':clients'
-  local entries = redis.call('HGETALL', clients)
-  for i = 1, #entries, 2 do
-    local client = entries[i]
-    if redis.call('HGET', p .. ':directory', client) == id then redis.call('HDEL', p .. ':directory', client) end
-    local ok, entry = pcall(cjson.decode, entries[i + 1])
-    if ok and type(entry) == 'table' then
-      for _, room in ipairs(type(entry.rooms) == 'table' and entry.rooms or {}) do
-        redis.call('HDEL', p .. ':room-members:' .. room, client)
-      end
-      if type(entry.user) == 'string' then redis.call('HDEL', p .. ':user-members:' .. entry.user, client) end
-    end
-  end
-  for _, kind in ipairs({'room', 'user'}) do
-    local names = p .. ':instance:' .. id .. ':' .. kind .. 's'
-    for _, name in ipairs(redis.call('SMEMBERS', names)) do redis.call('HDEL', p .. ':' .. kind .. ':' .. name, id) end
-    redis.call('DEL', names)
-  end
-  redis.call('DEL', clients)
-  redis.call('ZREM', p .. ':instances', id)
-end
--- Make a client a member, on instance id, of a room or user ("room" or "user"); recovery moves members.
-local function add_member(kind, name, client, id)
-  redis.call('HINCRBY', p .. ':' .. kind .. ':' .. name, id, 1)
-  redis.call('SADD', p .. ':instance:' .. id .. ':' .. kind .. 's', name)
-  redis.call('HSET', p .. ':' .. kind .. '-members:' .. name, client, id)
-end
--- A waiting session ends: its memberships go, and the instance that parked it is told, to tell the
--- backend and the session's rooms.  ("ended", client, reason) is a _SessionEnded message.
-local function end_session(client, reason)
-  local session = p .. ':session:' .. client
-  local parker = redis.call('HGET', session, 'parker')
-  reap('~' .. client)
-  redis.call('DEL', session, p .. ':kept:' .. client, p .. ':pending:' .. client)
-  if parker then redis.call('PUBLISH', p .. ':deliveries:' .. parker, cmsgpack.pack({'ended', client, reason})) end
-end
--- Keep a delivery (a msgpack-encoded _Delivery) for a waiting session, within its bounds: 'kept';
--- 'kicked' (a kick ends it); or 'lost' (no such session, or this frame passed its bounds and ended it).
--- Until the session is sealed, frames routed to it here wait in a pending list, behind those its old
--- instance forwards ("diverted": routed to it there before it was parked), which go first.
-local function keep(client, message, diverted)
-  local d = cmsgpack.unpack(message)
-  local tag, text = d[1], nil
-  if tag == 'client' then text = d[3]
-  elseif tag == 'room' or tag == 'user' then text = d[3] .. (d[4] and (client .. d[4]) or '')
-  elseif tag == 'all' then text = d[2] .. (d[3] and (client .. d[3]) or '')
-  elseif tag == 'kick' or tag == 'kick_user' then end_session(client, 'kicked') return 'kicked'
-  else return 'lost' end
-  local session = p .. ':session:' .. client
-  local kept, pending = p .. ':kept:' .. client, p .. ':pending:' .. client
-  if redis.call('EXISTS', session) == 0 then return 'lost' end
-  local b = redis.call('HMGET', session, 'base', 'away_at', 'max_frames', 'max_bytes', 'sealed')
-  local base, away_at, max_frames, max_bytes = tonumber(b[1]), tonumber(b[2]), tonumber(b[3]), tonumber(b[4])
-  redis.call('RPUSH', (diverted or b[5] == '1') and kept or pending, text)
-  local n = redis.call('LLEN', kept) + redis.call('LLEN', pending)
-  local size = redis.call('HINCRBY', session, 'size', #text)
-  while n > max_frames or size > max_bytes do
-    if base >= away_at or redis.call('LLEN', kept) == 0 then end_session(client, 'overflowed') return 'lost' end
-    size = size - #redis.call('LPOP', kept)
-    base, n = base + 1, n - 1
-  end
-  redis.call('HSET', session, 'base', base, 'size', size)
-  return 'kept'
-end
-local function deliver(id, message, clients)
-  if string.sub(id, 1, 1) == '~' then
-    keep(string.sub(id, 2), message, false)
-    reached = reached + clients
-  elseif redis.call('PUBLISH', p .. ':deliveries:' .. id, message) > 0 then
-    reached = reached + clients
-  else
-    unheard = unheard + 1
-  end
-end
-"""
-_LUA = {
-    # ARGV: p, instance, ttl -> {1 if the instance was not registered (new, reaped, or Redis restarted),
-    #                            {live instances}}
-    "heartbeat": """
-local added = redis.call('ZADD', p .. ':instances', now + tonumber(ARGV[3]), ARGV[2])
-for _, dead in ipairs(redis.call('ZRANGEBYSCORE', p .. ':instances', '-inf', now)) do
-  if string.sub(dead, 1, 1) == '~' then end_session(string.sub(dead, 2), 'expired') else reap(dead) end
-end
-return {added, live()}""",
-    # ARGV: p, instance
-    "reap": "reap(ARGV[2]) return 1",
-    # The delivery scripts (send, room, all) answer nil when their own instance is not registered:
-    # Redis lost its state (restarted empty, flushed) or reaped it, so the directory cannot be trusted.
-    # ARGV: p, client id, message, own instance -> -1 no such client, 0 its instance is not listening, 1 sent
-    "send": """
-if not redis.call('ZSCORE', p .. ':instances', ARGV[4]) then return false end
-local id = redis.call('HGET', p .. ':directory', ARGV[2])
-if not id or id == ARGV[4] or not alive(id) then return -1 end
-if string.sub(id, 1, 1) == '~' then return keep(ARGV[2], ARGV[3], false) == 'lost' and -1 or 1 end
-return redis.call('PUBLISH', p .. ':deliveries:' .. id, ARGV[3])""",
-    # ARGV: p, "room:<room>" or "user:<user>", message, own instance
-    #   -> {members reached on other instances, live instances with members that were not listening}
-    "group": """
-if not redis.call('ZSCORE', p .. ':instances', ARGV[4]) then return false end
-local counts = redis.call('HGETALL', p .. ':' .. ARGV[2])
-for i = 1, #counts, 2 do
-  if counts[i] ~= ARGV[4] and alive(counts[i]) then deliver(counts[i], ARGV[3], tonumber(counts[i + 1])) end
-end
-return {reached, unheard}""",
-    # ARGV: p, message, own instance -> {clients reached on other instances, live instances not listening}
-    "all": """
-if not redis.call('ZSCORE', p .. ':instances', ARGV[3]) then return false end
-for _, id in ipairs(live()) do
-  if id ~= ARGV[3] then deliver(id, ARGV[2], redis.call('HLEN', p .. ':instance:' .. id .. ':clients')) end
-end
-return {reached, unheard}""",
-    # ARGV: p, "room" or "user", its name, own instance, members here, a client id, 1 if that client is a
-    #       member now (else 0) -> members on every live instance
-    "members": """
-local key = p .. ':' .. ARGV[2] .. ':' .. ARGV[3]
-local names = p .. ':instance:' .. ARGV[4] .. ':' .. ARGV[2] .. 's'
-if ARGV[7] == '1' then
-  redis.call('HSET', p .. ':' .. ARGV[2] .. '-members:' .. ARGV[3], ARGV[6], ARGV[4])
-else
-  redis.call('HDEL', p .. ':' .. ARGV[2] .. '-members:' .. ARGV[3], ARGV[6])
-end
-if tonumber(ARGV[5]) > 0 then
-  redis.call('HSET', key, ARGV[4], ARGV[5])
-  redis.call('SADD', names, ARGV[3])
-else
-  redis.call('HDEL', key, ARGV[4])
-  redis.call('SREM', names, ARGV[3])
-end
-local members = 0
-local counts = redis.call('HGETALL', key)
-for i = 1, #counts, 2 do
-  if alive(counts[i]) then members = members + tonumber(counts[i + 1]) end
-end
-return members""",
-    # ARGV: p -> the JSON entries of every client on a live instance
-    "list": """
-local entries = {}
-for _, id in ipairs(live()) do
-  for _, entry in ipairs(redis.call('HVALS', p .. ':instance:' .. id .. ':clients')) do
-    entries[#entries + 1] = entry
-  end
-end
-return entries""",
-    # ARGV: p, "room" or "user", its name -> the JSON entries of its members on live instances
-    "group_members": """
-local entries = {}
-local members = redis.call('HGETALL', p .. ':' .. ARGV[2] .. '-members:' .. ARGV[3])
-for i = 1, #members, 2 do
-  if alive(members[i + 1]) then
-    local entry = redis.call('HGET', p .. ':instance:' .. members[i + 1] .. ':clients', members[i])
-    if entry then entries[#entries + 1] = entry end
-  end
-end
-return entries""",
-    # ARGV: p -> {room, members, room, members, ...}: every room with members on a live instance
-    "rooms": """
-local totals, order = {}, {}
-for _, id in ipairs(live()) do
-  for _, room in ipairs(redis.call('SMEMBERS', p .. ':instance:' .. id .. ':rooms')) do
-    local count = tonumber(redis.call('HGET', p .. ':room:' .. room, id) or 0)
-    if count > 0 then
-      if not totals[room] then totals[room] = 0; order[#order + 1] = room end
-      totals[room] = totals[room] + count
-    end
-  end
-end
-local flat = {}
-for _, room in ipairs(order) do flat[#flat + 1] = room; flat[#flat + 1] = totals[room] end
-return flat""",
-    # Connection recovery.  ARGV: p, client id, its entry (JSON, with rooms and user), the members left here
-    # of its rooms and user (JSON {"rooms": {room: n}, "user": n}), token hash, window (s), base, away_at,
-    # max_frames, max_bytes, size, who waits for it ("" none), 1 if sealed already, its kept frames..., own
-    # instance
-    # -> 1 parked, 0 it was not this instance's (Redis lost it): it is not kept.  The marker ("parked",
-    # client) on our own channel comes after every delivery that was on its way to it here.
-    "park": """
-local client, own = ARGV[2], ARGV[#ARGV]
-local home = '~' .. client
-if redis.call('HGET', p .. ':directory', client) ~= own then return 0 end
-local entry, left = cjson.decode(ARGV[3]), cjson.decode(ARGV[4])
-redis.call('HSET', p .. ':directory', client, home)
-redis.call('HDEL', p .. ':instance:' .. own .. ':clients', client)
-redis.call('HSET', p .. ':instance:' .. home .. ':clients', client, ARGV[3])
-local function move(kind, name, members_left)
-  if members_left > 0 then
-    redis.call('HSET', p .. ':' .. kind .. ':' .. name, own, members_left)
-  else
-    redis.call('HDEL', p .. ':' .. kind .. ':' .. name, own)
-    redis.call('SREM', p .. ':instance:' .. own .. ':' .. kind .. 's', name)
-  end
-  add_member(kind, name, client, home)
-end
-for _, room in ipairs(entry.rooms) do move('room', room, tonumber(left.rooms[room]) or 0) end
-if type(entry.user) == 'string' then move('user', entry.user, tonumber(left.user) or 0) end
-redis.call('ZADD', p .. ':instances', now + tonumber(ARGV[6]), home)
-local session = p .. ':session:' .. client
-redis.call('DEL', session, p .. ':kept:' .. client)
-redis.call('HSET', session, 'token', ARGV[5], 'parker', own, 'sealed', ARGV[13], 'base', ARGV[7], 'away_at', ARGV[8],
-           'max_frames', ARGV[9], 'max_bytes', ARGV[10], 'size', ARGV[11])
-if ARGV[12] ~= '' then redis.call('HSET', session, 'waiter', ARGV[12]) end
-for i = 14, #ARGV - 1 do redis.call('RPUSH', p .. ':kept:' .. client, ARGV[i]) end
-redis.call('PUBLISH', p .. ':deliveries:' .. own, cmsgpack.pack({'parked', client}))
-return 1""",
-    # ARGV: p, client id, a msgpack-encoded delivery that was on its way to it, own instance -> 1
-    "keep": "keep(ARGV[2], ARGV[3], true) return 1",
-    # ARGV: p, client id, reason, own instance -> 1
-    "end": "if redis.call('EXISTS', p .. ':session:' .. ARGV[2]) == 1 then end_session(ARGV[2], ARGV[3]) end return 1",
-    # Every delivery on its way to the parker has been kept: it may be resumed.  ARGV: p, client id, own
-    "seal": """
-local session = p .. ':session:' .. ARGV[2]
-if redis.call('EXISTS', session) == 0 then return 0 end
-local pending = p .. ':pending:' .. ARGV[2]
-for _, frame in ipairs(redis.call('LRANGE', pending, 0, -1)) do redis.call('RPUSH', p .. ':kept:' .. ARGV[2], frame) end
-redis.call('DEL', pending)
-redis.call('HSET', session, 'sealed', 1)
-local waiter = redis.call('HGET', session, 'waiter')
-if waiter then redis.call('PUBLISH', p .. ':deliveries:' .. waiter, cmsgpack.pack({'sealed', ARGV[2]})) end
-return 1""",
-    # ARGV: p, instance, message, own instance -> 1: a control message to one instance
-    "tell": "redis.call('PUBLISH', p .. ':deliveries:' .. ARGV[2], ARGV[3]) return 1",
-    # What a resume token would take; with "claim", it is held for this instance for a few seconds, so
-    # that one concurrent resume wins.  The token spent last is as good while the session waits (its
-    # client may never have had the next one).  ARGV: p, client id, token hash, "claim" or "look", own
-    # instance -> {"parked", entry} | {"unsealed"} (we are told when it is) | {"open", instance}
-    #           | {"reused"} | {"none"}
-    "peek": """
-local client, own = ARGV[2], ARGV[#ARGV]
-local id = redis.call('HGET', p .. ':directory', client)
-local used = redis.call('GET', p .. ':used:' .. client) == ARGV[3]
-if not id or not alive(id) then return {'none'} end
-if string.sub(id, 1, 1) ~= '~' then return used and {'reused'} or {'open', id} end
-local session = p .. ':session:' .. client
-local s = redis.call('HMGET', session, 'token', 'sealed')
-if s[1] ~= ARGV[3] and not used then return {'none'} end
-if s[2] ~= '1' then redis.call('HSET', session, 'waiter', own) return {'unsealed'} end
-if ARGV[4] == 'claim' and not redis.call('SET', p .. ':claiming:' .. client, own, 'NX', 'EX', 3) then
-  return {'reused'}
-end
-return {'parked', redis.call('HGET', p .. ':instance:' .. id .. ':clients', client)}""",
-    # Take a parked session: its memberships move here, its token is spent.  ARGV: p, client id, token
-    # hash, its new entry, window (s), own instance -> {"ok", base, away_at, frames...}, or {"gone"} if
-    # it is not there (ended, or taken).  The marker ("resumed", client) on our channel follows every
-    # delivery routed here for it before, which its list holds.
-    "resume": """
-local client, own = ARGV[2], ARGV[#ARGV]
-local home = '~' .. client
-local session = p .. ':session:' .. client
-local s = redis.call('HMGET', session, 'token', 'sealed', 'base', 'away_at', 'parker')
-local token_ok = s[1] == ARGV[3] or redis.call('GET', p .. ':used:' .. client) == ARGV[3]
-if redis.call('HGET', p .. ':directory', client) ~= home or not alive(home) or not token_ok or s[2] ~= '1'
-    or redis.call('GET', p .. ':claiming:' .. client) ~= own then
-  return {'gone'}
-end
-for _, kind in ipairs({'room', 'user'}) do
-  for _, name in ipairs(redis.call('SMEMBERS', p .. ':instance:' .. home .. ':' .. kind .. 's')) do
-    add_member(kind, name, client, own)
-  end
-end
-redis.call('HSET', p .. ':directory', client, own)
-redis.call('HSET', p .. ':instance:' .. own .. ':clients', client, ARGV[4])
-local frames = redis.call('LRANGE', p .. ':kept:' .. client, 0, -1)
--- reap() would take the memberships just moved: drop the parked instance's own keys only.
-for _, kind in ipairs({'room', 'user'}) do
-  local names = p .. ':instance:' .. home .. ':' .. kind .. 's'
-  for _, name in ipairs(redis.call('SMEMBERS', names)) do redis.call('HDEL', p .. ':' .. kind .. ':' .. name, home) end
-  redis.call('DEL', names)
-end
-redis.call('DEL', p .. ':instance:' .. home .. ':clients', session, p .. ':kept:' .. client,
-           p .. ':pending:' .. client, p .. ':claiming:' .. client)
-redis.call('ZREM', p .. ':instances', home)
-redis.call('SET', p .. ':used:' .. client, ARGV[3], 'EX', math.ceil(tonumber(ARGV[5])))
-redis.call('PUBLISH', p .. ':deliveries:' .. own, cmsgpack.pack({'resumed', client}))
-if s[5] then redis.call('PUBLISH', p .. ':deliveries:' .. s[5], cmsgpack.pack({'ended', client, 'resumed'})) end
-local answer = {'ok', s[3], s[4]}
-for _, frame in ipairs(frames) do answer[#answer + 1] = frame end
-return answer""",
-    # ARGV: p, client id -> its JSON entry, if its instance is live
-    "get": """
-local id = redis.call('HGET', p .. ':directory', ARGV[2])
-if not id or not alive(id) then return false end
-return redis.call('HGET', p .. ':instance:' .. id .. ':clients', ARGV[2])""",
-}
-
-
-def _ignore(result: Any) -> None:
-    pass
-
-
-def _group_key(delivery: _ToGroup) -> str:
-    """The Redis key (after the prefix) of the instances holding a delivery's room or user."""
-    return f"room:{delivery.room}" if isinstance(delivery, _ToRoom) else f"user:{delivery.user}"
-
-
-class _RedisBackend(_Backend):
-    """Several gateway instances sharing one registry over Redis; docs/cluster.md has the design.
-
-    Each instance publishes what belongs to another on that instance's channel,
-    found through a directory of client -> instance.  Delivery is at most once,
-    and no loss is silent: it is counted, and a sender gets ``backend_unavailable``.
-    """
-
-    def __init__(self, registry: Registry, settings: Settings) -> None:
-        try:
-            import redis.asyncio
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
-            from redis.exceptions import RedisError
-        except ImportError:
-            raise ValueError("redis_url needs the redis package: pip install 'ws-micro[redis]'") from None
-
-        assert settings.redis_url is not None
+    def __init__(self, registry: Registry, settings: Settings, server: _ServerSupport,
+                 authorizer: _Authorizer, forwarder: _Forwarder) -> None:
         self.registry = registry
         self.settings = settings
-        self.instance = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.available = False
-        # Deliveries from other instances, and those lost (pub/sub is at-most-once).
-        self.received = 0
-        self.dropped = collections.Counter(dict.fromkeys(CLUSTER_DROP_REASONS, 0))
-        self._errors = (RedisError, OSError)
-        # Fail fast and let the supervisor reconnect: redis-py's own retries would stall a read loop.
-        self.redis = redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout,
-                                                  socket_connect_timeout=settings.redis_timeout,
-                                                  retry=Retry(NoBackoff(), 0))
-        # Subscribed, a quiet channel is normal: no read timeout (older redis-py applies it to listen()).
-        # A dead connection shows in the heartbeat, which ends the session.
-        self._subscriber = redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=None,
-                                                        socket_connect_timeout=settings.redis_timeout,
-                                                        retry=Retry(NoBackoff(), 0))
-        self._scripts = {name: self.redis.register_script(_LUA_PRELUDE + body) for name, body in _LUA.items()}
-        # Not the p:instance:<id> of 0.1.0, whose deliveries were laid out otherwise: mixed versions do not
-        # misread each other, they find each other not listening (counted, and answered backend_unavailable).
-        self._channel = f"{settings.redis_prefix}:deliveries:{self.instance}"
-        self._clients_key = f"{settings.redis_prefix}:instance:{self.instance}:clients"
-        self._tasks: TaskGroup | None = None
-        self._session: anyio.CancelScope | None = None  # the current connection's, cancelled on failure
-        self._outbox: list[tuple[str, tuple[Any, ...], Callable[[Any], None]]] = []
-        self._outbox_ready: anyio.Event | None = None  # events need the event loop: made in running()
-        self._outbox_drained: anyio.Event
-        # Connection recovery: sessions parked by this instance, until they end (to tell of it), and of
-        # those, the ones whose marker has not come back (deliveries for them here go to Redis too);
-        # sessions resumed here whose marker has not come (earlier deliveries are in their lists); resumes
-        # waiting for a session to be sealed; and clients an instance waits for us to park.
-        self._parked: dict[str, _Connection] = {}
-        self._parking: dict[str, _Connection] = {}
-        self._resuming: set[str] = set()
-        self._sealed: dict[str, anyio.Event] = {}
-        self._takeovers: dict[str, str] = {}
-        self._peers: set[str] = set()  # other instances alive at the last heartbeat
-        self._missing: set[str] = set()  # peers not registered again since Redis lost their state
-        self._missing_until = 0.0  # time.monotonic() after which they count as dead
+        self.server = server
+        self.authorizer = authorizer
+        self.forwarder = forwarder
+        self._handshakes = 0  # accepts in flight, counted against max_connections
+        self.waiting = 0  # connections whose request head has not arrived (counted under serve()), likewise
+        self._builtins = {name: getattr(self, f"_{name}") for name in BUILTIN_EVENTS}
 
-    # Running
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        accepted = await self._accept(scope, receive, send)
+        if accepted is None:
+            return
+        connection, resuming = accepted
+        try:
+            if resuming is None or not await self._resume(connection, *resuming):
+                # A token that found no session counts here; a session that could not be resumed, as it ended.
+                await self._start(connection, resuming is not None and resuming[0] is None)
+            if await self._read(connection, receive):
+                return
+            await connection.closed()
+            # Some servers (hypercorn) stop reading the socket while the app reads nothing: the peer's
+            # close reply would never be read, nor the connection end.  Take, and drop, what it still sends.
+            with anyio.move_on_after(self.settings.close_timeout):
+                while (await receive())["type"] != "websocket.disconnect":
+                    pass
+        finally:
+            connection.abandon()
+            self.registry._remove(connection)  # it may have left already, when it started closing
+            connection.close_reason = connection.close_reason or "abnormal"
+            self.registry._metrics.disconnects[connection.close_reason] += 1
+            if connection.state is not _State.AWAY and connection.state is not _State.MOVED:
+                self.ended(connection)  # else its session goes on: ended() is called when it ends
 
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[None]:
-        """Keep this instance in the cluster while the app runs; leave it cleanly at shutdown."""
-        async with anyio.create_task_group() as tasks:
-            self._tasks = tasks
-            self._outbox_ready, self._outbox_drained = anyio.Event(), anyio.Event()
-            tasks.start_soon(self._supervise)
-            tasks.start_soon(self._flush)
-            try:
-                yield
-            finally:
-                # Sessions parked as the server closed their connections (recovery): onto Redis first.
-                with anyio.move_on_after(self.settings.redis_timeout):
-                    while self._outbox and self.available:
-                        await self._outbox_drained.wait()
-                tasks.cancel_scope.cancel()
-                with anyio.CancelScope(shield=True), anyio.move_on_after(self.settings.redis_timeout):
-                    with contextlib.suppress(BackendUnavailable):  # then the others reap us by deadline
-                        await self._script("reap", self.instance)
-                    await self.redis.aclose()
-                    await self._subscriber.aclose()
-                self._tasks = None
+    def ended(self, connection: _Connection) -> None:
+        """A client's session ended: with recovery on, maybe long after its last connection did."""
+        self.forwarder.disconnected(connection)
+        logger.debug("client %s disconnected (%s)", connection.id, connection.close_reason)
 
-    async def _supervise(self) -> None:
-        delay = 0.1
-        while True:
-            self._session = anyio.CancelScope()
-            with self._session:
-                try:
-                    async with self._subscriber.pubsub() as pubsub:
-                        await pubsub.subscribe(self._channel)
-                        await self._sync()
-                        if not self.available:
-                            logger.info("cluster: instance %s joined over Redis", self.instance)
-                        self.available, delay = True, 0.1
-                        async with anyio.create_task_group() as tasks:
-                            tasks.start_soon(self._heartbeat)
-                            await self._listen(pubsub)
-                except* (*self._errors, BackendUnavailable) as failure:
-                    if self.available:
-                        logger.warning("cluster: Redis unavailable (%s); retrying", failure.exceptions[0])
-            self.available = False
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+    async def _start(self, connection: _Connection, no_session_found: bool) -> None:
+        """Open a new session: register the connection, greet it, and join the rooms it was granted."""
+        self.forwarder.connected(connection)
+        self.registry._add(connection)
+        await self.registry._backend.register(connection)  # findable before anyone can learn the id
+        identity = connection.identity
+        if no_session_found:
+            self.registry._sessions.outcomes["not_recovered"] += 1
+        self._greet(connection, list(identity.rooms) if identity.authenticated else None, recovered=False)
+        for room in identity.rooms:
+            if await self.registry._join(connection, room):
+                self.registry._announce(room, "joined", connection)
+        logger.debug("client %s connected", connection.id)
 
-    @property
-    def resyncing(self) -> bool:
-        """Whether peers that Redis lost may still be registering again (docs/cluster.md: the resync window)."""
-        return bool(self._missing) and time.monotonic() < self._missing_until
-
-    @property
-    def instances(self) -> int:
-        """The live instances this one saw at its last heartbeat, itself included."""
-        return len(self._peers) + 1
-
-    def _lost(self) -> None:
-        """A command failed: stop the session, so the supervisor reconnects and writes our state again."""
-        self.available = False
-        if self._session is not None:
-            self._session.cancel()
-
-    async def _heartbeat(self) -> None:
-        while True:
-            # While peers are registering again, frames for them are refused: look for them often.
-            await anyio.sleep(min(self.settings.heartbeat_interval, RESYNC_POLL) if self._missing
-                              else self.settings.heartbeat_interval)
-            added, live = await self._script("heartbeat", self.instance, self.settings.instance_ttl)
-            if added:
-                logger.warning("cluster: instance %s had been dropped from Redis; registering again",
-                               self.instance)
-                await self._sync()  # before _saw(): the peers we knew are those Redis may have lost
-            else:
-                self._saw(live)
-
-    def _saw(self, live: Sequence[bytes]) -> None:
-        """Note the instances alive now: peers back end the resynchronising window."""
-        self._peers = {instance.decode() for instance in live if not instance.startswith(b"~")} - {self.instance}
-        if self._missing:
-            self._missing -= self._peers
-            if not self._missing:
-                logger.info("cluster: every instance is registered again")
-            elif time.monotonic() >= self._missing_until:
-                logger.warning("cluster: instance(s) %s did not register again within instance_ttl; "
-                               "counting them as dead", ", ".join(sorted(self._missing)))
-                self._missing = set()
-
-    async def _sync(self) -> None:
-        """Write this instance's whole state (its clients and rooms), replacing whatever Redis had."""
-        prefix = self.settings.redis_prefix
-        async with self.redis.pipeline(transaction=True) as pipe:
-            await self._scripts["reap"](args=(prefix, self.instance), client=pipe)
-            await self._scripts["heartbeat"](args=(prefix, self.instance, self.settings.instance_ttl), client=pipe)
-            connections = list(self.registry.connections.values())
-            if connections:
-                pipe.hset(f"{prefix}:directory", mapping={c.id: self.instance for c in connections})
-                pipe.hset(self._clients_key, mapping={c.id: self._entry(c) for c in connections})
-            for kind, groups in (("room", self.registry.rooms), ("user", self.registry.users)):
-                for name, members in groups.items():
-                    pipe.hset(f"{prefix}:{kind}:{name}", self.instance, len(members))
-                    pipe.hset(f"{prefix}:{kind}-members:{name}", mapping=dict.fromkeys(members, self.instance))
-                    pipe.sadd(f"{prefix}:instance:{self.instance}:{kind}s", name)
-            results = await pipe.execute()
-        # Peers we saw alive that Redis does not hold now may be reconnecting, as we did: until they
-        # are back (or instance_ttl has passed), frames that may be for them are refused, not lost.
-        known = self._peers | (self._missing if self.resyncing else set())
-        self._saw(results[1][1])
-        if known - self._peers:
-            self._missing = known - self._peers
-            self._missing_until = time.monotonic() + self.settings.instance_ttl
-            logger.warning("cluster: waiting up to %gs for instance(s) %s to register again; "
-                           "until then frames that may be for them fail with backend_unavailable",
-                           self.settings.instance_ttl, ", ".join(sorted(self._missing)))
-
-    async def _listen(self, pubsub: Any) -> None:
-        async for message in pubsub.listen():
-            if message["type"] != "message":
-                continue
-            try:
-                delivery = _decode_delivery(message["data"])
-            except msgspec.MsgspecError:
-                logger.warning("cluster: ignored a message on %s that is not ws_micro's", self._channel)
-                continue
-            if isinstance(delivery, _Control):
-                self._control(delivery)
-                continue
-            self.received += 1
-            if self._parking and self._divert(delivery, message["data"]):
-                continue
-            if not self.registry.deliver_here(delivery, self._resuming):
-                self.dropped["gone"] += 1
-
-    # Sessions (connection recovery; docs/recovery.md, "In cluster mode")
-
-    def park(self, connection: _Connection) -> bool:
-        """Move an away connection's session to Redis (see the "park" script), soon; False while Redis is
-        away: then it waits here, and can be resumed here only."""
-        if not self.available or self._outbox_ready is None:
+    async def _resume(self, connection: _Connection, claimed: _Connection | _Parked | None,
+                      offset: int | None) -> bool:
+        """Go on with the claimed session, if its frames are all kept: greet the connection as its
+        client, then replay what the client missed, before any new frame; else False."""
+        missed = None if claimed is None else await self.registry._resume(connection, claimed, offset)
+        if missed is None:
+            if claimed is not None:
+                connection.renew(self.registry._sessions.new())  # a new session, then: not the one it came for
             return False
-        # Soon, not now: the delivery whose write found the connection dead queues its script first, so the
-        # frame is in the session's kept frames once, not also sent on to it by that script.
-        asyncio.get_running_loop().call_soon(self._park, connection)
+        assert connection.session is not None
+        # Its rooms are those of its session, as far as its credentials now allow, and those they grant.
+        identity = connection.identity
+        revoked = sorted(room for room in connection.rooms if not identity.may_join(room))
+        granted = [room for room in identity.rooms if room not in connection.rooms]
+        self._greet(connection, sorted({*connection.rooms, *granted} - {*revoked}), recovered=True,
+                    offset=connection.session.sent - len(missed), missed=len(missed))
+        for text in missed:
+            connection.send(text, keep=False)
+        logger.debug("client %s resumed, %d frames replayed", connection.id, len(missed))
+        for room in revoked:
+            await self.registry._leave(connection, room)
+            self.registry._announce(room, "left", connection)
+        for room in granted:
+            if await self.registry._join(connection, room):
+                self.registry._announce(room, "joined", connection)
         return True
 
-    def _park(self, connection: _Connection) -> None:
-        registry, user, session = self.registry, connection.identity.user, connection.session
-        if registry.connections.get(connection.id) is not connection or not connection.away or session is None:
-            return  # resumed here, or ended, meanwhile
-        if not self.available:
-            registry.wait_here(connection)
-            return
-        left = {"rooms": {room: len(registry.rooms.get(room, ())) - 1 for room in connection.rooms},
-                "user": 0 if user is None else len(registry.users.get(user, ())) - 1}
-        settings = self.settings
-        client_id = connection.id
+    def _greet(self, connection: _Connection, rooms: list[str] | None, **recovery: Any) -> None:
+        """Send the connect frame: with authentication, the user (and ``rooms``); with recovery on, the
+        session's next resume token and ``recovery``'s fields."""
+        greeting: dict[str, Any] = {"message": "connection request granted"}
+        if connection.identity.authenticated:
+            greeting["user"] = connection.identity.user
+        if rooms is not None:
+            greeting["rooms"] = rooms
+        if connection.session is not None:
+            greeting.update(resume_token=connection.session.issue_token(connection.id), **recovery)
+        connection.send(_Frame("connect", greeting).to(connection.id), keep=False)
 
-        def done(result: Any) -> None:
-            if result != 1:  # not kept: the session is over
-                self._session_over(client_id, "abnormal")
-
-        # The server is stopping (a rolling restart): what is on its way here is lost anyway, and this
-        # instance may not be listening for its marker; sealed now, the session can be resumed elsewhere.
-        sealed = connection.close_reason == "shutdown"
-        self._enqueue("park", (client_id, self._entry(connection), _encode(left), session.token_hash.hex(),
-                               settings.recovery_window, session.sent - len(session.frames), session.away_at,
-                               settings.recovery_max_frames, settings.recovery_max_bytes, session.size,
-                               self._takeovers.pop(client_id, ""), int(sealed), *session.frames), done)
-        registry.forget(connection)
-        self._parked[client_id] = connection
-        if not sealed:
-            self._parking[client_id] = connection
-        if len(self._parked) > settings.recovery_max_sessions:
-            self._enqueue("end", (next(iter(self._parked)), "evicted"), _ignore)
-
-    def _divert(self, delivery: _Delivery, message: bytes) -> bool:
-        """Keep in Redis what came here for sessions being parked; True if that was all it was for."""
-        for connection in self._parking.values():
-            match delivery:
-                case _ToClient(client_id) | _Kick(client_id) if client_id == connection.id:
-                    self._enqueue("keep", (client_id, message), _ignore)
-                    return True
-                case _ToRoom(room) if room in connection.rooms:
-                    self._enqueue("keep", (connection.id, message), _ignore)
-                case _ToUser(user) | _KickUser(user) if user == connection.identity.user:
-                    self._enqueue("keep", (connection.id, message), _ignore)
-                case _ToEveryone():
-                    self._enqueue("keep", (connection.id, message), _ignore)
-        return False
-
-    def _control(self, message: _Control) -> None:
-        match message:
-            case _WasParked(client_id):
-                if self._parking.pop(client_id, None) is not None:
-                    self._enqueue("seal", (client_id,), _ignore)
-            case _Sealed(client_id):
-                if client_id in self._sealed:
-                    self._sealed[client_id].set()
-            case _WasResumed(client_id):
-                self._resuming.discard(client_id)
-            case _SessionEnded(client_id, reason):
-                self._session_over(client_id, reason)
-            case _TakeOver(client_id, token_hash, requester):
-                connection = self.registry.connections.get(client_id)
-                session = None if connection is None else connection.session
-                if connection is not None and connection.open and session is not None and hmac.compare_digest(
-                        session.token_hash.hex(), token_hash):
-                    self._takeovers[client_id] = requester  # park() names it, for the seal to tell it
-                    connection.drop()
-                else:
-                    self._enqueue("tell", (requester, _encode_delivery(_Sealed(client_id))), _ignore)
-
-    def _session_over(self, client_id: str, reason: str) -> None:
-        """A session this instance parked ended: tell its rooms and the backend, unless it was resumed."""
-        self._parking.pop(client_id, None)
-        connection = self._parked.pop(client_id, None)
-        if connection is None or reason == "resumed":
-            return
-        connection.close_reason = reason
-        if reason in SESSION_OUTCOMES:
-            self.registry.sessions[reason] += 1
-        for room in connection.rooms:
-            self.registry.announce(room, "left", connection)
-        self.registry.session_ended(connection)
-
-    async def claim(self, client_id: str, token_hash: str, user: str | None, *,
-                    spend: bool) -> _Parked | Literal[False] | None:
-        sealed = self._sealed[client_id] = anyio.Event()
+    async def _accept(self, scope: Scope, receive: Receive, send: Send
+                      ) -> tuple[_Connection, tuple[_Connection | _Parked | None, int | None] | None] | None:
+        """Check and accept the handshake; the new connection, and if it came to resume a session, the
+        session it claimed (None if there is none) and the client's offset; or None if it was refused
+        or abandoned."""
+        websocket = WebSocket(scope, receive, send)
+        claimed: _Connection | _Parked | None = None
+        client_id = str(uuid.uuid4())  # the connect hook is asked about a new id, even for a resume
         try:
-            for attempt in range(2):
-                kind, *found = await self._request("peek", client_id, token_hash, "claim" if spend else "look")
-                if kind == b"reused":
-                    return None
-                if kind == b"parked":
-                    entry = msgspec.json.decode(found[0])
-                    return _Parked(client_id, token_hash, tuple(entry["rooms"])) if entry["user"] == user else False
-                if kind == b"none" or not spend or attempt:
-                    return False
-                if kind == b"open":  # connected through another instance: ask it to let go
-                    self._enqueue("tell", (found[0], _encode_delivery(_TakeOver(client_id, token_hash, self.instance))),
-                                  _ignore)
-                with anyio.move_on_after(self.settings.redis_timeout):
-                    await sealed.wait()
-        except BackendUnavailable:
-            pass
+            resume = _resume_request(websocket) if self.settings.recovery_window else None
+            async with self.admitting(websocket, client_id) as identity:
+                if resume is not None:
+                    claimed = await self.registry._claim(resume[0], identity)
+                    if claimed is not None:
+                        client_id = claimed.id if isinstance(claimed, _Connection) else claimed.client_id
+                await websocket.accept()
+        except _Refused as refusal:
+            self.registry._metrics.rejected_handshakes[refusal.code] += 1
+            await _deny(websocket, refusal.status, refusal.code, refusal.message)
+            return None
+        except WebSocketDisconnect:
+            if isinstance(claimed, _Connection) and claimed.session is not None:
+                claimed.session.unclaim()
+            return None
+        client = websocket.client
+        output = self.server.output(scope, receive, send, self.settings, self.registry._metrics)
+        connection = _Connection(output, remote=f"{client.host}:{client.port}" if client else None,
+                                 settings=self.settings, metrics=self.registry._metrics, on_close=self.registry._remove,
+                                 client_id=client_id, identity=identity, session=self.registry._sessions.new())
+        output.guard(connection)
+        return connection, None if resume is None else (claimed, resume[1])
+
+    @contextlib.asynccontextmanager
+    async def admitting(self, request: HTTPConnection, client_id: str) -> AsyncIterator[_Identity]:
+        """Check a handshake (origin, room on the server, credentials), counting it against
+        ``max_connections`` until the block ends; raise :class:`_Refused` if it may not connect."""
+        origin = request.headers.get("origin")
+        if origin is not None and not _origin_allowed(origin, request.headers.get("host", ""),
+                                                      self.settings.allowed_origins):
+            raise _Refused(403, "origin", f"origin {origin!r} is not allowed")
+        if len(self.registry) + self._handshakes + self.waiting >= self.settings.max_connections:
+            raise _Refused(503, "full", f"server is full ({self.settings.max_connections} connections)")
+        self._handshakes += 1
+        try:
+            yield await self.authorizer.authorize(request, client_id)
         finally:
-            if self._sealed.get(client_id) is sealed:
-                del self._sealed[client_id]
+            self._handshakes -= 1
+
+    async def _read(self, connection: _Connection, receive: Receive) -> bool:
+        """Handle frames until the connection starts closing (False) or the peer leaves (True)."""
+        while connection.open:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                code = message.get("code", 1006)
+                # 1009: the server's engine closed it for a frame over the limit, which ends a session too.
+                connection.gone(_PEER_REASONS.get(code, "peer_error"),
+                                final=code in (CLOSE_NORMAL, CLOSE_MESSAGE_TOO_BIG))
+                return True
+            if not connection.open:  # it started closing while we waited (kicked, cut off): handle no more
+                return False
+            text = message.get("text")
+            if text is None:
+                connection.close(CLOSE_UNSUPPORTED_DATA, "binary frames are not supported",
+                                 label="binary_frame")
+                return False
+            self.registry._metrics.messages_received += 1
+            try:
+                await self._handle(connection, text)
+            except Exception:
+                logger.exception("error handling a frame from client %s", connection.id)
+                connection.close(CLOSE_INTERNAL_ERROR, "internal error", label="internal_error")
         return False
 
-    async def resume(self, connection: _Connection, parked: _Parked, offset: int | None) -> list[str] | None:
-        # Held here first, so that frames for it from now on are kept for after the replay; those routed
-        # to it in Redis before the script runs are in its list (deliver_here passes it over for them).
-        registry = self.registry
-        if connection.id in registry.connections:  # another connection is resuming it here
-            return None
-        connection.rooms = set(parked.rooms)
-        connection.hold()  # frames held meanwhile never overflow it: its session is not away (away_at -1)
-        registry.adopt(connection)
-        self._resuming.add(connection.id)
-        entry = self.entry(connection)
-        entry.pop("away_since", None)
-        try:
-            answer = await self._request("resume", connection.id, parked.token_hash, _encode(entry),
-                                         self.settings.recovery_window)
-        except BackendUnavailable:
-            answer = [b"gone"]
-        if registry.connections.get(connection.id) is not connection or not connection.away:
-            self._resuming.discard(connection.id)
-            return None  # kicked meanwhile: its session ended (and it left the registry)
-        if answer[0] != b"ok":
-            self._resuming.discard(connection.id)
-            registry.forget(connection)
-            connection.state = _State.OPEN
-            return None
-        held = connection.session
-        assert held is not None
-        session = _Session(self.settings)
-        base, away_at, frames = int(answer[1]), int(answer[2]), [frame.decode() for frame in answer[3:]]
-        session.frames.extend(frames)
-        session.frames.extend(held.frames)
-        session.sent = base + len(session.frames)
-        session.size = sum(map(len, session.frames))
-        session.away_at = away_at
-        missed = session.missed(offset)
-        session.away_at = -1
-        session.used_hash = bytes.fromhex(parked.token_hash)
-        connection.session, connection.state = session, _State.OPEN
-        if missed is None:  # the client is further behind than what was kept: the session ends here
-            connection.final, connection.close_reason = True, "not_recovered"
-            self.registry.remove(connection)
-            self.registry.sessions["not_recovered"] += 1
-            self.registry.session_ended(connection)
-            return None
-        return missed
-
-    # Reading
-
-    def health(self) -> tuple[str, dict[str, Any]]:
-        # Degraded, not down: clients on this instance are still served.
-        redis = "unavailable" if not self.available else "resyncing" if self.resyncing else "ok"
-        return ("ok" if redis == "ok" else "degraded",
-                {"instance": self.instance, "redis": redis, "instances": self.instances})
-
-    def metrics(self) -> list[_MetricFamily]:
-        return [("cluster_up", "gauge", "1 while Redis is reachable.", {"": int(self.available)}, ""),
-                ("cluster_received_total", "counter", "Deliveries received from other instances.",
-                 {"": self.received}, ""),
-                ("cluster_dropped_total", "counter", "Cross-instance deliveries lost, by reason.",
-                 self.dropped, "reason"),
-                ("sessions_parked", "gauge", "Sessions this instance moved to Redis to wait for their client.",
-                 {"": len(self._parked)}, "")]
-
-    def entry(self, connection: _Connection) -> dict[str, Any]:
-        return {**connection.describe(), "instance": self.instance}
-
-    # Membership
-
-    def _entry(self, connection: _Connection) -> bytes:
-        return _encode(self.entry(connection))
-
-    async def register(self, connection: _Connection) -> None:
-        """Put a new client in the directory; while Redis is away, the next sync does it."""
-        with contextlib.suppress(BackendUnavailable):
-            await self._call(self._register(connection))
-
-    async def _register(self, connection: _Connection) -> None:
-        user = connection.identity.user
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(f"{self.settings.redis_prefix}:directory", connection.id, self.instance)
-            pipe.hset(self._clients_key, connection.id, self._entry(connection))
-            if user is not None:
-                await self._members(pipe, "user", user, len(self.registry.users.get(user, ())), connection.id, True)
-            await pipe.execute()
-
-    def unregister(self, connection: _Connection, rooms_left: Mapping[str, int], user_left: int) -> None:
-        """Take a gone client out of the directory, its rooms and its user, in the background."""
-        if self.available and self._tasks is not None:
-            self._tasks.start_soon(self._unregister, connection.id, connection.identity.user, rooms_left, user_left)
-
-    async def _unregister(self, client_id: str, user: str | None, rooms_left: Mapping[str, int],
-                          user_left: int) -> None:
-        prefix = self.settings.redis_prefix
-        with contextlib.suppress(BackendUnavailable):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hdel(f"{prefix}:directory", client_id)
-                pipe.hdel(self._clients_key, client_id)
-                for room, members in rooms_left.items():
-                    await self._members(pipe, "room", room, members, client_id, False)
-                if user is not None:
-                    await self._members(pipe, "user", user, user_left, client_id, False)
-                await self._call(pipe.execute())
-
-    async def room_changed(self, connection: _Connection, room: str, members_here: int) -> int:
-        """Record this instance's members of ``room``; the members on every instance."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(self._clients_key, connection.id, self._entry(connection))
-            await self._members(pipe, "room", room, members_here, connection.id, room in connection.rooms)
-            results = await self._call(pipe.execute())
-        return int(results[-1])
-
-    async def _members(self, pipe: Any, kind: str, name: str, members_here: int, client_id: str,
-                       member: bool) -> None:
-        await self._scripts["members"](args=(self.settings.redis_prefix, kind, name, self.instance, members_here,
-                                             client_id, int(member)), client=pipe)
-
-    # Sending: deliveries to other instances go through one outbox, flushed as one pipeline at a
-    # time: a busy gateway pays a Redis round trip per batch, not per frame, and keeps their order.
-
-    async def send(self, delivery: _ToClient | _Kick) -> bool:
-        return bool(await self._request("send", delivery.client_id, _encode_delivery(delivery)) == 1)
-
-    async def forward(self, delivery: _ToClient, failed: Callable[[str, str], None]) -> None:
-        client_id = delivery.client_id
-
-        def done(result: Any) -> None:
-            if isinstance(result, BackendUnavailable):
-                failed(BACKEND_UNAVAILABLE, f"{result}; {client_id!r} may have missed this frame")
-            elif result != 1:
-                failed(UNKNOWN_CLIENT, f"no client with id {client_id!r}")
-
-        await self._submit("send", (client_id, _encode_delivery(delivery)), done)
-
-    async def publish(self, delivery: _ToGroup, here: Callable[[], int] = lambda: 0) -> int:
-        answer, reached = await self._request("group", _group_key(delivery), _encode_delivery(delivery), here=here)
-        return int(answer[0]) + int(reached)
-
-    def publish_soon(self, delivery: _ToRoom) -> None:
-        def done(result: Any) -> None:
-            pass
-
-        if not self.available or self._outbox_ready is None or len(self._outbox) >= OUTBOX_LIMIT:
-            self._delivered("group", BackendUnavailable(UNAVAILABLE), done)  # counted as dropped
-            return
-        self._enqueue("group", (_group_key(delivery), _encode_delivery(delivery)), done)
-
-    async def forward_to_room(self, delivery: _ToRoom, failed: Callable[[str, str], None]) -> None:
-        room = delivery.room
-
-        def done(result: Any) -> None:
-            if isinstance(result, BackendUnavailable):
-                failed(BACKEND_UNAVAILABLE, f"{result}; members of {room!r} on other instances may have missed "
-                                            "this frame")
-            elif result[1]:
-                failed(BACKEND_UNAVAILABLE, f"{result[1]} instance(s) with members of {room!r} {NOT_LISTENING}; "
-                                            "their members missed this frame")
-
-        await self._submit("group", (_group_key(delivery), _encode_delivery(delivery)), done)
-
-    async def broadcast(self, delivery: _ToEveryone, here: Callable[[], int] = lambda: 0) -> int:
-        answer, reached = await self._request("all", _encode_delivery(delivery), here=here)
-        return int(answer[0]) + int(reached)
-
-    async def _request(self, name: str, *args: Any, here: Callable[[], int] | None = None) -> Any:
-        """Run a script through the outbox; its answer, or with ``here``, its answer and what ``here()``
-        returned, called as soon as the script is queued (not if it could not be: then nobody got it)."""
-        reply: list[Any] = []
-        answered = anyio.Event()
-
-        def done(result: Any) -> None:
-            reply.append(result)
-            answered.set()
-
-        await self._submit(name, args, done)
-        if reply and isinstance(reply[0], BaseException):
-            raise reply[0]
-        if here is not None and self.resyncing:  # the outbox holds it back (_flush), and fails it
-            raise BackendUnavailable(RESYNCING, "resyncing")
-        reached = here() if here is not None else 0
-        await answered.wait()
-        if isinstance(reply[0], BaseException):
-            raise reply[0]
-        return reply[0] if here is None else (reply[0], reached)
-
-    async def _submit(self, name: str, args: tuple[Any, ...], done: Callable[[Any], None]) -> None:
-        """Queue a delivery script; ``done`` gets its result, or :class:`BackendUnavailable`."""
-        if not self.available or self._outbox_ready is None:
-            self._delivered(name, BackendUnavailable(UNAVAILABLE), done)
-            return
-        while len(self._outbox) >= OUTBOX_LIMIT:  # Redis is slow: the sender waits, its socket fills
-            await self._outbox_drained.wait()
-        self._enqueue(name, args, done)
-
-    def _enqueue(self, name: str, args: tuple[Any, ...], done: Callable[[Any], None]) -> None:
-        assert self._outbox_ready is not None
-        self._outbox.append((name, (self.settings.redis_prefix, *args, self.instance), done))
-        self._outbox_ready.set()
-
-    async def _flush(self) -> None:
-        while True:
-            assert self._outbox_ready is not None
-            await self._outbox_ready.wait()
-            self._outbox_ready = anyio.Event()
-            batch, self._outbox = self._outbox, []
-            # Judged before the scripts run: a peer seen back by now is in Redis when they run.
-            resyncing = self.resyncing
-            # A room or broadcast cannot tell which members the missing peers hold: while they are
-            # missing it reaches no other instance, as when Redis is away.  A send finds its client or not.
-            held = [resyncing and name != "send" for name, _, _ in batch]
-            try:
-                if not self.available:
-                    raise BackendUnavailable(UNAVAILABLE)
-                results: list[Any] = []
-                if not all(held):
-                    async with self.redis.pipeline(transaction=False) as pipe:
-                        for (name, args, _), hold in zip(batch, held, strict=True):
-                            if not hold:
-                                await self._scripts[name](args=args, client=pipe)
-                        results = await self._call(pipe.execute())
-                answers = iter(results)
-                results = [BackendUnavailable(RESYNCING, "resyncing") if hold else next(answers) for hold in held]
-            except BackendUnavailable as exc:
-                results = [exc] * len(batch)
-            for (name, _, done), result in zip(batch, results, strict=True):
-                self._delivered(name, result, done, resyncing)
-            self._outbox_drained.set()
-            self._outbox_drained = anyio.Event()
-
-    def _delivered(self, name: str, result: Any, done: Callable[[Any], None], resyncing: bool = False) -> None:
-        """Count what may be lost, and hand ``done`` the script's answer or the error its sender must hear."""
-        if not isinstance(result, BackendUnavailable):
-            result = self._refusal(name, result, resyncing) or result
-        if isinstance(result, BackendUnavailable):
-            self.dropped[result.reason] += 1
-        elif name in ("group", "all") and result[1]:  # sent to some instances; others were not listening
-            self.dropped["no_subscriber"] += 1
-        done(result)
-
-    def _refusal(self, name: str, result: Any, resyncing: bool) -> BackendUnavailable | None:
-        """What a delivery script's answer must be told as instead, if it may not have arrived."""
-        if result is None:  # the script found this instance unregistered: Redis lost its state
-            self._lost()  # reconnect and register again; meanwhile every cross-instance send fails
-            return BackendUnavailable(RESYNCING, "resyncing")
-        if name == "send" and result == 0:  # in the directory, but its instance is not listening
-            return BackendUnavailable(f"the instance of this client is {NOT_LISTENING}", "no_subscriber")
-        if name == "send" and result == -1 and resyncing:  # unknown, or on a peer not registered again yet
-            return BackendUnavailable(RESYNCING, "resyncing")
-        return None
-
-    async def clients(self, here: Iterable[_Connection]) -> list[dict[str, Any]]:
-        if self.resyncing:  # the list would lack the clients of the peers not back yet
-            raise BackendUnavailable(RESYNCING)
-        return [msgspec.json.decode(entry) for entry in await self._script("list")]
-
-    async def client(self, client_id: str) -> dict[str, Any] | None:
-        entry = await self._script("get", client_id)
-        if entry is None and self.resyncing:  # unknown, or on a peer not back yet
-            raise BackendUnavailable(RESYNCING)
-        return None if entry is None else dict(msgspec.json.decode(entry))
-
-    async def members(self, kind: str, name: str, here: Iterable[_Connection]) -> list[dict[str, Any]]:
-        if self.resyncing:
-            raise BackendUnavailable(RESYNCING)
-        return [msgspec.json.decode(entry) for entry in await self._script("group_members", kind, name)]
-
-    async def rooms(self, here: Mapping[str, set[str]]) -> dict[str, int]:
-        if self.resyncing:
-            raise BackendUnavailable(RESYNCING)
-        flat = await self._script("rooms")
-        return {room.decode(): int(members) for room, members in zip(flat[::2], flat[1::2], strict=True)}
-
-    async def _script(self, name: str, *args: Any) -> Any:
-        return await self._call(self._scripts[name](args=(self.settings.redis_prefix, *args)))
-
-    async def _call(self, command: Awaitable[Any]) -> Any:
-        if not self.available:
-            if inspect.iscoroutine(command):
-                command.close()  # never awaited: no "coroutine was never awaited" warning
-            raise BackendUnavailable(UNAVAILABLE)
-        try:
-            return await command
-        except self._errors as exc:
-            self._lost()
-            raise BackendUnavailable(f"Redis is unavailable ({exc}); "
-                                     "only clients on this instance can be reached") from None
-
-
-# --------------------------------------------------------------------------
-# Under daphne
-# --------------------------------------------------------------------------
-
-
-class _DaphneOutput(_Output):
-    """ASGI's ``send`` under daphne, made to wait while the socket's buffer is full, as uvicorn's does.
-
-    daphne's ``send`` never waits: it hands the frame to Twisted, which buffers it, so a
-    reader that stops reading would grow the server without end.  Registered as the
-    transport's producer (Twisted's own flow control), this output is paused while the
-    buffer is over its limit, and a frame written meanwhile waits: the connection then
-    queues, and is cut off by ``max_queue_*`` or ``send_timeout`` as under any server.
-    """
-
-    __slots__ = ("_lost", "_protocol", "_room")
-
-    def __init__(self, send: Send, protocol: Any) -> None:
-        super().__init__(send)
-        self._protocol = protocol
-        self._room = anyio.Event()
-        self._room.set()
-        self._lost = False
-        # The transport's producer is daphne's HTTP channel, which passes its pauses on to one of its own.
-        channel: Any = getattr(protocol.transport, "producer", None)
-        consumer: Any = channel if hasattr(channel, "registerProducer") else protocol
-        consumer.registerProducer(self, True)
-
-    @classmethod
-    def of(cls, send: Send) -> _DaphneOutput | None:
-        """The output for daphne's ``send`` (a partial of its server's ``handle_reply`` on the protocol)."""
-        protocol = next(iter(getattr(send, "args", ())), None)
-        if not type(protocol).__module__.startswith("daphne.") or not hasattr(protocol, "registerProducer"):
-            return None
-        return cls(send, protocol)
-
-    # Twisted's IPushProducer
-    def pauseProducing(self) -> None:
-        if self._room.is_set():
-            self._room = anyio.Event()
-
-    def resumeProducing(self) -> None:
-        self._room.set()
-
-    def stopProducing(self) -> None:
-        self._lost = True
-        self._room.set()
-
-    def write_now(self, text: str, wire: bytes | None = None) -> Awaitable[None] | None:
-        if self._room.is_set():
-            return super().write_now(text)
-        return self._write_later(text)
-
-    async def _write_later(self, text: str) -> None:
-        await self._room.wait()
-        if self._lost:
-            raise OSError("the connection was lost")
-        await self._send({"type": "websocket.send", "text": text})
-
-    def abort(self) -> None:
-        with contextlib.suppress(AttributeError):
-            self._protocol.transport.abortConnection()
-
-
-# --------------------------------------------------------------------------
-# Under uvicorn
-# --------------------------------------------------------------------------
-
-_fast_path_reported: set[str | None] = set()
-
-
-def _choose_output(scope: Scope, receive: Receive, send: Send, settings: Settings,
-                   metrics: _Metrics) -> _Output:
-    """A new connection's :class:`_Output`: :class:`_UvicornOutput` under uvicorn's websockets-sansio engine,
-    :class:`_DaphneOutput` under daphne, ASGI's ``send`` elsewhere.  Whether it writes past ASGI is
-    ``ws_micro_fast_path`` in /metrics; the log says why not, once per reason."""
-    engine, why_not, level = _sansio_engine(receive, send, settings)
-    if engine is None:
-        output = _DaphneOutput.of(send) or _Output(send)
-    else:  # the engine's bounds hold whether or not frames may go past ASGI
-        output = _UvicornOutput(engine, send, settings, direct=why_not is None)
-        _fit_engine(engine, settings)
-        _trim_handshake(engine, scope)
-    metrics.fast_path = int(why_not is None)
-    if why_not not in _fast_path_reported:
-        _fast_path_reported.add(why_not)
-        if why_not is None:
-            logger.info("fast path on: frames are written straight to uvicorn's transport")
-        else:
-            logger.log(level, "fast path off: %s; frames go through ASGI", why_not)
-    return output
-
-
-def _sansio_engine(receive: Receive, send: Send, settings: Settings) -> tuple[Any, str | None, int]:
-    """uvicorn's websockets-sansio protocol object behind ``receive``, if any; why frames may not go
-    past it (None: they may), and how loudly to say so."""
-    try:
-        from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-    except ImportError:
-        return None, "this uvicorn has no websockets-sansio engine", logging.INFO
-    engine = getattr(receive, "__self__", None)
-    if not isinstance(engine, WebSocketsSansIOProtocol):  # another server or engine, or a wrapped receive
-        source = getattr(receive, "__module__", None) or type(receive).__module__
-        why_not = f"receive is not uvicorn's websockets-sansio engine's (it comes from {source})"
-        max_size, limit = getattr(getattr(engine, "config", None), "ws_max_size", None), settings.max_message_size
-        if not isinstance(max_size, int) or max_size <= limit:
-            return None, why_not, logging.INFO
-        # uvicorn's other engines: the gateway cannot lower their frame limit.
-        return None, (f"{why_not}, which takes frames up to {max_size} bytes (--ws-max-size), inflated if "
-                      f"compressed, before ws_micro refuses those over max_message_size ({limit}): run uvicorn "
-                      f"with --ws websockets-sansio, or pass --ws-max-size {limit} --ws-per-message-deflate false"
-                      ), logging.WARNING
-    if not hasattr(engine, "writable"):
-        return None, "this uvicorn is older than 0.52.1 (no write backpressure)", logging.WARNING
-    wrapper = _unwrapped(send)
-    if wrapper != engine.send:  # under this engine the fast path should engage: say loudly why not
-        return engine, (f"send is wrapped by {getattr(wrapper, '__qualname__', wrapper)!r} (a middleware?), "
-                        "which direct writes would bypass"), logging.WARNING
-    if engine.conn.extensions:
-        return engine, "permessage-deflate was negotiated, and it rewrites every frame", logging.INFO
-    return engine, None, logging.INFO
-
-
-def _unwrapped(send: Send) -> Send:
-    """``send`` without Starlette's exception wrappers (a host app's), which pass WebSocket messages unchanged."""
-    while getattr(send, "__module__", None) == "starlette._exception_handler" and send.__name__ == "sender":
-        cells = dict(zip(send.__code__.co_freevars, send.__closure__ or (), strict=True))
-        if "send" not in cells:  # another Starlette than the one this was written against
-            break
-        send = cells["send"].cell_contents
-    return send
-
-
-def _fit_engine(engine: Any, settings: Settings) -> None:
-    """Hold the engine to the gateway's limits: its frame size (it inflates compressed frames before we
-    see them) to ``max_message_size``, and a close it starts to ``close_timeout``."""
-    conn = engine.conn
-    limit = settings.max_message_size
-    if hasattr(conn, "max_message_size"):  # websockets >= 16
-        conn.max_message_size = min(conn.max_message_size or limit, limit)
-    else:
-        conn.max_size = min(conn.max_size or limit, limit)
-    engine.close_timeout = settings.close_timeout  # uvicorn waits 10 s for the peer's close frame
-    engine.transport = _ResettingTransport(engine.transport, settings.close_timeout)
-
-
-def _trim_handshake(engine: Any, scope: Scope) -> None:
-    """Let go of the request, the response and the headers, kept for the connection's life, read no more."""
-    request = getattr(engine, "request", None)
-    if request is not None:
-        request.headers.clear()  # websockets' parser holds on to the request too
-        del engine.request, engine.response
-    scope["headers"] = []
-
-
-class _UvicornOutput(_Output):
-    """Frames written straight to the transport under uvicorn's websockets-sansio engine, framed once
-    per fan-out, when the engine would write at once; otherwise through ``send``, which waits as it does."""
-
-    __slots__ = ("_conn", "_direct", "_engine", "_open", "_settings", "_transport", "_writable")
-
-    def __init__(self, engine: Any, send: Send, settings: Settings, *, direct: bool) -> None:
-        from websockets.protocol import OPEN
-
-        super().__init__(send)
-        self._engine = engine  # uvicorn's protocol object
-        self._conn = engine.conn  # websockets' ServerProtocol: its state says whether frames may go out
-        self._transport = engine.transport
-        self._writable = engine.writable  # cleared while the transport is paused
-        self._open = OPEN
-        self._direct = direct
-        self._settings = settings
-
-    def write_now(self, text: str, wire: bytes | None = None) -> Awaitable[None] | None:
-        if (self._direct and self._conn.state is self._open and self._writable.is_set()
-                and not self._transport.is_closing()):
-            self._transport.write(wire or _websocket_frame(text.encode()))
-            return None
-        return super().write_now(text)
-
-    def abort(self) -> None:
-        _reset(self._transport)
-
-    def guard(self, connection: _Connection) -> None:
-        """Bound the frames the engine handles unseen by the app: each spends a rate-limit token, the
-        pongs it writes count against ``max_queue_bytes``, and a message has ``rate_burst`` fragments at most."""
-        engine = self._engine
-        engine_class = type(engine)
-
-        def handle_ping() -> None:
-            engine_class.handle_ping(engine)
-            self._handled(connection)
-
-        def handle_pong(frame: Any) -> None:
-            engine_class.handle_pong(engine, frame)
-            self._handled(connection)
-
-        def handle_cont(frame: Any) -> None:
-            engine_class.handle_cont(engine, frame)
-            self._handled(connection)
-
-        engine.handle_ping, engine.handle_pong, engine.handle_cont = handle_ping, handle_pong, handle_cont
-
-    def _handled(self, connection: _Connection) -> None:
-        settings = self._settings
-        if self._transport.get_write_buffer_size() > settings.max_queue_bytes:
-            connection.close(CLOSE_POLICY_VIOLATION, "slow consumer", label="slow_consumer", flush=False)
-            self.abort()  # it reads nothing: a close frame would wait behind what it never took
-        elif connection.take_token() < -settings.rate_burst:
-            self._transport.pause_reading()  # the engine would go on answering and keeping what it floods
-            connection.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded", label="rate_limited", flush=False)
-        elif len(self._engine.frames) > settings.rate_burst:
-            self._transport.pause_reading()
-            connection.close(CLOSE_MESSAGE_TOO_BIG, f"message in more than {settings.rate_burst} fragments",
+    async def _handle(self, connection: _Connection, text: str) -> None:
+        settings = self.settings
+        limit = settings.max_message_size
+        if len(text) > limit or (len(text) * 4 > limit and len(text.encode()) > limit):
+            connection.close(CLOSE_MESSAGE_TOO_BIG, f"message larger than {limit} bytes",
                              label="message_too_big", flush=False)
+            return
+        tokens = connection.take_token()
+        if tokens < 0:
+            if tokens < -settings.rate_burst:
+                connection.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded", label="rate_limited",
+                                 flush=False)
+            else:
+                self._error(connection, RATE_LIMITED,
+                            f"more than {settings.rate_limit:g} messages per second", None)
+            return
+        try:
+            event = _decode(_decode_event, text)
+        except msgspec.ValidationError as exc:
+            self._error(connection, INVALID_EVENT, str(exc), _event_name(text))
+            return
+        except msgspec.DecodeError as exc:
+            self._error(connection, INVALID_JSON, str(exc), None)
+            return
 
-    def release(self) -> None:
-        """Undo :meth:`guard`: it ties the engine to the connection."""
-        for name in ("handle_ping", "handle_pong", "handle_cont"):
-            self._engine.__dict__.pop(name, None)
+        def failed(code: str, message: str, **details: Any) -> None:
+            self._error(connection, code, message, event.event, **details)
+
+        if event.client_id != connection.id:
+            failed(CLIENT_ID_MISMATCH, f"client_id must be this connection's id, but got {event.client_id!r}")
+        elif event.event in SERVER_EVENTS:
+            failed(INVALID_EVENT, f"{event.event!r} is sent by the server only")
+        elif event.to is not None and event.room is not None:
+            failed(INVALID_EVENT, "set 'to' or 'room', not both")
+        elif event.to is not None:
+            if not connection.identity.relay:
+                failed(FORBIDDEN, "this connection may not send to other clients")
+            else:
+                await self.registry._relay_to_client(event.to, text, failed)
+        elif event.room is not None:
+            if not connection.identity.may_publish(event.room):
+                failed(FORBIDDEN, f"this connection may not send to room {event.room!r}", room=event.room)
+            elif event.room not in connection.rooms:
+                failed(NOT_IN_ROOM, f"join room {event.room!r} before sending to it")
+            else:
+                await self.registry._relay_to_room(event.room, connection.id, text, failed)
+        elif event.event in self._builtins:
+            await self._builtins[event.event](connection, event, text)
+        else:
+            await self._call_handler(connection, event, failed)
+
+    # The built-in events, one method each (see BUILTIN_EVENTS).
+
+    async def _ping(self, connection: _Connection, event: Event, text: str) -> None:
+        connection.send(_Frame("pong", event.data.data).to(connection.id))
+
+    async def _echo(self, connection: _Connection, event: Event, text: str) -> None:
+        connection.send(text)
+
+    async def _join(self, connection: _Connection, event: Event, text: str) -> None:
+        room = self._room_of(connection, event)
+        if room is None:
+            return
+        if not connection.identity.may_join(room):
+            self._error(connection, FORBIDDEN, f"this connection may not join room {room!r}", event.event, room=room)
+            return
+        limit = self.settings.max_rooms_per_connection
+        if room not in connection.rooms and len(connection.rooms) >= limit:
+            self._error(connection, INVALID_EVENT, f"at most {limit} rooms per connection", event.event)
+            return
+        members = await self.registry._join(connection, room)
+        if members:  # else it is closing: no reply, and no one hears it joined
+            connection.send(_Frame("joined", {"room": room, "members": members}).to(connection.id))
+            self.registry._announce(room, "joined", connection)
+
+    async def _leave(self, connection: _Connection, event: Event, text: str) -> None:
+        room = self._room_of(connection, event)
+        if room is None:
+            return
+        if room not in connection.rooms:
+            self._error(connection, NOT_IN_ROOM, f"not a member of room {room!r}", event.event)
+            return
+        members = await self.registry._leave(connection, room)
+        connection.send(_Frame("left", {"room": room, "members": members}).to(connection.id))
+        self.registry._announce(room, "left", connection)
+
+    async def _call_handler(self, connection: _Connection, event: Event, failed: Callable[..., None]) -> None:
+        name = event.event
+        handler = self.registry._handlers.get(name)
+        if handler is None:
+            if not self.forwarder.takes(name):
+                failed(UNKNOWN_EVENT, f"no handler for event {name!r}")
+                return
+            # Awaited: the connection's next frame is read once the backend has answered this one, so its
+            # events arrive in order, and a client that keeps sending to a slow backend waits.
+            await self.forwarder.forward(connection, event, failed)
+            return
+        try:
+            await handler(connection.id, event)
+        except Exception:
+            logger.exception("handler for event %r failed (client %s)", name, connection.id)
+            failed(INTERNAL_ERROR, f"the handler for {name!r} failed")
+
+    def _room_of(self, connection: _Connection, event: Event) -> str | None:
+        try:
+            room = msgspec.convert(event.data.data, _RoomRequest).room
+        except msgspec.ValidationError as exc:
+            self._error(connection, INVALID_EVENT, f"{exc} (in data.data)", event.event)
+            return None
+        problem = _bad_room_name(room, self.settings)
+        if problem is not None:
+            self._error(connection, INVALID_EVENT, problem, event.event)
+            return None
+        return room
+
+    def _error(self, connection: _Connection, code: str, message: str, event: str | None, **extra: Any) -> None:
+        self.registry._metrics.errors[code] += 1
+        connection.send(_Frame("error", {"code": code, "message": message, "event": event, **extra})
+                        .to(connection.id))
 
 
-class _ResettingTransport:
-    """uvicorn's transport for one WebSocket, whose ``close()`` cannot wait forever for a peer that
-    reads nothing: unfinished after ``timeout`` it becomes a reset, and the kernel gives up as soon."""
-
-    __slots__ = ("_timeout", "_transport")
-
-    def __init__(self, transport: Any, timeout: float) -> None:
-        self._transport = transport
-        self._timeout = timeout
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-    def write(self, data: bytes) -> None:
-        self._transport.write(data)
-
-    def is_closing(self) -> bool:
-        return bool(self._transport.is_closing())
-
-    def close(self) -> None:
-        transport = self._transport
-        if not transport.is_closing() and hasattr(socket, "TCP_USER_TIMEOUT"):  # the first close: still open
-            with contextlib.suppress(OSError, AttributeError):
-                transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
-                                                              max(int(self._timeout * 1000), 1))
-        transport.close()
-        if transport.get_write_buffer_size():
-            asyncio.get_running_loop().call_later(self._timeout, _reset, transport)
+def _origin_allowed(origin: str, host: str, allowed: tuple[str, ...]) -> bool:
+    if "*" in allowed or origin in allowed:
+        return True
+    # Same-origin pages may always connect (the browser page served beside us).
+    return urlsplit(origin).netloc.lower() == host.lower() != ""
 
 
-def _reset(transport: Any) -> None:
-    """Drop a connection with a TCP reset (zero linger: the kernel frees its unsent data at once)."""
-    if not transport.is_closing() or transport.get_write_buffer_size():  # its descriptor is still open
-        sock = transport.get_extra_info("socket")
-        with contextlib.suppress(OSError, AttributeError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
+# A peer's close code, as a disconnects_total label; any other code is a "peer_error".
+_PEER_REASONS = {1000: "closed", 1001: "closed", 1012: "shutdown",
+                 1005: "abnormal", 1006: "abnormal",  # the connection dropped (uvicorn reports 1005 for that too)
+                 1009: "message_too_big"}  # the engine's frame-size limit closed it
+
+
+
+def _event_name(text: str) -> str | None:
+    """The ``event`` of an envelope that failed validation, if it has a string one."""
+    try:
+        value = _decode(msgspec.json.decode, text)
+    except msgspec.DecodeError:
+        return None
+    name = value.get("event") if isinstance(value, dict) else None
+    return name if isinstance(name, str) else None
+
+
+async def _deny(websocket: WebSocket, status: int, code: str, message: str) -> None:
+    """Refuse a handshake with a real HTTP status, before accept."""
+    try:
+        await websocket.send_denial_response(_refusal_response(status, code, message))
+    except RuntimeError:  # the server lacks the denial-response extension: it answers 403
+        await websocket.close(CLOSE_POLICY_VIOLATION)
+
 
 
 # --------------------------------------------------------------------------
-# Serving (ws-micro): uvicorn, guarded
+# Sidecar HTTP API
 # --------------------------------------------------------------------------
 
 
-def _raw_response(status: int, code: str, message: str) -> bytes:
-    """A whole HTTP/1.1 error response with the API's JSON body, for a connection that gets no further."""
-    body = _encode({"error": {"code": code, "message": message}})
-    phrase = {408: "Request Timeout", 503: "Service Unavailable"}[status]
-    return (f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            f"connection: close\r\n\r\n").encode() + body
+def _json(content: Any, status: int = 200) -> Response:
+    return Response(_encode(content), status_code=status, media_type="application/json")
 
 
-def _guarded_http_protocol(gateway: _Gateway, head_timeout: float, max_open: int) -> type[asyncio.Protocol]:
-    """uvicorn's HTTP protocol, which times nothing before a first request, with a deadline for each head.
+def _api_error(status: int, code: str, message: str) -> Response:
+    return _json({"error": {"code": code, "message": message}}, status)
 
-    A connection waiting for its head counts against ``max_connections`` and gets 408
-    after ``head_timeout``; one beyond ``max_open`` open connections gets 503.
+
+def _refusal_response(status: int, code: str, message: str) -> Response:
+    """A refused handshake's (or API call's) answer; a 401 says which credentials to send."""
+    response = _api_error(status, code, message)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+def _bearer(request: HTTPConnection) -> str | None:
+    """What follows ``Authorization: Bearer``, as sent; None without such a header."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token if scheme.lower() == "bearer" else None
+
+
+async def _backend_unavailable(request: Request, exc: Exception) -> Response:
+    return _api_error(503, BACKEND_UNAVAILABLE, str(exc))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    response = _api_error(exc.status_code, code, exc.detail)
+    response.headers.update(exc.headers or {})  # 405's Allow
+    return response
+
+
+def _api_routes(registry: Registry, settings: Settings) -> list[Route]:
+    """The routes a backend uses to reach clients (compare API Gateway's @connections)."""
+
+    def guarded(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        async def check(request: Request) -> Response:
+            refusal = _cross_site(request, settings.allowed_origins)
+            if refusal is not None:
+                return _api_error(403, FORBIDDEN, refusal)
+            if settings.api_token is not None:
+                token = _bearer(request)
+                if token is None or not hmac.compare_digest(token.encode(), settings.api_token.encode()):
+                    return _refusal_response(401, "unauthorized", "send 'Authorization: Bearer <token>'")
+            else:
+                refusal = _not_local(request)
+                if refusal is not None:
+                    return _api_error(403, FORBIDDEN, f"without WS_MICRO_API_TOKEN {refusal}")
+            return await endpoint(request)
+
+        return check
+
+    async def read_push(request: Request) -> _Push | Response:
+        # Only JSON: a page may POST text/plain or a form to any site without asking (no CORS
+        # preflight), but not application/json.
+        content_type = request.headers.get("content-type")
+        if (content_type or "").partition(";")[0].strip().lower() != "application/json":
+            return _api_error(415, UNSUPPORTED_MEDIA_TYPE,
+                              f"send a push with Content-Type: application/json, not {content_type!r}")
+        body = b""
+        with anyio.move_on_after(settings.api_body_timeout) as deadline:  # a trickle would hold a task for ever
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > settings.max_message_size:
+                    return _api_error(413, "too_large", f"body larger than {settings.max_message_size} bytes")
+        if deadline.cancelled_caught:
+            return _api_error(408, "timeout", f"the body did not arrive within {settings.api_body_timeout:g} seconds")
+        try:
+            text = body.decode()
+        except UnicodeDecodeError as exc:
+            return _api_error(400, INVALID_JSON, f"the body is not UTF-8: {body[exc.start:exc.end]!r} "
+                                                 f"at byte {exc.start} ({exc.reason})")
+        try:
+            return _decode(_decode_push, text)
+        except msgspec.ValidationError as exc:
+            return _api_error(422, INVALID_EVENT, str(exc))
+        except msgspec.DecodeError as exc:
+            return _api_error(400, INVALID_JSON, str(exc))
+
+    async def list_clients(request: Request) -> Response:
+        clients = await registry._backend.clients(registry._connections.values())
+        return _json({"count": len(clients), "clients": clients})
+
+    async def get_client(request: Request) -> Response:
+        client_id = request.path_params["client_id"]
+        connection = registry._connections.get(client_id)
+        entry = registry._backend.entry(connection) if connection else await registry._backend.client(client_id)
+        return _unknown_client(request) if entry is None else _json(entry)
+
+    def pushing(deliver: Callable[[Request, _Push], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            push = await read_push(request)
+            return push if isinstance(push, Response) else await deliver(request, push)
+
+        return endpoint
+
+    async def push_to_client(request: Request, push: _Push) -> Response:
+        if not await registry.send_to_client(request.path_params["client_id"], push.event, push.data.data):
+            return _unknown_client(request)
+        return _json({"delivered": 1}, 202)
+
+    async def disconnect_client(request: Request) -> Response:
+        if not await registry.disconnect(request.path_params["client_id"], CLOSE_NORMAL, "disconnected by the server"):
+            return _unknown_client(request)
+        return _json({"disconnected": 1}, 202)
+
+    async def publish_to_room(request: Request, push: _Push) -> Response:
+        delivered = await registry.publish(request.path_params["room"], push.event, push.data.data)
+        return _json({"delivered": delivered}, 202)
+
+    async def broadcast(request: Request, push: _Push) -> Response:
+        return _json({"delivered": await registry.broadcast(push.event, push.data.data)}, 202)
+
+    async def members(kind: str, name: str, here: dict[str, set[str]]) -> list[dict[str, Any]]:
+        connections = [registry._connections[client_id] for client_id in here.get(name, ())]
+        return await registry._backend.members(kind, name, connections)
+
+    async def list_rooms(request: Request) -> Response:
+        rooms = await registry._backend.rooms(registry._rooms)
+        return _json({"count": len(rooms), "rooms": [{"room": room, "members": members}
+                                                     for room, members in sorted(rooms.items())]})
+
+    async def get_room(request: Request) -> Response:
+        room = request.path_params["room"]
+        entries = await members("room", room, registry._rooms)
+        return _json({"room": room, "count": len(entries),
+                      "members": [{"client_id": entry["client_id"], "user": entry.get("user")} for entry in entries]})
+
+    async def get_user(request: Request) -> Response:
+        user = request.path_params["user"]
+        entries = await members("user", user, registry._users)
+        return _json({"user": user, "count": len(entries), "clients": entries})
+
+    async def push_to_user(request: Request, push: _Push) -> Response:
+        return _json({"delivered": await registry.send_to_user(request.path_params["user"], push.event,
+                                                               push.data.data)}, 202)
+
+    async def disconnect_user(request: Request) -> Response:
+        disconnected = await registry.disconnect_user(request.path_params["user"], CLOSE_NORMAL,
+                                                      "disconnected by the server")
+        return _json({"disconnected": disconnected}, 202)
+
+    return [
+        Route("/api/clients", guarded(list_clients), methods=["GET"]),
+        Route("/api/clients/{client_id}", guarded(get_client), methods=["GET"]),
+        Route("/api/clients/{client_id}", guarded(pushing(push_to_client)), methods=["POST"]),
+        Route("/api/clients/{client_id}", guarded(disconnect_client), methods=["DELETE"]),
+        Route("/api/users/{user}", guarded(get_user), methods=["GET"]),
+        Route("/api/users/{user}", guarded(pushing(push_to_user)), methods=["POST"]),
+        Route("/api/users/{user}", guarded(disconnect_user), methods=["DELETE"]),
+        Route("/api/rooms", guarded(list_rooms), methods=["GET"]),
+        Route("/api/rooms/{room}", guarded(get_room), methods=["GET"]),
+        Route("/api/rooms/{room}", guarded(pushing(publish_to_room)), methods=["POST"]),
+        Route("/api/broadcast", guarded(pushing(broadcast)), methods=["POST"]),
+    ]
+
+
+def _unknown_client(request: Request) -> Response:
+    return _api_error(404, UNKNOWN_CLIENT, f"no client with id {request.path_params['client_id']!r}")
+
+
+def _cross_site(request: Request, allowed_origins: tuple[str, ...]) -> str | None:
+    """Why a request comes from another site's page, which must not drive the API; None if it does not.
+
+    Browsers send ``Origin`` (on every POST and DELETE) and ``Sec-Fetch-Site``; programs send neither.
     """
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+    origin = request.headers.get("origin")
+    if origin is not None:
+        if not _origin_allowed(origin, request.headers.get("host", ""), allowed_origins):
+            return f"origin {origin!r} is not allowed"
+        if origin in allowed_origins or "*" in allowed_origins:
+            return None  # listed: a browser calls it cross-site or same-site, and that is the point
+    site = request.headers.get("sec-fetch-site")
+    if site in ("cross-site", "same-site"):  # same-site: another port or subdomain, e.g. any dev server
+        return f"requests from other sites' pages are refused (Sec-Fetch-Site: {site})"
+    return None
 
-    settings, metrics = gateway.settings, gateway.registry.metrics
-    timed_out = _raw_response(408, "timeout", f"no request within {head_timeout:g} seconds")
-    full = _raw_response(503, "full", f"server is full ({settings.max_connections} connections)")
 
-    class GuardedHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
-        _waiting = False  # counted in gateway.waiting: the connection's first head has not arrived
-        _head_timer: asyncio.TimerHandle | None = None
-        _cycle: object = None  # the request cycle before the awaited head (a new one means it arrived)
+_PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
 
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            super().connection_made(transport)
-            if len(self.connections) > max_open or gateway.waiting >= settings.max_connections:
-                metrics.rejected_handshakes["full"] += 1
-                self.transport.write(full)
-                self.transport.close()
+
+def _not_local(request: Request) -> str | None:
+    """Why a request without a token is refused; None if it comes from this machine.
+
+    Not by the peer's address alone: behind a proxy it is the proxy's, and a
+    DNS-rebinding page reaches us from loopback under its own host name.
+    """
+    for header in _PROXY_HEADERS:
+        if header in request.headers:
+            return f"the API refuses proxied requests (this one has {header!r}); behind a proxy, set a token"
+    host = request.headers.get("host", "")
+    if not _is_loopback_host(host):
+        return f"the API answers requests for a loopback name only, not Host {host!r}"
+    if not _is_loopback(request):
+        return "the API answers loopback clients only"
+    return None
+
+
+def _is_loopback_host(host: str) -> bool:
+    """Whether a Host header names this machine: localhost, *.localhost, 127.x.x.x or [::1], with any port."""
+    host = host.lower()
+    if host.startswith("["):  # [::1] or [::1]:8000
+        name, bracket, port = host[1:].partition("]")
+        if not bracket or (port and not port.startswith(":")):
+            return False
+        port = port[1:]
+    else:
+        name, _, port = host.partition(":")
+    if port and not (port.isascii() and port.isdigit()):
+        return False
+    if name == "localhost" or name.endswith(".localhost"):  # browsers resolve these to loopback themselves
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback and (":" in name) == host.startswith("[")
+    except ValueError:
+        return False
+
+
+def _is_loopback(request: Request) -> bool:
+    try:
+        return request.client is not None and ipaddress.ip_address(request.client.host).is_loopback
+    except ValueError:
+        return False
+
+
+# --------------------------------------------------------------------------
+# Application
+# --------------------------------------------------------------------------
+
+DESCRIPTOR_RESERVE = 64  # file descriptors kept for the server's own use: listeners, Redis, logs, static files
+
+
+def _raise_descriptor_limit() -> int:
+    """Raise this process's open-file limit to its hard limit; how many descriptors clients may hold."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return sys.maxsize
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+    return max(soft - DESCRIPTOR_RESERVE, 1)
+
+
+# A token in a URL's query (browsers cannot set headers on a WebSocket), up to the next parameter.
+_TOKEN_IN_URL = re.compile(r"([?&](?:token|resume_token)=)[^&\s\"']*")
+# The servers' loggers that write request lines (``"WebSocket /ws/py_client?token=..." [accepted]``).
+_REQUEST_LOGGERS = ("uvicorn.error", "uvicorn.access", "hypercorn.error", "hypercorn.access")
+
+
+class _RedactingFilter(logging.Filter):
+    """Writes ``token=[redacted]`` for the token in a logged URL: logs are kept and read more widely
+    than tokens may be."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(arg, str) and "token=" in arg for arg in record.args):
+            record.args = tuple(_TOKEN_IN_URL.sub(r"\1[redacted]", arg) if isinstance(arg, str) else arg
+                                for arg in record.args)
+        if isinstance(record.msg, str) and "token=" in record.msg:
+            record.msg = _TOKEN_IN_URL.sub(r"\1[redacted]", record.msg)
+        return True
+
+
+def _redact_tokens_in_logs() -> None:
+    for name in _REQUEST_LOGGERS:
+        server_log = logging.getLogger(name)
+        if not any(isinstance(f, _RedactingFilter) for f in server_log.filters):
+            server_log.addFilter(_RedactingFilter())
+
+
+def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """Log running out of descriptors as one line per 10 s, not asyncio's traceback per refused accept."""
+    previous = loop.get_exception_handler()
+    if getattr(previous, "quiets_accept_errors", False):
+        return
+    throttle = _Throttle()
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        if isinstance(error, ValueError) and "._start_serving(" in context.get("message", ""):
+            return  # asyncio retrying, once per refused accept, on a listener that has closed since
+        if not isinstance(error, OSError) or error.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+                                                                   errno.ENOMEM):
+            (previous or type(loop).default_exception_handler)(loop, context)
+            return
+        held = throttle("accept")
+        if held is not None:
+            logger.error("cannot accept connections: %s (%d refused since the last report); raise the open-file "
+                         "limit (ulimit -n) or lower max_connections", error.strerror, held + 1)
+
+    handle.quiets_accept_errors = True  # type: ignore[attr-defined]
+    loop.set_exception_handler(handle)
+
+
+def _harden_process(settings: Settings, server: _ServerSupport) -> None:
+    """What the app can do for the process it runs in: descriptors and a readable log under abuse."""
+    budget = _raise_descriptor_limit()
+    if settings.max_connections > budget:
+        logger.warning("max_connections (%d) is more than this process's open-file limit leaves for clients (%d): "
+                       "raise it with ulimit -n", settings.max_connections, budget)
+    _quiet_accept_errors(asyncio.get_running_loop())
+    server.harden()
+
+
+# The sibling modules, each imported only when it is needed, and only from beside this file: a copied
+# ws_micro.py does not pick up the modules of an installed ws-micro.  Each checks, as it is imported,
+# that it is of this module's version, and refuses to load beside another.
+
+
+def _beside(module: str) -> bool:
+    return Path(__file__).with_name(f"{module}.py").is_file()
+
+
+@functools.cache
+def _server_support() -> _ServerSupport:
+    """ws_micro_servers.py's support for the servers it knows, if it sits beside this module; else the core's
+    own, which says at the first connection why frames go through ASGI."""
+    if not _beside("ws_micro_servers"):
+        return _ServerSupport("ws_micro_servers.py is not beside ws_micro.py (docs/configuration.md says what a "
+                              "copy of the core alone keeps)")
+    try:
+        import ws_micro_servers
+    except ImportError as exc:  # of another version
+        return _ServerSupport(str(exc), logging.WARNING)
+    return ws_micro_servers.ServerSupport()
+
+
+def _redis_backend(registry: Registry, settings: Settings) -> _Backend:
+    """Cluster mode's backend, from ws_micro_redis.py; ValueError, saying what to install, without it."""
+    if not _beside("ws_micro_redis"):
+        raise ValueError("redis_url needs ws_micro_redis.py beside ws_micro.py (pip install ws-micro installs both; "
+                         "with a copied ws_micro.py, copy ws_micro_redis.py beside it) and redis-py: "
+                         "pip install 'redis[hiredis]'")
+    try:
+        import ws_micro_redis
+    except ImportError as exc:  # of another version
+        raise ValueError(str(exc)) from None
+    return ws_micro_redis.RedisBackend(registry, settings)
+
+
+def create_app(*, registry: Registry | None = None, debug: bool = False, **options: Any) -> Starlette:
+    """Build the gateway as a Starlette app; ``options`` are the fields of :class:`Settings`.
+
+    Pass your own ``registry`` to register handlers on it; ``app.state.registry`` is the one in use.
+    """
+    settings = Settings(**options)
+    _redact_tokens_in_logs()  # now, before the server logs a first request
+    registry = registry if registry is not None else Registry()
+    # Each optional part behind its seam: authentication, forwarding, other instances, the server's internals.
+    authorizer = _TokenAndHookAuthorizer(settings) if settings.authenticating else _Authorizer()
+    forwarder = _HttpForwarder(settings) if settings.forward_url or settings.lifecycle_target else _Forwarder()
+    backend = _redis_backend(registry, settings) if settings.redis_url else _Backend()
+    server = _server_support()
+    gateway = _Gateway(registry, settings, server, authorizer, forwarder)
+    registry._use(settings, backend, gateway.ended)
+
+    async def healthz(request: Request) -> Response:
+        status, details = registry._backend.health()
+        return _json({"status": status, "connections": len(registry), **details})
+
+    async def metrics(request: Request) -> Response:
+        return PlainTextResponse(registry._metrics.render(len(registry), [
+                                     *registry._sessions.metrics(), *authorizer.metrics(), *forwarder.metrics(),
+                                     *registry._backend.metrics()]),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def probe(request: Request) -> Response:
+        """A plain GET of the WebSocket endpoint: what a handshake with these credentials would get.
+        Browsers cannot read a refused handshake's status; the JS client asks here."""
+        try:
+            async with gateway.admitting(request, str(uuid.uuid4())) as identity:
+                resume = _resume_request(request) if settings.recovery_window else None
+                if resume is not None:
+                    await registry._claim(resume[0], identity, spend=False)
+                response = _api_error(426, "upgrade_required", "a WebSocket handshake would be accepted")
+                response.headers["Upgrade"] = "websocket"
+        except _Refused as refusal:
+            response = _refusal_response(refusal.status, refusal.code, refusal.message)
+        origin = request.headers.get("origin")
+        if origin is not None and ("*" in settings.allowed_origins or origin in settings.allowed_origins):
+            response.headers.update({"Access-Control-Allow-Origin": origin, "Access-Control-Allow-Credentials": "true",
+                                     "Vary": "Origin"})
+        return response
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        _harden_process(settings, server)
+        async with registry._backend.running(), authorizer.running(), forwarder.running():
+            yield
+
+    page_routes: list[BaseRoute] = []
+    static = _static_folder(settings.static_dir)
+    if static is not None:
+        index = static / "index.html"
+
+        async def page(request: Request) -> Response:
+            return FileResponse(index)
+
+        page_routes = [Route("/", page, methods=["GET"]), Mount("/static", StaticFiles(directory=static))]
+
+    app = _GatewayApp(
+        gateway,
+        debug=debug,
+        routes=[
+            WebSocketRoute(settings.path, gateway),
+            Route(settings.path, probe, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            *_api_routes(registry, settings),
+            *page_routes,
+        ],
+        exception_handlers={HTTPException: _http_error, BackendUnavailable: _backend_unavailable},
+        lifespan=lifespan,
+    )
+    app.state.registry = registry
+    app.state.settings = settings
+    return app
+
+
+class _GatewayApp(Starlette):
+    """Starlette, calling the WebSocket endpoint directly when no middleware was added: its middleware
+    and router would each keep a coroutine frame alive for as long as a connection lasts."""
+
+    def __init__(self, gateway: _Gateway, **options: Any) -> None:
+        super().__init__(**options)
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and not self.user_middleware:
+            path, root_path = scope["path"], scope.get("root_path", "")
+            if root_path and path.startswith(root_path):  # mounted: match as Starlette's router does
+                path = path[len(root_path):]
+            if path == self.gateway.settings.path:
+                scope["app"] = self
+                await self.gateway(scope, receive, send)
                 return
-            self._waiting = True
-            gateway.waiting += 1
-            self._await_head()
+        await super().__call__(scope, receive, send)
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():  # kept alive: the next request's head gets as long
-                self._await_head()
 
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            if self._head_timer is not None and self._head_arrived():
-                self._stop_waiting()
+def _static_folder(static_dir: str) -> Path | None:
+    """The browser page's folder: beside the module (a checkout, a copied folder) or installed with it."""
+    if static_dir != "auto":
+        return Path(static_dir) if static_dir else None
+    here = Path(__file__).resolve().parent
+    for folder in (here / "static", here / "ws_micro_static"):
+        if (folder / "index.html").is_file():
+            return folder
+    return None  # a copied single file: the gateway runs without the page
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._stop_waiting()
-            super().connection_lost(exc)
 
-        def _await_head(self) -> None:
-            self._cycle = self.cycle
-            if head_timeout and self._head_timer is None:
-                self._head_timer = self.loop.call_later(head_timeout, self._head_timed_out)
+class _AppFromEnvironment:
+    """The gateway configured from ``WS_MICRO_*`` variables, built when the server starts it (its lifespan)
+    or first uses it, never at import: ``uvicorn ws_micro:app``, ``hypercorn ws_micro:app``, and so on."""
 
-        def _head_arrived(self) -> bool:
-            """A new request cycle began, or the connection became a WebSocket."""
-            return self.cycle is not self._cycle or self.transport.get_protocol() is not self
+    def __init__(self) -> None:
+        self._app: Starlette | None = None
 
-        def _stop_waiting(self) -> None:
-            if self._waiting:
-                self._waiting = False
-                gateway.waiting -= 1
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
+    def built(self) -> Starlette:
+        if self._app is None:
+            self._app = create_app(**options_from_env(Settings, os.environ))
+        return self._app
 
-        def _head_timed_out(self) -> None:
-            self._head_timer = None
-            busy = self.cycle is not None and not self.cycle.response_complete  # a pipelined request runs
-            if busy or self._head_arrived() or self.transport.is_closing():
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._app is None and scope["type"] == "lifespan":  # a bad setting fails the startup, with its name
+            startup = await receive()
+            try:
+                self.built()
+            except ValueError as exc:
+                await send({"type": "lifespan.startup.failed", "message": str(exc)})
                 return
-            if self._waiting:  # a first request that never came: say so
-                metrics.rejected_handshakes["timeout"] += 1
-                self.transport.write(timed_out)
-            self._stop_waiting()
-            self.transport.close()  # a later one: close as uvicorn closes an idle keep-alive connection
+            receive = _replaying(startup, receive)
+        await self.built()(scope, receive, send)
 
-    return GuardedHTTPProtocol
+    def __getattr__(self, name: str) -> Any:  # app.state, app.routes, ...: those of the built app
+        if name.startswith("__"):  # a tool probing for __wrapped__ and the like must not build it
+            raise AttributeError(name)
+        return getattr(self.built(), name)
+
+
+def _replaying(first: Message, receive: Receive) -> Receive:
+    pending = [first]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
+
+
+app = _AppFromEnvironment()
+
+
+
+# --------------------------------------------------------------------------
+# Serving (ws-micro): uvicorn
+# --------------------------------------------------------------------------
 
 
 def _log_config(level: str) -> dict[str, Any]:
@@ -4315,8 +3177,6 @@ def serve(app: Starlette, settings: ServerSettings | None = None) -> None:
         app,
         host=settings.host,
         port=settings.port,
-        http="auto" if gateway is None else _guarded_http_protocol(gateway, settings.handshake_timeout,
-                                                                  _raise_descriptor_limit()),
         ws="websockets-sansio",
         lifespan="on",  # a failing startup (cluster mode) stops the server instead of passing unnoticed
         # The engine refuses oversized frames (1009) before buffering them.
@@ -4328,6 +3188,9 @@ def serve(app: Starlette, settings: ServerSettings | None = None) -> None:
         log_level=settings.log_level,
         log_config=_log_config(settings.log_level),
     )
+    if gateway is not None:  # with ws_micro_servers.py, request heads have a deadline, and sockets waiting count
+        config.http = gateway.server.http_protocol(gateway, settings.handshake_timeout,
+                                                   _raise_descriptor_limit()) or config.http
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         uvicorn.Server(config).run()
@@ -4339,6 +3202,8 @@ def serve(app: Starlette, settings: ServerSettings | None = None) -> None:
 # --------------------------------------------------------------------------
 # Client
 # --------------------------------------------------------------------------
+
+DEFAULT_URL = "ws://localhost:8000/ws/py_client"
 
 
 class HandshakeRefused(ConnectionError):
@@ -4585,13 +3450,16 @@ async def _run_client(url: str, linger: float, token: str | None = None) -> int:
     return 0
 
 
+
 # --------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------
 
 
-def _add_options(parser: argparse._ActionsContainer, cls: type[Settings | ServerSettings],
+def _add_options(parser: argparse.ArgumentParser, title: str, cls: type[Settings | ServerSettings],
                  environ: Mapping[str, str]) -> None:
+    """A group of flags, ``title``, one for each field of ``cls``, with the environment's values as defaults."""
+    group = parser.add_argument_group(title)
     defaults = {field.name: field.default for field in dataclasses.fields(cls)}
     defaults.update(options_from_env(cls, environ))
     hints = get_type_hints(cls)
@@ -4601,12 +3469,11 @@ def _add_options(parser: argparse._ActionsContainer, cls: type[Settings | Server
         default = defaults[field.name]
         help = f"env {env}; default {default!r}"
         if hints[field.name] is bool:
-            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
-                                default=default, help=help)
+            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+                               default=default, help=help)
         else:
-            parser.add_argument(flag, dest=field.name, default=default, metavar=field.name.upper(),
-                                type=_flag_type(hints[field.name]),
-                                help=help)
+            group.add_argument(flag, dest=field.name, default=default, metavar=field.name.upper(),
+                               type=_flag_type(hints[field.name]), help=help)
 
 
 def _flag_type(kind: Any) -> Callable[[str], Any]:
@@ -4640,8 +3507,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
     parser = argparse.ArgumentParser(prog="ws-micro", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=__version__)
     try:
-        _add_options(parser.add_argument_group("application"), Settings, environ)
-        _add_options(parser.add_argument_group("server"), ServerSettings, environ)
+        _add_options(parser, "application", Settings, environ)
+        _add_options(parser, "server", ServerSettings, environ)
         options = vars(parser.parse_args(argv))
         server = ServerSettings(**{f.name: options.pop(f.name) for f in dataclasses.fields(ServerSettings)})
         application = create_app(**options)
@@ -4652,5 +3519,6 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
 
 
 if __name__ == "__main__":
+    # Run as the module ws_micro, not as a second copy of it: the sibling modules import it by that name.
+    sys.modules.setdefault("ws_micro", sys.modules[__name__])
     sys.exit(main())
-

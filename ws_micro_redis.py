@@ -1,0 +1,1008 @@
+"""ws_micro_redis: cluster mode for ws_micro, several instances sharing one registry over Redis.
+
+``create_app(redis_url=...)`` loads this module, which must sit beside ``ws_micro.py`` at the same
+version, and needs redis-py (``pip install 'redis[hiredis]'``).  Its :class:`RedisBackend` fills the
+core's backend seam (``ws_micro._Backend``): the registry hands it what belongs to clients of other
+instances, and it hands the registry what other instances send.  It reads the registry, and changes a
+connection, a session or the registry only through the registry's methods meant for a backend.
+docs/cluster.md has the design, the keys and the faults; docs/recovery.md, how sessions wait in Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import inspect
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import anyio
+import msgspec
+from anyio.abc import TaskGroup
+
+import ws_micro
+from ws_micro import (
+    BACKEND_UNAVAILABLE,
+    UNKNOWN_CLIENT,
+    BackendUnavailable,
+    Registry,
+    Settings,
+    _addressed,
+    _Backend,
+    _Connection,
+    _Delivery,
+    _encode,
+    _Kick,
+    _KickUser,
+    _MetricFamily,
+    _Parked,
+    _ToClient,
+    _ToEveryone,
+    _ToGroup,
+    _ToRoom,
+    _ToUser,
+    logger,
+)
+
+try:  # optional: without redis-py, RedisBackend says what to install
+    import redis.asyncio
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import RedisError
+except ImportError:
+    redis = None  # type: ignore[assignment]
+
+__version__ = "0.3.0"
+
+if ws_micro.__version__ != __version__:
+    raise ImportError(f"ws_micro_redis.py {__version__} cannot run beside ws_micro.py {ws_micro.__version__} "
+                      f"({ws_micro.__file__}): take both files from the same release")
+
+UNAVAILABLE = "Redis is unavailable; only clients on this instance can be reached"
+RESYNCING = ("Redis lost the cluster's state and instances are still registering again; "
+             "only clients on this instance and on instances already back can be reached")
+NOT_LISTENING = "not listening to Redis (reconnecting, or dead for less than instance_ttl)"
+OUTBOX_LIMIT = 10_000  # deliveries waiting for Redis before senders wait too
+RESYNC_POLL = 0.1  # seconds between looks for peers while they are registering again
+
+# Why a cross-instance delivery was lost (the cluster_dropped_total labels): its client left
+# before it arrived; its instance was not listening (dead before its deadline passed, or
+# reconnecting); Redis could not be reached; Redis had lost the instances' state and they
+# had not all registered again.
+CLUSTER_DROP_REASONS = ("gone", "no_subscriber", "backend_unavailable", "resyncing")
+
+
+# Connection recovery's messages between instances (and from the scripts): a session was parked in
+# Redis by its instance, and every delivery on its way to it there has come since; it may be
+# resumed now; the instance resuming it has been sent every delivery routed to it before it did;
+# it ended (kicked, overflowed, expired, resumed), told the instance that parked it; and a request
+# to the instance holding a connection open to park it, for a client come back elsewhere.
+class _WasParked(msgspec.Struct, tag="parked", array_like=True):
+    client_id: str
+
+
+class _Sealed(msgspec.Struct, tag="sealed", array_like=True):
+    client_id: str
+
+
+class _WasResumed(msgspec.Struct, tag="resumed", array_like=True):
+    client_id: str
+
+
+class _SessionEnded(msgspec.Struct, tag="ended", array_like=True):
+    client_id: str
+    reason: str
+
+
+class _TakeOver(msgspec.Struct, tag="takeover", array_like=True):
+    client_id: str
+    token_hash: str
+    requester: str
+
+
+
+_Control = _WasParked | _Sealed | _WasResumed | _SessionEnded | _TakeOver
+
+_encode_delivery = msgspec.msgpack.Encoder().encode
+_decode_delivery = msgspec.msgpack.Decoder(_Delivery | _Control).decode
+
+# The scripts run inside Redis, so each lookup and its publish is one round trip, and liveness
+# is judged by one clock (Redis's).  ARGV[1] is the key prefix.  Keys, for prefix p:
+#   p:instances                ZSET  instance id -> deadline (Redis time, s): live while in the future
+#   p:directory                HASH  client id -> instance id
+#   p:instance:<id>:clients    HASH  client id -> the client's JSON entry in GET /api/clients
+#   p:instance:<id>:rooms      SET   rooms with members on that instance
+#   p:instance:<id>:users      SET   users with connections on that instance
+#   p:room:<room>              HASH  instance id -> members of the room there (whom to publish to)
+#   p:user:<user>              HASH  instance id -> connections of the user there
+#   p:room-members:<room>      HASH  client id -> instance id, for each member (presence)
+#   p:user-members:<user>      HASH  client id -> instance id, for each connection of the user
+#   p:deliveries:<id>          pub/sub channel of that instance
+# With connection recovery, a session waiting for its client lives in Redis as an instance of its
+# own, "~<client id>", alive until its window ends: the scripts route frames to it as to any
+# instance, and keep() appends them to its list instead of publishing them.
+#   p:session:<client id>      HASH  its resume token's hash, offsets, bounds, who parked it, who waits
+#   p:kept:<client id>         LIST  its frames, the first at offset "base"
+#   p:pending:<client id>      LIST  frames routed to it until it is sealed (then appended to kept)
+#   p:claiming:<client id>     STRING  the instance resuming it, for a few seconds: one resume wins
+#   p:used:<client id>         STRING  the hash of its last spent token (refused while the session is
+#                                      connected), expiring after the window
+
+
+def _lua_layout(*structs: type[msgspec.Struct]) -> str:
+    """A Lua table of where each field of these tagged, array-like Structs sits in its msgpack array (the tag
+    first): generated from the Structs, so that the scripts read and write fields by name, and a field
+    reordered in Python moves in the scripts too."""
+    entries = []
+    for struct in structs:
+        fields = ", ".join(f"{name} = {position}" for position, name in enumerate(struct.__struct_fields__, 2))
+        entries.append(f"{struct.__struct_config__.tag} = {{{fields}}}")
+    return "local F = {" + ", ".join(entries) + "}\n"
+
+
+_LUA_PRELUDE = _lua_layout(_ToClient, _ToRoom, _ToUser, _ToEveryone, _Kick, _KickUser,
+                           _WasParked, _Sealed, _WasResumed, _SessionEnded, _TakeOver) + """
+local p = ARGV[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local function alive(id)
+  local deadline = redis.call('ZSCORE', p .. ':instances', id)
+  return deadline and tonumber(deadline) > now
+end
+local function live()
+  return redis.call('ZRANGEBYSCORE', p .. ':instances', '(' .. now, '+inf')
+end
+local reached, unheard = 0, 0  -- clients sent a delivery; live instances that were not listening
+-- A message of ours (a _Delivery or a _Control), its fields by name.
+local function pack(tag, fields)
+  local message = {tag}
+  for name, value in pairs(fields) do message[F[tag][name]] = value end
+  return cmsgpack.pack(message)
+end
+local function reap(id)
+  -- Each client's entry names its rooms and user: its memberships go with it, at a cost of the
+  -- instance's own memberships, whatever the size of the rooms.
+  local clients = p .. ':instance:' .. id .. ':clients'
+  local entries = redis.call('HGETALL', clients)
+  for i = 1, #entries, 2 do
+    local client = entries[i]
+    if redis.call('HGET', p .. ':directory', client) == id then redis.call('HDEL', p .. ':directory', client) end
+    local ok, entry = pcall(cjson.decode, entries[i + 1])
+    if ok and type(entry) == 'table' then
+      for _, room in ipairs(type(entry.rooms) == 'table' and entry.rooms or {}) do
+        redis.call('HDEL', p .. ':room-members:' .. room, client)
+      end
+      if type(entry.user) == 'string' then redis.call('HDEL', p .. ':user-members:' .. entry.user, client) end
+    end
+  end
+  for _, kind in ipairs({'room', 'user'}) do
+    local names = p .. ':instance:' .. id .. ':' .. kind .. 's'
+    for _, name in ipairs(redis.call('SMEMBERS', names)) do redis.call('HDEL', p .. ':' .. kind .. ':' .. name, id) end
+    redis.call('DEL', names)
+  end
+  redis.call('DEL', clients)
+  redis.call('ZREM', p .. ':instances', id)
+end
+-- Make a client a member, on instance id, of a room or user ("room" or "user"); recovery moves members.
+local function add_member(kind, name, client, id)
+  redis.call('HINCRBY', p .. ':' .. kind .. ':' .. name, id, 1)
+  redis.call('SADD', p .. ':instance:' .. id .. ':' .. kind .. 's', name)
+  redis.call('HSET', p .. ':' .. kind .. '-members:' .. name, client, id)
+end
+-- A waiting session ends: its memberships go, and the instance that parked it is told, to tell the
+-- backend and the session's rooms.  ("ended", client, reason) is a _SessionEnded message.
+local function end_session(client, reason)
+  local session = p .. ':session:' .. client
+  local parker = redis.call('HGET', session, 'parker')
+  reap('~' .. client)
+  redis.call('DEL', session, p .. ':kept:' .. client, p .. ':pending:' .. client)
+  if parker then
+    redis.call('PUBLISH', p .. ':deliveries:' .. parker, pack('ended', {client_id = client, reason = reason}))
+  end
+end
+-- Keep a delivery (a msgpack-encoded _Delivery) for a waiting session, within its bounds: 'kept';
+-- 'kicked' (a kick ends it); or 'lost' (no such session, or this frame passed its bounds and ended it).
+-- Until the session is sealed, frames routed to it here wait in a pending list, behind those its old
+-- instance forwards ("diverted": routed to it there before it was parked), which go first.
+local function keep(client, message, diverted)
+  local d = cmsgpack.unpack(message)
+  local tag = d[1]
+  if tag == 'kick' or tag == 'kick_user' then end_session(client, 'kicked') return 'kicked' end
+  local f = F[tag]
+  if not f or not f.text then return 'lost' end
+  -- A relayed frame as it is; a server frame's text and tail with the client's id between (as _Frame.to).
+  local tail = f.tail and d[f.tail]
+  local text = d[f.text] .. (tail and (client .. tail) or '')
+  local session = p .. ':session:' .. client
+  local kept, pending = p .. ':kept:' .. client, p .. ':pending:' .. client
+  if redis.call('EXISTS', session) == 0 then return 'lost' end
+  local b = redis.call('HMGET', session, 'base', 'away_at', 'max_frames', 'max_bytes', 'sealed')
+  local base, away_at, max_frames, max_bytes = tonumber(b[1]), tonumber(b[2]), tonumber(b[3]), tonumber(b[4])
+  redis.call('RPUSH', (diverted or b[5] == '1') and kept or pending, text)
+  local n = redis.call('LLEN', kept) + redis.call('LLEN', pending)
+  local size = redis.call('HINCRBY', session, 'size', #text)
+  while n > max_frames or size > max_bytes do
+    if base >= away_at or redis.call('LLEN', kept) == 0 then end_session(client, 'overflowed') return 'lost' end
+    size = size - #redis.call('LPOP', kept)
+    base, n = base + 1, n - 1
+  end
+  redis.call('HSET', session, 'base', base, 'size', size)
+  return 'kept'
+end
+local function deliver(id, message, clients)
+  if string.sub(id, 1, 1) == '~' then
+    keep(string.sub(id, 2), message, false)
+    reached = reached + clients
+  elseif redis.call('PUBLISH', p .. ':deliveries:' .. id, message) > 0 then
+    reached = reached + clients
+  else
+    unheard = unheard + 1
+  end
+end
+"""
+_LUA = {
+    # ARGV: p, instance, ttl -> {1 if the instance was not registered (new, reaped, or Redis restarted),
+    #                            {live instances}}
+    "heartbeat": """
+local added = redis.call('ZADD', p .. ':instances', now + tonumber(ARGV[3]), ARGV[2])
+for _, dead in ipairs(redis.call('ZRANGEBYSCORE', p .. ':instances', '-inf', now)) do
+  if string.sub(dead, 1, 1) == '~' then end_session(string.sub(dead, 2), 'expired') else reap(dead) end
+end
+return {added, live()}""",
+    # ARGV: p, instance
+    "reap": "reap(ARGV[2]) return 1",
+    # The delivery scripts (send, room, all) answer nil when their own instance is not registered:
+    # Redis lost its state (restarted empty, flushed) or reaped it, so the directory cannot be trusted.
+    # ARGV: p, client id, message, own instance -> -1 no such client, 0 its instance is not listening, 1 sent
+    "send": """
+if not redis.call('ZSCORE', p .. ':instances', ARGV[4]) then return false end
+local id = redis.call('HGET', p .. ':directory', ARGV[2])
+if not id or id == ARGV[4] or not alive(id) then return -1 end
+if string.sub(id, 1, 1) == '~' then return keep(ARGV[2], ARGV[3], false) == 'lost' and -1 or 1 end
+return redis.call('PUBLISH', p .. ':deliveries:' .. id, ARGV[3])""",
+    # ARGV: p, "room:<room>" or "user:<user>", message, own instance
+    #   -> {members reached on other instances, live instances with members that were not listening}
+    "group": """
+if not redis.call('ZSCORE', p .. ':instances', ARGV[4]) then return false end
+local counts = redis.call('HGETALL', p .. ':' .. ARGV[2])
+for i = 1, #counts, 2 do
+  if counts[i] ~= ARGV[4] and alive(counts[i]) then deliver(counts[i], ARGV[3], tonumber(counts[i + 1])) end
+end
+return {reached, unheard}""",
+    # ARGV: p, message, own instance -> {clients reached on other instances, live instances not listening}
+    "all": """
+if not redis.call('ZSCORE', p .. ':instances', ARGV[3]) then return false end
+for _, id in ipairs(live()) do
+  if id ~= ARGV[3] then deliver(id, ARGV[2], redis.call('HLEN', p .. ':instance:' .. id .. ':clients')) end
+end
+return {reached, unheard}""",
+    # ARGV: p, "room" or "user", its name, own instance, members here, a client id, 1 if that client is a
+    #       member now (else 0) -> members on every live instance
+    "members": """
+local key = p .. ':' .. ARGV[2] .. ':' .. ARGV[3]
+local names = p .. ':instance:' .. ARGV[4] .. ':' .. ARGV[2] .. 's'
+if ARGV[7] == '1' then
+  redis.call('HSET', p .. ':' .. ARGV[2] .. '-members:' .. ARGV[3], ARGV[6], ARGV[4])
+else
+  redis.call('HDEL', p .. ':' .. ARGV[2] .. '-members:' .. ARGV[3], ARGV[6])
+end
+if tonumber(ARGV[5]) > 0 then
+  redis.call('HSET', key, ARGV[4], ARGV[5])
+  redis.call('SADD', names, ARGV[3])
+else
+  redis.call('HDEL', key, ARGV[4])
+  redis.call('SREM', names, ARGV[3])
+end
+local members = 0
+local counts = redis.call('HGETALL', key)
+for i = 1, #counts, 2 do
+  if alive(counts[i]) then members = members + tonumber(counts[i + 1]) end
+end
+return members""",
+    # ARGV: p -> the JSON entries of every client on a live instance
+    "list": """
+local entries = {}
+for _, id in ipairs(live()) do
+  for _, entry in ipairs(redis.call('HVALS', p .. ':instance:' .. id .. ':clients')) do
+    entries[#entries + 1] = entry
+  end
+end
+return entries""",
+    # ARGV: p, "room" or "user", its name -> the JSON entries of its members on live instances
+    "group_members": """
+local entries = {}
+local members = redis.call('HGETALL', p .. ':' .. ARGV[2] .. '-members:' .. ARGV[3])
+for i = 1, #members, 2 do
+  if alive(members[i + 1]) then
+    local entry = redis.call('HGET', p .. ':instance:' .. members[i + 1] .. ':clients', members[i])
+    if entry then entries[#entries + 1] = entry end
+  end
+end
+return entries""",
+    # ARGV: p -> {room, members, room, members, ...}: every room with members on a live instance
+    "rooms": """
+local totals, order = {}, {}
+for _, id in ipairs(live()) do
+  for _, room in ipairs(redis.call('SMEMBERS', p .. ':instance:' .. id .. ':rooms')) do
+    local count = tonumber(redis.call('HGET', p .. ':room:' .. room, id) or 0)
+    if count > 0 then
+      if not totals[room] then totals[room] = 0; order[#order + 1] = room end
+      totals[room] = totals[room] + count
+    end
+  end
+end
+local flat = {}
+for _, room in ipairs(order) do flat[#flat + 1] = room; flat[#flat + 1] = totals[room] end
+return flat""",
+    # Connection recovery.  ARGV: p, client id, its entry (JSON, with rooms and user), the members left here
+    # of its rooms and user (JSON {"rooms": {room: n}, "user": n}), token hash, window (s), base, away_at,
+    # max_frames, max_bytes, size, who waits for it ("" none), 1 if sealed already, its kept frames..., own
+    # instance
+    # -> 1 parked, 0 it was not this instance's (Redis lost it): it is not kept.  The marker ("parked",
+    # client) on our own channel comes after every delivery that was on its way to it here.
+    "park": """
+local client, own = ARGV[2], ARGV[#ARGV]
+local home = '~' .. client
+if redis.call('HGET', p .. ':directory', client) ~= own then return 0 end
+local entry, left = cjson.decode(ARGV[3]), cjson.decode(ARGV[4])
+redis.call('HSET', p .. ':directory', client, home)
+redis.call('HDEL', p .. ':instance:' .. own .. ':clients', client)
+redis.call('HSET', p .. ':instance:' .. home .. ':clients', client, ARGV[3])
+local function move(kind, name, members_left)
+  if members_left > 0 then
+    redis.call('HSET', p .. ':' .. kind .. ':' .. name, own, members_left)
+  else
+    redis.call('HDEL', p .. ':' .. kind .. ':' .. name, own)
+    redis.call('SREM', p .. ':instance:' .. own .. ':' .. kind .. 's', name)
+  end
+  add_member(kind, name, client, home)
+end
+for _, room in ipairs(entry.rooms) do move('room', room, tonumber(left.rooms[room]) or 0) end
+if type(entry.user) == 'string' then move('user', entry.user, tonumber(left.user) or 0) end
+redis.call('ZADD', p .. ':instances', now + tonumber(ARGV[6]), home)
+local session = p .. ':session:' .. client
+redis.call('DEL', session, p .. ':kept:' .. client)
+redis.call('HSET', session, 'token', ARGV[5], 'parker', own, 'sealed', ARGV[13], 'base', ARGV[7], 'away_at', ARGV[8],
+           'max_frames', ARGV[9], 'max_bytes', ARGV[10], 'size', ARGV[11])
+if ARGV[12] ~= '' then redis.call('HSET', session, 'waiter', ARGV[12]) end
+for i = 14, #ARGV - 1 do redis.call('RPUSH', p .. ':kept:' .. client, ARGV[i]) end
+redis.call('PUBLISH', p .. ':deliveries:' .. own, pack('parked', {client_id = client}))
+return 1""",
+    # ARGV: p, client id, a msgpack-encoded delivery that was on its way to it, own instance -> 1
+    "keep": "keep(ARGV[2], ARGV[3], true) return 1",
+    # ARGV: p, client id, reason, own instance -> 1
+    "end": "if redis.call('EXISTS', p .. ':session:' .. ARGV[2]) == 1 then end_session(ARGV[2], ARGV[3]) end return 1",
+    # Every delivery on its way to the parker has been kept: it may be resumed.  ARGV: p, client id, own
+    "seal": """
+local session = p .. ':session:' .. ARGV[2]
+if redis.call('EXISTS', session) == 0 then return 0 end
+local pending = p .. ':pending:' .. ARGV[2]
+for _, frame in ipairs(redis.call('LRANGE', pending, 0, -1)) do redis.call('RPUSH', p .. ':kept:' .. ARGV[2], frame) end
+redis.call('DEL', pending)
+redis.call('HSET', session, 'sealed', 1)
+local waiter = redis.call('HGET', session, 'waiter')
+if waiter then redis.call('PUBLISH', p .. ':deliveries:' .. waiter, pack('sealed', {client_id = ARGV[2]})) end
+return 1""",
+    # ARGV: p, instance, message, own instance -> 1: a control message to one instance
+    "tell": "redis.call('PUBLISH', p .. ':deliveries:' .. ARGV[2], ARGV[3]) return 1",
+    # What a resume token would take; with "claim", it is held for this instance for a few seconds, so
+    # that one concurrent resume wins.  The token spent last is as good while the session waits (its
+    # client may never have had the next one).  ARGV: p, client id, token hash, "claim" or "look", own
+    # instance -> {"parked", entry} | {"unsealed"} (we are told when it is) | {"open", instance}
+    #           | {"reused"} | {"none"}
+    "peek": """
+local client, own = ARGV[2], ARGV[#ARGV]
+local id = redis.call('HGET', p .. ':directory', client)
+local used = redis.call('GET', p .. ':used:' .. client) == ARGV[3]
+if not id or not alive(id) then return {'none'} end
+if string.sub(id, 1, 1) ~= '~' then return used and {'reused'} or {'open', id} end
+local session = p .. ':session:' .. client
+local s = redis.call('HMGET', session, 'token', 'sealed')
+if s[1] ~= ARGV[3] and not used then return {'none'} end
+if s[2] ~= '1' then redis.call('HSET', session, 'waiter', own) return {'unsealed'} end
+if ARGV[4] == 'claim' and not redis.call('SET', p .. ':claiming:' .. client, own, 'NX', 'EX', 3) then
+  return {'reused'}
+end
+return {'parked', redis.call('HGET', p .. ':instance:' .. id .. ':clients', client)}""",
+    # Take a parked session: its memberships move here, its token is spent.  ARGV: p, client id, token
+    # hash, its new entry, window (s), own instance -> {"ok", base, away_at, frames...}, or {"gone"} if
+    # it is not there (ended, or taken).  The marker ("resumed", client) on our channel follows every
+    # delivery routed here for it before, which its list holds.
+    "resume": """
+local client, own = ARGV[2], ARGV[#ARGV]
+local home = '~' .. client
+local session = p .. ':session:' .. client
+local s = redis.call('HMGET', session, 'token', 'sealed', 'base', 'away_at', 'parker')
+local token_ok = s[1] == ARGV[3] or redis.call('GET', p .. ':used:' .. client) == ARGV[3]
+if redis.call('HGET', p .. ':directory', client) ~= home or not alive(home) or not token_ok or s[2] ~= '1'
+    or redis.call('GET', p .. ':claiming:' .. client) ~= own then
+  return {'gone'}
+end
+for _, kind in ipairs({'room', 'user'}) do
+  for _, name in ipairs(redis.call('SMEMBERS', p .. ':instance:' .. home .. ':' .. kind .. 's')) do
+    add_member(kind, name, client, own)
+  end
+end
+redis.call('HSET', p .. ':directory', client, own)
+redis.call('HSET', p .. ':instance:' .. own .. ':clients', client, ARGV[4])
+local frames = redis.call('LRANGE', p .. ':kept:' .. client, 0, -1)
+-- reap() would take the memberships just moved: drop the parked instance's own keys only.
+for _, kind in ipairs({'room', 'user'}) do
+  local names = p .. ':instance:' .. home .. ':' .. kind .. 's'
+  for _, name in ipairs(redis.call('SMEMBERS', names)) do redis.call('HDEL', p .. ':' .. kind .. ':' .. name, home) end
+  redis.call('DEL', names)
+end
+redis.call('DEL', p .. ':instance:' .. home .. ':clients', session, p .. ':kept:' .. client,
+           p .. ':pending:' .. client, p .. ':claiming:' .. client)
+redis.call('ZREM', p .. ':instances', home)
+redis.call('SET', p .. ':used:' .. client, ARGV[3], 'EX', math.ceil(tonumber(ARGV[5])))
+redis.call('PUBLISH', p .. ':deliveries:' .. own, pack('resumed', {client_id = client}))
+if s[5] then
+  redis.call('PUBLISH', p .. ':deliveries:' .. s[5], pack('ended', {client_id = client, reason = 'resumed'}))
+end
+local answer = {'ok', s[3], s[4]}
+for _, frame in ipairs(frames) do answer[#answer + 1] = frame end
+return answer""",
+    # ARGV: p, client id -> its JSON entry, if its instance is live
+    "get": """
+local id = redis.call('HGET', p .. ':directory', ARGV[2])
+if not id or not alive(id) then return false end
+return redis.call('HGET', p .. ':instance:' .. id .. ':clients', ARGV[2])""",
+}
+
+
+def _ignore(result: Any) -> None:
+    pass
+
+
+def _group_key(delivery: _ToGroup) -> str:
+    """The Redis key (after the prefix) of the instances holding a delivery's room or user."""
+    return f"room:{delivery.room}" if isinstance(delivery, _ToRoom) else f"user:{delivery.user}"
+
+
+class RedisBackend(_Backend):
+    """Several gateway instances sharing one registry over Redis; docs/cluster.md has the design.
+
+    Each instance publishes what belongs to another on that instance's channel,
+    found through a directory of client -> instance.  Delivery is at most once,
+    and no loss is silent: it is counted, and a sender gets ``backend_unavailable``.
+    """
+
+    def __init__(self, registry: Registry, settings: Settings) -> None:
+        if redis is None:
+            raise ValueError("redis_url needs redis-py: pip install 'redis[hiredis]'")
+        assert settings.redis_url is not None
+        self.registry = registry
+        self.settings = settings
+        self.instance = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.available = False
+        # Deliveries from other instances, and those lost (pub/sub is at-most-once).
+        self.received = 0
+        self.dropped = collections.Counter(dict.fromkeys(CLUSTER_DROP_REASONS, 0))
+        self._errors = (RedisError, OSError)
+        # Fail fast and let the supervisor reconnect: redis-py's own retries would stall a read loop.
+        self.redis = redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout,
+                                                  socket_connect_timeout=settings.redis_timeout,
+                                                  retry=Retry(NoBackoff(), 0))
+        # Subscribed, a quiet channel is normal: no read timeout (older redis-py applies it to listen()).
+        # A dead connection shows in the heartbeat, which ends the session.
+        self._subscriber = redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=None,
+                                                        socket_connect_timeout=settings.redis_timeout,
+                                                        retry=Retry(NoBackoff(), 0))
+        self._scripts = {name: self.redis.register_script(_LUA_PRELUDE + body) for name, body in _LUA.items()}
+        # Not the p:instance:<id> of 0.1.0, whose deliveries were laid out otherwise: mixed versions do not
+        # misread each other, they find each other not listening (counted, and answered backend_unavailable).
+        self._channel = f"{settings.redis_prefix}:deliveries:{self.instance}"
+        self._clients_key = f"{settings.redis_prefix}:instance:{self.instance}:clients"
+        self._tasks: TaskGroup | None = None
+        self._session: anyio.CancelScope | None = None  # the current connection's, cancelled on failure
+        self._outbox: list[tuple[str, tuple[Any, ...], Callable[[Any], None]]] = []
+        self._outbox_ready: anyio.Event | None = None  # events need the event loop: made in running()
+        self._outbox_drained: anyio.Event
+        # Connection recovery: sessions parked by this instance, until they end (to tell of it), and of
+        # those, the ones whose marker has not come back (deliveries for them here go to Redis too);
+        # sessions resumed here whose marker has not come (earlier deliveries are in their lists); resumes
+        # waiting for a session to be sealed; and clients an instance waits for us to park.
+        self._parked: dict[str, _Connection] = {}
+        self._parking: dict[str, _Connection] = {}
+        self._resuming: set[str] = set()
+        self._sealed: dict[str, anyio.Event] = {}
+        self._takeovers: dict[str, str] = {}
+        self._peers: set[str] = set()  # other instances alive at the last heartbeat
+        self._missing: set[str] = set()  # peers not registered again since Redis lost their state
+        self._missing_until = 0.0  # time.monotonic() after which they count as dead
+
+    # Running
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Keep this instance in the cluster while the app runs; leave it cleanly at shutdown."""
+        async with anyio.create_task_group() as tasks:
+            self._tasks = tasks
+            self._outbox_ready, self._outbox_drained = anyio.Event(), anyio.Event()
+            tasks.start_soon(self._supervise)
+            tasks.start_soon(self._flush)
+            try:
+                yield
+            finally:
+                # Sessions parked as the server closed their connections (recovery): onto Redis first.
+                with anyio.move_on_after(self.settings.redis_timeout):
+                    while self._outbox and self.available:
+                        await self._outbox_drained.wait()
+                tasks.cancel_scope.cancel()
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self.settings.redis_timeout):
+                    with contextlib.suppress(BackendUnavailable):  # then the others reap us by deadline
+                        await self._script("reap", self.instance)
+                    await self.redis.aclose()
+                    await self._subscriber.aclose()
+                self._tasks = None
+
+    async def _supervise(self) -> None:
+        delay = 0.1
+        while True:
+            self._session = anyio.CancelScope()
+            with self._session:
+                try:
+                    async with self._subscriber.pubsub() as pubsub:
+                        await pubsub.subscribe(self._channel)
+                        await self._sync()
+                        if not self.available:
+                            logger.info("cluster: instance %s joined over Redis", self.instance)
+                        self.available, delay = True, 0.1
+                        async with anyio.create_task_group() as tasks:
+                            tasks.start_soon(self._heartbeat)
+                            await self._listen(pubsub)
+                except* (*self._errors, BackendUnavailable) as failure:
+                    if self.available:
+                        logger.warning("cluster: Redis unavailable (%s); retrying", failure.exceptions[0])
+            self.available = False
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    @property
+    def resyncing(self) -> bool:
+        """Whether peers that Redis lost may still be registering again (docs/cluster.md: the resync window)."""
+        return bool(self._missing) and time.monotonic() < self._missing_until
+
+    @property
+    def instances(self) -> int:
+        """The live instances this one saw at its last heartbeat, itself included."""
+        return len(self._peers) + 1
+
+    def _lost(self) -> None:
+        """A command failed: stop the session, so the supervisor reconnects and writes our state again."""
+        self.available = False
+        if self._session is not None:
+            self._session.cancel()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            # While peers are registering again, frames for them are refused: look for them often.
+            await anyio.sleep(min(self.settings.heartbeat_interval, RESYNC_POLL) if self._missing
+                              else self.settings.heartbeat_interval)
+            added, live = await self._script("heartbeat", self.instance, self.settings.instance_ttl)
+            if added:
+                logger.warning("cluster: instance %s had been dropped from Redis; registering again",
+                               self.instance)
+                await self._sync()  # before _saw(): the peers we knew are those Redis may have lost
+            else:
+                self._saw(live)
+
+    def _saw(self, live: Sequence[bytes]) -> None:
+        """Note the instances alive now: peers back end the resynchronising window."""
+        self._peers = {instance.decode() for instance in live if not instance.startswith(b"~")} - {self.instance}
+        if self._missing:
+            self._missing -= self._peers
+            if not self._missing:
+                logger.info("cluster: every instance is registered again")
+            elif time.monotonic() >= self._missing_until:
+                logger.warning("cluster: instance(s) %s did not register again within instance_ttl; "
+                               "counting them as dead", ", ".join(sorted(self._missing)))
+                self._missing = set()
+
+    async def _sync(self) -> None:
+        """Write this instance's whole state (its clients and rooms), replacing whatever Redis had."""
+        prefix = self.settings.redis_prefix
+        async with self.redis.pipeline(transaction=True) as pipe:
+            await self._scripts["reap"](args=(prefix, self.instance), client=pipe)
+            await self._scripts["heartbeat"](args=(prefix, self.instance, self.settings.instance_ttl), client=pipe)
+            connections = list(self.registry._connections.values())
+            if connections:
+                pipe.hset(f"{prefix}:directory", mapping={c.id: self.instance for c in connections})
+                pipe.hset(self._clients_key, mapping={c.id: self._entry(c) for c in connections})
+            for kind, groups in (("room", self.registry._rooms), ("user", self.registry._users)):
+                for name, members in groups.items():
+                    pipe.hset(f"{prefix}:{kind}:{name}", self.instance, len(members))
+                    pipe.hset(f"{prefix}:{kind}-members:{name}", mapping=dict.fromkeys(members, self.instance))
+                    pipe.sadd(f"{prefix}:instance:{self.instance}:{kind}s", name)
+            results = await pipe.execute()
+        # Peers we saw alive that Redis does not hold now may be reconnecting, as we did: until they
+        # are back (or instance_ttl has passed), frames that may be for them are refused, not lost.
+        known = self._peers | (self._missing if self.resyncing else set())
+        self._saw(results[1][1])
+        if known - self._peers:
+            self._missing = known - self._peers
+            self._missing_until = time.monotonic() + self.settings.instance_ttl
+            logger.warning("cluster: waiting up to %gs for instance(s) %s to register again; "
+                           "until then frames that may be for them fail with backend_unavailable",
+                           self.settings.instance_ttl, ", ".join(sorted(self._missing)))
+
+    async def _listen(self, pubsub: Any) -> None:
+        async for message in pubsub.listen():
+            if message["type"] != "message":
+                continue
+            try:
+                delivery = _decode_delivery(message["data"])
+            except msgspec.MsgspecError:
+                logger.warning("cluster: ignored a message on %s that is not ws_micro's", self._channel)
+                continue
+            if isinstance(delivery, _Control):
+                self._control(delivery)
+                continue
+            self.received += 1
+            if self._parking and self._divert(delivery, message["data"]):
+                continue
+            if not self.registry._deliver_here(delivery, self._resuming):
+                self.dropped["gone"] += 1
+
+    # Sessions (connection recovery; docs/recovery.md, "In cluster mode")
+
+    def park(self, connection: _Connection) -> bool:
+        """Move an away connection's session to Redis (see the "park" script), soon; False while Redis is
+        away: then it waits here, and can be resumed here only."""
+        if not self.available or self._outbox_ready is None:
+            return False
+        # Soon, not now: the delivery whose write found the connection dead queues its script first, so the
+        # frame is in the session's kept frames once, not also sent on to it by that script.
+        asyncio.get_running_loop().call_soon(self._park, connection)
+        return True
+
+    def _park(self, connection: _Connection) -> None:
+        registry, session = self.registry, connection.session
+        if registry._connections.get(connection.id) is not connection or not connection.away or session is None:
+            return  # resumed here, or ended, meanwhile
+        if not self.available:
+            registry._wait_here(connection)
+            return
+        rooms_left, user_left = registry._forget(connection)  # the members left here of its rooms and user
+        left = {"rooms": rooms_left, "user": user_left}
+        settings = self.settings
+        client_id = connection.id
+
+        def done(result: Any) -> None:
+            if result != 1:  # not kept: the session is over
+                self._session_over(client_id, "abnormal")
+
+        # The server is stopping (a rolling restart): what is on its way here is lost anyway, and this
+        # instance may not be listening for its marker; sealed now, the session can be resumed elsewhere.
+        sealed = connection.close_reason == "shutdown"
+        self._enqueue("park", (client_id, self._entry(connection), _encode(left), session.token_hash.hex(),
+                               settings.recovery_window, session.sent - len(session.frames), session.away_at,
+                               settings.recovery_max_frames, settings.recovery_max_bytes, session.size,
+                               self._takeovers.pop(client_id, ""), int(sealed), *session.frames), done)
+        self._parked[client_id] = connection
+        if not sealed:
+            self._parking[client_id] = connection
+        if len(self._parked) > settings.recovery_max_sessions:
+            self._enqueue("end", (next(iter(self._parked)), "evicted"), _ignore)
+
+    def _divert(self, delivery: _Delivery, message: bytes) -> bool:
+        """Keep in Redis what came here for sessions being parked (no longer in the registry's indexes);
+        True if that was all it was for."""
+        for connection in self._parking.values():
+            if _addressed(delivery, connection):
+                self._enqueue("keep", (connection.id, message), _ignore)
+                if isinstance(delivery, _ToClient | _Kick):  # for this one client only
+                    return True
+        return False
+
+    def _control(self, message: _Control) -> None:
+        match message:
+            case _WasParked(client_id):
+                if self._parking.pop(client_id, None) is not None:
+                    self._enqueue("seal", (client_id,), _ignore)
+            case _Sealed(client_id):
+                if client_id in self._sealed:
+                    self._sealed[client_id].set()
+            case _WasResumed(client_id):
+                self._resuming.discard(client_id)
+            case _SessionEnded(client_id, reason):
+                self._session_over(client_id, reason)
+            case _TakeOver(client_id, token_hash, requester):
+                self._takeovers[client_id] = requester  # _park() names it, for the seal to tell it
+                if not self.registry._drop_session(client_id, token_hash):  # no such open connection here
+                    del self._takeovers[client_id]
+                    self._enqueue("tell", (requester, _encode_delivery(_Sealed(client_id))), _ignore)
+
+    def _session_over(self, client_id: str, reason: str) -> None:
+        """A session this instance parked ended: tell its rooms and the backend, unless it was resumed."""
+        self._parking.pop(client_id, None)
+        connection = self._parked.pop(client_id, None)
+        if connection is not None and reason != "resumed":
+            self.registry._session_over(connection, reason)
+
+    async def claim(self, client_id: str, token_hash: str, user: str | None, *,
+                    spend: bool) -> _Parked | Literal[False] | None:
+        sealed = self._sealed[client_id] = anyio.Event()
+        try:
+            for attempt in range(2):
+                kind, *found = await self._request("peek", client_id, token_hash, "claim" if spend else "look")
+                if kind == b"reused":
+                    return None
+                if kind == b"parked":
+                    entry = msgspec.json.decode(found[0])
+                    return _Parked(client_id, token_hash, tuple(entry["rooms"])) if entry["user"] == user else False
+                if kind == b"none" or not spend or attempt:
+                    return False
+                if kind == b"open":  # connected through another instance: ask it to let go
+                    self._enqueue("tell", (found[0], _encode_delivery(_TakeOver(client_id, token_hash, self.instance))),
+                                  _ignore)
+                with anyio.move_on_after(self.settings.redis_timeout):
+                    await sealed.wait()
+        except BackendUnavailable:
+            pass
+        finally:
+            if self._sealed.get(client_id) is sealed:
+                del self._sealed[client_id]
+        return False
+
+    async def take(self, connection: _Connection, parked: _Parked) -> tuple[int, int, list[str]] | None:
+        # The registry holds the connection already, so that frames for it from now on are kept for after
+        # the replay; those routed to it in Redis before the script runs are in its list, and until its
+        # marker comes back, _deliver_here passes it over for those that arrive here meanwhile.
+        self._resuming.add(connection.id)
+        try:
+            answer = await self._request("resume", connection.id, parked.token_hash, self._entry(connection),
+                                         self.settings.recovery_window)
+        except BackendUnavailable:
+            answer = [b"gone"]
+        if answer[0] != b"ok":
+            self._resuming.discard(connection.id)
+            return None
+        return int(answer[1]), int(answer[2]), [frame.decode() for frame in answer[3:]]
+
+    # Reading
+
+    def health(self) -> tuple[str, dict[str, Any]]:
+        # Degraded, not down: clients on this instance are still served.
+        redis = "unavailable" if not self.available else "resyncing" if self.resyncing else "ok"
+        return ("ok" if redis == "ok" else "degraded",
+                {"instance": self.instance, "redis": redis, "instances": self.instances})
+
+    def metrics(self) -> list[_MetricFamily]:
+        return [("cluster_up", "gauge", "1 while Redis is reachable.", {"": int(self.available)}, ""),
+                ("cluster_received_total", "counter", "Deliveries received from other instances.",
+                 {"": self.received}, ""),
+                ("cluster_dropped_total", "counter", "Cross-instance deliveries lost, by reason.",
+                 self.dropped, "reason"),
+                ("sessions_parked", "gauge", "Sessions this instance moved to Redis to wait for their client.",
+                 {"": len(self._parked)}, "")]
+
+    def entry(self, connection: _Connection) -> dict[str, Any]:
+        return {**connection.describe(), "instance": self.instance}
+
+    # Membership
+
+    def _entry(self, connection: _Connection) -> bytes:
+        return _encode(self.entry(connection))
+
+    async def register(self, connection: _Connection) -> None:
+        """Put a new client in the directory; while Redis is away, the next sync does it."""
+        with contextlib.suppress(BackendUnavailable):
+            await self._call(self._register(connection))
+
+    async def _register(self, connection: _Connection) -> None:
+        user = connection.identity.user
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(f"{self.settings.redis_prefix}:directory", connection.id, self.instance)
+            pipe.hset(self._clients_key, connection.id, self._entry(connection))
+            if user is not None:
+                await self._members(pipe, "user", user, len(self.registry._users.get(user, ())), connection.id, True)
+            await pipe.execute()
+
+    def unregister(self, connection: _Connection, rooms_left: Mapping[str, int], user_left: int) -> None:
+        """Take a gone client out of the directory, its rooms and its user, in the background."""
+        if self.available and self._tasks is not None:
+            self._tasks.start_soon(self._unregister, connection.id, connection.identity.user, rooms_left, user_left)
+
+    async def _unregister(self, client_id: str, user: str | None, rooms_left: Mapping[str, int],
+                          user_left: int) -> None:
+        prefix = self.settings.redis_prefix
+        with contextlib.suppress(BackendUnavailable):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hdel(f"{prefix}:directory", client_id)
+                pipe.hdel(self._clients_key, client_id)
+                for room, members in rooms_left.items():
+                    await self._members(pipe, "room", room, members, client_id, False)
+                if user is not None:
+                    await self._members(pipe, "user", user, user_left, client_id, False)
+                await self._call(pipe.execute())
+
+    async def room_changed(self, connection: _Connection, room: str, members_here: int) -> int:
+        """Record this instance's members of ``room``; the members on every instance."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self._clients_key, connection.id, self._entry(connection))
+            await self._members(pipe, "room", room, members_here, connection.id, room in connection.rooms)
+            results = await self._call(pipe.execute())
+        return int(results[-1])
+
+    async def _members(self, pipe: Any, kind: str, name: str, members_here: int, client_id: str,
+                       member: bool) -> None:
+        await self._scripts["members"](args=(self.settings.redis_prefix, kind, name, self.instance, members_here,
+                                             client_id, int(member)), client=pipe)
+
+    # Sending: deliveries to other instances go through one outbox, flushed as one pipeline at a
+    # time: a busy gateway pays a Redis round trip per batch, not per frame, and keeps their order.
+
+    async def send(self, delivery: _ToClient | _Kick) -> bool:
+        return bool(await self._request("send", delivery.client_id, _encode_delivery(delivery)) == 1)
+
+    async def forward(self, delivery: _ToClient, failed: Callable[[str, str], None]) -> None:
+        client_id = delivery.client_id
+
+        def done(result: Any) -> None:
+            if isinstance(result, BackendUnavailable):
+                failed(BACKEND_UNAVAILABLE, f"{result}; {client_id!r} may have missed this frame")
+            elif result != 1:
+                failed(UNKNOWN_CLIENT, f"no client with id {client_id!r}")
+
+        await self._submit("send", (client_id, _encode_delivery(delivery)), done)
+
+    async def publish(self, delivery: _ToGroup, here: Callable[[], int] = lambda: 0) -> int:
+        answer, reached = await self._request("group", _group_key(delivery), _encode_delivery(delivery), here=here)
+        return int(answer[0]) + int(reached)
+
+    def publish_soon(self, delivery: _ToRoom) -> None:
+        def done(result: Any) -> None:
+            pass
+
+        if not self.available or self._outbox_ready is None or len(self._outbox) >= OUTBOX_LIMIT:
+            self._delivered("group", BackendUnavailable(UNAVAILABLE), done)  # counted as dropped
+            return
+        self._enqueue("group", (_group_key(delivery), _encode_delivery(delivery)), done)
+
+    async def forward_to_room(self, delivery: _ToRoom, failed: Callable[[str, str], None]) -> None:
+        room = delivery.room
+
+        def done(result: Any) -> None:
+            if isinstance(result, BackendUnavailable):
+                failed(BACKEND_UNAVAILABLE, f"{result}; members of {room!r} on other instances may have missed "
+                                            "this frame")
+            elif result[1]:
+                failed(BACKEND_UNAVAILABLE, f"{result[1]} instance(s) with members of {room!r} {NOT_LISTENING}; "
+                                            "their members missed this frame")
+
+        await self._submit("group", (_group_key(delivery), _encode_delivery(delivery)), done)
+
+    async def broadcast(self, delivery: _ToEveryone, here: Callable[[], int] = lambda: 0) -> int:
+        answer, reached = await self._request("all", _encode_delivery(delivery), here=here)
+        return int(answer[0]) + int(reached)
+
+    async def _request(self, name: str, *args: Any, here: Callable[[], int] | None = None) -> Any:
+        """Run a script through the outbox; its answer, or with ``here``, its answer and what ``here()``
+        returned, called as soon as the script is queued (not if it could not be: then nobody got it)."""
+        reply: list[Any] = []
+        answered = anyio.Event()
+
+        def done(result: Any) -> None:
+            reply.append(result)
+            answered.set()
+
+        await self._submit(name, args, done)
+        if reply and isinstance(reply[0], BaseException):
+            raise reply[0]
+        if here is not None and self.resyncing:  # the outbox holds it back (_flush), and fails it
+            raise BackendUnavailable(RESYNCING, "resyncing")
+        reached = here() if here is not None else 0
+        await answered.wait()
+        if isinstance(reply[0], BaseException):
+            raise reply[0]
+        return reply[0] if here is None else (reply[0], reached)
+
+    async def _submit(self, name: str, args: tuple[Any, ...], done: Callable[[Any], None]) -> None:
+        """Queue a delivery script; ``done`` gets its result, or :class:`BackendUnavailable`."""
+        if not self.available or self._outbox_ready is None:
+            self._delivered(name, BackendUnavailable(UNAVAILABLE), done)
+            return
+        while len(self._outbox) >= OUTBOX_LIMIT:  # Redis is slow: the sender waits, its socket fills
+            await self._outbox_drained.wait()
+        self._enqueue(name, args, done)
+
+    def _enqueue(self, name: str, args: tuple[Any, ...], done: Callable[[Any], None]) -> None:
+        assert self._outbox_ready is not None
+        self._outbox.append((name, (self.settings.redis_prefix, *args, self.instance), done))
+        self._outbox_ready.set()
+
+    async def _flush(self) -> None:
+        while True:
+            assert self._outbox_ready is not None
+            await self._outbox_ready.wait()
+            self._outbox_ready = anyio.Event()
+            batch, self._outbox = self._outbox, []
+            # Judged before the scripts run: a peer seen back by now is in Redis when they run.
+            resyncing = self.resyncing
+            # A room or broadcast cannot tell which members the missing peers hold: while they are
+            # missing it reaches no other instance, as when Redis is away.  A send finds its client or not.
+            held = [resyncing and name != "send" for name, _, _ in batch]
+            try:
+                if not self.available:
+                    raise BackendUnavailable(UNAVAILABLE)
+                results: list[Any] = []
+                if not all(held):
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        for (name, args, _), hold in zip(batch, held, strict=True):
+                            if not hold:
+                                await self._scripts[name](args=args, client=pipe)
+                        results = await self._call(pipe.execute())
+                answers = iter(results)
+                results = [BackendUnavailable(RESYNCING, "resyncing") if hold else next(answers) for hold in held]
+            except BackendUnavailable as exc:
+                results = [exc] * len(batch)
+            for (name, _, done), result in zip(batch, results, strict=True):
+                self._delivered(name, result, done, resyncing)
+            self._outbox_drained.set()
+            self._outbox_drained = anyio.Event()
+
+    def _delivered(self, name: str, result: Any, done: Callable[[Any], None], resyncing: bool = False) -> None:
+        """Count what may be lost, and hand ``done`` the script's answer or the error its sender must hear."""
+        if not isinstance(result, BackendUnavailable):
+            result = self._refusal(name, result, resyncing) or result
+        if isinstance(result, BackendUnavailable):
+            self.dropped[result.reason] += 1
+        elif name in ("group", "all") and result[1]:  # sent to some instances; others were not listening
+            self.dropped["no_subscriber"] += 1
+        done(result)
+
+    def _refusal(self, name: str, result: Any, resyncing: bool) -> BackendUnavailable | None:
+        """What a delivery script's answer must be told as instead, if it may not have arrived."""
+        if result is None:  # the script found this instance unregistered: Redis lost its state
+            self._lost()  # reconnect and register again; meanwhile every cross-instance send fails
+            return BackendUnavailable(RESYNCING, "resyncing")
+        if name == "send" and result == 0:  # in the directory, but its instance is not listening
+            return BackendUnavailable(f"the instance of this client is {NOT_LISTENING}", "no_subscriber")
+        if name == "send" and result == -1 and resyncing:  # unknown, or on a peer not registered again yet
+            return BackendUnavailable(RESYNCING, "resyncing")
+        return None
+
+    async def clients(self, here: Iterable[_Connection]) -> list[dict[str, Any]]:
+        if self.resyncing:  # the list would lack the clients of the peers not back yet
+            raise BackendUnavailable(RESYNCING)
+        return [msgspec.json.decode(entry) for entry in await self._script("list")]
+
+    async def client(self, client_id: str) -> dict[str, Any] | None:
+        entry = await self._script("get", client_id)
+        if entry is None and self.resyncing:  # unknown, or on a peer not back yet
+            raise BackendUnavailable(RESYNCING)
+        return None if entry is None else dict(msgspec.json.decode(entry))
+
+    async def members(self, kind: str, name: str, here: Iterable[_Connection]) -> list[dict[str, Any]]:
+        if self.resyncing:
+            raise BackendUnavailable(RESYNCING)
+        return [msgspec.json.decode(entry) for entry in await self._script("group_members", kind, name)]
+
+    async def rooms(self, here: Mapping[str, set[str]]) -> dict[str, int]:
+        if self.resyncing:
+            raise BackendUnavailable(RESYNCING)
+        flat = await self._script("rooms")
+        return {room.decode(): int(members) for room, members in zip(flat[::2], flat[1::2], strict=True)}
+
+    async def _script(self, name: str, *args: Any) -> Any:
+        return await self._call(self._scripts[name](args=(self.settings.redis_prefix, *args)))
+
+    async def _call(self, command: Awaitable[Any]) -> Any:
+        if not self.available:
+            if inspect.iscoroutine(command):
+                command.close()  # never awaited: no "coroutine was never awaited" warning
+            raise BackendUnavailable(UNAVAILABLE)
+        try:
+            return await command
+        except self._errors as exc:
+            self._lost()
+            raise BackendUnavailable(f"Redis is unavailable ({exc}); "
+                                     "only clients on this instance can be reached") from None
+

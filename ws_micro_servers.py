@@ -1,0 +1,509 @@
+"""ws_micro_servers: what the gateway does past ASGI, through the internals of the servers it runs under.
+
+The core, ``ws_micro.py``, reaches its server only through ASGI.  Beside it, this module
+does what ASGI cannot, for the servers it knows, at the versions it was tested with:
+
+- under uvicorn's websockets-sansio engine: the fast path (frames written straight to the
+  transport, framed once per fan-out), the engine held to the gateway's limits (its frame
+  size, the control frames and fragments it handles alone, the close it starts), the
+  request, response and headers let go of after the handshake, and a reset for a peer
+  that reads nothing;
+- under ``serve()``: uvicorn's HTTP protocol with a deadline on each request head, and a
+  count of the sockets waiting for one against ``max_connections``;
+- under daphne: Twisted's flow control, so that a reader that stops reading waits instead
+  of growing the server;
+- the lines any client can make uvicorn log, at most once per 10 s each.
+
+On a server version it was not tested with, it turns itself off for that server, with
+one WARNING line naming the version, and the gateway runs on ASGI alone
+(``ws_micro_fast_path 0``).  docs/configuration.md says what a copy of the core keeps
+without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import importlib.metadata
+import logging
+import socket
+import struct
+from collections.abc import Awaitable
+from typing import Any
+
+import anyio
+from starlette.types import Receive, Scope, Send
+
+import ws_micro
+from ws_micro import (
+    CLOSE_MESSAGE_TOO_BIG,
+    CLOSE_POLICY_VIOLATION,
+    Settings,
+    _Connection,
+    _encode,
+    _Gateway,
+    _Metrics,
+    _Output,
+    _ServerSupport,
+    _Throttle,
+    _websocket_frame,
+    logger,
+)
+
+__version__ = "0.3.0"
+
+if ws_micro.__version__ != __version__:
+    raise ImportError(f"ws_micro_servers.py {__version__} cannot run beside ws_micro.py {ws_micro.__version__} "
+                      f"({ws_micro.__file__}): take both files from the same release")
+
+# The versions of each server (and of the library under its engine) this module was tested with, from the
+# first to the last minor release tested: [first, next).  .ci/run tests the newest on the registry, and
+# the oldest of uvicorn's, so a release past the range is noticed the week it ships.
+TESTED = {
+    "uvicorn": ((0, 52, 1), (0, 56)),  # 0.52.1: the websockets-sansio engine's write backpressure
+    "websockets": ((15, 0), (18,)),  # under uvicorn's engine, and the same classes for its bounds
+    "daphne": ((4, 2), (4, 3)),
+}
+
+
+def _untested(*packages: str) -> str | None:
+    """Why this module must not reach into these packages: one of them is not a version it was tested
+    with; None if every one is (or is not installed: then nothing runs on it)."""
+    for package in packages:
+        why = _untested_version(package)
+        if why is not None:
+            return why
+    return None
+
+
+@functools.cache
+def _untested_version(package: str) -> str | None:
+    """``_untested`` for one package, said once in the log as a WARNING: what turns itself off for it."""
+    try:
+        text = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    release = tuple(int(part) for part in text.split("+")[0].split(".")[:3] if part.isdigit())
+    first, after = TESTED[package]
+    if first <= release < after:
+        return None
+    why = (f"{package} {text} is not a version ws_micro_servers.py was tested with "
+           f"({'.'.join(map(str, first))} up to {'.'.join(map(str, after))})")
+    off = _TURNED_OFF[package]
+    logger.warning("%s: %s turned off, as if ws_micro_servers.py were not there (docs/configuration.md)", why, off)
+    return why
+
+
+_TURNED_OFF = {
+    "uvicorn": "the fast path, the engine's bounds and the deadline on request heads are",
+    "websockets": "the fast path and the engine's bounds are",
+    "daphne": "its flow control for readers that stop reading is",
+}
+
+
+# --------------------------------------------------------------------------
+# Under uvicorn's websockets-sansio engine
+# --------------------------------------------------------------------------
+
+
+def _sansio_engine(receive: Receive, send: Send, settings: Settings) -> tuple[Any, str | None, int]:
+    """uvicorn's websockets-sansio protocol object behind ``receive``, if any; why frames may not go
+    past it (None: they may), and how loudly to say so."""
+    engine = getattr(receive, "__self__", None)
+    if not type(engine).__module__.startswith("uvicorn."):
+        source = getattr(receive, "__module__", None) or type(receive).__module__
+        return None, f"receive is not uvicorn's (it comes from {source})", logging.INFO
+    untested = _untested("uvicorn", "websockets")
+    if untested is not None:  # said once already, as a WARNING
+        return None, untested, logging.INFO
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    if not isinstance(engine, WebSocketsSansIOProtocol):  # another engine of uvicorn's
+        why_not = f"receive is not uvicorn's websockets-sansio engine's (it comes from {type(engine).__module__})"
+        max_size, limit = getattr(getattr(engine, "config", None), "ws_max_size", None), settings.max_message_size
+        if not isinstance(max_size, int) or max_size <= limit:
+            return None, why_not, logging.INFO
+        # uvicorn's other engines: the gateway cannot lower their frame limit.
+        return None, (f"{why_not}, which takes frames up to {max_size} bytes (--ws-max-size), inflated if "
+                      f"compressed, before ws_micro refuses those over max_message_size ({limit}): run uvicorn "
+                      f"with --ws websockets-sansio, or pass --ws-max-size {limit} --ws-per-message-deflate false"
+                      ), logging.WARNING
+    wrapper = _unwrapped(send)
+    if wrapper != engine.send:  # under this engine the fast path should engage: say loudly why not
+        return engine, (f"send is wrapped by {getattr(wrapper, '__qualname__', wrapper)!r} (a middleware?), "
+                        "which direct writes would bypass"), logging.WARNING
+    if engine.conn.extensions:
+        return engine, "permessage-deflate was negotiated, and it rewrites every frame", logging.INFO
+    return engine, None, logging.INFO
+
+
+def _unwrapped(send: Send) -> Send:
+    """``send`` without Starlette's exception wrappers (a host app's), which pass WebSocket messages unchanged."""
+    while getattr(send, "__module__", None) == "starlette._exception_handler" and send.__name__ == "sender":
+        cells = dict(zip(send.__code__.co_freevars, send.__closure__ or (), strict=True))
+        if "send" not in cells:  # another Starlette than the one this was written against
+            break
+        send = cells["send"].cell_contents
+    return send
+
+
+def _fit_engine(engine: Any, settings: Settings) -> None:
+    """Hold the engine to the gateway's limits: its frame size (it inflates compressed frames before we
+    see them) to ``max_message_size``, and a close it starts to ``close_timeout``."""
+    conn = engine.conn
+    limit = settings.max_message_size
+    if hasattr(conn, "max_message_size"):  # websockets >= 16
+        conn.max_message_size = min(conn.max_message_size or limit, limit)
+    else:
+        conn.max_size = min(conn.max_size or limit, limit)
+    engine.close_timeout = settings.close_timeout  # uvicorn waits 10 s for the peer's close frame
+    engine.transport = _ResettingTransport(engine.transport, settings.close_timeout)
+
+
+def _trim_handshake(engine: Any, scope: Scope) -> None:
+    """Let go of the request, the response and the headers, kept for the connection's life, read no more."""
+    request = getattr(engine, "request", None)
+    if request is not None:
+        request.headers.clear()  # websockets' parser holds on to the request too
+        del engine.request, engine.response
+    scope["headers"] = []
+
+
+class _UvicornOutput(_Output):
+    """Frames written straight to the transport under uvicorn's websockets-sansio engine, framed once
+    per fan-out, when the engine would write at once; otherwise through ``send``, which waits as it does."""
+
+    __slots__ = ("_conn", "_direct", "_engine", "_open", "_settings", "_transport", "_writable")
+
+    def __init__(self, engine: Any, send: Send, settings: Settings, *, direct: bool) -> None:
+        from websockets.protocol import OPEN
+
+        super().__init__(send)
+        self._engine = engine  # uvicorn's protocol object
+        self._conn = engine.conn  # websockets' ServerProtocol: its state says whether frames may go out
+        self._transport = engine.transport
+        self._writable = engine.writable  # cleared while the transport is paused
+        self._open = OPEN
+        self._direct = direct
+        self._settings = settings
+
+    def write_now(self, text: str, wire: bytes | None = None) -> Awaitable[None] | None:
+        if (self._direct and self._conn.state is self._open and self._writable.is_set()
+                and not self._transport.is_closing()):
+            self._transport.write(wire or _websocket_frame(text.encode()))
+            return None
+        return super().write_now(text)
+
+    def abort(self) -> None:
+        _reset(self._transport)
+
+    def guard(self, connection: _Connection) -> None:
+        """Bound the frames the engine handles unseen by the app: each spends a rate-limit token, the
+        pongs it writes count against ``max_queue_bytes``, and a message has ``rate_burst`` fragments at most."""
+        engine = self._engine
+        engine_class = type(engine)
+
+        def handle_ping() -> None:
+            engine_class.handle_ping(engine)
+            self._handled(connection)
+
+        def handle_pong(frame: Any) -> None:
+            engine_class.handle_pong(engine, frame)
+            self._handled(connection)
+
+        def handle_cont(frame: Any) -> None:
+            engine_class.handle_cont(engine, frame)
+            self._handled(connection)
+
+        engine.handle_ping, engine.handle_pong, engine.handle_cont = handle_ping, handle_pong, handle_cont
+
+    def _handled(self, connection: _Connection) -> None:
+        settings = self._settings
+        if self._transport.get_write_buffer_size() > settings.max_queue_bytes:
+            connection.close(CLOSE_POLICY_VIOLATION, "slow consumer", label="slow_consumer", flush=False)
+            self.abort()  # it reads nothing: a close frame would wait behind what it never took
+        elif connection.take_token() < -settings.rate_burst:
+            self._transport.pause_reading()  # the engine would go on answering and keeping what it floods
+            connection.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded", label="rate_limited", flush=False)
+        elif len(self._engine.frames) > settings.rate_burst:
+            self._transport.pause_reading()
+            connection.close(CLOSE_MESSAGE_TOO_BIG, f"message in more than {settings.rate_burst} fragments",
+                             label="message_too_big", flush=False)
+
+    def release(self) -> None:
+        """Undo :meth:`guard`: it ties the engine to the connection."""
+        for name in ("handle_ping", "handle_pong", "handle_cont"):
+            self._engine.__dict__.pop(name, None)
+
+
+class _ResettingTransport:
+    """uvicorn's transport for one WebSocket, whose ``close()`` cannot wait forever for a peer that
+    reads nothing: unfinished after ``timeout`` it becomes a reset, and the kernel gives up as soon."""
+
+    __slots__ = ("_timeout", "_transport")
+
+    def __init__(self, transport: Any, timeout: float) -> None:
+        self._transport = transport
+        self._timeout = timeout
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def write(self, data: bytes) -> None:
+        self._transport.write(data)
+
+    def is_closing(self) -> bool:
+        return bool(self._transport.is_closing())
+
+    def close(self) -> None:
+        transport = self._transport
+        if not transport.is_closing() and hasattr(socket, "TCP_USER_TIMEOUT"):  # the first close: still open
+            with contextlib.suppress(OSError, AttributeError):
+                transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                                                              max(int(self._timeout * 1000), 1))
+        transport.close()
+        if transport.get_write_buffer_size():
+            asyncio.get_running_loop().call_later(self._timeout, _reset, transport)
+
+
+def _reset(transport: Any) -> None:
+    """Drop a connection with a TCP reset (zero linger: the kernel frees its unsent data at once)."""
+    if not transport.is_closing() or transport.get_write_buffer_size():  # its descriptor is still open
+        sock = transport.get_extra_info("socket")
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+# --------------------------------------------------------------------------
+# Under daphne
+# --------------------------------------------------------------------------
+
+
+class _DaphneOutput(_Output):
+    """ASGI's ``send`` under daphne, made to wait while the socket's buffer is full, as uvicorn's does.
+
+    daphne's ``send`` never waits: it hands the frame to Twisted, which buffers it, so a
+    reader that stops reading would grow the server without end.  Registered as the
+    transport's producer (Twisted's own flow control), this output is paused while the
+    buffer is over its limit, and a frame written meanwhile waits: the connection then
+    queues, and is cut off by ``max_queue_*`` or ``send_timeout`` as under any server.
+    """
+
+    __slots__ = ("_lost", "_protocol", "_room")
+
+    def __init__(self, send: Send, protocol: Any) -> None:
+        super().__init__(send)
+        self._protocol = protocol
+        self._room = anyio.Event()
+        self._room.set()
+        self._lost = False
+        # The transport's producer is daphne's HTTP channel, which passes its pauses on to one of its own.
+        channel: Any = getattr(protocol.transport, "producer", None)
+        consumer: Any = channel if hasattr(channel, "registerProducer") else protocol
+        consumer.registerProducer(self, True)
+
+    @staticmethod
+    def protocol(send: Send) -> Any:
+        """daphne's protocol object behind ``send`` (a partial of its server's ``handle_reply``), if it is one."""
+        protocol = next(iter(getattr(send, "args", ())), None)
+        if type(protocol).__module__.startswith("daphne.") and hasattr(protocol, "registerProducer"):
+            return protocol
+        return None
+
+    # Twisted's IPushProducer
+    def pauseProducing(self) -> None:
+        if self._room.is_set():
+            self._room = anyio.Event()
+
+    def resumeProducing(self) -> None:
+        self._room.set()
+
+    def stopProducing(self) -> None:
+        self._lost = True
+        self._room.set()
+
+    def write_now(self, text: str, wire: bytes | None = None) -> Awaitable[None] | None:
+        if self._room.is_set():
+            return super().write_now(text)
+        return self._write_later(text)
+
+    async def _write_later(self, text: str) -> None:
+        await self._room.wait()
+        if self._lost:
+            raise OSError("the connection was lost")
+        await self._send({"type": "websocket.send", "text": text})
+
+    def abort(self) -> None:
+        with contextlib.suppress(AttributeError):
+            self._protocol.transport.abortConnection()
+
+
+# --------------------------------------------------------------------------
+# Under serve(): uvicorn's HTTP protocol, with a deadline on request heads
+# --------------------------------------------------------------------------
+
+
+def _raw_response(status: int, code: str, message: str) -> bytes:
+    """A whole HTTP/1.1 error response with the API's JSON body, for a connection that gets no further."""
+    body = _encode({"error": {"code": code, "message": message}})
+    phrase = {408: "Request Timeout", 503: "Service Unavailable"}[status]
+    return (f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            f"connection: close\r\n\r\n").encode() + body
+
+
+def _guarded_http_protocol(gateway: _Gateway, head_timeout: float, max_open: int) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol, which times nothing before a first request, with a deadline for each head.
+
+    A connection waiting for its head counts against ``max_connections`` and gets 408
+    after ``head_timeout``; one beyond ``max_open`` open connections gets 503.
+    """
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    settings, metrics = gateway.settings, gateway.registry._metrics
+    timed_out = _raw_response(408, "timeout", f"no request within {head_timeout:g} seconds")
+    full = _raw_response(503, "full", f"server is full ({settings.max_connections} connections)")
+
+    class GuardedHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+        _waiting = False  # counted in gateway.waiting: the connection's first head has not arrived
+        _head_timer: asyncio.TimerHandle | None = None
+        _cycle: object = None  # the request cycle before the awaited head (a new one means it arrived)
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > max_open or gateway.waiting >= settings.max_connections:
+                metrics.rejected_handshakes["full"] += 1
+                self.transport.write(full)
+                self.transport.close()
+                return
+            self._waiting = True
+            gateway.waiting += 1
+            self._await_head()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():  # kept alive: the next request's head gets as long
+                self._await_head()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._head_timer is not None and self._head_arrived():
+                self._stop_waiting()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_waiting()
+            super().connection_lost(exc)
+
+        def _await_head(self) -> None:
+            self._cycle = self.cycle
+            if head_timeout and self._head_timer is None:
+                self._head_timer = self.loop.call_later(head_timeout, self._head_timed_out)
+
+        def _head_arrived(self) -> bool:
+            """A new request cycle began, or the connection became a WebSocket."""
+            return self.cycle is not self._cycle or self.transport.get_protocol() is not self
+
+        def _stop_waiting(self) -> None:
+            if self._waiting:
+                self._waiting = False
+                gateway.waiting -= 1
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            busy = self.cycle is not None and not self.cycle.response_complete  # a pipelined request runs
+            if busy or self._head_arrived() or self.transport.is_closing():
+                return
+            if self._waiting:  # a first request that never came: say so
+                metrics.rejected_handshakes["timeout"] += 1
+                self.transport.write(timed_out)
+            self._stop_waiting()
+            self.transport.close()  # a later one: close as uvicorn closes an idle keep-alive connection
+
+    return GuardedHTTPProtocol
+
+
+# --------------------------------------------------------------------------
+# uvicorn's log lines that any client can cause
+# --------------------------------------------------------------------------
+
+# What each becomes; each is written once per connection or request that causes it.
+_CLIENT_CAUSED = {
+    "Invalid UTF-8 sequence received from client.":  # the engine, with a traceback; then it closes with 1007
+        (logging.INFO, "Invalid UTF-8 sequence received from a client; closed with 1007"),
+    "Invalid HTTP request received.": (logging.WARNING, "Invalid HTTP request received"),
+    "Unsupported upgrade request.": (logging.WARNING, "Unsupported upgrade request"),
+    "ASGI callable returned without completing handshake.":  # after each refused handshake (uvicorn PR #3138)
+        (logging.ERROR, "ASGI callable returned without completing handshake"),
+}
+
+
+class _ClientCausedFilter(logging.Filter):
+    """uvicorn's lines that a client causes: no traceback, and each at most once per 10 s, with a count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._throttle = _Throttle()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rewrite = _CLIENT_CAUSED.get(record.msg) if isinstance(record.msg, str) else None
+        if rewrite is None:
+            return True
+        held = self._throttle(record.msg)
+        if held is None:
+            return False
+        record.levelno, text = rewrite
+        record.levelname = logging.getLevelName(record.levelno)
+        record.msg = text + (f" ({held} more since the last report)" if held else "")
+        record.exc_info = record.exc_text = None
+        return logging.getLogger(record.name).isEnabledFor(record.levelno)  # the level it passed at may differ
+
+
+# --------------------------------------------------------------------------
+# The seam's implementation
+# --------------------------------------------------------------------------
+
+
+class ServerSupport(_ServerSupport):
+    """The core's :class:`ws_micro._ServerSupport`, for uvicorn and daphne."""
+
+    def __init__(self) -> None:
+        self._reported: set[str | None] = set()  # each reason the fast path is on or off, said once
+
+    def output(self, scope: Scope, receive: Receive, send: Send, settings: Settings, metrics: _Metrics) -> _Output:
+        """:class:`_UvicornOutput` under uvicorn's websockets-sansio engine, :class:`_DaphneOutput` under daphne,
+        ASGI's ``send`` elsewhere.  Whether it writes past ASGI is ``ws_micro_fast_path`` in /metrics; the log
+        says why not, once per reason."""
+        engine, why_not, level = _sansio_engine(receive, send, settings)
+        if engine is not None:  # the engine's bounds hold whether or not frames may go past ASGI
+            output: _Output = _UvicornOutput(engine, send, settings, direct=why_not is None)
+            _fit_engine(engine, settings)
+            _trim_handshake(engine, scope)
+        elif (protocol := _DaphneOutput.protocol(send)) is None:
+            output = _Output(send)
+        elif (untested := _untested("daphne")) is not None:  # said once already, as a WARNING
+            output = _Output(send)
+            why_not = untested
+        else:
+            output = _DaphneOutput(send, protocol)
+        metrics.fast_path = int(why_not is None)
+        if why_not not in self._reported:
+            self._reported.add(why_not)
+            if why_not is None:
+                logger.info("fast path on: frames are written straight to uvicorn's transport")
+            else:
+                logger.log(level, "fast path off: %s; frames go through ASGI", why_not)
+        return output
+
+    def harden(self) -> None:
+        server_log = logging.getLogger("uvicorn.error")
+        if not any(isinstance(f, _ClientCausedFilter) for f in server_log.filters):
+            server_log.addFilter(_ClientCausedFilter())
+
+    def http_protocol(self, gateway: _Gateway, head_timeout: float, max_open: int) -> type[asyncio.Protocol] | None:
+        if _untested("uvicorn") is not None:  # said once, as a WARNING
+            return None
+        return _guarded_http_protocol(gateway, head_timeout, max_open)
