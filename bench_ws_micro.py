@@ -76,7 +76,7 @@ SERVERS = {
     "tutorial": "bench.tutorial_server:app",
     "ceiling": "bench.ceiling_server:app",
     "cluster": "ws_micro:app",  # twice, with WS_MICRO_REDIS_URL
-    "before": "ws_micro:app",  # --before REF: ws_micro.py as of that commit, from BEFORE_DIR
+    "before": "ws_micro:app",  # --before REF: the modules as of that commit, from BEFORE_DIR
     "granian": "ws_micro:app",  # ws_micro under granian (one worker) instead of uvicorn
     "hypercorn": "ws_micro:app",  # ws_micro under hypercorn (one worker)
     "jwt": "ws_micro:app",  # with WS_MICRO_JWT_SECRET, tokens in the Authorization header
@@ -1038,7 +1038,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds one scenario run may take")
     parser.add_argument("--json", metavar="FILE", help="also write every run's figures as JSON")
     parser.add_argument("--before", metavar="REF",
-                        help="also run ws_micro.py as of this git commit, as the server 'before' (a change's A/B)")
+                        help="also run the gateway as of this git commit (ws_micro.py and its sibling modules), "
+                             "as the server 'before' (a change's A/B)")
     args = parser.parse_args()
     args.rate_always = False
 
@@ -1049,9 +1050,12 @@ def main() -> int:
     servers = args.servers.split(",")
     if args.before:
         BEFORE_DIR.mkdir()
-        source = subprocess.run(["git", "show", f"{args.before}:ws_micro.py"], cwd=HERE, check=True,
-                                capture_output=True).stdout
-        (BEFORE_DIR / "ws_micro.py").write_bytes(source)
+        listed = subprocess.run(["git", "ls-tree", "--name-only", args.before], cwd=HERE, check=True,
+                                capture_output=True, text=True).stdout.split()
+        for module in (name for name in listed if name.startswith("ws_micro") and name.endswith(".py")):
+            source = subprocess.run(["git", "show", f"{args.before}:{module}"], cwd=HERE, check=True,
+                                    capture_output=True).stdout
+            (BEFORE_DIR / module).write_bytes(source)
         servers += [] if "before" in servers else ["before"]
     runs: dict[str, dict[str, list[dict[str, float]]]] = {s: {srv: [] for srv in servers} for s in scenarios}
     for scenario in scenarios:
