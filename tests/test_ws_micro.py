@@ -55,7 +55,7 @@ from websockets.typing import Origin
 import ws_micro
 from ws_micro import Client, Event, Registry, Settings, create_app
 
-HERE = Path(__file__).parent
+ROOT = Path(__file__).parent.parent  # the repository: servers run from it, docs are read from it
 LOOPBACK = ("127.0.0.1", 50000)
 LOCAL = "http://localhost"  # a loopback name: without a token, the API answers no other Host
 JSON = {"Content-Type": "application/json"}
@@ -714,7 +714,7 @@ def test_bad_settings_are_refused_with_the_bad_value(env: dict[str, str], messag
 )
 def test_cli_refuses_a_bad_value_with_its_name_and_no_traceback(args: list[str], env: dict[str, str],
                                                                 message: str) -> None:
-    result = subprocess.run([sys.executable, "ws_micro.py", *args], cwd=HERE, env={**os.environ, **env},
+    result = subprocess.run([sys.executable, "ws_micro.py", *args], cwd=ROOT, env={**os.environ, **env},
                             capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 2
     assert result.stderr.endswith(f"ws-micro: error: {message}\n")
@@ -722,7 +722,7 @@ def test_cli_refuses_a_bad_value_with_its_name_and_no_traceback(args: list[str],
 
 
 def test_every_setting_is_documented_in_the_configuration_reference() -> None:
-    reference = (HERE / "docs" / "configuration.md").read_text()
+    reference = (ROOT / "docs" / "configuration.md").read_text()
     for cls in (Settings, ws_micro.ServerSettings):
         for field in cls.__dataclass_fields__.values():
             assert f"WS_MICRO_{field.name.upper()}" in reference, field.name
@@ -730,7 +730,7 @@ def test_every_setting_is_documented_in_the_configuration_reference() -> None:
 
 
 def test_the_public_api_is_all_and_what_the_docs_list() -> None:
-    table = (HERE / "docs" / "embedding.md").read_text().split("## The public API")[1].split("\n## ")[0]
+    table = (ROOT / "docs" / "embedding.md").read_text().split("## The public API")[1].split("\n## ")[0]
     first_cells = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
     documented = {name for cell in first_cells for name in re.findall(r"`(\w+)", cell)} - {"__version__"}
     assert documented == set(ws_micro.__all__)
@@ -758,10 +758,10 @@ def _heading_anchors(text: str) -> set[str]:
     return anchors
 
 
-DOCS = [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
-@pytest.mark.parametrize("page", DOCS, ids=lambda page: page.relative_to(HERE).as_posix())
+@pytest.mark.parametrize("page", DOCS, ids=lambda page: page.relative_to(ROOT).as_posix())
 def test_every_relative_link_in_the_docs_leads_somewhere(page: Path) -> None:
     # The README and docs/ link into each other's sections: a file or heading renamed must not strand a link.
     prose = re.sub(r"`[^`\n]*`", "", _without_code_blocks(page.read_text()))  # brackets in code are not links
@@ -779,17 +779,17 @@ def test_every_relative_link_in_the_docs_leads_somewhere(page: Path) -> None:
 
 
 def test_the_readme_development_commands_are_the_ones_ci_runs() -> None:
-    readme = (HERE / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     block = readme.split("## Development\n", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
-    ci = (HERE / ".ci" / "run").read_text().splitlines()
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert block.splitlines() and all(command in ci for command in block.splitlines()), block
 
 
 def test_pep_723_header_and_pyproject_ask_for_the_same_dependencies() -> None:
-    source = (HERE / "ws_micro.py").read_text()
+    source = (ROOT / "ws_micro.py").read_text()
     header = source.split("# /// script\n", 1)[1].split("# ///\n", 1)[0]
     script = tomllib.loads("\n".join(line.removeprefix("# ").removeprefix("#") for line in header.splitlines()))
-    project = tomllib.loads((HERE / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert script["dependencies"] == project["dependencies"]
     assert script["requires-python"] == project["requires-python"]
 
@@ -848,7 +848,7 @@ SERVERS: dict[str, Callable[[int], list[str]]] = {
 
 @contextlib.contextmanager
 def run_server(*args: str, env: dict[str, str] | None = None, uvicorn_app: bool | str = False,
-               port: int | None = None, cwd: Path = HERE, log: Path | None = None,
+               port: int | None = None, cwd: Path = ROOT, log: Path | None = None,
                open_files: int | None = None, asgi_server: str | None = None) -> Iterator[Server]:
     """Start the gateway as its own process (on a free port by default); stop it (SIGTERM, then kill) in finally.
 
@@ -1008,7 +1008,7 @@ def test_probing_the_module_app_builds_nothing(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_a_bad_environment_value_fails_the_servers_startup_with_its_name() -> None:
-    result = subprocess.run([sys.executable, "-m", "uvicorn", "ws_micro:app", "--port", str(free_port())], cwd=HERE,
+    result = subprocess.run([sys.executable, "-m", "uvicorn", "ws_micro:app", "--port", str(free_port())], cwd=ROOT,
                             env={**os.environ, "WS_MICRO_MAX_CONNECTIONS": "lots"}, capture_output=True, text=True,
                             timeout=TIMEOUT)
     assert result.returncode != 0
@@ -1151,7 +1151,7 @@ async def test_e2e_the_uvicorn_fast_path_engages_served_or_mounted_and_says_when
     (tmp_path / "host.py").write_text(HOST_APP)
     log = tmp_path / "server.log"
     prefix = "" if how == "ws_micro:app" else "/gateway"
-    with run_server(uvicorn_app=how, cwd=tmp_path, env={"PYTHONPATH": str(HERE)}, log=log) as server:
+    with run_server(uvicorn_app=how, cwd=tmp_path, env={"PYTHONPATH": str(ROOT)}, log=log) as server:
         # uvicorn offers compression, which the fast path cannot write: the client declines it.
         async with ws_client(f"ws://127.0.0.1:{server.port}{prefix}/ws/py_client", compression=None) as (ws, me):
             await ws.send(json.dumps(frame("ping", me)))
@@ -1188,7 +1188,7 @@ def test_serve_leaves_the_log_to_a_program_that_configured_logging(tmp_path: Pat
         "logging.basicConfig(level=logging.INFO, format='ROOT %(name)s: %(message)s', stream=sys.stdout)\n"
         "ws_micro.serve(ws_micro.create_app(), ws_micro.ServerSettings(host='127.0.0.1', port=int(sys.argv[1])))\n")
     port = free_port()
-    process = subprocess.Popen([sys.executable, str(script), str(port)], env={**os.environ, "PYTHONPATH": str(HERE)},
+    process = subprocess.Popen([sys.executable, str(script), str(port)], env={**os.environ, "PYTHONPATH": str(ROOT)},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -1880,7 +1880,7 @@ async def _take(client: Client, n: int) -> AsyncIterator[Event]:
 def test_cli_client_prints_frames_as_json_lines(server: Server) -> None:
     lines = [json.dumps({"event": "ping", "data": {"data": {"k": 1}}}), "not json",
              json.dumps({"event": "echo", "data": {"data": {"e": True}}})]
-    result = subprocess.run([sys.executable, "ws_micro.py", "client", server.ws], cwd=HERE,
+    result = subprocess.run([sys.executable, "ws_micro.py", "client", server.ws], cwd=ROOT,
                             input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr
     frames = [json.loads(line) for line in result.stdout.splitlines()]
@@ -1894,7 +1894,7 @@ def test_cli_client_prints_frames_as_json_lines(server: Server) -> None:
 
 
 def test_cli_client_exits_cleanly_when_the_server_closes(server: Server) -> None:
-    process = subprocess.Popen([sys.executable, "ws_micro.py", "client", server.ws], cwd=HERE, text=True,
+    process = subprocess.Popen([sys.executable, "ws_micro.py", "client", server.ws], cwd=ROOT, text=True,
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert process.stdout is not None
@@ -1912,7 +1912,7 @@ def test_cli_client_exits_cleanly_when_the_server_closes(server: Server) -> None
 
 def test_cli_client_reports_a_refused_connection() -> None:
     result = subprocess.run([sys.executable, "ws_micro.py", "client", f"ws://127.0.0.1:{free_port()}/ws/py_client"],
-                            cwd=HERE, input="", capture_output=True, text=True, timeout=TIMEOUT)
+                            cwd=ROOT, input="", capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 1
     assert result.stderr.startswith("ws-micro client: ")
     assert "Traceback" not in result.stderr
@@ -1962,7 +1962,7 @@ def test_cli_client_reports_a_server_that_sends_no_json() -> None:
     async def run() -> subprocess.CompletedProcess[str]:
         async with hostile_server("not json") as url:
             return await anyio.to_thread.run_sync(lambda: subprocess.run(
-                [sys.executable, "ws_micro.py", "client", url], cwd=HERE, input="", capture_output=True, text=True,
+                [sys.executable, "ws_micro.py", "client", url], cwd=ROOT, input="", capture_output=True, text=True,
                 timeout=TIMEOUT))
 
     result = anyio.run(run)
@@ -2236,7 +2236,7 @@ def test_without_a_page_the_gateway_still_runs(tmp_path: Path) -> None:
 
 
 def test_a_copied_single_file_runs_without_its_static_folder(tmp_path: Path) -> None:
-    (tmp_path / "ws_micro.py").write_bytes((HERE / "ws_micro.py").read_bytes())
+    (tmp_path / "ws_micro.py").write_bytes((ROOT / "ws_micro.py").read_bytes())
     with run_server("--log-level", "warning", cwd=tmp_path) as server:
         assert server.get("/").json()["error"]["code"] == "not_found"
         assert server.get("/static/ws_micro.js").status_code == 404
@@ -3770,7 +3770,7 @@ def test_the_endpoint_answers_a_plain_get_with_what_a_handshake_would_get() -> N
 
 def verify_signature_from_the_docs() -> Callable[[bytes, str, bytes], bool]:
     """The backend's signature check, exactly as docs/auth.md shows it."""
-    page = (HERE / "docs" / "auth.md").read_text()
+    page = (ROOT / "docs" / "auth.md").read_text()
     code = re.search(r"```python\n(import hashlib.*?)```", page, re.DOTALL)
     assert code is not None, "docs/auth.md lost its verify_signature example"
     namespace: dict[str, Any] = {}
@@ -3961,7 +3961,7 @@ async def test_python_client_sends_its_token_and_raises_on_a_refusal() -> None:
         assert refused.value.status == 401
 
         def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-            return subprocess.run([sys.executable, "ws_micro.py", "client", server.ws, *args], cwd=HERE, input="",
+            return subprocess.run([sys.executable, "ws_micro.py", "client", server.ws, *args], cwd=ROOT, input="",
                                   capture_output=True, text=True, timeout=TIMEOUT,
                                   env={**os.environ, **(env or {})})
 
@@ -4462,7 +4462,7 @@ async def test_e2e_notices_can_go_elsewhere_or_nowhere_and_are_dropped_counted_w
 @pytest.mark.anyio
 async def test_e2e_the_docs_backend_answers_chat_through_the_sidecar_api_and_logs_disconnects(
         tmp_path: Path) -> None:
-    page = (HERE / "docs" / "backend.md").read_text()
+    page = (ROOT / "docs" / "backend.md").read_text()
     code = re.search(r"## A complete backend.*?```python\n(.*?)```", page, re.DOTALL)
     assert code is not None, "docs/backend.md lost its complete backend"
     (tmp_path / "backend.py").write_text(code[1])
