@@ -40,6 +40,9 @@ from conftest import (
 from playwright.sync_api import Browser, Locator, Page, sync_playwright
 from websockets.exceptions import ConnectionClosed
 
+pytestmark = [pytest.mark.process, pytest.mark.browser]
+
+
 CHROMIUM = os.environ.get("WS_MICRO_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]

@@ -60,6 +60,9 @@ from websockets.exceptions import ConnectionClosed
 import ws_micro
 from ws_micro import Client, Event, Registry, Settings, create_app
 
+pytestmark = pytest.mark.anyio
+
+
 # --------------------------------------------------------------------------
 # Protocol, in process
 # --------------------------------------------------------------------------
@@ -669,6 +672,7 @@ def test_bad_settings_are_refused_with_the_bad_value(env: dict[str, str], messag
     assert str(refused.value).startswith(message)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [
@@ -785,7 +789,7 @@ async def _take(client: Client, n: int) -> AsyncIterator[Event]:
             return
 
 
-@pytest.mark.anyio
+@pytest.mark.process
 async def test_python_client_class_sends_and_iterates(server: Server) -> None:
     async with Client(server.ws) as a, Client(server.ws) as b:
         assert a.client_id and a.client_id != b.client_id
@@ -806,7 +810,7 @@ async def test_python_client_class_sends_and_iterates(server: Server) -> None:
         assert b.close_code == 1000
 
 
-@pytest.mark.anyio
+@pytest.mark.process
 async def test_python_client_trusts_only_the_first_connect_frame() -> None:
     with relaying_gateway(*FORGERY) as url:
         async with Client(url) as client:
@@ -816,6 +820,7 @@ async def test_python_client_trusts_only_the_first_connect_frame() -> None:
             assert client.client_id == MINE
 
 
+@pytest.mark.process
 def test_cli_client_prints_frames_as_json_lines(server: Server) -> None:
     lines = [json.dumps({"event": "ping", "data": {"data": {"k": 1}}}), "not json",
              json.dumps({"event": "echo", "data": {"data": {"e": True}}})]
@@ -832,6 +837,7 @@ def test_cli_client_prints_frames_as_json_lines(server: Server) -> None:
     assert "ignored: expected a JSON object, but got 'not json'" in result.stderr
 
 
+@pytest.mark.process
 def test_cli_client_exits_cleanly_when_the_server_closes(server: Server) -> None:
     process = subprocess.Popen([sys.executable, "ws_micro.py", "client", server.ws], cwd=ROOT, text=True,
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -849,6 +855,7 @@ def test_cli_client_exits_cleanly_when_the_server_closes(server: Server) -> None
                 stream.close()
 
 
+@pytest.mark.process
 def test_cli_client_reports_a_refused_connection() -> None:
     result = subprocess.run([sys.executable, "ws_micro.py", "client", f"ws://127.0.0.1:{free_port()}/ws/py_client"],
                             cwd=ROOT, input="", capture_output=True, text=True, timeout=TIMEOUT)
@@ -872,7 +879,6 @@ async def hostile_server(first: str | None, then: str | None = None) -> AsyncIte
         yield f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/ws/py_client"
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize(("first", "error"), [
     (None, TimeoutError),  # it never sends the connect frame
     ("not json", ConnectionError),
@@ -886,7 +892,6 @@ async def test_python_client_refuses_a_server_that_does_not_greet_it(first: str 
         assert client.close_code is not None  # and it closed the connection
 
 
-@pytest.mark.anyio
 async def test_python_client_does_not_inflate_a_frame_past_its_limit() -> None:
     # With no limit, one compressed frame of about 300 KB took a client to 630 MB.
     hello = '{"event": "connect", "client_id": "x", "data": {"data": {}}}'
@@ -897,6 +902,7 @@ async def test_python_client_does_not_inflate_a_frame_past_its_limit() -> None:
         assert closed.value.sent is not None and closed.value.sent.code == 1009  # the client refused it
 
 
+@pytest.mark.process
 def test_cli_client_reports_a_server_that_sends_no_json() -> None:
     async def run() -> subprocess.CompletedProcess[str]:
         async with hostile_server("not json") as url:
@@ -920,7 +926,6 @@ def test_encoded_frames_are_what_msgspec_decodes() -> None:
     assert msgspec.json.decode(text) == frame("news", "abc", {"quote": 'say "hi"\n'})
 
 
-@pytest.mark.anyio
 async def test_start_now_finishes_at_once_or_hands_over_the_rest() -> None:
     log: list[str] = []
 
@@ -985,7 +990,6 @@ class FutureIterator:
         raise StopIteration(self.future.result())
 
 
-@pytest.mark.anyio
 async def test_start_now_takes_awaitables_whose_iterator_is_no_generator() -> None:
     loop = asyncio.get_running_loop()
     done = loop.create_future()
@@ -1013,7 +1017,6 @@ def writer(**options: Any) -> tuple[ws_micro._Connection, StallingOutput, list[s
     return connection, output, left
 
 
-@pytest.mark.anyio
 async def test_frames_keep_their_order_across_the_switch_from_direct_writes_to_the_queue() -> None:
     connection, output, _ = writer()
     assert connection.send("1") and connection.send("2")
@@ -1028,7 +1031,6 @@ async def test_frames_keep_their_order_across_the_switch_from_direct_writes_to_t
     assert output.taken == ["1", "2", "3", "4", "5", "6"]
 
 
-@pytest.mark.anyio
 async def test_a_full_queue_closes_with_1008_and_drops_what_waits() -> None:
     connection, output, left = writer(max_queue_messages=3)
     output.stall()
@@ -1041,7 +1043,6 @@ async def test_a_full_queue_closes_with_1008_and_drops_what_waits() -> None:
     assert connection.state is ws_micro._State.CLOSED
 
 
-@pytest.mark.anyio
 async def test_a_socket_that_takes_nothing_for_send_timeout_is_closed_with_1008() -> None:
     connection, output, left = writer(send_timeout=0.05)
     output.stall()
@@ -1051,7 +1052,6 @@ async def test_a_socket_that_takes_nothing_for_send_timeout_is_closed_with_1008(
     assert output.closed_with == (1008, "slow consumer") and left == ["slow_consumer"]
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize("flush", [True, False], ids=["flushed", "dropped"])
 async def test_close_sends_the_queue_first_or_drops_it(flush: bool) -> None:
     connection, output, left = writer()
@@ -1067,7 +1067,6 @@ async def test_close_sends_the_queue_first_or_drops_it(flush: bool) -> None:
     assert output.closed_with == (4000, "bye") and not output.aborted
 
 
-@pytest.mark.anyio
 async def test_a_close_frame_the_peer_never_takes_ends_in_an_abort() -> None:
     connection, output, _ = writer(close_timeout=0.05)
     output.takes_close = False
@@ -1077,7 +1076,6 @@ async def test_a_close_frame_the_peer_never_takes_ends_in_an_abort() -> None:
     assert output.aborted and connection.state is ws_micro._State.CLOSED
 
 
-@pytest.mark.anyio
 async def test_a_peer_gone_while_frames_wait_is_sent_neither_them_nor_a_close_frame() -> None:
     connection, output, _ = writer()
     output.stall()
@@ -1091,7 +1089,6 @@ async def test_a_peer_gone_while_frames_wait_is_sent_neither_them_nor_a_close_fr
     assert output.taken == ["in flight"] and output.closed_with is None  # the write under way finished
 
 
-@pytest.mark.anyio
 async def test_a_connection_that_left_joins_no_room() -> None:
     registry = Registry()
     connection, _, _ = writer()
@@ -1109,7 +1106,6 @@ def test_a_registry_used_again_without_redis_leaves_cluster_mode() -> None:
         assert client.get("/healthz").json() == {"status": "ok", "connections": 0}
 
 
-@pytest.mark.anyio
 async def test_a_peer_that_is_gone_is_sent_nothing_more() -> None:
     connection, output, left = writer()
     connection.gone("closed")
@@ -1139,6 +1135,7 @@ def test_without_a_page_the_gateway_still_runs(tmp_path: Path) -> None:
         create_app(static_dir=str(tmp_path / "nowhere"))
 
 
+@pytest.mark.process
 def test_a_copied_single_file_runs_without_its_static_folder(tmp_path: Path) -> None:
     (tmp_path / "ws_micro.py").write_bytes((ROOT / "ws_micro.py").read_bytes())
     with run_server("--log-level", "warning", cwd=tmp_path) as server:

@@ -51,6 +51,9 @@ from websockets.typing import Origin
 import ws_micro
 from ws_micro import Client, Registry, Settings, create_app
 
+pytestmark = pytest.mark.anyio
+
+
 GRANTED = "connection request granted"
 
 
@@ -306,7 +309,7 @@ def hook_options(url: str) -> tuple[str, ...]:
             "--connect-hook-headers", "x-tenant")
 
 
-@pytest.mark.anyio
+@pytest.mark.process
 async def test_e2e_the_connect_hook_grants_identities_refuses_and_fails_closed(tmp_path: Path) -> None:
     log = tmp_path / "gateway.log"
     with HookBackend() as backend, run_server(*hook_options(backend.url), log=log) as server:
@@ -351,7 +354,7 @@ async def test_e2e_the_connect_hook_grants_identities_refuses_and_fails_closed(t
     assert not any("Traceback" in line for line in lines)
 
 
-@pytest.mark.anyio
+@pytest.mark.process
 async def test_e2e_a_connect_hook_that_is_down_refuses_everyone_with_503() -> None:
     with run_server("--log-level", "warning", *hook_options(f"http://127.0.0.1:{free_port()}/hook")) as server:
         for _ in range(3):
@@ -362,6 +365,7 @@ async def test_e2e_a_connect_hook_that_is_down_refuses_everyone_with_503() -> No
         assert server.get("/healthz").json()["connections"] == 0
 
 
+@pytest.mark.process
 def test_refused_and_failed_handshakes_leave_no_task_or_entry_behind() -> None:
     with HookBackend() as backend, \
             gateway(connect_hook_url=backend.url, backend_secret=BACKEND_SECRET, connect_hook_timeout=0.2,
@@ -383,7 +387,7 @@ def test_refused_and_failed_handshakes_leave_no_task_or_entry_behind() -> None:
         assert client.get("/api/rooms").json() == {"count": 0, "rooms": []}
 
 
-@pytest.mark.anyio
+@pytest.mark.process
 async def test_e2e_tokens_in_the_header_or_query_and_never_in_any_log(tmp_path: Path) -> None:
     log = tmp_path / "gateway.log"
     token, expired = mint(), mint(lifetime=-10)
@@ -409,7 +413,7 @@ async def test_e2e_tokens_in_the_header_or_query_and_never_in_any_log(tmp_path: 
         assert secret not in logged
 
 
-@pytest.mark.anyio
+@pytest.mark.process
 async def test_python_client_sends_its_token_and_raises_on_a_refusal() -> None:
     with run_server("--log-level", "warning", "--jwt-secret", JWT_SECRET) as server:
         async with Client(server.ws, token=mint({"sub": "dora"})) as client:
@@ -438,7 +442,6 @@ async def test_python_client_sends_its_token_and_raises_on_a_refusal() -> None:
         assert "Traceback" not in result.stderr
 
 
-@pytest.mark.anyio
 async def test_presence_of_many_slow_members_cut_off_at_once_is_announced_without_recursion() -> None:
     # Each member cut off is announced to the others, which cuts the next one off, and so on: a
     # recursion as deep as the room is large, had the announcements not been queued.
@@ -464,7 +467,7 @@ async def test_presence_of_many_slow_members_cut_off_at_once_is_announced_withou
         await member.closed()
 
 
-@pytest.mark.anyio
+@pytest.mark.process
 async def test_e2e_a_flood_of_handshakes_the_hook_cannot_answer_is_bounded(tmp_path: Path) -> None:
     log = tmp_path / "gateway.log"
     with HookBackend() as backend, run_server(*hook_options(backend.url), "--max-connections", "40",
@@ -524,7 +527,7 @@ def test_a_remembered_token_is_refused_once_it_expires() -> None:
             401, {"code": "unauthorized", "message": "the token has expired"})
 
 
-@pytest.mark.anyio
+@pytest.mark.process
 async def test_e2e_a_hook_answer_over_its_limit_is_refused_even_when_it_is_valid_json() -> None:
     async def padded(asked: dict[str, Any]) -> Any:
         return Response(b'{"user": "big"}' + b" " * 70_000, media_type="application/json")

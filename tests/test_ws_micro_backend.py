@@ -46,6 +46,8 @@ from conftest import (
     ws_client,
 )
 
+pytestmark = [pytest.mark.anyio, pytest.mark.process]
+
 
 @contextlib.contextmanager
 def printing(lines: list[str], *command: str, env: dict[str, str]) -> Iterator[None]:
@@ -58,7 +60,6 @@ def printing(lines: list[str], *command: str, env: dict[str, str]) -> Iterator[N
         lines += process.communicate()[0].splitlines()
 
 
-@pytest.mark.anyio
 async def test_e2e_events_reach_the_backend_and_its_answers_reach_the_sender(tmp_path: Path) -> None:
     log = tmp_path / "gateway.log"
     with EventBackend() as backend, run_server(*forward_options(backend.url), log=log) as server:
@@ -95,7 +96,6 @@ async def test_e2e_events_reach_the_backend_and_its_answers_reach_the_sender(tmp
     assert not any("Traceback" in line for line in log.read_text().splitlines())
 
 
-@pytest.mark.anyio
 async def test_e2e_only_the_listed_events_are_forwarded_and_handlers_and_builtins_come_first() -> None:
     with EventBackend() as backend, run_server(*forward_options(backend.url, "--forward-events", "chat,game:*"),
                                                "--log-level", "warning") as server:
@@ -109,7 +109,6 @@ async def test_e2e_only_the_listed_events_are_forwarded_and_handlers_and_builtin
     assert [body["event"] for body in backend.received if body["type"] == "event"] == ["game:move", "chat"]
 
 
-@pytest.mark.anyio
 async def test_e2e_a_backend_that_is_down_gets_backend_unavailable_and_the_connection_stays() -> None:
     with run_server(*forward_options(f"http://127.0.0.1:{free_port()}/events"), "--log-level", "warning") as server:
         async with ws_client(server.ws) as (ws, me):
@@ -122,7 +121,6 @@ async def test_e2e_a_backend_that_is_down_gets_backend_unavailable_and_the_conne
         assert server.metric("ws_micro_forwarded_total", outcome="unreachable") == 1
 
 
-@pytest.mark.anyio
 async def test_e2e_each_connections_events_reach_the_backend_in_order_under_load() -> None:
     clients, events = 20, 50
     with EventBackend() as backend, run_server(*forward_options(backend.url), "--log-level", "warning") as server:
@@ -145,7 +143,6 @@ async def test_e2e_each_connections_events_reach_the_backend_in_order_under_load
     assert all(sequence == list(range(events)) for sequence in by_client.values())
 
 
-@pytest.mark.anyio
 async def test_e2e_a_client_flooding_a_slow_backend_is_paused_and_the_gateway_stays_small() -> None:
     # One event in flight per connection: its next frames wait, unread, in the kernel's buffers and
     # then the client's, which stops sending. The gateway holds one frame per connection at most.
@@ -170,7 +167,6 @@ async def test_e2e_a_client_flooding_a_slow_backend_is_paused_and_the_gateway_st
         sock.close()
 
 
-@pytest.mark.anyio
 async def test_e2e_past_forward_max_pending_events_are_refused_at_once() -> None:
     with EventBackend() as backend, run_server(*forward_options(backend.url, "--forward-max-pending", "3",
                                                                 "--forward-timeout", "5"),
@@ -191,7 +187,6 @@ async def test_e2e_past_forward_max_pending_events_are_refused_at_once() -> None
         assert server.metric("ws_micro_forwarded_total", outcome="busy") == 5
 
 
-@pytest.mark.anyio
 async def test_e2e_the_backend_hears_of_each_connect_and_disconnect_once_however_it_ends() -> None:
     limits = ("--rate-limit", "5", "--rate-burst", "2", "--max-message-size", "70000", "--max-queue-bytes", "65536",
               "--send-timeout", "1", "--jwt-secret", JWT_SECRET, "--log-level", "warning")
@@ -258,7 +253,6 @@ async def test_e2e_the_backend_hears_of_each_connect_and_disconnect_once_however
                        "user": "alice", "meta": None, "rooms": [], "remote": connect["remote"]}
 
 
-@pytest.mark.anyio
 async def test_e2e_notices_can_go_elsewhere_or_nowhere_and_are_dropped_counted_when_never_taken() -> None:
     with EventBackend() as events, EventBackend() as lifecycle:
         with run_server(*forward_options(events.url, "--lifecycle-url", lifecycle.url), "--log-level", "warning") \
@@ -292,7 +286,6 @@ async def test_e2e_notices_can_go_elsewhere_or_nowhere_and_are_dropped_counted_w
         assert server.metric("ws_micro_notices_total", outcome="retried") == 2
 
 
-@pytest.mark.anyio
 async def test_e2e_the_docs_backend_answers_chat_through_the_sidecar_api_and_logs_disconnects(
         tmp_path: Path) -> None:
     page = (ROOT / "docs" / "backend.md").read_text()
@@ -315,7 +308,6 @@ async def test_e2e_the_docs_backend_answers_chat_through_the_sidecar_api_and_log
     assert sorted(printed) == sorted([f"disconnected: {id_a} closed", f"disconnected: {id_b} closed"])
 
 
-@pytest.mark.anyio
 async def test_e2e_notices_are_sent_several_at_once_after_the_senders_were_idle() -> None:
     with EventBackend(notice_delay=0.2) as backend, run_server(*forward_options(backend.url), "--log-level",
                                                                "warning") as server:

@@ -43,6 +43,9 @@ from conftest import (
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+pytestmark = [pytest.mark.anyio, pytest.mark.process]
+
+
 # --------------------------------------------------------------------------
 # End to end: a real uvicorn process, real websockets clients
 # --------------------------------------------------------------------------
@@ -63,7 +66,6 @@ def test_a_flag_overrides_a_bad_environment_value() -> None:
         assert server.get("/healthz").json() == {"status": "ok", "connections": 0}
 
 
-@pytest.mark.anyio
 async def test_e2e_connect_relay_rooms_and_errors(server: Server) -> None:
     async with ws_client(server.ws) as (a, id_a), ws_client(server.ws) as (b, id_b):
         text = json.dumps(frame("chat", id_a, {"msg": "over the wire"}, to=id_b))
@@ -88,7 +90,6 @@ async def test_e2e_connect_relay_rooms_and_errors(server: Server) -> None:
             assert (await recv_json(a))["data"]["data"]["code"] == code
 
 
-@pytest.mark.anyio
 async def test_e2e_api_push_and_unknown_client(server: Server) -> None:
     async with ws_client(server.ws) as (ws, me):
         response = await anyio.to_thread.run_sync(
@@ -100,7 +101,6 @@ async def test_e2e_api_push_and_unknown_client(server: Server) -> None:
     assert missing.json()["error"]["code"] == "unknown_client"
 
 
-@pytest.mark.anyio
 async def test_e2e_binary_and_oversized_frames_close_with_1003_and_1009(server: Server) -> None:
     async with ws_client(server.ws) as (ws, _):
         await ws.send(b"\x00\x01")
@@ -111,7 +111,6 @@ async def test_e2e_binary_and_oversized_frames_close_with_1003_and_1009(server: 
     await server.wait_until(lambda: server.get("/healthz").json()["connections"] == 0, "registry to empty")
 
 
-@pytest.mark.anyio
 async def test_e2e_origin_refused_before_accept(server: Server) -> None:
     with pytest.raises(InvalidStatus) as refused:
         async with connect(server.ws, origin="http://evil.example"):  # type: ignore[arg-type]
@@ -122,7 +121,6 @@ async def test_e2e_origin_refused_before_accept(server: Server) -> None:
         assert me
 
 
-@pytest.mark.anyio
 async def test_e2e_abrupt_disconnects_leave_no_trace(server: Server) -> None:
     before = server.get("/api/clients").json()
     async with ws_client(server.ws) as (stay, stay_id):
@@ -147,7 +145,6 @@ async def test_e2e_abrupt_disconnects_leave_no_trace(server: Server) -> None:
     assert server.post("/api/rooms/trace", {"event": "n", "data": {"data": {}}}).json() == {"delivered": 0}
 
 
-@pytest.mark.anyio
 async def test_e2e_slow_reader_is_cut_off_and_others_keep_receiving(tmp_path: Path) -> None:
     with run_server("--log-level", "warning", "--max-queue-bytes", "65536") as server:
         # A reader that stops reading after its first frame: websockets stops reading TCP when its
@@ -173,7 +170,6 @@ async def test_e2e_slow_reader_is_cut_off_and_others_keep_receiving(tmp_path: Pa
                                     "the slow reader's connection to end")
 
 
-@pytest.mark.anyio
 async def test_e2e_a_socket_that_takes_nothing_for_send_timeout_is_cut_off() -> None:
     with run_server("--log-level", "warning", "--max-queue-bytes", "100000000", "--max-queue-messages", "100000",
                     "--send-timeout", "0.5", "--close-timeout", "0.5", "--max-message-size", "1000000") as server:
@@ -191,7 +187,6 @@ async def test_e2e_a_socket_that_takes_nothing_for_send_timeout_is_cut_off() -> 
             assert server.get(f"/api/clients/{other_id}").status_code == 200
 
 
-@pytest.mark.anyio
 async def test_e2e_flood_is_closed_with_1008() -> None:
     with run_server("--log-level", "warning", "--rate-limit", "5", "--rate-burst", "5") as server:
         async with ws_client(server.ws) as (ws, me):
@@ -202,7 +197,6 @@ async def test_e2e_flood_is_closed_with_1008() -> None:
         assert server.metric("ws_micro_disconnects_total", reason="rate_limited") == 1
 
 
-@pytest.mark.anyio
 async def test_e2e_full_server_answers_503_and_frees_slots() -> None:
     with run_server("--log-level", "warning", "--max-connections", "2") as server:
         async with ws_client(server.ws), ws_client(server.ws):
@@ -216,7 +210,6 @@ async def test_e2e_full_server_answers_503_and_frees_slots() -> None:
         assert server.metric("ws_micro_rejected_handshakes_total", reason="full") == 1
 
 
-@pytest.mark.anyio
 async def test_e2e_dead_peer_is_dropped_by_the_keepalive_ping() -> None:
     with run_server("--log-level", "warning", "--ping-interval", "0.2", "--ping-timeout", "0.3") as server:
         # A peer that never answers pings (its websockets keepalive and pong replies are off
@@ -229,7 +222,6 @@ async def test_e2e_dead_peer_is_dropped_by_the_keepalive_ping() -> None:
         assert server.metric("ws_micro_disconnects_total", reason="abnormal") == 1
 
 
-@pytest.mark.anyio
 async def test_e2e_compression_is_off_unless_asked_for(server: Server) -> None:
     async with ws_client(server.ws) as (ws, _):  # websockets offers permessage-deflate by default
         assert ws.response is not None
@@ -242,7 +234,6 @@ async def test_e2e_compression_is_off_unless_asked_for(server: Server) -> None:
             assert (await recv_json(ws))["data"]["data"] == {"z": "z" * 1000}
 
 
-@pytest.mark.anyio
 async def test_e2e_delete_closes_with_1000_and_a_reason(server: Server) -> None:
     async with ws_client(server.ws) as (ws, me):
         response = httpx.delete(f"{server.http}/api/clients/{me}", timeout=TIMEOUT)
@@ -250,7 +241,6 @@ async def test_e2e_delete_closes_with_1000_and_a_reason(server: Server) -> None:
         assert await closed_with(ws) == (1000, "disconnected by the server")
 
 
-@pytest.mark.anyio
 async def test_e2e_api_token_and_env_configuration_under_plain_uvicorn() -> None:
     env = {"WS_MICRO_API_TOKEN": "tok", "WS_MICRO_MAX_CONNECTIONS": "1", "WS_MICRO_MAX_MESSAGE_SIZE": "200"}
     with run_server("--log-level", "warning", env=env, uvicorn_app=True) as server:
@@ -266,7 +256,6 @@ async def test_e2e_api_token_and_env_configuration_under_plain_uvicorn() -> None
             assert (await closed_with(ws))[0] == 1009
 
 
-@pytest.mark.anyio
 async def test_e2e_sigterm_closes_every_client_and_exits_0() -> None:
     with run_server("--graceful-timeout", "5") as server:
         async with ws_client(server.ws) as (a, _), ws_client(server.ws) as (b, _):
@@ -283,7 +272,6 @@ async def test_e2e_sigterm_closes_every_client_and_exits_0() -> None:
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_e2e_a_join_read_after_its_connection_started_closing_leaves_no_member_behind() -> None:
     # The engine cuts this client off (a message in too many fragments) while its join waits to be read.
     with run_server("--log-level", "warning", "--close-timeout", "0.5") as server:
@@ -301,7 +289,6 @@ async def test_e2e_a_join_read_after_its_connection_started_closing_leaves_no_me
         assert published.json() == {"delivered": 0}
 
 
-@pytest.mark.anyio
 async def test_e2e_a_peer_that_stops_reading_leaves_after_its_keepalive_timeout() -> None:
     # uvicorn closes a peer that misses a keepalive pong by waiting for its whole buffer to drain:
     # for a peer that reads nothing that wait never ended, and it stayed registered, holding the buffer.
@@ -319,7 +306,6 @@ async def test_e2e_a_peer_that_stops_reading_leaves_after_its_keepalive_timeout(
         sock.close()
 
 
-@pytest.mark.anyio
 async def test_e2e_an_api_body_that_trickles_gets_408() -> None:
     # Even a caller with the token may not hold a request, its task and its socket for ever.
     with (run_server("--log-level", "warning", "--api-token", "tok", "--api-body-timeout", "1") as server,
@@ -336,7 +322,6 @@ async def test_e2e_an_api_body_that_trickles_gets_408() -> None:
         assert time.monotonic() - started < 5
 
 
-@pytest.mark.anyio
 async def test_e2e_out_of_descriptors_under_plain_uvicorn_logs_one_line(tmp_path: Path) -> None:
     # asyncio logs a traceback per refused accept, and one more per retry once the listener has closed.
     log = tmp_path / "server.log"
@@ -351,7 +336,6 @@ async def test_e2e_out_of_descriptors_under_plain_uvicorn_logs_one_line(tmp_path
     assert len(text) < 5000
 
 
-@pytest.mark.anyio
 async def test_e2e_json_nested_at_any_depth_is_bad_input_never_an_internal_error(server: Server) -> None:
     # The interpreter's recursion limit stops msgspec somewhere near 1,000 levels, depending on the stack
     # depth it starts at: try every depth around it, for the frame decode, pong's re-encode and the API.

@@ -47,6 +47,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 import ws_micro
 from ws_micro import Client
 
+pytestmark = [pytest.mark.anyio, pytest.mark.process]
+
 
 @pytest.fixture(scope="module")
 def recovering() -> Iterator[Server]:
@@ -54,7 +56,6 @@ def recovering() -> Iterator[Server]:
         yield running
 
 
-@pytest.mark.anyio
 async def test_recovery_gives_a_dropped_client_its_id_rooms_and_every_missed_frame_once_in_order(
         recovering: Server) -> None:
     server = recovering
@@ -103,7 +104,6 @@ async def test_recovery_gives_a_dropped_client_its_id_rooms_and_every_missed_fra
     assert server.metric("ws_micro_sessions_total", outcome="resumed") >= 1
 
 
-@pytest.mark.anyio
 async def test_recovery_without_an_offset_replays_what_was_sent_while_away(recovering: Server) -> None:
     server = recovering
     ws, me, token = await new_session(server.ws)
@@ -117,7 +117,6 @@ async def test_recovery_without_an_offset_replays_what_was_sent_while_away(recov
         await nothing_more(back, me)
 
 
-@pytest.mark.anyio
 async def test_recovery_takes_over_a_connection_the_server_still_thinks_open(recovering: Server) -> None:
     server = recovering
     old, me, token = await new_session(server.ws)
@@ -138,7 +137,6 @@ async def test_recovery_takes_over_a_connection_the_server_still_thinks_open(rec
         assert server.get("/api/clients").json()["clients"].count(server.get(f"/api/clients/{me}").json()) == 1
 
 
-@pytest.mark.anyio
 async def test_a_resume_token_works_once_and_cannot_be_guessed(recovering: Server) -> None:
     server = recovering
     ws, me, token = await new_session(server.ws)
@@ -165,7 +163,6 @@ async def test_a_resume_token_works_once_and_cannot_be_guessed(recovering: Serve
     assert bad_offset.value.response.status_code == 400
 
 
-@pytest.mark.anyio
 async def test_a_session_ends_for_good_when_kicked_or_closed_by_its_client(recovering: Server) -> None:
     server = recovering
     ws, me, token = await new_session(server.ws)
@@ -184,7 +181,6 @@ async def test_a_session_ends_for_good_when_kicked_or_closed_by_its_client(recov
         assert (await greeted(stranger))["data"]["data"]["recovered"] is False
 
 
-@pytest.mark.anyio
 async def test_a_session_expires_after_the_window_and_resuming_then_says_not_recovered() -> None:
     with run_server("--log-level", "warning", "--recovery-window", "0.5") as server:
         ws, me, token = await new_session(server.ws)
@@ -201,7 +197,6 @@ async def test_a_session_expires_after_the_window_and_resuming_then_says_not_rec
             assert info["client_id"] != me and info["data"]["data"]["recovered"] is False
 
 
-@pytest.mark.anyio
 async def test_a_session_whose_missed_frames_pass_the_bounds_is_lost_and_says_so() -> None:
     with run_server("--log-level", "warning", "--recovery-window", "60", "--recovery-max-frames", "3") as server:
         ws, me, token = await new_session(server.ws)
@@ -229,7 +224,6 @@ async def test_a_session_whose_missed_frames_pass_the_bounds_is_lost_and_says_so
         assert server.metric("ws_micro_sessions_total", outcome="not_recovered") == 2  # each: its token or its frames
 
 
-@pytest.mark.anyio
 async def test_waiting_sessions_are_bounded_and_the_oldest_make_room() -> None:
     with run_server("--log-level", "warning", "--recovery-window", "60", "--recovery-max-sessions", "2") as server:
         sessions = []
@@ -247,7 +241,6 @@ async def test_waiting_sessions_are_bounded_and_the_oldest_make_room() -> None:
                 assert (await greeted(back))["data"]["data"]["recovered"] is recovered
 
 
-@pytest.mark.anyio
 async def test_the_python_client_resumes_by_itself_and_says_whether_it_recovered(recovering: Server) -> None:
     server = recovering
     async with Client(server.ws) as client:
@@ -273,14 +266,12 @@ async def test_the_python_client_resumes_by_itself_and_says_whether_it_recovered
         assert (await client.recv()).event == "pong"
 
 
-@pytest.mark.anyio
 async def test_recovery_off_changes_nothing_on_the_wire(server: Server) -> None:
     async with connect(server.ws + "?resume_token=whatever.secret&resume_offset=3") as ws:
         hello = await greeted(ws)
         assert hello["data"]["data"] == {"message": "connection request granted"}
 
 
-@pytest.mark.anyio
 async def test_the_backend_hears_a_session_begin_and_end_once_however_often_its_connection_drops() -> None:
     with EventBackend() as backend, run_server(*forward_options(backend.url, "--recovery-window", "2"),
                                                "--log-level", "warning") as server:
@@ -299,7 +290,7 @@ async def test_the_backend_hears_a_session_begin_and_end_once_however_often_its_
         assert [body["data"]["n"] for body in backend.received if body["type"] == "event"] == [0, 1, 2]
 
 
-@pytest.mark.anyio
+@pytest.mark.redis
 @pytest.mark.parametrize("instances", [1, 2])
 async def test_a_resume_whose_answer_is_lost_can_be_made_again_with_the_same_token(
         redis_server: RedisServer, instances: int) -> None:
@@ -325,7 +316,6 @@ async def test_a_resume_whose_answer_is_lost_can_be_made_again_with_the_same_tok
             await nothing_more(back, me)
 
 
-@pytest.mark.anyio
 async def test_a_resume_keeps_only_the_rooms_its_new_credentials_allow() -> None:
     with run_server("--log-level", "warning", "--recovery-window", "60", "--jwt-secret", JWT_SECRET) as server:
         granted = mint({"rooms": ["secret"]})
@@ -353,7 +343,6 @@ async def test_a_resume_keeps_only_the_rooms_its_new_credentials_allow() -> None
         assert "away_since" in server.get(f"/api/clients/{me}").json()
 
 
-@pytest.mark.anyio
 async def test_a_frame_over_the_size_limit_ends_the_session_too(recovering: Server) -> None:
     ws, me, token = await new_session(recovering.ws, max_size=None)
     await ws.send("x" * (70 * 1024))

@@ -56,6 +56,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from ws_micro import create_app
 
+pytestmark = [pytest.mark.anyio, pytest.mark.process, pytest.mark.redis]
+
+
 # --------------------------------------------------------------------------
 # Cluster mode: real redis-server, several real uvicorn instances
 # --------------------------------------------------------------------------
@@ -65,7 +68,6 @@ def instance_of(server: Server) -> str:
     return str(server.get("/healthz").json()["instance"])
 
 
-@pytest.mark.anyio
 async def test_cluster_two_instances_behave_as_one_server(redis_server: RedisServer) -> None:
     with cluster(redis_server, 2) as (x, y):
         async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b):
@@ -117,7 +119,6 @@ async def test_cluster_two_instances_behave_as_one_server(redis_server: RedisSer
             assert (await recv_json(b))["data"]["data"] == {"room": "lobby", "members": 0}
 
 
-@pytest.mark.anyio
 async def test_cluster_three_instances_share_rooms_and_broadcasts(redis_server: RedisServer) -> None:
     with cluster(redis_server, 3) as servers:
         async with contextlib.AsyncExitStack() as stack:
@@ -137,7 +138,6 @@ async def test_cluster_three_instances_share_rooms_and_broadcasts(redis_server: 
             assert servers[0].get("/api/clients").json()["count"] == 3
 
 
-@pytest.mark.anyio
 async def test_cluster_two_workers_on_one_port(redis_server: RedisServer) -> None:
     env = {"WS_MICRO_REDIS_URL": redis_server.url, "WS_MICRO_HEARTBEAT_INTERVAL": "0.2",
            "WS_MICRO_INSTANCE_TTL": "1.0"}
@@ -172,7 +172,6 @@ async def test_cluster_two_workers_on_one_port(redis_server: RedisServer) -> Non
             assert (await recv_json(a))["event"] == (await recv_json(b))["event"] == "all"
 
 
-@pytest.mark.anyio
 async def test_cluster_instance_killed_with_sigkill_drops_out(redis_server: RedisServer) -> None:
     ttl = 3.0
     with cluster(redis_server, 1, "--heartbeat-interval", "0.2", "--instance-ttl", str(ttl)) as (x,), \
@@ -208,7 +207,6 @@ async def test_cluster_instance_killed_with_sigkill_drops_out(redis_server: Redi
             assert redis_server.command("EXISTS", "ws_micro:room:r") == 0  # A left, C was reaped
 
 
-@pytest.mark.anyio
 async def test_cluster_survives_redis_going_away_and_coming_back(redis_server: RedisServer) -> None:
     with cluster(redis_server, 2) as (x, y):
         async with ws_client(x.ws) as (a, id_a), ws_client(x.ws) as (a2, id_a2), ws_client(y.ws) as (b, id_b):
@@ -249,7 +247,6 @@ async def test_cluster_survives_redis_going_away_and_coming_back(redis_server: R
             assert (await recv_json(a))["event"] == (await recv_json(b))["event"] == "news"
 
 
-@pytest.mark.anyio
 async def test_cluster_notices_a_redis_that_hangs_and_recovers(redis_server: RedisServer) -> None:
     assert redis_server.process is not None
     with cluster(redis_server, 2, "--redis-timeout", "0.5") as (x, y):
@@ -300,7 +297,6 @@ def dropped(server: Server) -> float:
                for sample in family.samples if sample.name == "ws_micro_cluster_dropped_total")
 
 
-@pytest.mark.anyio
 async def test_cluster_frames_for_an_instance_not_back_after_redis_restarts_are_refused_not_lost(
         redis_server: RedisServer) -> None:
     # Y is frozen while Redis restarts empty, so X is back first for as long as the test needs; a long
@@ -347,7 +343,6 @@ async def test_cluster_frames_for_an_instance_not_back_after_redis_restarts_are_
             assert x.metric("ws_micro_errors_total", code="unknown_client") == 0
 
 
-@pytest.mark.anyio
 async def test_cluster_a_stream_across_a_redis_restart_is_received_or_refused(redis_server: RedisServer) -> None:
     with cluster(redis_server, 2, "--instance-ttl", "30") as (x, y):
         async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b):
@@ -423,7 +418,6 @@ async def test_cluster_a_stream_across_a_redis_restart_is_received_or_refused(re
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_cluster_users_and_presence_span_instances(redis_server: RedisServer) -> None:
     auth = ("--jwt-secret", JWT_SECRET, "--default-join", "*", "--presence-events")
 
@@ -487,7 +481,6 @@ async def test_cluster_users_and_presence_span_instances(redis_server: RedisServ
                 assert server.get("/api/rooms/lobby").json()["members"] == [{"client_id": id_bob, "user": "bob"}]
 
 
-@pytest.mark.anyio
 async def test_cluster_a_dead_instances_users_and_room_members_are_reaped(redis_server: RedisServer) -> None:
     auth = ("--jwt-secret", JWT_SECRET, "--default-join", "*")
     with cluster(redis_server, 2, *auth) as (x, y):
@@ -511,7 +504,6 @@ async def test_cluster_a_dead_instances_users_and_room_members_are_reaped(redis_
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_cluster_each_instance_forwards_its_clients_and_reports_them_once(redis_server: RedisServer) -> None:
     with EventBackend() as backend, cluster(redis_server, 2, *forward_options(backend.url)) as (x, y):
         async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b):
@@ -527,7 +519,6 @@ async def test_cluster_each_instance_forwards_its_clients_and_reports_them_once(
     assert sorted(body["client_id"] for body in backend.received if body["type"] == "event") == sorted([id_a, id_b])
 
 
-@pytest.mark.anyio
 async def test_cluster_a_client_kicked_while_its_join_waits_for_redis_is_in_no_room_after(
         redis_server: RedisServer) -> None:
     with cluster(redis_server, 2, "--presence-events") as (x, y):
@@ -561,7 +552,6 @@ async def test_cluster_a_client_kicked_while_its_join_waits_for_redis_is_in_no_r
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_cluster_a_client_resumes_through_another_instance_with_every_missed_frame(
         redis_server: RedisServer) -> None:
     with cluster(redis_server, 2, "--recovery-window", "60") as (x, y):
@@ -618,7 +608,6 @@ async def test_cluster_a_client_resumes_through_another_instance_with_every_miss
         assert redis_server.command("KEYS", "ws_micro:kept:*") == []
 
 
-@pytest.mark.anyio
 async def test_cluster_a_waiting_session_ends_when_kicked_or_expired_and_its_room_hears_it(
         redis_server: RedisServer) -> None:
     with cluster(redis_server, 2, "--recovery-window", "1", "--presence-events") as (x, y):
@@ -651,7 +640,6 @@ async def test_cluster_a_waiting_session_ends_when_kicked_or_expired_and_its_roo
         assert redis_server.command("KEYS", "ws_micro:session:*") == []
 
 
-@pytest.mark.anyio
 async def test_cluster_sessions_outlive_a_rolling_restart_of_their_instance(redis_server: RedisServer) -> None:
     with cluster(redis_server, 2, "--recovery-window", "60") as (x, y):
         ws, me, token = await new_session(x.ws)
@@ -670,7 +658,6 @@ async def test_cluster_sessions_outlive_a_rolling_restart_of_their_instance(redi
             await nothing_more(back, me)
 
 
-@pytest.mark.anyio
 async def test_cluster_concurrent_resumes_with_one_token_have_one_winner_that_stays_reachable(
         redis_server: RedisServer) -> None:
     with cluster(redis_server, 2, "--recovery-window", "60") as (x, y):
@@ -702,7 +689,6 @@ async def test_cluster_concurrent_resumes_with_one_token_have_one_winner_that_st
         await y.wait_until(lambda: y.get(f"/api/clients/{me}").status_code == 404, "the winner to leave when closed")
 
 
-@pytest.mark.anyio
 async def test_cluster_a_stream_of_frames_reaches_a_client_dropping_and_resuming_once_each_in_order(
         redis_server: RedisServer) -> None:
     # Frames published through the instance the client drops from, resumed through the other: the

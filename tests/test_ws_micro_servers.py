@@ -51,12 +51,14 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as connect_sync
 from websockets.typing import Origin
 
+pytestmark = [pytest.mark.anyio, pytest.mark.process]
+
+
 # --------------------------------------------------------------------------
 # Under each ASGI server, and uvicorn's fast path
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize("name", list(SERVERS))
 async def test_e2e_ws_micro_app_runs_under_each_asgi_server_with_its_environment(name: str, tmp_path: Path) -> None:
     # hypercorn finds module:app with eval(), so the app must be a real attribute; granian's send returns an
@@ -113,7 +115,6 @@ def tree_rss_mib(pid: int) -> float:
     return own / 1024 + sum(tree_rss_mib(child) for child in children)
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize("name", list(SERVERS))
 async def test_e2e_a_reader_that_stops_is_cut_off_under_each_asgi_server(
         name: str, tmp_path: Path) -> None:
@@ -150,7 +151,6 @@ async def test_e2e_a_reader_that_stops_is_cut_off_under_each_asgi_server(
 SHUTDOWN_CLOSE = {"uvicorn": 1012, "uvicorn-wsproto": 1012, "hypercorn": 1011, "granian": 1006, "daphne": 1006}
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize("name", list(SERVERS))
 async def test_e2e_sigterm_ends_every_connection_under_each_asgi_server(name: str) -> None:
     with run_server(asgi_server=name) as server:
@@ -169,7 +169,6 @@ def sized(client_id: str, size: int, **routing: str) -> str:
     return text
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize("deflate", [False, True], ids=["written-to-the-socket", "compressed-through-asgi"])
 async def test_e2e_frames_of_every_length_arrive_intact(deflate: bool) -> None:
     options = ("--max-message-size", "200000", *(("--per-message-deflate",) if deflate else ()))
@@ -229,7 +228,6 @@ spied = Spy(app)
 """
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize(("how", "fast"), [("ws_micro:app", 1), ("host:app", 1), ("host:spied", 0)],
                          ids=["served", "mounted-in-a-host-app", "behind-a-middleware-that-wraps-send"])
 async def test_e2e_the_uvicorn_fast_path_engages_served_or_mounted_and_says_when_it_cannot(
@@ -253,7 +251,6 @@ async def test_e2e_the_uvicorn_fast_path_engages_served_or_mounted_and_says_when
         assert "fast path off: send is wrapped by 'Spy.__call__.<locals>.spied'" in log.read_text()
 
 
-@pytest.mark.anyio
 async def test_e2e_under_another_uvicorn_engine_frames_go_through_asgi_with_a_warning(tmp_path: Path) -> None:
     # uvicorn's legacy engine buffers (and inflates) frames up to --ws-max-size before the gateway sees them.
     log = tmp_path / "server.log"
@@ -298,7 +295,6 @@ def test_ws_micro_logs_whether_the_fast_path_is_on(tmp_path: Path) -> None:
     assert log.read_text().count("fast path on: frames are written straight to uvicorn's transport") == 1
 
 
-@pytest.mark.anyio
 async def test_e2e_kicking_a_reader_that_never_drains_takes_close_timeout_not_forever() -> None:
     # Only close_timeout may end this reader: send_timeout is too long to, and the queue too large.
     with run_server("--log-level", "warning", "--max-queue-bytes", "100000000", "--max-queue-messages", "100000",
@@ -328,7 +324,6 @@ async def test_e2e_kicking_a_reader_that_never_drains_takes_close_timeout_not_fo
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize(("options", "reason"), [
     (("--rate-limit", "0"), "slow_consumer"),  # only the outgoing bound can stop it
     ((), "rate_limited"),  # pings count against the rate limit too
@@ -355,7 +350,6 @@ async def test_e2e_a_client_that_pings_and_never_reads_is_cut_off(options: tuple
         assert server.get("/healthz").json()["connections"] == 0
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize(("start", "flood", "reply"), [
     (b"", bytes((0x8A, 0x80)) + b"\0\0\0\0", (1008, b"rate limit exceeded")),  # empty unsolicited pongs
     (bytes((0x01, 0x80)) + b"\0\0\0\0", bytes((0x00, 0x80)) + b"\0\0\0\0",  # a message that never ends
@@ -379,7 +373,6 @@ async def test_e2e_frames_the_engine_handles_alone_are_bounded(start: bytes, flo
                                 "the connection to end")
 
 
-@pytest.mark.anyio
 async def test_e2e_a_cut_off_reader_is_reset_and_its_buffers_freed() -> None:
     with run_server("--log-level", "warning", "--max-queue-bytes", "100000000", "--max-queue-messages", "100000",
                     "--send-timeout", "0.5", "--close-timeout", "0.5") as server:
@@ -399,7 +392,6 @@ async def test_e2e_a_cut_off_reader_is_reset_and_its_buffers_freed() -> None:
         sock.close()
 
 
-@pytest.mark.anyio
 async def test_e2e_sigterm_does_not_wait_for_a_client_that_reads_nothing(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     with run_server("--close-timeout", "0.5", "--graceful-timeout", "20", "--max-queue-bytes", "100000000",
@@ -416,7 +408,6 @@ async def test_e2e_sigterm_does_not_wait_for_a_client_that_reads_nothing(tmp_pat
     assert "ERROR" not in log.read_text()
 
 
-@pytest.mark.anyio
 async def test_e2e_invalid_utf8_closes_with_1007_and_logs_one_line(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     with run_server(log=log) as server:
@@ -432,7 +423,6 @@ async def test_e2e_invalid_utf8_closes_with_1007_and_logs_one_line(tmp_path: Pat
     assert "Invalid UTF-8" in text and "Traceback" not in text
 
 
-@pytest.mark.anyio
 async def test_e2e_what_clients_make_uvicorn_log_is_one_line_per_10_seconds(tmp_path: Path) -> None:
     # uvicorn writes a line for each of these: 20,000 pipelined requests wrote 20,000 lines.  (Each on a
     # connection of its own: with httptools installed, uvicorn answers only the first of pipelined upgrades.)
@@ -457,7 +447,6 @@ async def test_e2e_what_clients_make_uvicorn_log_is_one_line_per_10_seconds(tmp_
     assert len(lines) < 20, lines
 
 
-@pytest.mark.anyio
 async def test_e2e_stalled_handshakes_time_out_and_count_against_max_connections() -> None:
     with run_server("--log-level", "warning", "--handshake-timeout", "3", "--max-connections", "20") as server:
         stalled = half_handshakes(server, 20)
@@ -486,7 +475,6 @@ async def test_e2e_stalled_handshakes_time_out_and_count_against_max_connections
             assert await anyio.to_thread.run_sync(sock.recv, 4096) == b""  # the socket times out first if not
 
 
-@pytest.mark.anyio
 async def test_e2e_out_of_descriptors_is_refused_with_503_and_one_log_line(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     with run_server("--handshake-timeout", "30", open_files=128, log=log) as server:
@@ -503,7 +491,6 @@ async def test_e2e_out_of_descriptors_is_refused_with_503_and_one_log_line(tmp_p
     assert len(text) < 5000
 
 
-@pytest.mark.anyio
 async def test_e2e_compressed_frames_cannot_inflate_past_max_message_size_under_plain_uvicorn() -> None:
     # uvicorn's defaults: permessage-deflate on, frames up to 16 MiB. 16 KiB on the wire inflated to
     # 16 MB before the app refused it: 10 such clients took 170 MiB.
@@ -537,7 +524,6 @@ async def test_e2e_compressed_frames_cannot_inflate_past_max_message_size_under_
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize("name", list(SERVERS))
 async def test_e2e_tokens_and_the_connect_hook_work_under_each_asgi_server(name: str) -> None:
     # daphne cannot send an HTTP status of the app's choosing: it refuses every handshake with 403.
