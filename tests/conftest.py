@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any, Self
 
@@ -52,6 +52,49 @@ LOOPBACK = ("127.0.0.1", 50000)
 LOCAL = "http://localhost"  # a loopback name: without a token, the API answers no other Host
 JSON = {"Content-Type": "application/json"}
 TIMEOUT = 10  # seconds any single wait may take before the test fails
+
+
+# --------------------------------------------------------------------------
+# Marks: what a test starts, it must be marked with
+# --------------------------------------------------------------------------
+
+_running: pytest.Item | None = None  # the test being run, from its setup to its teardown
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    global _running
+    _running = item
+    try:
+        return (yield)
+    finally:
+        _running = None
+
+
+def require_marks(doing: str, *marks: str) -> None:
+    """Fail the running test unless it carries each of ``marks``, which what it is ``doing`` needs.
+
+    ``-m "not process"`` (the fast loop), ``-m "not redis"`` and ``-m "not browser"`` go by the marks: a
+    mark forgotten would put a slow test in the fast loop, or a test that needs redis-server or Chromium
+    where they are not installed.
+    """
+    item = _running
+    if item is None:  # not during a test: a helper used by hand
+        return
+    missing = [mark for mark in marks if item.get_closest_marker(mark) is None]
+    if missing:
+        pytest.fail(f"{item.nodeid} {doing}, so it must be marked "
+                    f"{' and '.join(f'@pytest.mark.{mark}' for mark in missing)} "
+                    "(on the test, or in its module's pytestmark)", pytrace=False)
+
+
+def _require_process_for_subprocesses(event: str, args: tuple[Any, ...]) -> None:
+    """An audit hook: any subprocess a test starts (a server, the CLI, Chromium's driver) needs ``process``."""
+    if event == "subprocess.Popen" and _running is not None:
+        require_marks(f"starts a process ({Path(os.fsdecode(args[0])).name})", "process")
+
+
+sys.addaudithook(_require_process_for_subprocesses)
 
 
 # --------------------------------------------------------------------------
@@ -149,6 +192,7 @@ def run_server(*args: str, env: dict[str, str] | None = None, uvicorn_app: bool 
     ``ws_micro:app`` under that ASGI server instead (see SERVERS); ``log``: a file for its output;
     ``open_files``: its file-descriptor limit, soft and hard.
     """
+    require_marks("starts a server process (run_server)", "process")
     port = port or free_port()
     if asgi_server is not None:
         command = [sys.executable, "-m", *SERVERS[asgi_server](port), *args]
@@ -300,6 +344,7 @@ def server_sockets(server: Server, client_port: int) -> list[str]:
 @contextlib.contextmanager
 def relaying_gateway(*frames: dict[str, Any]) -> Iterator[str]:
     """A WebSocket server that sends ``frames`` to whoever connects, as a gateway that relays any event name would."""
+    require_marks("starts a WebSocket server in a thread (relaying_gateway)", "process")
     from websockets.sync.server import ServerConnection, serve
 
     def handler(ws: ServerConnection) -> None:
@@ -386,6 +431,7 @@ class RedisServer:
 
     def start(self) -> None:
         """Start an empty, unpersisted redis-server and wait until it answers PING."""
+        require_marks("starts redis-server", "process", "redis")
         assert Path(REDIS_SERVER).is_file(), f"the cluster tests need {REDIS_SERVER}: apt-get install redis-server"
         self.process = subprocess.Popen([REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
                                          "--save", "", "--appendonly", "no"],
@@ -481,6 +527,7 @@ class BackendServer:
         self.server = uvicorn.Server(config)
 
     def __enter__(self) -> Self:
+        require_marks(f"starts a backend server in a thread ({type(self).__name__})", "process")
         self.thread = threading.Thread(target=self.server.run)
         self.thread.start()
         deadline = time.monotonic() + TIMEOUT

@@ -35,9 +35,10 @@ from conftest import (
     free_port,
     mint,
     relaying_gateway,
+    require_marks,
     run_server,
 )
-from playwright.sync_api import Browser, Locator, Page, sync_playwright
+from playwright.sync_api import Browser, Locator, Page, Playwright, sync_playwright
 from websockets.exceptions import ConnectionClosed
 
 pytestmark = [pytest.mark.process, pytest.mark.browser]
@@ -48,11 +49,21 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
+def start_playwright() -> contextlib.AbstractContextManager[Playwright]:
+    """Playwright's sync API, for a test marked to start Chromium (and Playwright's driver, a Node process).
+
+    Checked before the driver starts: a driver that fails to start leaves Playwright unusable for the
+    tests after.
+    """
+    require_marks("starts Playwright and Chromium", "process", "browser")
+    return sync_playwright()
+
+
 @pytest.fixture  # per test: Playwright's sync API holds an event loop that the async tests must not meet
 def browser() -> Iterator[Browser]:
     """Debian's Chromium (Playwright cannot download its own browser here); a missing one fails, never skips."""
     assert Path(CHROMIUM).is_file(), f"the browser tests need {CHROMIUM}: apt-get install chromium"
-    with sync_playwright() as playwright:
+    with start_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             yield chromium
@@ -175,7 +186,7 @@ def test_browser_page_refuses_forged_server_events(browser: Browser) -> None:
 
 def test_browser_pages_of_other_sites_cannot_drive_the_api(tmp_path: Path) -> None:
     # evil.example resolves to this machine, as it would after a DNS rebinding.
-    with (sync_playwright() as playwright, run_server("--log-level", "warning") as server):
+    with (start_playwright() as playwright, run_server("--log-level", "warning") as server):
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=[
             *CHROMIUM_ARGS, "--host-resolver-rules=MAP evil.example 127.0.0.1"])
         try:
@@ -240,6 +251,7 @@ class Attempts:
 @contextlib.contextmanager
 def serving(server: Any, **options: float) -> Iterator[None]:
     """Run a blocking server's ``serve_forever`` (websockets' or socketserver's) in a thread; stop it after."""
+    require_marks(f"starts a test server in a thread ({type(server).__name__})", "process")
     thread = threading.Thread(target=server.serve_forever, kwargs=options)
     thread.start()
     try:
@@ -323,6 +335,7 @@ class CuttingProxy:
     open then, as a network does that fails while frames are on their way."""
 
     def __init__(self, port: int) -> None:
+        require_marks("starts a proxy in a thread (CuttingProxy)", "process")
         self.target = port
         self._holding = False
         self._upgrades = 0
