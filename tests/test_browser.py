@@ -491,11 +491,19 @@ def test_browser_client_connect_is_a_no_op_while_connecting_or_open(browser: Bro
         assert page.evaluate("wsMicroClient.clientId") == client_id_of(page)
 
 
+@pytest.fixture(scope="module")
+def page_server() -> Iterator[Server]:
+    """A gateway that only serves the page, for the tests whose probe talks to a test server of its own:
+    they look at nothing on this one, so they may share it."""
+    with run_server("--log-level", "warning") as running:
+        yield running
+
+
 def test_browser_client_backs_off_from_a_server_that_drops_it_until_a_connection_lasts_min_uptime(
-        browser: Browser) -> None:
+        browser: Browser, page_server: Server) -> None:
     # Four connections dropped at once, one that lasts past minUptime, one more dropped, one that stays.
-    with run_server("--log-level", "warning") as server, flaky_gateway(0, 0, 0, 0, 1.0, 0, None) as (url, attempts):
-        page = open_console(browser, server)
+    with flaky_gateway(0, 0, 0, 0, 1.0, 0, None) as (url, attempts):
+        page = open_console(browser, page_server)
         start_probe(page, url, initialDelay=100, minUptime=500)
         page.evaluate("probe.connect()")
         seen = wait_seen(page, 7, "open")
@@ -515,10 +523,10 @@ def test_browser_client_backs_off_from_a_server_that_drops_it_until_a_connection
 
 @pytest.mark.parametrize("server_kind", ["handshake hangs", "never greets"])
 def test_browser_client_drops_and_retries_a_connection_not_greeted_within_connect_timeout(
-        browser: Browser, server_kind: str) -> None:
+        browser: Browser, page_server: Server, server_kind: str) -> None:
     test_server = mute_server() if server_kind == "handshake hangs" else flaky_gateway(None, greet=False)
-    with run_server("--log-level", "warning") as server, test_server as (url, attempts):
-        page = open_console(browser, server)
+    with test_server as (url, attempts):
+        page = open_console(browser, page_server)
         start_probe(page, url, initialDelay=100, connectTimeout=500)
         page.evaluate("probe.connect()")
         # It tried again, and let go of the first connection: no socket is left behind.
@@ -532,10 +540,10 @@ def test_browser_client_drops_and_retries_a_connection_not_greeted_within_connec
 
 
 def test_browser_client_leaves_a_dead_connection_at_once_when_its_keepalive_goes_unanswered(
-        browser: Browser) -> None:
+        browser: Browser, page_server: Server) -> None:
     # Chromium waits a minute for the closing handshake of a socket whose peer is gone; the client does not.
-    with run_server("--log-level", "warning") as server, mute_server(greet=True) as (url, attempts):
-        page = open_console(browser, server)
+    with mute_server(greet=True) as (url, attempts):
+        page = open_console(browser, page_server)
         start_probe(page, url, initialDelay=100, keepalive=300)
         page.evaluate("probe.connect()")
         attempts.wait(lambda: len(attempts.opened) >= 2, "a second try")  # within 10 s, not after a minute
@@ -546,9 +554,10 @@ def test_browser_client_leaves_a_dead_connection_at_once_when_its_keepalive_goes
         assert seen_at[2] - seen_at[1] >= 600 - 1  # a ping's interval, then a pong's wait
 
 
-def test_browser_client_gives_up_after_max_retries_until_reconnect_is_called(browser: Browser) -> None:
-    with run_server("--log-level", "warning") as server, flaky_gateway(0, 0, 0, None) as (url, attempts):
-        page = open_console(browser, server)
+def test_browser_client_gives_up_after_max_retries_until_reconnect_is_called(browser: Browser,
+                                                                             page_server: Server) -> None:
+    with flaky_gateway(0, 0, 0, None) as (url, attempts):
+        page = open_console(browser, page_server)
         start_probe(page, url, initialDelay=100, maxRetries=2)
         page.evaluate("probe.connect()")
         seen = wait_seen(page, 1, "closed")
@@ -563,9 +572,10 @@ def test_browser_client_gives_up_after_max_retries_until_reconnect_is_called(bro
         assert len(attempts.opened) == 4
 
 
-def test_browser_client_retries_at_once_when_the_browser_comes_back_online(browser: Browser) -> None:
-    with run_server("--log-level", "warning") as server, flaky_gateway(0, None) as (url, attempts):
-        page = open_console(browser, server)
+def test_browser_client_retries_at_once_when_the_browser_comes_back_online(browser: Browser,
+                                                                          page_server: Server) -> None:
+    with flaky_gateway(0, None) as (url, attempts):
+        page = open_console(browser, page_server)
         start_probe(page, url, initialDelay=60_000, maxDelay=60_000)
         page.evaluate("probe.connect()")
         page.wait_for_function("seen.some((s) => s.delay !== undefined)", timeout=TIMEOUT * 1000)
