@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Self
 
 import anyio
-import anyio.lowlevel
 import httpx2 as httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families

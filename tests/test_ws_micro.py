@@ -1,10 +1,11 @@
 """Tests for ws_micro's core, in process: the protocol, handlers, the sidecar API, handshakes, settings.
 
 Every test asserts what a user sees: frames on the wire, HTTP statuses and
-bodies, close codes, what a second client receives.  Most run the gateway
-under Starlette's TestClient; a connection's writer is tested against a socket
-the test controls.  The Python client and the command line are tested against
-a real server (marked ``process``, as is any test here that starts one).
+bodies, close codes, what a second client receives.  The gateway runs under
+Starlette's TestClient, and a connection's writer against a socket the test
+controls.  The tests here that start a process or a server thread (the Python
+and command-line clients against a real server, the command line's errors)
+are marked ``process``, which ``-m "not process"``, the fast loop, leaves out.
 Shared fixtures and helpers are in conftest.py.
 """
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 import msgspec
 import pytest
 from conftest import (

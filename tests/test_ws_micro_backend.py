@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
-import anyio.lowlevel
 import httpx2 as httpx
 import pytest
 from conftest import (

@@ -13,7 +13,6 @@ import uuid
 from collections.abc import Iterator
 
 import anyio
-import anyio.lowlevel
 import httpx2 as httpx
 import pytest
 from conftest import (

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 import httpx2 as httpx
 import pytest
 from conftest import (

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import anyio
-import anyio.lowlevel
 import httpx2 as httpx
 import pytest
 from conftest import (
