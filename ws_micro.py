@@ -332,6 +332,7 @@ def _convert(kind: Any, text: str) -> Any:
         return text or None
     return text
 
+
 # --------------------------------------------------------------------------
 # Protocol: events, error codes and close codes
 # --------------------------------------------------------------------------
@@ -359,6 +360,7 @@ CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
+
 
 class Payload(msgspec.Struct):
     """The tutorial's ``WebsocketData``: an event's content sits one level down, in ``data.data``."""
@@ -1846,7 +1848,6 @@ class _BackendClient:
             raise ConnectionError(str(exc) or type(exc).__name__) from None
 
 
-
 # --------------------------------------------------------------------------
 # Authentication: signed tokens and the connect hook
 # --------------------------------------------------------------------------
@@ -2079,7 +2080,6 @@ class _TokenAndHookAuthorizer(_Authorizer):
                  "outcome")]
 
 
-
 # --------------------------------------------------------------------------
 # Forwarding to the backend: client events, connects and disconnects
 # --------------------------------------------------------------------------
@@ -2095,7 +2095,6 @@ FORWARD_OUTCOMES = ("ok", "backend_error", "timeout", "unreachable", "busy")
 # Connect and disconnect notices (the notices_total labels): taken by the backend (2xx); tried again;
 # given up after lifecycle_retries more tries, or because NOTICE_QUEUE were waiting.
 NOTICE_OUTCOMES = ("sent", "retried", "dropped")
-
 
 
 class _Forwarder:
@@ -2314,7 +2313,6 @@ class _HttpForwarder(_Forwarder):
                  "outcome"), self.latency,
                 ("notices_total", "counter", "Connect and disconnect notices to the backend, by outcome.",
                  self.notices, "outcome")]
-
 
 
 # --------------------------------------------------------------------------
@@ -2625,7 +2623,6 @@ _PEER_REASONS = {1000: "closed", 1001: "closed", 1012: "shutdown",
                  1009: "message_too_big"}  # the engine's frame-size limit closed it
 
 
-
 def _event_name(text: str) -> str | None:
     """The ``event`` of an envelope that failed validation, if it has a string one."""
     try:
@@ -2642,7 +2639,6 @@ async def _deny(websocket: WebSocket, status: int, code: str, message: str) -> N
         await websocket.send_denial_response(_refusal_response(status, code, message))
     except RuntimeError:  # the server lacks the denial-response extension: it answers 403
         await websocket.close(CLOSE_POLICY_VIOLATION)
-
 
 
 # --------------------------------------------------------------------------
@@ -3146,7 +3142,6 @@ def _replaying(first: Message, receive: Receive) -> Receive:
 app = _AppFromEnvironment()
 
 
-
 # --------------------------------------------------------------------------
 # Serving (ws-micro): uvicorn
 # --------------------------------------------------------------------------
@@ -3448,7 +3443,6 @@ async def _run_client(url: str, linger: float, token: str | None = None) -> int:
     code = client.close_code
     print(f"closed: {code}", file=sys.stderr)
     return 0
-
 
 
 # --------------------------------------------------------------------------

@@ -105,7 +105,6 @@ class _TakeOver(msgspec.Struct, tag="takeover", array_like=True):
     requester: str
 
 
-
 _Control = _WasParked | _Sealed | _WasResumed | _SessionEnded | _TakeOver
 
 _encode_delivery = msgspec.msgpack.Encoder().encode

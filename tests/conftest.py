@@ -1,0 +1,671 @@
+"""Shared fixtures and helpers for ws_micro's tests.
+
+In process: frames and the gateway under Starlette's TestClient.  End to end:
+the gateway as a real process on a free loopback port (``run_server``, the
+module-scoped ``server``), real `websockets` clients and raw sockets,
+redis-server for cluster mode, and real backends for the connect hook and
+forwarding.
+
+Tests are marked by what they start: ``process`` (a server, redis-server or
+Chromium), ``redis`` and ``browser``.  The helpers here fail a test that
+starts one of these without its mark, so that ``-m "not process"`` is the
+fast, in-process loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
+from pathlib import Path
+from typing import Any, Self
+
+import anyio
+import httpx2 as httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.testclient import TestClient
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+import ws_micro
+from ws_micro import create_app
+
+ROOT = Path(__file__).parent.parent  # the repository: servers run from it, docs are read from it
+LOOPBACK = ("127.0.0.1", 50000)
+LOCAL = "http://localhost"  # a loopback name: without a token, the API answers no other Host
+JSON = {"Content-Type": "application/json"}
+TIMEOUT = 10  # seconds any single wait may take before the test fails
+
+
+# --------------------------------------------------------------------------
+# Marks: what a test starts, it must be marked with
+# --------------------------------------------------------------------------
+
+_running: pytest.Item | None = None  # the test being run, from its setup to its teardown
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    global _running
+    _running = item
+    try:
+        return (yield)
+    finally:
+        _running = None
+
+
+def require_marks(doing: str, *marks: str) -> None:
+    """Fail the running test unless it carries each of ``marks``, which what it is ``doing`` needs.
+
+    ``-m "not process"`` (the fast loop), ``-m "not redis"`` and ``-m "not browser"`` go by the marks: a
+    mark forgotten would put a slow test in the fast loop, or a test that needs redis-server or Chromium
+    where they are not installed.
+    """
+    item = _running
+    if item is None:  # not during a test: a helper used by hand
+        return
+    missing = [mark for mark in marks if item.get_closest_marker(mark) is None]
+    if missing:
+        pytest.fail(f"{item.nodeid} {doing}, so it must be marked "
+                    f"{' and '.join(f'@pytest.mark.{mark}' for mark in missing)} "
+                    "(on the test, or in its module's pytestmark)", pytrace=False)
+
+
+def _require_process_for_subprocesses(event: str, args: tuple[Any, ...]) -> None:
+    """An audit hook: any subprocess a test starts (a server, the CLI, Chromium's driver) needs ``process``."""
+    if event == "subprocess.Popen" and _running is not None:
+        require_marks(f"starts a process ({Path(os.fsdecode(args[0])).name})", "process")
+
+
+sys.addaudithook(_require_process_for_subprocesses)
+
+
+# --------------------------------------------------------------------------
+# Frames and the gateway, in process
+# --------------------------------------------------------------------------
+
+
+def frame(event: str, client_id: str, data: dict[str, Any] | None = None, **routing: str) -> dict[str, Any]:
+    return {"event": event, "client_id": client_id, "data": {"data": data or {}}, **routing}
+
+
+def error(client_id: str, code: str, event: str | None) -> dict[str, Any]:
+    """The error frame the server sends, less its human-readable message."""
+    return {"event": "error", "client_id": client_id, "data": {"data": {"code": code, "event": event}}}
+
+
+def without_message(received: dict[str, Any]) -> dict[str, Any]:
+    message = received["data"]["data"].pop("message")
+    assert isinstance(message, str) and message
+    return received
+
+
+@contextlib.contextmanager
+def gateway(**options: Any) -> Iterator[TestClient]:
+    with TestClient(create_app(**options), client=LOOPBACK, base_url=LOCAL) as client:
+        yield client
+
+
+@contextlib.contextmanager
+def connected(client: TestClient) -> Iterator[tuple[Any, str]]:
+    with client.websocket_connect("/ws/py_client") as ws:
+        hello = ws.receive_json()
+        yield ws, hello["client_id"]
+
+
+# --------------------------------------------------------------------------
+# A real server process and real clients
+# --------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    def __init__(self, process: subprocess.Popen[str], port: int) -> None:
+        self.process, self.port = process, port
+        self.http = f"http://127.0.0.1:{port}"
+        self.ws = f"ws://127.0.0.1:{port}/ws/py_client"
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        return httpx.get(self.http + path, timeout=TIMEOUT, **kwargs)
+
+    def post(self, path: str, body: Any, **kwargs: Any) -> Any:
+        return httpx.post(self.http + path, json=body, timeout=TIMEOUT, **kwargs)
+
+    async def wait_until(self, predicate: Any, what: str) -> None:
+        """Poll ``predicate`` (without blocking the event loop our clients run on) until it holds."""
+        with anyio.move_on_after(TIMEOUT):
+            # The state lives in another process: polling its API is the only way to watch it.
+            while not await anyio.to_thread.run_sync(predicate):  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+            return
+        raise AssertionError(f"timed out waiting for {what}")
+
+    def metric(self, name: str, path: str = "/metrics", **labels: str) -> float:
+        for family in text_string_to_metric_families(self.get(path).text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        raise KeyError(name)
+
+
+# How each ASGI server runs ``ws_micro:app`` on a port (each a test extra, pinned to the versions tested).
+SERVERS: dict[str, Callable[[int], list[str]]] = {
+    "uvicorn": lambda port: ["uvicorn", "ws_micro:app", "--host", "127.0.0.1", "--port", str(port)],
+    "uvicorn-wsproto": lambda port: ["uvicorn", "ws_micro:app", "--host", "127.0.0.1", "--port", str(port),
+                                     "--ws", "wsproto"],
+    "hypercorn": lambda port: ["hypercorn", "ws_micro:app", "--bind", f"127.0.0.1:{port}"],
+    "granian": lambda port: ["granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", str(port),
+                             "ws_micro:app"],
+    "daphne": lambda port: ["daphne", "-b", "127.0.0.1", "-p", str(port), "ws_micro:app"],
+}
+
+
+@contextlib.contextmanager
+def run_server(*args: str, env: dict[str, str] | None = None, uvicorn_app: bool | str = False,
+               port: int | None = None, cwd: Path = ROOT, log: Path | None = None,
+               open_files: int | None = None, asgi_server: str | None = None) -> Iterator[Server]:
+    """Start the gateway as its own process (on a free port by default); stop it (SIGTERM, then kill) in finally.
+
+    ``uvicorn_app``: run ``uvicorn ws_micro:app``, or uvicorn with that app; ``asgi_server``: run
+    ``ws_micro:app`` under that ASGI server instead (see SERVERS); ``log``: a file for its output;
+    ``open_files``: its file-descriptor limit, soft and hard.
+    """
+    require_marks("starts a server process (run_server)", "process")
+    port = port or free_port()
+    if asgi_server is not None:
+        command = [sys.executable, "-m", *SERVERS[asgi_server](port), *args]
+    elif uvicorn_app:
+        app = uvicorn_app if isinstance(uvicorn_app, str) else "ws_micro:app"
+        command = [sys.executable, "-m", "uvicorn", app, "--port", str(port), *args]
+    else:
+        command = [sys.executable, "ws_micro.py", "--host", "127.0.0.1", "--port", str(port), *args]
+
+    def limit_files() -> None:
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
+    log_file = None if log is None else log.open("w")
+    process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **(env or {})}, text=True,
+                               stdout=log_file or subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=limit_files)
+    server = Server(process, port)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            assert process.poll() is None, process.communicate()[0]
+            with contextlib.suppress(httpx.TransportError):
+                if server.get("/healthz").status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if process.stdout:
+            process.stdout.close()
+        if log_file is not None:
+            log_file.close()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    with run_server("--log-level", "warning", "--max-message-size", "4096") as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@contextlib.asynccontextmanager
+async def ws_client(url: str, **options: Any) -> AsyncIterator[tuple[ClientConnection, str]]:
+    async with connect(url, **options) as ws:
+        with anyio.fail_after(TIMEOUT):
+            hello = json.loads(await ws.recv())
+        assert hello["event"] == "connect"
+        yield ws, hello["client_id"]
+
+
+async def recv_json(ws: ClientConnection) -> Any:
+    with anyio.fail_after(TIMEOUT):
+        return json.loads(await ws.recv())
+
+
+async def closed_with(ws: ClientConnection) -> tuple[int | None, str | None]:
+    """Read until the server closes; its close code and reason."""
+    with anyio.fail_after(TIMEOUT), contextlib.suppress(ConnectionClosed):
+        while True:
+            await ws.recv()
+    return ws.close_code, ws.close_reason
+
+
+async def recv_text(ws: ClientConnection) -> str | bytes:
+    with anyio.fail_after(TIMEOUT):
+        return await ws.recv()
+
+
+def text(event: str, client_id: str, data: dict[str, Any] | None = None, **routing: str) -> str:
+    return json.dumps(frame(event, client_id, data, **routing))
+
+
+async def join(ws: ClientConnection, client_id: str, room: str) -> int:
+    await ws.send(text("join", client_id, {"room": room}))
+    reply = await recv_json(ws)
+    assert reply["event"] == "joined", reply
+    return int(reply["data"]["data"]["members"])
+
+
+# --------------------------------------------------------------------------
+# Raw sockets, and servers that misbehave
+# --------------------------------------------------------------------------
+
+
+def rss_mib(process: subprocess.Popen[str]) -> float:
+    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for process {process.pid}")
+
+
+def raw_websocket(server: Server, receive_buffer: int = 4096, query: str = "") -> tuple[socket.socket, str]:
+    """A WebSocket opened by hand, with a small receive buffer, up to its connect frame; and the client id."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.sendall(f"GET /ws/py_client{query} HTTP/1.1\r\n".encode()
+                 + b"Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    received = b""
+    while b"connection request granted" not in received:
+        chunk = sock.recv(4096)
+        assert chunk, received
+        received += chunk
+    return sock, received.split(b'"client_id":"')[1].split(b'"')[0].decode()
+
+
+def half_handshakes(server: Server, count: int) -> list[socket.socket]:
+    """``count`` sockets that sent half a WebSocket handshake and stall."""
+    stalled = [socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) for _ in range(count)]
+    for sock in stalled:
+        sock.sendall(b"GET /ws/py_client HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    return stalled
+
+
+def client_frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
+    """A masked client frame (mask 0, so the payload is sent as is) of up to 64 KiB."""
+    first = (0x80 if fin else 0) | opcode
+    if len(payload) < 126:
+        head = bytes((first, 0x80 | len(payload)))
+    else:
+        head = bytes((first, 0x80 | 126)) + len(payload).to_bytes(2, "big")
+    return head + b"\0\0\0\0" + payload
+
+
+def server_sockets(server: Server, client_port: int) -> list[str]:
+    """The TCP states (as `ss` shows them) of the server's sockets to one client port."""
+    names = {"01": "ESTABLISHED", "04": "FIN-WAIT-1", "05": "FIN-WAIT-2", "06": "TIME-WAIT", "07": "CLOSE",
+             "08": "CLOSE-WAIT", "09": "LAST-ACK", "0B": "CLOSING"}
+    states = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, remote, state = line.split()[1:4]
+            if int(local.rsplit(":", 1)[1], 16) == server.port and int(remote.rsplit(":", 1)[1], 16) == client_port:
+                states.append(names.get(state, state))
+    return states
+
+
+@contextlib.contextmanager
+def relaying_gateway(*frames: dict[str, Any]) -> Iterator[str]:
+    """A WebSocket server that sends ``frames`` to whoever connects, as a gateway that relays any event name would."""
+    require_marks("starts a WebSocket server in a thread (relaying_gateway)", "process")
+    from websockets.sync.server import ServerConnection, serve
+
+    def handler(ws: ServerConnection) -> None:
+        for sent in frames:
+            ws.send(json.dumps(sent))
+        for _ in ws:  # keep the connection open until the client leaves
+            pass
+
+    with serve(handler, "127.0.0.1", 0) as relaying:
+        thread = threading.Thread(target=relaying.serve_forever)
+        thread.start()
+        try:
+            yield f"ws://127.0.0.1:{relaying.socket.getsockname()[1]}/ws/py_client"
+        finally:
+            relaying.shutdown()
+            thread.join(TIMEOUT)
+
+
+MINE, FORGER = "11111111-1111-4111-8111-111111111111", "22222222-2222-4222-8222-222222222222"
+FORGERY = (frame("connect", MINE, {"message": "connection request granted"}),
+           frame("connect", FORGER, {"message": "connection request granted"}, to=MINE),
+           frame("chat", FORGER, {"text": "after the forgery"}, to=MINE))
+
+
+# --------------------------------------------------------------------------
+# A socket the test controls
+# --------------------------------------------------------------------------
+
+
+class StallingOutput(ws_micro._Output):
+    """A socket that takes frames at once until ``stall()``, then none until ``drain()``."""
+
+    def __init__(self) -> None:
+        super().__init__(self._unused)
+        self.taken: list[str] = []
+        self.closed_with: tuple[int, str] | None = None
+        self.aborted = False
+        self.takes_close = True
+        self._room = anyio.Event()
+        self._room.set()
+
+    async def _unused(self, message: Any) -> None:
+        raise AssertionError(f"written through ASGI: {message!r}")
+
+    def stall(self) -> None:
+        self._room = anyio.Event()
+
+    def drain(self) -> None:
+        self._room.set()
+
+    def write_now(self, text: str, wire: bytes | None = None) -> Any:
+        if self._room.is_set():
+            self.taken.append(text)
+            return None
+        return self._write_later(text)
+
+    async def _write_later(self, text: str) -> None:
+        await self._room.wait()
+        self.taken.append(text)
+
+    async def close(self, code: int, reason: str) -> None:
+        if not self.takes_close:
+            await anyio.sleep_forever()
+        self.closed_with = (code, reason)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+# --------------------------------------------------------------------------
+# redis-server, and gateways that use it
+# --------------------------------------------------------------------------
+
+
+REDIS_SERVER = os.environ.get("WS_MICRO_REDIS_SERVER") or shutil.which("redis-server") or "/usr/bin/redis-server"
+FAST_HEARTBEAT = ("--heartbeat-interval", "0.2", "--instance-ttl", "1.0")
+
+
+class RedisServer:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start an empty, unpersisted redis-server and wait until it answers PING."""
+        require_marks("starts redis-server", "process", "redis")
+        assert Path(REDIS_SERVER).is_file(), f"the cluster tests need {REDIS_SERVER}: apt-get install redis-server"
+        self.process = subprocess.Popen([REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+                                         "--save", "", "--appendonly", "no"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            assert self.process.poll() is None, "redis-server exited"
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 1) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16) == b"+PONG\r\n":
+                    return
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(TIMEOUT)
+
+    def command(self, *args: str) -> Any:
+        import redis
+
+        with redis.Redis(port=self.port, decode_responses=True) as client:
+            return client.execute_command(*args)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer(free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def cluster(redis_server: RedisServer, size: int, *args: str) -> Iterator[list[Server]]:
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(run_server("--log-level", "warning", "--redis-url", redis_server.url,
+                                              *FAST_HEARTBEAT, *args)) for _ in range(size)]
+
+
+# --------------------------------------------------------------------------
+# Tokens, and backends the gateway calls
+# --------------------------------------------------------------------------
+
+
+JWT_SECRET = "test-secret-that-is-long-enough-for-hs256!"
+BACKEND_SECRET = "backend-secret-for-signing-hook-requests"
+
+
+def mint(claims: dict[str, Any] | None = None, key: Any = JWT_SECRET, algorithm: str = "HS256",
+         lifetime: float = 60, **headers: Any) -> str:
+    """A token as a backend mints one: ``sub`` alice, expiring in ``lifetime`` seconds, unless ``claims`` say
+    (a claim set to None is left out)."""
+    import jwt
+
+    payload = {"sub": "alice", "exp": int(time.time() + lifetime), **(claims or {})}
+    return jwt.encode({name: value for name, value in payload.items() if value is not None}, key,
+                      algorithm=algorithm, headers=headers or None)
+
+
+def verify_signature_from_the_docs() -> Callable[[bytes, str, bytes], bool]:
+    """The backend's signature check, exactly as docs/auth.md shows it."""
+    page = (ROOT / "docs" / "auth.md").read_text()
+    code = re.search(r"```python\n(import hashlib.*?)```", page, re.DOTALL)
+    assert code is not None, "docs/auth.md lost its verify_signature example"
+    namespace: dict[str, Any] = {}
+    exec(code[1], namespace)
+    return namespace["verify_signature"]  # type: ignore[no-any-return]
+
+
+class BackendServer:
+    """A real backend (Starlette on uvicorn, in a thread, on a free port) that checks the signature of
+    each of the gateway's requests with the docs' function; a bad one gets 400."""
+
+    def __init__(self, path: str, answer: Callable[[dict[str, Any]], Awaitable[Any]]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}{path}"
+        verify = verify_signature_from_the_docs()
+
+        async def endpoint(request: Request) -> Any:
+            body = await request.body()
+            if not verify(BACKEND_SECRET.encode(), request.headers.get("x-ws-micro-signature", ""), body):
+                return JSONResponse({"error": "bad signature"}, 400)
+            return await answer(json.loads(body))
+
+        import uvicorn
+
+        config = uvicorn.Config(Starlette(routes=[Route(path, endpoint, methods=["POST"])]), host="127.0.0.1",
+                                port=self.port, log_level="warning", lifespan="off", timeout_graceful_shutdown=3)
+        self.server = uvicorn.Server(config)
+
+    def __enter__(self) -> Self:
+        require_marks(f"starts a backend server in a thread ({type(self).__name__})", "process")
+        self.thread = threading.Thread(target=self.server.run)
+        self.thread.start()
+        deadline = time.monotonic() + TIMEOUT
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the backend did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(TIMEOUT)
+
+
+class HookBackend(BackendServer):
+    """The connect hook: it keeps each request, and answers as the handshake's ``mode`` query parameter
+    asks: grant, 401, 403, slowly, 500, garbage or a grant out of bounds."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        super().__init__("/hook", self.answer)
+
+    async def answer(self, asked: dict[str, Any]) -> Any:
+        self.requests.append(asked)
+        mode = asked["query"].get("mode", "grant")
+        if mode == "slow":  # longer than the gateway's connect_hook_timeout
+            await anyio.sleep(1)
+        if mode in ("401", "403", "500"):
+            return JSONResponse({"error": mode}, int(mode))
+        if mode == "garbage":
+            return PlainTextResponse("<html>oops</html>")
+        if mode == "unbounded":
+            return JSONResponse({"user": "alice", "meta": {"blob": "x" * 5000}})
+        if mode == "empty":
+            return Response(status_code=204)
+        user = asked["headers"].get("cookie", "session=nobody").partition("=")[2]
+        return JSONResponse({"user": user, "rooms": ["team:42"], "publish": ["team:*"], "meta": {"plan": "pro"}})
+
+
+class EventBackend(BackendServer):
+    """Takes forwarded events and notices at ``/events``, keeping each body in arrival order.
+
+    An event is answered as its ``data.mode`` says: ``reply`` (two frames, numbered), ``none`` (204),
+    ``500``, ``garbage``, ``slow`` (after 1 s). The first ``failing`` notices get 500.
+    """
+
+    def __init__(self, failing: int = 0, notice_delay: float = 0) -> None:
+        self.received: list[dict[str, Any]] = []
+        self.failing = failing
+        self.notice_delay = notice_delay  # seconds each notice takes to be answered (under forward_timeout)
+        self.notices_at_once = self.most_notices_at_once = 0
+        super().__init__("/events", self.answer)
+
+    async def answer(self, body: dict[str, Any]) -> Any:
+        if body["type"] != "event" and self.failing > 0:
+            self.failing -= 1
+            return JSONResponse({"error": "not now"}, 500)
+        if body["type"] != "event" and self.notice_delay:
+            self.notices_at_once += 1
+            self.most_notices_at_once = max(self.most_notices_at_once, self.notices_at_once)
+            await anyio.sleep(self.notice_delay)
+            self.notices_at_once -= 1
+        self.received.append(body)
+        mode = body.get("data", {}).get("mode", "reply")
+        if body["type"] != "event" or mode == "none":
+            return Response(status_code=204)
+        if mode == "slow":
+            await anyio.sleep(1)
+        if mode == "500":
+            return JSONResponse({"error": "boom"}, 500)
+        if mode == "garbage":
+            return PlainTextResponse("<html>oops</html>")
+        n = body["data"].get("n", 0)
+        return JSONResponse({"events": [{"event": "ack", "data": {"n": n, "part": 1}},
+                                        {"event": "ack", "data": {"n": n, "part": 2}}]})
+
+    def notices(self, client_id: str) -> list[tuple[str, str | None]]:
+        return [(body["type"], body.get("reason")) for body in self.received
+                if body["client_id"] == client_id and body["type"] != "event"]
+
+
+def forward_options(url: str, *more: str) -> tuple[str, ...]:
+    return ("--forward-url", url, "--backend-secret", BACKEND_SECRET, "--forward-timeout", "0.5", *more)
+
+
+async def eventually(predicate: Callable[[], bool], what: str) -> None:
+    """Wait, polling, for state another process (the backend's thread) changes; fail after TIMEOUT."""
+    with anyio.move_on_after(TIMEOUT):
+        while not predicate():  # noqa: ASYNC110 - the state lives in another thread, which has no event for us
+            await anyio.sleep(0.01)
+        return
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# --------------------------------------------------------------------------
+# Connection recovery
+# --------------------------------------------------------------------------
+
+
+def cut(ws: ClientConnection) -> None:
+    """Drop the TCP connection as a network would: a reset, no close frame."""
+    sock = ws.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    ws.transport.abort()
+
+
+async def until_away(server: Server, client_id: str) -> None:
+    await server.wait_until(lambda: "away_since" in server.get(f"/api/clients/{client_id}").json(),
+                            f"{client_id} to be away")
+
+
+def resume_url(server: Server, token: str, offset: int | None = None) -> str:
+    query = f"?resume_token={token}" + ("" if offset is None else f"&resume_offset={offset}")
+    return server.ws + query
+
+
+async def greeted(ws: ClientConnection) -> dict[str, Any]:
+    hello = await recv_json(ws)
+    assert hello["event"] == "connect", hello
+    return dict(hello)
+
+
+async def new_session(url: str, **options: Any) -> tuple[ClientConnection, str, str]:
+    """A connection, its client id and its resume token."""
+    ws = await connect(url, **options)
+    hello = await greeted(ws)
+    return ws, hello["client_id"], hello["data"]["data"]["resume_token"]
+
+
+async def drop(ws: ClientConnection, server: Server, client_id: str) -> None:
+    """Cut the connection, and wait until the server sees its session waiting."""
+    cut(ws)
+    await until_away(server, client_id)
+
+
+def push(server: Server, path: str, event: str, n: int) -> None:
+    assert server.post(path, {"event": event, "data": {"data": {"n": n}}}).json() == {"delivered": 1}, path
+
+
+async def nothing_more(ws: ClientConnection, client_id: str) -> None:
+    """The frames received so far were all there was: a ping's pong comes next."""
+    await ws.send(json.dumps(frame("ping", client_id, {"last": True})))
+    assert await recv_json(ws) == frame("pong", client_id, {"last": True})

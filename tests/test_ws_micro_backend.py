@@ -1,0 +1,323 @@
+"""Tests of forwarding client events, connects and disconnects to the backend (docs/backend.md).
+
+Each test starts a real gateway process and a real backend (Starlette on
+uvicorn, in a thread, checking every request's signature with the docs'
+function), and talks to the gateway with real `websockets` clients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import httpx2 as httpx
+import pytest
+from conftest import (
+    BACKEND_SECRET,
+    JSON,
+    JWT_SECRET,
+    ROOT,
+    TIMEOUT,
+    EventBackend,
+    client_frame,
+    closed_with,
+    eventually,
+    forward_options,
+    frame,
+    free_port,
+    join,
+    mint,
+    raw_websocket,
+    recv_json,
+    rss_mib,
+    run_server,
+    text,
+    ws_client,
+)
+
+pytestmark = [pytest.mark.anyio, pytest.mark.process]
+
+
+@contextlib.contextmanager
+def printing(lines: list[str], *command: str, env: dict[str, str]) -> Iterator[None]:
+    """Run ``command`` while the block runs; then kill it, and put what it printed in ``lines``."""
+    process = subprocess.Popen(command, text=True, stdout=subprocess.PIPE, env={**os.environ, **env})
+    try:
+        yield
+    finally:
+        process.kill()
+        lines += process.communicate()[0].splitlines()
+
+
+async def test_e2e_events_reach_the_backend_and_its_answers_reach_the_sender(tmp_path: Path) -> None:
+    log = tmp_path / "gateway.log"
+    with EventBackend() as backend, run_server(*forward_options(backend.url), log=log) as server:
+        async with ws_client(server.ws) as (ws, me):
+            await join(ws, me, "lobby")
+            await ws.send(text("chat", me, {"text": "hi", "n": 1}))
+            assert await recv_json(ws) == frame("ack", me, {"n": 1, "part": 1})
+            assert await recv_json(ws) == frame("ack", me, {"n": 1, "part": 2})
+            assert [body["type"] for body in backend.received] == ["connect", "event"]  # the connect first
+            forwarded = backend.received[-1]
+            assert forwarded == {"type": "event", "client_id": me, "user": None, "meta": None, "event": "chat",
+                                 "data": {"text": "hi", "n": 1}, "rooms": ["lobby"]}
+            # No answer to send back: nothing comes, and the next frame's reply is the next thing.
+            await ws.send(text("typing", me, {"mode": "none"}))
+            await ws.send(text("ping", me))
+            assert (await recv_json(ws))["event"] == "pong"
+            # What the sender sees when the backend fails, and the connection stays open.
+            for mode, code, message in (
+                    ("500", "backend_error", "the backend answered HTTP 500"),
+                    ("garbage", "backend_error", 'the backend\'s answer is not {"events": [...]}: JSON is malformed'),
+                    ("slow", "backend_unavailable", "the backend did not answer within 0.5 seconds")):
+                await ws.send(text("chat", me, {"mode": mode}))
+                reply = (await recv_json(ws))["data"]["data"]
+                assert (reply["code"], reply["event"]) == (code, "chat")
+                assert reply["message"].startswith(message), reply
+                assert reply.get("status") == (None if mode == "slow" else 500 if mode == "500" else 200)
+            await ws.send(text("ping", me))
+            assert (await recv_json(ws))["event"] == "pong"
+        for outcome, count in (("ok", 2), ("backend_error", 2), ("timeout", 1), ("unreachable", 0), ("busy", 0)):
+            assert server.metric("ws_micro_forwarded_total", outcome=outcome) == count, outcome
+        assert server.metric("ws_micro_forward_seconds_count") == 5
+        assert server.metric("ws_micro_forward_seconds_bucket", le="+Inf") == 5
+        assert server.metric("ws_micro_forward_seconds_bucket", le="0.25") == 4  # all but the slow one
+    assert not any("Traceback" in line for line in log.read_text().splitlines())
+
+
+async def test_e2e_only_the_listed_events_are_forwarded_and_handlers_and_builtins_come_first() -> None:
+    with EventBackend() as backend, run_server(*forward_options(backend.url, "--forward-events", "chat,game:*"),
+                                               "--log-level", "warning") as server:
+        async with ws_client(server.ws) as (ws, me):
+            for name in ("game:move", "chat"):
+                await ws.send(text(name, me, {"mode": "none"}))
+            await ws.send(text("other", me))
+            assert (await recv_json(ws))["data"]["data"]["code"] == "unknown_event"
+            await ws.send(text("echo", me, {"n": 1}))
+            assert (await recv_json(ws))["event"] == "echo"
+    assert [body["event"] for body in backend.received if body["type"] == "event"] == ["game:move", "chat"]
+
+
+async def test_e2e_a_backend_that_is_down_gets_backend_unavailable_and_the_connection_stays() -> None:
+    with run_server(*forward_options(f"http://127.0.0.1:{free_port()}/events"), "--log-level", "warning") as server:
+        async with ws_client(server.ws) as (ws, me):
+            await ws.send(text("chat", me))
+            reply = (await recv_json(ws))["data"]["data"]
+            assert (reply["code"], reply["event"]) == ("backend_unavailable", "chat")
+            assert reply["message"].startswith("the backend cannot be reached")
+            await ws.send(text("ping", me))
+            assert (await recv_json(ws))["event"] == "pong"
+        assert server.metric("ws_micro_forwarded_total", outcome="unreachable") == 1
+
+
+async def test_e2e_each_connections_events_reach_the_backend_in_order_under_load() -> None:
+    clients, events = 20, 50
+    with EventBackend() as backend, run_server(*forward_options(backend.url), "--log-level", "warning") as server:
+
+        async def talk() -> None:
+            async with ws_client(server.ws) as (ws, me):
+                for n in range(events):  # all at once: the gateway reads the next when the backend answered
+                    await ws.send(text("move", me, {"n": n}))
+                replies = [(await recv_json(ws))["data"]["data"] for _ in range(2 * events)]
+                assert replies == [{"n": n, "part": part} for n in range(events) for part in (1, 2)]
+
+        async with anyio.create_task_group() as tasks:
+            for _ in range(clients):
+                tasks.start_soon(talk)
+    by_client: dict[str, list[int]] = {}
+    for body in backend.received:
+        if body["type"] == "event":
+            by_client.setdefault(body["client_id"], []).append(body["data"]["n"])
+    assert len(by_client) == clients
+    assert all(sequence == list(range(events)) for sequence in by_client.values())
+
+
+async def test_e2e_a_client_flooding_a_slow_backend_is_paused_and_the_gateway_stays_small() -> None:
+    # One event in flight per connection: its next frames wait, unread, in the kernel's buffers and
+    # then the client's, which stops sending. The gateway holds one frame per connection at most.
+    with EventBackend() as backend, run_server(*forward_options(backend.url, "--forward-timeout", "5"),
+                                               "--log-level", "warning") as server:
+        async with ws_client(server.ws):
+            pass
+        before = rss_mib(server.process)
+        sock, me = raw_websocket(server)
+        sock.setblocking(False)
+        flood = client_frame(0x1, text("chat", me, {"mode": "slow", "pad": "x" * 8000}).encode())
+        sent = 0
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(20_000):  # 160 MB, were it all taken
+                sent += sock.send(flood)
+        assert sent < 20 * 1024 * 1024, "the gateway kept reading while its backend was slow"
+        await eventually(lambda: len([b for b in backend.received if b["type"] == "event"]) >= 2,
+                    "two slow events to reach the backend")
+        assert server.metric("ws_micro_forwarded_total", outcome="busy") == 0
+        assert rss_mib(server.process) - before < 20
+        assert server.get("/healthz").json()["connections"] == 1
+        sock.close()
+
+
+async def test_e2e_past_forward_max_pending_events_are_refused_at_once() -> None:
+    with EventBackend() as backend, run_server(*forward_options(backend.url, "--forward-max-pending", "3",
+                                                                "--forward-timeout", "5"),
+                                               "--log-level", "warning") as server:
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(ws_client(server.ws)) for _ in range(8)]
+            for ws, me in clients[:3]:
+                await ws.send(text("chat", me, {"mode": "slow"}))
+            await eventually(lambda: len([b for b in backend.received if b["type"] == "event"]) == 3,
+                        "three slow events to wait at the backend")
+            for ws, me in clients[3:]:
+                await ws.send(text("chat", me))
+                reply = (await recv_json(ws))["data"]["data"]
+                assert (reply["code"], reply["message"]) == (
+                    "backend_unavailable", "3 events are waiting for the backend; try again later")
+            for ws, _ in clients[:3]:
+                assert (await recv_json(ws))["event"] == "ack"
+        assert server.metric("ws_micro_forwarded_total", outcome="busy") == 5
+
+
+async def test_e2e_the_backend_hears_of_each_connect_and_disconnect_once_however_it_ends() -> None:
+    limits = ("--rate-limit", "5", "--rate-burst", "2", "--max-message-size", "70000", "--max-queue-bytes", "65536",
+              "--send-timeout", "1", "--jwt-secret", JWT_SECRET, "--log-level", "warning")
+    with EventBackend(failing=2) as backend, run_server(*forward_options(backend.url), *limits) as server:
+        ends: dict[str, str] = {}
+        bearer = {"Authorization": f"Bearer {mint()}"}
+
+        async with ws_client(server.ws, additional_headers=bearer) as (ws, me):  # a normal close
+            ends[me] = "closed"
+            await ws.send(text("chat", me, {"mode": "none"}))
+            await ws.send(text("ping", me))
+            assert (await recv_json(ws))["event"] == "pong"
+        async with ws_client(server.ws, additional_headers=bearer) as (ws, me):  # kicked by the API
+            ends[me] = "kicked"
+            assert httpx.delete(f"{server.http}/api/clients/{me}", timeout=TIMEOUT).status_code == 202
+            await closed_with(ws)
+        async with ws_client(server.ws, additional_headers=bearer) as (ws, me):  # over the rate limit
+            ends[me] = "rate_limited"
+            for _ in range(10):
+                await ws.send(text("ping", me))
+            assert (await closed_with(ws))[0] == 1008
+        async with ws_client(server.ws, additional_headers=bearer) as (ws, me):  # a frame too big
+            ends[me] = "message_too_big"
+            await ws.send(text("chat", me, {"pad": "x" * 80_000}))
+            assert (await closed_with(ws))[0] == 1009
+        sock, me = raw_websocket(server, query=f"?token={mint()}")  # gone without a close frame
+        ends[me] = "abnormal"
+        await eventually(lambda: ("connect", None) in backend.notices(me), "the dropped client's connect notice")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        sock, me = raw_websocket(server, query=f"?token={mint()}")  # a reader that stops: cut off as slow
+        ends[me] = "slow_consumer"
+        for _ in range(500):
+            if server.post(f"/api/clients/{me}", {"event": "bulk", "data": {"data": {"pad": "x" * 60_000}}},
+                           headers=JSON).status_code == 404:
+                break
+        else:
+            raise AssertionError("the reader that stopped was never cut off")
+        sock.close()
+        async with ws_client(server.ws, additional_headers=bearer) as (ws, me):  # logged out with its user
+            ends[me] = "kicked#user"
+            assert httpx.delete(f"{server.http}/api/users/alice", timeout=TIMEOUT).json() == {"disconnected": 1}
+            await closed_with(ws)
+        await eventually(lambda: all(len(backend.notices(client_id)) == 2 for client_id in ends), "the notices so far")
+        assert server.metric("ws_micro_notices_total", outcome="retried") == 2  # the first, failed twice
+        assert server.metric("ws_micro_notices_total", outcome="sent") == 2 * len(ends)
+        async with ws_client(server.ws, additional_headers=bearer) as (ws, me):  # the server stops
+            ends[me] = "shutdown"
+            server.process.send_signal(signal.SIGTERM)
+            assert (await closed_with(ws))[0] == 1012
+        assert server.process.wait(TIMEOUT) == 0
+    for client_id, end in ends.items():
+        assert backend.notices(client_id) == [("connect", None), ("disconnect", end.partition("#")[0])], end
+    events = [body for body in backend.received if body["type"] == "event"]
+    first = next(iter(ends))
+    # Its connect notice was retried (the backend failed it twice), so its event went ahead of it after
+    # forward_timeout; its disconnect waited for it.
+    assert [body["type"] for body in backend.received if body["client_id"] == first] == [
+        "event", "connect", "disconnect"]
+
+    assert events[0]["user"] == "alice"
+    connect = next(body for body in backend.received if body["type"] == "connect")
+    assert connect == {"type": "connect", "id": f"{connect['client_id']}:connect", "client_id": connect["client_id"],
+                       "user": "alice", "meta": None, "rooms": [], "remote": connect["remote"]}
+
+
+async def test_e2e_notices_can_go_elsewhere_or_nowhere_and_are_dropped_counted_when_never_taken() -> None:
+    with EventBackend() as events, EventBackend() as lifecycle:
+        with run_server(*forward_options(events.url, "--lifecycle-url", lifecycle.url), "--log-level", "warning") \
+                as server:
+            async with ws_client(server.ws) as (ws, me):
+                await ws.send(text("chat", me, {"mode": "none"}))
+                await ws.send(text("ping", me))
+                await recv_json(ws)
+            await eventually(lambda: len(lifecycle.notices(me)) == 2, "the notices at the lifecycle URL")
+        assert [body["type"] for body in events.received] == ["event"]
+        with run_server(*forward_options(events.url, "--lifecycle-url", ""), "--log-level", "warning") as server:
+            async with ws_client(server.ws) as (ws, me):
+                await ws.send(text("chat", me, {"mode": "none"}))
+                await ws.send(text("ping", me))
+                await recv_json(ws)
+            assert server.metric("ws_micro_notices_total", outcome="sent") == 0
+        assert events.notices(me) == []
+        # Without forward_url, a lifecycle URL alone: notices, and events are not taken.
+        with run_server("--lifecycle-url", lifecycle.url, "--backend-secret", BACKEND_SECRET, "--log-level",
+                        "warning") as server:
+            async with ws_client(server.ws) as (ws, me):
+                await ws.send(text("chat", me))
+                assert (await recv_json(ws))["data"]["data"]["code"] == "unknown_event"
+            await eventually(lambda: len(lifecycle.notices(me)) == 2, "the notices without forwarding")
+    down = f"http://127.0.0.1:{free_port()}/events"
+    with run_server(*forward_options(down, "--lifecycle-retries", "1"), "--log-level", "warning") as server:
+        async with ws_client(server.ws) as (ws, me):
+            pass
+        await server.wait_until(lambda: server.metric("ws_micro_notices_total", outcome="dropped") == 2,
+                                "both notices to be given up on")
+        assert server.metric("ws_micro_notices_total", outcome="retried") == 2
+
+
+async def test_e2e_the_docs_backend_answers_chat_through_the_sidecar_api_and_logs_disconnects(
+        tmp_path: Path) -> None:
+    page = (ROOT / "docs" / "backend.md").read_text()
+    code = re.search(r"## A complete backend.*?```python\n(.*?)```", page, re.DOTALL)
+    assert code is not None, "docs/backend.md lost its complete backend"
+    (tmp_path / "backend.py").write_text(code[1])
+    port, gateway_port = free_port(), free_port()
+    printed: list[str] = []
+    with printing(printed, sys.executable, str(tmp_path / "backend.py"), env={
+            "WS_MICRO_BACKEND_SECRET": BACKEND_SECRET, "PORT": str(port),
+            "GATEWAY": f"http://localhost:{gateway_port}"}), \
+            run_server(*forward_options(f"http://127.0.0.1:{port}/"), "--forward-timeout", "5",
+                       "--log-level", "warning", port=gateway_port) as server:
+        async with ws_client(server.ws) as (a, id_a), ws_client(server.ws) as (b, id_b):
+            await join(b, id_b, "lobby")
+            await a.send(text("chat", id_a, {"room": "lobby", "text": "hi"}))
+            assert await recv_json(a) == frame("sent", id_a, {"room": "lobby"})
+            assert await recv_json(b) == frame("chat", id_b, {"from": id_a, "text": "hi"})
+    # The gateway has stopped, after sending the notices it had: both clients closed normally.
+    assert sorted(printed) == sorted([f"disconnected: {id_a} closed", f"disconnected: {id_b} closed"])
+
+
+async def test_e2e_notices_are_sent_several_at_once_after_the_senders_were_idle() -> None:
+    with EventBackend(notice_delay=0.2) as backend, run_server(*forward_options(backend.url), "--log-level",
+                                                               "warning") as server:
+        def notified(client_ids: list[str], notices: int) -> bool:
+            return all(len(backend.notices(client_id)) == notices for client_id in client_ids)
+
+        for wave in range(2):
+            backend.most_notices_at_once = 0
+            async with contextlib.AsyncExitStack() as stack:
+                client_ids = [(await stack.enter_async_context(ws_client(server.ws)))[1] for _ in range(8)]
+                await eventually(functools.partial(notified, client_ids, 1), "eight connect notices")
+            await eventually(functools.partial(notified, client_ids, 2), "their disconnect notices")
+            # The second wave finds every sender made by the first one idle: they must all wake.
+            assert backend.most_notices_at_once >= 4, wave

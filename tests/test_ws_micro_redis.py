@@ -1,0 +1,813 @@
+"""Tests of cluster mode: a real redis-server and several real gateway processes.
+
+Every ``test_cluster_*`` is here, whatever feature it is about: clients on
+different instances behave as if on one server, through Redis going away,
+hanging and coming back empty.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2 as httpx
+import msgspec
+import pytest
+from conftest import (
+    JWT_SECRET,
+    ROOT,
+    TIMEOUT,
+    EventBackend,
+    RedisServer,
+    Server,
+    closed_with,
+    cluster,
+    cut,
+    drop,
+    error,
+    eventually,
+    forward_options,
+    frame,
+    greeted,
+    join,
+    mint,
+    new_session,
+    nothing_more,
+    push,
+    recv_json,
+    recv_text,
+    resume_url,
+    run_server,
+    text,
+    until_away,
+    without_message,
+    ws_client,
+)
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
+from starlette.routing import Mount
+from starlette.testclient import TestClient
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+import ws_micro
+import ws_micro_redis
+from ws_micro import create_app
+
+pytestmark = pytest.mark.anyio
+
+
+# --------------------------------------------------------------------------
+# Cluster mode: real redis-server, several real uvicorn instances
+# --------------------------------------------------------------------------
+
+
+def instance_of(server: Server) -> str:
+    return str(server.get("/healthz").json()["instance"])
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_two_instances_behave_as_one_server(redis_server: RedisServer) -> None:
+    with cluster(redis_server, 2) as (x, y):
+        async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b):
+            # `to` reaches a client on the other instance, byte for byte, both ways.
+            sent = text("chat", id_a, {"text": "hi B"}, to=id_b)
+            await a.send(sent)
+            assert await recv_text(b) == sent
+            await b.send(text("chat", id_b, {"text": "hi A"}, to=id_a))
+            assert json.loads(await recv_text(a))["data"]["data"] == {"text": "hi A"}
+
+            # Rooms span instances: counts are cluster-wide, a member's frame reaches the others.
+            assert await join(a, id_a, "lobby") == 1
+            assert await join(b, id_b, "lobby") == 2
+            sent = text("chat", id_b, {"text": "hi room"}, room="lobby")
+            await b.send(sent)
+            assert await recv_text(a) == sent
+
+            # The API works on whichever instance the backend calls.
+            assert y.post(f"/api/clients/{id_a}", {"event": "notice", "data": {"data": {"n": 1}}}).json() == {
+                "delivered": 1}
+            assert await recv_json(a) == {"event": "notice", "client_id": id_a, "data": {"data": {"n": 1}}}
+            listed = x.get("/api/clients").json()
+            assert listed["count"] == 2
+            assert {c["client_id"]: c["instance"] for c in listed["clients"]} == {
+                id_a: instance_of(x), id_b: instance_of(y)}
+            entry = x.get(f"/api/clients/{id_b}").json()
+            assert entry["instance"] == instance_of(y) and entry["rooms"] == ["lobby"]
+            assert y.post("/api/rooms/lobby", {"event": "news", "data": {"data": {}}}).json() == {"delivered": 2}
+            assert x.post("/api/broadcast", {"event": "all", "data": {"data": {}}}).json() == {"delivered": 2}
+            for ws, own in ((a, id_a), (b, id_b)):
+                assert await recv_json(ws) == {"event": "news", "client_id": own, "data": {"data": {}}}
+                assert await recv_json(ws) == {"event": "all", "client_id": own, "data": {"data": {}}}
+
+            # Ids that exist nowhere are still unknown.
+            assert x.post("/api/clients/nobody", {"event": "x", "data": {"data": {}}}).status_code == 404
+            assert x.get("/api/clients/nobody").status_code == 404
+            await a.send(text("chat", id_a, to="nobody"))
+            assert (await recv_json(a))["data"]["data"]["code"] == "unknown_client"
+
+            # DELETE on the other instance closes the client, and it leaves the directory and its room.
+            assert httpx.delete(f"{y.http}/api/clients/{id_a}", timeout=TIMEOUT).json() == {"disconnected": 1}
+            with pytest.raises(ConnectionClosed):
+                await recv_json(a)
+            assert a.close_code == 1000 and a.close_reason == "disconnected by the server"
+            await y.wait_until(lambda: y.get("/api/clients").json()["count"] == 1, "A to leave the directory")
+            await b.send(text("chat", id_b, to=id_a))
+            assert (await recv_json(b))["data"]["data"]["code"] == "unknown_client"
+            await b.send(text("leave", id_b, {"room": "lobby"}))
+            assert (await recv_json(b))["data"]["data"] == {"room": "lobby", "members": 0}
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_three_instances_share_rooms_and_broadcasts(redis_server: RedisServer) -> None:
+    with cluster(redis_server, 3) as servers:
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(ws_client(s.ws)) for s in servers]
+            for count, (ws, own) in enumerate(clients, start=1):
+                assert await join(ws, own, "r") == count
+            (a, id_a), (b, _), (c, id_c) = clients
+            sent = text("chat", id_c, {"from": "C"}, room="r")
+            await c.send(sent)
+            assert [await recv_text(a), await recv_text(b)] == [sent, sent]
+            await a.send(text("chat", id_a, {"from": "A"}, to=id_c))
+            assert (await recv_json(c))["data"]["data"] == {"from": "A"}
+            assert servers[1].post("/api/broadcast", {"event": "all", "data": {"data": {}}}).json() == {
+                "delivered": 3}
+            for ws, own in clients:
+                assert await recv_json(ws) == {"event": "all", "client_id": own, "data": {"data": {}}}
+            assert servers[0].get("/api/clients").json()["count"] == 3
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_two_workers_on_one_port(redis_server: RedisServer) -> None:
+    env = {"WS_MICRO_REDIS_URL": redis_server.url, "WS_MICRO_HEARTBEAT_INTERVAL": "0.2",
+           "WS_MICRO_INSTANCE_TTL": "1.0"}
+    with run_server("--workers", "2", "--log-level", "warning", env=env, uvicorn_app=True) as server:
+        # Until a worker has joined the cluster its clients are in no directory: wait for both to say "ok".
+        joined: set[str] = set()
+
+        def both_joined() -> bool:
+            health = server.get("/healthz").json()
+            if health["status"] == "ok":
+                joined.add(health["instance"])
+            return len(joined) == 2
+
+        await server.wait_until(both_joined, "both workers to join the cluster")
+        async with contextlib.AsyncExitStack() as stack:
+            # The kernel spreads connections over the workers; connect until both hold some.
+            clients: dict[str, tuple[ClientConnection, str]] = {}
+            for _ in range(60):
+                ws, own = await stack.enter_async_context(ws_client(server.ws))
+                where = (await anyio.to_thread.run_sync(server.get, f"/api/clients/{own}")).json()
+                clients.setdefault(where["instance"], (ws, own))
+                if len(clients) == 2:
+                    break
+            assert len(clients) == 2, "every connection landed on one worker"
+            (a, id_a), (b, id_b) = clients.values()
+            sent = text("chat", id_a, {"text": "across workers"}, to=id_b)
+            await a.send(sent)
+            assert await recv_text(b) == sent
+            total = server.get("/api/clients").json()["count"]
+            assert server.post("/api/broadcast", {"event": "all", "data": {"data": {}}}).json() == {
+                "delivered": total}
+            assert (await recv_json(a))["event"] == (await recv_json(b))["event"] == "all"
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_instance_killed_with_sigkill_drops_out(redis_server: RedisServer) -> None:
+    ttl = 3.0
+    with cluster(redis_server, 1, "--heartbeat-interval", "0.2", "--instance-ttl", str(ttl)) as (x,), \
+            run_server("--log-level", "warning", "--redis-url", redis_server.url,
+                       "--heartbeat-interval", "0.2", "--instance-ttl", str(ttl)) as doomed:
+        async with ws_client(x.ws) as (a, id_a), ws_client(doomed.ws) as (c, id_c):
+            await join(a, id_a, "r")
+            assert await join(c, id_c, "r") == 2
+            doomed.process.kill()
+            killed_at = time.monotonic()
+            doomed.process.wait(TIMEOUT)
+            # Until its deadline passes the directory still names it: a frame for it is published to
+            # nobody, so its sender is told it may not have arrived (C may only be reconnecting), and
+            # it is counted as dropped (pub/sub is at most once).  So is a room frame.
+            await a.send(text("chat", id_a, to=id_c))
+            assert without_message(await recv_json(a)) == error(id_a, "backend_unavailable", "chat")
+            await a.send(text("news", id_a, room="r"))
+            assert without_message(await recv_json(a)) == error(id_a, "backend_unavailable", "news")
+            assert x.metric("ws_micro_cluster_dropped_total", reason="no_subscriber") == 2
+            await x.wait_until(lambda: x.get("/api/clients").json()["count"] == 1, "the killed instance to drop out")
+            # Once it has dropped out, its client is gone.
+            await a.send(text("chat", id_a, to=id_c))
+            assert without_message(await recv_json(a)) == error(id_a, "unknown_client", "chat")
+            assert time.monotonic() - killed_at < ttl + 1.0
+            # No ghost clients or room members are left behind.
+            assert x.get(f"/api/clients/{id_c}").status_code == 404
+            await a.send(text("leave", id_a, {"room": "r"}))
+            assert (await recv_json(a))["data"]["data"] == {"room": "r", "members": 0}
+            # Its keys go at the next heartbeat of a live instance.
+            await x.wait_until(lambda: redis_server.command("HKEYS", "ws_micro:directory") == [id_a],
+                               "the killed instance's directory entries to be reaped")
+            assert redis_server.command("ZRANGE", "ws_micro:instances", "0", "-1") == [instance_of(x)]
+            assert redis_server.command("EXISTS", "ws_micro:room:r") == 0  # A left, C was reaped
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_survives_redis_going_away_and_coming_back(redis_server: RedisServer) -> None:
+    with cluster(redis_server, 2) as (x, y):
+        async with ws_client(x.ws) as (a, id_a), ws_client(x.ws) as (a2, id_a2), ws_client(y.ws) as (b, id_b):
+            await join(a, id_a, "r")
+            await join(b, id_b, "r")
+            redis_server.stop()
+            await x.wait_until(lambda: x.get("/healthz").json()["status"] == "degraded", "X to notice")
+            assert x.get("/healthz").json()["redis"] == "unavailable"
+            assert x.metric("ws_micro_cluster_up") == 0
+
+            # Local delivery keeps working.
+            sent = text("chat", id_a, {"local": True}, to=id_a2)
+            await a.send(sent)
+            assert await recv_text(a2) == sent
+            # Cross-instance sends fail with a clear error, event or HTTP 503.
+            await a.send(text("chat", id_a, to=id_b))
+            error = (await recv_json(a))["data"]["data"]
+            assert error["code"] == "backend_unavailable" and "Redis is unavailable" in error["message"]
+            await a.send(text("chat", id_a, {"n": 1}, room="r"))
+            assert (await recv_json(a))["data"]["data"]["code"] == "backend_unavailable"
+            for response in (x.post(f"/api/clients/{id_b}", {"event": "x", "data": {"data": {}}}),
+                             x.post("/api/broadcast", {"event": "x", "data": {"data": {}}}),
+                             x.get("/api/clients")):
+                assert response.status_code == 503
+                assert response.json()["error"]["code"] == "backend_unavailable"
+            assert x.metric("ws_micro_cluster_dropped_total", reason="backend_unavailable") >= 3
+
+            # Redis comes back empty: both instances reconnect and write their clients and rooms again.
+            redis_server.start()
+            for server in (x, y):
+                await server.wait_until(lambda s=server: s.get("/healthz").json()["status"] == "ok",
+                                        "the instance to reconnect")
+            await y.wait_until(lambda: y.get("/api/clients").json()["count"] == 3, "every client re-registered")
+            sent = text("chat", id_b, {"again": True}, to=id_a)
+            await b.send(sent)
+            assert await recv_text(a) == sent
+            assert x.post("/api/rooms/r", {"event": "news", "data": {"data": {}}}).json() == {"delivered": 2}
+            assert (await recv_json(a))["event"] == (await recv_json(b))["event"] == "news"
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_notices_a_redis_that_hangs_and_recovers(redis_server: RedisServer) -> None:
+    assert redis_server.process is not None
+    with cluster(redis_server, 2, "--redis-timeout", "0.5") as (x, y):
+        async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b):
+            redis_server.process.send_signal(signal.SIGSTOP)  # no reset, no answer: only timeouts tell
+            try:
+                await x.wait_until(lambda: x.get("/healthz").json()["status"] == "degraded", "X to time out")
+                await a.send(text("chat", id_a, to=id_b))
+                assert (await recv_json(a))["data"]["data"]["code"] == "backend_unavailable"
+            finally:
+                redis_server.process.send_signal(signal.SIGCONT)
+            # Each instance reconnects on its own time; until Y has, its clients are in no directory.
+            for server, name in ((x, "X"), (y, "Y")):
+                await server.wait_until(lambda s=server: s.get("/healthz").json()["status"] == "ok",
+                                        f"{name} to recover")
+            sent = text("chat", id_a, {"n": 2}, to=id_b)
+            await a.send(sent)
+            assert await recv_text(b) == sent
+
+
+@pytest.mark.process
+@pytest.mark.redis
+def test_cluster_mode_embedded_runs_through_the_host_apps_lifespan(redis_server: RedisServer) -> None:
+    gateway = create_app(redis_url=redis_server.url, heartbeat_interval=0.2, instance_ttl=1.0, api_token="t")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with gateway.router.lifespan_context(gateway):  # a Mount does not run it
+            yield
+
+    host = Starlette(routes=[Mount("/gateway", app=gateway)], lifespan=lifespan)
+    with TestClient(host, headers={"Authorization": "Bearer t"}) as client:
+        deadline = time.monotonic() + TIMEOUT
+        while (health := client.get("/gateway/healthz").json())["redis"] != "ok":
+            assert time.monotonic() < deadline, health
+            time.sleep(0.02)
+        with client.websocket_connect("/gateway/ws/py_client") as ws:
+            own = ws.receive_json()["client_id"]
+            listed = client.get("/gateway/api/clients").json()
+            assert listed["clients"] == [{**client.get(f"/gateway/api/clients/{own}").json(),
+                                          "instance": health["instance"]}]
+    # Shutting down took the instance out of Redis at once.
+    assert redis_server.command("ZCARD", "ws_micro:instances") == 0
+    assert redis_server.command("HLEN", "ws_micro:directory") == 0
+
+
+def dropped(server: Server) -> float:
+    """``ws_micro_cluster_dropped_total``, every reason together."""
+    return sum(sample.value for family in text_string_to_metric_families(server.get("/metrics").text)
+               for sample in family.samples if sample.name == "ws_micro_cluster_dropped_total")
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_frames_for_an_instance_not_back_after_redis_restarts_are_refused_not_lost(
+        redis_server: RedisServer) -> None:
+    # Y is frozen while Redis restarts empty, so X is back first for as long as the test needs; a long
+    # instance_ttl keeps X from giving up on Y meanwhile.
+    with cluster(redis_server, 2, "--instance-ttl", "30") as (x, y):
+        async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b):
+            await join(a, id_a, "r")
+            assert await join(b, id_b, "r") == 2
+            # X remembers Y from its heartbeats: what Redis forgets, X does not.
+            await x.wait_until(lambda: x.get("/healthz").json()["instances"] == 2, "X to see Y")
+            y.process.send_signal(signal.SIGSTOP)
+            try:
+                redis_server.stop()
+                await x.wait_until(lambda: x.get("/healthz").json()["redis"] == "unavailable", "X to notice")
+                redis_server.start()
+                await x.wait_until(lambda: x.get("/healthz").json()["redis"] != "unavailable", "X to reconnect")
+                before = dropped(x)
+                # B is still connected: its frames are refused as undeliverable, never as unknown, never dropped
+                # without a word.  The error echoes each frame's event, so each frame is matched to its answer.
+                events = [f"{kind}{n}" for n in range(5) for kind in ("to", "room")]
+                for event in events:
+                    await a.send(text(event, id_a, to=id_b) if event.startswith("to") else
+                                 text(event, id_a, room="r"))
+                    assert without_message(await recv_json(a)) == error(id_a, "backend_unavailable", event)
+                assert dropped(x) == before + len(events)
+                # The API answers 503 as when Redis is away, and says nothing was delivered elsewhere.
+                for response in (x.post(f"/api/clients/{id_b}", {"event": "x", "data": {"data": {}}}),
+                                 x.post("/api/rooms/r", {"event": "x", "data": {"data": {}}}),
+                                 x.post("/api/broadcast", {"event": "x", "data": {"data": {}}})):
+                    assert response.status_code == 503
+                    assert response.json()["error"]["code"] == "backend_unavailable"
+                assert dropped(x) == before + len(events) + 3
+                health = x.get("/healthz").json()
+                assert (health["status"], health["redis"]) == ("degraded", "resyncing")
+            finally:
+                y.process.send_signal(signal.SIGCONT)
+            await x.wait_until(lambda: x.get("/healthz").json()["status"] == "ok", "X to see Y back")
+            # Nothing refused reached B; what is sent now does, both ways, by id and by room.
+            for sender, own, receiver, routing in ((a, id_a, b, {"to": id_b}), (a, id_a, b, {"room": "r"}),
+                                                   (b, id_b, a, {"to": id_a}), (b, id_b, a, {"room": "r"})):
+                sent = text("after", own, None, **routing)
+                await sender.send(sent)
+                assert await recv_text(receiver) == sent
+            assert x.metric("ws_micro_errors_total", code="unknown_client") == 0
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_a_stream_across_a_redis_restart_is_received_or_refused(redis_server: RedisServer) -> None:
+    with cluster(redis_server, 2, "--instance-ttl", "30") as (x, y):
+        async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b):
+            await join(a, id_a, "r")
+            await join(b, id_b, "r")
+            await x.wait_until(lambda: x.get("/healthz").json()["instances"] == 2, "X to see Y")
+            sent: list[str] = []
+            received: list[str] = []
+            refused: dict[str, str] = {}  # event -> error code
+            streaming = True
+            progress = anyio.Event()
+
+            async def stream() -> None:  # about 100 frames a second, alternately by id and by room
+                n = 0
+                while streaming:
+                    event = f"to{n}" if n % 2 == 0 else f"room{n}"
+                    sent.append(event)
+                    await a.send(text(event, id_a, to=id_b) if n % 2 == 0 else text(event, id_a, room="r"))
+                    n += 1
+                    await anyio.sleep(0.01)  # the pace of the stream, not a wait for anything
+
+            async def read(ws: ClientConnection, note: Callable[[dict[str, Any]], None]) -> None:
+                nonlocal progress
+                async for message in ws:
+                    note(json.loads(message))
+                    progress.set()
+                    progress = anyio.Event()
+
+            async def until(predicate: Callable[[], bool]) -> None:
+                with anyio.fail_after(TIMEOUT):
+                    while not predicate():
+                        await progress.wait()
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(read, a, lambda answer: refused.update(
+                    {answer["data"]["data"]["event"]: answer["data"]["data"]["code"]}))
+                tasks.start_soon(read, b, lambda frame: received.append(frame["event"]))
+                tasks.start_soon(stream)
+                await until(lambda: len(received) >= 20)
+                redis_server.stop()
+                for server in (x, y):
+                    await server.wait_until(lambda s=server: s.get("/healthz").json()["redis"] == "unavailable",
+                                            "the instance to notice")
+                # Each instance comes back on its own time: hold Y back while X streams to it for a while.
+                y.process.send_signal(signal.SIGSTOP)
+                try:
+                    redis_server.start()
+                    await x.wait_until(lambda: x.get("/healthz").json()["redis"] != "unavailable",
+                                       "X to reconnect")
+                    refused_before = len(refused)
+                    await until(lambda: len(refused) >= refused_before + 20)
+                finally:
+                    y.process.send_signal(signal.SIGCONT)
+                for server in (x, y):
+                    await server.wait_until(lambda s=server: s.get("/healthz").json()["status"] == "ok",
+                                            "the instance to be back")
+                flowing_again = len(received) + 20
+                await until(lambda: len(received) >= flowing_again)
+                streaming = False
+                # Every frame sent is received or refused; the last ones may still be on their way.
+                await until(lambda: not set(sent) - set(received) - refused.keys())
+                tasks.cancel_scope.cancel()
+            assert refused, "the restart refused nothing: it did not happen while frames flowed"
+            assert set(refused.values()) == {"backend_unavailable"}
+            assert len(received) == len(set(received)), "a frame arrived twice"
+            assert received == [event for event in sent if event in set(received)], "frames arrived out of order"
+            assert dropped(x) == len(refused)
+            assert dropped(y) == 0
+
+
+# --------------------------------------------------------------------------
+# Users and presence across instances (docs/auth.md)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_users_and_presence_span_instances(redis_server: RedisServer) -> None:
+    auth = ("--jwt-secret", JWT_SECRET, "--default-join", "*", "--presence-events")
+
+    def signed(server: Server, sub: str) -> Any:
+        return ws_client(server.ws, additional_headers={"Authorization": f"Bearer {mint({'sub': sub})}"})
+
+    async def presence(ws: ClientConnection) -> dict[str, Any]:
+        received = await recv_json(ws)
+        assert received["event"] == "presence", received
+        return dict(received["data"]["data"])
+
+    # Presence from another instance is sent without waiting: alice's join, published by X before bob
+    # joined on Y, may reach Y after bob's join began, and then bob hears of it too (docs/auth.md).
+    stale: dict[str, Any] = {}
+
+    async def hears(ws: ClientConnection, expected: dict[str, Any]) -> None:
+        while (received := await recv_json(ws))["data"]["data"] == stale:
+            pass
+        assert received["event"] == "presence" and received["data"]["data"] == expected, received
+
+    async def joins(ws: ClientConnection, me: str, room: str) -> int:
+        await ws.send(text("join", me, {"room": room}))
+        while (received := await recv_json(ws))["event"] != "joined":
+            assert received["data"]["data"] == stale, received
+        return int(received["data"]["data"]["members"])
+
+    with cluster(redis_server, 2, *auth) as (x, y):
+        async with signed(x, "alice") as (tab1, id1), signed(y, "alice") as (tab2, id2), \
+                signed(y, "bob") as (bob, id_bob):
+            for server in (x, y):
+                listed = server.get("/api/users/alice").json()
+                assert {entry["client_id"]: entry["instance"] for entry in listed["clients"]} == {
+                    id1: instance_of(x), id2: instance_of(y)}
+            # Presence: counts and members over both instances, and events from one to the other.
+            assert await joins(tab1, id1, "lobby") == 1
+            stale.update(room="lobby", action="joined", client_id=id1, user="alice")
+            assert await presence(tab1) == stale
+            assert await joins(bob, id_bob, "lobby") == 2
+            joined = {"room": "lobby", "action": "joined", "client_id": id_bob, "user": "bob"}
+            await hears(bob, joined)
+            assert await presence(tab1) == joined  # from the other instance
+            for server in (x, y):
+                assert server.get("/api/rooms").json() == {"count": 1, "rooms": [{"room": "lobby", "members": 2}]}
+                members = server.get("/api/rooms/lobby").json()["members"]
+                assert sorted(members, key=lambda m: m["user"]) == [{"client_id": id1, "user": "alice"},
+                                                                    {"client_id": id_bob, "user": "bob"}]
+            # A push to a user reaches each of their tabs, wherever it is, and no one else.
+            reply = y.post("/api/users/alice", {"event": "notice", "data": {"data": {"n": 1}}})
+            assert (reply.status_code, reply.json()) == (202, {"delivered": 2})
+            for tab, me in ((tab1, id1), (tab2, id2)):
+                assert await recv_json(tab) == frame("notice", me, {"n": 1})
+            # A logout from either instance closes every tab; bob's instance tells the room.
+            reply = httpx.delete(x.http + "/api/users/alice", timeout=TIMEOUT)
+            assert (reply.status_code, reply.json()) == (202, {"disconnected": 2})
+            for tab in (tab1, tab2):
+                assert await closed_with(tab) == (1000, "disconnected by the server")
+            await hears(bob, {"room": "lobby", "action": "left", "client_id": id1, "user": "alice"})
+            for server in (x, y):
+                await server.wait_until(lambda s=server: s.get("/api/users/alice").json()["count"] == 0,
+                                        "alice's connections to leave the cluster")
+                assert server.get("/api/rooms/lobby").json()["members"] == [{"client_id": id_bob, "user": "bob"}]
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_a_dead_instances_users_and_room_members_are_reaped(redis_server: RedisServer) -> None:
+    auth = ("--jwt-secret", JWT_SECRET, "--default-join", "*")
+    with cluster(redis_server, 2, *auth) as (x, y):
+        async with ws_client(x.ws, additional_headers={"Authorization": f"Bearer {mint()}"}) as (a, id_a), \
+                ws_client(y.ws, additional_headers={"Authorization": f"Bearer {mint({'sub': 'bob'})}"}) as (b, id_b):
+            assert await join(a, id_a, "lobby") == 1
+            assert await join(b, id_b, "lobby") == 2
+            assert x.get("/api/users/bob").json()["count"] == 1
+            y.process.kill()
+            await x.wait_until(lambda: x.get("/api/users/bob").json()["count"] == 0, "bob's instance to be reaped")
+            assert x.get("/api/rooms").json() == {"count": 1, "rooms": [{"room": "lobby", "members": 1}]}
+            assert x.get("/api/rooms/lobby").json()["members"] == [{"client_id": id_a, "user": "alice"}]
+            await x.wait_until(lambda: redis_server.command("EXISTS", "ws_micro:user-members:bob", "ws_micro:user:bob",
+                                                            "ws_micro:room-members:lobby") == 1,
+                               "the dead instance's keys to be reaped (alice's membership stays)")
+            assert redis_server.command("HKEYS", "ws_micro:room-members:lobby") == [id_a]
+
+
+# --------------------------------------------------------------------------
+# Forwarding to the backend across instances (docs/backend.md)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_each_instance_forwards_its_clients_and_reports_them_once(redis_server: RedisServer) -> None:
+    with EventBackend() as backend, cluster(redis_server, 2, *forward_options(backend.url)) as (x, y):
+        async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b):
+            for ws, me in ((a, id_a), (b, id_b)):
+                await ws.send(text("chat", me, {"n": 7}))
+                assert await recv_json(ws) == frame("ack", me, {"n": 7, "part": 1})
+                assert await recv_json(ws) == frame("ack", me, {"n": 7, "part": 2})
+            assert httpx.delete(f"{x.http}/api/clients/{id_b}", timeout=TIMEOUT).status_code == 202  # b is on y
+            await closed_with(b)
+        await eventually(lambda: len(backend.notices(id_a)) == 2 and len(backend.notices(id_b)) == 2, "both notices")
+    assert backend.notices(id_a) == [("connect", None), ("disconnect", "closed")]
+    assert backend.notices(id_b) == [("connect", None), ("disconnect", "kicked")]
+    assert sorted(body["client_id"] for body in backend.received if body["type"] == "event") == sorted([id_a, id_b])
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_a_client_kicked_while_its_join_waits_for_redis_is_in_no_room_after(
+        redis_server: RedisServer) -> None:
+    with cluster(redis_server, 2, "--presence-events") as (x, y):
+        async with ws_client(x.ws) as (watcher, watcher_id):
+            assert await join(watcher, watcher_id, "r2") == 1
+            assert (await recv_json(watcher))["event"] == "presence"  # its own
+            async with ws_client(x.ws) as (kicked, kicked_id):
+                assert redis_server.process is not None
+                redis_server.process.send_signal(signal.SIGSTOP)  # the join's write waits for Redis
+                try:
+                    await kicked.send(text("join", kicked_id, {"room": "r2"}))
+                    assert httpx.delete(f"{x.http}/api/clients/{kicked_id}", timeout=TIMEOUT).status_code == 202
+                    assert await closed_with(kicked) == (1000, "disconnected by the server")
+                finally:
+                    redis_server.process.send_signal(signal.SIGCONT)
+            members = [{"client_id": watcher_id, "user": None}]
+            for server in (x, y):
+                await server.wait_until(lambda s=server: s.get("/api/rooms/r2").json()["members"] == members,
+                                        "the kicked client to be in no room")
+            await x.wait_until(lambda: redis_server.command("HKEYS", "ws_micro:room-members:r2") == [watcher_id],
+                               "Redis to hold only the watcher in the room")
+            assert kicked_id not in redis_server.command("HKEYS", f"ws_micro:instance:{instance_of(x)}:clients")
+            # The watcher never heard that the kicked client joined.
+            await watcher.send(text("ping", watcher_id))
+            while (received := await recv_json(watcher))["event"] != "pong":
+                assert received["data"]["data"].get("action") != "joined", received
+
+
+# --------------------------------------------------------------------------
+# Connection recovery across instances (docs/recovery.md)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_a_client_resumes_through_another_instance_with_every_missed_frame(
+        redis_server: RedisServer) -> None:
+    with cluster(redis_server, 2, "--recovery-window", "60") as (x, y):
+        async with ws_client(y.ws) as (peer, peer_id):
+            await join(peer, peer_id, "lobby")
+            ws, me, token = await new_session(x.ws)
+            assert await join(ws, me, "lobby") == 2  # frame 1
+            push(y, f"/api/clients/{me}", "in_flight", 0)  # never read: the socket dies with it
+            assert (await recv_json(ws))["event"] == "in_flight"  # (it did arrive; the client lost it)
+            await drop(ws, y, me)
+            assert y.get("/api/rooms/lobby").json()["count"] == 2  # still a member while away
+            push(y, f"/api/clients/{me}", "direct", 1)
+            assert x.post("/api/rooms/lobby", {"event": "room", "data": {"data": {"n": 2}}}).json() == {"delivered": 2}
+            assert (await recv_json(peer))["event"] == "room"
+            relayed = text("relay", peer_id, {"n": 3}, to=me)
+            await peer.send(relayed)
+            await peer.send(text("chat", peer_id, {"n": 4}, room="lobby"))
+            await nothing_more(peer, peer_id)
+            assert y.post("/api/broadcast", {"event": "all", "data": {"data": {"n": 5}}}).json() == {"delivered": 2}
+            assert (await recv_json(peer))["event"] == "all"
+
+            async with connect(resume_url(y, token, offset=1)) as back:  # through the other instance
+                info = await greeted(back)
+                assert info["client_id"] == me
+                assert (info["data"]["data"]["recovered"], info["data"]["data"]["rooms"]) == (True, ["lobby"])
+                received = [await recv_json(back) for _ in range(6)]
+                assert [(f["event"], f["data"]["data"]["n"]) for f in received] == [
+                    ("in_flight", 0), ("direct", 1), ("room", 2), ("relay", 3), ("chat", 4), ("all", 5)]
+                assert received[3] == json.loads(relayed)
+                assert x.post("/api/rooms/lobby", {"event": "after", "data": {"data": {"n": 6}}}).json() == {
+                    "delivered": 2}
+                assert (await recv_json(back))["event"] == "after"
+                await nothing_more(back, me)
+                entry = x.get(f"/api/clients/{me}").json()
+                assert entry["instance"] == instance_of(y) and "away_since" not in entry
+                assert x.get("/api/rooms/lobby").json()["count"] == 2
+                with pytest.raises(InvalidStatus) as refused:  # spent, across the cluster too
+                    await connect(resume_url(x, token, offset=0))
+                assert refused.value.response.status_code == 409
+
+            # A client whose old connection the other instance still holds open takes it over.
+            old, other, token = await new_session(x.ws)
+            push(x, f"/api/clients/{other}", "unread", 1)
+            async with connect(resume_url(y, token, offset=0)) as back:
+                assert (await greeted(back))["data"]["data"]["recovered"] is True
+                assert (await recv_json(back))["event"] == "unread"
+                push(x, f"/api/clients/{other}", "new", 2)
+                assert (await recv_json(back))["event"] == "new"
+                await nothing_more(back, other)
+            with anyio.fail_after(TIMEOUT), contextlib.suppress(ConnectionClosed):
+                while json.loads(await old.recv())["event"] == "unread":
+                    pass
+                raise AssertionError("the old connection got a frame after its session moved")
+        assert redis_server.command("KEYS", "ws_micro:kept:*") == []
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_a_waiting_session_ends_when_kicked_or_expired_and_its_room_hears_it(
+        redis_server: RedisServer) -> None:
+    with cluster(redis_server, 2, "--recovery-window", "1", "--presence-events") as (x, y):
+        async with ws_client(y.ws) as (peer, peer_id):
+            await join(peer, peer_id, "lobby")
+            assert (await recv_json(peer))["data"]["data"]["client_id"] == peer_id  # it hears its own join
+            sessions = []
+            for _ in range(2):
+                ws = await connect(x.ws)
+                hello = await greeted(ws)
+                me = hello["client_id"]
+                await join(ws, me, "lobby")
+                joined = await recv_json(peer)
+                assert (joined["event"], joined["data"]["data"]["client_id"]) == ("presence", me)
+                sessions.append((me, hello["data"]["data"]["resume_token"]))
+                await drop(ws, y, me)
+            kicked, expired = sessions
+            assert httpx.delete(f"{y.http}/api/clients/{kicked[0]}", timeout=TIMEOUT).status_code == 202
+            for _ in range(2):  # the kick at once, the expiry within a heartbeat of the window's end
+                left = (await recv_json(peer))["data"]["data"]
+                assert left["action"] == "left" and left["client_id"] in (kicked[0], expired[0])
+            assert x.metric("ws_micro_sessions_total", outcome="kicked") == 1
+            await x.wait_until(lambda: x.metric("ws_micro_sessions_total", outcome="expired") == 1, "expiry")
+            for me, token in sessions:
+                assert y.get(f"/api/clients/{me}").status_code == 404
+                async with connect(resume_url(y, token, offset=1)) as back:
+                    info = await greeted(back)
+                    assert info["client_id"] != me and info["data"]["data"]["recovered"] is False
+            assert y.get("/api/rooms/lobby").json()["count"] == 1
+        assert redis_server.command("KEYS", "ws_micro:session:*") == []
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_sessions_outlive_a_rolling_restart_of_their_instance(redis_server: RedisServer) -> None:
+    with cluster(redis_server, 2, "--recovery-window", "60") as (x, y):
+        ws, me, token = await new_session(x.ws)
+        await join(ws, me, "lobby")
+        x.process.send_signal(signal.SIGTERM)
+        assert (await closed_with(ws))[0] == 1012
+        assert x.process.wait(TIMEOUT) == 0
+        await until_away(y, me)
+        assert y.post("/api/rooms/lobby", {"event": "while_restarting", "data": {"data": {}}}).json() == {
+            "delivered": 1}
+        push(y, f"/api/clients/{me}", "direct", 1)
+        async with connect(resume_url(y, token, offset=1)) as back:
+            info = (await greeted(back))["data"]["data"]
+            assert (info["recovered"], info["rooms"]) == (True, ["lobby"])
+            assert [(await recv_json(back))["event"] for _ in range(2)] == ["while_restarting", "direct"]
+            await nothing_more(back, me)
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_concurrent_resumes_with_one_token_have_one_winner_that_stays_reachable(
+        redis_server: RedisServer) -> None:
+    with cluster(redis_server, 2, "--recovery-window", "60") as (x, y):
+        ws, me, token = await new_session(x.ws)
+        await drop(ws, y, me)
+        outcomes: list[Any] = []
+
+        async def resume() -> None:
+            try:
+                connection = await connect(resume_url(y, token, offset=0))
+            except InvalidStatus as exc:
+                outcomes.append(exc.response.status_code)
+                return
+            outcomes.append(((await greeted(connection))["data"]["data"]["recovered"], connection))
+
+        async with anyio.create_task_group() as tasks:
+            for _ in range(3):
+                tasks.start_soon(resume)
+        winners = [outcome[1] for outcome in outcomes if isinstance(outcome, tuple) and outcome[0] is True]
+        assert len(winners) == 1, outcomes
+        assert all(outcome == 409 or outcome[0] is False for outcome in outcomes if not (
+            isinstance(outcome, tuple) and outcome[1] is winners[0])), outcomes
+        push(x, f"/api/clients/{me}", "reachable", 1)
+        assert (await recv_json(winners[0]))["event"] == "reachable"
+        await nothing_more(winners[0], me)
+        for outcome in outcomes:
+            if isinstance(outcome, tuple):
+                await outcome[1].close()
+        await y.wait_until(lambda: y.get(f"/api/clients/{me}").status_code == 404, "the winner to leave when closed")
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_a_stream_of_frames_reaches_a_client_dropping_and_resuming_once_each_in_order(
+        redis_server: RedisServer) -> None:
+    # Frames published through the instance the client drops from, resumed through the other: the
+    # moments a frame can fall between the two, or reach the client both ways, are all crossed.
+    with cluster(redis_server, 2, "--recovery-window", "60") as (x, y):
+        ws, me, token = await new_session(x.ws)
+        await join(ws, me, "stream")
+        received = 1  # joined
+        numbers: list[int] = []
+        total, publishers = 600, 4
+
+        async def publish(first: int) -> None:  # each its own sequence: first, first + publishers, ...
+            async with httpx.AsyncClient(base_url=(x if first % 2 else y).http, timeout=TIMEOUT) as api:
+                for n in range(first, total, publishers):
+                    body = {"event": "n", "data": {"data": {"n": n}}}
+                    response = await api.post("/api/rooms/stream" if n % 3 else "/api/broadcast", json=body)
+                    assert response.json() == {"delivered": 1}, (n, response.text)
+
+        async with anyio.create_task_group() as tasks:
+            for first in range(publishers):
+                tasks.start_soon(publish, first)
+            while len(numbers) < total // 4:
+                numbers.append((await recv_json(ws))["data"]["data"]["n"])
+                received += 1
+            cut(ws)
+            async with connect(resume_url(y, token, offset=received)) as back:
+                assert (await greeted(back))["data"]["data"]["recovered"] is True
+                while len(numbers) < total:
+                    numbers.append((await recv_json(back))["data"]["data"]["n"])
+                await nothing_more(back, me)
+        assert sorted(numbers) == list(range(total))  # each once
+        for first in range(publishers):  # and each publisher's in the order it sent them
+            assert [n for n in numbers if n % publishers == first] == list(range(first, total, publishers))
+
+
+# --------------------------------------------------------------------------
+# The module beside the core
+# --------------------------------------------------------------------------
+
+
+def test_the_scripts_find_every_field_where_msgspec_puts_it() -> None:
+    # The Lua reads and writes the messages by field name, through a table generated from the Structs:
+    # check that table against the arrays msgspec really encodes, field by field.
+    table = ws_micro_redis._LUA_PRELUDE.partition("\n")[0].removeprefix("local F = {")
+    layout = {tag: {name: int(position) for name, position in re.findall(r"(\w+) = (\d+)", fields)}
+              for tag, fields in re.findall(r"(\w+) = \{([^}]*)\}", table)}
+    structs = (ws_micro._ToClient, ws_micro._ToRoom, ws_micro._ToUser, ws_micro._ToEveryone, ws_micro._Kick,
+               ws_micro._KickUser, ws_micro_redis._WasParked, ws_micro_redis._Sealed, ws_micro_redis._WasResumed,
+               ws_micro_redis._SessionEnded, ws_micro_redis._TakeOver)
+    assert set(layout) == {struct.__struct_config__.tag for struct in structs}
+    for struct in structs:
+        values: dict[str, Any] = {name: 1000 + i if name == "code" else f"{name}-value"
+                                  for i, name in enumerate(struct.__struct_fields__)}
+        encoded = msgspec.msgpack.decode(msgspec.msgpack.encode(struct(**values)))
+        fields = layout[struct.__struct_config__.tag]
+        assert encoded[0] == struct.__struct_config__.tag
+        assert {name: encoded[position - 1] for name, position in fields.items()} == values
+
+
+@pytest.mark.process
+def test_without_its_module_beside_the_core_cluster_mode_says_what_to_copy_and_install(tmp_path: Path) -> None:
+    (tmp_path / "ws_micro.py").write_text((ROOT / "ws_micro.py").read_text())
+    result = subprocess.run([sys.executable, "ws_micro.py", "--redis-url", "redis://127.0.0.1:1"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 2, result
+    assert "redis_url needs ws_micro_redis.py beside ws_micro.py" in result.stderr
+    assert "pip install 'redis[hiredis]'" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.process
+def test_a_redis_module_of_another_version_refuses_to_run_beside_the_core(tmp_path: Path) -> None:
+    (tmp_path / "ws_micro.py").write_text((ROOT / "ws_micro.py").read_text())
+    source = (ROOT / "ws_micro_redis.py").read_text()
+    (tmp_path / "ws_micro_redis.py").write_text(re.sub(r'__version__ = "[^"]+"', '__version__ = "0.0.1"', source))
+    result = subprocess.run([sys.executable, "ws_micro.py", "--redis-url", "redis://127.0.0.1:1"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 2, result
+    assert f"ws_micro_redis.py 0.0.1 cannot run beside ws_micro.py {ws_micro.__version__}" in result.stderr
+    assert "Traceback" not in result.stderr

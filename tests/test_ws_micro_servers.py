@@ -1,0 +1,627 @@
+"""Tests of ws_micro under the ASGI servers, and of what it relies on in uvicorn's internals.
+
+The fast path (frames written straight to uvicorn's transport), the bounds on
+what uvicorn's engine handles alone, the guarded HTTP protocol, the log
+filters, and the same gateway under uvicorn, hypercorn, granian and daphne.
+Each test starts a real server process on a free loopback port and talks to
+it with real `websockets` clients or raw sockets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import httpx2 as httpx
+import pytest
+import uvicorn
+from conftest import (
+    BACKEND_SECRET,
+    JWT_SECRET,
+    ROOT,
+    SERVERS,
+    TIMEOUT,
+    HookBackend,
+    Server,
+    client_frame,
+    closed_with,
+    frame,
+    free_port,
+    half_handshakes,
+    join,
+    mint,
+    raw_websocket,
+    recv_json,
+    recv_text,
+    rss_mib,
+    run_server,
+    server_sockets,
+    text,
+    ws_client,
+)
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect as connect_sync
+from websockets.typing import Origin
+
+import ws_micro
+
+pytestmark = [pytest.mark.anyio, pytest.mark.process]
+
+
+# --------------------------------------------------------------------------
+# Under each ASGI server, and uvicorn's fast path
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(SERVERS))
+async def test_e2e_ws_micro_app_runs_under_each_asgi_server_with_its_environment(name: str, tmp_path: Path) -> None:
+    # hypercorn finds module:app with eval(), so the app must be a real attribute; granian's send returns an
+    # awaitable whose iterator is no generator; hypercorn reads no more from a socket while the app reads
+    # nothing, so a client the gateway closed was never heard from again.
+    env = {"WS_MICRO_MAX_MESSAGE_SIZE": "300", "WS_MICRO_RATE_LIMIT": "5", "WS_MICRO_RATE_BURST": "5"}
+
+    def closed_for(code: int, reason: str) -> tuple[int, str]:
+        if name == "daphne":  # it takes only 1000 and 3000-4999 from an app, and sends no reason
+            return (code if code == 1000 else 4000 + code % 1000), ""
+        return code, reason
+
+    log = tmp_path / "server.log"
+    with run_server(asgi_server=name, env=env, log=log) as server:
+        async with ws_client(server.ws) as (a, id_a), ws_client(server.ws) as (b, id_b):
+            await a.send(json.dumps(frame("ping", id_a, {"n": 1})))
+            assert await recv_json(a) == frame("pong", id_a, {"n": 1})
+            await a.send(json.dumps(frame("echo", id_a, {"é": "🙂"}), ensure_ascii=False))
+            assert await recv_json(a) == frame("echo", id_a, {"é": "🙂"})
+            await a.send(json.dumps(frame("chat", id_a, {"to": "b"}, to=id_b)))
+            assert await recv_json(b) == frame("chat", id_a, {"to": "b"}, to=id_b)
+            await join(a, id_a, "room")
+            await join(b, id_b, "room")
+            await a.send(json.dumps(frame("chat", id_a, {"hi": "b"}, room="room")))
+            assert await recv_json(b) == frame("chat", id_a, {"hi": "b"}, room="room")
+            pushed = await anyio.to_thread.run_sync(
+                lambda: server.post(f"/api/clients/{id_b}", {"event": "news", "data": {"data": {}}}))
+            assert pushed.status_code == 202 and await recv_json(b) == frame("news", id_b)
+            await a.send("x" * 400)  # over WS_MICRO_MAX_MESSAGE_SIZE
+            assert (await closed_with(a))[0] == closed_for(1009, "")[0]
+            kicked = await anyio.to_thread.run_sync(lambda: httpx.delete(f"{server.http}/api/clients/{id_b}",
+                                                                          timeout=TIMEOUT))
+            assert kicked.status_code == 202 and await closed_with(b) == closed_for(1000, "disconnected by the server")
+        async with ws_client(server.ws) as (flood, me):
+            for _ in range(30):
+                await flood.send(json.dumps(frame("ping", me)))
+            assert await closed_with(flood) == closed_for(1008, "rate limit exceeded")
+        async with ws_client(server.ws) as (binary, _):
+            await binary.send(b"bytes")
+            assert await closed_with(binary) == closed_for(1003, "binary frames are not supported")
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(server.ws, origin=Origin("https://evil.example")):
+                pass
+        assert refused.value.response.status_code == 403
+    assert "Traceback" not in log.read_text()  # no limit turned into an error (daphne's 1011 was one)
+
+
+def tree_rss_mib(pid: int) -> float:
+    """The RSS of a process and all its descendants: servers such as granian serve from worker processes."""
+    children = [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+                for child in (task / "children").read_text().split()]
+    own = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+               if line.startswith("VmRSS:"))
+    return own / 1024 + sum(tree_rss_mib(child) for child in children)
+
+
+@pytest.mark.parametrize("name", list(SERVERS))
+async def test_e2e_a_reader_that_stops_is_cut_off_under_each_asgi_server(
+        name: str, tmp_path: Path) -> None:
+    # daphne's send never waited: 12,000 pushes of 8 KB to a stalled reader were all taken, and daphne grew by
+    # 100 MiB.  Now the gateway waits on Twisted's flow control, so the reader's queue fills and it is cut off.
+    log = tmp_path / "server.log"
+    with run_server(asgi_server=name, log=log) as server:
+        before = tree_rss_mib(server.process.pid)
+        # Uncompressed: 8 KB of "x" compressed would fit the kernel's buffers many times over.
+        async with ws_client(server.ws, max_queue=1, compression=None) as (stuck, stuck_id):
+            stuck.transport.pause_reading()
+            body = {"event": "bulk", "data": {"data": {"pad": "x" * 8000}}}
+
+            def push_until_cut_off() -> int:
+                with httpx.Client(base_url=server.http, timeout=TIMEOUT) as client:
+                    for pushed in range(5000):
+                        if client.post(f"/api/clients/{stuck_id}", json=body).status_code == 404:
+                            return pushed
+                return 5000
+
+            pushed = await anyio.to_thread.run_sync(push_until_cut_off)
+            assert pushed < 2000  # max_queue_bytes (1 MiB) and the socket buffers: about 600 under uvicorn
+            assert tree_rss_mib(server.process.pid) - before < 30
+            stuck.transport.resume_reading()
+            code, _ = await closed_with(stuck)
+            assert code in {"daphne": (4008,), "granian": (1008, 1006)}.get(name, (1008,))  # granian: no close frame
+            await server.wait_until(lambda: server.metric("ws_micro_disconnects_total", reason="slow_consumer") == 1,
+                                    "the reader's connection to end as a slow consumer")
+    assert "Traceback" not in log.read_text()
+
+
+# What a connected client gets when each server is stopped (docs/configuration.md's table): ASGI tells an app
+# nothing before the server ends its connections, so this is the server's doing, as with a bare Starlette app.
+SHUTDOWN_CLOSE = {"uvicorn": 1012, "uvicorn-wsproto": 1012, "hypercorn": 1011, "granian": 1006, "daphne": 1006}
+
+
+@pytest.mark.parametrize("name", list(SERVERS))
+async def test_e2e_sigterm_ends_every_connection_under_each_asgi_server(name: str) -> None:
+    with run_server(asgi_server=name) as server:
+        async with ws_client(server.ws) as (ws, _):
+            server.process.send_signal(signal.SIGTERM)
+            code, _ = await closed_with(ws)
+        assert code == SHUTDOWN_CLOSE[name]
+        await anyio.to_thread.run_sync(lambda: server.process.wait(TIMEOUT))
+
+
+def sized(client_id: str, size: int, **routing: str) -> str:
+    """A chat frame of exactly ``size`` bytes."""
+    padding = size - len(json.dumps(frame("c", client_id, {"p": ""}, **routing), separators=(",", ":")))
+    text = json.dumps(frame("c", client_id, {"p": "x" * padding}, **routing), separators=(",", ":"))
+    assert len(text.encode()) == size
+    return text
+
+
+@pytest.mark.parametrize("deflate", [False, True], ids=["written-to-the-socket", "compressed-through-asgi"])
+async def test_e2e_frames_of_every_length_arrive_intact(deflate: bool) -> None:
+    options = ("--max-message-size", "200000", *(("--per-message-deflate",) if deflate else ()))
+    with run_server("--log-level", "warning", *options) as server:
+        async with ws_client(server.ws) as (a, id_a), ws_client(server.ws) as (b, id_b):
+            await join(a, id_a, "sizes")
+            await join(b, id_b, "sizes")
+            # Either side of each length class of a frame header: 7 bits, 16 bits, 64 bits (RFC 6455, 5.2).
+            for size in (125, 126, 65535, 65536, 150_000):
+                to_room = sized(id_a, size, room="sizes")  # framed once for every member
+                await a.send(to_room)
+                assert await recv_text(b) == to_room
+                if size > 200:  # two ids take more than 126 bytes
+                    to_self = sized(id_a, size, to=id_a)
+                    await a.send(to_self)
+                    assert await recv_text(a) == to_self
+            # A length counts bytes: 100 characters of "é" are 200 of them.
+            accents = json.dumps(frame("chat", id_a, {"text": "é" * 100 + "🙂"}, to=id_b), ensure_ascii=False)
+            await a.send(accents)
+            assert await recv_text(b) == accents
+            bulk = {"pad": "y" * 70_000}
+            assert server.post(f"/api/clients/{id_b}", {"event": "bulk", "data": {"data": bulk}}).json() == {
+                "delivered": 1}
+            assert json.loads(await recv_text(b)) == frame("bulk", id_b, bulk)
+            # Compressed frames must go through the engine; the others must not.
+            assert server.metric("ws_micro_fast_path") == (0 if deflate else 1)
+
+
+# A host app that mounts the gateway, as the docs' embedding example does.
+HOST_APP = """
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+
+import ws_micro
+
+
+async def healthz(request):
+    return PlainTextResponse("ok")
+
+
+class Spy:
+    \"\"\"A middleware that sees every message the app sends, as a tracing middleware would.\"\"\"
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        async def spied(message):
+            await send(message)
+
+        await self.app(scope, receive, spied)
+
+
+app = Starlette(routes=[Route("/healthz", healthz), Mount("/gateway", app=ws_micro.create_app())])
+spied = Spy(app)
+"""
+
+
+@pytest.mark.parametrize(("how", "fast"), [("ws_micro:app", 1), ("host:app", 1), ("host:spied", 0)],
+                         ids=["served", "mounted-in-a-host-app", "behind-a-middleware-that-wraps-send"])
+async def test_e2e_the_uvicorn_fast_path_engages_served_or_mounted_and_says_when_it_cannot(
+        how: str, fast: int, tmp_path: Path) -> None:
+    # Nothing on the wire tells a direct write from one through ASGI: the gauge and the log must.
+    (tmp_path / "host.py").write_text(HOST_APP)
+    log = tmp_path / "server.log"
+    prefix = "" if how == "ws_micro:app" else "/gateway"
+    with run_server(uvicorn_app=how, cwd=tmp_path, env={"PYTHONPATH": str(ROOT)}, log=log) as server:
+        # uvicorn offers compression, which the fast path cannot write: the client declines it.
+        async with ws_client(f"ws://127.0.0.1:{server.port}{prefix}/ws/py_client", compression=None) as (ws, me):
+            await ws.send(json.dumps(frame("ping", me)))
+            assert (await recv_json(ws))["event"] == "pong"
+            assert server.metric("ws_micro_fast_path", path=f"{prefix}/metrics") == fast
+            # Fast path or not, the engine is held to max_message_size: it refuses the frame before
+            # buffering it, with its own reason, where the gateway would have read it whole first.
+            await ws.send("x" * 70_000)
+            code, reason = await closed_with(ws)
+            assert code == 1009 and reason is not None and "message larger than" not in reason, reason
+    if not fast:  # a warning: under uvicorn's engine it should have engaged
+        assert "fast path off: send is wrapped by 'Spy.__call__.<locals>.spied'" in log.read_text()
+
+
+async def test_e2e_under_another_uvicorn_engine_frames_go_through_asgi_with_a_warning(tmp_path: Path) -> None:
+    # uvicorn's legacy engine buffers (and inflates) frames up to --ws-max-size before the gateway sees them.
+    log = tmp_path / "server.log"
+    with run_server("--ws", "websockets", uvicorn_app=True, log=log) as server:
+        async with ws_client(server.ws, compression=None) as (ws, me):
+            await ws.send(json.dumps(frame("echo", me)))
+            assert (await recv_json(ws))["event"] == "echo"
+            assert server.metric("ws_micro_fast_path") == 0
+    assert log.read_text().count("fast path off: receive is not uvicorn's websockets-sansio engine's (it comes "
+                                 "from uvicorn.protocols.websockets.websockets_impl), which takes frames up to "
+                                 "16777216 bytes") == 1
+
+
+def test_serve_leaves_the_log_to_a_program_that_configured_logging(tmp_path: Path) -> None:
+    script = tmp_path / "embedded.py"
+    script.write_text(
+        "import logging, sys\n"
+        "import ws_micro\n"
+        "logging.basicConfig(level=logging.INFO, format='ROOT %(name)s: %(message)s', stream=sys.stdout)\n"
+        "ws_micro.serve(ws_micro.create_app(), ws_micro.ServerSettings(host='127.0.0.1', port=int(sys.argv[1])))\n")
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(script), str(port)], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            with contextlib.suppress(OSError), connect_sync(f"ws://127.0.0.1:{port}/ws/py_client") as ws:
+                assert json.loads(ws.recv(timeout=TIMEOUT))["event"] == "connect"
+                break
+            assert time.monotonic() < deadline and process.poll() is None, "the server did not start"
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=TIMEOUT)
+    assert "ROOT ws_micro: fast path on" in output, output  # the program's handler, not uvicorn's
+
+
+def test_ws_micro_logs_whether_the_fast_path_is_on(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    with run_server(log=log) as server, connect_sync(server.ws) as ws:
+        assert json.loads(ws.recv(timeout=TIMEOUT))["event"] == "connect"
+    assert log.read_text().count("fast path on: frames are written straight to uvicorn's transport") == 1
+
+
+async def test_e2e_kicking_a_reader_that_never_drains_takes_close_timeout_not_forever() -> None:
+    # Only close_timeout may end this reader: send_timeout is too long to, and the queue too large.
+    with run_server("--log-level", "warning", "--max-queue-bytes", "100000000", "--max-queue-messages", "100000",
+                    "--send-timeout", "120", "--close-timeout", "0.5", "--max-message-size", "1000000") as server:
+        async with ws_client(server.ws, max_queue=1, max_size=None) as (stuck, stuck_id):
+            stuck.transport.pause_reading()
+            payload = {"event": "bulk", "data": {"data": {"pad": "x" * 900_000}}}
+            pushed = 20  # 18 MB: more than the kernel buffers between us hold
+            for _ in range(pushed):
+                assert server.post(f"/api/clients/{stuck_id}", payload).status_code == 202
+            assert httpx.delete(f"{server.http}/api/clients/{stuck_id}", timeout=TIMEOUT).status_code == 202
+            assert server.get(f"/api/clients/{stuck_id}").status_code == 404  # unknown at once, while it closes
+            # Its backlog gets close_timeout to leave, its close frame as long again; then the socket is dropped.
+            await server.wait_until(lambda: server.metric("ws_micro_disconnects_total", reason="kicked") == 1,
+                                    "the kicked reader's connection to end")
+            stuck.transport.resume_reading()
+            received = 0
+            with anyio.fail_after(TIMEOUT), contextlib.suppress(ConnectionClosed):
+                while True:
+                    received += str(await stuck.recv()).count("bulk")
+            assert received < pushed  # the backlog was given up on, not waited for
+            assert stuck.close_code == 1006  # dropped: the close frame could not get through either
+
+
+# --------------------------------------------------------------------------
+# Hostile clients: what uvicorn's engine and HTTP protocol must bound (raw sockets)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("options", "reason"), [
+    (("--rate-limit", "0"), "slow_consumer"),  # only the outgoing bound can stop it
+    ((), "rate_limited"),  # pings count against the rate limit too
+])
+async def test_e2e_a_client_that_pings_and_never_reads_is_cut_off(options: tuple[str, ...], reason: str) -> None:
+    # The engine answers every ping with a pong written straight to the socket: a peer that pings and
+    # never reads grew the server by 70 MB in 8 s, and was never dropped.
+    with run_server("--log-level", "warning", *options) as server:
+        sock, client_id = raw_websocket(server)
+        before = rss_mib(server.process)
+        pings = client_frame(0x9, b"p" * 125) * 500
+        peak, flooded = before, 0
+        with anyio.fail_after(TIMEOUT), pytest.raises(OSError):  # the server resets the connection
+            while True:
+                await anyio.to_thread.run_sync(sock.sendall, pings)
+                flooded += len(pings)
+                peak = max(peak, rss_mib(server.process))
+        sock.close()
+        assert flooded > 1_000_000  # enough pongs for more than max_queue_bytes
+        assert peak - before < 20, f"the server grew by {peak - before:.0f} MiB"
+        await server.wait_until(lambda: server.metric("ws_micro_disconnects_total", reason=reason) == 1,
+                                "the connection to end")
+        assert server.get(f"/api/clients/{client_id}").status_code == 404
+        assert server.get("/healthz").json()["connections"] == 0
+
+
+@pytest.mark.parametrize(("start", "flood", "reply"), [
+    (b"", bytes((0x8A, 0x80)) + b"\0\0\0\0", (1008, b"rate limit exceeded")),  # empty unsolicited pongs
+    (bytes((0x01, 0x80)) + b"\0\0\0\0", bytes((0x00, 0x80)) + b"\0\0\0\0",  # a message that never ends
+     (1009, b"message in more than 1000 fragments")),
+])
+async def test_e2e_frames_the_engine_handles_alone_are_bounded(start: bytes, flood: bytes,
+                                                                reply: tuple[int, bytes]) -> None:
+    # Empty pongs and continuation frames cost a 6-byte frame each and reached no limit: one client
+    # stalled every other client's replies for seconds, or grew the server by 1 MB/s.
+    with run_server("--log-level", "warning", "--rate-limit", "100", "--rate-burst", "1000") as server:
+        sock, client_id = raw_websocket(server)
+        sock.sendall(start + flood * 2100)
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := await anyio.to_thread.run_sync(sock.recv, 4096):
+                received += chunk
+        code, reason = reply
+        assert received.startswith(bytes((0x88, 2 + len(reason))) + code.to_bytes(2) + reason), received
+        sock.close()
+        await server.wait_until(lambda: server.get(f"/api/clients/{client_id}").status_code == 404,
+                                "the connection to end")
+
+
+async def test_e2e_a_cut_off_reader_is_reset_and_its_buffers_freed() -> None:
+    with run_server("--log-level", "warning", "--max-queue-bytes", "100000000", "--max-queue-messages", "100000",
+                    "--send-timeout", "0.5", "--close-timeout", "0.5") as server:
+        sock, client_id = raw_websocket(server)
+        payload = {"event": "bulk", "data": {"data": {"pad": "x" * 60_000}}}
+        for _ in range(300):
+            if server.post(f"/api/clients/{client_id}", payload).status_code == 404:
+                break
+        await server.wait_until(lambda: server.metric("ws_micro_disconnects_total", reason="slow_consumer") == 1,
+                                "the stalled reader to be cut off")
+        # A plain close would leave the socket in FIN-WAIT-1 with megabytes queued, for minutes.
+        await server.wait_until(lambda: server_sockets(server, sock.getsockname()[1]) == [],
+                                "the server's socket to be gone")
+        with pytest.raises(ConnectionResetError):
+            while sock.recv(1 << 20):
+                pass
+        sock.close()
+
+
+async def test_e2e_sigterm_does_not_wait_for_a_client_that_reads_nothing(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    with run_server("--close-timeout", "0.5", "--graceful-timeout", "20", "--max-queue-bytes", "100000000",
+                    "--max-queue-messages", "100000", "--send-timeout", "60", log=log) as server:
+        sock, client_id = raw_websocket(server)
+        payload = {"event": "bulk", "data": {"data": {"pad": "x" * 60_000}}}
+        for _ in range(100):
+            assert server.post(f"/api/clients/{client_id}", payload).status_code == 202
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert await anyio.to_thread.run_sync(lambda: server.process.wait(TIMEOUT)) == 0
+        assert time.monotonic() - started < 5  # close_timeout, not graceful_timeout
+        sock.close()
+    assert "ERROR" not in log.read_text()
+
+
+async def test_e2e_invalid_utf8_closes_with_1007_and_logs_one_line(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    with run_server(log=log) as server:
+        sock, _ = raw_websocket(server)
+        sock.sendall(client_frame(0x1, b'{"event": "\xff\xfe"}'))
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(4096):
+                received += chunk
+        assert received[:2] == b"\x88\x02" and int.from_bytes(received[2:4]) == 1007  # close frame, 1007
+        sock.close()
+    text = log.read_text()
+    assert "Invalid UTF-8" in text and "Traceback" not in text
+
+
+async def test_e2e_what_clients_make_uvicorn_log_is_one_line_per_10_seconds(tmp_path: Path) -> None:
+    # uvicorn writes a line for each of these: 20,000 pipelined requests wrote 20,000 lines.  (Each on a
+    # connection of its own: with httptools installed, uvicorn answers only the first of pipelined upgrades.)
+    log = tmp_path / "server.log"
+    with run_server("--log-level", "warning", log=log) as server:
+        for _ in range(200):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+                             b"\r\n")
+                assert (await anyio.to_thread.run_sync(sock.recv, 4096)).startswith(b"HTTP/1.1 200 OK")
+        for _ in range(50):
+            with pytest.raises(InvalidStatus):  # each logs uvicorn's spurious handshake ERROR
+                async with connect(server.ws, origin=Origin("https://evil.example")):
+                    pass
+            with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
+                sock.sendall(b"NOT HTTP\r\n\r\n")
+                assert (await anyio.to_thread.run_sync(sock.recv, 4096)).startswith(b"HTTP/1.1 400 ")
+    lines = log.read_text().splitlines()
+    for line in ("Unsupported upgrade request", "Invalid HTTP request received"):
+        assert sum(line in logged for logged in lines) == 1, lines
+    # uvicorn 0.55 no longer logs its spurious error after each refused handshake (its PR #3138).
+    spurious = 1 if tuple(map(int, uvicorn.__version__.split(".")[:2])) < (0, 55) else 0
+    assert sum("ASGI callable returned without completing handshake" in logged for logged in lines) == spurious
+    assert len(lines) < 20, lines
+
+
+async def test_e2e_stalled_handshakes_time_out_and_count_against_max_connections() -> None:
+    with run_server("--log-level", "warning", "--handshake-timeout", "3", "--max-connections", "20") as server:
+        stalled = half_handshakes(server, 20)
+        await server.wait_until(lambda: server.get("/healthz").status_code == 503, "the stalled sockets to count")
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(server.ws):
+                pass
+        assert refused.value.response.status_code == 503
+        for sock in stalled:  # each is answered and closed once its time is up
+            answer = await anyio.to_thread.run_sync(sock.recv, 4096)
+            assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
+            assert b'"code":"timeout"' in answer
+            assert await anyio.to_thread.run_sync(sock.recv, 4096) == b""
+            sock.close()
+        async with ws_client(server.ws) as (_, me):
+            assert me
+        assert server.metric("ws_micro_rejected_handshakes_total", reason="timeout") == 20
+        # A kept-alive connection gets as long for each later request's head, then is closed.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            response = b""
+            while not response.endswith(b"}"):  # the head and the JSON body may come apart
+                response += await anyio.to_thread.run_sync(sock.recv, 4096)
+            assert response.startswith(b"HTTP/1.1 200 OK\r\n")
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            assert await anyio.to_thread.run_sync(sock.recv, 4096) == b""  # the socket times out first if not
+
+
+async def test_e2e_out_of_descriptors_is_refused_with_503_and_one_log_line(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    with run_server("--handshake-timeout", "30", open_files=128, log=log) as server:
+        stalled = half_handshakes(server, 200)
+        refused = 0
+        for sock in stalled:
+            sock.settimeout(0.2)
+            with contextlib.suppress(TimeoutError):
+                refused += sock.recv(4096).startswith(b"HTTP/1.1 503 ")
+            sock.close()
+        assert refused >= 200 - 128
+    text = log.read_text()
+    assert "open-file limit" in text and "Traceback" not in text
+    assert len(text) < 5000
+
+
+async def test_e2e_compressed_frames_cannot_inflate_past_max_message_size_under_plain_uvicorn() -> None:
+    # uvicorn's defaults: permessage-deflate on, frames up to 16 MiB. 16 KiB on the wire inflated to
+    # 16 MB before the app refused it: 10 such clients took 170 MiB.
+    with run_server("--log-level", "warning", uvicorn_app=True) as server:
+        bomb = json.dumps(frame("echo", "x", {"pad": "0" * 16_000_000}))
+        before = peak = rss_mib(server.process)
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, rss_mib(server.process))
+                await anyio.sleep(0.005)
+
+        async def send_bomb() -> None:
+            async with ws_client(server.ws, compression="deflate") as (ws, _):
+                await ws.send(bomb)
+                assert (await closed_with(ws))[0] == 1009
+
+        async with anyio.create_task_group() as watching:
+            watching.start_soon(watch)
+            async with anyio.create_task_group() as clients:
+                for _ in range(10):
+                    clients.start_soon(send_bomb)
+            watching.cancel_scope.cancel()
+        assert peak - before < 40, f"the server grew by {peak - before:.0f} MiB"
+        assert server.metric("ws_micro_disconnects_total", reason="message_too_big") == 10
+
+
+# --------------------------------------------------------------------------
+# Tokens and the connect hook under each ASGI server (docs/auth.md)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(SERVERS))
+async def test_e2e_tokens_and_the_connect_hook_work_under_each_asgi_server(name: str) -> None:
+    # daphne cannot send an HTTP status of the app's choosing: it refuses every handshake with 403.
+    # It runs no lifespan either: the hook's pool is made on first use.
+    refused = 403 if name == "daphne" else 401
+    with HookBackend() as backend, run_server(asgi_server=name, env={
+            "WS_MICRO_JWT_SECRET": JWT_SECRET, "WS_MICRO_CONNECT_HOOK_URL": backend.url,
+            "WS_MICRO_BACKEND_SECRET": BACKEND_SECRET, "WS_MICRO_CONNECT_HOOK_TIMEOUT": "2"}) as server:
+        for url, headers, user in ((server.ws, {"Authorization": f"Bearer {mint()}"}, "alice"),
+                                   (server.ws + "?mode=grant", {"Cookie": "session=zed"}, "zed")):
+            async with ws_client(url, additional_headers=headers) as (ws, me):
+                await ws.send(text("ping", me))
+                assert (await recv_json(ws))["event"] == "pong"
+                assert server.get(f"/api/clients/{me}").json()["user"] == user
+        for url in (server.ws + "?token=forged", server.ws + "?mode=401"):
+            with pytest.raises(InvalidStatus) as refusal:
+                await connect(url, open_timeout=TIMEOUT)
+            assert refusal.value.response.status_code == refused
+        assert server.get("/healthz").json()["connections"] == 0
+
+
+# --------------------------------------------------------------------------
+# The core alone, and its siblings' checks (the layout of docs/embedding.md's "Which files to copy")
+# --------------------------------------------------------------------------
+
+
+def copy_modules(folder: Path, *names: str, replace: tuple[str, str, str] | None = None) -> None:
+    """Copy these modules of the checkout into ``folder``; ``replace``: (module, pattern, text), a regular
+    expression replaced once in that module's copy, as if it came from another release."""
+    for name in names:
+        source = (ROOT / name).read_text()
+        if replace is not None and replace[0] == name:
+            source, count = re.subn(replace[1], replace[2], source, count=1)
+            assert count == 1, f"{replace[1]!r} is not in {name}"
+        (folder / name).write_text(source)
+
+
+async def ping(server: Server) -> None:
+    async with ws_client(server.ws) as (ws, me):
+        await ws.send(json.dumps(frame("ping", me, {"n": 1})))
+        assert await recv_json(ws) == frame("pong", me, {"n": 1})
+
+
+@pytest.mark.parametrize("uvicorn_app", [False, True], ids=["python-ws_micro.py", "uvicorn-ws_micro:app"])
+async def test_the_core_copied_alone_serves_and_says_once_that_frames_go_through_asgi(
+        uvicorn_app: bool, tmp_path: Path) -> None:
+    # An installed ws-micro's siblings are not beside the copy: they must not be picked up.
+    copy_modules(tmp_path, "ws_micro.py")
+    log = tmp_path / "server.log"
+    with run_server(uvicorn_app=uvicorn_app, cwd=tmp_path, log=log) as server:
+        assert server.get("/healthz").json() == {"status": "ok", "connections": 0}
+        await ping(server)
+        await ping(server)
+        assert server.metric("ws_micro_fast_path") == 0
+    text = log.read_text()
+    assert text.count("fast path off: ws_micro_servers.py is not beside ws_micro.py") == 1, text
+    assert "Traceback" not in text and "WARNING" not in text, text
+
+
+async def test_a_servers_module_of_another_version_is_refused_with_one_warning(tmp_path: Path) -> None:
+    copy_modules(tmp_path, "ws_micro.py", "ws_micro_servers.py",
+                 replace=("ws_micro_servers.py", r'__version__ = "[^"]+"', '__version__ = "0.0.1"'))
+    log = tmp_path / "server.log"
+    with run_server(cwd=tmp_path, log=log) as server:
+        await ping(server)
+        await ping(server)
+        assert server.metric("ws_micro_fast_path") == 0
+    text = log.read_text()
+    warnings = [line for line in text.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1, text
+    assert f"ws_micro_servers.py 0.0.1 cannot run beside ws_micro.py {ws_micro.__version__}" in warnings[0]
+
+
+async def test_an_untested_uvicorn_turns_the_servers_module_off_with_one_warning_naming_it(tmp_path: Path) -> None:
+    # As when a uvicorn newer than the module knows is installed: the gateway runs on ASGI alone.
+    copy_modules(tmp_path, "ws_micro.py", "ws_micro_servers.py",
+                 replace=("ws_micro_servers.py", r'"uvicorn": \(\([\d, ]+\), \([\d, ]+\)\)',
+                          '"uvicorn": ((0, 1), (0, 2))'))
+    log = tmp_path / "server.log"
+    with run_server("--handshake-timeout", "0.5", cwd=tmp_path, log=log) as server:
+        await ping(server)
+        await ping(server)
+        assert server.metric("ws_micro_fast_path") == 0
+        # The deadline on request heads is off too: a silent socket is not answered 408.
+        with socket.create_connection(("127.0.0.1", server.port)) as silent:
+            silent.settimeout(1.5)
+            with pytest.raises(TimeoutError):
+                silent.recv(1)
+    text = log.read_text()
+    warnings = [line for line in text.splitlines() if "WARNING" in line]
+    version = importlib.metadata.version("uvicorn")
+    assert len(warnings) == 1, text
+    assert f"uvicorn {version} is not a version ws_micro_servers.py was tested with (0.1 up to 0.2)" in warnings[0]
+    assert "fast path" in warnings[0] and "deadline on request heads" in warnings[0]
