@@ -96,6 +96,14 @@ def _require_process_for_subprocesses(event: str, args: tuple[Any, ...]) -> None
 sys.addaudithook(_require_process_for_subprocesses)
 
 
+def pytest_report_header() -> str:
+    """The versions the servers' tests ran under: ws_micro_servers.py knows only those in its TESTED table."""
+    import importlib.metadata
+
+    packages = ("uvicorn", "websockets", "starlette", "hypercorn", "granian", "daphne", "redis")
+    return "servers: " + ", ".join(f"{name} {importlib.metadata.version(name)}" for name in packages)
+
+
 # --------------------------------------------------------------------------
 # Frames and the gateway, in process
 # --------------------------------------------------------------------------
