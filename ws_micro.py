@@ -1959,9 +1959,10 @@ class _TokenVerifier:
 
 
 def _token_algorithm(token: str) -> str | None:
-    """The ``alg`` a token's header names, unverified; None if it has none."""
+    """The ``alg`` a token's header names, unverified; None if it has none (or no header JSON can hold:
+    this parser runs on a client's bytes before any check, nested as deep as they like)."""
     try:
-        header = msgspec.json.decode(base64.urlsafe_b64decode(token.partition(".")[0] + "=="))
+        header = _decode(msgspec.json.decode, base64.urlsafe_b64decode(token.partition(".")[0] + "==").decode())
     except (ValueError, msgspec.DecodeError):
         return None
     algorithm = header.get("alg") if isinstance(header, dict) else None

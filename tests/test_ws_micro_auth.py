@@ -413,6 +413,32 @@ async def test_e2e_tokens_in_the_header_or_query_and_never_in_any_log(tmp_path: 
 
 
 @pytest.mark.process
+async def test_e2e_a_token_whose_unsigned_header_nests_deep_is_a_401_and_no_traceback(
+        rsa_keys: tuple[Any, str], tmp_path: Path) -> None:
+    # With two keys the gateway reads the token's header (unverified) to pick one: that read is a parser a
+    # client's bytes reach before any check.
+    key, log = tmp_path / "key.pem", tmp_path / "gateway.log"
+    key.write_text(rsa_keys[1])
+    nested = base64.urlsafe_b64encode(b'{"alg":' + b"[" * 3000 + b"]" * 3000 + b"}").rstrip(b"=").decode()
+    token = f"{nested}.{base64.urlsafe_b64encode(b'{}').rstrip(b'=').decode()}.c2ln"
+    with run_server("--jwt-public-key", str(key), env={"WS_MICRO_JWT_SECRET": JWT_SECRET}, log=log) as server:
+        for _ in range(10):
+            with pytest.raises(InvalidStatus) as refused:
+                await connect(server.ws, additional_headers={"Authorization": f"Bearer {token}"},
+                              open_timeout=TIMEOUT)
+            assert refused.value.response.status_code == 401
+            assert json.loads(refused.value.response.body or b"")["error"]["code"] == "unauthorized"
+            probe = server.get(f"/ws/py_client?token={token}")
+            assert (probe.status_code, probe.json()["error"]["code"]) == (401, "unauthorized")
+        async with ws_client(server.ws, additional_headers={"Authorization": f"Bearer {mint()}"}):
+            pass  # and the gateway still takes a good token
+    logged = log.read_text()
+    assert "Traceback" not in logged and "RecursionError" not in logged, logged
+    # uvicorn's request lines, about 3 for each pair, and no more (each used to write a 38-line traceback).
+    assert len(logged.splitlines()) < 60, logged
+
+
+@pytest.mark.process
 async def test_python_client_sends_its_token_and_raises_on_a_refusal() -> None:
     with run_server("--log-level", "warning", "--jwt-secret", JWT_SECRET) as server:
         async with Client(server.ws, token=mint({"sub": "dora"})) as client:
