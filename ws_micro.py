@@ -187,6 +187,9 @@ class Settings:
     """Whether authenticated connections may send to other clients by id (``to``) unless granted."""
     presence_events: bool = False
     """Tell a room's members, with a ``presence`` event, when someone joins or leaves it."""
+    revocation_ttl: float = 24 * 3600.0
+    """Seconds a revocation of a user's tokens (DELETE /api/users/{user}?revoke=true) is kept: longer than the
+    longest lifetime of the tokens you issue."""
 
     # Forwarding to the backend (docs/backend.md): client events, and connects and disconnects
     forward_url: str | None = None
@@ -247,7 +250,7 @@ class Settings:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (off) or more, but got {getattr(self, name)!r}")
         for name in ("send_timeout", "close_timeout", "api_body_timeout", "redis_timeout", "heartbeat_interval",
-                     "instance_ttl", "connect_hook_timeout", "forward_timeout"):
+                     "instance_ttl", "connect_hook_timeout", "forward_timeout", "revocation_ttl"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be more than 0, but got {getattr(self, name)!r}")
         if self.instance_ttl <= self.heartbeat_interval:
@@ -565,6 +568,41 @@ def _identity(grant: _Grant, settings: Settings) -> _Identity:
     return _Identity(user=grant.user, meta=grant.meta, rooms=rooms,
                      join=(*settings.default_join, *grant.join), publish=(*settings.default_publish, *grant.publish),
                      relay=settings.default_relay if grant.relay is None else grant.relay, authenticated=True)
+
+
+MAX_REVOCATIONS = 100_000  # users whose tokens are revoked at once (about 10 MB); each expires after revocation_ttl
+
+
+class _Revocations:
+    """Users whose tokens issued before a time are refused, as Centrifugo's token invalidation does: a client
+    cannot get back in with the token it has, even one the gateway remembers.  Each revocation lasts until
+    its expiry (longer than the tokens live); in cluster mode the backend shares them.  A token without
+    ``iat`` is refused while its user's revocation stands: when it was issued cannot be told."""
+
+    def __init__(self) -> None:
+        self._revoked: dict[str, tuple[float, float]] = {}  # user -> (tokens issued up to then are refused, until)
+
+    def add(self, user: str, before: float, until: float) -> None:
+        """Refuse ``user``'s tokens issued up to ``before`` until ``until`` (Unix times); ValueError past
+        MAX_REVOCATIONS."""
+        if user in self._revoked:
+            before, until = max(before, self._revoked[user][0]), max(until, self._revoked[user][1])
+        elif len(self._revoked) >= MAX_REVOCATIONS:
+            now = time.time()
+            self._revoked = {name: entry for name, entry in self._revoked.items() if entry[1] > now}
+            if len(self._revoked) >= MAX_REVOCATIONS:
+                raise ValueError(f"{MAX_REVOCATIONS} revocations are kept already; they expire after revocation_ttl")
+        self._revoked[user] = (before, until)
+
+    def revoked(self, user: str | None, issued_at: float | None) -> float | None:
+        """The time up to which ``user``'s tokens are refused, if a token issued at ``issued_at`` is one."""
+        if user is None or (entry := self._revoked.get(user)) is None:
+            return None
+        before, until = entry
+        if time.time() >= until:
+            del self._revoked[user]
+            return None
+        return before if issued_at is None or issued_at <= before else None
 
 
 # --------------------------------------------------------------------------
@@ -1369,6 +1407,9 @@ class _Backend:
         """Like :meth:`publish`, to every client."""
         return here()
 
+    async def revoke(self, user: str, before: float, until: float) -> None:
+        """Tell the other instances, now and as they join, of a revocation (see Registry.revoke_user)."""
+
     # Reading, for the sidecar API, /healthz and /metrics.
 
     def entry(self, connection: _Connection) -> dict[str, Any]:
@@ -1451,6 +1492,7 @@ class Registry:
         self._users: dict[str, set[str]] = {}  # user -> ids of their connections here
         self._handlers: dict[str, _Handler] = {}
         self._metrics = _Metrics()
+        self._revocations = _Revocations()
         # What create_app(...) sets (see _use): its settings, the backend, the recovery store, and who
         # hears of a session that ended while its client was away.
         self._settings = Settings()
@@ -1716,6 +1758,22 @@ class Registry:
         return await self._backend.publish(_KickUser(user, code, reason),
                                           lambda: self._kick(self._users.get(user, ()), code, reason))
 
+    async def revoke_user(self, user: str, issued_before: float | None = None) -> float:
+        """Refuse ``user``'s tokens issued up to ``issued_before`` (a Unix time; now by default), cached or not,
+        at every handshake and resume, on every instance, for ``revocation_ttl`` seconds; the time they are
+        refused up to.  Connections open stay: :meth:`disconnect_user` closes them."""
+        now = time.time()
+        before = now if issued_before is None else issued_before
+        until = now + self._settings.revocation_ttl
+        self._revocations.add(user, before, until)  # refused here at once, even if other instances cannot be told
+        await self._backend.revoke(user, before, until)
+        return before
+
+    def _revoke_here(self, user: str, before: float, until: float) -> None:
+        """For the backend: a revocation made on another instance (see :meth:`revoke_user`)."""
+        with contextlib.suppress(ValueError):  # full: the instance that made it said so to its caller
+            self._revocations.add(user, before, until)
+
     async def _relay_to_client(self, client_id: str, text: str, failed: Callable[[str, str], None]) -> None:
         """Deliver a client's frame, unchanged, to one client; else ``failed(code, message)``, maybe later."""
         connection = self._connections.get(client_id)
@@ -1906,25 +1964,28 @@ class _TokenVerifier:
         if settings.jwt_public_key:
             algorithm, key = _public_key(settings.jwt_public_key)
             self.keys[algorithm] = key
-        self._verified: collections.OrderedDict[str, tuple[_Grant, float, float]] = collections.OrderedDict()
+        # token -> its grant, nbf, exp and iat (None: the token has none)
+        self._verified: collections.OrderedDict[str, tuple[_Grant, float, float, float | None]] = (
+            collections.OrderedDict())
 
-    def verify(self, token: str) -> _Grant:
-        """The grant a token carries; :class:`_Refused` (401) saying why it is not valid."""
+    def verify(self, token: str) -> tuple[_Grant, float | None]:
+        """The grant a token carries, and when it was issued (its ``iat``, if it has one); :class:`_Refused`
+        (401) saying why it is not valid."""
         remembered = self._verified.get(token)
         if remembered is not None:
-            grant, not_before, expires = remembered
+            grant, not_before, expires, issued_at = remembered
             if not_before <= time.time() < expires:
                 self._verified.move_to_end(token)
-                return grant
+                return grant, issued_at
             del self._verified[token]  # expired since: verified again, it is refused with the reason
-        grant, not_before, expires = self._decode(token)
+        verified = self._decode(token)
         if len(token) <= TOKEN_CACHE_TOKEN_SIZE:  # what the cache holds stays small: 10,000 x 4 KB at most
-            self._verified[token] = (grant, not_before, expires)
+            self._verified[token] = verified
             if len(self._verified) > TOKEN_CACHE_SIZE:
                 self._verified.popitem(last=False)
-        return grant
+        return verified[0], verified[3]
 
-    def _decode(self, token: str) -> tuple[_Grant, float, float]:
+    def _decode(self, token: str) -> tuple[_Grant, float, float, float | None]:
         jwt = self._jwt
         try:
             # With one key its algorithm is the only one accepted, and PyJWT refuses any other itself.
@@ -1935,7 +1996,9 @@ class _TokenVerifier:
                                 audience=self.settings.jwt_audience, issuer=self.settings.jwt_issuer,
                                 options={"require": ["exp", "sub"]})
             grant = msgspec.convert({**claims, "user": claims["sub"]}, _Grant)
-            return grant, float(claims.get("nbf", 0)), float(claims["exp"])
+            issued_at = claims.get("iat")  # PyJWT checked that it is a number, if there is one
+            return (grant, float(claims.get("nbf", 0)), float(claims["exp"]),
+                    None if issued_at is None else float(issued_at))
         except jwt.InvalidAlgorithmError:
             message = (f"tokens signed with {_token_algorithm(token)!r} are not accepted "
                        f"(only {', '.join(self.keys)})")
@@ -2049,10 +2112,11 @@ class _TokenAndHookAuthorizer(_Authorizer):
     """Authentication on: a handshake with a token is judged by it, when tokens are configured; any other
     goes to the connect hook, if there is one, or is refused with 401."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, revocations: _Revocations) -> None:
         self.tokens = _TokenVerifier(settings) if settings.jwt_secret or settings.jwt_public_key else None
         self.hook = _ConnectHook(settings) if settings.connect_hook_url else None
         self.settings = settings
+        self.revocations = revocations
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -2065,8 +2129,13 @@ class _TokenAndHookAuthorizer(_Authorizer):
     async def authorize(self, request: HTTPConnection, client_id: str) -> _Identity:
         token = _credentials(request)
         if token is not None and self.tokens is not None:
+            grant, issued_at = self.tokens.verify(token)
+            revoked = self.revocations.revoked(grant.user, issued_at)
+            if revoked is not None:  # checked after the cache too: a remembered token is refused alike
+                raise _Refused(401, "unauthorized", f"the tokens of this user issued before {_iso(revoked)} were "
+                                                    "revoked; get a new one")
             try:
-                return _identity(self.tokens.verify(token), self.settings)
+                return _identity(grant, self.settings)
             except ValueError as exc:
                 raise _Refused(401, "unauthorized", f"invalid token claims: {exc}") from None
         if self.hook is not None:
@@ -2787,9 +2856,19 @@ def _api_routes(registry: Registry, settings: Settings) -> list[Route]:
                                                                push.data.data)}, 202)
 
     async def disconnect_user(request: Request) -> Response:
-        disconnected = await registry.disconnect_user(request.path_params["user"], CLOSE_NORMAL,
-                                                      "disconnected by the server")
-        return _json({"disconnected": disconnected}, 202)
+        user, answer = request.path_params["user"], dict[str, Any]()
+        try:
+            revoke, disconnect = _flag(request, "revoke", False), _flag(request, "disconnect", True)
+        except ValueError as exc:
+            return _api_error(400, "invalid_parameter", str(exc))
+        if revoke:  # first: a client closed by the disconnect may come straight back with its token
+            try:
+                answer["revoked_before"] = _iso(await registry.revoke_user(user))
+            except ValueError as exc:
+                return _api_error(503, "too_many_revocations", str(exc))
+        if disconnect:
+            answer["disconnected"] = await registry.disconnect_user(user, CLOSE_NORMAL, "disconnected by the server")
+        return _json(answer, 202)
 
     return [
         Route("/api/clients", guarded(list_clients), methods=["GET"]),
@@ -2804,6 +2883,17 @@ def _api_routes(registry: Registry, settings: Settings) -> list[Route]:
         Route("/api/rooms/{room}", guarded(pushing(publish_to_room)), methods=["POST"]),
         Route("/api/broadcast", guarded(pushing(broadcast)), methods=["POST"]),
     ]
+
+
+def _flag(request: Request, name: str, default: bool) -> bool:
+    """A true-or-false query parameter; ValueError naming it if it is neither."""
+    text = request.query_params.get(name)
+    if text is None:
+        return default
+    try:
+        return bool(_convert(bool, text))
+    except ValueError as exc:
+        raise ValueError(f"the query parameter {name} {exc}") from None
 
 
 def _unknown_client(request: Request) -> Response:
@@ -3001,7 +3091,7 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
     _redact_tokens_in_logs()  # now, before the server logs a first request
     registry = registry if registry is not None else Registry()
     # Each optional part behind its seam: authentication, forwarding, other instances, the server's internals.
-    authorizer = _TokenAndHookAuthorizer(settings) if settings.authenticating else _Authorizer()
+    authorizer = _TokenAndHookAuthorizer(settings, registry._revocations) if settings.authenticating else _Authorizer()
     forwarder = _HttpForwarder(settings) if settings.forward_url or settings.lifecycle_target else _Forwarder()
     backend = _redis_backend(registry, settings) if settings.redis_url else _Backend()
     server = _server_support()

@@ -105,7 +105,15 @@ class _TakeOver(msgspec.Struct, tag="takeover", array_like=True):
     requester: str
 
 
-_Control = _WasParked | _Sealed | _WasResumed | _SessionEnded | _TakeOver
+# A user's tokens issued up to ``before`` were revoked on an instance, until ``expires`` (Unix times):
+# published to every instance, and kept in Redis for those that join later (Registry.revoke_user).
+class _Revoked(msgspec.Struct, tag="revoked", array_like=True):
+    user: str
+    before: float
+    expires: float
+
+
+_Control = _WasParked | _Sealed | _WasResumed | _SessionEnded | _TakeOver | _Revoked
 
 _encode_delivery = msgspec.msgpack.Encoder().encode
 _decode_delivery = msgspec.msgpack.Decoder(_Delivery | _Control).decode
@@ -145,7 +153,7 @@ def _lua_layout(*structs: type[msgspec.Struct]) -> str:
 
 
 _LUA_PRELUDE = _lua_layout(_ToClient, _ToRoom, _ToUser, _ToEveryone, _Kick, _KickUser,
-                           _WasParked, _Sealed, _WasResumed, _SessionEnded, _TakeOver) + """
+                           _WasParked, _Sealed, _WasResumed, _SessionEnded, _TakeOver, _Revoked) + """
 local p = ARGV[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
@@ -389,6 +397,16 @@ if waiter then redis.call('PUBLISH', p .. ':deliveries:' .. waiter, pack('sealed
 return 1""",
     # ARGV: p, instance, message, own instance -> 1: a control message to one instance
     "tell": "redis.call('PUBLISH', p .. ':deliveries:' .. ARGV[2], ARGV[3]) return 1",
+    # ARGV: p, user, before, expires (Unix times, s), own instance -> 1.  Kept as p:revoked:<user> until it
+    # expires (read by instances as they join), and told to every live one.
+    "revoke": """
+local expires = tonumber(ARGV[4])
+redis.call('SET', p .. ':revoked:' .. ARGV[2], ARGV[3], 'PXAT', math.ceil(expires * 1000))
+local message = pack('revoked', {user = ARGV[2], before = tonumber(ARGV[3]), expires = expires})
+for _, id in ipairs(live()) do
+  if string.sub(id, 1, 1) ~= '~' then redis.call('PUBLISH', p .. ':deliveries:' .. id, message) end
+end
+return 1""",
     # What a resume token would take; with "claim", it is held for this instance for a few seconds, so
     # that one concurrent resume wins.  The token spent last is as good while the session waits (its
     # client may never have had the next one).  ARGV: p, client id, token hash, "claim" or "look", own
@@ -457,6 +475,17 @@ return redis.call('HGET', p .. ':instance:' .. id .. ':clients', ARGV[2])""",
 
 def _ignore(result: Any) -> None:
     pass
+
+
+async def _batches(items: AsyncIterator[bytes], size: int) -> AsyncIterator[list[bytes]]:
+    batch: list[bytes] = []
+    async for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _group_key(delivery: _ToGroup) -> str:
@@ -622,6 +651,7 @@ class RedisBackend(_Backend):
             results = await pipe.execute()
         # Peers we saw alive that Redis does not hold now may be reconnecting, as we did: until they
         # are back (or instance_ttl has passed), frames that may be for them are refused, not lost.
+        await self._load_revocations()
         known = self._peers | (self._missing if self.resyncing else set())
         self._saw(results[1][1])
         if known - self._peers:
@@ -630,6 +660,23 @@ class RedisBackend(_Backend):
             logger.warning("cluster: waiting up to %gs for instance(s) %s to register again; "
                            "until then frames that may be for them fail with backend_unavailable",
                            self.settings.instance_ttl, ", ".join(sorted(self._missing)))
+
+    async def _load_revocations(self) -> None:
+        """Take the revocations other instances made (while this one was away, or before it started)."""
+        prefix = f"{self.settings.redis_prefix}:revoked:"
+        async for batch in _batches(self.redis.scan_iter(match=f"{prefix}*", count=1000), 1000):
+            keys = [key.decode() for key in batch]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.get(key)
+                    pipe.pexpiretime(key)
+                results = await pipe.execute()
+            for key, before, expires in zip(keys, results[::2], results[1::2], strict=True):
+                if before is not None and expires > 0:  # else it expired meanwhile
+                    self.registry._revoke_here(key[len(prefix):], float(before), expires / 1000)
+
+    async def revoke(self, user: str, before: float, until: float) -> None:
+        await self._request("revoke", user, before, until)
 
     async def _listen(self, pubsub: Any) -> None:
         async for message in pubsub.listen():
@@ -712,6 +759,8 @@ class RedisBackend(_Backend):
                 self._resuming.discard(client_id)
             case _SessionEnded(client_id, reason):
                 self._session_over(client_id, reason)
+            case _Revoked(user, before, expires):
+                self.registry._revoke_here(user, before, expires)
             case _TakeOver(client_id, token_hash, requester):
                 self._takeovers[client_id] = requester  # _park() names it, for the seal to tell it
                 if not self.registry._drop_session(client_id, token_hash):  # no such open connection here

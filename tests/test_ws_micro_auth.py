@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2 as httpx
 import msgspec
 import pytest
 from conftest import (
@@ -29,12 +30,17 @@ from conftest import (
     TIMEOUT,
     BackendServer,
     HookBackend,
+    Server,
     StallingOutput,
+    closed_with,
+    drop,
     frame,
     free_port,
     gateway,
     mint,
+    new_session,
     recv_json,
+    resume_url,
     rss_mib,
     run_server,
     text,
@@ -436,6 +442,61 @@ async def test_e2e_a_token_whose_unsigned_header_nests_deep_is_a_401_and_no_trac
     assert "Traceback" not in logged and "RecursionError" not in logged, logged
     # uvicorn's request lines, about 3 for each pair, and no more (each used to write a 38-line traceback).
     assert len(logged.splitlines()) < 60, logged
+
+
+def probe(server: Server, token: str) -> tuple[int, str]:
+    """What a handshake with ``token`` would get (the endpoint's plain GET): its status and error message."""
+    answer = server.get(f"/ws/py_client?token={token}")
+    return answer.status_code, answer.json()["error"]["message"]
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.mark.process
+async def test_e2e_a_revoked_users_tokens_are_refused_cached_or_not_and_on_a_resume() -> None:
+    issued = int(time.time()) - 5  # tokens minted a while ago
+    remembered, unseen, without_iat = mint({"iat": issued}), mint({"iat": issued, "n": 2}), mint()
+    with run_server("--recovery-window", "60", env={"WS_MICRO_JWT_SECRET": JWT_SECRET}) as server:
+        async with (ws_client(server.ws, additional_headers=bearer(remembered)) as (open_, _),
+                    ws_client(server.ws, additional_headers=bearer(mint({"sub": "bob"}))) as (bystander, bob)):
+            away, away_id, resume_token = await new_session(server.ws, additional_headers=bearer(remembered))
+            await drop(away, server, away_id)
+            answer = httpx.delete(f"{server.http}/api/users/alice?revoke=true", timeout=TIMEOUT)
+            assert answer.status_code == 202 and answer.json()["disconnected"] == 2  # the open one, the away one
+            assert answer.json()["revoked_before"][:10] == time.strftime("%Y-%m-%d", time.gmtime())
+            assert await closed_with(open_) == (1000, "disconnected by the server")
+            for token in (remembered, unseen, without_iat):  # the gateway's cache holds the first
+                status, message = probe(server, token)
+                assert status == 401 and "were revoked; get a new one" in message, message
+                with pytest.raises(InvalidStatus) as refused:
+                    await connect(server.ws, additional_headers=bearer(token))
+                assert refused.value.response.status_code == 401
+            with pytest.raises(InvalidStatus) as refused:  # nor back into the session it had
+                await connect(resume_url(server, resume_token), additional_headers=bearer(remembered))
+            assert refused.value.response.status_code == 401
+            # A token issued after the revocation is taken (within its second, iat must tell: a fraction), and
+            # another user was never touched.
+            async with ws_client(server.ws, additional_headers=bearer(mint({"iat": time.time()}))) as (_, me):
+                assert server.get(f"/api/clients/{me}").json()["user"] == "alice"
+            await bystander.send(text("ping", bob))
+            assert (await recv_json(bystander))["event"] == "pong"
+        # Revoking without disconnecting; a bad flag is named.
+        answer = httpx.delete(f"{server.http}/api/users/bob?revoke=1&disconnect=false", timeout=TIMEOUT)
+        assert answer.status_code == 202 and "disconnected" not in answer.json()
+        bad = httpx.delete(f"{server.http}/api/users/bob?revoke=maybe", timeout=TIMEOUT)
+        assert (bad.status_code, bad.json()["error"]["code"]) == (400, "invalid_parameter")
+        assert "revoke must be true or false, but got 'maybe'" in bad.json()["error"]["message"]
+
+
+@pytest.mark.process
+async def test_e2e_a_revocation_expires_after_revocation_ttl() -> None:
+    token = mint({"iat": int(time.time()) - 5})
+    with run_server("--revocation-ttl", "1", env={"WS_MICRO_JWT_SECRET": JWT_SECRET}) as server:
+        assert httpx.delete(f"{server.http}/api/users/alice?revoke=true&disconnect=false").status_code == 202
+        assert probe(server, token)[0] == 401
+        await server.wait_until(lambda: probe(server, token)[0] == 426, "the revocation to expire")
 
 
 @pytest.mark.process

@@ -767,6 +767,27 @@ async def test_cluster_a_stream_of_frames_reaches_a_client_dropping_and_resuming
             assert [n for n in numbers if n % publishers == first] == list(range(first, total, publishers))
 
 
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_a_revocation_holds_on_every_instance_and_on_those_that_join_later(
+        redis_server: RedisServer) -> None:
+    token = mint({"iat": int(time.time()) - 5})
+
+    def refused(server: Server) -> bool:
+        return bool(server.get(f"/ws/py_client?token={token}").status_code == 401)
+
+    with cluster(redis_server, 2, "--jwt-secret", JWT_SECRET) as (x, y):
+        async with ws_client(y.ws, additional_headers={"Authorization": f"Bearer {token}"}) as (ws, _):
+            answer = httpx.delete(f"{x.http}/api/users/alice?revoke=true", timeout=TIMEOUT)
+            assert answer.status_code == 202 and answer.json()["disconnected"] == 1  # closed on y
+            assert await closed_with(ws) == (1000, "disconnected by the server")
+        assert refused(x)
+        await y.wait_until(lambda: refused(y), "the revocation to reach the other instance")
+        with cluster(redis_server, 1, "--jwt-secret", JWT_SECRET) as (z,):  # started after it
+            assert refused(z)
+        assert redis_server.command("PTTL", "ws_micro:revoked:alice") > 23 * 3600 * 1000  # revocation_ttl
+
+
 # --------------------------------------------------------------------------
 # The module beside the core
 # --------------------------------------------------------------------------
@@ -780,10 +801,10 @@ def test_the_scripts_find_every_field_where_msgspec_puts_it() -> None:
               for tag, fields in re.findall(r"(\w+) = \{([^}]*)\}", table)}
     structs = (ws_micro._ToClient, ws_micro._ToRoom, ws_micro._ToUser, ws_micro._ToEveryone, ws_micro._Kick,
                ws_micro._KickUser, ws_micro_redis._WasParked, ws_micro_redis._Sealed, ws_micro_redis._WasResumed,
-               ws_micro_redis._SessionEnded, ws_micro_redis._TakeOver)
+               ws_micro_redis._SessionEnded, ws_micro_redis._TakeOver, ws_micro_redis._Revoked)
     assert set(layout) == {struct.__struct_config__.tag for struct in structs}
     for struct in structs:
-        values: dict[str, Any] = {name: 1000 + i if name == "code" else f"{name}-value"
+        values: dict[str, Any] = {name: 1000 + i if name in ("code", "before", "expires") else f"{name}-value"
                                   for i, name in enumerate(struct.__struct_fields__)}
         encoded = msgspec.msgpack.decode(msgspec.msgpack.encode(struct(**values)))
         fields = layout[struct.__struct_config__.tag]
