@@ -216,6 +216,9 @@ class Settings:
     """Characters of JSON kept for one session, likewise."""
     recovery_max_sessions: int = 10_000
     """Sessions waiting for their client at once; past this, the one waiting longest ends."""
+    recovery_max_memory: int = 64 * 1024 * 1024
+    """Bytes of memory the frames kept for all waiting sessions may take; past this, the sessions waiting
+    longest end."""
 
     # Cluster: several instances share one registry over Redis (pip install 'ws-micro[redis]')
     redis_url: str | None = None
@@ -242,7 +245,7 @@ class Settings:
     def __post_init__(self) -> None:
         for name in ("max_message_size", "max_connections", "rate_burst", "max_queue_messages",
                      "max_queue_bytes", "max_rooms_per_connection", "max_room_name_length", "forward_max_pending",
-                     "recovery_max_frames", "recovery_max_bytes", "recovery_max_sessions"):
+                     "recovery_max_frames", "recovery_max_bytes", "recovery_max_sessions", "recovery_max_memory"):
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, but got {value!r}")
@@ -1132,7 +1135,8 @@ class _Session:
     session that would pass the bounds otherwise is lost.
     """
 
-    __slots__ = ("away_at", "frames", "max_bytes", "max_frames", "sent", "size", "token_hash", "used_hash")
+    __slots__ = ("away_at", "frames", "max_bytes", "max_frames", "memory", "sent", "size", "store", "token_hash",
+                 "used_hash")
 
     def __init__(self, settings: Settings) -> None:
         self.max_frames, self.max_bytes = settings.recovery_max_frames, settings.recovery_max_bytes
@@ -1142,6 +1146,9 @@ class _Session:
         self.away_at = -1  # the offset when its connection dropped; -1 while connected
         self.token_hash = b""  # of the token the last connect frame gave; b"" once it was presented
         self.used_hash = b""  # of the one before it: presented again, refused unless the session waits (claim)
+        # While it waits in the registry's store: the store, and the memory its frames take there.
+        self.store: _Sessions | None = None
+        self.memory = 0
 
     @classmethod
     def restored(cls, settings: Settings, base: int, away_at: int, frames: Iterable[str],
@@ -1160,10 +1167,18 @@ class _Session:
         frames.append(text)
         self.size += len(text)
         self.sent += 1
+        store = self.store
+        grown = sys.getsizeof(text) if store is not None else 0
         while len(frames) > self.max_frames or self.size > self.max_bytes:
             if 0 <= self.away_at <= self.sent - len(frames):  # the oldest was sent while away
                 return False
-            self.size -= len(frames.popleft())
+            oldest = frames.popleft()
+            self.size -= len(oldest)
+            if store is not None:
+                grown -= sys.getsizeof(oldest)
+        if store is not None:  # waiting in the store: its frames count against every waiting session's memory
+            self.memory += grown
+            store.grew(grown)
         return True
 
     def back(self, offset: int | None) -> list[str] | None:
@@ -1228,6 +1243,9 @@ class _Sessions:
         self.settings = settings
         self.outcomes = collections.Counter(dict.fromkeys(SESSION_OUTCOMES, 0))
         self._waiting: dict[str, tuple[_Connection, asyncio.TimerHandle]] = {}  # client id -> it, its expiry
+        # Bytes of memory the frames of the waiting sessions take (their strings, as sys.getsizeof counts):
+        # server-made frames carry each receiver's id, so sessions share none of them.
+        self.memory = 0
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -1238,15 +1256,35 @@ class _Sessions:
 
     def wait(self, connection: _Connection) -> None:
         """Keep the session of an away connection here, for ``recovery_window`` seconds."""
+        session = connection.session
+        assert session is not None
         expiry = asyncio.get_running_loop().call_later(self.settings.recovery_window, connection.end, "expired")
         self._waiting[connection.id] = (connection, expiry)
+        session.store, session.memory = self, sum(map(sys.getsizeof, session.frames))
         if len(self._waiting) > self.settings.recovery_max_sessions:
-            next(iter(self._waiting.values()))[0].end("evicted")
+            self._evict_oldest()
+        self.grew(session.memory)
+
+    def grew(self, memory: int) -> None:
+        """The waiting sessions' frames take ``memory`` more bytes: past recovery_max_memory, the sessions
+        waiting longest end until the rest fit."""
+        self.memory += memory
+        while self.memory > self.settings.recovery_max_memory and self._waiting:
+            self._evict_oldest()
+
+    def _evict_oldest(self) -> None:
+        oldest = next(iter(self._waiting.values()))[0]
+        self.stop_waiting(oldest)  # first: whatever its end does, it leaves the store
+        oldest.end("evicted")
 
     def stop_waiting(self, connection: _Connection) -> None:
         entry = self._waiting.pop(connection.id, None)
         if entry is not None:
             entry[1].cancel()
+            session = connection.session
+            if session is not None and session.store is self:
+                self.memory -= session.memory
+                session.store, session.memory = None, 0
 
     def claim(self, previous: _Connection, secret: str, user: str | None, *, spend: bool) -> bool | None:
         """Whether a resume token's ``secret`` is that of the session ``previous`` holds, for ``user`` (its
@@ -1278,11 +1316,10 @@ class _Sessions:
         return missed
 
     def metrics(self) -> list[_MetricFamily]:
-        kept = sum(connection.session.size for connection, _ in self._waiting.values() if connection.session)
         return [("sessions_away", "gauge", "Sessions waiting here for their client to come back.",
                  {"": len(self._waiting)}, ""),
-                ("sessions_kept_bytes", "gauge", "Characters of JSON kept for the sessions waiting here.",
-                 {"": kept}, ""),
+                ("sessions_kept_bytes", "gauge", "Bytes of memory the frames kept for the sessions waiting here take.",
+                 {"": self.memory}, ""),
                 ("sessions_total", "counter", "What became of sessions (connection recovery), by outcome.",
                  self.outcomes, "outcome")]
 

@@ -35,6 +35,7 @@ from conftest import (
     push,
     recv_json,
     resume_url,
+    rss_mib,
     run_server,
     text,
     until_away,
@@ -194,6 +195,37 @@ async def test_a_session_expires_after_the_window_and_resuming_then_says_not_rec
         async with connect(resume_url(server, token, offset=1)) as back:
             info = await greeted(back)
             assert info["client_id"] != me and info["data"]["data"]["recovered"] is False
+
+
+async def test_waiting_sessions_share_one_memory_budget_and_the_oldest_make_room() -> None:
+    # Server-made frames carry each receiver's id: every waiting session keeps its own copy, so one sender
+    # of broadcasts could make 10,000 sessions pin 256 KiB each.  recovery_max_memory bounds them all.
+    budget, padding = 400_000, "x" * 8000
+    with run_server("--log-level", "warning", "--recovery-window", "60",
+                    "--recovery-max-memory", str(budget)) as server:
+        sessions = []
+        for _ in range(20):  # dropped in this order: the first waits longest
+            ws, me, token = await new_session(server.ws)
+            await drop(ws, server, me)
+            sessions.append((me, token))
+        rss = rss_mib(server.process)
+        for n in range(10):  # 20 x 10 x 8 KB = 1.6 MB if each kept them all
+            delivered = server.post("/api/broadcast", {"event": "news", "data": {"data": {"n": n, "pad": padding}}})
+            assert delivered.status_code == 202
+        kept = server.metric("ws_micro_sessions_kept_bytes")
+        evicted = server.metric("ws_micro_sessions_total", outcome="evicted")
+        assert budget - 10 * 8200 < kept <= budget and evicted >= 10, (kept, evicted)
+        assert server.metric("ws_micro_sessions_away") == 20 - evicted
+        assert rss_mib(server.process) - rss < 20
+        # The newest came through whole; the oldest made room, and are told so when they come back.
+        newest, oldest = sessions[-1], sessions[0]
+        async with connect(resume_url(server, newest[1], offset=0)) as back:
+            info = await greeted(back)
+            assert (info["client_id"], info["data"]["data"]["missed"]) == (newest[0], 10)
+            assert [(await recv_json(back))["data"]["data"]["n"] for _ in range(10)] == list(range(10))
+        async with connect(resume_url(server, oldest[1], offset=0)) as back:
+            info = await greeted(back)
+            assert info["client_id"] != oldest[0] and info["data"]["data"]["recovered"] is False
 
 
 async def test_a_session_whose_missed_frames_pass_the_bounds_is_lost_and_says_so() -> None:
