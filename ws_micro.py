@@ -28,7 +28,9 @@ of :class:`Settings` and :class:`ServerSettings` is a keyword argument, a flag
 (``--max-message-size``) and a variable (``WS_MICRO_MAX_MESSAGE_SIZE``).
 
 This module is the whole gateway for one instance, and reaches its server and its
-libraries through their public APIs only: copied alone, it runs.  It reads top to
+libraries through their public APIs only (it also reads two texts they keep stable without
+promising to: uvicorn's ``LOGGING_CONFIG``, and asyncio's message for one error; it degrades
+quietly if they change): copied alone, it runs.  It reads top to
 bottom: settings, the protocol, access, metrics, the output seam, a connection,
 recovery, the backend seam, the registry, authentication, forwarding, the endpoint,
 the sidecar API and ``create_app``; then ``serve()``, the Python client and the
@@ -61,9 +63,11 @@ import fnmatch
 import functools
 import hashlib
 import hmac
+import importlib
 import ipaddress
 import itertools
 import logging
+import logging.config
 import math
 import os
 import re
@@ -74,6 +78,7 @@ import sys
 import threading
 import time
 import types
+import typing
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Generator, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -829,12 +834,14 @@ class _State(enum.Enum):
     DROPPED = "dropped"  # refused: the peer vanished without a close frame (or left with 1001): its session waits
     AWAY = "away"  # kept in its session, which waits for its client to come back within the window
     RESUMING = "resuming"  # kept in its session, which is being handed to it from elsewhere (cluster mode)
-    ENDED = "ended"  # refused: its session ended while it was away (expired, overflowed, kicked, evicted)
+    ENDED = "ended"  # refused: its session ended while it was away (expired, overflowed, kicked, evicted, or
+    # not_recovered: its client came back further behind than the frames kept)
     MOVED = "moved"  # refused: its session went on in a newer connection
 
 
 _WRITING = frozenset({_State.OPEN, _State.BACKLOGGED, _State.CLOSING})  # the writer has something to do
 _KEEPING = frozenset({_State.AWAY, _State.RESUMING})  # frames go into the session, not out
+_SESSION_GOES_ON = frozenset({_State.AWAY, _State.MOVED, _State.ENDED})  # its end is not its connection's
 
 
 class _Connection:
@@ -960,9 +967,7 @@ class _Connection:
 
     def hold(self) -> None:
         """Keep the frames sent to it, and write none, while its session is handed to it (RESUMING)."""
-        self.state = _State.RESUMING
-        if self._writer is not None:  # what it queued is kept in the session
-            self._writer.cancel()
+        self._keep_instead(_State.RESUMING)
 
     def go_on(self, session: _Session) -> None:
         """Its session, handed to it: write frames again."""
@@ -972,15 +977,15 @@ class _Connection:
         """Keep the session of a connection whose peer vanished, for it to come back; let go of the
         server's objects for the socket (most of what a connection costs) at once."""
         assert self.session is not None
-        self.hold()
-        self.state = _State.AWAY
+        self._keep_instead(_State.AWAY)
         self.session.away_at = self.session.sent
         self.away_since = time.time()
         self._output.release()
         self._output = _NO_OUTPUT
 
     def end(self, reason: str) -> None:
-        """End the session of a connection whose peer is away (ENDED), or being handed its session."""
+        """End the session of a connection whose peer is away (AWAY becomes ENDED), or that is being handed
+        its session (RESUMING becomes CLOSED: it never waited here)."""
         if self.state in _KEEPING:
             self.state = _State.ENDED if self.state is _State.AWAY else _State.CLOSED
             self.close_reason = reason
@@ -1037,6 +1042,12 @@ class _Connection:
             **({"meta": self.identity.meta} if self.identity.meta is not None else {}),
             **({"away_since": _iso(self.away_since)} if self.state is _State.AWAY else {}),
         }
+
+    def _keep_instead(self, state: _State) -> None:
+        """From now on keep the frames sent to it (AWAY, RESUMING) instead of writing them."""
+        self.state = state
+        if self._writer is not None:  # what it queued is kept in the session
+            self._writer.cancel()
 
     def _start_writer(self, state: _State) -> None:
         self.state = state
@@ -1234,6 +1245,14 @@ class _Parked:
     rooms: tuple[str, ...]
 
 
+class _Kept(typing.NamedTuple):
+    """The frames the backend kept for a session it handed back (see _Session.restored)."""
+
+    base: int  # the offset of the first
+    away_at: int  # the offset when its connection dropped
+    frames: list[str]
+
+
 class _Sessions:
     """The registry's store of the sessions waiting here for their client, oldest first, and the count of
     what became of sessions.  Each waits ``recovery_window`` seconds; past ``recovery_max_sessions``, the
@@ -1290,7 +1309,7 @@ class _Sessions:
         """Whether a resume token's ``secret`` is that of the session ``previous`` holds, for ``user`` (its
         token now spent, if ``spend``); None if it is the token spent last (see :meth:`_Session.claim`)."""
         session = previous.session
-        if session is None or not (previous.open or previous.state in _KEEPING) or previous.identity.user != user:
+        if session is None or not (previous.open or previous.away) or previous.identity.user != user:
             return False
         return session.claim(secret, spend=spend, waiting=previous.away)
 
@@ -1485,10 +1504,9 @@ class _Backend:
         own and it is ``user``'s: False if there is none, None if the token was spent already."""
         return False
 
-    async def take(self, connection: _Connection, parked: _Parked) -> tuple[int, int, list[str]] | None:
-        """Take a session kept elsewhere for ``connection``, which holds the frames sent to it meanwhile: the
-        offset of its first kept frame, the offset when its connection dropped, and its kept frames; None if
-        it is gone (ended, or taken by another connection)."""
+    async def take(self, connection: _Connection, parked: _Parked) -> _Kept | None:
+        """Take a session kept elsewhere for ``connection``, which holds the frames sent to it meanwhile: what
+        was kept of it; None if it is gone (ended, or taken by another connection)."""
         return None
 
     def metrics(self) -> list[_MetricFamily]:
@@ -1627,7 +1645,7 @@ class Registry:
             self._announce(room, "left", connection)
         self._session_ended(connection)
 
-    def _drop_session(self, client_id: str, token_hash: str) -> bool:
+    def _drop_for_takeover(self, client_id: str, token_hash: str) -> bool:
         """For the backend: cut off the open connection holding the session a resume token (its hash, hex)
         names, for its client has come back elsewhere; False if there is none."""
         connection = self._connections.get(client_id)
@@ -1688,13 +1706,17 @@ class Registry:
         self._adopt(connection)
         taken = await self._backend.take(connection, parked)
         if self._connections.get(connection.id) is not connection or connection.state is not _State.RESUMING:
-            return None  # kicked meanwhile: its session ended, and it left the registry
+            if taken is not None:  # kicked meanwhile, once its session was ours: this instance tells of its end
+                if connection.close_reason in SESSION_OUTCOMES:
+                    self._sessions.outcomes[connection.close_reason] += 1
+                self._session_ended(connection)
+            return None
         if taken is None:  # gone from the backend meanwhile
             self._forget(connection)
             return None
-        base, away_at, frames = taken
         held = connection.session.frames if connection.session is not None else ()
-        session = _Session.restored(self._settings, base, away_at, [*frames, *held], bytes.fromhex(parked.token_hash))
+        session = _Session.restored(self._settings, taken.base, taken.away_at, [*taken.frames, *held],
+                                    bytes.fromhex(parked.token_hash))
         missed = session.back(offset)
         connection.session = session
         if missed is None:  # the client is further behind than what was kept: the session ends here
@@ -2458,12 +2480,17 @@ class _Gateway:
                 while (await receive())["type"] != "websocket.disconnect":
                     pass
         finally:
+            cut_short = connection.state is _State.RESUMING  # cancelled while its session was handed to it
+            if cut_short:
+                connection.end("abnormal")  # which takes it out of the registry
             connection.abandon()
             self.registry._remove(connection)  # it may have left already, when it started closing
             connection.close_reason = connection.close_reason or "abnormal"
             self.registry._metrics.disconnects[connection.close_reason] += 1
-            if connection.state is not _State.AWAY and connection.state is not _State.MOVED:
-                self.ended(connection)  # else its session goes on: ended() is called when it ends
+            # Its session goes on (AWAY, MOVED: ended() is called when it ends), or ended already (ENDED), or
+            # was never its own here (RESUMING).
+            if connection.state not in _SESSION_GOES_ON and not cut_short:
+                self.ended(connection)
 
     def ended(self, connection: _Connection) -> None:
         """A client's session ended: with recovery on, maybe long after its last connection did."""
@@ -3058,8 +3085,11 @@ def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
 
     def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         error = context.get("exception")
+        # asyncio retries each refused accept later; once the listener has closed, the retry fails with a
+        # ValueError, reported as "Exception in callback ..._start_serving(...)".  Only the message tells it
+        # apart (should it change, those lines are logged as asyncio logs them).
         if isinstance(error, ValueError) and "._start_serving(" in context.get("message", ""):
-            return  # asyncio retrying, once per refused accept, on a listener that has closed since
+            return
         if not isinstance(error, OSError) or error.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
                                                                    errno.ENOMEM):
             (previous or type(loop).default_exception_handler)(loop, context)
@@ -3084,39 +3114,51 @@ def _harden_process(settings: Settings, server: _ServerSupport) -> None:
 
 
 # The sibling modules, each imported only when it is needed, and only from beside this file: a copied
-# ws_micro.py does not pick up the modules of an installed ws-micro.  Each checks, as it is imported,
-# that it is of this module's version, and refuses to load beside another.
+# ws_micro.py does not pick up the modules of an installed ws-micro, and a copy vendored in a package
+# (myapp/ws_micro.py) finds its siblings there.  Each checks, as it is imported, that the core it gets
+# as ``ws_micro`` is this file, of its version, and refuses to load otherwise.
 
 
-def _beside(module: str) -> bool:
-    return Path(__file__).with_name(f"{module}.py").is_file()
+def _sibling(name: str) -> types.ModuleType | None:
+    """The sibling module ``name``, imported from beside this file; None if there is no such file, and
+    ImportError, saying why, if it cannot run with this core."""
+    if not Path(__file__).with_name(f"{name}.py").is_file():
+        return None
+    core = sys.modules[__name__]
+    if sys.modules.setdefault("ws_micro", core) is not core:  # what the sibling's ``import ws_micro`` gets
+        raise ImportError(f"{name}.py needs the ws_micro.py beside it ({__file__}), but another module named "
+                          f"ws_micro is imported already ({getattr(sys.modules['ws_micro'], '__file__', '?')})")
+    package = __spec__.parent if __spec__ is not None else ""  # "myapp" when vendored as myapp/ws_micro.py
+    return importlib.import_module(f"{package}.{name}" if package else name)
 
 
 @functools.cache
 def _server_support() -> _ServerSupport:
     """ws_micro_servers.py's support for the servers it knows, if it sits beside this module; else the core's
     own, which says at the first connection why frames go through ASGI."""
-    if not _beside("ws_micro_servers"):
+    try:
+        servers = _sibling("ws_micro_servers")
+    except ImportError as exc:
+        return _ServerSupport(str(exc), logging.WARNING)
+    if servers is None:
         return _ServerSupport("ws_micro_servers.py is not beside ws_micro.py (docs/configuration.md says what a "
                               "copy of the core alone keeps)")
-    try:
-        import ws_micro_servers
-    except ImportError as exc:  # of another version
-        return _ServerSupport(str(exc), logging.WARNING)
-    return ws_micro_servers.ServerSupport()
+    support: _ServerSupport = servers.ServerSupport()
+    return support
 
 
 def _redis_backend(registry: Registry, settings: Settings) -> _Backend:
     """Cluster mode's backend, from ws_micro_redis.py; ValueError, saying what to install, without it."""
-    if not _beside("ws_micro_redis"):
+    try:
+        cluster = _sibling("ws_micro_redis")
+    except ImportError as exc:
+        raise ValueError(str(exc)) from None
+    if cluster is None:
         raise ValueError("redis_url needs ws_micro_redis.py beside ws_micro.py (pip install ws-micro installs both; "
                          "with a copied ws_micro.py, copy ws_micro_redis.py beside it) and redis-py: "
                          "pip install 'redis[hiredis]'")
-    try:
-        import ws_micro_redis
-    except ImportError as exc:  # of another version
-        raise ValueError(str(exc)) from None
-    return ws_micro_redis.RedisBackend(registry, settings)
+    backend: _Backend = cluster.RedisBackend(registry, settings)
+    return backend
 
 
 def create_app(*, registry: Registry | None = None, debug: bool = False, **options: Any) -> Starlette:
@@ -3296,10 +3338,16 @@ def serve(app: Starlette, settings: ServerSettings | None = None) -> None:
     settings = settings or ServerSettings()
     app_settings: Settings | None = getattr(app.state, "settings", None)
     gateway: _Gateway | None = getattr(app, "gateway", None)
+    log_config = _log_config(settings.log_level)
+    logging.config.dictConfig(log_config)  # now, for what the server support says as it is asked below
+    # With ws_micro_servers.py, request heads have a deadline, and sockets waiting for one count.
+    guarded = None if gateway is None else gateway.server.http_protocol(gateway, settings.handshake_timeout,
+                                                                         _raise_descriptor_limit())
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
+        http=guarded or "auto",
         ws="websockets-sansio",
         lifespan="on",  # a failing startup (cluster mode) stops the server instead of passing unnoticed
         # The engine refuses oversized frames (1009) before buffering them.
@@ -3309,11 +3357,8 @@ def serve(app: Starlette, settings: ServerSettings | None = None) -> None:
         ws_per_message_deflate=settings.per_message_deflate,
         timeout_graceful_shutdown=settings.graceful_timeout,
         log_level=settings.log_level,
-        log_config=_log_config(settings.log_level),
+        log_config=log_config,
     )
-    if gateway is not None:  # with ws_micro_servers.py, request heads have a deadline, and sockets waiting count
-        config.http = gateway.server.http_protocol(gateway, settings.handshake_timeout,
-                                                   _raise_descriptor_limit()) or config.http
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         uvicorn.Server(config).run()

@@ -19,6 +19,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import anyio
@@ -37,6 +38,7 @@ from ws_micro import (
     _Connection,
     _Delivery,
     _encode,
+    _Kept,
     _Kick,
     _KickUser,
     _MetricFamily,
@@ -62,6 +64,9 @@ __version__ = "0.3.0"
 if ws_micro.__version__ != __version__:
     raise ImportError(f"ws_micro_redis.py {__version__} cannot run beside ws_micro.py {ws_micro.__version__} "
                       f"({ws_micro.__file__}): take both files from the same release")
+if Path(ws_micro.__file__).resolve().parent != Path(__file__).resolve().parent:
+    raise ImportError(f"ws_micro_redis.py ({__file__}) runs only with the ws_micro.py beside it, not with "
+                      f"{ws_micro.__file__}")
 
 UNAVAILABLE = "Redis is unavailable; only clients on this instance can be reached"
 RESYNCING = ("Redis lost the cluster's state and instances are still registering again; "
@@ -763,7 +768,7 @@ class RedisBackend(_Backend):
                 self.registry._revoke_here(user, before, expires)
             case _TakeOver(client_id, token_hash, requester):
                 self._takeovers[client_id] = requester  # _park() names it, for the seal to tell it
-                if not self.registry._drop_session(client_id, token_hash):  # no such open connection here
+                if not self.registry._drop_for_takeover(client_id, token_hash):  # no such open connection here
                     del self._takeovers[client_id]
                     self._enqueue("tell", (requester, _encode_delivery(_Sealed(client_id))), _ignore)
 
@@ -799,7 +804,7 @@ class RedisBackend(_Backend):
                 del self._sealed[client_id]
         return False
 
-    async def take(self, connection: _Connection, parked: _Parked) -> tuple[int, int, list[str]] | None:
+    async def take(self, connection: _Connection, parked: _Parked) -> _Kept | None:
         # The registry holds the connection already, so that frames for it from now on are kept for after
         # the replay; those routed to it in Redis before the script runs are in its list, and until its
         # marker comes back, _deliver_here passes it over for those that arrive here meanwhile.
@@ -812,7 +817,7 @@ class RedisBackend(_Backend):
         if answer[0] != b"ok":
             self._resuming.discard(connection.id)
             return None
-        return int(answer[1]), int(answer[2]), [frame.decode() for frame in answer[3:]]
+        return _Kept(int(answer[1]), int(answer[2]), [frame.decode() for frame in answer[3:]])
 
     # Reading
 

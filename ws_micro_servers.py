@@ -30,6 +30,7 @@ import logging
 import socket
 import struct
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -56,6 +57,9 @@ __version__ = "0.3.0"
 if ws_micro.__version__ != __version__:
     raise ImportError(f"ws_micro_servers.py {__version__} cannot run beside ws_micro.py {ws_micro.__version__} "
                       f"({ws_micro.__file__}): take both files from the same release")
+if Path(ws_micro.__file__).resolve().parent != Path(__file__).resolve().parent:
+    raise ImportError(f"ws_micro_servers.py ({__file__}) runs only with the ws_micro.py beside it, not with "
+                      f"{ws_micro.__file__}")
 
 # The versions of each server (and of the library under its engine) this module was tested with, from the
 # first to the last minor release tested: [first, next).  .ci/run tests the newest on the registry, and
@@ -89,7 +93,7 @@ def _untested_version(package: str) -> str | None:
     if first <= release < after:
         return None
     why = (f"{package} {text} is not a version ws_micro_servers.py was tested with "
-           f"({'.'.join(map(str, first))} up to {'.'.join(map(str, after))})")
+           f"({'.'.join(map(str, first))} up to, not including, {'.'.join(map(str, after))})")
     off = _TURNED_OFF[package]
     logger.warning("%s: %s turned off, as if ws_micro_servers.py were not there (docs/configuration.md)", why, off)
     return why
@@ -471,6 +475,7 @@ class ServerSupport(_ServerSupport):
     """The core's :class:`ws_micro._ServerSupport`, for uvicorn and daphne."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._reported: set[str | None] = set()  # each reason the fast path is on or off, said once
 
     def output(self, scope: Scope, receive: Receive, send: Send, settings: Settings, metrics: _Metrics) -> _Output:

@@ -16,6 +16,7 @@ import anyio
 import httpx2 as httpx
 import pytest
 from conftest import (
+    BACKEND_SECRET,
     FAST_HEARTBEAT,
     JWT_SECRET,
     TIMEOUT,
@@ -41,6 +42,7 @@ from conftest import (
     until_away,
     ws_client,
 )
+from starlette.types import Message
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -226,6 +228,54 @@ async def test_waiting_sessions_share_one_memory_budget_and_the_oldest_make_room
         async with connect(resume_url(server, oldest[1], offset=0)) as back:
             info = await greeted(back)
             assert info["client_id"] != oldest[0] and info["data"]["data"]["recovered"] is False
+
+
+@pytest.mark.process  # the backend runs in a thread, on a port
+async def test_a_session_evicted_before_its_read_loop_saw_the_drop_is_told_to_the_backend_once() -> None:
+    # Driven through ASGI, to hold the server's disconnect back: both writes fail, both sessions start
+    # waiting, and the first is evicted (recovery_max_sessions 1) while its read loop still waits.
+    with EventBackend() as backend:
+        app = ws_micro.create_app(recovery_window=60, recovery_max_sessions=1, static_dir="",
+                                  forward_url=backend.url, backend_secret=BACKEND_SECRET)
+        peers: list[tuple[anyio.Event, anyio.Event, list[str]]] = []
+
+        async def client(dead: anyio.Event, gone: anyio.Event, frames: list[str]) -> None:
+            messages: list[Message] = [{"type": "websocket.connect"}]
+
+            async def receive() -> Message:
+                if messages:
+                    return messages.pop()
+                await gone.wait()  # the server hears of the drop only now
+                return {"type": "websocket.disconnect", "code": 1006}
+
+            async def send(message: Message) -> None:
+                if message["type"] == "websocket.send":
+                    if dead.is_set():
+                        raise OSError("connection reset by peer")
+                    frames.append(message["text"])
+
+            scope = {"type": "websocket", "path": "/ws/py_client", "root_path": "", "query_string": b"",
+                     "headers": [(b"host", b"gateway")], "client": ("127.0.0.1", 1), "server": ("gateway", 80),
+                     "scheme": "ws", "subprotocols": [], "asgi": {"version": "3.0"}}
+            await app(scope, receive, send)
+
+        async with app.router.lifespan_context(app), anyio.create_task_group() as tasks:
+            for _ in range(2):
+                peers.append((anyio.Event(), anyio.Event(), []))
+                tasks.start_soon(client, *peers[-1])
+            await eventually(lambda: all(frames for _, _, frames in peers), "both connect frames")
+            for dead, _, _ in peers:
+                dead.set()
+            assert await app.state.registry.broadcast("news") == 2  # kept, for both
+            for _, gone, _ in peers:
+                gone.set()
+        # The lifespan's end sent every notice still queued.
+        for _, _, frames in peers:
+            client_id = json.loads(frames[0])["client_id"]
+            assert backend.notices(client_id)[0] == ("connect", None)
+            assert backend.notices(client_id)[1:] in ([("disconnect", "evicted")], []), backend.notices(client_id)
+        evicted = json.loads(peers[0][2][0])["client_id"]
+        assert backend.notices(evicted) == [("connect", None), ("disconnect", "evicted")]
 
 
 async def test_a_session_whose_missed_frames_pass_the_bounds_is_lost_and_says_so() -> None:

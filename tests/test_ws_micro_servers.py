@@ -10,6 +10,7 @@ it with real `websockets` clients or raw sockets.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.metadata
 import json
 import os
@@ -584,7 +585,7 @@ def copy_modules(folder: Path, *names: str, replace: tuple[str, str, str] | None
 
 
 async def ping(server: Server) -> None:
-    async with ws_client(server.ws) as (ws, me):
+    async with ws_client(server.ws, compression=None) as (ws, me):  # plain uvicorn offers compression
         await ws.send(json.dumps(frame("ping", me, {"n": 1})))
         assert await recv_json(ws) == frame("pong", me, {"n": 1})
 
@@ -640,5 +641,43 @@ async def test_an_untested_uvicorn_turns_the_servers_module_off_with_one_warning
     warnings = [line for line in text.splitlines() if "WARNING" in line]
     version = importlib.metadata.version("uvicorn")
     assert len(warnings) == 1, text
-    assert f"uvicorn {version} is not a version ws_micro_servers.py was tested with (0.1 up to 0.2)" in warnings[0]
+    assert (f"uvicorn {version} is not a version ws_micro_servers.py was tested with "
+            "(0.1 up to, not including, 0.2)") in warnings[0]
     assert "fast path" in warnings[0] and "deadline on request heads" in warnings[0]
+
+
+@pytest.mark.internals
+async def test_a_gateway_vendored_in_a_package_finds_its_siblings_there(tmp_path: Path) -> None:
+    # myapp/ws_micro.py with its siblings beside it, mounted by the host app: as embedding.md shows.
+    package = tmp_path / "myapp"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    copy_modules(package, "ws_micro.py", "ws_micro_servers.py", "ws_micro_redis.py")
+    (tmp_path / "host.py").write_text(
+        "from myapp.ws_micro import _redis_backend, create_app\n"
+        "app = create_app(static_dir='')\n"
+        "cluster = create_app(redis_url='redis://127.0.0.1:1', static_dir='')  # its module loads\n"
+        "assert type(cluster.state.registry._backend).__module__ == 'myapp.ws_micro_redis'\n")
+    log = tmp_path / "server.log"
+    with run_server(uvicorn_app="host:app", cwd=tmp_path, log=log) as server:
+        await ping(server)
+        assert server.metric("ws_micro_fast_path") == 1
+    assert "WARNING" not in log.read_text() and "Traceback" not in log.read_text(), log.read_text()
+
+
+def test_a_core_copy_beside_another_imported_ws_micro_refuses_its_siblings_saying_why(tmp_path: Path) -> None:
+    # This process imported the checkout's ws_micro: a vendored copy's siblings would get that one.
+    package = tmp_path / "vendored"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    copy_modules(package, "ws_micro.py", "ws_micro_redis.py")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        vendored = importlib.import_module("vendored.ws_micro")
+        with pytest.raises(ValueError, match=r"needs the ws_micro.py beside it .* but another module named "
+                                             r"ws_micro is imported already"):
+            vendored.create_app(redis_url="redis://127.0.0.1:1", static_dir="")
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in [name for name in sys.modules if name.startswith("vendored")]:
+            del sys.modules[name]
