@@ -248,6 +248,7 @@ class Settings:
         return bool(self.jwt_secret or self.jwt_public_key or self.connect_hook_url)
 
     def __post_init__(self) -> None:
+        _refuse_infinities(self)
         for name in ("max_message_size", "max_connections", "rate_burst", "max_queue_messages",
                      "max_queue_bytes", "max_rooms_per_connection", "max_room_name_length", "forward_max_pending",
                      "recovery_max_frames", "recovery_max_bytes", "recovery_max_sessions", "recovery_max_memory"):
@@ -302,11 +303,21 @@ class ServerSettings:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
+        _refuse_infinities(self)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be between 0 and 65535, but got {self.port!r}")
         for name in ("ping_interval", "ping_timeout", "graceful_timeout", "handshake_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, but got {getattr(self, name)!r}")
+
+
+def _refuse_infinities(settings: Settings | ServerSettings) -> None:
+    """NaN would pass every bound (``nan < 0`` is False: a rate limit of nan limits nothing), and an infinite
+    timeout is a limit turned off where 0 does not say so: refuse both, for every number."""
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{field.name} must be a finite number, but got {value!r}")
 
 
 def options_from_env(cls: type[Settings | ServerSettings],
@@ -424,8 +435,9 @@ _encode = msgspec.json.Encoder().encode
 _T = TypeVar("_T")
 
 
-def _decode(decode: Callable[[str], _T], text: str) -> _T:
-    """``decode(text)``, raising ``msgspec.DecodeError`` for every kind of bad JSON, too deeply nested too."""
+def _decode(decode: Callable[[Any], _T], text: str | bytes) -> _T:
+    """``decode(text)``, raising ``msgspec.DecodeError`` for every kind of bad JSON, too deeply nested too.
+    Every parser of JSON that another party sends (a client, a token's header, the backend) goes through it."""
     try:
         return decode(text)
     except RecursionError:
@@ -433,7 +445,8 @@ def _decode(decode: Callable[[str], _T], text: str) -> _T:
     except msgspec.DecodeError as exc:
         # msgspec reports a lone surrogate (a "\ud800" escape not followed by its pair) as
         # "Input data was truncated", which sends the reader looking for a cut-off frame.
-        lone = _lone_surrogate(text) if str(exc) == "Input data was truncated" or "surrogate" in str(exc) else None
+        truncated = str(exc) == "Input data was truncated" or "surrogate" in str(exc)
+        lone = _lone_surrogate(text if isinstance(text, str) else text.decode(errors="replace")) if truncated else None
         if lone is None:
             raise
         escape, position = lone
@@ -2154,7 +2167,7 @@ class _ConnectHook:
         try:
             if len(answer) > HOOK_ANSWER_LIMIT:
                 raise ValueError(f"it is larger than {HOOK_ANSWER_LIMIT} bytes")
-            identity = _identity(self._decode(answer) if answer.strip() else _Grant(), self.settings)
+            identity = _identity(_decode(self._decode, answer) if answer.strip() else _Grant(), self.settings)
         except (msgspec.MsgspecError, ValueError) as exc:
             raise self._failed("bad_answer", f"the connect hook's answer is not a grant: {str(exc)[:200]}") from None
         self.outcomes["accepted"] += 1
@@ -2351,7 +2364,7 @@ class _HttpForwarder(_Forwarder):
         try:
             if len(answer) > FORWARD_ANSWER_LIMIT:
                 raise msgspec.DecodeError(f"it is larger than {FORWARD_ANSWER_LIMIT} bytes")
-            reply = self._decode(answer) if answer.strip() else _Reply()
+            reply = _decode(self._decode, answer) if answer.strip() else _Reply()
         except msgspec.MsgspecError as exc:
             self.outcomes["backend_error"] += 1
             failed(BACKEND_ERROR, f"the backend's answer is not {{\"events\": [...]}}: {str(exc)[:200]}",

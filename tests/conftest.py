@@ -550,7 +550,7 @@ class BackendServer:
 
 class HookBackend(BackendServer):
     """The connect hook: it keeps each request, and answers as the handshake's ``mode`` query parameter
-    asks: grant, 401, 403, slowly, 500, garbage or a grant out of bounds."""
+    asks: grant, 401, 403, slowly, 500, garbage, a grant out of bounds or nested too deep."""
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
@@ -569,6 +569,9 @@ class HookBackend(BackendServer):
             return JSONResponse({"user": "alice", "meta": {"blob": "x" * 5000}})
         if mode == "empty":
             return Response(status_code=204)
+        if mode == "nested":  # a grant whose meta nests deeper than any parser recurses
+            return Response(b'{"user": "alice", "meta": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}",
+                            media_type="application/json")
         user = asked["headers"].get("cookie", "session=nobody").partition("=")[2]
         return JSONResponse({"user": user, "rooms": ["team:42"], "publish": ["team:*"], "meta": {"plan": "pro"}})
 
@@ -577,7 +580,7 @@ class EventBackend(BackendServer):
     """Takes forwarded events and notices at ``/events``, keeping each body in arrival order.
 
     An event is answered as its ``data.mode`` says: ``reply`` (two frames, numbered), ``none`` (204),
-    ``500``, ``garbage``, ``slow`` (after 1 s). The first ``failing`` notices get 500.
+    ``500``, ``garbage``, ``nested`` (too deep), ``slow`` (after 1 s). The first ``failing`` notices get 500.
     """
 
     def __init__(self, failing: int = 0, notice_delay: float = 0) -> None:
@@ -606,6 +609,9 @@ class EventBackend(BackendServer):
             return JSONResponse({"error": "boom"}, 500)
         if mode == "garbage":
             return PlainTextResponse("<html>oops</html>")
+        if mode == "nested":  # an answer nested deeper than any parser recurses
+            return Response(b'{"events": [{"event": "x", "data": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}]}",
+                            media_type="application/json")
         n = body["data"].get("n", 0)
         return JSONResponse({"events": [{"event": "ack", "data": {"n": n, "part": 1}},
                                         {"event": "ack", "data": {"n": n, "part": 2}}]})

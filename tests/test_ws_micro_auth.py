@@ -339,16 +339,16 @@ async def test_e2e_the_connect_hook_grants_identities_refuses_and_fails_closed(t
 
         expected = {"401": (401, "unauthorized"), "403": (403, "forbidden"), "slow": (503, "auth_unavailable"),
                     "500": (503, "auth_unavailable"), "garbage": (503, "auth_unavailable"),
-                    "unbounded": (503, "auth_unavailable")}
+                    "unbounded": (503, "auth_unavailable"), "nested": (503, "auth_unavailable")}
         for mode, (status, code) in expected.items():
             with pytest.raises(InvalidStatus) as refused:
                 await connect(server.ws + f"?mode={mode}", open_timeout=TIMEOUT)
             assert refused.value.response.status_code == status, mode
             assert json.loads(refused.value.response.body or b"")["error"]["code"] == code, mode
         for outcome, count in (("accepted", 2), ("refused", 2), ("timeout", 1), ("bad_status", 1),
-                               ("bad_answer", 2), ("unreachable", 0)):
+                               ("bad_answer", 3), ("unreachable", 0)):
             assert server.metric("ws_micro_connect_hook_total", outcome=outcome) == count, outcome
-        assert server.metric("ws_micro_rejected_handshakes_total", reason="auth_unavailable") == 4
+        assert server.metric("ws_micro_rejected_handshakes_total", reason="auth_unavailable") == 5
         # A refused handshake leaves nothing behind.
         assert server.get("/healthz").json()["connections"] == 0
         assert server.get("/api/rooms").json() == {"count": 0, "rooms": []}

@@ -79,6 +79,8 @@ async def test_e2e_events_reach_the_backend_and_its_answers_reach_the_sender(tmp
             for mode, code, message in (
                     ("500", "backend_error", "the backend answered HTTP 500"),
                     ("garbage", "backend_error", 'the backend\'s answer is not {"events": [...]}: JSON is malformed'),
+                    ("nested", "backend_error", 'the backend\'s answer is not {"events": [...]}: JSON is nested '
+                                                'too deeply'),
                     ("slow", "backend_unavailable", "the backend did not answer within 0.5 seconds")):
                 await ws.send(text("chat", me, {"mode": mode}))
                 reply = (await recv_json(ws))["data"]["data"]
@@ -87,11 +89,11 @@ async def test_e2e_events_reach_the_backend_and_its_answers_reach_the_sender(tmp
                 assert reply.get("status") == (None if mode == "slow" else 500 if mode == "500" else 200)
             await ws.send(text("ping", me))
             assert (await recv_json(ws))["event"] == "pong"
-        for outcome, count in (("ok", 2), ("backend_error", 2), ("timeout", 1), ("unreachable", 0), ("busy", 0)):
+        for outcome, count in (("ok", 2), ("backend_error", 3), ("timeout", 1), ("unreachable", 0), ("busy", 0)):
             assert server.metric("ws_micro_forwarded_total", outcome=outcome) == count, outcome
-        assert server.metric("ws_micro_forward_seconds_count") == 5
-        assert server.metric("ws_micro_forward_seconds_bucket", le="+Inf") == 5
-        assert server.metric("ws_micro_forward_seconds_bucket", le="0.25") == 4  # all but the slow one
+        assert server.metric("ws_micro_forward_seconds_count") == 6
+        assert server.metric("ws_micro_forward_seconds_bucket", le="+Inf") == 6
+        assert server.metric("ws_micro_forward_seconds_bucket", le="0.25") == 5  # all but the slow one
     assert not any("Traceback" in line for line in log.read_text().splitlines())
 
 
