@@ -144,6 +144,9 @@ _decode_delivery = msgspec.msgpack.Decoder(_Delivery | _Control).decode
 #   p:claiming:<client id>     STRING  the instance resuming it, for a few seconds: one resume wins
 #   p:used:<client id>         STRING  the hash of its last spent token (refused while the session is
 #                                      connected), expiring after the window
+#   p:instance:<id>:kept       STRING  bytes kept by the sessions that instance parked (its budget)
+#   p:instance:<id>:parked     ZSET    those sessions, scored by when it parked them (the first go first)
+#   p:revoked:<user>           STRING  up to when the user's tokens are refused, expiring with it
 
 
 def _lua_layout(*structs: type[msgspec.Struct]) -> str:
@@ -208,13 +211,35 @@ local function add_member(kind, name, client, id)
 end
 -- A waiting session ends: its memberships go, and the instance that parked it is told, to tell the
 -- backend and the session's rooms.  ("ended", client, reason) is a _SessionEnded message.
+-- A session leaves the budget of the instance that parked it (see charge() below), with what it kept.
+local function release(client, parker, size)
+  if not parker then return end
+  local held = p .. ':instance:' .. parker
+  if redis.call('DECRBY', held .. ':kept', tonumber(size) or 0) <= 0 then redis.call('DEL', held .. ':kept') end
+  redis.call('ZREM', held .. ':parked', client)
+end
 local function end_session(client, reason)
   local session = p .. ':session:' .. client
-  local parker = redis.call('HGET', session, 'parker')
+  local s = redis.call('HMGET', session, 'parker', 'size')
+  local parker = s[1]
+  release(client, parker, s[2])
   reap('~' .. client)
   redis.call('DEL', session, p .. ':kept:' .. client, p .. ':pending:' .. client)
   if parker then
     redis.call('PUBLISH', p .. ':deliveries:' .. parker, pack('ended', {client_id = client, reason = reason}))
+  end
+end
+-- The sessions an instance parked share one budget (recovery_max_memory, as the bytes of their frames):
+-- p:instance:<id>:kept holds what they keep in all, p:instance:<id>:parked them in the order they were
+-- parked.  Charge it ``bytes`` more; past ``budget``, the sessions parked first end ('evicted').
+local function charge(parker, bytes, budget)
+  local held = p .. ':instance:' .. parker
+  local total = redis.call('INCRBY', held .. ':kept', bytes)
+  while total > budget do
+    local oldest = redis.call('ZRANGE', held .. ':parked', 0, 0)[1]
+    if not oldest then break end
+    end_session(oldest, 'evicted')
+    total = tonumber(redis.call('GET', held .. ':kept') or 0)
   end
 end
 -- Keep a delivery (a msgpack-encoded _Delivery) for a waiting session, within its bounds: 'kept';
@@ -233,18 +258,21 @@ local function keep(client, message, diverted)
   local session = p .. ':session:' .. client
   local kept, pending = p .. ':kept:' .. client, p .. ':pending:' .. client
   if redis.call('EXISTS', session) == 0 then return 'lost' end
-  local b = redis.call('HMGET', session, 'base', 'away_at', 'max_frames', 'max_bytes', 'sealed')
+  local b = redis.call('HMGET', session, 'base', 'away_at', 'max_frames', 'max_bytes', 'sealed', 'size', 'parker',
+                      'max_memory')
   local base, away_at, max_frames, max_bytes = tonumber(b[1]), tonumber(b[2]), tonumber(b[3]), tonumber(b[4])
+  local charged = tonumber(b[6])  -- what its parker's budget counts for it
   redis.call('RPUSH', (diverted or b[5] == '1') and kept or pending, text)
   local n = redis.call('LLEN', kept) + redis.call('LLEN', pending)
-  local size = redis.call('HINCRBY', session, 'size', #text)
+  local size = charged + #text
   while n > max_frames or size > max_bytes do
     if base >= away_at or redis.call('LLEN', kept) == 0 then end_session(client, 'overflowed') return 'lost' end
     size = size - #redis.call('LPOP', kept)
     base, n = base + 1, n - 1
   end
   redis.call('HSET', session, 'base', base, 'size', size)
-  return 'kept'
+  charge(b[7], size - charged, tonumber(b[8]))
+  return redis.call('EXISTS', session) == 1 and 'kept' or 'lost'  -- its own frame may have made it the oldest's
 end
 local function deliver(id, message, clients)
   if string.sub(id, 1, 1) == '~' then
@@ -353,8 +381,8 @@ for _, room in ipairs(order) do flat[#flat + 1] = room; flat[#flat + 1] = totals
 return flat""",
     # Connection recovery.  ARGV: p, client id, its entry (JSON, with rooms and user), the members left here
     # of its rooms and user (JSON {"rooms": {room: n}, "user": n}), token hash, window (s), base, away_at,
-    # max_frames, max_bytes, size, who waits for it ("" none), 1 if sealed already, its kept frames..., own
-    # instance
+    # max_frames, max_bytes, size (unused: the script counts), who waits for it ("" none), 1 if sealed
+    # already, max_memory, its kept frames..., own instance
     # -> 1 parked, 0 it was not this instance's (Redis lost it): it is not kept.  The marker ("parked",
     # client) on our own channel comes after every delivery that was on its way to it here.
     "park": """
@@ -380,10 +408,17 @@ redis.call('ZADD', p .. ':instances', now + tonumber(ARGV[6]), home)
 local session = p .. ':session:' .. client
 redis.call('DEL', session, p .. ':kept:' .. client)
 redis.call('HSET', session, 'token', ARGV[5], 'parker', own, 'sealed', ARGV[13], 'base', ARGV[7], 'away_at', ARGV[8],
-           'max_frames', ARGV[9], 'max_bytes', ARGV[10], 'size', ARGV[11])
+           'max_frames', ARGV[9], 'max_bytes', ARGV[10], 'size', 0, 'max_memory', ARGV[14])
 if ARGV[12] ~= '' then redis.call('HSET', session, 'waiter', ARGV[12]) end
-for i = 14, #ARGV - 1 do redis.call('RPUSH', p .. ':kept:' .. client, ARGV[i]) end
+local size = 0
+for i = 15, #ARGV - 1 do
+  redis.call('RPUSH', p .. ':kept:' .. client, ARGV[i])
+  size = size + #ARGV[i]
+end
+redis.call('HSET', session, 'size', size)
+redis.call('ZADD', p .. ':instance:' .. own .. ':parked', now, client)
 redis.call('PUBLISH', p .. ':deliveries:' .. own, pack('parked', {client_id = client}))
+charge(own, size, tonumber(ARGV[14]))
 return 1""",
     # ARGV: p, client id, a msgpack-encoded delivery that was on its way to it, own instance -> 1
     "keep": "keep(ARGV[2], ARGV[3], true) return 1",
@@ -439,7 +474,7 @@ return {'parked', redis.call('HGET', p .. ':instance:' .. id .. ':clients', clie
 local client, own = ARGV[2], ARGV[#ARGV]
 local home = '~' .. client
 local session = p .. ':session:' .. client
-local s = redis.call('HMGET', session, 'token', 'sealed', 'base', 'away_at', 'parker')
+local s = redis.call('HMGET', session, 'token', 'sealed', 'base', 'away_at', 'parker', 'size')
 local token_ok = s[1] == ARGV[3] or redis.call('GET', p .. ':used:' .. client) == ARGV[3]
 if redis.call('HGET', p .. ':directory', client) ~= home or not alive(home) or not token_ok or s[2] ~= '1'
     or redis.call('GET', p .. ':claiming:' .. client) ~= own then
@@ -459,6 +494,7 @@ for _, kind in ipairs({'room', 'user'}) do
   for _, name in ipairs(redis.call('SMEMBERS', names)) do redis.call('HDEL', p .. ':' .. kind .. ':' .. name, home) end
   redis.call('DEL', names)
 end
+release(client, s[5], s[6])
 redis.call('DEL', p .. ':instance:' .. home .. ':clients', session, p .. ':kept:' .. client,
            p .. ':pending:' .. client, p .. ':claiming:' .. client)
 redis.call('ZREM', p .. ':instances', home)
@@ -735,7 +771,8 @@ class RedisBackend(_Backend):
         self._enqueue("park", (client_id, self._entry(connection), _encode(left), session.token_hash.hex(),
                                settings.recovery_window, session.sent - len(session.frames), session.away_at,
                                settings.recovery_max_frames, settings.recovery_max_bytes, session.size,
-                               self._takeovers.pop(client_id, ""), int(sealed), *session.frames), done)
+                               self._takeovers.pop(client_id, ""), int(sealed), settings.recovery_max_memory,
+                               *session.frames), done)
         self._parked[client_id] = connection
         if not sealed:
             self._parking[client_id] = connection

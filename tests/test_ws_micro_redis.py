@@ -788,6 +788,35 @@ async def test_cluster_a_revocation_holds_on_every_instance_and_on_those_that_jo
         assert redis_server.command("PTTL", "ws_micro:revoked:alice") > 23 * 3600 * 1000  # revocation_ttl
 
 
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_the_sessions_an_instance_parked_share_one_memory_budget(redis_server: RedisServer) -> None:
+    # As in one process (test_waiting_sessions_share_one_memory_budget...): broadcasts from another instance
+    # fill the sessions parked in Redis, and recovery_max_memory bounds them all.
+    budget, padding = 400_000, "x" * 8000
+    with cluster(redis_server, 2, "--recovery-window", "60", "--recovery-max-memory", str(budget)) as (x, y):
+        sessions = []
+        for _ in range(20):  # parked by x in this order
+            ws, me, token = await new_session(x.ws)
+            await drop(ws, y, me)  # y sees it waiting: it is in Redis
+            sessions.append((me, token))
+        for n in range(10):  # 20 x 10 x 8 KB = 1.6 MB if each kept them all
+            assert y.post("/api/broadcast", {"event": "news", "data": {"data": {"n": n, "pad": padding}}}
+                          ).status_code == 202
+        kept = int(redis_server.command("GET", f"ws_micro:instance:{instance_of(x)}:kept") or 0)
+        assert budget - 10 * 8100 < kept <= budget, kept
+        await x.wait_until(lambda: x.metric("ws_micro_sessions_total", outcome="evicted") >= 10,
+                           "x to hear of the sessions it parked that made room")
+        newest, oldest = sessions[-1], sessions[0]
+        async with connect(resume_url(y, newest[1], offset=0)) as back:  # through the other instance
+            info = await greeted(back)
+            assert (info["client_id"], info["data"]["data"]["missed"]) == (newest[0], 10)
+            assert [(await recv_json(back))["data"]["data"]["n"] for _ in range(10)] == list(range(10))
+        async with connect(resume_url(y, oldest[1], offset=0)) as back:
+            info = await greeted(back)
+            assert info["client_id"] != oldest[0] and info["data"]["data"]["recovered"] is False
+
+
 # --------------------------------------------------------------------------
 # The module beside the core
 # --------------------------------------------------------------------------
