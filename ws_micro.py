@@ -174,6 +174,8 @@ class Settings:
     (pip install 'ws-micro[hook]')."""
     connect_hook_timeout: float = 3.0
     """Seconds the connect hook may take to answer before the handshake is refused with 503."""
+    connect_hook_max_pending_per_address: int = 10
+    """Handshakes from one address waiting for the connect hook at once; more get 503 at once; 0: no share."""
     connect_hook_headers: tuple[str, ...] = ()
     """Request headers passed to the connect hook besides Cookie, Authorization, Origin and User-Agent."""
     backend_secret: str | None = None
@@ -198,6 +200,9 @@ class Settings:
     """Seconds the backend may take to answer a forwarded event; then the sender gets ``backend_unavailable``."""
     forward_max_pending: int = 1000
     """Forwarded events waiting for the backend at once, across connections; more get ``backend_unavailable``."""
+    forward_max_pending_per_user: int = 10
+    """Of those, the most one user (an anonymous connection: its address) may have; more get
+    ``backend_unavailable``; 0: no share."""
     lifecycle_url: str = "auto"
     """Where connects and disconnects are POSTed: "auto": forward_url (none without it); "": nowhere; or a URL."""
     lifecycle_retries: int = 3
@@ -243,7 +248,8 @@ class Settings:
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, but got {value!r}")
-        for name in ("rate_limit", "recovery_window"):
+        for name in ("rate_limit", "recovery_window", "forward_max_pending_per_user",
+                     "connect_hook_max_pending_per_address"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (off) or more, but got {getattr(self, name)!r}")
         for name in ("send_timeout", "close_timeout", "api_body_timeout", "redis_timeout", "heartbeat_interval",
@@ -573,9 +579,10 @@ def _identity(grant: _Grant, settings: Settings) -> _Identity:
 
 # Why handshakes are refused (the rejected_handshakes_total labels): a disallowed origin, a full
 # server, a request head that did not arrive within handshake_timeout; no valid credentials (401),
-# credentials the connect hook refused (403), a connect hook that did not answer (503).
+# credentials the connect hook refused (403), a connect hook that did not answer (503), an address
+# with connect_hook_max_pending_per_address handshakes waiting for the hook already (503).
 HANDSHAKE_REFUSALS = ("origin", "full", "timeout", "unauthorized", "forbidden", "auth_unavailable",
-                      "invalid_resume", "resume_token_used")
+                      "invalid_resume", "resume_token_used", "over_share")
 
 # Why connections end (the disconnects_total labels).
 DISCONNECT_REASONS = ("closed", "abnormal", "shutdown", "peer_error", "kicked", "slow_consumer",
@@ -1794,6 +1801,59 @@ SIGNATURE_HEADER = "X-WS-Micro-Signature"  # t=<unix time>,v1=<hex HMAC-SHA256>
 BACKEND_POOL_SIZE = 100  # connections a pool keeps open to the backend: at most as many requests at once
 
 
+def _share_key(user: str | None, host: str | None) -> str | None:
+    """Whose share of the backend a request counts against, in words for a message: its user's, if it has
+    one; else its address's (an IPv6 address's /64, which one subscriber holds whole as it would one IPv4
+    address); None when the server gives no address (a Unix socket)."""
+    if user is not None:
+        return f"user {user!r}"
+    if not host:
+        return None
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # not an IP address: a name some server gave, counted as it is
+        return f"address {host}"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is None:
+            return f"addresses {ipaddress.IPv6Network((address, 64), strict=False)}"
+        address = address.ipv4_mapped  # an IPv4 client of a dual-stack listener
+    return f"address {address}"
+
+
+class _Shares:
+    """Requests waiting for the backend, in all and by user or address (:func:`_share_key`): like nginx's
+    ``limit_conn`` by key, so that one user's slow requests cannot take every pooled connection."""
+
+    def __init__(self, limit: int, share: int) -> None:
+        self.limit, self.share = limit, share  # share 0: no share
+        self.total = 0
+        self._held: dict[str, int] = {}  # only keys with requests waiting: bounded by ``limit``
+
+    def refusal(self, key: str | None) -> str | None:
+        """None if one more request of ``key`` may wait; else which bound it is over: "total" or "share"."""
+        if self.total >= self.limit:
+            return "total"
+        if key is not None and self.share and self._held.get(key, 0) >= self.share:
+            return "share"
+        return None
+
+    @contextlib.contextmanager
+    def holding(self, key: str | None) -> Generator[None]:
+        """Count a request of ``key`` while the block runs."""
+        self.total += 1
+        if key is not None:
+            self._held[key] = self._held.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            self.total -= 1
+            if key is not None:
+                if self._held[key] == 1:
+                    del self._held[key]
+                else:
+                    self._held[key] -= 1
+
+
 def _signature(secret: bytes, body: bytes, timestamp: int) -> str:
     """The ``SIGNATURE_HEADER`` value: HMAC-SHA256 of ``b"<timestamp>." + body``, as payment webhooks sign."""
     return f"t={timestamp},v1={hmac.new(secret, b'%d.' % timestamp + body, hashlib.sha256).hexdigest()}"
@@ -1992,7 +2052,9 @@ def _public_key(text: str) -> tuple[str, Any]:
 
 class _ConnectHook:
     """Asks the backend whether to accept a handshake, as AWS's ``$connect`` authorizer and Centrifugo's
-    connect proxy do; docs/auth.md has the request and the answers.  Fails closed: no clear answer, 503."""
+    connect proxy do; docs/auth.md has the request and the answers.  Fails closed: no clear answer, 503.
+    One address may have ``connect_hook_max_pending_per_address`` handshakes waiting for it; more get 503
+    at once, so that handshakes the hook holds leave the rest of its pool to other addresses."""
 
     def __init__(self, settings: Settings) -> None:
         assert settings.connect_hook_url is not None
@@ -2003,9 +2065,15 @@ class _ConnectHook:
         self.outcomes = collections.Counter(dict.fromkeys(HOOK_OUTCOMES, 0))
         self._throttle = _Throttle()
         self._decode = msgspec.json.Decoder(_Grant).decode
+        # In all, the handshakes waiting are bounded by max_connections, which counts them.
+        self.pending = _Shares(settings.max_connections, settings.connect_hook_max_pending_per_address)
 
     async def ask(self, request: HTTPConnection, client_id: str) -> _Identity:
         client = request.client
+        key = _share_key(None, client.host if client else None)
+        if self.pending.refusal(key) is not None:
+            raise _Refused(503, "over_share", f"{key} has {self.pending.share} handshakes waiting for the connect "
+                                              "hook (connect_hook_max_pending_per_address); try again later")
         body = _encode({
             "client_id": client_id,
             "remote": f"{client.host}:{client.port}" if client else None,
@@ -2016,7 +2084,7 @@ class _ConnectHook:
         })
         timeout = self.settings.connect_hook_timeout
         try:
-            with anyio.fail_after(timeout):
+            with self.pending.holding(key), anyio.fail_after(timeout):
                 status, answer = await self.client.post(self.url, body, HOOK_ANSWER_LIMIT)
         except TimeoutError:
             raise self._failed("timeout", f"the connect hook did not answer within {timeout:g} seconds") from None
@@ -2090,8 +2158,9 @@ NOTICE_SENDERS = 8  # notices sent at once
 
 # What became of each forwarded event (the forwarded_total labels): answered with 2xx; answered an
 # error status or garbage (backend_error); no answer in time or no connection (backend_unavailable);
-# refused unsent because forward_max_pending events were waiting already (backend_unavailable).
-FORWARD_OUTCOMES = ("ok", "backend_error", "timeout", "unreachable", "busy")
+# refused unsent because forward_max_pending events were waiting already, or its user (or address)
+# had forward_max_pending_per_user waiting (backend_unavailable).
+FORWARD_OUTCOMES = ("ok", "backend_error", "timeout", "unreachable", "busy", "over_share")
 # Connect and disconnect notices (the notices_total labels): taken by the backend (2xx); tried again;
 # given up after lifecycle_retries more tries, or because NOTICE_QUEUE were waiting.
 NOTICE_OUTCOMES = ("sent", "retried", "dropped")
@@ -2138,8 +2207,9 @@ class _HttpForwarder(_Forwarder):
     two-way routes; tells ``lifecycle_url`` of every connect and disconnect.  docs/backend.md has the bodies.
 
     A connection forwards one event at a time, in order: its next frame is read when the backend has
-    answered.  At most ``forward_max_pending`` wait in all; more are refused at once, so the memory held
-    for a slow backend is bounded whatever it does.  Notices never delay a client: they are queued
+    answered.  At most ``forward_max_pending`` wait in all, and ``forward_max_pending_per_user`` for one user
+    or address; more are refused at once, so the memory held for a slow backend is bounded whatever it does,
+    and one user's slow events leave the rest of the pool to others.  Notices never delay a client: they are queued
     (at most NOTICE_QUEUE), sent by NOTICE_SENDERS tasks, tried ``lifecycle_retries`` more times, and
     counted when dropped.  A connection's events and its disconnect wait for its connect notice.
     """
@@ -2152,7 +2222,7 @@ class _HttpForwarder(_Forwarder):
         self.outcomes = collections.Counter(dict.fromkeys(FORWARD_OUTCOMES, 0))
         self.latency = _Histogram("forward_seconds", "Time the backend took to answer a forwarded event.")
         self.notices = collections.Counter(dict.fromkeys(NOTICE_OUTCOMES, 0))
-        self.pending = 0
+        self.pending = _Shares(settings.forward_max_pending, settings.forward_max_pending_per_user)
         self._decode = msgspec.json.Decoder(_Reply).decode
         self._throttle = _Throttle()
         # Notices: (body, set when it is done, the notice that must go first).
@@ -2187,34 +2257,39 @@ class _HttpForwarder(_Forwarder):
 
     async def forward(self, connection: _Connection, event: Event, failed: Callable[..., None]) -> None:
         assert self.url is not None
-        limit = self.settings.forward_max_pending
-        if self.pending >= limit:
-            self.outcomes["busy"] += 1
-            failed(BACKEND_UNAVAILABLE, f"{limit} events are waiting for the backend; try again later")
-            return
         identity, timeout = connection.identity, self.settings.forward_timeout
+        key = _share_key(identity.user, connection.remote and connection.remote.rpartition(":")[0])
+        over = self.pending.refusal(key)
+        if over == "total":
+            self.outcomes["busy"] += 1
+            failed(BACKEND_UNAVAILABLE, f"{self.pending.limit} events are waiting for the backend "
+                                        "(forward_max_pending); try again later")
+            return
+        if over == "share":
+            self.outcomes["over_share"] += 1
+            failed(BACKEND_UNAVAILABLE, f"{key} has {self.pending.share} events waiting for the backend "
+                                        "(forward_max_pending_per_user); try again later")
+            return
         body = _encode({"type": "event", "client_id": connection.id, "user": identity.user, "meta": identity.meta,
                         "event": event.event, "data": event.data.data, "rooms": sorted(connection.rooms)})
-        self.pending += 1
         try:
-            notice = self._connect_notices.get(connection.id)
-            if notice is not None:
-                with anyio.move_on_after(timeout):  # the backend hears of the client before its events
-                    await notice.wait()
-            started = time.perf_counter()
-            try:
-                with anyio.fail_after(timeout):
-                    status, answer = await self.client.post(self.url, body, FORWARD_ANSWER_LIMIT)
-            finally:
-                self.latency.observe(time.perf_counter() - started)
+            with self.pending.holding(key):
+                notice = self._connect_notices.get(connection.id)
+                if notice is not None:
+                    with anyio.move_on_after(timeout):  # the backend hears of the client before its events
+                        await notice.wait()
+                started = time.perf_counter()
+                try:
+                    with anyio.fail_after(timeout):
+                        status, answer = await self.client.post(self.url, body, FORWARD_ANSWER_LIMIT)
+                finally:
+                    self.latency.observe(time.perf_counter() - started)
         except TimeoutError:
             self._unavailable(failed, "timeout", f"the backend did not answer within {timeout:g} seconds")
             return
         except ConnectionError as exc:
             self._unavailable(failed, "unreachable", f"the backend cannot be reached ({exc})")
             return
-        finally:
-            self.pending -= 1
         if not 200 <= status < 300:
             self.outcomes["backend_error"] += 1
             failed(BACKEND_ERROR, f"the backend answered HTTP {status}", status=status)
