@@ -207,6 +207,9 @@ class Settings:
     """Where connects and disconnects are POSTed: "auto": forward_url (none without it); "": nowhere; or a URL."""
     lifecycle_retries: int = 3
     """Tries more for a connect or disconnect notice the backend did not take, before it is dropped."""
+    lifecycle_max_queued_per_user: int = 100
+    """Notices of one user (an anonymous connection: its address) waiting to be sent; more are dropped;
+    0: no share."""
 
     # Connection recovery (docs/recovery.md): off unless recovery_window is set
     recovery_window: float = 0.0
@@ -249,7 +252,7 @@ class Settings:
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, but got {value!r}")
         for name in ("rate_limit", "recovery_window", "forward_max_pending_per_user",
-                     "connect_hook_max_pending_per_address"):
+                     "connect_hook_max_pending_per_address", "lifecycle_max_queued_per_user"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (off) or more, but got {getattr(self, name)!r}")
         for name in ("send_timeout", "close_timeout", "api_body_timeout", "redis_timeout", "heartbeat_interval",
@@ -1820,6 +1823,11 @@ def _share_key(user: str | None, host: str | None) -> str | None:
     return f"address {address}"
 
 
+def _connection_key(connection: _Connection) -> str | None:
+    """The :func:`_share_key` of a connection's requests."""
+    return _share_key(connection.identity.user, connection.remote and connection.remote.rpartition(":")[0])
+
+
 class _Shares:
     """Requests waiting for the backend, in all and by user or address (:func:`_share_key`): like nginx's
     ``limit_conn`` by key, so that one user's slow requests cannot take every pooled connection."""
@@ -2162,7 +2170,8 @@ NOTICE_SENDERS = 8  # notices sent at once
 # had forward_max_pending_per_user waiting (backend_unavailable).
 FORWARD_OUTCOMES = ("ok", "backend_error", "timeout", "unreachable", "busy", "over_share")
 # Connect and disconnect notices (the notices_total labels): taken by the backend (2xx); tried again;
-# given up after lifecycle_retries more tries, or because NOTICE_QUEUE were waiting.
+# given up after lifecycle_retries more tries, or because NOTICE_QUEUE were waiting, or its user's (or
+# address's) lifecycle_max_queued_per_user.
 NOTICE_OUTCOMES = ("sent", "retried", "dropped")
 
 
@@ -2210,8 +2219,9 @@ class _HttpForwarder(_Forwarder):
     answered.  At most ``forward_max_pending`` wait in all, and ``forward_max_pending_per_user`` for one user
     or address; more are refused at once, so the memory held for a slow backend is bounded whatever it does,
     and one user's slow events leave the rest of the pool to others.  Notices never delay a client: they are queued
-    (at most NOTICE_QUEUE), sent by NOTICE_SENDERS tasks, tried ``lifecycle_retries`` more times, and
-    counted when dropped.  A connection's events and its disconnect wait for its connect notice.
+    (at most NOTICE_QUEUE, and ``lifecycle_max_queued_per_user`` of one user or address), sent by
+    NOTICE_SENDERS tasks that take each user's or address's in turn, tried ``lifecycle_retries`` more
+    times, and counted when dropped.  A connection's events and its disconnect wait for its connect notice.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -2225,8 +2235,10 @@ class _HttpForwarder(_Forwarder):
         self.pending = _Shares(settings.forward_max_pending, settings.forward_max_pending_per_user)
         self._decode = msgspec.json.Decoder(_Reply).decode
         self._throttle = _Throttle()
-        # Notices: (body, set when it is done, the notice that must go first).
-        self._queue: collections.deque[tuple[bytes, anyio.Event, anyio.Event | None]] = collections.deque()
+        # Notices, by user or address, each's in order: (body, set when it is done, the notice that must go first).
+        self._queues: dict[str, collections.deque[tuple[bytes, anyio.Event, anyio.Event | None]]] = {}
+        self._turns: collections.deque[str] = collections.deque()  # the keys of _queues, the next to send first
+        self._waiting = 0  # notices in _queues
         self._queued: anyio.Event | None = None
         self._senders: set[asyncio.Task[None]] = set()
         self._sending = 0
@@ -2244,13 +2256,15 @@ class _HttpForwarder(_Forwarder):
 
     async def _drain(self) -> None:
         with anyio.move_on_after(self.settings.forward_timeout, shield=True):
-            while self._queue or self._sending:
+            while self._waiting or self._sending:
                 self._idle = anyio.Event()
                 await self._idle.wait()
         for sender in self._senders:
             sender.cancel()
-        self.notices["dropped"] += len(self._queue)
-        self._queue.clear()
+        self.notices["dropped"] += self._waiting
+        self._queues.clear()
+        self._turns.clear()
+        self._waiting = 0
 
     def takes(self, event: str) -> bool:
         return self.url is not None and _matches(self.settings.forward_events, event)
@@ -2258,7 +2272,7 @@ class _HttpForwarder(_Forwarder):
     async def forward(self, connection: _Connection, event: Event, failed: Callable[..., None]) -> None:
         assert self.url is not None
         identity, timeout = connection.identity, self.settings.forward_timeout
-        key = _share_key(identity.user, connection.remote and connection.remote.rpartition(":")[0])
+        key = _connection_key(connection)
         over = self.pending.refusal(key)
         if over == "total":
             self.outcomes["busy"] += 1
@@ -2317,7 +2331,7 @@ class _HttpForwarder(_Forwarder):
     def connected(self, connection: _Connection) -> None:
         if self.lifecycle_url is not None:
             identity = connection.identity
-            self._connect_notices[connection.id] = self._notify({
+            self._connect_notices[connection.id] = self._notify(connection, {
                 "type": "connect", "id": f"{connection.id}:connect", "client_id": connection.id,
                 "user": identity.user, "meta": identity.meta, "rooms": list(identity.rooms),
                 "remote": connection.remote})
@@ -2325,17 +2339,33 @@ class _HttpForwarder(_Forwarder):
     def disconnected(self, connection: _Connection) -> None:
         if self.lifecycle_url is not None:
             identity = connection.identity
-            self._notify({"type": "disconnect", "id": f"{connection.id}:disconnect", "client_id": connection.id,
-                          "user": identity.user, "meta": identity.meta, "reason": connection.close_reason},
-                         after=self._connect_notices.pop(connection.id, None))
+            self._notify(connection, {
+                "type": "disconnect", "id": f"{connection.id}:disconnect", "client_id": connection.id,
+                "user": identity.user, "meta": identity.meta, "reason": connection.close_reason},
+                after=self._connect_notices.pop(connection.id, None))
 
-    def _notify(self, content: dict[str, Any], after: anyio.Event | None = None) -> anyio.Event:
+    def _notify(self, connection: _Connection, content: dict[str, Any], after: anyio.Event | None = None
+                ) -> anyio.Event:
+        """Queue a notice of ``connection``'s, behind its user's (or address's) others; the event set when it
+        is sent or dropped."""
         done = anyio.Event()
-        if len(self._queue) >= NOTICE_QUEUE:  # the backend is down or slow: do not hold more
+        key = _connection_key(connection) or connection.id
+        queue = self._queues.get(key)
+        share = self.settings.lifecycle_max_queued_per_user
+        if self._waiting >= NOTICE_QUEUE or (share and queue is not None and len(queue) >= share):
+            # The backend is down or slow, or this user (address) opens connections faster than it takes
+            # their notices: hold no more, and let the others' go first.
             self.notices["dropped"] += 1
+            if self._waiting < NOTICE_QUEUE:
+                self._throttle.warn("notice_share", f"forwarding: a notice was dropped: {key} has {share} "
+                                                    "waiting (lifecycle_max_queued_per_user)")
             done.set()
             return done
-        self._queue.append((_encode(content), done, after))
+        if queue is None:
+            queue = self._queues[key] = collections.deque()
+            self._turns.append(key)
+        queue.append((_encode(content), done, after))
+        self._waiting += 1
         if len(self._senders) < NOTICE_SENDERS:  # started on first use: under daphne no lifespan runs
             sender = asyncio.get_running_loop().create_task(self._send_notices())
             self._senders.add(sender)
@@ -2347,11 +2377,20 @@ class _HttpForwarder(_Forwarder):
     async def _send_notices(self) -> None:
         assert self.lifecycle_url is not None
         while True:
-            while not self._queue:
+            while not self._turns:
                 if self._queued is None or self._queued.is_set():  # one event that wakes every idle sender
                     self._queued = anyio.Event()
                 await self._queued.wait()
-            body, done, after = self._queue.popleft()
+            # Each user's (address's) next notice in turn, as fair queueing does: one that opens connections
+            # by the thousand delays another's notices by one of its own, not by all of them.
+            key = self._turns.popleft()
+            queue = self._queues[key]
+            body, done, after = queue.popleft()
+            if queue:
+                self._turns.append(key)
+            else:
+                del self._queues[key]
+            self._waiting -= 1
             self._sending += 1
             try:
                 if after is not None:
@@ -2360,7 +2399,7 @@ class _HttpForwarder(_Forwarder):
             finally:
                 self._sending -= 1
                 done.set()
-                if not self._queue and not self._sending and self._idle is not None:
+                if not self._waiting and not self._sending and self._idle is not None:
                     self._idle.set()
 
     async def _send_notice(self, body: bytes) -> None:

@@ -426,3 +426,38 @@ async def test_e2e_slow_events_from_one_address_leave_other_addresses_the_backen
             "try again later")}
         assert len(refusals) == attackers - share
         assert server.metric("ws_micro_forwarded_total", outcome="over_share") == attackers - share
+
+
+async def test_e2e_a_flood_of_connections_from_one_address_does_not_hold_back_others_notices(
+        tmp_path: Path) -> None:
+    # Every connection queues a connect and a disconnect notice, and a connection's events wait for its
+    # connect notice (up to forward_timeout).  One address opening and closing connections faster than
+    # the backend takes notices queued them all ahead of everyone else's: another address's first event
+    # waited forward_timeout (3 s).
+    churn, notice_delay, log = 200, 0.1, tmp_path / "gateway.log"
+    with EventBackend(notice_delay=notice_delay) as backend, \
+            run_server(*forward_options(backend.url, "--forward-timeout", "3"), log=log) as server:
+
+        async def open_and_close() -> None:
+            for _ in range(churn // 10):
+                async with ws_client(server.ws):
+                    pass
+
+        async with anyio.create_task_group() as tasks:
+            for _ in range(10):
+                tasks.start_soon(open_and_close)
+        await server.wait_until(lambda: server.metric("ws_micro_disconnects_total", reason="closed") == churn,
+                                "the connections to end")
+        taken = len(backend.received)
+        async with ws_client(server.ws, local_addr=("127.0.0.2", 0)) as (ws, bystander):
+            first = await reply_seconds(ws, bystander, 0)
+        print(f"127.0.0.2's first reply: {first:.3f} s after {churn} connections from 127.0.0.1, of whose "
+              f"{2 * churn} notices the backend had taken {taken}")
+        # Its connect notice waits for a sender to finish one notice, then takes its own time.
+        assert first < 2 * notice_delay + 0.3, first
+        assert [body["type"] for body in backend.received if body["client_id"] == bystander] == ["connect", "event"]
+        dropped = server.metric("ws_micro_notices_total", outcome="dropped")
+        assert dropped >= 2 * churn - taken - 100 - 8  # all the address's but 100 queued and 8 being sent
+    warnings = [line for line in log.read_text().splitlines() if "lifecycle_max_queued_per_user" in line]
+    assert warnings == ["WARNING:  forwarding: a notice was dropped: address 127.0.0.1 has 100 waiting "
+                        "(lifecycle_max_queued_per_user)"]
