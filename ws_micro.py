@@ -2073,13 +2073,13 @@ class _ConnectHook:
         self.outcomes = collections.Counter(dict.fromkeys(HOOK_OUTCOMES, 0))
         self._throttle = _Throttle()
         self._decode = msgspec.json.Decoder(_Grant).decode
-        # In all, the handshakes waiting are bounded by max_connections, which counts them.
-        self.pending = _Shares(settings.max_connections, settings.connect_hook_max_pending_per_address)
+        # No total of its own: max_connections counts the handshakes waiting, and bounds them.
+        self.pending = _Shares(sys.maxsize, settings.connect_hook_max_pending_per_address)
 
     async def ask(self, request: HTTPConnection, client_id: str) -> _Identity:
         client = request.client
         key = _share_key(None, client.host if client else None)
-        if self.pending.refusal(key) is not None:
+        if self.pending.refusal(key) == "share":
             raise _Refused(503, "over_share", f"{key} has {self.pending.share} handshakes waiting for the connect "
                                               "hook (connect_hook_max_pending_per_address); try again later")
         body = _encode({
@@ -2243,7 +2243,8 @@ class _HttpForwarder(_Forwarder):
         self._senders: set[asyncio.Task[None]] = set()
         self._sending = 0
         self._idle: anyio.Event | None = None  # set when nothing is queued or being sent
-        self._connect_notices: dict[str, anyio.Event] = {}  # client id -> its connect notice's done event
+        # Client id -> its connect notice's done event, and whose notices it is queued with.
+        self._connect_notices: dict[str, tuple[anyio.Event, str]] = {}
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -2291,7 +2292,7 @@ class _HttpForwarder(_Forwarder):
                 notice = self._connect_notices.get(connection.id)
                 if notice is not None:
                     with anyio.move_on_after(timeout):  # the backend hears of the client before its events
-                        await notice.wait()
+                        await notice[0].wait()
                 started = time.perf_counter()
                 try:
                     with anyio.fail_after(timeout):
@@ -2331,25 +2332,26 @@ class _HttpForwarder(_Forwarder):
     def connected(self, connection: _Connection) -> None:
         if self.lifecycle_url is not None:
             identity = connection.identity
-            self._connect_notices[connection.id] = self._notify(connection, {
+            key = _connection_key(connection) or connection.id
+            self._connect_notices[connection.id] = self._notify(key, {
                 "type": "connect", "id": f"{connection.id}:connect", "client_id": connection.id,
                 "user": identity.user, "meta": identity.meta, "rooms": list(identity.rooms),
-                "remote": connection.remote})
+                "remote": connection.remote}), key
 
     def disconnected(self, connection: _Connection) -> None:
         if self.lifecycle_url is not None:
             identity = connection.identity
-            self._notify(connection, {
+            # Queued behind its connect notice, even from another address (a session resumed from elsewhere):
+            # a sender then never waits for a connect notice that no sender has taken yet.
+            done, key = self._connect_notices.pop(connection.id, (None, _connection_key(connection) or connection.id))
+            self._notify(key, {
                 "type": "disconnect", "id": f"{connection.id}:disconnect", "client_id": connection.id,
-                "user": identity.user, "meta": identity.meta, "reason": connection.close_reason},
-                after=self._connect_notices.pop(connection.id, None))
+                "user": identity.user, "meta": identity.meta, "reason": connection.close_reason}, after=done)
 
-    def _notify(self, connection: _Connection, content: dict[str, Any], after: anyio.Event | None = None
-                ) -> anyio.Event:
-        """Queue a notice of ``connection``'s, behind its user's (or address's) others; the event set when it
-        is sent or dropped."""
+    def _notify(self, key: str, content: dict[str, Any], after: anyio.Event | None = None) -> anyio.Event:
+        """Queue a notice behind the others of ``key`` (a user, an address; a connection without either); the
+        event set when it is sent or dropped."""
         done = anyio.Event()
-        key = _connection_key(connection) or connection.id
         queue = self._queues.get(key)
         share = self.settings.lifecycle_max_queued_per_user
         if self._waiting >= NOTICE_QUEUE or (share and queue is not None and len(queue) >= share):
