@@ -179,6 +179,8 @@ class Settings:
     (pip install 'ws-micro[hook]')."""
     connect_hook_timeout: float = 3.0
     """Seconds the connect hook may take to answer before the handshake is refused with 503."""
+    connect_hook_max_pending_per_address: int = 10
+    """Handshakes from one address waiting for the connect hook at once; more get 503 at once; 0: no share."""
     connect_hook_headers: tuple[str, ...] = ()
     """Request headers passed to the connect hook besides Cookie, Authorization, Origin and User-Agent."""
     backend_secret: str | None = None
@@ -206,10 +208,16 @@ class Settings:
     """Seconds the backend may take to answer a forwarded event; then the sender gets ``backend_unavailable``."""
     forward_max_pending: int = 1000
     """Forwarded events waiting for the backend at once, across connections; more get ``backend_unavailable``."""
+    forward_max_pending_per_user: int = 10
+    """Of those, the most one user (an anonymous connection: its address) may have; more get
+    ``backend_unavailable``; 0: no share."""
     lifecycle_url: str = "auto"
     """Where connects and disconnects are POSTed: "auto": forward_url (none without it); "": nowhere; or a URL."""
     lifecycle_retries: int = 3
     """Tries more for a connect or disconnect notice the backend did not take, before it is dropped."""
+    lifecycle_max_queued_per_user: int = 100
+    """Notices of one user (an anonymous connection: its address) waiting to be sent; more are dropped;
+    0: no share."""
 
     # Connection recovery (docs/recovery.md): off unless recovery_window is set
     recovery_window: float = 0.0
@@ -255,7 +263,8 @@ class Settings:
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, but got {value!r}")
-        for name in ("rate_limit", "recovery_window"):
+        for name in ("rate_limit", "recovery_window", "forward_max_pending_per_user",
+                     "connect_hook_max_pending_per_address", "lifecycle_max_queued_per_user"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (off) or more, but got {getattr(self, name)!r}")
         for name in ("send_timeout", "close_timeout", "api_body_timeout", "redis_timeout", "heartbeat_interval",
@@ -632,9 +641,10 @@ class _Revocations:
 
 # Why handshakes are refused (the rejected_handshakes_total labels): a disallowed origin, a full
 # server, a request head that did not arrive within handshake_timeout; no valid credentials (401),
-# credentials the connect hook refused (403), a connect hook that did not answer (503).
+# credentials the connect hook refused (403), a connect hook that did not answer (503), an address
+# with connect_hook_max_pending_per_address handshakes waiting for the hook already (503).
 HANDSHAKE_REFUSALS = ("origin", "full", "timeout", "unauthorized", "forbidden", "auth_unavailable",
-                      "invalid_resume", "resume_token_used")
+                      "invalid_resume", "resume_token_used", "over_share")
 
 # Why connections end (the disconnects_total labels).
 DISCONNECT_REASONS = ("closed", "abnormal", "shutdown", "peer_error", "kicked", "slow_consumer",
@@ -1924,6 +1934,64 @@ SIGNATURE_HEADER = "X-WS-Micro-Signature"  # t=<unix time>,v1=<hex HMAC-SHA256>
 BACKEND_POOL_SIZE = 100  # connections a pool keeps open to the backend: at most as many requests at once
 
 
+def _share_key(user: str | None, host: str | None) -> str | None:
+    """Whose share of the backend a request counts against, in words for a message: its user's, if it has
+    one; else its address's (an IPv6 address's /64, which one subscriber holds whole as it would one IPv4
+    address); None when the server gives no address (a Unix socket)."""
+    if user is not None:
+        return f"user {user!r}"
+    if not host:
+        return None
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # not an IP address: a name some server gave, counted as it is
+        return f"address {host}"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is None:
+            return f"addresses {ipaddress.IPv6Network((address, 64), strict=False)}"
+        address = address.ipv4_mapped  # an IPv4 client of a dual-stack listener
+    return f"address {address}"
+
+
+def _connection_key(connection: _Connection) -> str | None:
+    """The :func:`_share_key` of a connection's requests."""
+    return _share_key(connection.identity.user, connection.remote and connection.remote.rpartition(":")[0])
+
+
+class _Shares:
+    """Requests waiting for the backend, in all and by user or address (:func:`_share_key`): like nginx's
+    ``limit_conn`` by key, so that one user's slow requests cannot take every pooled connection."""
+
+    def __init__(self, limit: int, share: int) -> None:
+        self.limit, self.share = limit, share  # share 0: no share
+        self.total = 0
+        self._held: dict[str, int] = {}  # only keys with requests waiting: bounded by ``limit``
+
+    def refusal(self, key: str | None) -> str | None:
+        """None if one more request of ``key`` may wait; else which bound it is over: "total" or "share"."""
+        if self.total >= self.limit:
+            return "total"
+        if key is not None and self.share and self._held.get(key, 0) >= self.share:
+            return "share"
+        return None
+
+    @contextlib.contextmanager
+    def holding(self, key: str | None) -> Generator[None]:
+        """Count a request of ``key`` while the block runs."""
+        self.total += 1
+        if key is not None:
+            self._held[key] = self._held.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            self.total -= 1
+            if key is not None:
+                if self._held[key] == 1:
+                    del self._held[key]
+                else:
+                    self._held[key] -= 1
+
+
 def _signature(secret: bytes, body: bytes, timestamp: int) -> str:
     """The ``SIGNATURE_HEADER`` value: HMAC-SHA256 of ``b"<timestamp>." + body``, as payment webhooks sign."""
     return f"t={timestamp},v1={hmac.new(secret, b'%d.' % timestamp + body, hashlib.sha256).hexdigest()}"
@@ -2128,7 +2196,9 @@ def _public_key(text: str) -> tuple[str, Any]:
 
 class _ConnectHook:
     """Asks the backend whether to accept a handshake, as AWS's ``$connect`` authorizer and Centrifugo's
-    connect proxy do; docs/auth.md has the request and the answers.  Fails closed: no clear answer, 503."""
+    connect proxy do; docs/auth.md has the request and the answers.  Fails closed: no clear answer, 503.
+    One address may have ``connect_hook_max_pending_per_address`` handshakes waiting for it; more get 503
+    at once, so that handshakes the hook holds leave the rest of its pool to other addresses."""
 
     def __init__(self, settings: Settings) -> None:
         assert settings.connect_hook_url is not None
@@ -2139,9 +2209,15 @@ class _ConnectHook:
         self.outcomes = collections.Counter(dict.fromkeys(HOOK_OUTCOMES, 0))
         self._throttle = _Throttle()
         self._decode = msgspec.json.Decoder(_Grant).decode
+        # No total of its own: max_connections counts the handshakes waiting, and bounds them.
+        self.pending = _Shares(sys.maxsize, settings.connect_hook_max_pending_per_address)
 
     async def ask(self, request: HTTPConnection, client_id: str) -> _Identity:
         client = request.client
+        key = _share_key(None, client.host if client else None)
+        if self.pending.refusal(key) == "share":
+            raise _Refused(503, "over_share", f"{key} has {self.pending.share} handshakes waiting for the connect "
+                                              "hook (connect_hook_max_pending_per_address); try again later")
         body = _encode({
             "client_id": client_id,
             "remote": f"{client.host}:{client.port}" if client else None,
@@ -2152,7 +2228,7 @@ class _ConnectHook:
         })
         timeout = self.settings.connect_hook_timeout
         try:
-            with anyio.fail_after(timeout):
+            with self.pending.holding(key), anyio.fail_after(timeout):
                 status, answer = await self.client.post(self.url, body, HOOK_ANSWER_LIMIT)
         except TimeoutError:
             raise self._failed("timeout", f"the connect hook did not answer within {timeout:g} seconds") from None
@@ -2232,10 +2308,12 @@ NOTICE_SENDERS = 8  # notices sent at once
 
 # What became of each forwarded event (the forwarded_total labels): answered with 2xx; answered an
 # error status or garbage (backend_error); no answer in time or no connection (backend_unavailable);
-# refused unsent because forward_max_pending events were waiting already (backend_unavailable).
-FORWARD_OUTCOMES = ("ok", "backend_error", "timeout", "unreachable", "busy")
+# refused unsent because forward_max_pending events were waiting already, or its user (or address)
+# had forward_max_pending_per_user waiting (backend_unavailable).
+FORWARD_OUTCOMES = ("ok", "backend_error", "timeout", "unreachable", "busy", "over_share")
 # Connect and disconnect notices (the notices_total labels): taken by the backend (2xx); tried again;
-# given up after lifecycle_retries more tries, or because NOTICE_QUEUE were waiting.
+# given up after lifecycle_retries more tries, or because NOTICE_QUEUE were waiting, or its user's (or
+# address's) lifecycle_max_queued_per_user.
 NOTICE_OUTCOMES = ("sent", "retried", "dropped")
 
 
@@ -2280,10 +2358,12 @@ class _HttpForwarder(_Forwarder):
     two-way routes; tells ``lifecycle_url`` of every connect and disconnect.  docs/backend.md has the bodies.
 
     A connection forwards one event at a time, in order: its next frame is read when the backend has
-    answered.  At most ``forward_max_pending`` wait in all; more are refused at once, so the memory held
-    for a slow backend is bounded whatever it does.  Notices never delay a client: they are queued
-    (at most NOTICE_QUEUE), sent by NOTICE_SENDERS tasks, tried ``lifecycle_retries`` more times, and
-    counted when dropped.  A connection's events and its disconnect wait for its connect notice.
+    answered.  At most ``forward_max_pending`` wait in all, and ``forward_max_pending_per_user`` for one user
+    or address; more are refused at once, so the memory held for a slow backend is bounded whatever it does,
+    and one user's slow events leave the rest of the pool to others.  Notices never delay a client: they are queued
+    (at most NOTICE_QUEUE, and ``lifecycle_max_queued_per_user`` of one user or address), sent by
+    NOTICE_SENDERS tasks that take each user's or address's in turn, tried ``lifecycle_retries`` more
+    times, and counted when dropped.  A connection's events and its disconnect wait for its connect notice.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -2294,16 +2374,19 @@ class _HttpForwarder(_Forwarder):
         self.outcomes = collections.Counter(dict.fromkeys(FORWARD_OUTCOMES, 0))
         self.latency = _Histogram("forward_seconds", "Time the backend took to answer a forwarded event.")
         self.notices = collections.Counter(dict.fromkeys(NOTICE_OUTCOMES, 0))
-        self.pending = 0
+        self.pending = _Shares(settings.forward_max_pending, settings.forward_max_pending_per_user)
         self._decode = msgspec.json.Decoder(_Reply).decode
         self._throttle = _Throttle()
-        # Notices: (body, set when it is done, the notice that must go first).
-        self._queue: collections.deque[tuple[bytes, anyio.Event, anyio.Event | None]] = collections.deque()
+        # Notices, by user or address, each's in order: (body, set when it is done, the notice that must go first).
+        self._queues: dict[str, collections.deque[tuple[bytes, anyio.Event, anyio.Event | None]]] = {}
+        self._turns: collections.deque[str] = collections.deque()  # the keys of _queues, the next to send first
+        self._waiting = 0  # notices in _queues
         self._queued: anyio.Event | None = None
         self._senders: set[asyncio.Task[None]] = set()
         self._sending = 0
         self._idle: anyio.Event | None = None  # set when nothing is queued or being sent
-        self._connect_notices: dict[str, anyio.Event] = {}  # client id -> its connect notice's done event
+        # Client id -> its connect notice's done event, and whose notices it is queued with.
+        self._connect_notices: dict[str, tuple[anyio.Event, str]] = {}
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -2316,47 +2399,54 @@ class _HttpForwarder(_Forwarder):
 
     async def _drain(self) -> None:
         with anyio.move_on_after(self.settings.forward_timeout, shield=True):
-            while self._queue or self._sending:
+            while self._waiting or self._sending:
                 self._idle = anyio.Event()
                 await self._idle.wait()
         for sender in self._senders:
             sender.cancel()
-        self.notices["dropped"] += len(self._queue)
-        self._queue.clear()
+        self.notices["dropped"] += self._waiting
+        self._queues.clear()
+        self._turns.clear()
+        self._waiting = 0
 
     def takes(self, event: str) -> bool:
         return self.url is not None and _matches(self.settings.forward_events, event)
 
     async def forward(self, connection: _Connection, event: Event, failed: Callable[..., None]) -> None:
         assert self.url is not None
-        limit = self.settings.forward_max_pending
-        if self.pending >= limit:
-            self.outcomes["busy"] += 1
-            failed(BACKEND_UNAVAILABLE, f"{limit} events are waiting for the backend; try again later")
-            return
         identity, timeout = connection.identity, self.settings.forward_timeout
+        key = _connection_key(connection)
+        over = self.pending.refusal(key)
+        if over == "total":
+            self.outcomes["busy"] += 1
+            failed(BACKEND_UNAVAILABLE, f"{self.pending.limit} events are waiting for the backend "
+                                        "(forward_max_pending); try again later")
+            return
+        if over == "share":
+            self.outcomes["over_share"] += 1
+            failed(BACKEND_UNAVAILABLE, f"{key} has {self.pending.share} events waiting for the backend "
+                                        "(forward_max_pending_per_user); try again later")
+            return
         body = _encode({"type": "event", "client_id": connection.id, "user": identity.user, "meta": identity.meta,
                         "event": event.event, "data": event.data.data, "rooms": sorted(connection.rooms)})
-        self.pending += 1
         try:
-            notice = self._connect_notices.get(connection.id)
-            if notice is not None:
-                with anyio.move_on_after(timeout):  # the backend hears of the client before its events
-                    await notice.wait()
-            started = time.perf_counter()
-            try:
-                with anyio.fail_after(timeout):
-                    status, answer = await self.client.post(self.url, body, FORWARD_ANSWER_LIMIT)
-            finally:
-                self.latency.observe(time.perf_counter() - started)
+            with self.pending.holding(key):
+                notice = self._connect_notices.get(connection.id)
+                if notice is not None:
+                    with anyio.move_on_after(timeout):  # the backend hears of the client before its events
+                        await notice[0].wait()
+                started = time.perf_counter()
+                try:
+                    with anyio.fail_after(timeout):
+                        status, answer = await self.client.post(self.url, body, FORWARD_ANSWER_LIMIT)
+                finally:
+                    self.latency.observe(time.perf_counter() - started)
         except TimeoutError:
             self._unavailable(failed, "timeout", f"the backend did not answer within {timeout:g} seconds")
             return
         except ConnectionError as exc:
             self._unavailable(failed, "unreachable", f"the backend cannot be reached ({exc})")
             return
-        finally:
-            self.pending -= 1
         if not 200 <= status < 300:
             self.outcomes["backend_error"] += 1
             failed(BACKEND_ERROR, f"the backend answered HTTP {status}", status=status)
@@ -2384,25 +2474,42 @@ class _HttpForwarder(_Forwarder):
     def connected(self, connection: _Connection) -> None:
         if self.lifecycle_url is not None:
             identity = connection.identity
-            self._connect_notices[connection.id] = self._notify({
+            key = _connection_key(connection) or connection.id
+            self._connect_notices[connection.id] = self._notify(key, {
                 "type": "connect", "id": f"{connection.id}:connect", "client_id": connection.id,
                 "user": identity.user, "meta": identity.meta, "rooms": list(identity.rooms),
-                "remote": connection.remote})
+                "remote": connection.remote}), key
 
     def disconnected(self, connection: _Connection) -> None:
         if self.lifecycle_url is not None:
             identity = connection.identity
-            self._notify({"type": "disconnect", "id": f"{connection.id}:disconnect", "client_id": connection.id,
-                          "user": identity.user, "meta": identity.meta, "reason": connection.close_reason},
-                         after=self._connect_notices.pop(connection.id, None))
+            # Queued behind its connect notice, even from another address (a session resumed from elsewhere):
+            # a sender then never waits for a connect notice that no sender has taken yet.
+            done, key = self._connect_notices.pop(connection.id, (None, _connection_key(connection) or connection.id))
+            self._notify(key, {
+                "type": "disconnect", "id": f"{connection.id}:disconnect", "client_id": connection.id,
+                "user": identity.user, "meta": identity.meta, "reason": connection.close_reason}, after=done)
 
-    def _notify(self, content: dict[str, Any], after: anyio.Event | None = None) -> anyio.Event:
+    def _notify(self, key: str, content: dict[str, Any], after: anyio.Event | None = None) -> anyio.Event:
+        """Queue a notice behind the others of ``key`` (a user, an address; a connection without either); the
+        event set when it is sent or dropped."""
         done = anyio.Event()
-        if len(self._queue) >= NOTICE_QUEUE:  # the backend is down or slow: do not hold more
+        queue = self._queues.get(key)
+        share = self.settings.lifecycle_max_queued_per_user
+        if self._waiting >= NOTICE_QUEUE or (share and queue is not None and len(queue) >= share):
+            # The backend is down or slow, or this user (address) opens connections faster than it takes
+            # their notices: hold no more, and let the others' go first.
             self.notices["dropped"] += 1
+            if self._waiting < NOTICE_QUEUE:
+                self._throttle.warn("notice_share", f"forwarding: a notice was dropped: {key} has {share} "
+                                                    "waiting (lifecycle_max_queued_per_user)")
             done.set()
             return done
-        self._queue.append((_encode(content), done, after))
+        if queue is None:
+            queue = self._queues[key] = collections.deque()
+            self._turns.append(key)
+        queue.append((_encode(content), done, after))
+        self._waiting += 1
         if len(self._senders) < NOTICE_SENDERS:  # started on first use: under daphne no lifespan runs
             sender = asyncio.get_running_loop().create_task(self._send_notices())
             self._senders.add(sender)
@@ -2414,11 +2521,20 @@ class _HttpForwarder(_Forwarder):
     async def _send_notices(self) -> None:
         assert self.lifecycle_url is not None
         while True:
-            while not self._queue:
+            while not self._turns:
                 if self._queued is None or self._queued.is_set():  # one event that wakes every idle sender
                     self._queued = anyio.Event()
                 await self._queued.wait()
-            body, done, after = self._queue.popleft()
+            # Each user's (address's) next notice in turn, as fair queueing does: one that opens connections
+            # by the thousand delays another's notices by one of its own, not by all of them.
+            key = self._turns.popleft()
+            queue = self._queues[key]
+            body, done, after = queue.popleft()
+            if queue:
+                self._turns.append(key)
+            else:
+                del self._queues[key]
+            self._waiting -= 1
             self._sending += 1
             try:
                 if after is not None:
@@ -2427,7 +2543,7 @@ class _HttpForwarder(_Forwarder):
             finally:
                 self._sending -= 1
                 done.set()
-                if not self._queue and not self._sending and self._idle is not None:
+                if not self._waiting and not self._sending and self._idle is not None:
                     self._idle.set()
 
     async def _send_notice(self, body: bytes) -> None:

@@ -550,7 +550,8 @@ class BackendServer:
 
 class HookBackend(BackendServer):
     """The connect hook: it keeps each request, and answers as the handshake's ``mode`` query parameter
-    asks: grant, 401, 403, slowly, 500, garbage, a grant out of bounds or nested too deep."""
+    asks: grant, 401, 403, slowly (a grant after ``delay`` seconds, 1 by default), 500, garbage, a grant
+    out of bounds or nested too deep."""
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
@@ -559,8 +560,8 @@ class HookBackend(BackendServer):
     async def answer(self, asked: dict[str, Any]) -> Any:
         self.requests.append(asked)
         mode = asked["query"].get("mode", "grant")
-        if mode == "slow":  # longer than the gateway's connect_hook_timeout
-            await anyio.sleep(1)
+        if mode == "slow":  # by default longer than the gateway's connect_hook_timeout
+            await anyio.sleep(float(asked["query"].get("delay", 1)))
         if mode in ("401", "403", "500"):
             return JSONResponse({"error": mode}, int(mode))
         if mode == "garbage":
@@ -580,7 +581,8 @@ class EventBackend(BackendServer):
     """Takes forwarded events and notices at ``/events``, keeping each body in arrival order.
 
     An event is answered as its ``data.mode`` says: ``reply`` (two frames, numbered), ``none`` (204),
-    ``500``, ``garbage``, ``nested`` (too deep), ``slow`` (after 1 s). The first ``failing`` notices get 500.
+    ``500``, ``garbage``, ``nested`` (too deep), ``slow`` (its reply after ``data.delay`` seconds, 1 by
+    default). The first ``failing`` notices get 500.
     """
 
     def __init__(self, failing: int = 0, notice_delay: float = 0) -> None:
@@ -604,7 +606,7 @@ class EventBackend(BackendServer):
         if body["type"] != "event" or mode == "none":
             return Response(status_code=204)
         if mode == "slow":
-            await anyio.sleep(1)
+            await anyio.sleep(body["data"].get("delay", 1))
         if mode == "500":
             return JSONResponse({"error": "boom"}, 500)
         if mode == "garbage":

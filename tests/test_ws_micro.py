@@ -660,6 +660,8 @@ def test_settings_come_from_ws_micro_environment_variables() -> None:
         ({"WS_MICRO_RATE_LIMIT": "nan"}, "rate_limit must be a finite number, but got nan"),
         ({"WS_MICRO_SEND_TIMEOUT": "inf"}, "send_timeout must be a finite number, but got inf"),
         ({"WS_MICRO_RECOVERY_WINDOW": "-Infinity"}, "recovery_window must be a finite number, but got -inf"),
+        ({"WS_MICRO_FORWARD_MAX_PENDING_PER_USER": "-1"},
+         "forward_max_pending_per_user must be 0 (off) or more, but got -1"),
         ({"WS_MICRO_CONNECT_HOOK_URL": "ftp://backend/hook", "WS_MICRO_BACKEND_SECRET": "s"},
          "connect_hook_url must be an http:// or https:// URL, but got 'ftp://backend/hook'"),
         ({"WS_MICRO_CONNECT_HOOK_URL": "http://backend/hook"},
@@ -675,6 +677,23 @@ def test_bad_settings_are_refused_with_the_bad_value(env: dict[str, str], messag
     with pytest.raises(ValueError) as refused:
         create_app(**ws_micro.options_from_env(Settings, env))
     assert str(refused.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("user", "host", "key"),
+    [
+        ("alice", "203.0.113.9", "user 'alice'"),  # a user's, from wherever
+        (None, "203.0.113.9", "address 203.0.113.9"),
+        (None, "2001:db8:1:2:3:4:5:6", "addresses 2001:db8:1:2::/64"),  # what one subscriber is given
+        (None, "::ffff:203.0.113.9", "address 203.0.113.9"),  # an IPv4 client of a dual-stack listener
+        (None, "::1", "addresses ::/64"),
+        (None, "some-host", "address some-host"),  # a name, as a server may give it: as it is
+        (None, None, None),  # no address (a Unix socket): no share
+    ],
+)
+def test_a_requests_share_of_the_backend_is_its_users_else_its_addresses(user: str | None, host: str | None,
+                                                                        key: str | None) -> None:
+    assert ws_micro._share_key(user, host) == key
 
 
 @pytest.mark.process

@@ -34,6 +34,7 @@ from conftest import (
     StallingOutput,
     closed_with,
     drop,
+    eventually,
     frame,
     free_port,
     gateway,
@@ -574,8 +575,10 @@ async def test_e2e_a_flood_of_handshakes_the_hook_cannot_answer_is_bounded(tmp_p
                     tasks.start_soon(attempt)
         assert set(statuses) == {503} and len(statuses) == 600
         full = server.metric("ws_micro_rejected_handshakes_total", reason="full")
+        over_share = server.metric("ws_micro_rejected_handshakes_total", reason="over_share")
         waited = server.metric("ws_micro_connect_hook_total", outcome="timeout")
-        assert full + waited == 600 and 0 < waited <= 3 * 40  # at most max_connections wait on the hook at once
+        # At most connect_hook_max_pending_per_address (10) of one address wait on the hook at once.
+        assert full + over_share + waited == 600 and 0 < waited <= 3 * 10
         assert server.get("/healthz").json()["connections"] == 0
         assert rss_mib(server.process) - before < 15
     lines = log.read_text().splitlines()
@@ -583,6 +586,51 @@ async def test_e2e_a_flood_of_handshakes_the_hook_cannot_answer_is_bounded(tmp_p
     assert len([line for line in lines if line.startswith("WARNING")]) <= 2
     assert len([line for line in lines if line.startswith("ERROR")]) <= 2
     assert not any("Traceback" in line for line in lines)
+
+
+@pytest.mark.process
+async def test_e2e_handshakes_from_one_address_that_hang_the_hook_leave_it_to_other_addresses() -> None:
+    # 150 handshakes from one address, each held 3 s by the hook, filled the hook's pool of 100: a
+    # handshake from elsewhere waited for them, up to connect_hook_timeout, and then got 503.
+    attackers, share, delay = 150, 10, 3.0
+    with HookBackend() as backend, run_server(*hook_options(backend.url), "--connect-hook-timeout", "10",
+                                              "--log-level", "warning") as server:
+
+        async def handshake_seconds() -> float:
+            started = time.perf_counter()
+            async with ws_client(server.ws, local_addr=("127.0.0.2", 0)):
+                return time.perf_counter() - started
+
+        await handshake_seconds()  # the hook's first pooled connection
+        free = max([await handshake_seconds() for _ in range(5)])
+        refusals: list[tuple[int, dict[str, str]]] = []
+        accepted: list[str] = []
+
+        async def attempt() -> None:
+            try:
+                async with ws_client(f"{server.ws}?mode=slow&delay={delay}") as (_, client_id):
+                    accepted.append(client_id)
+            except InvalidStatus as refused:
+                refusals.append((refused.response.status_code,
+                                 json.loads(refused.response.body or b"{}")["error"]))
+
+        def held() -> int:
+            return len([asked for asked in backend.requests if asked["query"].get("mode") == "slow"])
+
+        async with anyio.create_task_group() as tasks:
+            for _ in range(attackers):
+                tasks.start_soon(attempt)
+            await eventually(lambda: held() + len(refusals) >= attackers or held() >= ws_micro.BACKEND_POOL_SIZE,
+                             "the attack to be in place")
+            attacked = max([await handshake_seconds() for _ in range(5)])
+        print(f"127.0.0.2's worst of 5 handshakes: {free:.3f} s free, {attacked:.3f} s with {attackers} handshakes "
+              "from 127.0.0.1 that the hook holds")
+        assert attacked < free + 0.5, (free, attacked)
+        assert len(accepted) == share and len(refusals) == attackers - share
+        assert {(status, error["code"], error["message"]) for status, error in refusals} == {(
+            503, "over_share", "address 127.0.0.1 has 10 handshakes waiting for the connect hook "
+                               "(connect_hook_max_pending_per_address); try again later")}
+        assert server.metric("ws_micro_rejected_handshakes_total", reason="over_share") == attackers - share
 
 
 def test_an_es256_key_takes_es256_tokens_and_other_key_types_are_refused_at_start() -> None:

@@ -16,8 +16,10 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import anyio
 import httpx2 as httpx
@@ -29,6 +31,7 @@ from conftest import (
     ROOT,
     TIMEOUT,
     EventBackend,
+    Server,
     client_frame,
     closed_with,
     eventually,
@@ -44,6 +47,9 @@ from conftest import (
     text,
     ws_client,
 )
+from websockets.asyncio.client import ClientConnection
+
+import ws_micro
 
 pytestmark = [pytest.mark.anyio, pytest.mark.process]
 
@@ -89,7 +95,8 @@ async def test_e2e_events_reach_the_backend_and_its_answers_reach_the_sender(tmp
                 assert reply.get("status") == (None if mode == "slow" else 500 if mode == "500" else 200)
             await ws.send(text("ping", me))
             assert (await recv_json(ws))["event"] == "pong"
-        for outcome, count in (("ok", 2), ("backend_error", 3), ("timeout", 1), ("unreachable", 0), ("busy", 0)):
+        for outcome, count in (("ok", 2), ("backend_error", 3), ("timeout", 1), ("unreachable", 0), ("busy", 0),
+                               ("over_share", 0)):
             assert server.metric("ws_micro_forwarded_total", outcome=outcome) == count, outcome
         assert server.metric("ws_micro_forward_seconds_count") == 6
         assert server.metric("ws_micro_forward_seconds_bucket", le="+Inf") == 6
@@ -126,16 +133,16 @@ async def test_e2e_each_connections_events_reach_the_backend_in_order_under_load
     clients, events = 20, 50
     with EventBackend() as backend, run_server(*forward_options(backend.url), "--log-level", "warning") as server:
 
-        async def talk() -> None:
-            async with ws_client(server.ws) as (ws, me):
+        async def talk(address: str) -> None:
+            async with ws_client(server.ws, local_addr=(address, 0)) as (ws, me):
                 for n in range(events):  # all at once: the gateway reads the next when the backend answered
                     await ws.send(text("move", me, {"n": n}))
                 replies = [(await recv_json(ws))["data"]["data"] for _ in range(2 * events)]
                 assert replies == [{"n": n, "part": part} for n in range(events) for part in (1, 2)]
 
         async with anyio.create_task_group() as tasks:
-            for _ in range(clients):
-                tasks.start_soon(talk)
+            for client in range(clients):  # each from its own address, as a load from many machines: one
+                tasks.start_soon(talk, f"127.0.0.{10 + client}")  # address has forward_max_pending_per_user
     by_client: dict[str, list[int]] = {}
     for body in backend.received:
         if body["type"] == "event":
@@ -181,8 +188,8 @@ async def test_e2e_past_forward_max_pending_events_are_refused_at_once() -> None
             for ws, me in clients[3:]:
                 await ws.send(text("chat", me))
                 reply = (await recv_json(ws))["data"]["data"]
-                assert (reply["code"], reply["message"]) == (
-                    "backend_unavailable", "3 events are waiting for the backend; try again later")
+                assert (reply["code"], reply["message"]) == ("backend_unavailable", "3 events are waiting for the "
+                                                             "backend (forward_max_pending); try again later")
             for ws, _ in clients[:3]:
                 assert (await recv_json(ws))["event"] == "ack"
         assert server.metric("ws_micro_forwarded_total", outcome="busy") == 5
@@ -323,3 +330,136 @@ async def test_e2e_notices_are_sent_several_at_once_after_the_senders_were_idle(
             await eventually(functools.partial(notified, client_ids, 2), "their disconnect notices")
             # The second wave finds every sender made by the first one idle: they must all wake.
             assert backend.most_notices_at_once >= 4, wave
+
+
+# One user's (or address's) slow events against everyone else's fast ones.
+
+ATTACK_DELAY = 3.0  # seconds each of an attacker's events takes at the backend: far above the bounds below
+_T = TypeVar("_T")
+
+
+def bearer(token: str) -> dict[str, dict[str, str]]:
+    return {"additional_headers": {"Authorization": f"Bearer {token}"}}
+
+
+async def reply_seconds(ws: ClientConnection, me: str, n: int) -> float:
+    """Seconds an event takes to come back answered by the backend (its first ack)."""
+    started = time.perf_counter()
+    await ws.send(text("chat", me, {"n": n}))
+    first = await recv_json(ws)
+    elapsed = time.perf_counter() - started
+    assert first == frame("ack", me, {"n": n, "part": 1}), first
+    assert await recv_json(ws) == frame("ack", me, {"n": n, "part": 2})
+    return elapsed
+
+
+async def worst_reply_seconds(ws: ClientConnection, me: str, events: int = 5) -> float:
+    return max([await reply_seconds(ws, me, n) for n in range(events)])
+
+
+async def attack(server: Server, backend: EventBackend, count: int, meanwhile: Callable[[], Awaitable[_T]],
+                 **options: Any) -> tuple[list[dict[str, Any]], _T]:
+    """``count`` connections (opened with ``options``) each send an event the backend answers after
+    ATTACK_DELAY.  Once each is at the backend or refused (or the backend's pool is full), ``meanwhile``
+    runs; then the first reply of each connection is in: its refusal, or its event's first ack."""
+    replies: list[dict[str, Any]] = []
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(ws_client(server.ws, **options)) for _ in range(count)]
+
+        def slow_events() -> int:
+            return len([body for body in backend.received if body.get("data", {}).get("delay") == ATTACK_DELAY])
+
+        async def first_reply(ws: ClientConnection, me: str) -> None:
+            await ws.send(text("chat", me, {"mode": "slow", "delay": ATTACK_DELAY}))
+            replies.append(await recv_json(ws))
+
+        async with anyio.create_task_group() as tasks:
+            for ws, me in clients:
+                tasks.start_soon(first_reply, ws, me)
+            await eventually(lambda: slow_events() + len(replies) >= count
+                             or slow_events() >= ws_micro.BACKEND_POOL_SIZE, "the attack to be in place")
+            result = await meanwhile()
+    return replies, result
+
+
+async def test_e2e_one_users_slow_events_leave_others_their_free_latency() -> None:
+    # The issue's case: 150 connections of one user fill a pool of 100 with events that take 3 s, and
+    # another user's event, answered in 0.01 s, waited 4.78 s.
+    attackers, share = 150, 10
+    with EventBackend() as backend, run_server(*forward_options(backend.url, "--forward-timeout", "10"),
+                                               "--jwt-secret", JWT_SECRET, "--log-level", "warning") as server:
+        async with ws_client(server.ws, **bearer(mint())) as (ws, alice):
+            await reply_seconds(ws, alice, -1)  # the pool's first connection, and alice's connect notice
+            free = await worst_reply_seconds(ws, alice)
+            replies, attacked = await attack(server, backend, attackers, functools.partial(
+                worst_reply_seconds, ws, alice), **bearer(mint({"sub": "mallory"})))
+        print(f"alice's worst of 5 replies: {free:.3f} s free, {attacked:.3f} s with mallory's {attackers} "
+              f"slow events")
+        assert attacked < free + 0.5, (free, attacked)
+        refusals = [reply["data"]["data"] for reply in replies if reply["event"] == "error"]
+        assert len(refusals) == attackers - share
+        assert {(refusal["code"], refusal["message"]) for refusal in refusals} == {(
+            "backend_unavailable",
+            "user 'mallory' has 10 events waiting for the backend (forward_max_pending_per_user); try again later")}
+        assert [reply["event"] for reply in replies if reply["event"] != "error"] == ["ack"] * share
+        assert server.metric("ws_micro_forwarded_total", outcome="over_share") == attackers - share
+        assert server.metric("ws_micro_forwarded_total", outcome="busy") == 0
+
+
+async def test_e2e_slow_events_from_one_address_leave_other_addresses_the_backend() -> None:
+    # The issue's other case: with forward_max_pending 100, 100 connections each holding a 3 s event
+    # got a bystander's event refused at once, 8 times out of 8.  Anonymous clients share by address.
+    attackers, share = 100, 10
+    with EventBackend() as backend, run_server(*forward_options(backend.url, "--forward-timeout", "10",
+                                                                "--forward-max-pending", "100"),
+                                               "--log-level", "warning") as server:
+        async with ws_client(server.ws, local_addr=("127.0.0.2", 0)) as (ws, bystander):
+            await reply_seconds(ws, bystander, -1)
+            free = await worst_reply_seconds(ws, bystander)
+            replies, attacked = await attack(server, backend, attackers, functools.partial(
+                worst_reply_seconds, ws, bystander))
+        print(f"127.0.0.2's worst of 5 replies: {free:.3f} s free, {attacked:.3f} s with {attackers} slow events "
+              "from 127.0.0.1")
+        assert attacked < free + 0.5, (free, attacked)
+        refusals = [reply["data"]["data"] for reply in replies if reply["event"] == "error"]
+        assert {(refusal["code"], refusal["message"]) for refusal in refusals} == {(
+            "backend_unavailable",
+            "address 127.0.0.1 has 10 events waiting for the backend (forward_max_pending_per_user); "
+            "try again later")}
+        assert len(refusals) == attackers - share
+        assert server.metric("ws_micro_forwarded_total", outcome="over_share") == attackers - share
+
+
+async def test_e2e_a_flood_of_connections_from_one_address_does_not_hold_back_others_notices(
+        tmp_path: Path) -> None:
+    # Every connection queues a connect and a disconnect notice, and a connection's events wait for its
+    # connect notice (up to forward_timeout).  One address opening and closing connections faster than
+    # the backend takes notices queued them all ahead of everyone else's: another address's first event
+    # waited forward_timeout (3 s).
+    churn, notice_delay, log = 200, 0.1, tmp_path / "gateway.log"
+    with EventBackend(notice_delay=notice_delay) as backend, \
+            run_server(*forward_options(backend.url, "--forward-timeout", "3"), log=log) as server:
+
+        async def open_and_close() -> None:
+            for _ in range(churn // 10):
+                async with ws_client(server.ws):
+                    pass
+
+        async with anyio.create_task_group() as tasks:
+            for _ in range(10):
+                tasks.start_soon(open_and_close)
+        await server.wait_until(lambda: server.metric("ws_micro_disconnects_total", reason="closed") == churn,
+                                "the connections to end")
+        taken = len(backend.received)
+        async with ws_client(server.ws, local_addr=("127.0.0.2", 0)) as (ws, bystander):
+            first = await reply_seconds(ws, bystander, 0)
+        print(f"127.0.0.2's first reply: {first:.3f} s after {churn} connections from 127.0.0.1, of whose "
+              f"{2 * churn} notices the backend had taken {taken}")
+        # Its connect notice waits for a sender to finish one notice, then takes its own time.
+        assert first < 2 * notice_delay + 0.3, first
+        assert [body["type"] for body in backend.received if body["client_id"] == bystander] == ["connect", "event"]
+        dropped = server.metric("ws_micro_notices_total", outcome="dropped")
+        assert dropped >= 2 * churn - taken - 100 - 8  # all the address's but 100 queued and 8 being sent
+    warnings = [line for line in log.read_text().splitlines() if "lifecycle_max_queued_per_user" in line]
+    assert warnings == ["WARNING:  forwarding: a notice was dropped: address 127.0.0.1 has 100 waiting "
+                        "(lifecycle_max_queued_per_user)"]
