@@ -229,6 +229,9 @@ class Settings:
     """Characters of JSON kept for one session, likewise."""
     recovery_max_sessions: int = 10_000
     """Sessions waiting for their client at once; past this, the one waiting longest ends."""
+    recovery_max_sessions_per_user: int = 1000
+    """Sessions of one user (or, without one, of one address) waiting at once; past this, its own that waits
+    longest ends, not someone else's; 0: no share."""
     recovery_max_memory: int = 64 * 1024 * 1024
     """Bytes of memory the frames kept for all waiting sessions may take; past this, the sessions waiting
     longest end."""
@@ -264,7 +267,8 @@ class Settings:
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, but got {value!r}")
         for name in ("rate_limit", "recovery_window", "forward_max_pending_per_user",
-                     "connect_hook_max_pending_per_address", "lifecycle_max_queued_per_user"):
+                     "connect_hook_max_pending_per_address", "lifecycle_max_queued_per_user",
+                     "recovery_max_sessions_per_user"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (off) or more, but got {getattr(self, name)!r}")
         for name in ("send_timeout", "close_timeout", "api_body_timeout", "redis_timeout", "heartbeat_interval",
@@ -598,6 +602,26 @@ def _identity(grant: _Grant, settings: Settings) -> _Identity:
     return _Identity(user=grant.user, meta=grant.meta, rooms=rooms,
                      join=(*settings.default_join, *grant.join), publish=(*settings.default_publish, *grant.publish),
                      relay=settings.default_relay if grant.relay is None else grant.relay, authenticated=True)
+
+
+def _share_key(user: str | None, host: str | None) -> str | None:
+    """Whose share of a pool (the backend's, the waiting sessions') something counts against, in words
+    for a message: its user's, if it has one; else its address's (an IPv6 address's /64, which one
+    subscriber holds whole as it would one IPv4 address); None when the server gives no address (a Unix
+    socket)."""
+    if user is not None:
+        return f"user {user!r}"
+    if not host:
+        return None
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # not an IP address: a name some server gave, counted as it is
+        return f"address {host}"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is None:
+            return f"addresses {ipaddress.IPv6Network((address, 64), strict=False)}"
+        address = address.ipv4_mapped  # an IPv4 client of a dual-stack listener
+    return f"address {address}"
 
 
 MAX_REVOCATIONS = 100_000  # users whose tokens are revoked at once (about 10 MB); each expires after revocation_ttl
@@ -1118,6 +1142,11 @@ class _Connection:
             self.close(CLOSE_POLICY_VIOLATION, "slow consumer", label="slow_consumer", flush=False)
 
 
+def _connection_key(connection: _Connection) -> str | None:
+    """The :func:`_share_key` of a connection's requests."""
+    return _share_key(connection.identity.user, connection.remote and connection.remote.rpartition(":")[0])
+
+
 # --------------------------------------------------------------------------
 # Connection recovery: sessions that outlive their connection
 # --------------------------------------------------------------------------
@@ -1278,13 +1307,15 @@ class _Kept(typing.NamedTuple):
 
 class _Sessions:
     """The registry's store of the sessions waiting here for their client, oldest first, and the count of
-    what became of sessions.  Each waits ``recovery_window`` seconds; past ``recovery_max_sessions``, the
-    one waiting longest ends ("evicted")."""
+    what became of sessions.  Each waits ``recovery_window`` seconds; past ``recovery_max_sessions`` (or
+    ``recovery_max_memory``), the one waiting longest ends ("evicted"); past one user's (or address's)
+    share, that user's."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.outcomes = collections.Counter(dict.fromkeys(SESSION_OUTCOMES, 0))
         self._waiting: dict[str, tuple[_Connection, asyncio.TimerHandle]] = {}  # client id -> it, its expiry
+        self._shares: dict[str, dict[str, None]] = {}  # _share_key -> its waiting client ids, oldest first
         # Bytes of memory the frames of the waiting sessions take (their strings, as sys.getsizeof counts):
         # server-made frames carry each receiver's id, so sessions share none of them.
         self.memory = 0
@@ -1303,6 +1334,12 @@ class _Sessions:
         expiry = asyncio.get_running_loop().call_later(self.settings.recovery_window, connection.end, "expired")
         self._waiting[connection.id] = (connection, expiry)
         session.store, session.memory = self, sum(map(sys.getsizeof, session.frames))
+        key, share = _connection_key(connection), self.settings.recovery_max_sessions_per_user
+        if key is not None and share:
+            waiting = self._shares.setdefault(key, {})
+            waiting[connection.id] = None
+            if len(waiting) > share:  # one user's drops push out its own sessions, not everyone's
+                self._evict(self._waiting[next(iter(waiting))][0])
         if len(self._waiting) > self.settings.recovery_max_sessions:
             self._evict_oldest()
         self.grew(session.memory)
@@ -1315,14 +1352,21 @@ class _Sessions:
             self._evict_oldest()
 
     def _evict_oldest(self) -> None:
-        oldest = next(iter(self._waiting.values()))[0]
-        self.stop_waiting(oldest)  # first: whatever its end does, it leaves the store
-        oldest.end("evicted")
+        self._evict(next(iter(self._waiting.values()))[0])
+
+    def _evict(self, connection: _Connection) -> None:
+        self.stop_waiting(connection)  # first: whatever its end does, it leaves the store
+        connection.end("evicted")
 
     def stop_waiting(self, connection: _Connection) -> None:
         entry = self._waiting.pop(connection.id, None)
         if entry is not None:
             entry[1].cancel()
+            key = _connection_key(connection)
+            if key is not None and (waiting := self._shares.get(key)) is not None:
+                waiting.pop(connection.id, None)
+                if not waiting:
+                    del self._shares[key]
             session = connection.session
             if session is not None and session.store is self:
                 self.memory -= session.memory
@@ -1932,30 +1976,6 @@ class Registry:
 
 SIGNATURE_HEADER = "X-WS-Micro-Signature"  # t=<unix time>,v1=<hex HMAC-SHA256>
 BACKEND_POOL_SIZE = 100  # connections a pool keeps open to the backend: at most as many requests at once
-
-
-def _share_key(user: str | None, host: str | None) -> str | None:
-    """Whose share of the backend a request counts against, in words for a message: its user's, if it has
-    one; else its address's (an IPv6 address's /64, which one subscriber holds whole as it would one IPv4
-    address); None when the server gives no address (a Unix socket)."""
-    if user is not None:
-        return f"user {user!r}"
-    if not host:
-        return None
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:  # not an IP address: a name some server gave, counted as it is
-        return f"address {host}"
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is None:
-            return f"addresses {ipaddress.IPv6Network((address, 64), strict=False)}"
-        address = address.ipv4_mapped  # an IPv4 client of a dual-stack listener
-    return f"address {address}"
-
-
-def _connection_key(connection: _Connection) -> str | None:
-    """The :func:`_share_key` of a connection's requests."""
-    return _share_key(connection.identity.user, connection.remote and connection.remote.rpartition(":")[0])
 
 
 class _Shares:

@@ -278,6 +278,26 @@ async def test_a_session_evicted_before_its_read_loop_saw_the_drop_is_told_to_th
         assert backend.notices(evicted) == [("connect", None), ("disconnect", "evicted")]
 
 
+async def test_one_addresss_drops_push_out_its_own_waiting_sessions_not_everyones() -> None:
+    with run_server("--log-level", "warning", "--recovery-window", "60",
+                    "--recovery-max-sessions-per-user", "3") as server:
+        bystander = await new_session(server.ws, local_addr=("127.0.0.2", 0))
+        await drop(bystander[0], server, bystander[1])
+        flood = []
+        for _ in range(6):  # one address drops twice its share
+            ws, me, token = await new_session(server.ws)
+            await drop(ws, server, me)
+            flood.append((me, token))
+        assert server.metric("ws_micro_sessions_away") == 4  # the bystander's and the flood's last 3
+        assert server.metric("ws_micro_sessions_total", outcome="evicted") == 3
+        expected = [((bystander[1], bystander[2]), True), *((session, False) for session in flood[:3]),
+                    *((session, True) for session in flood[3:])]
+        for (me, token), kept in expected:
+            async with connect(resume_url(server, token)) as back:
+                info = await greeted(back)
+                assert (info["client_id"] == me, info["data"]["data"]["recovered"]) == (kept, kept), me
+
+
 async def test_a_session_whose_missed_frames_pass_the_bounds_is_lost_and_says_so() -> None:
     with run_server("--log-level", "warning", "--recovery-window", "60", "--recovery-max-frames", "3") as server:
         ws, me, token = await new_session(server.ws)
