@@ -581,6 +581,11 @@ HANDSHAKE_REFUSALS = ("origin", "full", "timeout", "unauthorized", "forbidden", 
 DISCONNECT_REASONS = ("closed", "abnormal", "shutdown", "peer_error", "kicked", "slow_consumer",
                       "rate_limited", "message_too_big", "binary_frame", "internal_error")
 
+# Who asked for an event only the gateway sends (SERVER_EVENTS), refused (the server_events_refused_total
+# labels): a forwarding backend's answer, a push through the sidecar API, the registry's send methods
+# called from Python (a handler, a route of the host app).
+EVENT_SOURCES = ("backend", "api", "python")
+
 # name, type, help, samples by label value, label name ("": no label)
 _MetricFamily = tuple[str, str, str, Mapping[str, int], str]
 
@@ -618,6 +623,7 @@ class _Metrics:
         self.errors = collections.Counter(dict.fromkeys(ERROR_CODES, 0))
         self.disconnects = collections.Counter(dict.fromkeys(DISCONNECT_REASONS, 0))
         self.rejected_handshakes = collections.Counter(dict.fromkeys(HANDSHAKE_REFUSALS, 0))
+        self.server_events_refused = collections.Counter(dict.fromkeys(EVENT_SOURCES, 0))
         self.fast_path = 0  # 1 while the newest connection writes past ASGI (ws_micro_servers.py)
 
     def render(self, connections: int, extra: Sequence[_MetricFamily | _Histogram] = ()) -> str:
@@ -630,6 +636,8 @@ class _Metrics:
             ("disconnects_total", "counter", "Closed connections, by reason.", self.disconnects, "reason"),
             ("rejected_handshakes_total", "counter", "Handshakes refused before accept, by reason.",
              self.rejected_handshakes, "reason"),
+            ("server_events_refused_total", "counter", "Events only the gateway sends, refused, by who asked.",
+             self.server_events_refused, "source"),
             ("fast_path", "gauge", "1 while the newest connection's frames are written past ASGI.",
              {"": self.fast_path}, ""),
             *extra,
@@ -1438,7 +1446,8 @@ class Registry:
 
     The seed's connection manager.  Its sends queue frames and return how many
     recipients took them, never waiting for a socket, so handlers, HTTP routes and
-    background tasks in the same event loop may call them.  In cluster mode they
+    background tasks in the same event loop may call them.  They raise ValueError for an
+    event only the gateway sends (``SERVER_EVENTS``), sending nothing.  In cluster mode they
     also reach other instances, and raise :class:`BackendUnavailable` when they cannot.
 
     Its public half is :meth:`on`, the send methods and ``len()`` (docs/embedding.md).  Its
@@ -1676,8 +1685,16 @@ class Registry:
 
     # Sending
 
+    def _refuse_server_event(self, event: str) -> None:
+        """Raise ValueError for an event only the gateway sends: a client must never get one the gateway
+        did not make itself (a forged ``connect`` would give it another id)."""
+        if event in SERVER_EVENTS:
+            self._metrics.server_events_refused["python"] += 1
+            raise ValueError(f"{event!r} is an event only the gateway sends; send another name")
+
     async def send_to_client(self, client_id: str, event: str, data: Mapping[str, Any] | None = None) -> bool:
         """Send a server event to one client; False if no such client is connected."""
+        self._refuse_server_event(event)
         text = _Frame(event, data).to(client_id)
         connection = self._connections.get(client_id)
         if connection is not None:
@@ -1686,6 +1703,7 @@ class Registry:
 
     async def publish(self, room: str, event: str, data: Mapping[str, Any] | None = None) -> int:
         """Send a server event to every member of ``room``; how many took it."""
+        self._refuse_server_event(event)
         frame = _Frame(event, data)
         # When other instances cannot be reached this raises before anyone got the frame.
         return await self._backend.publish(_ToRoom(room, frame.head, frame.tail),
@@ -1693,12 +1711,14 @@ class Registry:
 
     async def broadcast(self, event: str, data: Mapping[str, Any] | None = None) -> int:
         """Send a server event to every connected client; how many took it."""
+        self._refuse_server_event(event)
         frame = _Frame(event, data)
         return await self._backend.broadcast(_ToEveryone(frame.head, frame.tail),
                                             lambda: self._fan_out(list(self._connections), frame))
 
     async def send_to_user(self, user: str, event: str, data: Mapping[str, Any] | None = None) -> int:
         """Send a server event to every connection of ``user``; how many took it."""
+        self._refuse_server_event(event)
         frame = _Frame(event, data)
         return await self._backend.publish(_ToUser(user, frame.head, frame.tail),
                                           lambda: self._fan_out(self._users.get(user, ()), frame))
@@ -2144,8 +2164,9 @@ class _HttpForwarder(_Forwarder):
     counted when dropped.  A connection's events and its disconnect wait for its connect notice.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: _Metrics) -> None:
         self.settings = settings
+        self._gateway_metrics = metrics  # the registry's: refused events are counted with the gateway's own
         self.client = _BackendClient(settings, "forward_url" if settings.forward_url else "lifecycle_url")
         self.url = settings.forward_url
         self.lifecycle_url = settings.lifecycle_target
@@ -2227,6 +2248,15 @@ class _HttpForwarder(_Forwarder):
             self.outcomes["backend_error"] += 1
             failed(BACKEND_ERROR, f"the backend's answer is not {{\"events\": [...]}}: {str(exc)[:200]}",
                    status=status)
+            return
+        forged = next((item.event for item in reply.events if item.event in SERVER_EVENTS), None)
+        if forged is not None:  # the client must never get such an event that the gateway did not make
+            self.outcomes["backend_error"] += 1
+            self._gateway_metrics.server_events_refused["backend"] += 1
+            message = f"the backend answered {forged!r}, an event only the gateway sends"
+            self._throttle.warn("server_event", f"forwarding: {message}, to event {event.event!r}; its whole answer "
+                                                "was refused and its sender got backend_error (docs/backend.md)")
+            failed(BACKEND_ERROR, message, status=status)
             return
         self.outcomes["ok"] += 1
         for item in reply.events:
@@ -2650,6 +2680,11 @@ def _json(content: Any, status: int = 200) -> Response:
     return Response(_encode(content), status_code=status, media_type="application/json")
 
 
+def _clipped(text: str, limit: int = 100) -> str:
+    """``text`` as ``repr`` shows it, cut to ``limit`` characters: an error names a bad value, whatever its size."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def _api_error(status: int, code: str, message: str) -> Response:
     return _json({"error": {"code": code, "message": message}}, status)
 
@@ -2721,11 +2756,16 @@ def _api_routes(registry: Registry, settings: Settings) -> list[Route]:
             return _api_error(400, INVALID_JSON, f"the body is not UTF-8: {body[exc.start:exc.end]!r} "
                                                  f"at byte {exc.start} ({exc.reason})")
         try:
-            return _decode(_decode_push, text)
+            push = _decode(_decode_push, text)
         except msgspec.ValidationError as exc:
             return _api_error(422, INVALID_EVENT, str(exc))
         except msgspec.DecodeError as exc:
             return _api_error(400, INVALID_JSON, str(exc))
+        if push.event in SERVER_EVENTS:  # a client must never get one that the gateway did not make
+            registry._metrics.server_events_refused["api"] += 1
+            return _api_error(422, INVALID_EVENT, f"{_clipped(push.event)} is an event only the gateway sends; push "
+                                                  "another name")
+        return push
 
     async def list_clients(request: Request) -> Response:
         clients = await registry._backend.clients(registry._connections.values())
@@ -3001,7 +3041,8 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
     registry = registry if registry is not None else Registry()
     # Each optional part behind its seam: authentication, forwarding, other instances, the server's internals.
     authorizer = _TokenAndHookAuthorizer(settings) if settings.authenticating else _Authorizer()
-    forwarder = _HttpForwarder(settings) if settings.forward_url or settings.lifecycle_target else _Forwarder()
+    forwarding = settings.forward_url or settings.lifecycle_target
+    forwarder = _HttpForwarder(settings, registry._metrics) if forwarding else _Forwarder()
     backend = _redis_backend(registry, settings) if settings.redis_url else _Backend()
     server = _server_support()
     gateway = _Gateway(registry, settings, server, authorizer, forwarder)

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx2 as httpx
@@ -28,6 +29,7 @@ from conftest import (
     JWT_SECRET,
     ROOT,
     TIMEOUT,
+    BackendServer,
     EventBackend,
     client_frame,
     closed_with,
@@ -42,8 +44,10 @@ from conftest import (
     rss_mib,
     run_server,
     text,
+    without_message,
     ws_client,
 )
+from starlette.responses import JSONResponse, Response
 
 pytestmark = [pytest.mark.anyio, pytest.mark.process]
 
@@ -321,3 +325,40 @@ async def test_e2e_notices_are_sent_several_at_once_after_the_senders_were_idle(
             await eventually(functools.partial(notified, client_ids, 2), "their disconnect notices")
             # The second wave finds every sender made by the first one idle: they must all wake.
             assert backend.most_notices_at_once >= 4, wave
+
+
+async def test_e2e_a_backend_answer_with_an_event_only_the_gateway_sends_is_refused_whole(tmp_path: Path) -> None:
+    async def answer(body: dict[str, Any]) -> Response:
+        if body["type"] != "event":
+            return Response(status_code=204)
+        forged = body["data"]["event"]  # what the client asks this backend to answer with
+        return JSONResponse({"events": [{"event": "ack", "data": {}},
+                                        {"event": forged, "data": {"message": "connection request granted"}}]})
+
+    log = tmp_path / "gateway.log"
+    with BackendServer("/events", answer) as backend, run_server(*forward_options(backend.url), log=log) as server:
+        for source in ("backend", "api", "python"):
+            assert server.metric("ws_micro_server_events_refused_total", source=source) == 0
+        async with ws_client(server.ws) as (ws, me):
+            for name in ("connect", "error", "pong", "joined", "left", "presence"):
+                await ws.send(text("chat", me, {"event": name}))
+                assert without_message(await recv_json(ws)) == {
+                    "event": "error", "client_id": me,
+                    "data": {"data": {"code": "backend_error", "event": "chat", "status": 200}}}
+            await ws.send(text("chat", me, {"event": "connect"}))
+            reply = (await recv_json(ws))["data"]["data"]
+            assert reply["message"] == "the backend answered 'connect', an event only the gateway sends"
+            # Not even the answer's first event went out: the next frame is the pong.
+            await ws.send(text("ping", me))
+            assert (await recv_json(ws))["event"] == "pong"
+            await ws.send(text("chat", me, {"event": "chat"}))  # any other name goes
+            assert [(await recv_json(ws))["event"] for _ in range(2)] == ["ack", "chat"]
+        assert server.metric("ws_micro_server_events_refused_total", source="backend") == 7
+        assert server.metric("ws_micro_forwarded_total", outcome="backend_error") == 7
+        assert server.metric("ws_micro_forwarded_total", outcome="ok") == 1
+    # The backend's operator is told once (throttled: one line per 10 s), not once per answer.
+    [line] = [line for line in log.read_text().splitlines() if "only the gateway sends" in line]
+    assert line.startswith("WARNING") and line.endswith(
+        "forwarding: the backend answered 'connect', an event only the gateway sends, to event 'chat'; its whole "
+        "answer was refused and its sender got backend_error (docs/backend.md)")
+    assert "Traceback" not in log.read_text()
