@@ -3166,9 +3166,12 @@ def _not_local(request: Request) -> str | None:
     for header in _PROXY_HEADERS:
         if header in request.headers:
             return f"the API refuses proxied requests (this one has {header!r}); behind a proxy, set a token"
-    host = request.headers.get("host", "")
+    hosts = request.headers.getlist("host")
+    if len(hosts) > 1:  # which one names us?  HTTP/1.1 allows one (RFC 9112, 3.2), and servers may not refuse more
+        return f"the API answers requests with one Host header, not {len(hosts)}"
+    host = hosts[0] if hosts else ""
     if not _is_loopback_host(host):
-        return f"the API answers requests for a loopback name only, not Host {host!r}"
+        return f"the API answers requests for a loopback name only, not Host {_clipped(host)}"
     if not _is_loopback(request):
         return "the API answers loopback clients only"
     return None

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import socket
 import subprocess
 import sys
 import time
@@ -434,3 +435,31 @@ def test_a_forged_cursor_is_only_a_place_to_start_after() -> None:
         assert listed(" ") == [first, second]
         assert client.get("/api/clients?limit=0&other=ignored").json() == {"count": 2, "clients": []}
         assert client.get("/api/clients?cursor=").json()["count"] == 2  # empty: from the first
+
+
+def raw_request(server: Server, head: bytes) -> tuple[int, dict[str, Any]]:
+    """Send a request head as it is, on a raw socket; the status and JSON body of the answer."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
+        sock.sendall(head)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), dict(json.loads(rest.partition(b"\r\n\r\n")[2]))
+
+
+@pytest.mark.process
+def test_without_a_token_a_request_with_two_host_headers_is_refused(server: Server) -> None:
+    # Before, the first Host was checked and the second ignored: "localhost" let "evil.example" through.
+    for hosts in ((b"localhost", b"evil.example"), (b"evil.example", b"localhost"), (b"localhost", b"localhost")):
+        status, body = raw_request(server, b"GET /api/clients HTTP/1.1\r\n"
+                                           + b"".join(b"Host: " + host + b"\r\n" for host in hosts)
+                                           + b"Connection: close\r\n\r\n")
+        assert (status, body) == (403, {"error": {"code": "forbidden", "message": "without WS_MICRO_API_TOKEN the "
+                                                  "API answers requests with one Host header, not 2"}}), hosts
+    status, body = raw_request(server, b"GET /api/clients HTTP/1.1\r\nHost: " + b"h" * 20_000
+                                       + b"\r\nConnection: close\r\n\r\n")
+    assert status == 403 and body["error"]["message"].endswith("... (20000 characters)")
+    assert len(body["error"]["message"]) < 300
+    status, body = raw_request(server, b"GET /api/clients HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    assert status == 200  # one loopback Host, as before
