@@ -46,6 +46,8 @@ from conftest import (
     ws_client,
 )
 
+import ws_micro
+
 pytestmark = pytest.mark.anyio
 
 
@@ -463,3 +465,40 @@ def test_without_a_token_a_request_with_two_host_headers_is_refused(server: Serv
     assert len(body["error"]["message"]) < 300
     status, body = raw_request(server, b"GET /api/clients HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     assert status == 200  # one loopback Host, as before
+
+
+def test_listings_stay_in_order_through_splits_of_the_index_and_large_rooms(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Chunks of 2 to 4 keys, and rooms looked at 3 members at a time: every path of the code, with few clients.
+    monkeypatch.setattr(ws_micro._SortedKeys, "CHUNK", 2)
+    monkeypatch.setattr(ws_micro, "_PICK_STEP", 3)
+    with gateway() as client, contextlib.ExitStack() as stack:
+        connections: dict[str, tuple[int, contextlib.ExitStack]] = {}
+        for n in range(16):
+            own = stack.enter_context(contextlib.ExitStack())
+            ws, me = own.enter_context(connected(client))
+            for room in ("big", f"r{n:02d}"):
+                ws.send_json(frame("join", me, {"room": room}))
+                ws.receive_json()
+            connections[me] = (n, own)
+        for me, (n, own) in list(connections.items()):  # a third leave: chunks shrink, and some empty
+            if n % 3 == 0:
+                own.close()  # waits for the server side to end
+                del connections[me]
+        expected = sorted(connections)
+        for limit in (1, 2, 3, 5, 100):
+            found = []
+            for path, name in (("/api/clients", "clients"), ("/api/rooms/big", "members"), ("/api/rooms", "rooms")):
+                cursor = None
+                entries = []
+                while True:
+                    body = client.get(path, params={"limit": limit, **({"cursor": cursor} if cursor else {})}).json()
+                    entries += body[name]
+                    cursor = body.get("next")
+                    if cursor is None:
+                        break
+                found.append(entries)
+            clients, members, rooms = found
+            assert [entry["client_id"] for entry in clients] == expected, limit
+            assert members == [{"client_id": me, "user": None} for me in expected], limit
+            assert rooms == [{"room": "big", "members": len(expected)},
+                             *({"room": f"r{n:02d}", "members": 1} for n in sorted(n for n, _ in connections.values()))]
