@@ -463,6 +463,7 @@ for _, kind in ipairs({'room', 'user'}) do
   end
 end
 redis.call('HSET', p .. ':directory', client, own)
+redis.call('ZADD', p .. ':clients', 0, client)  -- there since it connected; as the directory, written anew
 redis.call('HSET', p .. ':instance:' .. own .. ':clients', client, ARGV[4])
 local frames = redis.call('LRANGE', p .. ':kept:' .. client, 0, -1)
 -- reap() would take the memberships just moved: drop the parked instance's own keys only.
