@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import resource
 import socket
 import subprocess
 import sys
@@ -86,6 +87,11 @@ async def light_client(port: int, rooms: list[str], streams: list[SocketStream])
 @contextlib.asynccontextmanager
 async def crowd(server: Server, rooms_of: list[list[str]]) -> AsyncIterator[list[str]]:
     """A light client for each list of rooms, joined to them, while the block runs: their ids, in that order."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = len(rooms_of) + 1000  # a socket each, and this process's own
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard),
+                                                   hard))
     streams: list[SocketStream] = []
     ids = [""] * len(rooms_of)
 
