@@ -18,7 +18,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,10 +38,13 @@ from ws_micro import (
     _Connection,
     _Delivery,
     _encode,
+    _Index,
     _Kept,
     _Kick,
     _KickUser,
     _MetricFamily,
+    _Page,
+    _Paging,
     _Parked,
     _ToClient,
     _ToEveryone,
@@ -132,8 +135,10 @@ _decode_delivery = msgspec.msgpack.Decoder(_Delivery | _Control).decode
 #   p:instance:<id>:users      SET   users with connections on that instance
 #   p:room:<room>              HASH  instance id -> members of the room there (whom to publish to)
 #   p:user:<user>              HASH  instance id -> connections of the user there
-#   p:room-members:<room>      HASH  client id -> instance id, for each member (presence)
-#   p:user-members:<user>      HASH  client id -> instance id, for each connection of the user
+#   p:room-ids:<room>          ZSET  the ids of its members, every score 0: in order, for GET /api/rooms/<room>
+#   p:user-ids:<user>          ZSET  the ids of the user's connections, likewise
+#   p:clients                  ZSET  every client id in the directory, likewise: for GET /api/clients
+#   p:rooms                    ZSET  every room with a p:room:<room>, likewise: for GET /api/rooms
 #   p:deliveries:<id>          pub/sub channel of that instance
 # With connection recovery, a session waiting for its client lives in Redis as an instance of its
 # own, "~<client id>", alive until its window ends: the scripts route frames to it as to any
@@ -179,6 +184,12 @@ local function pack(tag, fields)
   for name, value in pairs(fields) do message[F[tag][name]] = value end
   return cmsgpack.pack(message)
 end
+-- Take instance id out of a room's or user's instances; a room left with none leaves the rooms' index.
+local function drop_instance(kind, name, id)
+  local key = p .. ':' .. kind .. ':' .. name
+  redis.call('HDEL', key, id)
+  if kind == 'room' and redis.call('EXISTS', key) == 0 then redis.call('ZREM', p .. ':rooms', name) end
+end
 local function reap(id)
   -- Each client's entry names its rooms and user: its memberships go with it, at a cost of the
   -- instance's own memberships, whatever the size of the rooms.
@@ -186,18 +197,21 @@ local function reap(id)
   local entries = redis.call('HGETALL', clients)
   for i = 1, #entries, 2 do
     local client = entries[i]
-    if redis.call('HGET', p .. ':directory', client) == id then redis.call('HDEL', p .. ':directory', client) end
+    if redis.call('HGET', p .. ':directory', client) == id then
+      redis.call('HDEL', p .. ':directory', client)
+      redis.call('ZREM', p .. ':clients', client)
+    end
     local ok, entry = pcall(cjson.decode, entries[i + 1])
     if ok and type(entry) == 'table' then
       for _, room in ipairs(type(entry.rooms) == 'table' and entry.rooms or {}) do
-        redis.call('HDEL', p .. ':room-members:' .. room, client)
+        redis.call('ZREM', p .. ':room-ids:' .. room, client)
       end
-      if type(entry.user) == 'string' then redis.call('HDEL', p .. ':user-members:' .. entry.user, client) end
+      if type(entry.user) == 'string' then redis.call('ZREM', p .. ':user-ids:' .. entry.user, client) end
     end
   end
   for _, kind in ipairs({'room', 'user'}) do
     local names = p .. ':instance:' .. id .. ':' .. kind .. 's'
-    for _, name in ipairs(redis.call('SMEMBERS', names)) do redis.call('HDEL', p .. ':' .. kind .. ':' .. name, id) end
+    for _, name in ipairs(redis.call('SMEMBERS', names)) do drop_instance(kind, name, id) end
     redis.call('DEL', names)
   end
   redis.call('DEL', clients)
@@ -207,7 +221,32 @@ end
 local function add_member(kind, name, client, id)
   redis.call('HINCRBY', p .. ':' .. kind .. ':' .. name, id, 1)
   redis.call('SADD', p .. ':instance:' .. id .. ':' .. kind .. 's', name)
-  redis.call('HSET', p .. ':' .. kind .. '-members:' .. name, client, id)
+  redis.call('ZADD', p .. ':' .. kind .. '-ids:' .. name, 0, client)
+  if kind == 'room' then redis.call('ZADD', p .. ':rooms', 0, name) end
+end
+-- A page of a listing: the first `limit` keys of `index` (a sorted set whose scores are all 0, so in the
+-- order of their bytes) after `after` ('' from the first); entry(key) for each, but those it finds gone
+-- (false), preceded by their key if `keyed`, until they pass max_bytes.
+-- -> {count, the key to go on after ('' at the end), entries...}
+local function page(count, index, after, limit, max_bytes, entry, keyed)
+  local keys = redis.call('ZRANGEBYLEX', index, after == '' and '-' or '(' .. after, '+', 'LIMIT', 0, limit + 1)
+  local result, size = {count, ''}, 0
+  for i = 1, math.min(#keys, limit) do
+    if #result > 2 and size >= max_bytes then result[2] = keys[i - 1] return result end
+    local value = entry(keys[i])
+    if value then
+      if keyed then result[#result + 1] = keys[i] end
+      result[#result + 1] = value
+      size = size + #value + (keyed and #keys[i] or 0)
+    end
+  end
+  if limit > 0 and #keys > limit then result[2] = keys[limit] end
+  return result
+end
+-- The JSON entry of a client on a live instance, or false.
+local function client_entry(client)
+  local id = redis.call('HGET', p .. ':directory', client)
+  return id and alive(id) and redis.call('HGET', p .. ':instance:' .. id .. ':clients', client)
 end
 -- A waiting session ends: its memberships go, and the instance that parked it is told, to tell the
 -- backend and the session's rooms.  ("ended", client, reason) is a _SessionEnded message.
@@ -327,15 +366,16 @@ return {reached, unheard}""",
 local key = p .. ':' .. ARGV[2] .. ':' .. ARGV[3]
 local names = p .. ':instance:' .. ARGV[4] .. ':' .. ARGV[2] .. 's'
 if ARGV[7] == '1' then
-  redis.call('HSET', p .. ':' .. ARGV[2] .. '-members:' .. ARGV[3], ARGV[6], ARGV[4])
+  redis.call('ZADD', p .. ':' .. ARGV[2] .. '-ids:' .. ARGV[3], 0, ARGV[6])
 else
-  redis.call('HDEL', p .. ':' .. ARGV[2] .. '-members:' .. ARGV[3], ARGV[6])
+  redis.call('ZREM', p .. ':' .. ARGV[2] .. '-ids:' .. ARGV[3], ARGV[6])
 end
 if tonumber(ARGV[5]) > 0 then
   redis.call('HSET', key, ARGV[4], ARGV[5])
   redis.call('SADD', names, ARGV[3])
+  if ARGV[2] == 'room' then redis.call('ZADD', p .. ':rooms', 0, ARGV[3]) end
 else
-  redis.call('HDEL', key, ARGV[4])
+  drop_instance(ARGV[2], ARGV[3], ARGV[4])
   redis.call('SREM', names, ARGV[3])
 end
 local members = 0
@@ -344,41 +384,36 @@ for i = 1, #counts, 2 do
   if alive(counts[i]) then members = members + tonumber(counts[i + 1]) end
 end
 return members""",
-    # ARGV: p -> the JSON entries of every client on a live instance
+    # The listings, a page at a time (see page()).  Each costs Redis the page's entries, and a count: the
+    # live instances (list), the instances with members (group_members), or nothing (rooms).
+    # ARGV: p, after, limit, max_bytes -> a page of the JSON entries of the clients on live instances
     "list": """
-local entries = {}
-for _, id in ipairs(live()) do
-  for _, entry in ipairs(redis.call('HVALS', p .. ':instance:' .. id .. ':clients')) do
-    entries[#entries + 1] = entry
-  end
-end
-return entries""",
-    # ARGV: p, "room" or "user", its name -> the JSON entries of its members on live instances
+local count = 0
+for _, id in ipairs(live()) do count = count + redis.call('HLEN', p .. ':instance:' .. id .. ':clients') end
+return page(count, p .. ':clients', ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), client_entry)""",
+    # ARGV: p, "room" or "user", its name, after, limit, max_bytes -> a page of the JSON entries of its
+    # members on live instances
     "group_members": """
-local entries = {}
-local members = redis.call('HGETALL', p .. ':' .. ARGV[2] .. '-members:' .. ARGV[3])
-for i = 1, #members, 2 do
-  if alive(members[i + 1]) then
-    local entry = redis.call('HGET', p .. ':instance:' .. members[i + 1] .. ':clients', members[i])
-    if entry then entries[#entries + 1] = entry end
-  end
+local count = 0
+local counts = redis.call('HGETALL', p .. ':' .. ARGV[2] .. ':' .. ARGV[3])
+for i = 1, #counts, 2 do
+  if alive(counts[i]) then count = count + tonumber(counts[i + 1]) end
 end
-return entries""",
-    # ARGV: p -> {room, members, room, members, ...}: every room with members on a live instance
+return page(count, p .. ':' .. ARGV[2] .. '-ids:' .. ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]),
+            client_entry)""",
+    # ARGV: p, after, limit, max_bytes -> a page of room, members, room, members...: the rooms with members on
+    # a live instance.  Its count is every room with a p:room:<room>: one whose members were all on a dead
+    # instance counts until that instance is reaped.
     "rooms": """
-local totals, order = {}, {}
-for _, id in ipairs(live()) do
-  for _, room in ipairs(redis.call('SMEMBERS', p .. ':instance:' .. id .. ':rooms')) do
-    local count = tonumber(redis.call('HGET', p .. ':room:' .. room, id) or 0)
-    if count > 0 then
-      if not totals[room] then totals[room] = 0; order[#order + 1] = room end
-      totals[room] = totals[room] + count
-    end
+return page(redis.call('ZCARD', p .. ':rooms'), p .. ':rooms', ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
+            function(room)
+  local total = 0
+  local counts = redis.call('HGETALL', p .. ':room:' .. room)
+  for i = 1, #counts, 2 do
+    if alive(counts[i]) then total = total + tonumber(counts[i + 1]) end
   end
-end
-local flat = {}
-for _, room in ipairs(order) do flat[#flat + 1] = room; flat[#flat + 1] = totals[room] end
-return flat""",
+  return total > 0 and tostring(total)
+end, true)""",
     # Connection recovery.  ARGV: p, client id, its entry (JSON, with rooms and user), the members left here
     # of its rooms and user (JSON {"rooms": {room: n}, "user": n}), token hash, window (s), base, away_at,
     # max_frames, max_bytes, size (unused: the script counts), who waits for it ("" none), 1 if sealed
@@ -394,13 +429,13 @@ redis.call('HSET', p .. ':directory', client, home)
 redis.call('HDEL', p .. ':instance:' .. own .. ':clients', client)
 redis.call('HSET', p .. ':instance:' .. home .. ':clients', client, ARGV[3])
 local function move(kind, name, members_left)
+  add_member(kind, name, client, home)
   if members_left > 0 then
     redis.call('HSET', p .. ':' .. kind .. ':' .. name, own, members_left)
   else
-    redis.call('HDEL', p .. ':' .. kind .. ':' .. name, own)
+    drop_instance(kind, name, own)
     redis.call('SREM', p .. ':instance:' .. own .. ':' .. kind .. 's', name)
   end
-  add_member(kind, name, client, home)
 end
 for _, room in ipairs(entry.rooms) do move('room', room, tonumber(left.rooms[room]) or 0) end
 if type(entry.user) == 'string' then move('user', entry.user, tonumber(left.user) or 0) end
@@ -486,12 +521,13 @@ for _, kind in ipairs({'room', 'user'}) do
   end
 end
 redis.call('HSET', p .. ':directory', client, own)
+redis.call('ZADD', p .. ':clients', 0, client)  -- there since it connected; as the directory, written anew
 redis.call('HSET', p .. ':instance:' .. own .. ':clients', client, ARGV[4])
 local frames = redis.call('LRANGE', p .. ':kept:' .. client, 0, -1)
 -- reap() would take the memberships just moved: drop the parked instance's own keys only.
 for _, kind in ipairs({'room', 'user'}) do
   local names = p .. ':instance:' .. home .. ':' .. kind .. 's'
-  for _, name in ipairs(redis.call('SMEMBERS', names)) do redis.call('HDEL', p .. ':' .. kind .. ':' .. name, home) end
+  for _, name in ipairs(redis.call('SMEMBERS', names)) do drop_instance(kind, name, home) end
   redis.call('DEL', names)
 end
 release(client, s[5], s[6])
@@ -512,6 +548,16 @@ local id = redis.call('HGET', p .. ':directory', ARGV[2])
 if not id or not alive(id) then return false end
 return redis.call('HGET', p .. ':instance:' .. id .. ':clients', ARGV[2])""",
 }
+
+
+class _Member(msgspec.Struct):
+    """A room's member, as ``GET /api/rooms/<room>`` lists it, from its client's entry."""
+
+    client_id: str
+    user: str | None = None
+
+
+_decode_member = msgspec.json.Decoder(_Member).decode
 
 
 def _ignore(result: Any) -> None:
@@ -683,11 +729,14 @@ class RedisBackend(_Backend):
             connections = list(self.registry._connections.values())
             if connections:
                 pipe.hset(f"{prefix}:directory", mapping={c.id: self.instance for c in connections})
+                pipe.zadd(f"{prefix}:clients", dict.fromkeys((c.id for c in connections), 0))
                 pipe.hset(self._clients_key, mapping={c.id: self._entry(c) for c in connections})
+            if self.registry._rooms:
+                pipe.zadd(f"{prefix}:rooms", dict.fromkeys(self.registry._rooms, 0))
             for kind, groups in (("room", self.registry._rooms), ("user", self.registry._users)):
                 for name, members in groups.items():
                     pipe.hset(f"{prefix}:{kind}:{name}", self.instance, len(members))
-                    pipe.hset(f"{prefix}:{kind}-members:{name}", mapping=dict.fromkeys(members, self.instance))
+                    pipe.zadd(f"{prefix}:{kind}-ids:{name}", dict.fromkeys(members, 0))
                     pipe.sadd(f"{prefix}:instance:{self.instance}:{kind}s", name)
             results = await pipe.execute()
         # Peers we saw alive that Redis does not hold now may be reconnecting, as we did: until they
@@ -890,6 +939,7 @@ class RedisBackend(_Backend):
         user = connection.identity.user
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(f"{self.settings.redis_prefix}:directory", connection.id, self.instance)
+            pipe.zadd(f"{self.settings.redis_prefix}:clients", {connection.id: 0})
             pipe.hset(self._clients_key, connection.id, self._entry(connection))
             if user is not None:
                 await self._members(pipe, "user", user, len(self.registry._users.get(user, ())), connection.id, True)
@@ -906,6 +956,7 @@ class RedisBackend(_Backend):
         with contextlib.suppress(BackendUnavailable):
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hdel(f"{prefix}:directory", client_id)
+                pipe.zrem(f"{prefix}:clients", client_id)
                 pipe.hdel(self._clients_key, client_id)
                 for room, members in rooms_left.items():
                     await self._members(pipe, "room", room, members, client_id, False)
@@ -1059,10 +1110,11 @@ class RedisBackend(_Backend):
             return BackendUnavailable(RESYNCING, "resyncing")
         return None
 
-    async def clients(self, here: Iterable[_Connection]) -> list[dict[str, Any]]:
+    async def clients(self, here: _Index[_Connection], paging: _Paging) -> _Page:
         if self.resyncing:  # the list would lack the clients of the peers not back yet
             raise BackendUnavailable(RESYNCING)
-        return [msgspec.json.decode(entry) for entry in await self._script("list")]
+        count, last, *entries = await self._script("list", paging.after, paging.limit, paging.max_bytes)
+        return _Page(int(count), [msgspec.Raw(entry) for entry in entries], last.decode() or None)
 
     async def client(self, client_id: str) -> dict[str, Any] | None:
         entry = await self._script("get", client_id)
@@ -1070,16 +1122,23 @@ class RedisBackend(_Backend):
             raise BackendUnavailable(RESYNCING)
         return None if entry is None else dict(msgspec.json.decode(entry))
 
-    async def members(self, kind: str, name: str, here: Iterable[_Connection]) -> list[dict[str, Any]]:
+    async def members(self, kind: str, name: str, here: _Index[_Connection], member_ids: Collection[str],
+                      paging: _Paging) -> _Page:
         if self.resyncing:
             raise BackendUnavailable(RESYNCING)
-        return [msgspec.json.decode(entry) for entry in await self._script("group_members", kind, name)]
+        count, last, *entries = await self._script("group_members", kind, name, paging.after, paging.limit,
+                                                   paging.max_bytes)
+        if kind == "room":  # a room's members are listed by id and user only
+            entries = [_encode(_decode_member(entry)) for entry in entries]
+        return _Page(int(count), [msgspec.Raw(entry) for entry in entries], last.decode() or None)
 
-    async def rooms(self, here: Mapping[str, set[str]]) -> dict[str, int]:
+    async def rooms(self, here: _Index[set[str]], paging: _Paging) -> _Page:
         if self.resyncing:
             raise BackendUnavailable(RESYNCING)
-        flat = await self._script("rooms")
-        return {room.decode(): int(members) for room, members in zip(flat[::2], flat[1::2], strict=True)}
+        count, last, *flat = await self._script("rooms", paging.after, paging.limit, paging.max_bytes)
+        entries = [msgspec.Raw(_encode({"room": room.decode(), "members": int(members)}))
+                   for room, members in zip(flat[::2], flat[1::2], strict=True)]
+        return _Page(int(count), entries, last.decode() or None)
 
     async def _script(self, name: str, *args: Any) -> Any:
         return await self._call(self._scripts[name](args=(self.settings.redis_prefix, *args)))

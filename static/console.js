@@ -188,7 +188,9 @@ async function refreshClients() {
     const response = await fetch(new URL("api/clients", ROOT));
     if (!response.ok) throw new Error(`the API answered ${response.status}`);
     const body = await response.json();
-    note.textContent = `${body.count} connected`;
+    // The API answers a page at a time (docs/api.md): its first page, with the count of everyone.
+    note.textContent = body.next ? `${body.count} connected, the first ${body.clients.length} shown`
+      : `${body.count} connected`;
     list.replaceChildren(...body.clients.map((entry) => {
       const item = document.createElement("li");
       const pick = document.createElement("button");

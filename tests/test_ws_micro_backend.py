@@ -30,6 +30,7 @@ from conftest import (
     JWT_SECRET,
     ROOT,
     TIMEOUT,
+    BackendServer,
     EventBackend,
     Server,
     client_frame,
@@ -45,8 +46,10 @@ from conftest import (
     rss_mib,
     run_server,
     text,
+    without_message,
     ws_client,
 )
+from starlette.responses import JSONResponse, Response
 from websockets.asyncio.client import ClientConnection
 
 import ws_micro
@@ -463,3 +466,40 @@ async def test_e2e_a_flood_of_connections_from_one_address_does_not_hold_back_ot
     warnings = [line for line in log.read_text().splitlines() if "lifecycle_max_queued_per_user" in line]
     assert warnings == ["WARNING:  forwarding: a notice was dropped: address 127.0.0.1 has 100 waiting "
                         "(lifecycle_max_queued_per_user)"]
+
+
+async def test_e2e_a_backend_answer_with_an_event_only_the_gateway_sends_is_refused_whole(tmp_path: Path) -> None:
+    async def answer(body: dict[str, Any]) -> Response:
+        if body["type"] != "event":
+            return Response(status_code=204)
+        forged = body["data"]["event"]  # what the client asks this backend to answer with
+        return JSONResponse({"events": [{"event": "ack", "data": {}},
+                                        {"event": forged, "data": {"message": "connection request granted"}}]})
+
+    log = tmp_path / "gateway.log"
+    with BackendServer("/events", answer) as backend, run_server(*forward_options(backend.url), log=log) as server:
+        for source in ("backend", "api", "python"):
+            assert server.metric("ws_micro_server_events_refused_total", source=source) == 0
+        async with ws_client(server.ws) as (ws, me):
+            for name in ("connect", "error", "pong", "joined", "left", "presence"):
+                await ws.send(text("chat", me, {"event": name}))
+                assert without_message(await recv_json(ws)) == {
+                    "event": "error", "client_id": me,
+                    "data": {"data": {"code": "backend_error", "event": "chat", "status": 200}}}
+            await ws.send(text("chat", me, {"event": "connect"}))
+            reply = (await recv_json(ws))["data"]["data"]
+            assert reply["message"] == "the backend answered 'connect', an event only the gateway sends"
+            # Not even the answer's first event went out: the next frame is the pong.
+            await ws.send(text("ping", me))
+            assert (await recv_json(ws))["event"] == "pong"
+            await ws.send(text("chat", me, {"event": "chat"}))  # any other name goes
+            assert [(await recv_json(ws))["event"] for _ in range(2)] == ["ack", "chat"]
+        assert server.metric("ws_micro_server_events_refused_total", source="backend") == 7
+        assert server.metric("ws_micro_forwarded_total", outcome="backend_error") == 7
+        assert server.metric("ws_micro_forwarded_total", outcome="ok") == 1
+    # The backend's operator is told once (throttled: one line per 10 s), not once per answer.
+    [line] = [line for line in log.read_text().splitlines() if "only the gateway sends" in line]
+    assert line.startswith("WARNING") and line.endswith(
+        "forwarding: the backend answered 'connect', an event only the gateway sends, to event 'chat'; its whole "
+        "answer was refused and its sender got backend_error (docs/backend.md)")
+    assert "Traceback" not in log.read_text()

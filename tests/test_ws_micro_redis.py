@@ -522,10 +522,13 @@ async def test_cluster_a_dead_instances_users_and_room_members_are_reaped(redis_
             await x.wait_until(lambda: x.get("/api/users/bob").json()["count"] == 0, "bob's instance to be reaped")
             assert x.get("/api/rooms").json() == {"count": 1, "rooms": [{"room": "lobby", "members": 1}]}
             assert x.get("/api/rooms/lobby").json()["members"] == [{"client_id": id_a, "user": "alice"}]
-            await x.wait_until(lambda: redis_server.command("EXISTS", "ws_micro:user-members:bob", "ws_micro:user:bob",
-                                                            "ws_micro:room-members:lobby") == 1,
+            await x.wait_until(lambda: redis_server.command("EXISTS", "ws_micro:user-ids:bob", "ws_micro:user:bob",
+                                                            "ws_micro:room-ids:lobby") == 1,
                                "the dead instance's keys to be reaped (alice's membership stays)")
-            assert redis_server.command("HKEYS", "ws_micro:room-members:lobby") == [id_a]
+            assert redis_server.command("ZRANGE", "ws_micro:room-ids:lobby", "0", "-1") == [id_a]
+            # The listings' indexes lose bob's connection, and keep the room alice is still in.
+            assert redis_server.command("ZRANGE", "ws_micro:clients", "0", "-1") == [id_a]
+            assert redis_server.command("ZRANGE", "ws_micro:rooms", "0", "-1") == ["lobby"]
 
 
 # --------------------------------------------------------------------------
@@ -571,8 +574,9 @@ async def test_cluster_a_client_kicked_while_its_join_waits_for_redis_is_in_no_r
             for server in (x, y):
                 await server.wait_until(lambda s=server: s.get("/api/rooms/r2").json()["members"] == members,
                                         "the kicked client to be in no room")
-            await x.wait_until(lambda: redis_server.command("HKEYS", "ws_micro:room-members:r2") == [watcher_id],
-                               "Redis to hold only the watcher in the room")
+            await x.wait_until(
+                lambda: redis_server.command("ZRANGE", "ws_micro:room-ids:r2", "0", "-1") == [watcher_id],
+                "Redis to hold only the watcher in the room")
             assert kicked_id not in redis_server.command("HKEYS", f"ws_micro:instance:{instance_of(x)}:clients")
             # The watcher never heard that the kicked client joined.
             await watcher.send(text("ping", watcher_id))
@@ -861,3 +865,79 @@ def test_a_redis_module_of_another_version_refuses_to_run_beside_the_core(tmp_pa
     assert result.returncode == 2, result
     assert f"ws_micro_redis.py 0.0.1 cannot run beside ws_micro.py {ws_micro.__version__}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------
+# Listings across instances, a page at a time (docs/api.md)
+# --------------------------------------------------------------------------
+
+
+def walk_cluster(servers: list[Server], path: str, name: str, limit: int) -> tuple[list[Any], set[int], set[int]]:
+    """Every entry of a listing, asking each instance in turn for the next page with the last one's cursor;
+    the counts the pages gave, and how many entries the pages but the last held."""
+    entries: list[Any] = []
+    counts: set[int] = set()
+    sizes: set[int] = set()
+    cursor: str | None = None
+    for page in range(1000):
+        params = {"limit": limit, **({"cursor": cursor} if cursor else {})}
+        answer = servers[page % len(servers)].get(path, params=params)
+        assert answer.status_code == 200, answer.text
+        entries += answer.json()[name]
+        counts.add(answer.json()["count"])
+        cursor = answer.json().get("next")
+        if cursor is None:
+            return entries, counts, sizes
+        sizes.add(len(answer.json()[name]))
+    raise AssertionError(f"{path} did not end")
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_listings_come_a_page_at_a_time_and_a_cursor_goes_on_at_any_instance(
+        redis_server: RedisServer) -> None:
+    # Client entries of 200 to 250 bytes against pages of 1,000: the Lua scripts end pages early too.
+    options = ("--jwt-secret", JWT_SECRET, "--default-join", "*", "--api-max-page-bytes", "1000")
+    with cluster(redis_server, 2, *options) as servers:
+        x, y = servers
+        users = {n: f"org/u{n % 10}" for n in range(120)}
+        rooms = {n: [f"r{(n + k) % 30:02d}" for k in (0, 7, 19)] for n in range(120)}
+        async with contextlib.AsyncExitStack() as stack:
+            clients = {}
+            for n in range(120):  # half on each instance
+                token = mint({"sub": users[n]})
+                ws, client_id = await stack.enter_async_context(
+                    ws_client(servers[n % 2].ws, additional_headers={"Authorization": f"Bearer {token}"}))
+                for room in rooms[n]:
+                    await join(ws, client_id, room)
+                clients[client_id] = (n, ws)
+            everyone = sorted(clients)
+            for server in servers:
+                assert server.get("/api/clients", params={"limit": 0}).json() == {"count": 120, "clients": []}
+            entries, counts, sizes = walk_cluster(servers, "/api/clients", "clients", 7)
+            assert [entry["client_id"] for entry in entries] == everyone and counts == {120}
+            assert sizes == {5}, sizes  # 5 entries reach 1,000 bytes, before the limit of 7
+            assert {entry["instance"] for entry in entries} == {instance_of(x), instance_of(y)}
+            assert all(entry["rooms"] == sorted(rooms[clients[entry["client_id"]][0]]) for entry in entries)
+            entries, counts, sizes = walk_cluster(servers, "/api/rooms", "rooms", 4)
+            assert entries == [{"room": f"r{k:02d}", "members": 12} for k in range(30)] and counts == {30}
+            assert sizes == {4}
+            members = sorted(client_id for client_id, (n, _) in clients.items() if "r00" in rooms[n])
+            entries, counts, _ = walk_cluster(servers, "/api/rooms/r00", "members", 2)
+            assert entries == [{"client_id": client_id, "user": users[clients[client_id][0]]} for client_id in members]
+            assert counts == {12}
+            logged_out = sorted(client_id for client_id, (n, _) in clients.items() if users[n] == "org/u3")
+            entries, counts, _ = walk_cluster(servers, "/api/users/org%2Fu3", "clients", 5)
+            assert [entry["client_id"] for entry in entries] == logged_out and counts == {12}
+            answer = x.get("/api/clients", params={"cursor": "not a cursor"})
+            assert (answer.status_code, answer.json()["error"]["code"]) == (400, "invalid_parameter")
+            # A user with a "/" in its name is logged out everywhere, through either instance.
+            answer = httpx.delete(f"{y.http}/api/users/org%2Fu3", timeout=TIMEOUT)
+            assert (answer.status_code, answer.json()) == (202, {"disconnected": 12})
+            for client_id in logged_out:
+                assert await closed_with(clients[client_id][1]) == (1000, "disconnected by the server")
+            await x.wait_until(lambda: x.get("/api/clients", params={"limit": 0}).json()["count"] == 108,
+                               "the logged-out clients to leave the cluster")
+            entries, counts, _ = walk_cluster([y, x], "/api/clients", "clients", 50)
+            assert [entry["client_id"] for entry in entries] == sorted(set(everyone) - set(logged_out))
+            assert redis_server.command("ZCARD", "ws_micro:clients") == 108
