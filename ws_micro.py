@@ -285,6 +285,8 @@ class ServerSettings:
     """Seconds open work may take after SIGTERM; every client gets a close frame (1012) first."""
     handshake_timeout: float = 5.0
     """Seconds a new connection may take to send its request head (a handshake) before it gets 408; 0: no limit."""
+    max_head_size: int = 32768
+    """Bytes of a request head (its request line and headers); a larger one gets 431, and is closed."""
     # Costs
     per_message_deflate: bool = False
     """Compression: off by default, it costs tens of KiB of memory per connection."""
@@ -296,6 +298,8 @@ class ServerSettings:
         for name in ("ping_interval", "ping_timeout", "graceful_timeout", "handshake_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, but got {getattr(self, name)!r}")
+        if self.max_head_size < 1:
+            raise ValueError(f"max_head_size must be at least 1, but got {self.max_head_size!r}")
 
 
 def options_from_env(cls: type[Settings | ServerSettings],
@@ -573,9 +577,10 @@ def _identity(grant: _Grant, settings: Settings) -> _Identity:
 
 # Why handshakes are refused (the rejected_handshakes_total labels): a disallowed origin, a full
 # server, a request head that did not arrive within handshake_timeout; no valid credentials (401),
-# credentials the connect hook refused (403), a connect hook that did not answer (503).
+# credentials the connect hook refused (403), a connect hook that did not answer (503); under serve(),
+# a head over max_head_size or over websockets' line limits (431, 414), or one websockets cannot read (400).
 HANDSHAKE_REFUSALS = ("origin", "full", "timeout", "unauthorized", "forbidden", "auth_unavailable",
-                      "invalid_resume", "resume_token_used")
+                      "invalid_resume", "resume_token_used", "too_large", "invalid_request")
 
 # Why connections end (the disconnects_total labels).
 DISCONNECT_REASONS = ("closed", "abnormal", "shutdown", "peer_error", "kicked", "slow_consumer",
@@ -762,9 +767,10 @@ class _ServerSupport:
     def harden(self) -> None:
         """At startup: keep the lines the server logs for whatever a client does to a few."""
 
-    def http_protocol(self, gateway: _Gateway, head_timeout: float, max_open: int) -> type[asyncio.Protocol] | None:
-        """For :func:`serve`: uvicorn's HTTP protocol with a deadline on each request head, counting the sockets
-        waiting for one in ``gateway.waiting``; None: uvicorn's own."""
+    def http_protocol(self, gateway: _Gateway, head_timeout: float, max_open: int,
+                      max_head: int) -> type[asyncio.Protocol] | None:
+        """For :func:`serve`: uvicorn's HTTP protocol with a deadline on each request head and a bound on its size,
+        counting the sockets waiting for one in ``gateway.waiting``; None: uvicorn's own."""
         return None
 
 
@@ -3182,10 +3188,11 @@ def serve(app: Starlette, settings: ServerSettings | None = None) -> None:
         timeout_graceful_shutdown=settings.graceful_timeout,
         log_level=settings.log_level,
         log_config=_log_config(settings.log_level),
+        h11_max_incomplete_event_size=settings.max_head_size,  # uvicorn's h11 parser bounds heads; httptools does not
     )
-    if gateway is not None:  # with ws_micro_servers.py, request heads have a deadline, and sockets waiting count
-        config.http = gateway.server.http_protocol(gateway, settings.handshake_timeout,
-                                                   _raise_descriptor_limit()) or config.http
+    if gateway is not None:  # with ws_micro_servers.py, request heads have a deadline and a size, sockets waiting count
+        config.http = gateway.server.http_protocol(gateway, settings.handshake_timeout, _raise_descriptor_limit(),
+                                                   settings.max_head_size) or config.http
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         uvicorn.Server(config).run()

@@ -682,6 +682,7 @@ def test_bad_settings_are_refused_with_the_bad_value(env: dict[str, str], messag
         ([], {"WS_MICRO_MAX_CONNECTIONS": "lots"}, "WS_MICRO_MAX_CONNECTIONS must be an integer, but got 'lots'"),
         ([], {"WS_MICRO_SEND_TIMEOUT": "0"}, "send_timeout must be more than 0, but got 0.0"),
         (["--port", "70000"], {}, "port must be between 0 and 65535, but got 70000"),
+        (["--max-head-size", "0"], {}, "max_head_size must be at least 1, but got 0"),
         (["--ping-timeout", "-1"], {}, "ping_timeout must be 0 or more, but got -1.0"),
         (["--instance-ttl", "1"], {}, "instance_ttl must be longer than heartbeat_interval (2.0), but got 1.0"),
         ([], {"WS_MICRO_REDIS_URL": "notredis://x"},
