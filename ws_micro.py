@@ -2901,30 +2901,78 @@ def _raise_descriptor_limit() -> int:
     return max(soft - DESCRIPTOR_RESERVE, 1)
 
 
-# A token in a URL's query (browsers cannot set headers on a WebSocket), up to the next parameter.
-_TOKEN_IN_URL = re.compile(r"([?&](?:token|resume_token)=)[^&\s\"']*")
-# The servers' loggers that write request lines (``"WebSocket /ws/py_client?token=..." [accepted]``).
-_REQUEST_LOGGERS = ("uvicorn.error", "uvicorn.access", "hypercorn.error", "hypercorn.access")
+# A line that may carry a secret mentions one of these.  Lines that do not (nearly all) pass untouched.
+_MENTIONS_SECRET = re.compile(r"(?i)token|bearer|authorization|cookie")
+# Each secret, after what says it is one (kept): a token in a URL's query (browsers cannot set headers on a
+# WebSocket), up to the next parameter; a bearer token; the value of a header that carries one (a session, for
+# cookies), as "name: value" or as a repr's ('name', 'value'); a resume token in a frame's JSON.
+_SECRET = re.compile(r"""(?ix)
+    ( (?<![\w-]) (?:resume_)?token= ) [^&\s"'\#]*
+  | ( \bbearer\s+ ) [^\s"',]+
+  | ( (?:authorization|cookie|x-ws-micro-resume-token) ["']? \s* [:,=] \s* (?:b?["'])? ) [^"'\r\n]*
+  | ( "resume_token" \s* : \s* " ) [^"]*
+""")
+_PLAIN = (str, int, float, type(None))  # arguments that print as themselves: a secret in one is in its text
 
 
-class _RedactingFilter(logging.Filter):
-    """Writes ``token=[redacted]`` for the token in a logged URL: logs are kept and read more widely
-    than tokens may be."""
+def _redacted(text: str) -> str:
+    return _SECRET.sub(lambda found: next(kept for kept in found.groups() if kept is not None) + "[redacted]", text)
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple) and any(isinstance(arg, str) and "token=" in arg for arg in record.args):
-            record.args = tuple(_TOKEN_IN_URL.sub(r"\1[redacted]", arg) if isinstance(arg, str) else arg
-                                for arg in record.args)
-        if isinstance(record.msg, str) and "token=" in record.msg:
-            record.msg = _TOKEN_IN_URL.sub(r"\1[redacted]", record.msg)
-        return True
+
+def _redacted_payload(arg: object) -> object:
+    """A frame (websockets logs them at DEBUG) whose payload carries a resume token, as a frame with the token
+    redacted: its log line shows only the payload's ends, which could be the token's end."""
+    data = getattr(arg, "data", None)
+    if not isinstance(data, bytes) or b"token" not in data or not dataclasses.is_dataclass(arg):
+        return arg
+    return str(dataclasses.replace(arg, data=_redacted(data.decode("utf-8", "replace")).encode()))  # type: ignore[type-var]
+
+
+def _redact_record(record: logging.LogRecord) -> None:
+    """Write ``[redacted]`` for the tokens and credentials in a log record, whatever logged it and however:
+    logs are kept and read more widely than tokens may be."""
+    if record.exc_info and not record.exc_text:  # a traceback's text, as a handler would write it
+        record.exc_text = logging.Formatter().formatException(record.exc_info)
+    for name in ("exc_text", "stack_info"):
+        value = getattr(record, name)
+        if value and _MENTIONS_SECRET.search(value):
+            setattr(record, name, _redacted(value))
+    args = record.args
+    if isinstance(record.msg, str) and isinstance(args, tuple) and all(isinstance(arg, _PLAIN) for arg in args):
+        if not any(isinstance(part, str) and _MENTIONS_SECRET.search(part) for part in (record.msg, *args)):
+            return  # nearly every line: checked without formatting it
+        # Each argument on its own, so that formatters that read them (uvicorn's access log) still can.
+        record.msg = _redacted(record.msg)
+        record.args = tuple(_redacted(arg) if isinstance(arg, str) else arg for arg in args)
+    elif isinstance(args, tuple):
+        record.args = tuple(_redacted_payload(arg) for arg in args)
+    try:
+        text = record.getMessage()  # any argument (a dict, a scope, a frame, an event): format, then look
+    except Exception:  # a broken format string: logging reports it when the record is written
+        return
+    if _MENTIONS_SECRET.search(text) and (clean := _redacted(text)) != text:
+        record.msg, record.args = clean, None  # a header's name in one argument and its value in another
 
 
 def _redact_tokens_in_logs() -> None:
-    for name in _REQUEST_LOGGERS:
-        server_log = logging.getLogger(name)
-        if not any(isinstance(f, _RedactingFilter) for f in server_log.filters):
-            server_log.addFilter(_RedactingFilter())
+    """Redact every log record of this process as it is made: the servers' loggers and websockets' are many
+    (uvicorn.error, .access and .asgi, websockets.server, hypercorn's, granian's, daphne's and Twisted's through
+    it), and a record factory sees them all, whatever their name, level or handlers."""
+    previous = logging.getLogRecordFactory()
+    if getattr(previous, "redacts_tokens", False):
+        return
+
+    def make_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        try:
+            _redact_record(record)
+        except Exception:  # never fail the caller's logging call, nor write what could not be checked
+            record.msg = f"(a line ws_micro could not check for tokens: {type(record.msg).__name__} message)"
+            record.args, record.exc_info, record.exc_text, record.stack_info = None, None, None, None
+        return record
+
+    make_record.redacts_tokens = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(make_record)
 
 
 def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:

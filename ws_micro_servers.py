@@ -8,10 +8,11 @@ does what ASGI cannot, for the servers it knows, at the versions it was tested w
   size, the control frames and fragments it handles alone, the close it starts), the
   request, response and headers let go of after the handshake, and a reset for a peer
   that reads nothing;
-- under ``serve()``: uvicorn's HTTP protocol with a deadline on each request head, and a
-  count of the sockets waiting for one against ``max_connections``;
+- under ``serve()``: uvicorn's HTTP protocol with a deadline on each request head and a bound
+  on its size, a count of the sockets waiting for one against ``max_connections``, and an
+  answer for the handshakes websockets refuses, which uvicorn never writes;
 - under daphne: Twisted's flow control, so that a reader that stops reading waits instead
-  of growing the server;
+  of growing the server, and tokens redacted in its access log, which is not logging's;
 - the lines any client can make uvicorn log, at most once per 10 s each.
 
 On a server version it was not tested with, it turns itself off for that server, with
@@ -29,6 +30,7 @@ import importlib.metadata
 import logging
 import socket
 import struct
+import sys
 from collections.abc import Awaitable
 from typing import Any
 
@@ -45,6 +47,7 @@ from ws_micro import (
     _Gateway,
     _Metrics,
     _Output,
+    _redacted,
     _ServerSupport,
     _Throttle,
     _websocket_frame,
@@ -340,6 +343,27 @@ class _DaphneOutput(_Output):
             self._protocol.transport.abortConnection()
 
 
+def _redact_daphne_access_log() -> None:
+    """daphne writes its access log itself, to a stream, not through logging: the core's redaction of log
+    records does not see it, and its HTTP lines carry the URL's query, a token with it.  Redact its entries."""
+    access = sys.modules.get("daphne.access")  # imported by daphne's command before it loads the app
+    if access is None or _untested("daphne") is not None:
+        return
+    generator = access.AccessLogGenerator
+    write_entry = generator.write_entry
+    if getattr(write_entry, "redacts_tokens", False):
+        return
+
+    @functools.wraps(write_entry)
+    def redacting(self: Any, *args: Any, **kwargs: Any) -> Any:
+        args = tuple(_redacted(arg) if isinstance(arg, str) else arg for arg in args)
+        kwargs = {name: _redacted(arg) if isinstance(arg, str) else arg for name, arg in kwargs.items()}
+        return write_entry(self, *args, **kwargs)
+
+    redacting.redacts_tokens = True  # type: ignore[attr-defined]
+    generator.write_entry = redacting
+
+
 # --------------------------------------------------------------------------
 # Under serve(): uvicorn's HTTP protocol, with a deadline and a size limit on request heads
 # --------------------------------------------------------------------------
@@ -570,6 +594,7 @@ class ServerSupport(_ServerSupport):
 
     def __init__(self) -> None:
         self._reported: set[str | None] = set()  # each reason the fast path is on or off, said once
+        _redact_daphne_access_log()  # now, as the app is made: daphne runs no lifespan, where harden() would
 
     def output(self, scope: Scope, receive: Receive, send: Send, settings: Settings, metrics: _Metrics) -> _Output:
         """:class:`_UvicornOutput` under uvicorn's websockets-sansio engine, :class:`_DaphneOutput` under daphne,

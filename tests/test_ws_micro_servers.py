@@ -14,6 +14,7 @@ import importlib.metadata
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -35,11 +36,14 @@ from conftest import (
     Server,
     client_frame,
     closed_with,
+    drop,
     frame,
     free_port,
+    greeted,
     half_handshakes,
     join,
     mint,
+    new_session,
     raw_websocket,
     recv_json,
     recv_text,
@@ -55,6 +59,7 @@ from websockets.sync.client import connect as connect_sync
 from websockets.typing import Origin
 
 import ws_micro
+from ws_micro import RESUME_TOKEN_HEADER
 
 pytestmark = [pytest.mark.anyio, pytest.mark.process]
 
@@ -752,6 +757,74 @@ async def test_e2e_tokens_and_the_connect_hook_work_under_each_asgi_server(name:
                 await connect(url, open_timeout=TIMEOUT)
             assert refusal.value.response.status_code == refused
         assert server.get("/healthz").json()["connections"] == 0
+
+
+# Each server at its most verbose, its access log on: (server, its options, lines the log must still hold).
+# hypercorn's and granian's access logs print no query or header by default: these formats print them.
+VERBOSE_LOGS: dict[str, tuple[str | None, tuple[str, ...], tuple[str, ...]]] = {
+    "ws-micro-debug": (None, ("--log-level", "debug"), (
+        "< authorization: [redacted]", "< cookie: [redacted]", "< x-ws-micro-resume-token: [redacted]",
+        '"WebSocket /ws/py_client?token=[redacted]&resume_token=[redacted]" [accepted]')),
+    "ws-micro-trace": (None, ("--log-level", "trace"), (
+        "< authorization: [redacted]", "'query_string': b'token=[redacted]&resume_token=[redacted]'")),
+    "uvicorn-debug": ("uvicorn", ("--log-level", "debug"), (  # compressed: frames go through ASGI, and are logged
+        "< authorization: [redacted]", "< x-ws-micro-resume-token: [redacted]", "> TEXT '{\"event\":\"connect\"",
+        '"GET /ws/py_client?token=[redacted]&resume_token=[redacted] HTTP/1.1" 426')),
+    "uvicorn-trace": ("uvicorn", ("--log-level", "trace"), (
+        "< cookie: [redacted]", "'query_string': b'token=[redacted]&resume_token=[redacted]'")),
+    "uvicorn-wsproto-trace": ("uvicorn-wsproto", ("--log-level", "trace"), (
+        "'query_string': b'token=[redacted]'",)),
+    "hypercorn-debug": ("hypercorn", (
+        "--log-level", "debug", "--access-logfile", "-", "--error-logfile", "-", "--access-logformat",
+        '"%(R)s" %(s)s %({authorization}i)s cookie=%({cookie}i)s resume=%({x-ws-micro-resume-token}i)s'), (
+        '"GET /ws/py_client?token=[redacted]&resume_token=[redacted] 1.1" 101',
+        "Bearer [redacted] cookie=[redacted]")),
+    "granian-debug": ("granian", (
+        "--log-level", "debug", "--access-log", "--access-log-fmt",
+        '"%(method)s %(path)s?%(query_string)s" %(status)d %(header{authorization})s cookie=%(header{cookie})s'), (
+        '/ws/py_client?token=[redacted]&resume_token=[redacted]" 101', "Bearer [redacted] cookie=[redacted]")),
+    "daphne-verbosity-2": ("daphne", ("-v", "2", "--access-log", "-"), (
+        '"GET /ws/py_client?token=[redacted]&resume_token=[redacted]" 426',)),
+}
+
+
+async def send_tokens_every_way(server: Server, token: str) -> list[str]:
+    """Send ``token`` in the Authorization header and in the query, a cookie, and resume tokens in their header
+    and in the query; the secrets the log must not hold."""
+    cookie = secrets.token_urlsafe(16)
+    first, me, resume = await new_session(server.ws, additional_headers={"Authorization": f"Bearer {token}",
+                                                                         "Cookie": f"session={cookie}"})
+    await drop(first, server, me)
+    second = await connect(f"{server.ws}?token={token}", additional_headers={RESUME_TOKEN_HEADER: resume})
+    again = (await greeted(second))["data"]["data"]
+    assert again["recovered"] is True, again
+    await drop(second, server, me)
+    third = await connect(f"{server.ws}?token={token}&resume_token={again['resume_token']}")
+    last = (await greeted(third))["data"]["data"]
+    assert last["recovered"] is True, last
+    await third.close()
+    probed = await anyio.to_thread.run_sync(
+        lambda: server.get(f"/ws/py_client?token={token}&resume_token={last['resume_token']}"))
+    assert probed.status_code == 426
+    issued = [resume, again["resume_token"], last["resume_token"]]
+    return [token, cookie, *issued, *(issued_token.split(".", 1)[1] for issued_token in issued)]
+
+
+@pytest.mark.parametrize("config", list(VERBOSE_LOGS))
+async def test_e2e_tokens_never_reach_the_log_at_any_level_under_each_server(config: str, tmp_path: Path) -> None:
+    # At DEBUG, websockets logged "< authorization: Bearer <token>" for each handshake; at TRACE, uvicorn logged
+    # each scope with query_string b'token=<token>'; daphne's access log and any format printing hypercorn's or
+    # granian's query or headers printed them whole.
+    name, options, expected = VERBOSE_LOGS[config]
+    log = tmp_path / "server.log"
+    env = {"WS_MICRO_JWT_SECRET": JWT_SECRET, "WS_MICRO_RECOVERY_WINDOW": "30"}
+    with run_server(*options, asgi_server=name, log=log, env=env) as server:  # name None: ws-micro
+        leaked = await send_tokens_every_way(server, mint())
+    logged = log.read_text()
+    for secret in leaked:
+        assert secret not in logged, f"{secret} is in the log"
+    for line in expected:  # still written, with the secret redacted
+        assert line in logged, logged[-3000:]
 
 
 # --------------------------------------------------------------------------
