@@ -509,9 +509,11 @@ def _guarded_http_protocol(gateway: _Gateway, head_timeout: float, max_open: int
         def _refuse(self, response: bytes) -> None:
             """Answer, and close once the client has read the answer and closed, or after ``close_timeout``, or
             once it sent as much as a head more: closing with its data unread would reset the connection, and the
-            answer could be lost with it (nginx's lingering close)."""
+            answer could be lost with it (nginx's lingering close).  Until then it still counts as waiting."""
             self._refused, self._head_bytes = True, max_head
-            self._stop_waiting()
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
             self.transport.write(response)
             if self.transport.can_write_eof():
                 self.transport.write_eof()

@@ -632,7 +632,7 @@ async def test_e2e_handshakes_websockets_refuses_are_answered_and_closed(parser:
     # descriptors for more than 40 s, while /healthz said 0 connections.
     env = without_httptools(tmp_path) if parser == "h11" else None
     with run_server("--log-level", "warning", "--max-connections", "20", "--jwt-secret", JWT_SECRET,
-                    env=env) as server:
+                    "--close-timeout", "30", env=env) as server:  # the refused wait for their client to close
         before = open_descriptors(server)
         for case, (head, status, message) in REFUSED_BY_WEBSOCKETS.items():
             answer = await anyio.to_thread.run_sync(answer_to, server, head)
@@ -640,19 +640,18 @@ async def test_e2e_handshakes_websockets_refuses_are_answered_and_closed(parser:
             assert refused[0] == status and refused[1]["message"].startswith(message), (case, answer)
             assert refused[1]["code"] == ("invalid_request" if status == 400 else "too_large"), case
 
-        def many_at_once() -> list[bytes]:
-            socks = [socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) for _ in range(60)]
+        # Three times max_connections: each is answered (431, or 503 while the others count), and the server
+        # closes its side; each counts against max_connections until the client has closed its own.
+        socks = [socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) for _ in range(60)]
+        try:
             for sock in socks:
                 sock.sendall(REFUSED_BY_WEBSOCKETS["9 KB bearer token"][0])
-            try:
-                return [read_to_end(sock) for sock in socks]
-            finally:
-                for sock in socks:
-                    sock.close()
-
-        # Three times max_connections: each is answered (431, or 503 while the others wait to be), and closed.
-        answers = await anyio.to_thread.run_sync(many_at_once)
-        assert all(answer.startswith((b"HTTP/1.1 431 ", b"HTTP/1.1 503 ")) for answer in answers), answers
+            answers = [await anyio.to_thread.run_sync(read_to_end, sock) for sock in socks]
+            assert all(answer.startswith((b"HTTP/1.1 431 ", b"HTTP/1.1 503 ")) for answer in answers), answers
+            assert server.get("/healthz").status_code == 503
+        finally:
+            for sock in socks:
+                sock.close()
         await server.wait_until(lambda: open_descriptors(server) <= before, "the server to let go of the sockets")
         assert server.metric("ws_micro_rejected_handshakes_total", reason="too_large") == 3 + sum(
             answer.startswith(b"HTTP/1.1 431 ") for answer in answers)
