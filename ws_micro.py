@@ -322,6 +322,8 @@ class ServerSettings:
     """Seconds open work may take after SIGTERM; every client gets a close frame (1012) first."""
     handshake_timeout: float = 5.0
     """Seconds a new connection may take to send its request head (a handshake) before it gets 408; 0: no limit."""
+    max_head_size: int = 32768
+    """Bytes of a request head (its request line and headers); a larger one gets 431, and is closed."""
     # Costs
     per_message_deflate: bool = False
     """Compression: off by default, it costs tens of KiB of memory per connection."""
@@ -334,6 +336,8 @@ class ServerSettings:
         for name in ("ping_interval", "ping_timeout", "graceful_timeout", "handshake_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, but got {getattr(self, name)!r}")
+        if self.max_head_size < 1:
+            raise ValueError(f"max_head_size must be at least 1, but got {self.max_head_size!r}")
 
 
 def _refuse_infinities(settings: Settings | ServerSettings) -> None:
@@ -684,9 +688,10 @@ class _Revocations:
 # Why handshakes are refused (the rejected_handshakes_total labels): a disallowed origin, a full
 # server, a request head that did not arrive within handshake_timeout; no valid credentials (401),
 # credentials the connect hook refused (403), a connect hook that did not answer (503), an address
-# with connect_hook_max_pending_per_address handshakes waiting for the hook already (503).
+# with connect_hook_max_pending_per_address handshakes waiting for the hook already (503); under serve(),
+# a head over max_head_size or over websockets' line limits (431, 414), or one websockets cannot read (400).
 HANDSHAKE_REFUSALS = ("origin", "full", "timeout", "unauthorized", "forbidden", "auth_unavailable",
-                      "invalid_resume", "resume_token_used", "over_share")
+                      "invalid_resume", "resume_token_used", "over_share", "too_large", "invalid_request")
 
 # Why connections end (the disconnects_total labels).
 DISCONNECT_REASONS = ("closed", "abnormal", "shutdown", "peer_error", "kicked", "slow_consumer",
@@ -881,9 +886,10 @@ class _ServerSupport:
     def harden(self) -> None:
         """At startup: keep the lines the server logs for whatever a client does to a few."""
 
-    def http_protocol(self, gateway: _Gateway, head_timeout: float, max_open: int) -> type[asyncio.Protocol] | None:
-        """For :func:`serve`: uvicorn's HTTP protocol with a deadline on each request head, counting the sockets
-        waiting for one in ``gateway.waiting``; None: uvicorn's own."""
+    def http_protocol(self, gateway: _Gateway, head_timeout: float, max_open: int,
+                      max_head: int) -> type[asyncio.Protocol] | None:
+        """For :func:`serve`: uvicorn's HTTP protocol with a deadline on each request head and a bound on its size,
+        counting the sockets waiting for one in ``gateway.waiting``; None: uvicorn's own."""
         return None
 
 
@@ -3527,30 +3533,78 @@ def _raise_descriptor_limit() -> int:
     return max(soft - DESCRIPTOR_RESERVE, 1)
 
 
-# A token in a URL's query (browsers cannot set headers on a WebSocket), up to the next parameter.
-_TOKEN_IN_URL = re.compile(r"([?&](?:token|resume_token)=)[^&\s\"']*")
-# The servers' loggers that write request lines (``"WebSocket /ws/py_client?token=..." [accepted]``).
-_REQUEST_LOGGERS = ("uvicorn.error", "uvicorn.access", "hypercorn.error", "hypercorn.access")
+# A line that may carry a secret mentions one of these.  Lines that do not (nearly all) pass untouched.
+_MENTIONS_SECRET = re.compile(r"(?i)token|bearer|authorization|cookie")
+# Each secret, after what says it is one (kept): a token in a URL's query (browsers cannot set headers on a
+# WebSocket), up to the next parameter; a bearer token; the value of a header that carries one (a session, for
+# cookies), as "name: value" or as a repr's ('name', 'value'); a resume token in a frame's JSON.
+_SECRET = re.compile(r"""(?ix)
+    ( (?<![\w-]) (?:resume_)?token= ) [^&\s"'\#]*
+  | ( \bbearer\s+ ) [^\s"',]+
+  | ( (?:authorization|cookie|x-ws-micro-resume-token) ["']? \s* [:,=] \s* (?:b?["'])? ) [^"'\r\n]*
+  | ( "resume_token" \s* : \s* " ) [^"]*
+""")
+_PLAIN = (str, int, float, type(None))  # arguments that print as themselves: a secret in one is in its text
 
 
-class _RedactingFilter(logging.Filter):
-    """Writes ``token=[redacted]`` for the token in a logged URL: logs are kept and read more widely
-    than tokens may be."""
+def _redacted(text: str) -> str:
+    return _SECRET.sub(lambda found: next(kept for kept in found.groups() if kept is not None) + "[redacted]", text)
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple) and any(isinstance(arg, str) and "token=" in arg for arg in record.args):
-            record.args = tuple(_TOKEN_IN_URL.sub(r"\1[redacted]", arg) if isinstance(arg, str) else arg
-                                for arg in record.args)
-        if isinstance(record.msg, str) and "token=" in record.msg:
-            record.msg = _TOKEN_IN_URL.sub(r"\1[redacted]", record.msg)
-        return True
+
+def _redacted_payload(arg: object) -> object:
+    """A frame (websockets logs them at DEBUG) whose payload carries a resume token, as a frame with the token
+    redacted: its log line shows only the payload's ends, which could be the token's end."""
+    data = getattr(arg, "data", None)
+    if not isinstance(data, bytes) or b"token" not in data or not dataclasses.is_dataclass(arg):
+        return arg
+    return str(dataclasses.replace(arg, data=_redacted(data.decode("utf-8", "replace")).encode()))  # type: ignore[type-var]
+
+
+def _redact_record(record: logging.LogRecord) -> None:
+    """Write ``[redacted]`` for the tokens and credentials in a log record, whatever logged it and however:
+    logs are kept and read more widely than tokens may be."""
+    if record.exc_info and not record.exc_text:  # a traceback's text, as a handler would write it
+        record.exc_text = logging.Formatter().formatException(record.exc_info)
+    for name in ("exc_text", "stack_info"):
+        value = getattr(record, name)
+        if value and _MENTIONS_SECRET.search(value):
+            setattr(record, name, _redacted(value))
+    args = record.args
+    if isinstance(record.msg, str) and isinstance(args, tuple) and all(isinstance(arg, _PLAIN) for arg in args):
+        if not any(isinstance(part, str) and _MENTIONS_SECRET.search(part) for part in (record.msg, *args)):
+            return  # nearly every line: checked without formatting it
+        # Each argument on its own, so that formatters that read them (uvicorn's access log) still can.
+        record.msg = _redacted(record.msg)
+        record.args = tuple(_redacted(arg) if isinstance(arg, str) else arg for arg in args)
+    elif isinstance(args, tuple):
+        record.args = tuple(_redacted_payload(arg) for arg in args)
+    try:
+        text = record.getMessage()  # any argument (a dict, a scope, a frame, an event): format, then look
+    except Exception:  # a broken format string: logging reports it when the record is written
+        return
+    if _MENTIONS_SECRET.search(text) and (clean := _redacted(text)) != text:
+        record.msg, record.args = clean, None  # a header's name in one argument and its value in another
 
 
 def _redact_tokens_in_logs() -> None:
-    for name in _REQUEST_LOGGERS:
-        server_log = logging.getLogger(name)
-        if not any(isinstance(f, _RedactingFilter) for f in server_log.filters):
-            server_log.addFilter(_RedactingFilter())
+    """Redact every log record of this process as it is made: the servers' loggers and websockets' are many
+    (uvicorn.error, .access and .asgi, websockets.server, hypercorn's, granian's, daphne's and Twisted's through
+    it), and a record factory sees them all, whatever their name, level or handlers."""
+    previous = logging.getLogRecordFactory()
+    if getattr(previous, "redacts_tokens", False):
+        return
+
+    def make_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        try:
+            _redact_record(record)
+        except Exception:  # never fail the caller's logging call, nor write what could not be checked
+            record.msg = f"(a line ws_micro could not check for tokens: {type(record.msg).__name__} message)"
+            record.args, record.exc_info, record.exc_text, record.stack_info = None, None, None, None
+        return record
+
+    make_record.redacts_tokens = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(make_record)
 
 
 def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
@@ -3797,11 +3851,12 @@ app = _AppFromEnvironment()
 
 def _log_config(level: str) -> dict[str, Any]:
     """uvicorn's logging configuration, with the gateway's own lines beside uvicorn's."""
-    from uvicorn.config import LOGGING_CONFIG
+    from uvicorn.config import LOG_LEVELS, LOGGING_CONFIG
 
     if logging.getLogger().handlers:  # the embedding program configured logging: ws_micro's lines go there
         return LOGGING_CONFIG
-    ws_micro = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    # A number: "trace" is uvicorn's own level, named only once uvicorn.Config configures logging.
+    ws_micro = {"handlers": ["default"], "level": LOG_LEVELS.get(level.lower(), level.upper()), "propagate": False}
     return {**LOGGING_CONFIG, "loggers": {**LOGGING_CONFIG["loggers"], "ws_micro": ws_micro}}
 
 
@@ -3818,9 +3873,9 @@ def serve(app: Starlette, settings: ServerSettings | None = None) -> None:
     gateway: _Gateway | None = getattr(app, "gateway", None)
     log_config = _log_config(settings.log_level)
     logging.config.dictConfig(log_config)  # now, for what the server support says as it is asked below
-    # With ws_micro_servers.py, request heads have a deadline, and sockets waiting for one count.
-    guarded = None if gateway is None else gateway.server.http_protocol(gateway, settings.handshake_timeout,
-                                                                         _raise_descriptor_limit())
+    # With ws_micro_servers.py, request heads have a deadline and a size, and sockets waiting for one count.
+    guarded = None if gateway is None else gateway.server.http_protocol(
+        gateway, settings.handshake_timeout, _raise_descriptor_limit(), settings.max_head_size)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -3836,6 +3891,7 @@ def serve(app: Starlette, settings: ServerSettings | None = None) -> None:
         timeout_graceful_shutdown=settings.graceful_timeout,
         log_level=settings.log_level,
         log_config=log_config,
+        h11_max_incomplete_event_size=settings.max_head_size,  # uvicorn's h11 parser bounds heads; httptools does not
     )
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -3908,6 +3964,8 @@ class Client:
         else ``TimeoutError``, :class:`HandshakeRefused`, or ``ConnectionError`` if something else came."""
         from websockets.asyncio.client import connect
         from websockets.exceptions import InvalidStatus
+
+        _redact_tokens_in_logs()  # websockets logs the headers it sends at DEBUG: our token among them
 
         options = self._connect_options
         if self._resume_token is not None:

@@ -8,10 +8,11 @@ does what ASGI cannot, for the servers it knows, at the versions it was tested w
   size, the control frames and fragments it handles alone, the close it starts), the
   request, response and headers let go of after the handshake, and a reset for a peer
   that reads nothing;
-- under ``serve()``: uvicorn's HTTP protocol with a deadline on each request head, and a
-  count of the sockets waiting for one against ``max_connections``;
+- under ``serve()``: uvicorn's HTTP protocol with a deadline on each request head and a bound
+  on its size, a count of the sockets waiting for one against ``max_connections``, and an
+  answer for the handshakes websockets refuses, which uvicorn never writes;
 - under daphne: Twisted's flow control, so that a reader that stops reading waits instead
-  of growing the server;
+  of growing the server, and tokens redacted in its access log, which is not logging's;
 - the lines any client can make uvicorn log, at most once per 10 s each.
 
 On a server version it was not tested with, it turns itself off for that server, with
@@ -29,6 +30,7 @@ import importlib.metadata
 import logging
 import socket
 import struct
+import sys
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,7 @@ from ws_micro import (
     _Gateway,
     _Metrics,
     _Output,
+    _redacted,
     _ServerSupport,
     _Throttle,
     _websocket_frame,
@@ -344,35 +347,93 @@ class _DaphneOutput(_Output):
             self._protocol.transport.abortConnection()
 
 
+def _redact_daphne_access_log() -> None:
+    """daphne writes its access log itself, to a stream, not through logging: the core's redaction of log
+    records does not see it, and its HTTP lines carry the URL's query, a token with it.  Redact its entries."""
+    access = sys.modules.get("daphne.access")  # imported by daphne's command before it loads the app
+    if access is None or _untested("daphne") is not None:
+        return
+    generator = access.AccessLogGenerator
+    write_entry = generator.write_entry
+    if getattr(write_entry, "redacts_tokens", False):
+        return
+
+    @functools.wraps(write_entry)
+    def redacting(self: Any, *args: Any, **kwargs: Any) -> Any:
+        args = tuple(_redacted(arg) if isinstance(arg, str) else arg for arg in args)
+        kwargs = {name: _redacted(arg) if isinstance(arg, str) else arg for name, arg in kwargs.items()}
+        return write_entry(self, *args, **kwargs)
+
+    redacting.redacts_tokens = True  # type: ignore[attr-defined]
+    generator.write_entry = redacting
+
+
 # --------------------------------------------------------------------------
-# Under serve(): uvicorn's HTTP protocol, with a deadline on request heads
+# Under serve(): uvicorn's HTTP protocol, with a deadline and a size limit on request heads
 # --------------------------------------------------------------------------
+
+_PHRASES = {400: "Bad Request", 408: "Request Timeout", 414: "URI Too Long", 431: "Request Header Fields Too Large",
+            503: "Service Unavailable"}
 
 
 def _raw_response(status: int, code: str, message: str) -> bytes:
     """A whole HTTP/1.1 error response with the API's JSON body, for a connection that gets no further."""
     body = _encode({"error": {"code": code, "message": message}})
-    phrase = {408: "Request Timeout", 503: "Service Unavailable"}[status]
-    return (f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            f"connection: close\r\n\r\n").encode() + body
+    return (f"HTTP/1.1 {status} {_PHRASES[status]}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
 
 
-def _guarded_http_protocol(gateway: _Gateway, head_timeout: float, max_open: int) -> type[asyncio.Protocol]:
-    """uvicorn's HTTP protocol, which times nothing before a first request, with a deadline for each head.
+def _refused_upgrade(exc: BaseException | None, method: bytes, target: bytes,
+                     headers: list[tuple[bytes, bytes]]) -> tuple[int, str, str]:
+    """Why websockets refused the head of a handshake uvicorn handed it: the status, the
+    ``rejected_handshakes_total`` label, and a message naming the value (the line, the header)."""
+    from websockets.exceptions import SecurityError
+    from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
+
+    cause = exc.__cause__ if exc is not None and exc.__cause__ is not None else exc  # as websockets < 17 wrap it
+    if not isinstance(cause, SecurityError):  # a body, a transfer coding, a header value it refuses...
+        return 400, "invalid_request", f"not a WebSocket handshake this server can read: {cause}"[:300]
+    # websockets counts each line with its CRLF, as uvicorn hands it over: "GET <target> HTTP/1.1", "name: value".
+    line = len(method) + len(target) + len(b"  HTTP/1.1\r\n")
+    if line > MAX_LINE_LENGTH:
+        return 414, "too_large", (f"the request line is {line} bytes long; a WebSocket handshake's may be "
+                                  f"{MAX_LINE_LENGTH} bytes")
+    for name, value in headers:
+        if len(name) + len(value) + len(b": \r\n") > MAX_LINE_LENGTH:
+            return 431, "too_large", (f"header {name.decode('latin-1')!r} is {len(value)} bytes long; a WebSocket "
+                                      f"handshake's header lines may be {MAX_LINE_LENGTH} bytes")
+    return 431, "too_large", (f"the request has {len(headers)} headers; a WebSocket handshake may have "
+                              f"{MAX_NUM_HEADERS}")
+
+
+def _guarded_http_protocol(gateway: _Gateway, head_timeout: float, max_open: int,
+                           max_head: int) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol, which times nothing before a first request, with a deadline and a size limit for
+    each head, and an answer for the handshakes websockets refuses, which uvicorn never writes.
 
     A connection waiting for its head counts against ``max_connections`` and gets 408
-    after ``head_timeout``; one beyond ``max_open`` open connections gets 503.
+    after ``head_timeout``; one beyond ``max_open`` open connections gets 503.  A head
+    that has not ended within ``max_head`` bytes gets 431 before it is parsed further:
+    httptools would keep all of it.
     """
+    import h11
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
     settings, metrics = gateway.settings, gateway.registry._metrics
     timed_out = _raw_response(408, "timeout", f"no request within {head_timeout:g} seconds")
     full = _raw_response(503, "full", f"server is full ({settings.max_connections} connections)")
+    too_large = _raw_response(431, "too_large", f"the request head is larger than {max_head} bytes (max_head_size)")
+    httptools = hasattr(AutoHTTPProtocol, "on_headers_complete")  # else uvicorn's h11 protocol
 
     class GuardedHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         _waiting = False  # counted in gateway.waiting: the connection's first head has not arrived
         _head_timer: asyncio.TimerHandle | None = None
         _cycle: object = None  # the request cycle before the awaited head (a new one means it arrived)
+        _head_bytes = 0  # bytes received of the head being parsed
+        _in_body = False  # httptools: between a head and the end of its message
+        _tail = b""  # the last bytes received of the head, where its end may have begun
+        _refused = False  # answered with an error, and closing
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
@@ -391,7 +452,19 @@ def _guarded_http_protocol(gateway: _Gateway, head_timeout: float, max_open: int
                 self._await_head()
 
         def data_received(self, data: bytes) -> None:
+            if self._refused:  # answered: what it still sends is dropped, up to as much as a head again
+                self._head_bytes += len(data)
+                if self._head_bytes > 2 * max_head:
+                    self.transport.close()
+                return
+            if self._head_too_large(data):
+                metrics.rejected_handshakes["too_large"] += 1
+                self._refuse(too_large)
+                return
             super().data_received(data)
+            upgraded = self.transport.get_protocol()
+            if upgraded is not self:
+                self._answer_refused_upgrade(upgraded)
             if self._head_timer is not None and self._head_arrived():
                 self._stop_waiting()
 
@@ -399,8 +472,59 @@ def _guarded_http_protocol(gateway: _Gateway, head_timeout: float, max_open: int
             self._stop_waiting()
             super().connection_lost(exc)
 
+        # httptools' callbacks (h11's protocol has none): where each head ends, and its message
+        def on_headers_complete(self) -> None:
+            self._in_body, self._head_bytes = True, 0
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._in_body, self._head_bytes = False, 0
+            super().on_message_complete()
+
+        def _head_too_large(self, data: bytes) -> bool:
+            """Whether ``data`` takes the head being received past ``max_head`` bytes without ending it."""
+            if self._in_body if httptools else self.conn.their_state is not h11.IDLE:  # a body, or its response
+                self._head_bytes = 0
+                return False
+            received, tail = self._head_bytes, self._tail
+            self._head_bytes += len(data)
+            self._tail = data[-3:]
+            if self._head_bytes <= max_head:
+                return False
+            return (tail + data).find(b"\r\n\r\n", 0, len(tail) + max_head - received) < 0
+
+        def _answer_refused_upgrade(self, engine: asyncio.BaseProtocol) -> None:
+            """websockets refuses some heads uvicorn passed (a line over its limit, too many headers, a body)
+            without an event; uvicorn waits for one, and writes nothing: answer, and close."""
+            if (not isinstance(engine, WebSocketsSansIOProtocol) or engine.handshake_initiated
+                    or self.transport.is_closing()):
+                return
+            target = self.url if httptools else self.scope["raw_path"] + (
+                b"?" + self.scope["query_string"] if self.scope["query_string"] else b"")
+            status, code, message = _refused_upgrade(engine.conn.handshake_exc, self.scope["method"].encode(),
+                                                     target, self.headers)
+            engine.conn.data_to_send()  # websockets' own answer, when it has one (websockets 17): ours instead
+            metrics.rejected_handshakes[code] += 1
+            self.connections.discard(engine)  # a plain HTTP connection again, which closes as the others do
+            self.connections.add(self)
+            self.transport.set_protocol(self)
+            self._refuse(_raw_response(status, code, message))
+
+        def _refuse(self, response: bytes) -> None:
+            """Answer, and close once the client has read the answer and closed, or after ``close_timeout``, or
+            once it sent as much as a head more: closing with its data unread would reset the connection, and the
+            answer could be lost with it (nginx's lingering close).  Until then it still counts as waiting."""
+            self._refused, self._head_bytes = True, max_head
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            self.transport.write(response)
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(settings.close_timeout, self.transport.close)
+
         def _await_head(self) -> None:
-            self._cycle = self.cycle
+            self._cycle, self._head_bytes = self.cycle, 0
             if head_timeout and self._head_timer is None:
                 self._head_timer = self.loop.call_later(head_timeout, self._head_timed_out)
 
@@ -477,6 +601,7 @@ class ServerSupport(_ServerSupport):
     def __init__(self) -> None:
         super().__init__()
         self._reported: set[str | None] = set()  # each reason the fast path is on or off, said once
+        _redact_daphne_access_log()  # now, as the app is made: daphne runs no lifespan, where harden() would
 
     def output(self, scope: Scope, receive: Receive, send: Send, settings: Settings, metrics: _Metrics) -> _Output:
         """:class:`_UvicornOutput` under uvicorn's websockets-sansio engine, :class:`_DaphneOutput` under daphne,
@@ -508,7 +633,8 @@ class ServerSupport(_ServerSupport):
         if not any(isinstance(f, _ClientCausedFilter) for f in server_log.filters):
             server_log.addFilter(_ClientCausedFilter())
 
-    def http_protocol(self, gateway: _Gateway, head_timeout: float, max_open: int) -> type[asyncio.Protocol] | None:
+    def http_protocol(self, gateway: _Gateway, head_timeout: float, max_open: int,
+                      max_head: int) -> type[asyncio.Protocol] | None:
         if _untested("uvicorn") is not None:  # said once, as a WARNING
             return None
-        return _guarded_http_protocol(gateway, head_timeout, max_open)
+        return _guarded_http_protocol(gateway, head_timeout, max_open, max_head)

@@ -15,6 +15,7 @@ import ast
 import asyncio
 import contextlib
 import inspect
+import io
 import json
 import logging
 import os
@@ -58,6 +59,7 @@ from starlette.routing import Mount, Route
 from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 from websockets.exceptions import ConnectionClosed
+from websockets.typing import Origin
 
 import ws_micro
 from ws_micro import Client, Event, Registry, Settings, create_app
@@ -635,6 +637,57 @@ def test_handshakes_beyond_max_connections_get_503() -> None:
                 pass
 
 
+def test_every_log_record_is_written_with_its_tokens_redacted() -> None:
+    # Real loggers, handlers and formatters (uvicorn's access formatter reads its record's arguments), the
+    # records the servers and websockets make; the filters the gateway once used saw only some of them.
+    from uvicorn.logging import AccessFormatter
+    from websockets.frames import Frame, Opcode
+
+    create_app()  # installs the redaction, for every logger of the process
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access = logging.StreamHandler(stream)
+    access.setFormatter(AccessFormatter("%(client_addr)s - \"%(request_line)s\" %(status_code)s", use_colors=False))
+    loggers = {name: logging.getLogger(f"test_redaction.{name}") for name in ("server", "access")}
+    for logger, with_handler in ((loggers["server"], handler), (loggers["access"], access)):
+        logger.addHandler(with_handler)
+        logger.setLevel(1)  # uvicorn's TRACE is 5
+        logger.propagate = False
+    token, resume = "eyJhbGci.eyJzdWIi.c2lnbmF0dXJl", "4f1c2d3e-5a6b-4c7d-8e9f-0a1b2c3d4e5f.Zm9vYmFyYmF6cXV4"
+    greeting = {"message": "connection request granted", "resume_token": resume}  # at its end, as the server's
+    sent = Frame(Opcode.TEXT, json.dumps(frame("connect", resume.split(".")[0], greeting)).encode())
+    try:
+        log = loggers["server"]
+        log.debug("< %s: %s", "authorization", f"Bearer {token}")
+        log.debug("< %s: %s", "Cookie", f"session={token}")
+        log.debug("< %s: %s", "x-ws-micro-resume-token", resume)
+        log.debug("> %s", sent)
+        log.log(5, "%s Started scope=%s", "ASGI [1]", {"query_string": f"token={token}&x=1".encode(),
+                                                      "headers": [(b"authorization", f"Bearer {token}".encode())]})
+        log.info("%(r)s %(q)s", {"r": "GET /ws/py_client 1.1", "q": f"resume_token={resume}"})
+        log.info(Origin(f"https://app.example/?token={token}"))  # a message that is no str
+        try:
+            raise ValueError(f"cannot read the header 'Authorization: Bearer {token}'")
+        except ValueError:
+            log.exception("failed")
+        log.info("nothing secret in %s: %d%%", "this line", 100)
+        loggers["access"].info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:50000", "GET",
+                               f"/ws/py_client?token={token}&resume_token={resume}", "1.1", 200)
+    finally:
+        for logger in loggers.values():
+            logger.handlers.clear()
+    written = stream.getvalue()
+    assert token not in written and resume not in written and resume[-12:] not in written, written
+    for line in ("< authorization: [redacted]", "< Cookie: [redacted]", "< x-ws-micro-resume-token: [redacted]",
+                 "b'token=[redacted]&x=1'", "(b'authorization', b'[redacted]')",
+                 "GET /ws/py_client 1.1 resume_token=[redacted]", "https://app.example/?token=[redacted]",
+                 "ValueError: cannot read", "nothing secret in this line: 100%",
+                 '127.0.0.1:50000 - "GET /ws/py_client?token=[redacted]&resume_token=[redacted] HTTP/1.1" 200'):
+        assert line in written, written
+    assert re.search(r"> TEXT '.*\[redacted\].*' \[\d+ bytes\]", written), written  # the frame's ends: the token's
+
+
 # --------------------------------------------------------------------------
 # Settings, environment and command line
 # --------------------------------------------------------------------------
@@ -704,6 +757,7 @@ def test_a_requests_share_of_the_backend_is_its_users_else_its_addresses(user: s
         ([], {"WS_MICRO_MAX_CONNECTIONS": "lots"}, "WS_MICRO_MAX_CONNECTIONS must be an integer, but got 'lots'"),
         ([], {"WS_MICRO_SEND_TIMEOUT": "0"}, "send_timeout must be more than 0, but got 0.0"),
         (["--port", "70000"], {}, "port must be between 0 and 65535, but got 70000"),
+        (["--max-head-size", "0"], {}, "max_head_size must be at least 1, but got 0"),
         (["--ping-timeout", "-1"], {}, "ping_timeout must be 0 or more, but got -1.0"),
         (["--ping-interval", "nan"], {}, "ping_interval must be a finite number, but got nan"),
         (["--instance-ttl", "1"], {}, "instance_ttl must be longer than heartbeat_interval (2.0), but got 1.0"),

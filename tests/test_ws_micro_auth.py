@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -527,6 +528,19 @@ async def test_python_client_sends_its_token_and_raises_on_a_refusal() -> None:
         assert result.stderr.startswith("ws-micro client: the server refused the connection: HTTP 401 unauthorized: "
                                         "invalid token:")
         assert "Traceback" not in result.stderr
+        # A program's own log at DEBUG, where websockets writes the headers the client sends: no token.
+        token = mint({"sub": "frank"})
+        script = ("import logging, sys, anyio, ws_micro\n"
+                  "logging.basicConfig(level=logging.DEBUG, stream=sys.stdout)\n"
+                  "async def main():\n"
+                  "    async with ws_micro.Client(sys.argv[1], token=sys.argv[2]) as client:\n"
+                  "        print('user', client.user)\n"
+                  "anyio.run(main)\n")
+        result = await anyio.to_thread.run_sync(functools.partial(
+            subprocess.run, [sys.executable, "-c", script, server.ws, token], cwd=ROOT, capture_output=True,
+            text=True, timeout=TIMEOUT))
+        assert "user frank" in result.stdout and "authorization" in result.stdout.lower(), result.stdout
+        assert token not in result.stdout and token.split(".")[1] not in result.stdout, result.stdout
 
 
 async def test_presence_of_many_slow_members_cut_off_at_once_is_announced_without_recursion() -> None:
