@@ -495,16 +495,20 @@ def _guarded_http_protocol(gateway: _Gateway, head_timeout: float, max_open: int
 
         def _answer_refused_upgrade(self, engine: asyncio.BaseProtocol) -> None:
             """websockets refuses some heads uvicorn passed (a line over its limit, too many headers, a body)
-            without an event; uvicorn waits for one, and writes nothing: answer, and close."""
+            without an event; uvicorn before 0.55 waits for one, and writes nothing: answer, and close.  (0.55
+            answers with websockets' own text and closes at once: then only count it.)"""
             if (not isinstance(engine, WebSocketsSansIOProtocol) or engine.handshake_initiated
-                    or self.transport.is_closing()):
+                    or engine.conn.handshake_exc is None):
                 return
             target = self.url if httptools else self.scope["raw_path"] + (
                 b"?" + self.scope["query_string"] if self.scope["query_string"] else b"")
             status, code, message = _refused_upgrade(engine.conn.handshake_exc, self.scope["method"].encode(),
                                                      target, self.headers)
-            engine.conn.data_to_send()  # websockets' own answer, when it has one (websockets 17): ours instead
             metrics.rejected_handshakes[code] += 1
+            if self.transport.is_closing():  # uvicorn answered it itself
+                self._stop_waiting()
+                return
+            engine.conn.data_to_send()  # websockets' own answer, when it has one (websockets 17): ours instead
             self.connections.discard(engine)  # a plain HTTP connection again, which closes as the others do
             self.connections.add(self)
             self.transport.set_protocol(self)
