@@ -3650,6 +3650,17 @@ def _harden_process(settings: Settings, server: _ServerSupport) -> None:
 # as ``ws_micro`` is this file, of its version, and refuses to load otherwise.
 
 
+def _check_sibling(path: str, version: str) -> None:
+    """For a sibling module as it is imported: ImportError unless this core is the one beside it, of its
+    version."""
+    name = Path(path).name
+    if version != __version__:
+        raise ImportError(f"{name} {version} cannot run beside ws_micro.py {__version__} ({__file__}): take both "
+                          "files from the same release")
+    if Path(__file__).resolve().parent != Path(path).resolve().parent:
+        raise ImportError(f"{name} ({path}) runs only with the ws_micro.py beside it, not with {__file__}")
+
+
 def _sibling(name: str) -> types.ModuleType | None:
     """The sibling module ``name``, imported from beside this file; None if there is no such file, and
     ImportError, saying why, if it cannot run with this core."""

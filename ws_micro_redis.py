@@ -19,7 +19,6 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import anyio
@@ -64,12 +63,7 @@ except ImportError:
 
 __version__ = "0.3.0"
 
-if ws_micro.__version__ != __version__:
-    raise ImportError(f"ws_micro_redis.py {__version__} cannot run beside ws_micro.py {ws_micro.__version__} "
-                      f"({ws_micro.__file__}): take both files from the same release")
-if Path(ws_micro.__file__).resolve().parent != Path(__file__).resolve().parent:
-    raise ImportError(f"ws_micro_redis.py ({__file__}) runs only with the ws_micro.py beside it, not with "
-                      f"{ws_micro.__file__}")
+ws_micro._check_sibling(__file__, __version__)
 
 UNAVAILABLE = "Redis is unavailable; only clients on this instance can be reached"
 RESYNCING = ("Redis lost the cluster's state and instances are still registering again; "

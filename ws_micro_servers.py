@@ -32,7 +32,6 @@ import socket
 import struct
 import sys
 from collections.abc import Awaitable
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -57,12 +56,7 @@ from ws_micro import (
 
 __version__ = "0.3.0"
 
-if ws_micro.__version__ != __version__:
-    raise ImportError(f"ws_micro_servers.py {__version__} cannot run beside ws_micro.py {ws_micro.__version__} "
-                      f"({ws_micro.__file__}): take both files from the same release")
-if Path(ws_micro.__file__).resolve().parent != Path(__file__).resolve().parent:
-    raise ImportError(f"ws_micro_servers.py ({__file__}) runs only with the ws_micro.py beside it, not with "
-                      f"{ws_micro.__file__}")
+ws_micro._check_sibling(__file__, __version__)
 
 # The versions of each server (and of the library under its engine) this module was tested with, from the
 # first to the last minor release tested: [first, next).  .ci/run tests the newest on the registry, and
