@@ -3206,9 +3206,9 @@ def _user_in_path(request: Request) -> str:
     return user
 
 
-def _paging(request: Request, settings: Settings) -> _Paging:
-    """The page a listing request asks for, by its ``limit`` and ``cursor`` query parameters (others are
-    ignored).  Raises :class:`_ApiError`."""
+def _query(request: Request, *names: str) -> dict[str, str]:
+    """The query parameters ``names`` a request gives (others are ignored), each at most once, within
+    MAX_QUERY_PARAMETERS parameters in all.  Raises :class:`_ApiError`."""
     try:
         fields = parse_qsl(request.scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True,
                            errors="strict", max_num_fields=MAX_QUERY_PARAMETERS)
@@ -3219,9 +3219,17 @@ def _paging(request: Request, settings: Settings) -> _Paging:
                                                 f"{request.scope['query_string'].count(b'&') + 1}") from None
     given: dict[str, str] = {}
     for name, value in fields:
-        if name in ("limit", "cursor") and name in given:
-            raise _ApiError(400, INVALID_PARAMETER, f"{name} is given twice")
-        given[name] = value
+        if name in names:
+            if name in given:
+                raise _ApiError(400, INVALID_PARAMETER, f"{name} is given twice")
+            given[name] = value
+    return given
+
+
+def _paging(request: Request, settings: Settings) -> _Paging:
+    """The page a listing request asks for, by its ``limit`` and ``cursor`` query parameters.  Raises
+    :class:`_ApiError`."""
+    given = _query(request, "limit", "cursor")
     limit, largest = settings.api_page_size, settings.api_max_page_size
     text = given.get("limit")
     if text is not None:
@@ -3403,7 +3411,8 @@ def _api_routes(registry: Registry, settings: Settings) -> list[Route]:
 
     async def disconnect_user(request: Request) -> Response:
         user, answer = _user_in_path(request), dict[str, Any]()
-        revoke, disconnect = _flag(request, "revoke", False), _flag(request, "disconnect", True)
+        given = _query(request, "revoke", "disconnect")
+        revoke, disconnect = _flag(given, "revoke", False), _flag(given, "disconnect", True)
         if revoke:  # first: a client closed by the disconnect may come straight back with its token
             try:
                 answer["revoked_before"] = _iso(await registry.revoke_user(user))
@@ -3429,9 +3438,10 @@ def _api_routes(registry: Registry, settings: Settings) -> list[Route]:
     ]
 
 
-def _flag(request: Request, name: str, default: bool) -> bool:
-    """A true-or-false query parameter; :class:`_ApiError` naming it if it is neither."""
-    text = request.query_params.get(name)
+def _flag(given: Mapping[str, str], name: str, default: bool) -> bool:
+    """A true-or-false query parameter, of those :func:`_query` read; :class:`_ApiError` naming it if it is
+    neither."""
+    text = given.get(name)
     if text is None:
         return default
     try:

@@ -490,6 +490,8 @@ async def test_e2e_a_revoked_users_tokens_are_refused_cached_or_not_and_on_a_res
         bad = httpx.delete(f"{server.http}/api/users/bob?revoke=maybe", timeout=TIMEOUT)
         assert (bad.status_code, bad.json()["error"]["code"]) == (400, "invalid_parameter")
         assert "revoke must be true or false, but got 'maybe'" in bad.json()["error"]["message"]
+        twice = httpx.delete(f"{server.http}/api/users/bob?revoke=1&revoke=0", timeout=TIMEOUT)
+        assert (twice.status_code, twice.json()["error"]["message"]) == (400, "revoke is given twice")
 
 
 @pytest.mark.process
