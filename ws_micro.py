@@ -20,12 +20,14 @@ the FastAPI tutorial this project grew from, so its clients work unchanged::
 Run it::
 
     uvicorn ws_micro:app                  # configured from WS_MICRO_* variables
-    python ws_micro.py --port 8000        # or `ws-micro`; `--help` lists every flag
+    python ws_micro.py --port 8000        # or `ws-micro`; `--help` lists every setting
+    python ws_micro.py config             # a config file of every setting, for --config
     python ws_micro.py client [URL]       # a line-oriented client: JSON in, JSON out
 
 or mount ``create_app(registry=...)`` in a Starlette or FastAPI app.  Every field
 of :class:`Settings` and :class:`ServerSettings` is a keyword argument, a flag
-(``--max-message-size``) and a variable (``WS_MICRO_MAX_MESSAGE_SIZE``).
+(``--max-message-size``), a variable (``WS_MICRO_MAX_MESSAGE_SIZE``) and a key of
+the TOML file that ``--config`` or ``WS_MICRO_CONFIG`` names (``max_message_size``).
 
 This module is the whole gateway for one instance, and reaches its server and its
 libraries through their public APIs only (it also reads two texts they keep stable without
@@ -50,6 +52,7 @@ code that counts them, and every label starts at 0.
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
 import base64
 import bisect
@@ -57,6 +60,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import difflib
 import enum
 import errno
 import fnmatch
@@ -65,19 +69,24 @@ import hashlib
 import heapq
 import hmac
 import importlib
+import inspect
 import ipaddress
 import itertools
+import linecache
 import logging
 import logging.config
 import math
 import os
 import re
 import secrets
+import shutil
 import signal
 import struct
 import sys
+import textwrap
 import threading
 import time
+import tomllib
 import types
 import typing
 import uuid
@@ -125,136 +134,133 @@ logger = logging.getLogger("ws_micro")
 # --------------------------------------------------------------------------
 
 ENV_PREFIX = "WS_MICRO_"
+CONFIG_VARIABLE = ENV_PREFIX + "CONFIG"  # names the TOML file of settings, as ``--config`` does
 
 
+# Each field's docstring is its one-line description, and the comment after a blank line names its group: they are
+# what --help, ``ws-micro config`` and docs/configuration.md's tables say (read from this source by _described).
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
     """What the application does; each field is a ``create_app()`` keyword."""
 
     # Endpoint
     path: str = "/ws/py_client"
+    """Path of the WebSocket endpoint; it must start with ``/``."""
     allowed_origins: tuple[str, ...] = ()
-    """Browser origins allowed to connect, besides the page's own; ``*`` allows any."""
+    """Browser origins allowed besides the page's own; ``*`` allows any."""
 
     # Limits
     max_message_size: int = 64 * 1024
-    """Largest frame a client may send, in bytes; larger ones close with 1009."""
+    """Largest frame a client may send, in bytes: 1009 past it (API pushes: 413)."""
     max_connections: int = 10_000
-    """Handshakes beyond this many open connections get HTTP 503."""
+    """Open connections, handshakes included; past this, handshakes get 503."""
     rate_limit: float = 5000.0
-    """Frames per second a connection may send (token bucket); 0 turns it off."""
+    """Frames per second a connection may send (a token bucket); 0: no limit."""
     rate_burst: int = 1000
-    """Frames a connection may send at once; after as many more refused, it is closed with 1008."""
+    """Frames a connection may send at once; after as many more refused: 1008."""
     max_queue_messages: int = 1000
     """Frames waiting for one slow reader before it is closed with 1008."""
     max_queue_bytes: int = 1024 * 1024
-    """Characters of JSON waiting for one slow reader before it is closed with 1008."""
+    """Characters of JSON waiting for one slow reader before it is closed (1008)."""
     max_rooms_per_connection: int = 100
+    """Rooms one connection may be in at once."""
     max_room_name_length: int = 128
+    """Longest room name, in characters."""
     send_timeout: float = 10.0
-    """Seconds one frame may wait for a client's socket to take it before the client is closed with 1008."""
+    """Seconds a frame may wait for a client's socket before it is closed (1008)."""
     close_timeout: float = 5.0
-    """Seconds a close frame may wait to leave; a peer that stopped reading may never take it."""
+    """Seconds to flush a client's queue before a close, and for the close frame."""
 
     # Browser page
     static_dir: str = "auto"
-    """Folder served at /static/, with its index.html at /. "auto": the page shipped beside this module,
-    if there is one (a copied single file has none, and runs without it); "": no page."""
+    """Folder of the page at / and /static/; "auto": the one shipped; "": none."""
 
-    # Sidecar API
+    # Sidecar API (docs/api.md)
     api_token: str | None = None
-    """Bearer token for /api/*; without one, /api/* answers loopback peers only."""
+    """Bearer token for ``/api/*``; without one, the API answers loopback peers only."""
     api_body_timeout: float = 10.0
     """Seconds a push body may take to arrive; a slower one gets 408."""
     api_page_size: int = 100
-    """Entries a page of a listing (GET /api/clients, /api/rooms, ...) holds when the request sets no limit."""
+    """Entries in a page of a listing (GET /api/clients, ...) asking no limit."""
     api_max_page_size: int = 1000
     """Largest limit a listing takes; a larger one gets 400."""
     api_max_page_bytes: int = 1024 * 1024
-    """Bytes of JSON entries after which a page of a listing ends early (its next cursor goes on from there)."""
+    """Bytes of JSON entries after which a page of a listing ends early."""
 
-    # Authentication (docs/auth.md): on when jwt_secret, jwt_public_key or connect_hook_url is set
+    # Authentication (docs/auth.md): on when a jwt_* key or connect_hook_url is set
     jwt_secret: str | None = None
-    """Key of the HS256 tokens clients bring (pip install 'ws-micro[jwt]')."""
+    """Key of the HS256 tokens clients bring (pip install 'pyjwt[crypto]')."""
     jwt_public_key: str | None = None
-    """Public key of the RS256 or ES256 tokens clients bring: PEM text, or the path of a PEM file."""
+    """Public key of RS256 or ES256 tokens: PEM text, or a PEM file's path."""
     jwt_audience: str | None = None
     """The ``aud`` every token must name; unset, tokens that name one are refused."""
     jwt_issuer: str | None = None
     """The ``iss`` every token must name, if set."""
     connect_hook_url: str | None = None
-    """The backend URL asked, by a signed POST, whether to accept each handshake that brings no token
-    (pip install 'ws-micro[hook]')."""
+    """Backend URL that vets handshakes without a token (pip install aiohttp)."""
     connect_hook_timeout: float = 3.0
-    """Seconds the connect hook may take to answer before the handshake is refused with 503."""
+    """Seconds the connect hook may take to answer; then the handshake gets 503."""
     connect_hook_max_pending_per_address: int = 10
-    """Handshakes from one address waiting for the connect hook at once; more get 503 at once; 0: no share."""
+    """One address's handshakes waiting on the hook; more get 503; 0: no share."""
     connect_hook_headers: tuple[str, ...] = ()
-    """Request headers passed to the connect hook besides Cookie, Authorization, Origin and User-Agent."""
+    """Headers for the hook besides Cookie, Authorization, Origin and User-Agent."""
     backend_secret: str | None = None
-    """Key of the HMAC-SHA256 signature on the gateway's requests to the backend; needed by the hook."""
+    """Key signing the gateway's requests to the backend (HMAC-SHA256)."""
     # Permissions with authentication on; without it, any client may join, publish and relay anywhere.
     default_join: tuple[str, ...] = ()
-    """Room patterns (``chat:*``) any authenticated connection may join, besides those it is granted."""
+    """Room patterns (``chat:*``) any authenticated connection may join."""
     default_publish: tuple[str, ...] = ()
-    """Room patterns any authenticated connection may send to, besides those it is granted."""
+    """Room patterns any authenticated connection may send to."""
     default_relay: bool = False
-    """Whether authenticated connections may send to other clients by id (``to``) unless granted."""
+    """Whether any authenticated connection may send to a client by id (``to``)."""
     presence_events: bool = False
-    """Tell a room's members, with a ``presence`` event, when someone joins or leaves it."""
+    """Tell a room's members (a ``presence`` event) when someone joins or leaves."""
     revocation_ttl: float = 24 * 3600.0
-    """Seconds a revocation of a user's tokens (DELETE /api/users/{user}?revoke=true) is kept: longer than the
-    longest lifetime of the tokens you issue."""
+    """Seconds a user's tokens stay revoked: more than their longest lifetime."""
 
-    # Forwarding to the backend (docs/backend.md): client events, and connects and disconnects
+    # Forwarding (docs/backend.md): client events, connects and disconnects
     forward_url: str | None = None
-    """The backend URL that client events no built-in or handler takes are POSTed to, signed
-    (pip install 'ws-micro[hook]'; needs backend_secret)."""
+    """Backend URL the events no handler takes are sent to (pip install aiohttp)."""
     forward_events: tuple[str, ...] = ("*",)
-    """Event names or patterns (``chat``, ``game:*``) to forward; others get ``unknown_event``."""
+    """Event names or patterns (``chat``, ``game:*``) to forward; others: unknown_event."""
     forward_timeout: float = 5.0
-    """Seconds the backend may take to answer a forwarded event; then the sender gets ``backend_unavailable``."""
+    """Seconds the backend may take to answer an event; then backend_unavailable."""
     forward_max_pending: int = 1000
-    """Forwarded events waiting for the backend at once, across connections; more get ``backend_unavailable``."""
+    """Events waiting for the backend at once; more get backend_unavailable."""
     forward_max_pending_per_user: int = 10
-    """Of those, the most one user (an anonymous connection: its address) may have; more get
-    ``backend_unavailable``; 0: no share."""
+    """Of those, the most one user (or address) may have; 0: no share."""
     lifecycle_url: str = "auto"
-    """Where connects and disconnects are POSTed: "auto": forward_url (none without it); "": nowhere; or a URL."""
+    """URL told of connects and disconnects; "auto": forward_url; "": none."""
     lifecycle_retries: int = 3
-    """Tries more for a connect or disconnect notice the backend did not take, before it is dropped."""
+    """Tries more for a notice the backend did not take, before it is dropped."""
     lifecycle_max_queued_per_user: int = 100
-    """Notices of one user (an anonymous connection: its address) waiting to be sent; more are dropped;
-    0: no share."""
+    """Notices of one user (or address) waiting; more are dropped; 0: no share."""
 
     # Connection recovery (docs/recovery.md): off unless recovery_window is set
     recovery_window: float = 0.0
-    """Seconds a client whose connection dropped may come back as itself, with the frames it missed; 0: off."""
+    """Seconds a dropped client may resume, with the frames it missed; 0: off."""
     recovery_max_frames: int = 100
-    """Frames kept for one session: the last ones sent to it, and those sent while it is away (past this,
-    the session ends)."""
+    """Frames kept for a session: the last sent to it, and those sent while away."""
     recovery_max_bytes: int = 256 * 1024
     """Characters of JSON kept for one session, likewise."""
     recovery_max_sessions: int = 10_000
-    """Sessions waiting for their client at once; past this, the one waiting longest ends."""
+    """Sessions waiting for their client at once; past this, the oldest ends."""
     recovery_max_sessions_per_user: int = 1000
-    """Sessions of one user (or, without one, of one address) waiting at once; past this, its own that waits
-    longest ends, not someone else's; 0: no share."""
+    """Of those, the most one user (or address) may have; 0: no share."""
     recovery_max_memory: int = 64 * 1024 * 1024
-    """Bytes of memory the frames kept for all waiting sessions may take; past this, the sessions waiting
-    longest end."""
+    """Bytes all waiting sessions' frames may take; past this, the oldest end."""
 
-    # Cluster: several instances share one registry over Redis (pip install 'ws-micro[redis]')
+    # Cluster over Redis (docs/cluster.md; pip install 'redis[hiredis]')
     redis_url: str | None = None
-    """``redis://host:port/db``; without it, everything stays in this process."""
+    """The Redis the instances share: ``redis://host:port/db``; unset: no cluster."""
     redis_prefix: str = "ws_micro"
-    """Prefix of every Redis key and channel, so that several clusters can share one Redis."""
+    """Prefix of every Redis key and channel, for clusters sharing one Redis."""
     redis_timeout: float = 2.0
     """Seconds a Redis command may take before Redis counts as unavailable."""
     heartbeat_interval: float = 2.0
     """Seconds between an instance's heartbeats."""
     instance_ttl: float = 10.0
-    """Seconds after its last heartbeat an instance (killed, cut off) stops counting, with its clients."""
+    """Seconds without a heartbeat before an instance and its clients are gone."""
 
     @property
     def lifecycle_target(self) -> str | None:
@@ -267,6 +273,7 @@ class Settings:
         return bool(self.jwt_secret or self.jwt_public_key or self.connect_hook_url)
 
     def __post_init__(self) -> None:
+        # Each error starts with the setting's name: the command line puts where the value came from in its place.
         _refuse_infinities(self)
         for name in ("max_message_size", "max_connections", "rate_burst", "max_queue_messages",
                      "max_queue_bytes", "max_rooms_per_connection", "max_room_name_length", "forward_max_pending",
@@ -298,36 +305,45 @@ class Settings:
             url = getattr(self, name)
             if url in (None, "", "auto"):
                 continue
-            if urlsplit(url).scheme not in ("http", "https"):
+            if _url_scheme(url) not in ("http", "https"):
                 raise ValueError(f"{name} must be an http:// or https:// URL, but got {url!r}")
             if not self.backend_secret:
                 raise ValueError(f"{name} needs backend_secret, the key the backend checks the gateway's requests "
                                  "with (python -c 'import secrets; print(secrets.token_hex(32))')")
+        if self.redis_url and _url_scheme(self.redis_url) not in ("redis", "rediss", "unix"):
+            raise ValueError(f"redis_url must be a redis://, rediss:// or unix:// URL, but got {self.redis_url!r}")
         if self.static_dir not in ("auto", "") and not (Path(self.static_dir) / "index.html").is_file():
             raise ValueError(f"static_dir must be a folder with an index.html, but got {self.static_dir!r}")
+
+
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's; trace is its own, below debug
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ServerSettings:
     """How :func:`serve` runs uvicorn; under ``uvicorn ws_micro:app`` use uvicorn's own flags."""
 
+    # Server (ws-micro and serve() only; under uvicorn ws_micro:app, its flags)
     host: str = "localhost"
+    """Interface to listen on."""
     port: int = 8000
-    # Timeouts
+    """TCP port to listen on."""
+    log_level: str = "info"
+    """Level of the log: critical, error, warning, info, debug or trace."""
+    max_head_size: int = 32768
+    """Largest request head (request line and headers), in bytes; past it: 431."""
+    per_message_deflate: bool = False
+    """Compression (permessage-deflate): it costs tens of KiB per connection."""
+
+    # Server timeouts
     ping_interval: float = 20.0
     """Seconds between protocol pings; 0 turns keepalive off."""
     ping_timeout: float = 20.0
-    """Seconds to wait for a pong before closing a dead connection (1011)."""
+    """Seconds to wait for a pong before closing with 1011; 0: no limit."""
     graceful_timeout: int = 10
-    """Seconds open work may take after SIGTERM; every client gets a close frame (1012) first."""
+    """Seconds open work may take after SIGTERM; every client first gets 1012."""
     handshake_timeout: float = 5.0
-    """Seconds a new connection may take to send its request head (a handshake) before it gets 408; 0: no limit."""
-    max_head_size: int = 32768
-    """Bytes of a request head (its request line and headers); a larger one gets 431, and is closed."""
-    # Costs
-    per_message_deflate: bool = False
-    """Compression: off by default, it costs tens of KiB of memory per connection."""
-    log_level: str = "info"
+    """Seconds a connection may take to send its request head; then 408; 0: off."""
 
     def __post_init__(self) -> None:
         _refuse_infinities(self)
@@ -338,6 +354,8 @@ class ServerSettings:
                 raise ValueError(f"{name} must be 0 or more, but got {getattr(self, name)!r}")
         if self.max_head_size < 1:
             raise ValueError(f"max_head_size must be at least 1, but got {self.max_head_size!r}")
+        if self.log_level.lower() not in _LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(_LOG_LEVELS)}, but got {self.log_level!r}")
 
 
 def _refuse_infinities(settings: Settings | ServerSettings) -> None:
@@ -349,19 +367,56 @@ def _refuse_infinities(settings: Settings | ServerSettings) -> None:
             raise ValueError(f"{field.name} must be a finite number, but got {value!r}")
 
 
+def _url_scheme(url: str) -> str:
+    try:
+        return urlsplit(url).scheme
+    except ValueError:  # not a URL: an unclosed [ in its host
+        return ""
+
+
 def options_from_env(cls: type[Settings | ServerSettings],
                      environ: Mapping[str, str]) -> dict[str, Any]:
-    """The fields of ``cls`` set in ``environ`` as ``WS_MICRO_<FIELD>``, converted to their types."""
-    hints = get_type_hints(cls)
-    options: dict[str, Any] = {}
-    for field in dataclasses.fields(cls):
-        name = ENV_PREFIX + field.name.upper()
-        if name in environ:
-            try:
-                options[field.name] = _convert(hints[field.name], environ[name])
-            except ValueError as exc:
-                raise ValueError(f"{name} {exc}") from None
-    return options
+    """The fields of ``cls`` that ``environ`` sets, converted to their types: its ``WS_MICRO_<FIELD>`` variables,
+    over the keys of the TOML file that ``WS_MICRO_CONFIG`` names, if any."""
+    names = [field.name for field in dataclasses.fields(cls)]
+    return {name: given.value for name, given in _given(environ, names).items()}
+
+
+class _Given(typing.NamedTuple):
+    """A setting's value, and where it was given, as an error about it says."""
+
+    value: Any
+    source: str  # "--max-connections", "WS_MICRO_MAX_CONNECTIONS" or "gateway.toml: max_connections"
+
+
+def _given(environ: Mapping[str, str], names: Collection[str], config: str | None = None,
+           flags: Mapping[str, str | bool] | None = None) -> dict[str, _Given]:
+    """The settings among ``names`` that are given: by ``flags`` (their text, or a bool), over ``environ``'s
+    variables, over the config file (``config``, else the one ``WS_MICRO_CONFIG`` names), each of its type."""
+    kinds = _setting_types()
+    path, source = (config, "--config") if config is not None else (environ.get(CONFIG_VARIABLE), CONFIG_VARIABLE)
+    given = _read_config(path, source, names) if path else {}
+    for name in names:
+        variable = ENV_PREFIX + name.upper()
+        if variable in environ:
+            given[name] = _Given(_converted(kinds[name], environ[variable], variable), variable)
+    for name, value in (flags or {}).items():
+        flag = _option(name)
+        given[name] = _Given(value if isinstance(value, bool) else _converted(kinds[name], value, flag), flag)
+    return given
+
+
+@functools.cache
+def _setting_types() -> dict[str, Any]:
+    """The type of every setting, by name: the fields of Settings and ServerSettings."""
+    return {**get_type_hints(Settings), **get_type_hints(ServerSettings)}
+
+
+def _converted(kind: Any, text: str, source: str) -> Any:
+    try:
+        return _convert(kind, text)
+    except ValueError as exc:
+        raise ValueError(f"{source} {exc}") from None
 
 
 def _convert(kind: Any, text: str) -> Any:
@@ -382,6 +437,63 @@ def _convert(kind: Any, text: str) -> Any:
     if isinstance(kind, types.UnionType):  # str | None: an empty value means unset
         return text or None
     return text
+
+
+_SECRETS = ("api_token", "jwt_secret", "backend_secret")  # ws-micro config makes fresh ones
+_CONFIG_MAX_BYTES = 1024 * 1024  # every setting at its longest is a few KiB; /dev/zero would fill the memory
+
+
+def _read_config(path: str, source: str, names: Collection[str]) -> dict[str, _Given]:
+    """The settings among ``names`` in the TOML file at ``path`` (named by ``source``), each of its type.  Its keys
+    are the settings' names, at the top level: any other key is refused, with the closest setting's name."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(_CONFIG_MAX_BYTES + 1)
+            shared = os.name == "posix" and os.fstat(file.fileno()).st_mode & 0o044  # readable by group or others
+    except OSError as exc:
+        raise ValueError(f"{source} names {path!r}, which cannot be read: {exc.strerror}") from None
+    if len(data) > _CONFIG_MAX_BYTES:
+        raise ValueError(f"{path}: not a config file: larger than {_CONFIG_MAX_BYTES} bytes")
+    try:
+        table = tomllib.loads(data.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not a TOML file: {exc}") from None
+    kinds = _setting_types()
+    for key, value in table.items():
+        if key not in kinds:
+            close = difflib.get_close_matches(key, kinds, n=1)
+            hint = ("settings are top-level keys, not tables" if isinstance(value, dict) else
+                    f"did you mean {close[0]!r}?" if close else "the keys are the settings' names (ws-micro config)")
+            raise ValueError(f"{path}: {key!r} is not a setting; {hint}")
+    given = {name: _Given(_from_toml(kinds[name], table[name], f"{path}: {name}"), f"{path}: {name}")
+             for name in names if name in table}
+    # ssh refuses a private key others can read; a config file may be a mounted secret (Kubernetes mounts
+    # them 0644, owned by root): say so, once, and go on.
+    secret = [name for name, value in given.items()
+              if value.value and (name in _SECRETS or (name == "redis_url" and "@" in value.value))]
+    if secret and shared:
+        logger.warning("%s holds %s, but other users can read it: chmod 600 %s", path, " and ".join(secret), path)
+    return given
+
+
+def _from_toml(kind: Any, value: Any, source: str) -> Any:
+    """A config file's value as its setting's type: TOML's own types, checked as _convert checks a variable."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and number and isinstance(value, int):
+        return value
+    if kind is float and number:
+        with contextlib.suppress(OverflowError):  # an integer too large for a float
+            return float(value)
+    if kind == tuple[str, ...] and isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    if kind is str and isinstance(value, str):
+        return value
+    if kind == str | None and isinstance(value, str):  # an empty string means unset, as for a variable
+        return value or None
+    accepted = {bool: "true or false", int: "an integer", float: "a number", tuple[str, ...]: "a list of strings"}
+    raise ValueError(f"{source} must be {accepted.get(kind, 'a string')}, but got {value!r}")
 
 
 # --------------------------------------------------------------------------
@@ -3825,15 +3937,16 @@ def _static_folder(static_dir: str) -> Path | None:
 
 
 class _AppFromEnvironment:
-    """The gateway configured from ``WS_MICRO_*`` variables, built when the server starts it (its lifespan)
-    or first uses it, never at import: ``uvicorn ws_micro:app``, ``hypercorn ws_micro:app``, and so on."""
+    """The gateway configured from ``WS_MICRO_*`` variables and the file ``WS_MICRO_CONFIG`` names, built when the
+    server starts it (its lifespan) or first uses it, never at import: ``uvicorn ws_micro:app``,
+    ``hypercorn ws_micro:app``, and so on."""
 
     def __init__(self) -> None:
         self._app: Starlette | None = None
 
     def built(self) -> Starlette:
-        if self._app is None:
-            self._app = create_app(**options_from_env(Settings, os.environ))
+        if self._app is None:  # a bad value's error names its variable, or the file and key
+            self._app = _built(create_app, _given(os.environ, [field.name for field in dataclasses.fields(Settings)]))
         return self._app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -4180,41 +4293,216 @@ async def _run_client(url: str, linger: float, token: str | None = None) -> int:
 # --------------------------------------------------------------------------
 
 
-def _add_options(parser: argparse.ArgumentParser, title: str, cls: type[Settings | ServerSettings],
-                 environ: Mapping[str, str]) -> None:
-    """A group of flags, ``title``, one for each field of ``cls``, with the environment's values as defaults."""
-    group = parser.add_argument_group(title)
-    defaults = {field.name: field.default for field in dataclasses.fields(cls)}
-    defaults.update(options_from_env(cls, environ))
-    hints = get_type_hints(cls)
-    for field in dataclasses.fields(cls):
-        flag = "--" + field.name.replace("_", "-")
-        env = ENV_PREFIX + field.name.upper()
-        default = defaults[field.name]
-        help = f"env {env}; default {default!r}"
-        if hints[field.name] is bool:
-            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
-                               default=default, help=help)
+class _Described(typing.NamedTuple):
+    """A setting as the field declaring it says."""
+
+    name: str
+    group: str  # the comment opening its group of fields: "Limits", "Authentication (docs/auth.md): on when ..."
+    description: str  # its docstring: one line
+
+
+@functools.cache
+def _described() -> tuple[_Described, ...]:
+    """Every setting, in order, with its group and its one-line description, read from the source of Settings and
+    ServerSettings: Python keeps neither a field's docstring nor a comment (and ``-OO`` drops every docstring).
+    Without the source (a frozen program), the settings are listed by name alone."""
+    described = []
+    for cls in (Settings, ServerSettings):
+        try:  # the class's lines, to the next one not indented (inspect.getsource would parse the whole module)
+            module = linecache.getlines(inspect.getsourcefile(cls) or "")
+            start = module.index(f"class {cls.__name__}:\n")
+        except (OSError, TypeError, ValueError):
+            described += [_Described(field.name, cls.__name__, "") for field in dataclasses.fields(cls)]
+            continue
+        lines = [module[start], *itertools.takewhile(lambda line: line[:1] in (" ", "\n"), module[start + 1:])]
+        groups = {number: line.strip()[2:] for number, line in enumerate(lines, 1)  # a comment after a blank line
+                  if line.strip().startswith("# ") and not lines[number - 2].strip()}
+        body = typing.cast(ast.ClassDef, ast.parse("".join(lines)).body[0]).body
+        for statement, after in zip(body, [*body[1:], None], strict=True):
+            if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name):
+                group = groups.get(max((n for n in groups if n < statement.lineno), default=0), cls.__name__)
+                doc = after.value.value if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) else ""
+                described.append(_Described(statement.target.id, group, " ".join(str(doc).split())))
+    return tuple(described)
+
+
+def _plain(description: str) -> str:
+    """A description as a terminal shows it: ``*`` is *."""
+    return description.replace("``", "")
+
+
+def _shown(value: Any) -> str:
+    """A default as --help shows it: ``none``, ``off``, ``*``, ``5000``."""
+    if value is None or value == ():
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value) if value != "" else '""'
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _defaults() -> dict[str, Any]:
+    return {field.name: field.default for cls in (Settings, ServerSettings) for field in dataclasses.fields(cls)}
+
+
+_SETTINGS_HELP = (
+    "Each setting is a flag, a variable (WS_MICRO_MAX_MESSAGE_SIZE) and a key of the config file "
+    "(max_message_size): a flag beats a variable, which beats the file. Keep secrets out of flags: other users "
+    "can see them in the process list.")
+
+
+def _settings_help(width: int) -> str:
+    """The settings in ``ws-micro --help``, by group: in a terminal wide enough, a table of their flags, defaults and
+    descriptions, a line each; else each flag and its default on a line, and its description below."""
+    kinds, defaults = _setting_types(), _defaults()
+    rows = [(setting.group, f"--[no-]{setting.name.replace('_', '-')}" if kinds[setting.name] is bool else
+             f"{_option(setting.name)} {_metavar(setting.name, kinds[setting.name])}",
+             _shown(defaults[setting.name]), _plain(setting.description)) for setting in _described()]
+    usage_width, default_width = (max(len(row[column]) for row in rows) for column in (1, 2))
+    table = 2 + usage_width + 2 + default_width + 2 + max(len(row[3]) for row in rows) <= width
+    lines = textwrap.wrap(_SETTINGS_HELP, width)
+    if table:
+        lines += ["", f"  {'FLAG':{usage_width}}  {'DEFAULT':{default_width}}  DESCRIPTION"]
+    group = None
+    for in_group, usage, default, description in rows:
+        if in_group != group:
+            group = in_group
+            lines += ["", *textwrap.wrap(group, width)]
+        if table:
+            lines.append(f"  {usage:{usage_width}}  {default:{default_width}}  {description}")
         else:
-            group.add_argument(flag, dest=field.name, default=default, metavar=field.name.upper(),
-                               type=_flag_type(hints[field.name]), help=help)
+            lines.append(f"  {usage}  (default: {default})")
+            lines += textwrap.wrap(description, width, initial_indent="    ", subsequent_indent="    ",
+                                   break_on_hyphens=False)
+    return "\n".join(lines)
 
 
-def _flag_type(kind: Any) -> Callable[[str], Any]:
-    def convert(text: str) -> Any:
-        try:
-            return _convert(kind, text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
+def _metavar(name: str, kind: Any) -> str:
+    if kind in (int, float):
+        return "N"
+    return "LIST" if kind == tuple[str, ...] else "URL" if name.endswith("_url") else "TEXT"
 
-    return convert
+
+def _config_file() -> str:
+    """What ``ws-micro config`` prints: every setting, its description as a comment, and its default commented
+    out, with fresh random values for the secrets (commented out too)."""
+    lines = [
+        "# ws-micro's settings, read by ws-micro --config FILE, or from WS_MICRO_CONFIG=FILE (by uvicorn ws_micro:app",
+        "# too). Each key is also a flag (--max-message-size) and a variable (WS_MICRO_MAX_MESSAGE_SIZE): a flag",
+        "# beats a variable, which beats this file. A line commented out shows the default: uncomment it to change it.",
+        f"# {', '.join(_SECRETS)} hold fresh random values, made for this file: uncomment those you need,",
+        "# and keep the file private (chmod 600; ws-micro config FILE writes it so).",
+    ]
+    defaults = _defaults()
+    group = None
+    for setting in _described():
+        if setting.group != group:
+            group = setting.group
+            lines += ["", f"## {group}"]
+        value = secrets.token_urlsafe(32) if setting.name in _SECRETS else defaults[setting.name]
+        lines += ["", f"# {_plain(setting.description)}", f"#{setting.name} = {_toml(value)}"]
+    return "\n".join(lines) + "\n"
+
+
+def _toml(value: Any) -> str:
+    """A setting's value in TOML: unset is "", as in a variable."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    return msgspec.json.encode(value or "").decode()  # a JSON string is a TOML basic string
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, answering a mistake with one line, not the whole usage before it."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message.replace(chr(10), ' ')}\n")
+
+
+def _parser() -> _Parser:
+    """``ws-micro``'s options: --config, and a flag for each setting, given only if given (--help lists them)."""
+    parser = _Parser(prog="ws-micro", formatter_class=argparse.RawDescriptionHelpFormatter,
+                     usage="%(prog)s [--config FILE] [--SETTING VALUE ...]\n"
+                           "       %(prog)s client [URL]   a client: JSON lines in, frames out\n"
+                           "       %(prog)s config [FILE]  a config file of every setting, to start from",
+                     description="ws_micro: a WebSocket gateway in one module. It serves until SIGINT or SIGTERM.",
+                     epilog=_settings_help(max(shutil.get_terminal_size().columns - 2, 40)))  # argparse's width
+    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("--config", metavar="FILE", help=f"read settings from this TOML file (or {CONFIG_VARIABLE})")
+    for name, kind in _setting_types().items():
+        if kind is bool:
+            parser.add_argument(_option(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(_option(name), default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def _configured(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Starlette, ServerSettings]:
+    """The app and server settings ``ws-micro [argv]`` runs: flags over variables over the file over defaults."""
+    parser = _parser()
+    options, extra = parser.parse_known_args(argv)
+    if extra:
+        close = difflib.get_close_matches(extra[0].partition("=")[0], [_option(name) for name in _setting_types()], n=1)
+        parser.error(f"unrecognized arguments: {' '.join(extra)}" + (f" (did you mean {close[0]}?)" if close else ""))
+    flags = vars(options)
+    config = flags.pop("config")
+    server_fields = [field.name for field in dataclasses.fields(ServerSettings)]
+    try:
+        given = _given(environ, list(_setting_types()), config, flags)
+        server = _built(ServerSettings, {name: given.pop(name) for name in server_fields if name in given})
+        return _built(create_app, given), server
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def _built(make: Callable[..., _T], given: Mapping[str, _Given]) -> _T:
+    """``make(**values)``, an error about a value naming where it was given: errors about a setting start with its
+    name (``max_connections must be at least 1``), which this replaces with ``--max-connections`` or the like."""
+    try:
+        return make(**{name: setting.value for name, setting in given.items()})
+    except ValueError as exc:
+        name, _, problem = str(exc).partition(" ")
+        if name in given:
+            raise ValueError(f"{given[name].source} {problem}") from None
+        raise
+
+
+def _write_config(argv: Sequence[str]) -> int:
+    """``ws-micro config [FILE]``."""
+    parser = _Parser(prog="ws-micro config", formatter_class=argparse.RawDescriptionHelpFormatter, description=(
+        "Print a TOML config file with every setting: its description, its default\n(commented out), and fresh "
+        "random values for the secrets. Load it with\nws-micro --config FILE, or WS_MICRO_CONFIG=FILE."))
+    parser.add_argument("file", nargs="?", help="write it to FILE instead, readable by you alone (mode 0600); "
+                                                "an existing FILE is left alone")
+    args = parser.parse_args(argv)
+    if args.file is None:
+        sys.stdout.write(_config_file())
+        return 0
+    try:
+        with os.fdopen(os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+            file.write(_config_file())
+    except OSError as exc:
+        parser.error(f"cannot write {args.file!r}: {exc.strerror}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> int:
-    """``ws-micro [options]`` serves the gateway; ``ws-micro client [URL]`` talks to one."""
+    """``ws-micro [options]`` serves the gateway; ``ws-micro client [URL]`` talks to one; ``ws-micro config``
+    prints a config file."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["client"]:
-        parser = argparse.ArgumentParser(prog="ws-micro client", description=_run_client.__doc__)
+        parser = _Parser(prog="ws-micro client", description=_run_client.__doc__)
         parser.add_argument("url", nargs="?", default=DEFAULT_URL)
         parser.add_argument("--linger", type=float, default=0.5,
                             help="seconds to wait for replies after stdin ends (default 0.5)")
@@ -4227,18 +4515,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
         except (OSError, ConnectionError) as exc:
             print(f"ws-micro client: {exc}", file=sys.stderr)
             return 1
-
-    parser = argparse.ArgumentParser(prog="ws-micro", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--version", action="version", version=__version__)
-    try:
-        _add_options(parser, "application", Settings, environ)
-        _add_options(parser, "server", ServerSettings, environ)
-        options = vars(parser.parse_args(argv))
-        server = ServerSettings(**{f.name: options.pop(f.name) for f in dataclasses.fields(ServerSettings)})
-        application = create_app(**options)
-    except ValueError as exc:
-        parser.error(str(exc))
-    serve(application, server)
+    if argv[:1] == ["config"]:
+        return _write_config(argv[1:])
+    serve(*_configured(argv, environ))
     return 0
 
 

@@ -14,11 +14,9 @@ from __future__ import annotations
 import ast
 import asyncio
 import contextlib
-import inspect
 import io
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -689,47 +687,8 @@ def test_every_log_record_is_written_with_its_tokens_redacted() -> None:
 
 
 # --------------------------------------------------------------------------
-# Settings, environment and command line
+# Shares, the public API and the docs (the settings: test_ws_micro_config.py)
 # --------------------------------------------------------------------------
-
-
-def test_settings_come_from_ws_micro_environment_variables() -> None:
-    env = {"WS_MICRO_MAX_MESSAGE_SIZE": "2048", "WS_MICRO_RATE_LIMIT": "2.5", "WS_MICRO_API_TOKEN": "t",
-           "WS_MICRO_ALLOWED_ORIGINS": "https://a.example, https://b.example", "OTHER": "x"}
-    assert ws_micro.options_from_env(Settings, env) == {
-        "max_message_size": 2048, "rate_limit": 2.5, "api_token": "t",
-        "allowed_origins": ("https://a.example", "https://b.example"),
-    }
-    assert ws_micro.options_from_env(ws_micro.ServerSettings, {"WS_MICRO_PER_MESSAGE_DEFLATE": "on"}) == {
-        "per_message_deflate": True}
-
-
-@pytest.mark.parametrize(
-    ("env", "message"),
-    [
-        ({"WS_MICRO_MAX_CONNECTIONS": "lots"}, "WS_MICRO_MAX_CONNECTIONS must be an integer, but got 'lots'"),
-        ({"WS_MICRO_MAX_MESSAGE_SIZE": "0"}, "max_message_size must be at least 1, but got 0"),
-        ({"WS_MICRO_RATE_LIMIT": "-1"}, "rate_limit must be 0 (off) or more, but got -1.0"),
-        ({"WS_MICRO_RATE_LIMIT": "nan"}, "rate_limit must be a finite number, but got nan"),
-        ({"WS_MICRO_SEND_TIMEOUT": "inf"}, "send_timeout must be a finite number, but got inf"),
-        ({"WS_MICRO_RECOVERY_WINDOW": "-Infinity"}, "recovery_window must be a finite number, but got -inf"),
-        ({"WS_MICRO_FORWARD_MAX_PENDING_PER_USER": "-1"},
-         "forward_max_pending_per_user must be 0 (off) or more, but got -1"),
-        ({"WS_MICRO_CONNECT_HOOK_URL": "ftp://backend/hook", "WS_MICRO_BACKEND_SECRET": "s"},
-         "connect_hook_url must be an http:// or https:// URL, but got 'ftp://backend/hook'"),
-        ({"WS_MICRO_CONNECT_HOOK_URL": "http://backend/hook"},
-         "connect_hook_url needs backend_secret, the key the backend checks the gateway's requests with "
-         "(python -c 'import secrets; print(secrets.token_hex(32))')"),
-        ({"WS_MICRO_JWT_PUBLIC_KEY": "/no/such/key.pem"},
-         "jwt_public_key must be PEM text or a PEM file, but cannot read '/no/such/key.pem': No such file"),
-        ({"WS_MICRO_JWT_PUBLIC_KEY": "-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----"},
-         "jwt_public_key is not a PEM public key:"),
-    ],
-)
-def test_bad_settings_are_refused_with_the_bad_value(env: dict[str, str], message: str) -> None:
-    with pytest.raises(ValueError) as refused:
-        create_app(**ws_micro.options_from_env(Settings, env))
-    assert str(refused.value).startswith(message)
 
 
 @pytest.mark.parametrize(
@@ -747,39 +706,6 @@ def test_bad_settings_are_refused_with_the_bad_value(env: dict[str, str], messag
 def test_a_requests_share_of_the_backend_is_its_users_else_its_addresses(user: str | None, host: str | None,
                                                                         key: str | None) -> None:
     assert ws_micro._share_key(user, host) == key
-
-
-@pytest.mark.process
-@pytest.mark.parametrize(
-    ("args", "env", "message"),
-    [
-        (["--max-connections", "many"], {}, "argument --max-connections: must be an integer, but got 'many'"),
-        ([], {"WS_MICRO_MAX_CONNECTIONS": "lots"}, "WS_MICRO_MAX_CONNECTIONS must be an integer, but got 'lots'"),
-        ([], {"WS_MICRO_SEND_TIMEOUT": "0"}, "send_timeout must be more than 0, but got 0.0"),
-        (["--port", "70000"], {}, "port must be between 0 and 65535, but got 70000"),
-        (["--max-head-size", "0"], {}, "max_head_size must be at least 1, but got 0"),
-        (["--ping-timeout", "-1"], {}, "ping_timeout must be 0 or more, but got -1.0"),
-        (["--ping-interval", "nan"], {}, "ping_interval must be a finite number, but got nan"),
-        (["--instance-ttl", "1"], {}, "instance_ttl must be longer than heartbeat_interval (2.0), but got 1.0"),
-        ([], {"WS_MICRO_REDIS_URL": "notredis://x"},
-         "Redis URL must specify one of the following schemes (redis://, rediss://, unix://)"),
-    ],
-)
-def test_cli_refuses_a_bad_value_with_its_name_and_no_traceback(args: list[str], env: dict[str, str],
-                                                                message: str) -> None:
-    result = subprocess.run([sys.executable, "ws_micro.py", *args], cwd=ROOT, env={**os.environ, **env},
-                            capture_output=True, text=True, timeout=TIMEOUT)
-    assert result.returncode == 2
-    assert result.stderr.endswith(f"ws-micro: error: {message}\n")
-    assert "Traceback" not in result.stderr
-
-
-def test_every_setting_is_documented_in_the_configuration_reference() -> None:
-    reference = (ROOT / "docs" / "configuration.md").read_text()
-    for cls in (Settings, ws_micro.ServerSettings):
-        for field in cls.__dataclass_fields__.values():
-            assert f"WS_MICRO_{field.name.upper()}" in reference, field.name
-            assert f"--{field.name.replace('_', '-')}" in reference, field.name
 
 
 def test_the_public_api_is_all_and_what_the_docs_list() -> None:
@@ -845,14 +771,6 @@ def test_pep_723_header_and_pyproject_ask_for_the_same_dependencies() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert script["dependencies"] == project["dependencies"]
     assert script["requires-python"] == project["requires-python"]
-
-
-def test_probing_the_module_app_builds_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WS_MICRO_MAX_CONNECTIONS", "lots")  # building it now would raise
-    unbuilt = ws_micro._AppFromEnvironment()
-    assert inspect.unwrap(unbuilt) is unbuilt and not hasattr(unbuilt, "__wrapped__")
-    with pytest.raises(ValueError, match="WS_MICRO_MAX_CONNECTIONS must be an integer"):
-        unbuilt.state  # noqa: B018  (an attribute of the app builds it)
 
 
 # --------------------------------------------------------------------------
