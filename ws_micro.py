@@ -108,6 +108,7 @@ __all__ = [
     "HandshakeRefused",
     "Payload",
     "Registry",
+    "RequestError",
     "ServerSettings",
     "SessionLost",
     "Settings",
@@ -4043,6 +4044,23 @@ class SessionLost(ConnectionError):
     again, as a new client (a new ``client_id``, in no rooms), and missed frames; resynchronise."""
 
 
+class RequestError(Exception):
+    """The server answered :meth:`Client.request` with an ``error`` frame: its ``code`` and ``message``, and
+    the whole ``answer``."""
+
+    def __init__(self, code: str, message: str, answer: Event) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.answer = code, message, answer
+
+
+# A client's own bounds on requests: those waiting for their answers (a program that sends faster than the
+# server answers gets RuntimeError, not a growing table), and the frames a request read while it waited for
+# its answer, kept for recv() (at this many it reads no more, and waits for recv() to take some: the server's
+# own bound on what waits for a slow reader, max_queue_messages, is 1000 frames by default).
+MAX_PENDING_REQUESTS = 1000
+MAX_UNREAD_FRAMES = 1000
+
+
 class Client:
     """An async client for the protocol, built on ``websockets``::
 
@@ -4052,7 +4070,8 @@ class Client:
                 print(event.event, event.data.data)
 
     ``token`` goes in an ``Authorization: Bearer`` header.  A refused handshake raises
-    :class:`HandshakeRefused`.  Iteration ends when the server closes the connection
+    :class:`HandshakeRefused`.  ``await client.request("ping", {...})`` sends a frame with an ``id`` and
+    returns its answer.  Iteration ends when the server closes the connection
     normally; an abnormal close raises ``websockets.ConnectionClosedError``.
 
     With recovery on at the server, a connection that drops is resumed, within
@@ -4079,6 +4098,12 @@ class Client:
             headers = dict(self._connect_options.get("additional_headers") or {})
             self._connect_options["additional_headers"] = {**headers, "Authorization": f"Bearer {token}"}
         self._connection: Any = None
+        # Requests (see request()): their ids, and their futures by id; the frames read while one waited,
+        # for recv(); and one reader of the socket at a time, whether a request or recv().
+        self._request_ids = itertools.count(1)
+        self._requests: dict[int, asyncio.Future[Event]] = {}
+        self._unread: collections.deque[str] = collections.deque()
+        self._reading = asyncio.Lock()
 
     async def connect(self) -> Self:
         """Open the connection and wait, up to ``open_timeout``, for the connect frame that carries our id;
@@ -4168,21 +4193,98 @@ class Client:
             await self._resume()
             await self._connection.send(text)
 
+    async def request(self, event: str, data: Mapping[str, Any] | None = None, *,
+                      timeout: float = 10.0) -> Event:  # noqa: ASYNC109 - socket.io's and Centrifugo's clients' way
+        """Send ``event`` with an ``id`` and return the server's answer, the frame that carries the id back
+        (``pong`` for ``ping``, a handler's or the backend's reply); raise :class:`RequestError` if it is an
+        ``error``, and ``TimeoutError`` if none came within ``timeout`` seconds.  The answer goes to this
+        call only, not to recv(); the frames that come meanwhile wait for recv(), in order."""
+        if len(self._requests) >= MAX_PENDING_REQUESTS:
+            raise RuntimeError(f"{MAX_PENDING_REQUESTS} requests are waiting for their answers already "
+                               "(MAX_PENDING_REQUESTS)")
+        request_id = next(self._request_ids)
+        answered: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+        self._requests[request_id] = answered
+        try:
+            with anyio.move_on_after(timeout):
+                await self.send_text(_encode(Event(event, self.client_id, Payload(dict(data or {})),
+                                                   id=request_id)).decode())
+                while not answered.done():
+                    if len(self._unread) >= MAX_UNREAD_FRAMES:  # read no more: recv() must take some first
+                        await answered
+                        break
+                    async with self._reading:  # one reader at a time; another may have read our answer
+                        if not answered.done():
+                            text = await self._read_text()
+                            if not self._answers(text):
+                                self._unread.append(text)
+        finally:
+            del self._requests[request_id]
+        if not answered.done() or answered.cancelled():
+            unread = f"; {len(self._unread)} frames received meanwhile wait for recv()" if self._unread else ""
+            raise TimeoutError(f"no answer to {event!r} (id {request_id}) within {timeout:g} seconds{unread}")
+        answer = answered.result()
+        if answer.event == "error":
+            error = answer.data.data
+            raise RequestError(str(error.get("code")), str(error.get("message")), answer)
+        return answer
+
+    def _answers(self, text: str) -> bool:
+        """Whether ``text`` is the answer to a request waiting here, which it then resolves: a frame with the
+        request's id, our own client id and no ``to`` or ``room``: one the server sent us (a frame relayed
+        from another client carries the sender's id)."""
+        if not self._requests or '"id"' not in text:
+            return False
+        try:
+            event = _decode(_decode_event, text)
+        except msgspec.MsgspecError:
+            return False
+        waiting = self._requests.get(event.id) if isinstance(event.id, int) else None
+        if waiting is None or event.client_id != self.client_id or event.to is not None or event.room is not None:
+            return False
+        if not waiting.done():
+            waiting.set_result(event)
+        return True
+
     async def recv_text(self) -> str:
-        from websockets.exceptions import ConnectionClosedError
+        """The next frame that is no request's answer."""
+        while True:
+            if self._unread:
+                return self._unread.popleft()
+            async with self._reading:
+                if not self._unread:  # else a request read it while we waited for our turn
+                    text = await self._read_text()
+                    if not self._answers(text):
+                        return text
+
+    async def _read_text(self) -> str:
+        """The next frame off the socket, resuming the session if the connection dropped.  A close fails the
+        requests waiting: their answers will not come."""
+        from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 
         while True:
             try:
                 text = await self._connection.recv()
                 break
-            except ConnectionClosedError as exc:
-                if not self._resumable(exc):
-                    raise
-                await self._resume()
+            except ConnectionClosed as exc:
+                if isinstance(exc, ConnectionClosedError) and self._resumable(exc):
+                    try:
+                        await self._resume()
+                        continue
+                    except Exception as failure:  # SessionLost among them: the answers went with the session
+                        self._fail_requests(failure)
+                        raise
+                self._fail_requests(exc)
+                raise
         if not isinstance(text, str):
             raise ConnectionError(f"expected a text frame, but got {type(text).__name__}")
         self.offset += 1
         return text
+
+    def _fail_requests(self, failure: BaseException) -> None:
+        for waiting in self._requests.values():
+            if not waiting.done():
+                waiting.set_exception(failure)
 
     async def recv(self) -> Event:
         """The next event.  A ``connect`` frame after the first, relayed from another client, is skipped."""

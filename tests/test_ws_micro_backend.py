@@ -128,6 +128,16 @@ async def test_e2e_each_reply_and_error_of_a_forwarded_event_carries_its_id_back
             await ws.send(text("chat", me, {"n": 5}))
             assert await recv_json(ws) == frame("ack", me, {"n": 5, "part": 1})
             assert await recv_json(ws) == frame("ack", me, {"n": 5, "part": 2})
+        # The Python client's request returns the first reply; the rest come to recv(), with the id.
+        async with ws_micro.Client(server.ws) as client:
+            with anyio.fail_after(TIMEOUT):
+                first = await client.request("chat", {"n": 6})
+                second = await client.recv()
+            assert [(event.event, event.id, event.data.data) for event in (first, second)] == [
+                ("ack", 1, {"n": 6, "part": 1}), ("ack", 1, {"n": 6, "part": 2})]
+            with anyio.fail_after(TIMEOUT), pytest.raises(ws_micro.RequestError) as refused:
+                await client.request("chat", {"mode": "500"})
+            assert (refused.value.code, refused.value.message) == ("backend_error", "the backend answered HTTP 500")
 
 
 async def test_e2e_only_the_listed_events_are_forwarded_and_handlers_and_builtins_come_first() -> None:

@@ -9,6 +9,7 @@ would not misbehave.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 import ws_micro
-from ws_micro import MAX_REQUEST_ID_LENGTH, MAX_SAFE_INTEGER
+from ws_micro import MAX_REQUEST_ID_LENGTH, MAX_SAFE_INTEGER, Client, Event, RequestError
 
 pytestmark = [pytest.mark.anyio, pytest.mark.process]
 
@@ -560,3 +561,89 @@ async def test_e2e_a_handlers_reply_goes_to_its_sender_with_the_frames_id(replyi
         assert await recv_json(ws) == frame("pong", me)  # the connection goes on
     assert log.read_text().count("Traceback") == 1  # the failing handler's; the others' mistakes are one line
 
+
+async def test_e2e_python_client_request_returns_the_answer_or_raises(replying: tuple[Server, Path]) -> None:
+    server, _ = replying
+    async with Client(server.ws) as client, Client(server.ws) as other:
+        with anyio.fail_after(TIMEOUT):
+            pong = await client.request("ping", {"n": 1})
+            assert (pong.event, pong.client_id, pong.id, pong.data.data) == ("pong", client.client_id, 1, {"n": 1})
+            joined = await client.request("join", {"room": "r"})
+            assert (joined.event, joined.id, joined.data.data) == ("joined", 2, {"room": "r", "members": 1})
+            added = await client.request("add", {"numbers": [2, 3]})
+            assert (added.event, added.data.data) == ("add", {"sum": 5, "id": 3})
+            with pytest.raises(RequestError) as refused:
+                await client.request("nothing")
+            assert (refused.value.code, refused.value.message) == ("unknown_event", "no handler for event 'nothing'")
+            assert refused.value.answer.id == 4 and refused.value.answer.event == "error"
+            with pytest.raises(RequestError, match=r"^internal_error: the handler for 'bad' failed$"):
+                await client.request("bad")
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"^no answer to 'quiet' \(id 6\) within 0.3 seconds$"):
+            await client.request("quiet", timeout=0.3)  # its handler replies nothing
+        assert 0.3 <= time.monotonic() - started < 2
+
+        with anyio.fail_after(TIMEOUT):
+            # Frames that come while a request waits are kept for recv(), in order; the answer is not among
+            # them.  A frame relayed from another client with the same id is no answer: it has its sender's id.
+            for n in range(3):
+                await other.send("chat", {"n": n, "id": 7}, to=client.client_id)
+            await other.send_text(json.dumps({**frame("chat", other.client_id, {"n": 3}, to=client.client_id),
+                                              "id": 7}))
+            assert (await other.request("ping")).event == "pong"  # so the relays have reached client's socket
+            pong = await client.request("ping", {"n": 2})
+            assert (pong.event, pong.id, pong.data.data) == ("pong", 7, {"n": 2})
+            relayed = [await client.recv() for _ in range(4)]
+            assert [(event.event, event.client_id, event.id, event.data.data["n"]) for event in relayed] == [
+                ("chat", other.client_id, None, 0), ("chat", other.client_id, None, 1),
+                ("chat", other.client_id, None, 2), ("chat", other.client_id, 7, 3)]
+
+            # A task receiving and requests at the same time: each frame goes to one of them, the right one.
+            received: list[Event] = []
+
+            async def receive() -> None:
+                received.append(await client.recv())
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(receive)
+                answers = [await client.request("ping", {"k": k}) for k in range(3)]
+                await other.send("chat", {"n": 4}, to=client.client_id)
+            assert [(event.event, event.data.data) for event in answers] == [("pong", {"k": k}) for k in range(3)]
+            assert [(event.event, event.data.data) for event in received] == [("chat", {"n": 4})]
+            await client.send("ping", {"plain": True})  # no id: an ordinary frame, for recv()
+            assert (await client.recv()).data.data == {"plain": True}
+
+
+async def test_e2e_python_client_requests_are_bounded(replying: tuple[Server, Path],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    server, _ = replying
+    monkeypatch.setattr(ws_micro, "MAX_PENDING_REQUESTS", 3)
+    monkeypatch.setattr(ws_micro, "MAX_UNREAD_FRAMES", 2)
+    async with Client(server.ws) as client, Client(server.ws) as other:
+        with anyio.fail_after(TIMEOUT):
+            # Requests waiting for their answers: at most MAX_PENDING_REQUESTS, and the table empties after.
+            async with anyio.create_task_group() as tasks:
+                for _ in range(3):
+                    tasks.start_soon(functools.partial(client.request, "quiet", timeout=1))
+                await wait_for(lambda: len(client._requests) == 3, "three requests to wait")
+                with pytest.raises(RuntimeError, match=r"^3 requests are waiting for their answers already"):
+                    await client.request("ping")
+                tasks.cancel_scope.cancel()
+            assert not client._requests
+            # Frames read while a request waits, kept for recv(): at MAX_UNREAD_FRAMES the request reads no more.
+            for n in range(3):
+                await other.send("chat", {"n": n}, to=client.client_id)
+            assert (await other.request("ping")).event == "pong"
+            with pytest.raises(TimeoutError, match=r"within 0.5 seconds; 2 frames received meanwhile wait for recv"):
+                await client.request("ping", timeout=0.5)
+            frames = [await client.recv() for _ in range(4)]
+            # The answer that came too late is an ordinary frame now.
+            assert [(event.event, event.data.data.get("n"), event.id) for event in frames] == [
+                ("chat", 0, None), ("chat", 1, None), ("chat", 2, None), ("pong", None, 4)]
+
+
+async def wait_for(predicate: Callable[[], bool], what: str) -> None:
+    """Wait for state in this process that has no event to wait on (a client's table of requests)."""
+    with anyio.fail_after(TIMEOUT):
+        while not predicate():  # noqa: ASYNC110 - the table is the client's own, with no event for it
+            await anyio.sleep(0.01)
