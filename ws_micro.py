@@ -117,6 +117,7 @@ __all__ = [
     "HandshakeRefused",
     "Payload",
     "Registry",
+    "RequestError",
     "ServerSettings",
     "SessionLost",
     "Settings",
@@ -541,6 +542,39 @@ class Event(msgspec.Struct, omit_defaults=True):
     # Routing: a client id, or a room the sender has joined; absent from server frames.
     to: str | None = None
     room: str | None = None
+    # A request's id (docs/protocol.md, Requests and replies), back on every answer to the frame; its bounds
+    # are checked by the gateway (_bad_request_id), so that a client still reads any frame an older one relays.
+    id: str | int | None = None
+
+
+# The bounds of a request's id.  A string: room for a UUID, or a ULID with a prefix, and small, since every
+# answer carries it back.  An integer: one a JavaScript number holds exactly (Number.MAX_SAFE_INTEGER), so
+# that a browser gets back the id it sent.
+MAX_REQUEST_ID_LENGTH = 128
+MAX_SAFE_INTEGER = 2**53 - 1
+_REQUEST_ID_RULE = (f"id must be a string of 1 to {MAX_REQUEST_ID_LENGTH} characters or an integer from "
+                    f"{-MAX_SAFE_INTEGER} to {MAX_SAFE_INTEGER}")
+
+
+def _bad_request_id(value: object) -> str | None:
+    """Why ``value`` (decoded JSON) cannot be a request's id, naming it; None if it can, or is None (no id)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if 0 < len(value) <= MAX_REQUEST_ID_LENGTH:
+            return None
+        shown = _clipped(value, 40)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+            return None
+        shown = str(value) if abs(value) < 10**40 else "an integer of more than 40 digits"
+    else:
+        try:
+            text = _encode(value).decode()
+        except RecursionError:  # read near the interpreter's limit, it may not be written back
+            text = f"a {type(value).__name__} nested too deeply to show"
+        shown = text if len(text) <= 100 else f"{text[:100]}... ({len(text)} characters)"
+    return f"{_REQUEST_ID_RULE}, but got {shown}"
 
 
 class _Push(msgspec.Struct):
@@ -568,7 +602,10 @@ class _Grant(msgspec.Struct):
     meta: dict[str, Any] | None = None  # kept on the connection, shown by the sidecar API
 
 
-_Handler = Callable[[str, Event], Awaitable[None]]
+# What a handler may return: None (no reply), the reply's ``data.data`` (a frame of the event's own name), or
+# its event name and ``data.data``.  The reply goes to the sender, with the frame's ``id`` if it had one.
+_HandlerReply = Mapping[str, Any] | tuple[str, Mapping[str, Any]] | None
+_Handler = Callable[[str, Event], Awaitable[_HandlerReply]]
 
 _decode_event = msgspec.json.Decoder(Event).decode
 _decode_push = msgspec.json.Decoder(_Push).decode
@@ -634,6 +671,13 @@ class _Frame:
 
     def to(self, client_id: str) -> str:
         return self.head + client_id + self.tail
+
+    def reply(self, client_id: str, request_id: str | int | None) -> str:
+        """The frame for the client whose frame it answers: with that frame's ``id`` after ``client_id``, if it
+        had one.  Only the answer pays for it: fan-outs call :meth:`to`."""
+        if request_id is None:
+            return self.head + client_id + self.tail
+        return f'{self.head}{client_id}","id":{_encode(request_id).decode()},{self.tail[2:]}'
 
     @classmethod
     def parts(cls, head: str, tail: str) -> _Frame:
@@ -1939,7 +1983,9 @@ class Registry:
         return len(self._connections) - len(self._sessions)
 
     def on(self, event: str) -> Callable[[_Handler], _Handler]:
-        """Register ``async def handler(client_id, event)`` for frames named ``event``."""
+        """Register ``async def handler(client_id, event)`` for frames named ``event``.  What it returns, if not
+        None, is its sender's reply: a mapping (the reply's ``data.data``, under the event's own name), or
+        ``(event name, mapping)``."""
         if event in BUILTIN_EVENTS:
             raise ValueError(f"{event!r} is a built-in event and cannot have a handler")
         if event in SERVER_EVENTS:
@@ -2814,7 +2860,7 @@ class _HttpForwarder(_Forwarder):
             return
         self.outcomes["ok"] += 1
         for item in reply.events:
-            connection.send(_Frame(item.event, item.data).to(connection.id))
+            connection.send(_Frame(item.event, item.data).reply(connection.id, event.id))
 
     def _unavailable(self, failed: Callable[..., None], outcome: str, message: str) -> None:
         self.outcomes[outcome] += 1
@@ -2942,6 +2988,7 @@ class _Gateway:
         self._handshakes = 0  # accepts in flight, counted against max_connections
         self.waiting = 0  # connections whose request head has not arrived (counted under serve()), likewise
         self._builtins = {name: getattr(self, f"_{name}") for name in BUILTIN_EVENTS}
+        self._throttle = _Throttle()  # what a client can make the gateway log about a handler's reply
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         accepted = await self._accept(scope, receive, send)
@@ -3116,23 +3163,26 @@ class _Gateway:
             if tokens < -settings.rate_burst:
                 connection.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded", label="rate_limited",
                                  flush=False)
-            else:
-                self._error(connection, RATE_LIMITED,
-                            f"more than {settings.rate_limit:g} messages per second", None)
+            else:  # read only for its id, so that the error answers the request it refused
+                self._error(connection, RATE_LIMITED, f"more than {settings.rate_limit:g} messages per second",
+                            None, _answerable(text)[1])
             return
         try:
             event = _decode(_decode_event, text)
         except msgspec.ValidationError as exc:
-            self._error(connection, INVALID_EVENT, str(exc), _event_name(text))
+            name, request_id, problem = _answerable(text)
+            self._error(connection, INVALID_EVENT, problem or _id_problem(exc) or str(exc), name, request_id)
             return
         except msgspec.DecodeError as exc:
             self._error(connection, INVALID_JSON, str(exc), None)
             return
 
         def failed(code: str, message: str, **details: Any) -> None:
-            self._error(connection, code, message, event.event, **details)
+            self._error(connection, code, message, event.event, event.id, **details)
 
-        if event.client_id != connection.id:
+        if event.id is not None and (problem := _bad_request_id(event.id)) is not None:
+            self._error(connection, INVALID_EVENT, problem, event.event)
+        elif event.client_id != connection.id:
             failed(CLIENT_ID_MISMATCH, f"client_id must be this connection's id, but got {event.client_id!r}")
         elif event.event in SERVER_EVENTS:
             failed(INVALID_EVENT, f"{event.event!r} is sent by the server only")
@@ -3158,7 +3208,7 @@ class _Gateway:
     # The built-in events, one method each (see BUILTIN_EVENTS).
 
     async def _ping(self, connection: _Connection, event: Event, text: str) -> None:
-        connection.send(_Frame("pong", event.data.data).to(connection.id))
+        connection.send(_Frame("pong", event.data.data).reply(connection.id, event.id))
 
     async def _echo(self, connection: _Connection, event: Event, text: str) -> None:
         connection.send(text)
@@ -3168,15 +3218,16 @@ class _Gateway:
         if room is None:
             return
         if not connection.identity.may_join(room):
-            self._error(connection, FORBIDDEN, f"this connection may not join room {room!r}", event.event, room=room)
+            self._error(connection, FORBIDDEN, f"this connection may not join room {room!r}", event.event, event.id,
+                        room=room)
             return
         limit = self.settings.max_rooms_per_connection
         if room not in connection.rooms and len(connection.rooms) >= limit:
-            self._error(connection, INVALID_EVENT, f"at most {limit} rooms per connection", event.event)
+            self._error(connection, INVALID_EVENT, f"at most {limit} rooms per connection", event.event, event.id)
             return
         members = await self.registry._join(connection, room)
         if members:  # else it is closing: no reply, and no one hears it joined
-            connection.send(_Frame("joined", {"room": room, "members": members}).to(connection.id))
+            connection.send(_Frame("joined", {"room": room, "members": members}).reply(connection.id, event.id))
             self.registry._announce(room, "joined", connection)
 
     async def _leave(self, connection: _Connection, event: Event, text: str) -> None:
@@ -3184,10 +3235,10 @@ class _Gateway:
         if room is None:
             return
         if room not in connection.rooms:
-            self._error(connection, NOT_IN_ROOM, f"not a member of room {room!r}", event.event)
+            self._error(connection, NOT_IN_ROOM, f"not a member of room {room!r}", event.event, event.id)
             return
         members = await self.registry._leave(connection, room)
-        connection.send(_Frame("left", {"room": room, "members": members}).to(connection.id))
+        connection.send(_Frame("left", {"room": room, "members": members}).reply(connection.id, event.id))
         self.registry._announce(room, "left", connection)
 
     async def _call_handler(self, connection: _Connection, event: Event, failed: Callable[..., None]) -> None:
@@ -3202,27 +3253,59 @@ class _Gateway:
             await self.forwarder.forward(connection, event, failed)
             return
         try:
-            await handler(connection.id, event)
+            reply = await handler(connection.id, event)
         except Exception:
             logger.exception("handler for event %r failed (client %s)", name, connection.id)
             failed(INTERNAL_ERROR, f"the handler for {name!r} failed")
+            return
+        if reply is None:
+            return
+        try:
+            frame = self._handler_reply(name, reply)
+        except (TypeError, ValueError, msgspec.MsgspecError) as exc:  # the handler's bug: it is told, not the client
+            held = self._throttle(f"reply:{name}")
+            if held is not None:
+                logger.error("handler for event %r (client %s): %s%s", name, connection.id, exc,
+                             f" ({held} more since the last report)" if held else "")
+            failed(INTERNAL_ERROR, f"the handler for {name!r} failed")
+            return
+        connection.send(frame.reply(connection.id, event.id))
+
+    def _handler_reply(self, name: str, reply: object) -> _Frame:
+        """The frame a handler's return value makes (see _HandlerReply); TypeError or ValueError, naming what
+        it returned, for anything else."""
+        if isinstance(reply, tuple) and len(reply) == 2 and isinstance(reply[0], str):
+            name, reply = reply
+        if not isinstance(reply, Mapping):
+            shown = repr(reply) if len(repr(reply)) <= 100 else f"{repr(reply)[:100]}..."
+            raise TypeError(f"it returned {shown}, of type {type(reply).__name__}; a handler returns None, a "
+                            "mapping (the reply's data.data), or (event name, mapping)")
+        if name in SERVER_EVENTS:
+            self.registry._metrics.server_events_refused["python"] += 1
+            raise ValueError(f"it replied {name!r}, an event only the gateway sends; reply with another name")
+        try:
+            return _Frame(name, reply)
+        except TypeError as exc:
+            raise TypeError(f"its reply cannot be JSON: {exc}") from None
 
     def _room_of(self, connection: _Connection, event: Event) -> str | None:
         try:
             room = msgspec.convert(event.data.data, _RoomRequest).room
         except msgspec.ValidationError as exc:
-            self._error(connection, INVALID_EVENT, f"{exc} (in data.data)", event.event)
+            self._error(connection, INVALID_EVENT, f"{exc} (in data.data)", event.event, event.id)
             return None
         problem = _bad_room_name(room, self.settings)
         if problem is not None:
-            self._error(connection, INVALID_EVENT, problem, event.event)
+            self._error(connection, INVALID_EVENT, problem, event.event, event.id)
             return None
         return room
 
-    def _error(self, connection: _Connection, code: str, message: str, event: str | None, **extra: Any) -> None:
+    def _error(self, connection: _Connection, code: str, message: str, event: str | None,
+               request_id: str | int | None = None, **extra: Any) -> None:
+        """Tell ``connection`` its frame (named ``event``, with the id ``request_id``) was refused."""
         self.registry._metrics.errors[code] += 1
         connection.send(_Frame("error", {"code": code, "message": message, "event": event, **extra})
-                        .to(connection.id))
+                        .reply(connection.id, request_id))
 
 
 def _origin_allowed(origin: str, host: str, allowed: tuple[str, ...]) -> bool:
@@ -3238,14 +3321,32 @@ _PEER_REASONS = {1000: "closed", 1001: "closed", 1012: "shutdown",
                  1009: "message_too_big"}  # the engine's frame-size limit closed it
 
 
-def _event_name(text: str) -> str | None:
-    """The ``event`` of an envelope that failed validation, if it has a string one."""
+class _Answerable(msgspec.Struct):
+    """What an answer needs of a frame refused before its envelope could be read: its name and its id."""
+
+    event: Any = None
+    id: Any = None
+
+
+_decode_answerable = msgspec.json.Decoder(_Answerable).decode
+
+
+def _answerable(text: str) -> tuple[str | None, str | int | None, str | None]:
+    """The ``event`` of a frame refused before its envelope was read (one that failed validation, or went
+    over the rate limit), if it has a string one; its ``id``, if it has a good one; and what is wrong with its
+    id, if anything."""
     try:
-        value = _decode(msgspec.json.decode, text)
-    except msgspec.DecodeError:
-        return None
-    name = value.get("event") if isinstance(value, dict) else None
-    return name if isinstance(name, str) else None
+        frame = _decode(_decode_answerable, text)
+    except msgspec.MsgspecError:  # not JSON, not an object, or a number too large to read
+        return None, None, None
+    problem = _bad_request_id(frame.id)
+    return (frame.event if isinstance(frame.event, str) else None,
+            frame.id if problem is None else None, problem)
+
+
+def _id_problem(exc: msgspec.ValidationError) -> str | None:
+    """What msgspec says of an id it could not even read (an integer of thousands of digits), with the rule."""
+    return f"{_REQUEST_ID_RULE}, but got: {exc}" if str(exc).endswith("`$.id`") else None
 
 
 async def _deny(websocket: WebSocket, status: int, code: str, message: str) -> None:
@@ -4056,6 +4157,23 @@ class SessionLost(ConnectionError):
     again, as a new client (a new ``client_id``, in no rooms), and missed frames; resynchronise."""
 
 
+class RequestError(Exception):
+    """The server answered :meth:`Client.request` with an ``error`` frame: its ``code`` and ``message``, and
+    the whole ``answer``."""
+
+    def __init__(self, code: str, message: str, answer: Event) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.answer = code, message, answer
+
+
+# A client's own bounds on requests: those waiting for their answers (a program that sends faster than the
+# server answers gets RuntimeError, not a growing table), and the frames a request read while it waited for
+# its answer, kept for recv() (at this many it reads no more, and waits for recv() to take some: the server's
+# own bound on what waits for a slow reader, max_queue_messages, is 1000 frames by default).
+MAX_PENDING_REQUESTS = 1000
+MAX_UNREAD_FRAMES = 1000
+
+
 class Client:
     """An async client for the protocol, built on ``websockets``::
 
@@ -4065,7 +4183,8 @@ class Client:
                 print(event.event, event.data.data)
 
     ``token`` goes in an ``Authorization: Bearer`` header.  A refused handshake raises
-    :class:`HandshakeRefused`.  Iteration ends when the server closes the connection
+    :class:`HandshakeRefused`.  ``await client.request("ping", {...})`` sends a frame with an ``id`` and
+    returns its answer.  Iteration ends when the server closes the connection
     normally; an abnormal close raises ``websockets.ConnectionClosedError``.
 
     With recovery on at the server, a connection that drops is resumed, within
@@ -4092,6 +4211,12 @@ class Client:
             headers = dict(self._connect_options.get("additional_headers") or {})
             self._connect_options["additional_headers"] = {**headers, "Authorization": f"Bearer {token}"}
         self._connection: Any = None
+        # Requests (see request()): their ids, and their futures by id; the frames read while one waited,
+        # for recv(); and one reader of the socket at a time, whether a request or recv().
+        self._request_ids = itertools.count(1)
+        self._requests: dict[int, asyncio.Future[Event]] = {}
+        self._unread: collections.deque[str] = collections.deque()
+        self._reading = asyncio.Lock()
 
     async def connect(self) -> Self:
         """Open the connection and wait, up to ``open_timeout``, for the connect frame that carries our id;
@@ -4181,21 +4306,98 @@ class Client:
             await self._resume()
             await self._connection.send(text)
 
+    async def request(self, event: str, data: Mapping[str, Any] | None = None, *,
+                      timeout: float = 10.0) -> Event:  # noqa: ASYNC109 - socket.io's and Centrifugo's clients' way
+        """Send ``event`` with an ``id`` and return the server's answer, the frame that carries the id back
+        (``pong`` for ``ping``, a handler's or the backend's reply); raise :class:`RequestError` if it is an
+        ``error``, and ``TimeoutError`` if none came within ``timeout`` seconds.  The answer goes to this
+        call only, not to recv(); the frames that come meanwhile wait for recv(), in order."""
+        if len(self._requests) >= MAX_PENDING_REQUESTS:
+            raise RuntimeError(f"{MAX_PENDING_REQUESTS} requests are waiting for their answers already "
+                               "(MAX_PENDING_REQUESTS)")
+        request_id = next(self._request_ids)
+        answered: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+        self._requests[request_id] = answered
+        try:
+            with anyio.move_on_after(timeout):
+                await self.send_text(_encode(Event(event, self.client_id, Payload(dict(data or {})),
+                                                   id=request_id)).decode())
+                while not answered.done():
+                    if len(self._unread) >= MAX_UNREAD_FRAMES:  # read no more: recv() must take some first
+                        await answered
+                        break
+                    async with self._reading:  # one reader at a time; another may have read our answer
+                        if not answered.done():
+                            text = await self._read_text()
+                            if not self._answers(text):
+                                self._unread.append(text)
+        finally:
+            del self._requests[request_id]
+        if not answered.done() or answered.cancelled():
+            unread = f"; {len(self._unread)} frames received meanwhile wait for recv()" if self._unread else ""
+            raise TimeoutError(f"no answer to {event!r} (id {request_id}) within {timeout:g} seconds{unread}")
+        answer = answered.result()
+        if answer.event == "error":
+            error = answer.data.data
+            raise RequestError(str(error.get("code")), str(error.get("message")), answer)
+        return answer
+
+    def _answers(self, text: str) -> bool:
+        """Whether ``text`` is the answer to a request waiting here, which it then resolves: a frame with the
+        request's id, our own client id and no ``to`` or ``room``: one the server sent us (a frame relayed
+        from another client carries the sender's id)."""
+        if not self._requests or '"id"' not in text:
+            return False
+        try:
+            event = _decode(_decode_event, text)
+        except msgspec.MsgspecError:
+            return False
+        waiting = self._requests.get(event.id) if isinstance(event.id, int) else None
+        if waiting is None or event.client_id != self.client_id or event.to is not None or event.room is not None:
+            return False
+        if not waiting.done():
+            waiting.set_result(event)
+        return True
+
     async def recv_text(self) -> str:
-        from websockets.exceptions import ConnectionClosedError
+        """The next frame that is no request's answer."""
+        while True:
+            if self._unread:
+                return self._unread.popleft()
+            async with self._reading:
+                if not self._unread:  # else a request read it while we waited for our turn
+                    text = await self._read_text()
+                    if not self._answers(text):
+                        return text
+
+    async def _read_text(self) -> str:
+        """The next frame off the socket, resuming the session if the connection dropped.  A close fails the
+        requests waiting: their answers will not come."""
+        from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 
         while True:
             try:
                 text = await self._connection.recv()
                 break
-            except ConnectionClosedError as exc:
-                if not self._resumable(exc):
-                    raise
-                await self._resume()
+            except ConnectionClosed as exc:
+                if isinstance(exc, ConnectionClosedError) and self._resumable(exc):
+                    try:
+                        await self._resume()
+                        continue
+                    except Exception as failure:  # SessionLost among them: the answers went with the session
+                        self._fail_requests(failure)
+                        raise
+                self._fail_requests(exc)
+                raise
         if not isinstance(text, str):
             raise ConnectionError(f"expected a text frame, but got {type(text).__name__}")
         self.offset += 1
         return text
+
+    def _fail_requests(self, failure: BaseException) -> None:
+        for waiting in self._requests.values():
+            if not waiting.done():
+                waiting.set_exception(failure)
 
     async def recv(self) -> Event:
         """The next event.  A ``connect`` frame after the first, relayed from another client, is skipped."""

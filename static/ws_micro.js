@@ -46,6 +46,13 @@
 //   refused       {status, code, message}  the gateway refused the handshake with 401 or 403: no retry
 // A wait after a refused try (503, or 409: a resume token used already) also carries
 // `refusal: {status, code, message}`.
+//
+// Requests: `await client.request("ping", { n: 1 })` sends the frame with an `id` and resolves with the
+// gateway's answer, the frame that carries the id back (a pong, a handler's or the backend's reply); an
+// `error` answer rejects it with a RequestError (its code and message), and so do a timeout ("timeout"),
+// the connection closing first ("closed": a request does not outlive its connection), a client that is
+// not open ("not_connected") and MAX_PENDING_REQUESTS waiting already ("too_many_requests"). An answer
+// goes to its request only, not to the `on()` handlers.
 
 export const DEFAULT_PATH = "/ws/py_client";
 
@@ -68,6 +75,22 @@ const FINAL_REFUSALS = new Set([401, 403]);
 // A refused resume token: it was used already (by an earlier try whose connect frame never came, or by
 // someone else). The next try goes without it, and starts a new session.
 const TOKEN_USED = 409;
+
+// Requests: how long one waits for its answer unless it says (ms), and how many may wait at once: an app
+// that sends faster than the gateway answers gets rejections, not a growing table.
+export const REQUEST_TIMEOUT = 10000;
+export const MAX_PENDING_REQUESTS = 1000;
+
+/** Why a request got no answer but an error: `code` is the gateway's error code, or one of the client's own
+ * ("timeout", "closed", "not_connected", "too_many_requests"); `answer` is the gateway's error frame, if any. */
+export class RequestError extends Error {
+  constructor(code, message, answer = null) {
+    super(`${code}: ${message}`);
+    this.name = "RequestError";
+    this.code = code;
+    this.answer = answer;
+  }
+}
 
 export function defaultUrl(location = globalThis.location) {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
@@ -115,6 +138,8 @@ export class Client {
     this._stopped = true;
     this._timers = { reconnect: 0, connect: 0, uptime: 0, ping: 0, pong: 0 };
     this._online = () => this._retryNow();
+    this._requests = new Map(); // request id -> {resolve, reject, timer}: those waiting for their answer
+    this._lastRequestId = 0;
   }
 
   /** Call `fn(frame)` for every frame named `event` ("*": every frame). Returns an unsubscribe. */
@@ -161,6 +186,29 @@ export class Client {
     if (room) frame.room = room;
     this._socket.send(JSON.stringify(frame));
     return true;
+  }
+
+  /**
+   * Send an event with an `id`, and resolve with the gateway's answer (the frame carrying the id back), or
+   * reject with a RequestError: an `error` answer, no answer in `timeout` ms, the connection closing first.
+   */
+  request(event, data = {}, { timeout = REQUEST_TIMEOUT } = {}) {
+    if (this.state !== "open") {
+      return Promise.reject(new RequestError("not_connected", `not connected (state ${this.state})`));
+    }
+    if (this._requests.size >= MAX_PENDING_REQUESTS) {
+      return Promise.reject(new RequestError("too_many_requests",
+        `${MAX_PENDING_REQUESTS} requests are waiting for their answers already`));
+    }
+    const id = ++this._lastRequestId;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this._requests.delete(id);
+        reject(new RequestError("timeout", `no answer to ${event} (id ${id}) within ${timeout} ms`));
+      }, timeout);
+      this._requests.set(id, { resolve, reject, timer });
+      this._socket.send(JSON.stringify({ event, client_id: this.clientId, data: { data }, id }));
+    });
   }
 
   /** Join a room now (if connected) and after every reconnect. */
@@ -253,6 +301,19 @@ export class Client {
       console.warn(`ws_micro: ignored a ${frame.event} frame that the server did not send, from`, frame.client_id);
       return;
     }
+    // An answer to a request: its id, on a frame the gateway sent us (a relayed frame has its sender's id).
+    const request = frame.id != null && this._fromServer(frame) ? this._requests.get(frame.id) : undefined;
+    if (request) {
+      this._requests.delete(frame.id);
+      clearTimeout(request.timer);
+      if (frame.event === "error") {
+        const { code, message } = frame.data?.data ?? {};
+        request.reject(new RequestError(String(code), String(message), frame));
+      } else {
+        request.resolve(frame);
+      }
+      return;
+    }
     if (frame.event === "connect") {
       clearTimeout(this._timers.connect);
       this.clientId = frame.client_id;
@@ -304,6 +365,7 @@ export class Client {
   _closed(event, current, url) {
     this._clearTimers();
     this._socket = null;
+    this._rejectRequests(`the connection closed (${event.code}) before the answer came`);
     this.lastClose = { code: event.code, reason: event.reason };
     if (event.code === 1000) {
       // The server closed us on purpose (e.g. DELETE /api/clients/{id}): stay closed.
@@ -400,6 +462,18 @@ export class Client {
     this._socket = null;
     socket.onmessage = socket.onclose = null;
     socket.close(code, reason);
+    this._rejectRequests(`the connection closed (${reason || code || "dropped"}) before the answer came`);
+  }
+
+  // The requests waiting go with their connection: an answer would come on it or not at all (with recovery,
+  // a replayed one reaches the on() handlers).
+  _rejectRequests(message) {
+    const waiting = [...this._requests.values()];
+    this._requests.clear();
+    for (const { reject, timer } of waiting) {
+      clearTimeout(timer);
+      reject(new RequestError("closed", message));
+    }
   }
 
   _clearTimers() {

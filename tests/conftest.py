@@ -627,6 +627,60 @@ def forward_options(url: str, *more: str) -> tuple[str, ...]:
     return ("--forward-url", url, "--backend-secret", BACKEND_SECRET, "--forward-timeout", "0.5", *more)
 
 
+# --------------------------------------------------------------------------
+# Requests and replies: an app whose handlers reply, in every way a handler may
+# --------------------------------------------------------------------------
+
+REPLYING_APP = '''
+from ws_micro import Registry, create_app
+
+registry = Registry()
+
+
+@registry.on("add")
+async def add(client_id, event):
+    return {"sum": sum(event.data.data["numbers"]), "id": event.id}  # its reply: data.data of an "add" frame
+
+
+@registry.on("rename")
+async def rename(client_id, event):
+    return "added", {"n": event.data.data.get("n")}
+
+
+@registry.on("quiet")
+async def quiet(client_id, event):
+    return None  # no reply, as before handlers could reply
+
+
+@registry.on("bad")
+async def bad(client_id, event):
+    return 42
+
+
+@registry.on("forge")
+async def forge(client_id, event):
+    return "pong", {"forged": True}
+
+
+@registry.on("boom")
+async def boom(client_id, event):
+    raise ZeroDivisionError("boom")
+
+
+app = create_app(registry=registry)
+'''
+
+
+@contextlib.contextmanager
+def replying_server(folder: Path, *args: str, env: dict[str, str] | None = None,
+                    log: Path | None = None) -> Iterator[Server]:
+    """The gateway serving REPLYING_APP (written to ``folder``) under uvicorn."""
+    (folder / "replying_app.py").write_text(REPLYING_APP)
+    with run_server("--host", "127.0.0.1", *args, uvicorn_app="replying_app:app", log=log,
+                    env={"PYTHONPATH": os.pathsep.join([str(ROOT), str(folder)]), **(env or {})}) as server:
+        yield server
+
+
 async def eventually(predicate: Callable[[], bool], what: str) -> None:
     """Wait, polling, for state another process (the backend's thread) changes; fail after TIMEOUT."""
     with anyio.move_on_after(TIMEOUT):

@@ -24,6 +24,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, Self
 
+import httpx2 as httpx
 import pytest
 from conftest import (
     FORGERY,
@@ -35,11 +36,13 @@ from conftest import (
     free_port,
     mint,
     relaying_gateway,
+    replying_server,
     require_marks,
     run_server,
 )
 from playwright.sync_api import Browser, Locator, Page, Playwright, sync_playwright
 from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as connect_sync
 
 pytestmark = [pytest.mark.process, pytest.mark.browser]
 
@@ -887,3 +890,83 @@ def test_browser_client_starts_a_new_session_when_its_own_cannot_be_resumed(brow
         assert len(set(tokens[1:])) == 1
         assert server.metric("ws_micro_sessions_total", outcome="not_recovered") == 1
         assert page.locator("#refusal").is_hidden()
+
+
+# Requests and replies: the JS client's request(), against a gateway whose handlers reply (REPLYING_APP).
+
+
+def test_browser_client_request_resolves_with_its_answer_and_rejects_on_error_timeout_and_close(
+        browser: Browser, tmp_path: Path) -> None:
+    with replying_server(tmp_path, env={"WS_MICRO_RATE_BURST": "5000"}) as server:  # room for 1000 requests at once
+        page = browser.new_context().new_page()
+        page.goto(f"{server.http}/healthz")  # this origin, without the console's own client
+        results = page.evaluate("""async (url) => {
+            const { Client, RequestError } = await import("/static/ws_micro.js");
+            window.failure = (error) => ({ name: error.name, code: error.code, message: error.message,
+                                           isRequestError: error instanceof RequestError, answer: error.answer });
+            window.opened = (client) => new Promise((resolve) => {
+                client.onState((state) => { if (state === "open") resolve(); });
+                client.connect();
+            });
+            window.a = new Client(url, { keepalive: 0 });
+            window.handed = [];  // what its on() handlers got
+            a.on("*", (frame) => handed.push(frame));
+            const early = await a.request("ping").catch(failure);
+            await opened(a);
+            return {
+                early,
+                pong: await a.request("ping", { n: 1 }),
+                sum: await a.request("add", { numbers: [1, 2] }),
+                error: await a.request("nothing").catch(failure),
+                timeout: await a.request("quiet", {}, { timeout: 200 }).catch(failure),
+                handed: handed.map((frame) => frame.event),
+            };
+        }""", server.ws)
+        me = page.evaluate("a.clientId")
+        assert results["early"] == {"name": "RequestError", "code": "not_connected", "isRequestError": True,
+                                    "message": "not_connected: not connected (state closed)", "answer": None}
+        assert results["pong"] == {**frame("pong", me, {"n": 1}), "id": 1}
+        assert results["sum"] == {**frame("add", me, {"sum": 3, "id": 2}), "id": 2}
+        assert results["error"] == {
+            "name": "RequestError", "code": "unknown_event", "isRequestError": True,
+            "message": "unknown_event: no handler for event 'nothing'",
+            "answer": {**frame("error", me, {"code": "unknown_event", "message": "no handler for event 'nothing'",
+                                             "event": "nothing"}), "id": 3}}
+        assert results["timeout"] == {"name": "RequestError", "code": "timeout", "isRequestError": True,
+                                      "message": "timeout: no answer to quiet (id 4) within 200 ms", "answer": None}
+        assert results["handed"] == ["connect"]  # the answers went to their requests only
+
+        # A frame another client relays with the id of a request waiting is no answer: it carries its sender's id.
+        page.evaluate("""() => {
+            window.settled = null;
+            a.request("quiet", {}, { timeout: 30000 }).then((frame) => { settled = { frame }; },
+                                                           (error) => { settled = failure(error); });
+        }""")
+        with connect_sync(server.ws) as other:
+            id_other = json.loads(other.recv(TIMEOUT))["client_id"]
+            other.send(json.dumps({**frame("chat", id_other, {"n": 1}, to=me), "id": 5}))
+            page.wait_for_function("handed.some((frame) => frame.event === 'chat')", timeout=TIMEOUT * 1000)
+        assert page.evaluate("handed.at(-1).id") == 5 and page.evaluate("settled") is None
+        # The gateway closes the connection: the request waiting is rejected with it.
+        assert httpx.delete(f"{server.http}/api/clients/{me}", timeout=TIMEOUT).status_code == 202
+        page.wait_for_function("settled !== null", timeout=TIMEOUT * 1000)
+        assert page.evaluate("settled") == {
+            "name": "RequestError", "code": "closed", "isRequestError": True, "answer": None,
+            "message": "closed: the connection closed (1000) before the answer came"}
+
+        # At most MAX_PENDING_REQUESTS wait at once; close() rejects them all, and none is left.
+        bounded = page.evaluate("""async (url) => {
+            const { Client, MAX_PENDING_REQUESTS } = await import("/static/ws_micro.js");
+            const b = new Client(url, { keepalive: 0 });
+            await opened(b);
+            const waiting = Array.from({ length: MAX_PENDING_REQUESTS },
+                                       () => b.request("quiet", {}, { timeout: 30000 }).catch((error) => error.code));
+            const over = await b.request("ping").catch(failure);
+            b.close();
+            const codes = await Promise.all(waiting);
+            return { max: MAX_PENDING_REQUESTS, over, closed: codes.filter((code) => code === "closed").length,
+                     left: b._requests.size };
+        }""", server.ws)
+        assert bounded == {"max": 1000, "closed": 1000, "left": 0, "over": {
+            "name": "RequestError", "code": "too_many_requests", "isRequestError": True, "answer": None,
+            "message": "too_many_requests: 1000 requests are waiting for their answers already"}}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import re
 import signal
@@ -43,6 +44,7 @@ from conftest import (
     mint,
     raw_websocket,
     recv_json,
+    recv_text,
     rss_mib,
     run_server,
     text,
@@ -105,6 +107,37 @@ async def test_e2e_events_reach_the_backend_and_its_answers_reach_the_sender(tmp
         assert server.metric("ws_micro_forward_seconds_bucket", le="+Inf") == 6
         assert server.metric("ws_micro_forward_seconds_bucket", le="0.25") == 5  # all but the slow one
     assert not any("Traceback" in line for line in log.read_text().splitlines())
+
+
+async def test_e2e_each_reply_and_error_of_a_forwarded_event_carries_its_id_back() -> None:
+    with EventBackend() as backend, run_server(*forward_options(backend.url), "--log-level", "warning") as server:
+        async with ws_client(server.ws) as (ws, me):
+            await ws.send(json.dumps({**frame("chat", me, {"n": 1}), "id": "chat-1"}))
+            for part in (1, 2):  # each of the backend's events, with the id where a reply's goes
+                assert await recv_text(ws) == f'{{"event":"ack","client_id":"{me}","id":"chat-1",' \
+                                              f'"data":{{"data":{{"n":1,"part":{part}}}}}}}'
+            # The backend gets the event as before: the id is the gateway's business with its client.
+            assert backend.received[-1] == {"type": "event", "client_id": me, "user": None, "meta": None,
+                                            "event": "chat", "data": {"n": 1}, "rooms": []}
+            for request_id, mode, code in ((2, "500", "backend_error"), ("é", "garbage", "backend_error"),
+                                           (4, "slow", "backend_unavailable")):
+                await ws.send(json.dumps({**frame("chat", me, {"mode": mode}), "id": request_id}))
+                refused = await recv_json(ws)
+                assert (refused["id"], refused["event"], refused["data"]["data"]["code"]) == (request_id, "error", code)
+            # Without an id, the replies are as they were.
+            await ws.send(text("chat", me, {"n": 5}))
+            assert await recv_json(ws) == frame("ack", me, {"n": 5, "part": 1})
+            assert await recv_json(ws) == frame("ack", me, {"n": 5, "part": 2})
+        # The Python client's request returns the first reply; the rest come to recv(), with the id.
+        async with ws_micro.Client(server.ws) as client:
+            with anyio.fail_after(TIMEOUT):
+                first = await client.request("chat", {"n": 6})
+                second = await client.recv()
+            assert [(event.event, event.id, event.data.data) for event in (first, second)] == [
+                ("ack", 1, {"n": 6, "part": 1}), ("ack", 1, {"n": 6, "part": 2})]
+            with anyio.fail_after(TIMEOUT), pytest.raises(ws_micro.RequestError) as refused:
+                await client.request("chat", {"mode": "500"})
+            assert (refused.value.code, refused.value.message) == ("backend_error", "the backend answered HTTP 500")
 
 
 async def test_e2e_only_the_listed_events_are_forwarded_and_handlers_and_builtins_come_first() -> None:

@@ -9,6 +9,7 @@ would not misbehave.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -16,7 +17,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx2 as httpx
@@ -28,6 +31,7 @@ from conftest import (
     Server,
     client_frame,
     closed_with,
+    error,
     frame,
     free_port,
     half_handshakes,
@@ -35,12 +39,18 @@ from conftest import (
     raw_websocket,
     recv_json,
     recv_text,
+    replying_server,
     run_server,
     server_sockets,
+    text,
+    without_message,
     ws_client,
 )
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
+
+import ws_micro
+from ws_micro import MAX_REQUEST_ID_LENGTH, MAX_SAFE_INTEGER, Client, Event, RequestError
 
 pytestmark = [pytest.mark.anyio, pytest.mark.process]
 
@@ -378,3 +388,262 @@ def test_e2e_without_token_x_forwarded_for_cannot_make_a_peer_loopback() -> None
             deleted = httpx.delete(f"{remote}/api/clients/x", headers={**local, **forged}, timeout=TIMEOUT)
             assert deleted.status_code == 403, forged
         assert server.get("/api/clients").status_code == 200  # a program on this machine, no proxy: served
+
+
+# --------------------------------------------------------------------------
+# Requests and replies: a frame's id comes back on every answer to it
+# --------------------------------------------------------------------------
+
+REQUEST_IDS = [7, 0, -MAX_SAFE_INTEGER, MAX_SAFE_INTEGER, "req-1", "é🙂 ñ", "x" * MAX_REQUEST_ID_LENGTH]
+
+
+def answer(event: str, client_id: str, data: dict[str, Any] | None, request_id: Any) -> dict[str, Any]:
+    return {**frame(event, client_id, data), "id": request_id}
+
+
+def wire(request_id: Any) -> str:
+    """A JSON value as the gateway writes it: compact, non-ASCII characters as they are."""
+    return json.dumps(request_id, ensure_ascii=False, separators=(",", ":"))
+
+
+@pytest.mark.parametrize("request_id", REQUEST_IDS)
+async def test_e2e_every_answer_to_a_frame_carries_its_id_back(server: Server, request_id: Any) -> None:
+    async with ws_client(server.ws) as (a, me), ws_client(server.ws) as (b, id_b):
+
+        async def ask(sent: dict[str, Any]) -> Any:
+            await a.send(json.dumps({**sent, "id": request_id}))  # non-ASCII escaped: the same value comes back
+            return await recv_json(a)
+
+        await a.send(json.dumps({**frame("ping", me, {"n": 1}), "id": request_id}))
+        assert await recv_text(a) == f'{{"event":"pong","client_id":"{me}","id":{wire(request_id)},' \
+                                     '"data":{"data":{"n":1}}}'
+        assert await ask(frame("echo", me, {"t": "hi"})) == answer("echo", me, {"t": "hi"}, request_id)
+        assert await ask(frame("join", me, {"room": "ids"})) == answer("joined", me, {"room": "ids", "members": 1},
+                                                                       request_id)
+        assert await ask(frame("leave", me, {"room": "ids"})) == answer("left", me, {"room": "ids", "members": 0},
+                                                                        request_id)
+        for sent, code in ((frame("leave", me, {"room": "ids"}), "not_in_room"),
+                           (frame("join", me, {"room": ""}), "invalid_event"),
+                           (frame("chat", me, to="ghost"), "unknown_client"),
+                           (frame("chat", me, room="elsewhere"), "not_in_room"),
+                           (frame("chat", id_b), "client_id_mismatch"),
+                           (frame("chat", me, to=id_b, room="ids"), "invalid_event"),
+                           (frame("pong", me), "invalid_event"),
+                           (frame("nothing", me), "unknown_event"),
+                           ({"event": "chat", "client_id": me}, "invalid_event")):  # no data: not an envelope
+            assert without_message(await ask(sent)) == {**error(me, code, sent["event"]), "id": request_id}, sent
+        # A relay reaches its recipient unchanged, id and all, and its sender gets no answer.
+        relayed = json.dumps({**frame("chat", me, {"t": 1}, to=id_b), "id": request_id})
+        await a.send(relayed)
+        assert await recv_text(b) == relayed
+        await a.send(text("ping", me, {"after": "the relay"}))
+        assert await recv_json(a) == frame("pong", me, {"after": "the relay"})  # nothing came before it
+
+
+@pytest.mark.parametrize(("sent_id", "shown"), [
+    ("3.5", "3.5"), ("1e3", "1000.0"), ("true", "true"), ('""', "''"), ("[1]", "[1]"), ('{"a":1}', '{"a":1}'),
+    (json.dumps("x" * (MAX_REQUEST_ID_LENGTH + 1)), f"'{'x' * 40}'... ({MAX_REQUEST_ID_LENGTH + 1} characters)"),
+    (str(MAX_SAFE_INTEGER + 1), str(MAX_SAFE_INTEGER + 1)), (str(-MAX_SAFE_INTEGER - 1), str(-MAX_SAFE_INTEGER - 1)),
+    ("9" * 400, "an integer of more than 40 digits"),
+])
+async def test_e2e_an_id_of_the_wrong_type_or_size_gets_invalid_event_naming_it(
+        server: Server, sent_id: str, shown: str) -> None:
+    async with ws_client(server.ws) as (ws, me):
+        await ws.send(f'{{"event":"ping","client_id":"{me}","data":{{"data":{{}}}},"id":{sent_id}}}')
+        refused = await recv_json(ws)
+        assert refused["data"]["data"].pop("message") == (
+            f"id must be a string of 1 to {MAX_REQUEST_ID_LENGTH} characters or an integer from "
+            f"{-MAX_SAFE_INTEGER} to {MAX_SAFE_INTEGER}, but got {shown}")
+        assert refused == error(me, "invalid_event", "ping")  # and no id: it has none to carry back
+        # A frame that is not JSON has no id to read: invalid_json, without one.
+        await ws.send(f'{{"event":"ping","client_id":"{me}","id":7,')
+        assert without_message(await recv_json(ws)) == error(me, "invalid_json", None)
+        await ws.send(text("ping", me))
+        assert await recv_json(ws) == frame("pong", me)  # the connection goes on
+
+
+async def test_e2e_frames_without_an_id_are_the_tutorials_byte_for_byte(server: Server) -> None:
+    async with connect(server.ws) as a, ws_client(server.ws) as (b, id_b):
+        hello = str(await recv_text(a))
+        me = json.loads(hello)["client_id"]
+        assert hello == f'{{"event":"connect","client_id":"{me}","data":{{"data":{{"message":"connection request ' \
+                        'granted"}}}'
+        # What the tutorial's client sends (json.dumps, with its spaces), and what comes back, byte for byte.
+        for sent, expected in (
+                (text("ping", me, {"n": 1}), f'{{"event":"pong","client_id":"{me}","data":{{"data":{{"n":1}}}}}}'),
+                (text("echo", me, {"n": 1}), text("echo", me, {"n": 1})),
+                (text("join", me, {"room": "t"}),
+                 f'{{"event":"joined","client_id":"{me}","data":{{"data":{{"room":"t","members":1}}}}}}'),
+                (text("chat", me, to="nobody"),
+                 f'{{"event":"error","client_id":"{me}","data":{{"data":{{"code":"unknown_client","message":'
+                 f'"no client with id \'nobody\'","event":"chat"}}}}}}'),
+                (text("leave", me, {"room": "t"}),
+                 f'{{"event":"left","client_id":"{me}","data":{{"data":{{"room":"t","members":0}}}}}}')):
+            await a.send(sent)
+            assert await recv_text(a) == expected
+        relayed = text("chat", me, {"text": "hello B"}, to=id_b)
+        await a.send(relayed)
+        assert await recv_text(b) == relayed
+    # The Python client's frames carry no id either: echo sends back what it sent, byte for byte.
+    async with ws_micro.Client(server.ws) as client:
+        await client.send("echo", {"n": 1})
+        with anyio.fail_after(TIMEOUT):
+            assert await client.recv_text() == \
+                f'{{"event":"echo","client_id":"{client.client_id}","data":{{"data":{{"n":1}}}}}}'
+
+
+async def test_e2e_a_frame_over_the_rate_limit_is_refused_with_its_id(tmp_path: Path) -> None:
+    # Burst 5, next to no refill: 5 frames served, 5 refused with rate_limited, then the close.
+    with run_server("--log-level", "warning", "--rate-limit", "0.001", "--rate-burst", "5") as server:
+        async with ws_client(server.ws) as (ws, me):
+            # An integer of more digits than can be read at all (the server allows 64 KiB frames).
+            await ws.send(f'{{"event":"ping","client_id":"{me}","data":{{"data":{{}}}},"id":{"9" * 5000}}}')
+            refused = await recv_json(ws)
+            assert "id" not in refused and refused["data"]["data"]["code"] == "invalid_event"
+            assert refused["data"]["data"]["message"].startswith(f"id must be a string of 1 to {MAX_REQUEST_ID_LENGTH}")
+            for n in range(4):
+                await ws.send(json.dumps({**frame("ping", me, {"n": n}), "id": n}))
+                assert await recv_json(ws) == answer("pong", me, {"n": n}, n)
+            for sent, request_id in ((json.dumps({**frame("ping", me), "id": "over"}), "over"),
+                                     (json.dumps({"event": "x", "id": 9}), 9),  # not an envelope: its id still
+                                     (json.dumps({**frame("ping", me), "id": 2.5}), None),  # a bad id: none
+                                     ("not json", None), (json.dumps([1, 2]), None)):
+                await ws.send(sent)
+                refused = await recv_json(ws)
+                expected = error(me, "rate_limited", None)
+                assert without_message(refused) == (expected if request_id is None else {**expected, "id": request_id})
+            await ws.send(text("ping", me))
+            assert await closed_with(ws) == (1008, "rate limit exceeded")
+        assert server.metric("ws_micro_errors_total", code="rate_limited") == 5
+
+
+@pytest.fixture(scope="module")
+def replying(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path]]:
+    """The gateway serving REPLYING_APP, whose handlers reply in every way a handler may; and its log."""
+    folder = tmp_path_factory.mktemp("replying")
+    log = folder / "server.log"
+    with replying_server(folder, log=log) as server:
+        yield server, log
+
+
+async def test_e2e_a_handlers_reply_goes_to_its_sender_with_the_frames_id(replying: tuple[Server, Path]) -> None:
+    server, log = replying
+    async with ws_client(server.ws) as (ws, me), ws_client(server.ws) as (other, id_other):
+        await ws.send(json.dumps({**frame("add", me, {"numbers": [1, 2, 3]}), "id": "sum-1"}))
+        assert await recv_text(ws) == f'{{"event":"add","client_id":"{me}","id":"sum-1",' \
+                                      '"data":{"data":{"sum":6,"id":"sum-1"}}}'  # the handler sees the id too
+        await ws.send(json.dumps({**frame("rename", me, {"n": 2}), "id": 2}))
+        assert await recv_json(ws) == answer("added", me, {"n": 2}, 2)
+        # Without an id, a reply all the same, without one: a handler that returns None sends nothing.
+        await ws.send(text("add", me, {"numbers": [4]}))
+        assert await recv_json(ws) == frame("add", me, {"sum": 4, "id": None})
+        await ws.send(json.dumps({**frame("quiet", me), "id": 3}))
+        await ws.send(json.dumps({**frame("ping", me), "id": 4}))
+        assert await recv_json(ws) == answer("pong", me, None, 4)  # nothing for "quiet" came first
+        # A handler that fails, returns what is no reply, or replies with an event only the gateway sends:
+        # internal_error, with the id; the reason is in the log, and nothing else reaches anyone.
+        refused_before = server.metric("ws_micro_server_events_refused_total", source="python")
+        for name, logged in (("boom", "ZeroDivisionError: boom"),
+                             ("bad", "handler for event 'bad' (client {me}): it returned 42, of type int; a handler "
+                                     "returns None, a mapping (the reply's data.data), or (event name, mapping)"),
+                             ("forge", "handler for event 'forge' (client {me}): it replied 'pong', an event only "
+                                       "the gateway sends; reply with another name")):
+            logged = logged.format(me=me)
+            await ws.send(json.dumps({**frame(name, me), "id": name}))
+            refused = await recv_json(ws)
+            assert refused["data"]["data"].pop("message") == f"the handler for {name!r} failed"
+            assert refused == {**error(me, "internal_error", name), "id": name}
+            await server.wait_until(lambda logged=logged: logged in log.read_text(), f"the log to say {logged!r}")
+        assert server.metric("ws_micro_server_events_refused_total", source="python") == refused_before + 1
+        await other.send(text("ping", id_other))
+        assert await recv_json(other) == frame("pong", id_other)  # the first frame it got
+        await ws.send(text("ping", me))
+        assert await recv_json(ws) == frame("pong", me)  # the connection goes on
+    assert log.read_text().count("Traceback") == 1  # the failing handler's; the others' mistakes are one line
+
+
+async def test_e2e_python_client_request_returns_the_answer_or_raises(replying: tuple[Server, Path]) -> None:
+    server, _ = replying
+    async with Client(server.ws) as client, Client(server.ws) as other:
+        with anyio.fail_after(TIMEOUT):
+            pong = await client.request("ping", {"n": 1})
+            assert (pong.event, pong.client_id, pong.id, pong.data.data) == ("pong", client.client_id, 1, {"n": 1})
+            joined = await client.request("join", {"room": "r"})
+            assert (joined.event, joined.id, joined.data.data) == ("joined", 2, {"room": "r", "members": 1})
+            added = await client.request("add", {"numbers": [2, 3]})
+            assert (added.event, added.data.data) == ("add", {"sum": 5, "id": 3})
+            with pytest.raises(RequestError) as refused:
+                await client.request("nothing")
+            assert (refused.value.code, refused.value.message) == ("unknown_event", "no handler for event 'nothing'")
+            assert refused.value.answer.id == 4 and refused.value.answer.event == "error"
+            with pytest.raises(RequestError, match=r"^internal_error: the handler for 'bad' failed$"):
+                await client.request("bad")
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"^no answer to 'quiet' \(id 6\) within 0.3 seconds$"):
+            await client.request("quiet", timeout=0.3)  # its handler replies nothing
+        assert 0.3 <= time.monotonic() - started < 2
+
+        with anyio.fail_after(TIMEOUT):
+            # Frames that come while a request waits are kept for recv(), in order; the answer is not among
+            # them.  A frame relayed from another client with the same id is no answer: it has its sender's id.
+            for n in range(3):
+                await other.send("chat", {"n": n, "id": 7}, to=client.client_id)
+            await other.send_text(json.dumps({**frame("chat", other.client_id, {"n": 3}, to=client.client_id),
+                                              "id": 7}))
+            assert (await other.request("ping")).event == "pong"  # so the relays have reached client's socket
+            pong = await client.request("ping", {"n": 2})
+            assert (pong.event, pong.id, pong.data.data) == ("pong", 7, {"n": 2})
+            relayed = [await client.recv() for _ in range(4)]
+            assert [(event.event, event.client_id, event.id, event.data.data["n"]) for event in relayed] == [
+                ("chat", other.client_id, None, 0), ("chat", other.client_id, None, 1),
+                ("chat", other.client_id, None, 2), ("chat", other.client_id, 7, 3)]
+
+            # A task receiving and requests at the same time: each frame goes to one of them, the right one.
+            received: list[Event] = []
+
+            async def receive() -> None:
+                received.append(await client.recv())
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(receive)
+                answers = [await client.request("ping", {"k": k}) for k in range(3)]
+                await other.send("chat", {"n": 4}, to=client.client_id)
+            assert [(event.event, event.data.data) for event in answers] == [("pong", {"k": k}) for k in range(3)]
+            assert [(event.event, event.data.data) for event in received] == [("chat", {"n": 4})]
+            await client.send("ping", {"plain": True})  # no id: an ordinary frame, for recv()
+            assert (await client.recv()).data.data == {"plain": True}
+
+
+async def test_e2e_python_client_requests_are_bounded(replying: tuple[Server, Path],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    server, _ = replying
+    monkeypatch.setattr(ws_micro, "MAX_PENDING_REQUESTS", 3)
+    monkeypatch.setattr(ws_micro, "MAX_UNREAD_FRAMES", 2)
+    async with Client(server.ws) as client, Client(server.ws) as other:
+        with anyio.fail_after(TIMEOUT):
+            # Requests waiting for their answers: at most MAX_PENDING_REQUESTS, and the table empties after.
+            async with anyio.create_task_group() as tasks:
+                for _ in range(3):
+                    tasks.start_soon(functools.partial(client.request, "quiet", timeout=1))
+                await wait_for(lambda: len(client._requests) == 3, "three requests to wait")
+                with pytest.raises(RuntimeError, match=r"^3 requests are waiting for their answers already"):
+                    await client.request("ping")
+                tasks.cancel_scope.cancel()
+            assert not client._requests
+            # Frames read while a request waits, kept for recv(): at MAX_UNREAD_FRAMES the request reads no more.
+            for n in range(3):
+                await other.send("chat", {"n": n}, to=client.client_id)
+            assert (await other.request("ping")).event == "pong"
+            with pytest.raises(TimeoutError, match=r"within 0.5 seconds; 2 frames received meanwhile wait for recv"):
+                await client.request("ping", timeout=0.5)
+            frames = [await client.recv() for _ in range(4)]
+            # The answer that came too late is an ordinary frame now.
+            assert [(event.event, event.data.data.get("n"), event.id) for event in frames] == [
+                ("chat", 0, None), ("chat", 1, None), ("chat", 2, None), ("pong", None, 4)]
+
+
+async def wait_for(predicate: Callable[[], bool], what: str) -> None:
+    """Wait for state in this process that has no event to wait on (a client's table of requests)."""
+    with anyio.fail_after(TIMEOUT):
+        while not predicate():  # noqa: ASYNC110 - the table is the client's own, with no event for it
+            await anyio.sleep(0.01)

@@ -367,6 +367,29 @@ async def test_the_python_client_resumes_by_itself_and_says_whether_it_recovered
         assert (await client.recv()).event == "pong"
 
 
+async def test_a_python_clients_request_goes_on_across_a_resumed_connection(recovering: Server) -> None:
+    server = recovering
+    async with Client(server.ws) as client:
+        me = client.client_id
+        cut(client._connection)  # the client has not noticed yet: its request finds out, and resumes first
+        await until_away(server, me)
+        push(server, f"/api/clients/{me}", "missed", 1)
+        with anyio.fail_after(TIMEOUT):
+            pong = await client.request("ping", {"n": 2})
+            assert (pong.event, pong.id, pong.data.data, client.client_id, client.recovered) == (
+                "pong", 1, {"n": 2}, me, True)
+            missed = await client.recv()  # replayed before the answer, kept for recv()
+            assert (missed.event, missed.data.data) == ("missed", {"n": 1})
+        # A session that cannot be resumed (kicked while away): the request fails with SessionLost.
+        cut(client._connection)
+        await until_away(server, me)
+        assert httpx.delete(f"{server.http}/api/clients/{me}", timeout=TIMEOUT).status_code == 202
+        with anyio.fail_after(TIMEOUT), pytest.raises(ws_micro.SessionLost):
+            await client.request("ping")
+        with anyio.fail_after(TIMEOUT):
+            assert (await client.request("ping")).id == 3  # connected again, as a new client
+
+
 async def test_recovery_off_changes_nothing_on_the_wire(server: Server) -> None:
     async with connect(server.ws + "?resume_token=whatever.secret&resume_offset=3") as ws:
         hello = await greeted(ws)

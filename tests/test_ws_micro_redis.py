@@ -130,6 +130,34 @@ async def test_cluster_two_instances_behave_as_one_server(redis_server: RedisSer
 
 @pytest.mark.process
 @pytest.mark.redis
+async def test_cluster_an_error_that_comes_back_from_redis_carries_the_frames_id(redis_server: RedisServer) -> None:
+    with cluster(redis_server, 2) as (x, y):
+        async with ws_client(x.ws) as (a, id_a):
+            async with ws_client(y.ws) as (b, id_b):
+                # A relay to the other instance reaches its client unchanged, and its sender gets no answer.
+                sent = json.dumps({**frame("chat", id_a, {"n": 1}, to=id_b), "id": "to-b"})
+                await a.send(sent)
+                assert await recv_text(b) == sent
+                await a.send(text("ping", id_a))
+                assert await recv_json(a) == frame("pong", id_a)
+            await x.wait_until(lambda: x.get(f"/api/clients/{id_b}").status_code == 404, "B to leave the cluster")
+            # B is gone from the other instance: the answer comes back through Redis, after the frame was
+            # handled here, and still names the frame it answers.
+            for request_id in ("to-b", 7, "é🙂"):
+                await a.send(json.dumps({**frame("chat", id_a, {"n": 2}, to=id_b), "id": request_id}))
+                refused = await recv_json(a)
+                assert refused["data"]["data"].pop("message") == f"no client with id {id_b!r}"
+                assert refused == {**error(id_a, "unknown_client", "chat"), "id": request_id}
+            # Redis away: the frame may not have arrived, and the error says which frame it was.
+            redis_server.stop()
+            await a.send(json.dumps({**frame("chat", id_a, {"n": 3}, to=id_b), "id": 8}))
+            refused = await recv_json(a)
+            assert (refused["id"], refused["data"]["data"]["code"]) == (8, "backend_unavailable")
+        assert x.metric("ws_micro_errors_total", code="unknown_client") == 3
+
+
+@pytest.mark.process
+@pytest.mark.redis
 async def test_cluster_three_instances_share_rooms_and_broadcasts(redis_server: RedisServer) -> None:
     with cluster(redis_server, 3) as servers:
         async with contextlib.AsyncExitStack() as stack:

@@ -103,6 +103,13 @@ async def test_e2e_ws_micro_app_runs_under_each_asgi_server_with_its_environment
             kicked = await anyio.to_thread.run_sync(lambda: httpx.delete(f"{server.http}/api/clients/{id_b}",
                                                                           timeout=TIMEOUT))
             assert kicked.status_code == 202 and await closed_with(b) == closed_for(1000, "disconnected by the server")
+        async with ws_micro.Client(server.ws) as client:  # requests and replies: the id comes back
+            with anyio.fail_after(TIMEOUT):
+                pong = await client.request("ping", {"n": 2})
+                assert (pong.event, pong.id, pong.data.data) == ("pong", 1, {"n": 2})
+                with pytest.raises(ws_micro.RequestError) as failed:
+                    await client.request("nothing")
+                assert (failed.value.code, failed.value.answer.id) == ("unknown_event", 2)
         async with ws_client(server.ws) as (flood, me):
             for _ in range(30):
                 await flood.send(json.dumps(frame("ping", me)))
