@@ -2227,6 +2227,13 @@ def _signature(secret: bytes, body: bytes, timestamp: int) -> str:
     return f"t={timestamp},v1={hmac.new(secret, b'%d.' % timestamp + body, hashlib.sha256).hexdigest()}"
 
 
+def _not_installed(what: str, library: str, install: str, extra: str, exc: ImportError) -> ValueError:
+    """The one-line error for ``what`` (a setting) whose optional ``library`` cannot be imported: the pip command
+    that installs it, which works beside a copied ws_micro.py as in a checkout (ws-micro is installed from a
+    checkout, not from PyPI, so ``pip install 'ws-micro[hook]'`` would find nothing), and the extra."""
+    return ValueError(f"{what} needs {library} ({exc}): pip install {install} (or the extra ws-micro[{extra}])")
+
+
 class _BackendClient:
     """Signed JSON POSTs to the backend over a pool of kept-alive connections (aiohttp, imported only
     when a backend URL is set: a copied single file runs without it).  The connect hook and forwarding
@@ -2235,8 +2242,8 @@ class _BackendClient:
     def __init__(self, settings: Settings, what: str) -> None:
         try:
             import aiohttp
-        except ImportError:
-            raise ValueError(f"{what} needs aiohttp: pip install 'ws-micro[hook]'") from None
+        except ImportError as exc:
+            raise _not_installed(what, "aiohttp", "aiohttp", "hook", exc) from None
         assert settings.backend_secret is not None
         self._aiohttp = aiohttp
         self._secret = settings.backend_secret.encode()
@@ -2324,8 +2331,9 @@ class _TokenVerifier:
     def __init__(self, settings: Settings) -> None:
         try:
             import jwt
-        except ImportError:
-            raise ValueError("jwt_secret and jwt_public_key need PyJWT: pip install 'ws-micro[jwt]'") from None
+        except ImportError as exc:
+            what = " and ".join(name for name in ("jwt_secret", "jwt_public_key") if getattr(settings, name))
+            raise _not_installed(what, "PyJWT", "'pyjwt[crypto]'", "jwt", exc) from None
         self._jwt = jwt
         self.settings = settings
         self.keys: dict[str, Any] = {}  # algorithm -> key

@@ -42,6 +42,7 @@ from ws_micro import (
     _Kick,
     _KickUser,
     _MetricFamily,
+    _not_installed,
     _Page,
     _Paging,
     _Parked,
@@ -53,13 +54,15 @@ from ws_micro import (
     logger,
 )
 
+_REDIS_MISSING: ImportError | None = None  # why redis-py cannot be imported, said when redis_url is set
 try:  # optional: without redis-py, RedisBackend says what to install
     import redis.asyncio
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
     from redis.exceptions import RedisError
-except ImportError:
+except ImportError as exc:
     redis = None  # type: ignore[assignment]
+    _REDIS_MISSING = exc
 
 __version__ = "0.3.0"
 
@@ -583,8 +586,8 @@ class RedisBackend(_Backend):
     """
 
     def __init__(self, registry: Registry, settings: Settings) -> None:
-        if redis is None:
-            raise ValueError("redis_url needs redis-py: pip install 'redis[hiredis]'")
+        if _REDIS_MISSING is not None:
+            raise _not_installed("redis_url", "redis-py", "'redis[hiredis]'", "redis", _REDIS_MISSING)
         assert settings.redis_url is not None
         self.registry = registry
         self.settings = settings

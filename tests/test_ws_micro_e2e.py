@@ -22,6 +22,7 @@ import anyio
 import httpx2 as httpx
 import pytest
 from conftest import (
+    BACKEND_SECRET,
     JSON,
     ROOT,
     TIMEOUT,
@@ -378,3 +379,38 @@ def test_e2e_without_token_x_forwarded_for_cannot_make_a_peer_loopback() -> None
             deleted = httpx.delete(f"{remote}/api/clients/x", headers={**local, **forged}, timeout=TIMEOUT)
             assert deleted.status_code == 403, forged
         assert server.get("/api/clients").status_code == 200  # a program on this machine, no proxy: served
+
+
+# --------------------------------------------------------------------------
+# Errors that name the fix
+# --------------------------------------------------------------------------
+
+# Each optional package, the options that need it, and the command that installs it: one that works for a
+# copied ws_micro.py and a checkout alike (ws-micro is not on PyPI, so 'pip install ws-micro[hook]' would fail).
+NEEDS = {
+    "forward_url": ("aiohttp", {"WS_MICRO_FORWARD_URL": "http://127.0.0.1:9/"}, "pip install aiohttp"),
+    "connect_hook_url": ("aiohttp", {"WS_MICRO_CONNECT_HOOK_URL": "http://127.0.0.1:9/"}, "pip install aiohttp"),
+    "jwt_secret": ("jwt", {"WS_MICRO_JWT_SECRET": "s" * 32}, "pip install 'pyjwt[crypto]'"),
+    "redis_url": ("redis", {"WS_MICRO_REDIS_URL": "redis://127.0.0.1:1"}, "pip install 'redis[hiredis]'"),
+}
+
+
+@pytest.mark.parametrize("how", ["python-ws_micro.py", "uvicorn-ws_micro:app"])
+@pytest.mark.parametrize("setting", NEEDS)
+def test_without_an_optional_package_the_server_says_in_one_line_what_to_pip_install(
+        setting: str, how: str, tmp_path: Path) -> None:
+    package, environ, install = NEEDS[setting]
+    # A folder ahead of site-packages whose module of that name is not there, as where it was never installed.
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    (missing / f"{package}.py").write_text(f"raise ModuleNotFoundError(\"No module named '{package}'\", "
+                                           f"name='{package}')\n")
+    command = [sys.executable, "ws_micro.py"] if how == "python-ws_micro.py" else [
+        sys.executable, "-m", "uvicorn", "ws_micro:app", "--port", str(free_port())]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT, env={
+        **os.environ, "WS_MICRO_BACKEND_SECRET": BACKEND_SECRET, **environ, "PYTHONPATH": str(missing)})
+    assert result.returncode != 0, result
+    told = [line for line in result.stderr.splitlines() if "pip install" in line]
+    assert len(told) == 1 and f"{setting} needs" in told[0] and install in told[0], result.stderr
+    assert "pip install 'ws-micro" not in told[0] and "pip install ws-micro" not in told[0], told[0]
+    assert "Traceback" not in result.stderr, result.stderr
