@@ -689,9 +689,10 @@ class _Revocations:
 # server, a request head that did not arrive within handshake_timeout; no valid credentials (401),
 # credentials the connect hook refused (403), a connect hook that did not answer (503), an address
 # with connect_hook_max_pending_per_address handshakes waiting for the hook already (503); under serve(),
-# a head over max_head_size or over websockets' line limits (431, 414), or one websockets cannot read (400).
+# a head over max_head_size or over websockets' line limits (431, 414), or one websockets cannot read (400);
+# a path that is not the endpoint (404).
 HANDSHAKE_REFUSALS = ("origin", "full", "timeout", "unauthorized", "forbidden", "auth_unavailable",
-                      "invalid_resume", "resume_token_used", "over_share", "too_large", "invalid_request")
+                      "invalid_resume", "resume_token_used", "over_share", "too_large", "invalid_request", "not_found")
 
 # Why connections end (the disconnects_total labels).
 DISCONNECT_REASONS = ("closed", "abnormal", "shutdown", "peer_error", "kicked", "slow_consumer",
@@ -3144,12 +3145,16 @@ def _event_name(text: str) -> str | None:
     return name if isinstance(name, str) else None
 
 
+MAX_CLOSE_REASON = 123  # bytes of a close reason: a close frame's payload is at most 125, the code taking 2
+
+
 async def _deny(websocket: WebSocket, status: int, code: str, message: str) -> None:
     """Refuse a handshake with a real HTTP status, before accept."""
     try:
         await websocket.send_denial_response(_refusal_response(status, code, message))
-    except RuntimeError:  # the server lacks the denial-response extension: it answers 403
-        await websocket.close(CLOSE_POLICY_VIOLATION)
+    except RuntimeError:  # the server lacks the denial-response extension (daphne): it answers 403, with the reason
+        reason = f"{code}: {message}".encode()[:MAX_CLOSE_REASON].decode(errors="ignore")  # as a server may log it
+        await websocket.close(CLOSE_POLICY_VIOLATION, reason)
 
 
 # --------------------------------------------------------------------------
@@ -3772,6 +3777,14 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
         async with registry._backend.running(), authorizer.running(), forwarder.running():
             yield
 
+    async def no_endpoint(websocket: WebSocket) -> None:
+        """A handshake to a path that is not the endpoint (a typo, a forgotten mount prefix): 404, naming the
+        endpoint, where Starlette's router would close it, which servers answer with 403 and no body."""
+        registry._metrics.rejected_handshakes["not_found"] += 1
+        endpoint = websocket.scope.get("root_path", "") + settings.path  # mounted: the mount's prefix, then ours
+        await _deny(websocket, 404, "not_found", f"no WebSocket endpoint at {_clipped(websocket.scope['path'])}; "
+                                                 f"the gateway's is {endpoint!r}")
+
     page_routes: list[BaseRoute] = []
     static = _static_folder(settings.static_dir)
     if static is not None:
@@ -3791,6 +3804,7 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             *_api_routes(registry, settings),
+            WebSocketRoute("/{path:path}", no_endpoint),  # any other WebSocket path; before a Mount, which takes any
             *page_routes,
         ],
         exception_handlers={HTTPException: _http_error, BackendUnavailable: _backend_unavailable},
@@ -4123,6 +4137,10 @@ def _handshake_refused(status: int, body: bytes) -> HandshakeRefused:
         error = msgspec.json.decode(body)["error"]
         return HandshakeRefused(status, str(error["code"]), str(error["message"]))
     except (msgspec.DecodeError, KeyError, TypeError):
+        if status == 403 and not body.strip():  # what a host app's router answers for a path it has no route for
+            return HandshakeRefused(status, "http_error", "no reason given: a host app answers so for a path outside "
+                                                          "the gateway's mount (is the URL's path right?), and daphne "
+                                                          "for any refusal")
         return HandshakeRefused(status, "http_error", body[:200].decode(errors="replace"))
 
 

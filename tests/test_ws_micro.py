@@ -53,6 +53,7 @@ from conftest import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
@@ -357,11 +358,17 @@ def test_middleware_added_to_the_gateway_also_sees_its_websockets() -> None:
     assert "websocket" in seen
 
 
-def test_other_websocket_paths_get_starlettes_answer() -> None:
-    with TestClient(create_app()) as client, pytest.raises(WebSocketDisconnect) as refused, \
+@pytest.mark.parametrize("middleware", [False, True], ids=["direct", "through-starlettes-stack"])
+def test_other_websocket_paths_get_404_naming_the_endpoint(middleware: bool) -> None:
+    app = create_app(path="/live")
+    if middleware:
+        app.add_middleware(GZipMiddleware)
+    with TestClient(app) as client, pytest.raises(WebSocketDenialResponse) as refused, \
             client.websocket_connect("/ws/elsewhere"):
         pass
-    assert refused.value.code == 1000  # Starlette's router closes unknown WebSocket routes
+    assert refused.value.status_code == 404  # where Starlette's router would close it: 403, with no body
+    assert refused.value.json() == {"error": {"code": "not_found", "message": (
+        "no WebSocket endpoint at '/ws/elsewhere'; the gateway's is '/live'")}}
 
 
 # --------------------------------------------------------------------------

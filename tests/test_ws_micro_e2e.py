@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx2 as httpx
@@ -42,6 +43,7 @@ from conftest import (
 )
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as connect_sync
 
 pytestmark = [pytest.mark.anyio, pytest.mark.process]
 
@@ -414,3 +416,62 @@ def test_without_an_optional_package_the_server_says_in_one_line_what_to_pip_ins
     assert len(told) == 1 and f"{setting} needs" in told[0] and install in told[0], result.stderr
     assert "pip install 'ws-micro" not in told[0] and "pip install ws-micro" not in told[0], told[0]
     assert "Traceback" not in result.stderr, result.stderr
+
+
+# A host app that mounts the gateway under /gateway, as docs/embedding.md shows.
+MOUNTING_HOST = """
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+
+import ws_micro
+
+
+async def healthz(request):
+    return PlainTextResponse("ok")
+
+
+app = Starlette(routes=[Route("/healthz", healthz), Mount("/gateway", app=ws_micro.create_app())])
+"""
+
+
+def refused(url: str) -> tuple[int, Any]:
+    """The status and JSON body with which the server refuses a handshake to ``url``."""
+    with pytest.raises(InvalidStatus) as refusal, connect_sync(url, open_timeout=TIMEOUT):
+        pass
+    response = refusal.value.response
+    assert response.headers["content-type"] == "application/json", response.headers
+    return response.status_code, json.loads(response.body)
+
+
+@pytest.mark.parametrize("mounted", [False, True], ids=["served", "mounted-under-gateway"])
+def test_e2e_a_websocket_to_another_path_gets_404_naming_the_endpoint(mounted: bool, tmp_path: Path) -> None:
+    # A typo, or a forgotten mount prefix, used to get 403 with an empty body: nothing said what was wrong.
+    (tmp_path / "host.py").write_text(MOUNTING_HOST)
+    prefix = "/gateway" if mounted else ""
+    with run_server("--log-level", "warning", uvicorn_app="host:app" if mounted else False,
+                    cwd=tmp_path if mounted else ROOT, env={"PYTHONPATH": str(ROOT)}) as server:
+        base = f"ws://127.0.0.1:{server.port}{prefix}"
+        for path in ("/ws/py_clent", "/", "/ws/py_client/", "/static/ws_micro.js", "/api/clients"):
+            assert refused(base + path) == (404, {"error": {"code": "not_found", "message": (
+                f"no WebSocket endpoint at '{prefix}{path}'; the gateway's is '{prefix}/ws/py_client'")}}), path
+        assert server.metric("ws_micro_rejected_handshakes_total", path=f"{prefix}/metrics", reason="not_found") == 5
+        long = "/x" * 2000  # within the 8 KB request line websockets reads
+        status, body = refused(base + long)
+        assert status == 404 and len(body["error"]["message"]) < 300, body
+        # The command-line client says the same.
+        result = subprocess.run([sys.executable, "ws_micro.py", "client", f"{base}/wrong"], cwd=ROOT, input="",
+                                capture_output=True, text=True, timeout=TIMEOUT)
+        assert result.returncode == 1
+        assert result.stderr == (f"ws-micro client: the server refused the connection: HTTP 404 not_found: no "
+                                 f"WebSocket endpoint at '{prefix}/wrong'; the gateway's is '{prefix}/ws/py_client'\n")
+        if mounted:  # the host's own router answers outside the mount, with 403 and no body: the client guesses
+            result = subprocess.run([sys.executable, "ws_micro.py", "client", f"ws://127.0.0.1:{server.port}/ws/py_client"],
+                                    cwd=ROOT, input="", capture_output=True, text=True, timeout=TIMEOUT)
+            assert result.returncode == 1
+            assert result.stderr == ("ws-micro client: the server refused the connection: HTTP 403 http_error: no "
+                                     "reason given: a host app answers so for a path outside the gateway's mount (is "
+                                     "the URL's path right?), and daphne for any refusal\n")
+        # The endpoint itself still answers.
+        with connect_sync(f"{base}/ws/py_client", open_timeout=TIMEOUT) as ws:
+            assert json.loads(ws.recv(timeout=TIMEOUT))["event"] == "connect"
