@@ -3726,6 +3726,12 @@ def _redis_backend(registry: Registry, settings: Settings) -> _Backend:
     return backend
 
 
+# What the gateway says, once, when a request reaches it before its lifespan ran; ws_micro_redis.py tells clients
+# and /healthz the same, for the Redis connection the lifespan would have opened.
+_NO_LIFESPAN = ("the gateway's lifespan did not run (a Mount does not run a mounted app's lifespan, and daphne runs "
+                "none): run it from the host app's lifespan (docs/embedding.md, \"The gateway's lifespan\")")
+
+
 def create_app(*, registry: Registry | None = None, debug: bool = False, **options: Any) -> Starlette:
     """Build the gateway as a Starlette app; ``options`` are the fields of :class:`Settings`.
 
@@ -3771,11 +3777,30 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
                                      "Vary": "Origin"})
         return response
 
+    lifespan_ran = False
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        nonlocal lifespan_ran
+        lifespan_ran = True
         _harden_process(settings, server)
         async with registry._backend.running(), authorizer.running(), forwarder.running():
             yield
+
+    def first_request() -> None:
+        """Without the lifespan (a host app that does not run it, daphne): do now what it does that needs no
+        shutdown, and say once, as a WARNING, what is lost without the rest."""
+        if lifespan_ran:
+            return
+        _harden_process(settings, server)
+        lost = []
+        if settings.redis_url:
+            lost.append("cluster mode has no Redis connection (clients on other instances cannot be reached, and "
+                        "/healthz says degraded)")
+        if settings.lifecycle_target is not None:
+            lost.append("the disconnect notices still queued at shutdown will not be sent")
+        if lost:
+            logger.warning("%s; without it, %s", _NO_LIFESPAN, " and ".join(lost))
 
     async def no_endpoint(websocket: WebSocket) -> None:
         """A handshake to a path that is not the endpoint (a typo, a forgotten mount prefix): 404, naming the
@@ -3797,6 +3822,7 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
 
     app = _GatewayApp(
         gateway,
+        first_request,
         debug=debug,
         routes=[
             WebSocketRoute(settings.path, gateway),
@@ -3819,11 +3845,15 @@ class _GatewayApp(Starlette):
     """Starlette, calling the WebSocket endpoint directly when no middleware was added: its middleware
     and router would each keep a coroutine frame alive for as long as a connection lasts."""
 
-    def __init__(self, gateway: _Gateway, **options: Any) -> None:
+    def __init__(self, gateway: _Gateway, first_request: Callable[[], None], **options: Any) -> None:
         super().__init__(**options)
         self.gateway = gateway
+        self._first_request: Callable[[], None] | None = first_request  # None once called
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._first_request is not None and scope["type"] != "lifespan":
+            first_request, self._first_request = self._first_request, None
+            first_request()
         if scope["type"] == "websocket" and not self.user_middleware:
             path, root_path = scope["path"], scope.get("root_path", "")
             if root_path and path.startswith(root_path):  # mounted: match as Starlette's router does
