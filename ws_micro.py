@@ -3777,13 +3777,42 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
                                      "Vary": "Origin"})
         return response
 
+    page_routes: list[BaseRoute] = []
+    static = _static_folder(settings.static_dir)
+    if static is not None:
+        index = static / "index.html"
+
+        async def page(request: Request) -> Response:
+            return FileResponse(index)
+
+        page_routes = [Route("/", page, methods=["GET"]), Mount("/static", StaticFiles(directory=static))]
+    else:  # say why where the page would be, and once in the log
+        why = ("static_dir is empty" if not settings.static_dir else
+               f"no static folder with an index.html beside {Path(__file__).name} (static_dir 'auto')")
+        off = f"the browser page is off: {why}; set static_dir to a folder with an index.html (docs/browser.md)"
+
+        async def no_page(request: Request) -> Response:
+            return _api_error(404, "not_found", off)
+
+        page_routes = [Route("/", no_page, methods=["GET"])]
+
+    def starting() -> None:
+        """What the app does as it starts: for its process, and a word about what is off."""
+        _harden_process(settings, server)
+        if static is None and not settings.static_dir:
+            logger.info("browser page off: static_dir is empty")
+        elif static is None:  # a copied single file: the page's folder was not copied with it
+            logger.info("browser page off: no static folder with an index.html beside %s, nor installed with it; "
+                        "copy static/ beside it, or set static_dir to a folder with an index.html (docs/browser.md)",
+                        Path(__file__).resolve())
+
     lifespan_ran = False
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         nonlocal lifespan_ran
         lifespan_ran = True
-        _harden_process(settings, server)
+        starting()
         async with registry._backend.running(), authorizer.running(), forwarder.running():
             yield
 
@@ -3792,7 +3821,7 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
         shutdown, and say once, as a WARNING, what is lost without the rest."""
         if lifespan_ran:
             return
-        _harden_process(settings, server)
+        starting()
         lost = []
         if settings.redis_url:
             lost.append("cluster mode has no Redis connection (clients on other instances cannot be reached, and "
@@ -3809,16 +3838,6 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
         endpoint = websocket.scope.get("root_path", "") + settings.path  # mounted: the mount's prefix, then ours
         await _deny(websocket, 404, "not_found", f"no WebSocket endpoint at {_clipped(websocket.scope['path'])}; "
                                                  f"the gateway's is {endpoint!r}")
-
-    page_routes: list[BaseRoute] = []
-    static = _static_folder(settings.static_dir)
-    if static is not None:
-        index = static / "index.html"
-
-        async def page(request: Request) -> Response:
-            return FileResponse(index)
-
-        page_routes = [Route("/", page, methods=["GET"]), Mount("/static", StaticFiles(directory=static))]
 
     app = _GatewayApp(
         gateway,

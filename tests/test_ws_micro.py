@@ -1222,11 +1222,28 @@ def test_without_a_page_the_gateway_still_runs(tmp_path: Path) -> None:
 
 
 @pytest.mark.process
-def test_a_copied_single_file_runs_without_its_static_folder(tmp_path: Path) -> None:
+@pytest.mark.parametrize("copied", [True, False], ids=["a-copied-single-file", "static_dir-empty"])
+def test_without_its_page_the_gateway_says_why_at_startup_and_at_its_address(copied: bool, tmp_path: Path) -> None:
+    # The README says to open / : it answered a bare 404, and nothing said the page was off.
     (tmp_path / "ws_micro.py").write_bytes((ROOT / "ws_micro.py").read_bytes())
-    with run_server("--log-level", "warning", cwd=tmp_path) as server:
-        assert server.get("/").json()["error"]["code"] == "not_found"
+    log = tmp_path / "server.log"
+    with run_server(*(() if copied else ("--static-dir", "")), cwd=tmp_path if copied else ROOT, log=log) as server:
+        page = server.get("/")
+        assert page.status_code == 404 and page.json()["error"]["code"] == "not_found"
+        why = ("no static folder with an index.html beside ws_micro.py (static_dir 'auto')" if copied
+               else "static_dir is empty")
+        assert page.json()["error"]["message"] == (
+            f"the browser page is off: {why}; set static_dir to a folder with an index.html (docs/browser.md)")
+        assert str(tmp_path) not in page.text  # the server's folders are the operator's business
         assert server.get("/static/ws_micro.js").status_code == 404
+        assert server.get("/healthz").json()["status"] == "ok"
+    said = [line for line in log.read_text().splitlines() if "browser page" in line]
+    assert len(said) == 1 and said[0].startswith("INFO:"), log.read_text()
+    if copied:
+        assert f"browser page off: no static folder with an index.html beside {tmp_path / 'ws_micro.py'}" in said[0]
+        assert "copy static/ beside it" in said[0]
+    else:
+        assert said[0].endswith("browser page off: static_dir is empty"), said
 
 
 def test_the_core_reaches_other_libraries_through_their_public_names_only() -> None:
