@@ -3719,8 +3719,8 @@ def _redis_backend(registry: Registry, settings: Settings) -> _Backend:
     except ImportError as exc:
         raise ValueError(str(exc)) from None
     if cluster is None:
-        raise ValueError("redis_url needs ws_micro_redis.py beside ws_micro.py (pip install ws-micro installs both; "
-                         "with a copied ws_micro.py, copy ws_micro_redis.py beside it) and redis-py: "
+        raise ValueError("redis_url needs ws_micro_redis.py beside ws_micro.py (pip install . in a checkout installs "
+                         "both; with a copied ws_micro.py, copy ws_micro_redis.py beside it) and redis-py: "
                          "pip install 'redis[hiredis]'")
     backend: _Backend = cluster.RedisBackend(registry, settings)
     return backend
