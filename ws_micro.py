@@ -91,10 +91,11 @@ import anyio.from_thread
 import anyio.lowlevel
 import msgspec
 from starlette.applications import Starlette
+from starlette.datastructures import URLPath
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import FileResponse, PlainTextResponse, Response
-from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
+from starlette.routing import BaseRoute, Match, Mount, NoMatchFound, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -3849,7 +3850,7 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             *_api_routes(registry, settings),
-            WebSocketRoute("/{path:path}", no_endpoint),  # any other WebSocket path; before a Mount, which takes any
+            _OtherWebSockets(no_endpoint),  # before a Mount, which would take a WebSocket too
             *page_routes,
         ],
         exception_handlers={HTTPException: _http_error, BackendUnavailable: _backend_unavailable},
@@ -3858,6 +3859,23 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
     app.state.registry = registry
     app.state.settings = settings
     return app
+
+
+class _OtherWebSockets(BaseRoute):
+    """The route of every WebSocket that the routes before it did not take, whatever its path (a path's regular
+    expression would miss one with a line break in it), to ``endpoint``."""
+
+    def __init__(self, endpoint: Callable[[WebSocket], Awaitable[None]]) -> None:
+        self.endpoint = endpoint
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        return (Match.FULL, {}) if scope["type"] == "websocket" else (Match.NONE, {})
+
+    def url_path_for(self, name: str, /, **path_params: Any) -> URLPath:
+        raise NoMatchFound(name, path_params)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.endpoint(WebSocket(scope, receive, send))
 
 
 class _GatewayApp(Starlette):

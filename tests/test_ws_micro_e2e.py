@@ -459,6 +459,10 @@ def test_e2e_a_websocket_to_another_path_gets_404_naming_the_endpoint(mounted: b
         long = "/x" * 2000  # within the 8 KB request line websockets reads
         status, body = refused(base + long)
         assert status == 404 and len(body["error"]["message"]) < 300, body
+        if not mounted:  # a line break in the path, which a route's regular expression (a Mount's too) does not match
+            assert refused(base + "/a%0D%0ASet-Cookie:%20x=1") == (404, {"error": {"code": "not_found", "message": (
+                "no WebSocket endpoint at '/a\\r\\nSet-Cookie: x=1'; the gateway's is '/ws/py_client'")}})
+            assert server.metric("ws_micro_rejected_handshakes_total", reason="not_found") == 7
         # The command-line client says the same.
         result = subprocess.run([sys.executable, "ws_micro.py", "client", f"{base}/wrong"], cwd=ROOT, input="",
                                 capture_output=True, text=True, timeout=TIMEOUT)
