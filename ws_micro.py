@@ -100,10 +100,11 @@ import anyio.from_thread
 import anyio.lowlevel
 import msgspec
 from starlette.applications import Starlette
+from starlette.datastructures import URLPath
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import FileResponse, PlainTextResponse, Response
-from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
+from starlette.routing import BaseRoute, Match, Mount, NoMatchFound, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -845,9 +846,10 @@ class _Revocations:
 # server, a request head that did not arrive within handshake_timeout; no valid credentials (401),
 # credentials the connect hook refused (403), a connect hook that did not answer (503), an address
 # with connect_hook_max_pending_per_address handshakes waiting for the hook already (503); under serve(),
-# a head over max_head_size or over websockets' line limits (431, 414), or one websockets cannot read (400).
+# a head over max_head_size or over websockets' line limits (431, 414), or one websockets cannot read (400);
+# a path that is not the endpoint (404).
 HANDSHAKE_REFUSALS = ("origin", "full", "timeout", "unauthorized", "forbidden", "auth_unavailable",
-                      "invalid_resume", "resume_token_used", "over_share", "too_large", "invalid_request")
+                      "invalid_resume", "resume_token_used", "over_share", "too_large", "invalid_request", "not_found")
 
 # Why connections end (the disconnects_total labels).
 DISCONNECT_REASONS = ("closed", "abnormal", "shutdown", "peer_error", "kicked", "slow_consumer",
@@ -2385,6 +2387,13 @@ def _signature(secret: bytes, body: bytes, timestamp: int) -> str:
     return f"t={timestamp},v1={hmac.new(secret, b'%d.' % timestamp + body, hashlib.sha256).hexdigest()}"
 
 
+def _not_installed(what: str, library: str, install: str, extra: str, exc: ImportError) -> ValueError:
+    """The one-line error for ``what`` (a setting) whose optional ``library`` cannot be imported: the pip command
+    that installs it, which works beside a copied ws_micro.py as in a checkout (ws-micro is installed from a
+    checkout, not from PyPI, so ``pip install 'ws-micro[hook]'`` would find nothing), and the extra."""
+    return ValueError(f"{what} needs {library} ({exc}): pip install {install} (or the extra ws-micro[{extra}])")
+
+
 class _BackendClient:
     """Signed JSON POSTs to the backend over a pool of kept-alive connections (aiohttp, imported only
     when a backend URL is set: a copied single file runs without it).  The connect hook and forwarding
@@ -2393,8 +2402,8 @@ class _BackendClient:
     def __init__(self, settings: Settings, what: str) -> None:
         try:
             import aiohttp
-        except ImportError:
-            raise ValueError(f"{what} needs aiohttp: pip install 'ws-micro[hook]'") from None
+        except ImportError as exc:
+            raise _not_installed(what, "aiohttp", "aiohttp", "hook", exc) from None
         assert settings.backend_secret is not None
         self._aiohttp = aiohttp
         self._secret = settings.backend_secret.encode()
@@ -2482,8 +2491,9 @@ class _TokenVerifier:
     def __init__(self, settings: Settings) -> None:
         try:
             import jwt
-        except ImportError:
-            raise ValueError("jwt_secret and jwt_public_key need PyJWT: pip install 'ws-micro[jwt]'") from None
+        except ImportError as exc:
+            what = " and ".join(name for name in ("jwt_secret", "jwt_public_key") if getattr(settings, name))
+            raise _not_installed(what, "PyJWT", "'pyjwt[crypto]'", "jwt", exc) from None
         self._jwt = jwt
         self.settings = settings
         self.keys: dict[str, Any] = {}  # algorithm -> key
@@ -3349,12 +3359,16 @@ def _id_problem(exc: msgspec.ValidationError) -> str | None:
     return f"{_REQUEST_ID_RULE}, but got: {exc}" if str(exc).endswith("`$.id`") else None
 
 
+MAX_CLOSE_REASON = 123  # bytes of a close reason: a close frame's payload is at most 125, the code taking 2
+
+
 async def _deny(websocket: WebSocket, status: int, code: str, message: str) -> None:
     """Refuse a handshake with a real HTTP status, before accept."""
     try:
         await websocket.send_denial_response(_refusal_response(status, code, message))
-    except RuntimeError:  # the server lacks the denial-response extension: it answers 403
-        await websocket.close(CLOSE_POLICY_VIOLATION)
+    except RuntimeError:  # the server lacks the denial-response extension (daphne): it answers 403, with the reason
+        reason = f"{code}: {message}".encode()[:MAX_CLOSE_REASON].decode(errors="ignore")  # as a server may log it
+        await websocket.close(CLOSE_POLICY_VIOLATION, reason)
 
 
 # --------------------------------------------------------------------------
@@ -3919,11 +3933,17 @@ def _redis_backend(registry: Registry, settings: Settings) -> _Backend:
     except ImportError as exc:
         raise ValueError(str(exc)) from None
     if cluster is None:
-        raise ValueError("redis_url needs ws_micro_redis.py beside ws_micro.py (pip install ws-micro installs both; "
-                         "with a copied ws_micro.py, copy ws_micro_redis.py beside it) and redis-py: "
+        raise ValueError("redis_url needs ws_micro_redis.py beside ws_micro.py (pip install . in a checkout installs "
+                         "both; with a copied ws_micro.py, copy ws_micro_redis.py beside it) and redis-py: "
                          "pip install 'redis[hiredis]'")
     backend: _Backend = cluster.RedisBackend(registry, settings)
     return backend
+
+
+# What the gateway says, once, when a request reaches it before its lifespan ran; ws_micro_redis.py tells clients
+# and /healthz the same, for the Redis connection the lifespan would have opened.
+_NO_LIFESPAN = ("the gateway's lifespan did not run (a Mount does not run a mounted app's lifespan, and daphne runs "
+                "none): run it from the host app's lifespan (docs/embedding.md, \"The gateway's lifespan\")")
 
 
 def create_app(*, registry: Registry | None = None, debug: bool = False, **options: Any) -> Starlette:
@@ -3971,12 +3991,6 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
                                      "Vary": "Origin"})
         return response
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        _harden_process(settings, server)
-        async with registry._backend.running(), authorizer.running(), forwarder.running():
-            yield
-
     page_routes: list[BaseRoute] = []
     static = _static_folder(settings.static_dir)
     if static is not None:
@@ -3986,9 +4000,62 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
             return FileResponse(index)
 
         page_routes = [Route("/", page, methods=["GET"]), Mount("/static", StaticFiles(directory=static))]
+    else:  # say why where the page would be, and once in the log
+        why = ("static_dir is empty" if not settings.static_dir else
+               f"no static folder with an index.html beside {Path(__file__).name} (static_dir 'auto')")
+        off = f"the browser page is off: {why}; set static_dir to a folder with an index.html (docs/browser.md)"
+
+        async def no_page(request: Request) -> Response:
+            return _api_error(404, "not_found", off)
+
+        page_routes = [Route("/", no_page, methods=["GET"])]
+
+    def starting() -> None:
+        """What the app does as it starts: for its process, and a word about what is off."""
+        _harden_process(settings, server)
+        if static is None and not settings.static_dir:
+            logger.info("browser page off: static_dir is empty")
+        elif static is None:  # a copied single file: the page's folder was not copied with it
+            logger.info("browser page off: no static folder with an index.html beside %s, nor installed with it; "
+                        "copy static/ beside it, or set static_dir to a folder with an index.html (docs/browser.md)",
+                        Path(__file__).resolve())
+
+    lifespan_ran = False
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        nonlocal lifespan_ran
+        lifespan_ran = True
+        starting()
+        async with registry._backend.running(), authorizer.running(), forwarder.running():
+            yield
+
+    def first_request() -> None:
+        """Without the lifespan (a host app that does not run it, daphne): do now what it does that needs no
+        shutdown, and say once, as a WARNING, what is lost without the rest."""
+        if lifespan_ran:
+            return
+        starting()
+        lost = []
+        if settings.redis_url:
+            lost.append("cluster mode has no Redis connection (clients on other instances cannot be reached, and "
+                        "/healthz says degraded)")
+        if settings.lifecycle_target is not None:
+            lost.append("the disconnect notices still queued at shutdown will not be sent")
+        if lost:
+            logger.warning("%s; without it, %s", _NO_LIFESPAN, " and ".join(lost))
+
+    async def no_endpoint(websocket: WebSocket) -> None:
+        """A handshake to a path that is not the endpoint (a typo, a forgotten mount prefix): 404, naming the
+        endpoint, where Starlette's router would close it, which servers answer with 403 and no body."""
+        registry._metrics.rejected_handshakes["not_found"] += 1
+        endpoint = websocket.scope.get("root_path", "") + settings.path  # mounted: the mount's prefix, then ours
+        await _deny(websocket, 404, "not_found", f"no WebSocket endpoint at {_clipped(websocket.scope['path'])}; "
+                                                 f"the gateway's is {endpoint!r}")
 
     app = _GatewayApp(
         gateway,
+        first_request,
         debug=debug,
         routes=[
             WebSocketRoute(settings.path, gateway),
@@ -3996,6 +4063,7 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             *_api_routes(registry, settings),
+            _OtherWebSockets(no_endpoint),  # before a Mount, which would take a WebSocket too
             *page_routes,
         ],
         exception_handlers={HTTPException: _http_error, BackendUnavailable: _backend_unavailable},
@@ -4006,15 +4074,36 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
     return app
 
 
+class _OtherWebSockets(BaseRoute):
+    """The route of every WebSocket that the routes before it did not take, whatever its path (a path's regular
+    expression would miss one with a line break in it), to ``endpoint``."""
+
+    def __init__(self, endpoint: Callable[[WebSocket], Awaitable[None]]) -> None:
+        self.endpoint = endpoint
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        return (Match.FULL, {}) if scope["type"] == "websocket" else (Match.NONE, {})
+
+    def url_path_for(self, name: str, /, **path_params: Any) -> URLPath:
+        raise NoMatchFound(name, path_params)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.endpoint(WebSocket(scope, receive, send))
+
+
 class _GatewayApp(Starlette):
     """Starlette, calling the WebSocket endpoint directly when no middleware was added: its middleware
     and router would each keep a coroutine frame alive for as long as a connection lasts."""
 
-    def __init__(self, gateway: _Gateway, **options: Any) -> None:
+    def __init__(self, gateway: _Gateway, first_request: Callable[[], None], **options: Any) -> None:
         super().__init__(**options)
         self.gateway = gateway
+        self._first_request: Callable[[], None] | None = first_request  # None once called
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._first_request is not None and scope["type"] != "lifespan":
+            first_request, self._first_request = self._first_request, None
+            first_request()
         if scope["type"] == "websocket" and not self.user_middleware:
             path, root_path = scope["path"], scope.get("root_path", "")
             if root_path and path.startswith(root_path):  # mounted: match as Starlette's router does
@@ -4430,6 +4519,10 @@ def _handshake_refused(status: int, body: bytes) -> HandshakeRefused:
         error = msgspec.json.decode(body)["error"]
         return HandshakeRefused(status, str(error["code"]), str(error["message"]))
     except (msgspec.DecodeError, KeyError, TypeError):
+        if status == 403 and not body.strip():  # what a host app's router answers for a path it has no route for
+            return HandshakeRefused(status, "http_error", "no reason given: a host app answers so for a path outside "
+                                                          "the gateway's mount (is the URL's path right?), and daphne "
+                                                          "for any refusal")
         return HandshakeRefused(status, "http_error", body[:200].decode(errors="replace"))
 
 

@@ -27,6 +27,7 @@ from anyio.abc import TaskGroup
 
 import ws_micro
 from ws_micro import (
+    _NO_LIFESPAN,
     BACKEND_UNAVAILABLE,
     UNKNOWN_CLIENT,
     BackendUnavailable,
@@ -42,6 +43,7 @@ from ws_micro import (
     _Kick,
     _KickUser,
     _MetricFamily,
+    _not_installed,
     _Page,
     _Paging,
     _Parked,
@@ -53,19 +55,23 @@ from ws_micro import (
     logger,
 )
 
+_REDIS_MISSING: ImportError | None = None  # why redis-py cannot be imported, said when redis_url is set
 try:  # optional: without redis-py, RedisBackend says what to install
     import redis.asyncio
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
     from redis.exceptions import RedisError
-except ImportError:
+except ImportError as exc:
     redis = None  # type: ignore[assignment]
+    _REDIS_MISSING = exc
 
 __version__ = "0.3.0"
 
 ws_micro._check_sibling(__file__, __version__)
 
 UNAVAILABLE = "Redis is unavailable; only clients on this instance can be reached"
+NOT_STARTED = (f"cluster mode has no Redis connection, because {_NO_LIFESPAN}; "
+               "only clients on this instance can be reached")
 RESYNCING = ("Redis lost the cluster's state and instances are still registering again; "
              "only clients on this instance and on instances already back can be reached")
 NOT_LISTENING = "not listening to Redis (reconnecting, or dead for less than instance_ttl)"
@@ -583,13 +589,14 @@ class RedisBackend(_Backend):
     """
 
     def __init__(self, registry: Registry, settings: Settings) -> None:
-        if redis is None:
-            raise ValueError("redis_url needs redis-py: pip install 'redis[hiredis]'")
+        if _REDIS_MISSING is not None:
+            raise _not_installed("redis_url", "redis-py", "'redis[hiredis]'", "redis", _REDIS_MISSING)
         assert settings.redis_url is not None
         self.registry = registry
         self.settings = settings
         self.instance = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.available = False
+        self.started = False  # whether running() ever ran: without it (no lifespan), Redis is never reached
         # Deliveries from other instances, and those lost (pub/sub is at-most-once).
         self.received = 0
         self.dropped = collections.Counter(dict.fromkeys(CLUSTER_DROP_REASONS, 0))
@@ -631,6 +638,7 @@ class RedisBackend(_Backend):
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """Keep this instance in the cluster while the app runs; leave it cleanly at shutdown."""
+        self.started = True
         async with anyio.create_task_group() as tasks:
             self._tasks = tasks
             self._outbox_ready, self._outbox_drained = anyio.Event(), anyio.Event()
@@ -904,8 +912,13 @@ class RedisBackend(_Backend):
     def health(self) -> tuple[str, dict[str, Any]]:
         # Degraded, not down: clients on this instance are still served.
         redis = "unavailable" if not self.available else "resyncing" if self.resyncing else "ok"
+        why = {} if self.started else {"reason": _NO_LIFESPAN}  # else Redis looks down when it is up
         return ("ok" if redis == "ok" else "degraded",
-                {"instance": self.instance, "redis": redis, "instances": self.instances})
+                {"instance": self.instance, "redis": redis, "instances": self.instances, **why})
+
+    def _unavailable(self) -> BackendUnavailable:
+        """Why Redis cannot be reached now, as the sender, or the API's caller, is told."""
+        return BackendUnavailable(UNAVAILABLE if self.started else NOT_STARTED)
 
     def metrics(self) -> list[_MetricFamily]:
         return [("cluster_up", "gauge", "1 while Redis is reachable.", {"": int(self.available)}, ""),
@@ -997,7 +1010,7 @@ class RedisBackend(_Backend):
             pass
 
         if not self.available or self._outbox_ready is None or len(self._outbox) >= OUTBOX_LIMIT:
-            self._delivered("group", BackendUnavailable(UNAVAILABLE), done)  # counted as dropped
+            self._delivered("group", self._unavailable(), done)  # counted as dropped
             return
         self._enqueue("group", (_group_key(delivery), _encode_delivery(delivery)), done)
 
@@ -1042,7 +1055,7 @@ class RedisBackend(_Backend):
     async def _submit(self, name: str, args: tuple[Any, ...], done: Callable[[Any], None]) -> None:
         """Queue a delivery script; ``done`` gets its result, or :class:`BackendUnavailable`."""
         if not self.available or self._outbox_ready is None:
-            self._delivered(name, BackendUnavailable(UNAVAILABLE), done)
+            self._delivered(name, self._unavailable(), done)
             return
         while len(self._outbox) >= OUTBOX_LIMIT:  # Redis is slow: the sender waits, its socket fills
             await self._outbox_drained.wait()
@@ -1066,7 +1079,7 @@ class RedisBackend(_Backend):
             held = [resyncing and name != "send" for name, _, _ in batch]
             try:
                 if not self.available:
-                    raise BackendUnavailable(UNAVAILABLE)
+                    raise self._unavailable()
                 results: list[Any] = []
                 if not all(held):
                     async with self.redis.pipeline(transaction=False) as pipe:
@@ -1141,7 +1154,7 @@ class RedisBackend(_Backend):
         if not self.available:
             if inspect.iscoroutine(command):
                 command.close()  # never awaited: no "coroutine was never awaited" warning
-            raise BackendUnavailable(UNAVAILABLE)
+            raise self._unavailable()
         try:
             return await command
         except self._errors as exc:

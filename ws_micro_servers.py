@@ -108,11 +108,17 @@ _TURNED_OFF = {
 # --------------------------------------------------------------------------
 
 
-def _sansio_engine(receive: Receive, send: Send, settings: Settings) -> tuple[Any, str | None, int]:
+def _sansio_engine(receive: Receive, send: Send, settings: Settings,
+                   served: bool) -> tuple[Any, str | None, int]:
     """uvicorn's websockets-sansio protocol object behind ``receive``, if any; why frames may not go
-    past it (None: they may), and how loudly to say so."""
+    past it (None: they may), and how loudly to say so: a WARNING when the operator can turn it on
+    (``served``: under ``ws-micro``, whose compression is off unless asked for)."""
     engine = getattr(receive, "__self__", None)
     if not type(engine).__module__.startswith("uvicorn."):
+        if _uvicorns_beneath(receive):
+            return None, (f"receive is wrapped by {getattr(receive, '__qualname__', receive)!r} (a middleware?), "
+                          "which hides uvicorn's engine, so its bounds are off too (to keep both, let WebSocket "
+                          "scopes through the middleware unwrapped: docs/embedding.md)"), logging.WARNING
         source = getattr(receive, "__module__", None) or type(receive).__module__
         return None, f"receive is not uvicorn's (it comes from {source})", logging.INFO
     untested = _untested("uvicorn", "websockets")
@@ -135,8 +141,35 @@ def _sansio_engine(receive: Receive, send: Send, settings: Settings) -> tuple[An
         return engine, (f"send is wrapped by {getattr(wrapper, '__qualname__', wrapper)!r} (a middleware?), "
                         "which direct writes would bypass"), logging.WARNING
     if engine.conn.extensions:
-        return engine, "permessage-deflate was negotiated, and it rewrites every frame", logging.INFO
+        if served:  # the operator turned compression on (--per-message-deflate), knowing what it costs
+            return engine, "permessage-deflate was negotiated, and it rewrites every frame", logging.INFO
+        # uvicorn's own default: on, unless it is told otherwise
+        return engine, ("permessage-deflate was negotiated, and it rewrites every frame (to keep the fast path, "
+                        "run uvicorn with --ws-per-message-deflate false: docs/embedding.md)"), logging.WARNING
     return engine, None, logging.INFO
+
+
+WRAPPERS_LOOKED_THROUGH = 4  # middleware deep: more is rare, and each level costs a look at every closure cell
+
+
+def _uvicorns_beneath(receive: Receive) -> bool:
+    """Whether ``receive`` wraps uvicorn's own, a few functions deep: a middleware that wraps ``receive``
+    keeps the one it was given in its closure, as most do."""
+    functions: list[Any] = [receive]
+    for _ in range(WRAPPERS_LOOKED_THROUGH):
+        inner = []
+        for function in functions:
+            for cell in getattr(function, "__closure__", None) or ():
+                try:
+                    value = cell.cell_contents
+                except ValueError:  # a cell not filled yet
+                    continue
+                if type(getattr(value, "__self__", None)).__module__.startswith("uvicorn."):
+                    return True
+                if callable(value):
+                    inner.append(getattr(value, "__func__", value))
+        functions = inner
+    return False
 
 
 def _unwrapped(send: Send) -> Send:
@@ -599,13 +632,14 @@ class ServerSupport(_ServerSupport):
     def __init__(self) -> None:
         super().__init__()
         self._reported: set[str | None] = set()  # each reason the fast path is on or off, said once
+        self._served = False  # under serve() (ws-micro), which chose the server's options
         _redact_daphne_access_log()  # now, as the app is made: daphne runs no lifespan, where harden() would
 
     def output(self, scope: Scope, receive: Receive, send: Send, settings: Settings, metrics: _Metrics) -> _Output:
         """:class:`_UvicornOutput` under uvicorn's websockets-sansio engine, :class:`_DaphneOutput` under daphne,
         ASGI's ``send`` elsewhere.  Whether it writes past ASGI is ``ws_micro_fast_path`` in /metrics; the log
         says why not, once per reason."""
-        engine, why_not, level = _sansio_engine(receive, send, settings)
+        engine, why_not, level = _sansio_engine(receive, send, settings, self._served)
         if engine is not None:  # the engine's bounds hold whether or not frames may go past ASGI
             output: _Output = _UvicornOutput(engine, send, settings, direct=why_not is None)
             _fit_engine(engine, settings)
@@ -633,6 +667,7 @@ class ServerSupport(_ServerSupport):
 
     def http_protocol(self, gateway: _Gateway, head_timeout: float, max_open: int,
                       max_head: int) -> type[asyncio.Protocol] | None:
+        self._served = True
         if _untested("uvicorn") is not None:  # said once, as a WARNING
             return None
         return _guarded_http_protocol(gateway, head_timeout, max_open, max_head)

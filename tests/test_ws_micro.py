@@ -51,6 +51,7 @@ from conftest import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
@@ -355,11 +356,17 @@ def test_middleware_added_to_the_gateway_also_sees_its_websockets() -> None:
     assert "websocket" in seen
 
 
-def test_other_websocket_paths_get_starlettes_answer() -> None:
-    with TestClient(create_app()) as client, pytest.raises(WebSocketDisconnect) as refused, \
+@pytest.mark.parametrize("middleware", [False, True], ids=["direct", "through-starlettes-stack"])
+def test_other_websocket_paths_get_404_naming_the_endpoint(middleware: bool) -> None:
+    app = create_app(path="/live")
+    if middleware:
+        app.add_middleware(GZipMiddleware)
+    with TestClient(app) as client, pytest.raises(WebSocketDenialResponse) as refused, \
             client.websocket_connect("/ws/elsewhere"):
         pass
-    assert refused.value.code == 1000  # Starlette's router closes unknown WebSocket routes
+    assert refused.value.status_code == 404  # where Starlette's router would close it: 403, with no body
+    assert refused.value.json() == {"error": {"code": "not_found", "message": (
+        "no WebSocket endpoint at '/ws/elsewhere'; the gateway's is '/live'")}}
 
 
 # --------------------------------------------------------------------------
@@ -1133,11 +1140,28 @@ def test_without_a_page_the_gateway_still_runs(tmp_path: Path) -> None:
 
 
 @pytest.mark.process
-def test_a_copied_single_file_runs_without_its_static_folder(tmp_path: Path) -> None:
+@pytest.mark.parametrize("copied", [True, False], ids=["a-copied-single-file", "static_dir-empty"])
+def test_without_its_page_the_gateway_says_why_at_startup_and_at_its_address(copied: bool, tmp_path: Path) -> None:
+    # The README says to open / : it answered a bare 404, and nothing said the page was off.
     (tmp_path / "ws_micro.py").write_bytes((ROOT / "ws_micro.py").read_bytes())
-    with run_server("--log-level", "warning", cwd=tmp_path) as server:
-        assert server.get("/").json()["error"]["code"] == "not_found"
+    log = tmp_path / "server.log"
+    with run_server(*(() if copied else ("--static-dir", "")), cwd=tmp_path if copied else ROOT, log=log) as server:
+        page = server.get("/")
+        assert page.status_code == 404 and page.json()["error"]["code"] == "not_found"
+        why = ("no static folder with an index.html beside ws_micro.py (static_dir 'auto')" if copied
+               else "static_dir is empty")
+        assert page.json()["error"]["message"] == (
+            f"the browser page is off: {why}; set static_dir to a folder with an index.html (docs/browser.md)")
+        assert str(tmp_path) not in page.text  # the server's folders are the operator's business
         assert server.get("/static/ws_micro.js").status_code == 404
+        assert server.get("/healthz").json()["status"] == "ok"
+    said = [line for line in log.read_text().splitlines() if "browser page" in line]
+    assert len(said) == 1 and said[0].startswith("INFO:"), log.read_text()
+    if copied:
+        assert f"browser page off: no static folder with an index.html beside {tmp_path / 'ws_micro.py'}" in said[0]
+        assert "copy static/ beside it" in said[0]
+    else:
+        assert said[0].endswith("browser page off: static_dir is empty"), said
 
 
 def test_the_core_reaches_other_libraries_through_their_public_names_only() -> None:

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -688,3 +689,43 @@ async def test_e2e_a_hook_answer_over_its_limit_is_refused_even_when_it_is_valid
             await connect(server.ws, open_timeout=TIMEOUT)
         assert refused.value.response.status_code == 503
         assert server.metric("ws_micro_connect_hook_total", outcome="bad_answer") == 1
+
+
+# --------------------------------------------------------------------------
+# The docs' example token, minted and used as docs/auth.md shows
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.process
+async def test_e2e_the_docs_token_joins_and_publishes_its_room(tmp_path: Path) -> None:
+    # Its token used to grant team:42 without publishing to it: the example's first message got forbidden.
+    page = (ROOT / "docs" / "auth.md").read_text()
+    minting = re.search(r"```python\n(import os, time\n.*?)```", page, re.DOTALL)
+    assert minting is not None, "docs/auth.md lost its example of minting a token"
+    (tmp_path / "mint.py").write_text(minting[1])
+    piped = re.search(r"```sh\n(echo .*\| WS_MICRO_TOKEN=\"\$\(python3 mint.py\)\" ws-micro client)\n```", page)
+    assert piped is not None, "docs/auth.md lost its example of using the token"
+    env = {**os.environ, "WS_MICRO_JWT_SECRET": JWT_SECRET}  # as the page exports it, for the gateway and mint.py
+    minted = await anyio.to_thread.run_sync(lambda: subprocess.run(
+        [sys.executable, "mint.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT))
+    assert minted.returncode == 0, minted.stderr
+    token = minted.stdout.strip()
+    with run_server("--log-level", "warning", env={"WS_MICRO_JWT_SECRET": JWT_SECRET}) as server:
+        async with ws_client(server.ws, additional_headers={"Authorization": f"Bearer {token}"}) as (teammate, mate):
+            # The page's command, with this checkout's client and python for ws-micro's and python3's.
+            command = piped[1].replace("python3 mint.py", f"{sys.executable} {tmp_path / 'mint.py'}").replace(
+                "ws-micro client", f"{sys.executable} ws_micro.py client {server.ws}")
+            result = await anyio.to_thread.run_sync(lambda: subprocess.run(
+                command, shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT))
+            assert result.returncode == 0, result.stderr
+            frames = [json.loads(line) for line in result.stdout.splitlines()]
+            assert [received["event"] for received in frames] == ["connect"], frames  # no error: it may send there
+            greeting, sender = frames[0]["data"]["data"], frames[0]["client_id"]
+            assert (greeting["user"], greeting["rooms"]) == ("alice", ["team:42"]), greeting
+            assert await recv_json(teammate) == frame("chat", sender, {"text": "hello team"}, room="team:42")
+            # A chat: room, to listen in only.
+            await teammate.send(text("join", mate, {"room": "chat:lobby"}))
+            assert (await recv_json(teammate))["event"] == "joined"
+            await teammate.send(text("chat", mate, {"text": "hi"}, room="chat:lobby"))
+            refused = await recv_json(teammate)
+            assert refused["data"]["data"]["code"] == "forbidden", refused

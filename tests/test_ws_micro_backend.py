@@ -348,6 +348,17 @@ async def test_e2e_the_docs_backend_answers_chat_through_the_sidecar_api_and_log
             await a.send(text("chat", id_a, {"room": "lobby", "text": "hi"}))
             assert await recv_json(a) == frame("sent", id_a, {"room": "lobby"})
             assert await recv_json(b) == frame("chat", id_b, {"from": id_a, "text": "hi"})
+            # A malformed chat is answered, where the backend used to fail and its sender hear it cannot be reached.
+            await a.send(text("chat", id_a, {"text": "which room?"}))
+            assert await recv_json(a) == frame("refused", id_a, {
+                "event": "chat", "message": "chat needs data.room and data.text, both strings"})
+            await a.send(text("chat", id_a, {"room": "", "text": "hi"}))  # a room the sidecar API refuses
+            refused = await recv_json(a)
+            assert refused["event"] == "refused" and refused["data"]["data"]["event"] == "chat", refused
+            assert "names no room" in refused["data"]["data"]["message"], refused
+            await a.send(text("chat", id_a, {"room": "lobby", "text": "still here"}))
+            assert await recv_json(a) == frame("sent", id_a, {"room": "lobby"})
+            assert await recv_json(b) == frame("chat", id_b, {"from": id_a, "text": "still here"})
     # The gateway has stopped, after sending the notices it had: both clients closed normally.
     assert sorted(printed) == sorted([f"disconnected: {id_a} closed", f"disconnected: {id_b} closed"])
 

@@ -25,6 +25,7 @@ import anyio
 import httpx2 as httpx
 import pytest
 from conftest import (
+    BACKEND_SECRET,
     JSON,
     ROOT,
     TIMEOUT,
@@ -48,6 +49,7 @@ from conftest import (
 )
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as connect_sync
 
 import ws_micro
 from ws_micro import MAX_REQUEST_ID_LENGTH, MAX_SAFE_INTEGER, Client, Event, RequestError
@@ -647,3 +649,101 @@ async def wait_for(predicate: Callable[[], bool], what: str) -> None:
     with anyio.fail_after(TIMEOUT):
         while not predicate():  # noqa: ASYNC110 - the table is the client's own, with no event for it
             await anyio.sleep(0.01)
+
+
+# --------------------------------------------------------------------------
+# Errors that name the fix
+# --------------------------------------------------------------------------
+
+# Each optional package, the options that need it, and the command that installs it: one that works for a
+# copied ws_micro.py and a checkout alike (ws-micro is not on PyPI, so 'pip install ws-micro[hook]' would fail).
+NEEDS = {
+    "forward_url": ("aiohttp", {"WS_MICRO_FORWARD_URL": "http://127.0.0.1:9/"}, "pip install aiohttp"),
+    "connect_hook_url": ("aiohttp", {"WS_MICRO_CONNECT_HOOK_URL": "http://127.0.0.1:9/"}, "pip install aiohttp"),
+    "jwt_secret": ("jwt", {"WS_MICRO_JWT_SECRET": "s" * 32}, "pip install 'pyjwt[crypto]'"),
+    "redis_url": ("redis", {"WS_MICRO_REDIS_URL": "redis://127.0.0.1:1"}, "pip install 'redis[hiredis]'"),
+}
+
+
+@pytest.mark.parametrize("how", ["python-ws_micro.py", "uvicorn-ws_micro:app"])
+@pytest.mark.parametrize("setting", NEEDS)
+def test_without_an_optional_package_the_server_says_in_one_line_what_to_pip_install(
+        setting: str, how: str, tmp_path: Path) -> None:
+    package, environ, install = NEEDS[setting]
+    # A folder ahead of site-packages whose module of that name is not there, as where it was never installed.
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    (missing / f"{package}.py").write_text(f"raise ModuleNotFoundError(\"No module named '{package}'\", "
+                                           f"name='{package}')\n")
+    command = [sys.executable, "ws_micro.py"] if how == "python-ws_micro.py" else [
+        sys.executable, "-m", "uvicorn", "ws_micro:app", "--port", str(free_port())]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT, env={
+        **os.environ, "WS_MICRO_BACKEND_SECRET": BACKEND_SECRET, **environ, "PYTHONPATH": str(missing)})
+    assert result.returncode != 0, result
+    told = [line for line in result.stderr.splitlines() if "pip install" in line]
+    assert len(told) == 1 and f"{setting} needs" in told[0] and install in told[0], result.stderr
+    assert "pip install 'ws-micro" not in told[0] and "pip install ws-micro" not in told[0], told[0]
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+# A host app that mounts the gateway under /gateway, as docs/embedding.md shows.
+MOUNTING_HOST = """
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+
+import ws_micro
+
+
+async def healthz(request):
+    return PlainTextResponse("ok")
+
+
+app = Starlette(routes=[Route("/healthz", healthz), Mount("/gateway", app=ws_micro.create_app())])
+"""
+
+
+def refused(url: str) -> tuple[int, Any]:
+    """The status and JSON body with which the server refuses a handshake to ``url``."""
+    with pytest.raises(InvalidStatus) as refusal, connect_sync(url, open_timeout=TIMEOUT):
+        pass
+    response = refusal.value.response
+    assert response.headers["content-type"] == "application/json", response.headers
+    return response.status_code, json.loads(response.body)
+
+
+@pytest.mark.parametrize("mounted", [False, True], ids=["served", "mounted-under-gateway"])
+def test_e2e_a_websocket_to_another_path_gets_404_naming_the_endpoint(mounted: bool, tmp_path: Path) -> None:
+    # A typo, or a forgotten mount prefix, used to get 403 with an empty body: nothing said what was wrong.
+    (tmp_path / "host.py").write_text(MOUNTING_HOST)
+    prefix = "/gateway" if mounted else ""
+    with run_server("--log-level", "warning", uvicorn_app="host:app" if mounted else False,
+                    cwd=tmp_path if mounted else ROOT, env={"PYTHONPATH": str(ROOT)}) as server:
+        base = f"ws://127.0.0.1:{server.port}{prefix}"
+        for path in ("/ws/py_clent", "/", "/ws/py_client/", "/static/ws_micro.js", "/api/clients"):
+            assert refused(base + path) == (404, {"error": {"code": "not_found", "message": (
+                f"no WebSocket endpoint at '{prefix}{path}'; the gateway's is '{prefix}/ws/py_client'")}}), path
+        assert server.metric("ws_micro_rejected_handshakes_total", path=f"{prefix}/metrics", reason="not_found") == 5
+        long = "/x" * 2000  # within the 8 KB request line websockets reads
+        status, body = refused(base + long)
+        assert status == 404 and len(body["error"]["message"]) < 300, body
+        if not mounted:  # a line break in the path, which a route's regular expression (a Mount's too) does not match
+            assert refused(base + "/a%0D%0ASet-Cookie:%20x=1") == (404, {"error": {"code": "not_found", "message": (
+                "no WebSocket endpoint at '/a\\r\\nSet-Cookie: x=1'; the gateway's is '/ws/py_client'")}})
+            assert server.metric("ws_micro_rejected_handshakes_total", reason="not_found") == 7
+        # The command-line client says the same.
+        result = subprocess.run([sys.executable, "ws_micro.py", "client", f"{base}/wrong"], cwd=ROOT, input="",
+                                capture_output=True, text=True, timeout=TIMEOUT)
+        assert result.returncode == 1
+        assert result.stderr == (f"ws-micro client: the server refused the connection: HTTP 404 not_found: no "
+                                 f"WebSocket endpoint at '{prefix}/wrong'; the gateway's is '{prefix}/ws/py_client'\n")
+        if mounted:  # the host's own router answers outside the mount, with 403 and no body: the client guesses
+            result = subprocess.run([sys.executable, "ws_micro.py", "client", f"ws://127.0.0.1:{server.port}/ws/py_client"],
+                                    cwd=ROOT, input="", capture_output=True, text=True, timeout=TIMEOUT)
+            assert result.returncode == 1
+            assert result.stderr == ("ws-micro client: the server refused the connection: HTTP 403 http_error: no "
+                                     "reason given: a host app answers so for a path outside the gateway's mount (is "
+                                     "the URL's path right?), and daphne for any refusal\n")
+        # The endpoint itself still answers.
+        with connect_sync(f"{base}/ws/py_client", open_timeout=TIMEOUT) as ws:
+            assert json.loads(ws.recv(timeout=TIMEOUT))["event"] == "connect"

@@ -969,3 +969,72 @@ async def test_cluster_listings_come_a_page_at_a_time_and_a_cursor_goes_on_at_an
             entries, counts, _ = walk_cluster([y, x], "/api/clients", "clients", 50)
             assert [entry["client_id"] for entry in entries] == sorted(set(everyone) - set(logged_out))
             assert redis_server.command("ZCARD", "ws_micro:clients") == 108
+
+
+# --------------------------------------------------------------------------
+# Mounted in a host app that does not run the gateway's lifespan (docs/embedding.md)
+# --------------------------------------------------------------------------
+
+# A host app as docs/embedding.md's "Mounting the gateway" shows, in cluster mode; with LIFESPAN set, it also runs
+# the gateway's lifespan as its section "The gateway's lifespan" says.
+CLUSTER_HOST = """
+import contextlib
+import os
+
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+
+from ws_micro import create_app
+
+gateway = create_app(redis_url=os.environ["REDIS_URL"], static_dir="")
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    async with gateway.router.lifespan_context(gateway):
+        yield
+
+
+async def healthz(request):
+    return PlainTextResponse("ok")
+
+
+app = Starlette(routes=[Route("/healthz", healthz), Mount("/gateway", app=gateway)],
+                lifespan=lifespan if os.environ.get("LIFESPAN") else None)
+"""
+
+
+@pytest.mark.process
+@pytest.mark.redis
+@pytest.mark.parametrize("lifespan", [False, True], ids=["without-its-lifespan", "with-its-lifespan"])
+async def test_e2e_a_host_that_does_not_run_the_gateways_lifespan_is_told_so(
+        lifespan: bool, redis_server: RedisServer, tmp_path: Path) -> None:
+    # Without its lifespan the gateway never connects to Redis: it said "Redis is unavailable" while Redis was up.
+    (tmp_path / "host.py").write_text(CLUSTER_HOST)
+    log = tmp_path / "host.log"
+    env = {"PYTHONPATH": str(ROOT), "REDIS_URL": redis_server.url, **({"LIFESPAN": "1"} if lifespan else {})}
+    with run_server(uvicorn_app="host:app", cwd=tmp_path, env=env, log=log) as server:
+        health = server.get("/gateway/healthz").json()
+        async with ws_client(f"ws://127.0.0.1:{server.port}/gateway/ws/py_client") as (ws, me):
+            await join(ws, me, "lobby")
+            await ws.send(text("chat", me, {"text": "hi"}, room="lobby"))
+            await ws.send(text("ping", me))
+            answer = await recv_json(ws)
+        pushed = server.post("/gateway/api/rooms/lobby", {"event": "notice", "data": {"data": {}}})
+        again = server.get("/gateway/healthz").json()
+    said = [line for line in log.read_text().splitlines() if "lifespan did not run" in line]
+    if lifespan:
+        assert health == again and (health["status"], health["redis"]) == ("ok", "ok"), health
+        assert answer["event"] == "pong" and pushed.status_code == 202 and said == []
+        return
+    assert health == again and (health["status"], health["redis"]) == ("degraded", "unavailable"), health
+    assert health["reason"] == ws_micro._NO_LIFESPAN, health
+    # The sender is told why, not that Redis is down.
+    assert answer["event"] == "error" and answer["data"]["data"]["code"] == "backend_unavailable", answer
+    message = answer["data"]["data"]["message"]
+    assert "lifespan did not run" in message and "Redis is unavailable" not in message, message
+    assert pushed.status_code == 503 and "lifespan did not run" in pushed.json()["error"]["message"], pushed.text
+    # The operator, once, with where to read what to do.
+    assert len(said) == 1 and "docs/embedding.md, \"The gateway's lifespan\"" in said[0], said
+    assert "cluster mode has no Redis connection" in said[0] and "Traceback" not in log.read_text()

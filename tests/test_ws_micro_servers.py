@@ -189,9 +189,10 @@ def sized(client_id: str, size: int, **routing: str) -> str:
 
 @pytest.mark.internals
 @pytest.mark.parametrize("deflate", [False, True], ids=["written-to-the-socket", "compressed-through-asgi"])
-async def test_e2e_frames_of_every_length_arrive_intact(deflate: bool) -> None:
+async def test_e2e_frames_of_every_length_arrive_intact(deflate: bool, tmp_path: Path) -> None:
     options = ("--max-message-size", "200000", *(("--per-message-deflate",) if deflate else ()))
-    with run_server("--log-level", "warning", *options) as server:
+    log = tmp_path / "server.log"
+    with run_server("--log-level", "warning", *options, log=log) as server:
         async with ws_client(server.ws) as (a, id_a), ws_client(server.ws) as (b, id_b):
             await join(a, id_a, "sizes")
             await join(b, id_b, "sizes")
@@ -214,6 +215,8 @@ async def test_e2e_frames_of_every_length_arrive_intact(deflate: bool) -> None:
             assert json.loads(await recv_text(b)) == frame("bulk", id_b, bulk)
             # Compressed frames must go through the engine; the others must not.
             assert server.metric("ws_micro_fast_path") == (0 if deflate else 1)
+    # Under ws-micro compression is off unless asked for: then the fast path's being off is no news.
+    assert "WARNING" not in log.read_text(), log.read_text()
 
 
 # A host app that mounts the gateway, as the docs' embedding example does.
@@ -242,8 +245,35 @@ class Spy:
         await self.app(scope, receive, spied)
 
 
+class Tracer:
+    \"\"\"A middleware that wraps receive and send, as tracing middleware often does.\"\"\"
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        async def traced_receive():
+            return await receive()
+
+        async def traced_send(message):
+            await send(message)
+
+        await self.app(scope, traced_receive, traced_send)
+
+
+class HttpOnlyTracer(Tracer):
+    \"\"\"The same, letting WebSocket scopes through unwrapped, as docs/embedding.md advises.\"\"\"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket":
+            return await self.app(scope, receive, send)
+        await super().__call__(scope, receive, send)
+
+
 app = Starlette(routes=[Route("/healthz", healthz), Mount("/gateway", app=ws_micro.create_app())])
 spied = Spy(app)
+traced = Tracer(app)
+traced_http_only = HttpOnlyTracer(app)
 """
 
 
@@ -269,6 +299,40 @@ async def test_e2e_the_uvicorn_fast_path_engages_served_or_mounted_and_says_when
             assert code == 1009 and reason is not None and "message larger than" not in reason, reason
     if not fast:  # a warning: under uvicorn's engine it should have engaged
         assert "fast path off: send is wrapped by 'Spy.__call__.<locals>.spied'" in log.read_text()
+
+
+# How the docs' host app is run, and the line the log must hold about the fast path (None: none that says it is off).
+EMBEDDED_RUNS = {
+    "plain-uvicorn": ("host:app", (), "fast path off: permessage-deflate was negotiated, and it rewrites every frame "
+                                      "(to keep the fast path, run uvicorn with --ws-per-message-deflate false: "
+                                      "docs/embedding.md); frames go through ASGI"),
+    "without-compression": ("host:app", ("--ws-per-message-deflate", "false"), None),
+    "tracing-middleware": ("host:traced", ("--ws-per-message-deflate", "false"),
+                           "fast path off: receive is wrapped by 'Tracer.__call__.<locals>.traced_receive' (a "
+                           "middleware?), which hides uvicorn's engine, so its bounds are off too (to keep both, "
+                           "let WebSocket scopes through the middleware unwrapped: docs/embedding.md); frames go "
+                           "through ASGI"),
+    "tracing-middleware-http-only": ("host:traced_http_only", ("--ws-per-message-deflate", "false"), None),
+}
+
+
+@pytest.mark.parametrize("run", EMBEDDED_RUNS)
+@pytest.mark.internals
+async def test_e2e_embedded_under_plain_uvicorn_the_fast_path_off_is_a_warning_naming_the_fix(
+        run: str, tmp_path: Path) -> None:
+    # Under plain uvicorn, compression is on and the gateway's logger has no handler: the reason was an INFO line
+    # nobody saw.  A WARNING reaches stderr through logging's last resort, uvicorn's configuration leaving it be.
+    how, options, warning = EMBEDDED_RUNS[run]
+    (tmp_path / "host.py").write_text(HOST_APP)
+    log = tmp_path / "server.log"
+    with run_server(*options, uvicorn_app=how, cwd=tmp_path, env={"PYTHONPATH": str(ROOT)}, log=log) as server:
+        for _ in range(2):  # said once, however many connect
+            async with ws_client(f"ws://127.0.0.1:{server.port}/gateway/ws/py_client") as (ws, me):  # offers deflate
+                await ws.send(json.dumps(frame("ping", me)))
+                assert (await recv_json(ws))["event"] == "pong"
+        assert server.metric("ws_micro_fast_path", path="/gateway/metrics") == (1 if warning is None else 0)
+    said = [line for line in log.read_text().splitlines() if "fast path" in line]
+    assert said == ([] if warning is None else [warning]), log.read_text()
 
 
 @pytest.mark.internals
