@@ -681,7 +681,9 @@ def test_without_an_optional_package_the_server_says_in_one_line_what_to_pip_ins
         **os.environ, "WS_MICRO_BACKEND_SECRET": BACKEND_SECRET, **environ, "PYTHONPATH": str(missing)})
     assert result.returncode != 0, result
     told = [line for line in result.stderr.splitlines() if "pip install" in line]
-    assert len(told) == 1 and f"{setting} needs" in told[0] and install in told[0], result.stderr
+    # Named as it was given: the variable.
+    variable = next(iter(environ))
+    assert len(told) == 1 and f"{variable} needs" in told[0] and install in told[0], result.stderr
     assert "pip install 'ws-micro" not in told[0] and "pip install ws-micro" not in told[0], told[0]
     assert "Traceback" not in result.stderr, result.stderr
 

@@ -879,7 +879,7 @@ def test_without_its_module_beside_the_core_cluster_mode_says_what_to_copy_and_i
     result = subprocess.run([sys.executable, "ws_micro.py", "--redis-url", "redis://127.0.0.1:1"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 2, result
-    assert "redis_url needs ws_micro_redis.py beside ws_micro.py" in result.stderr
+    assert "--redis-url needs ws_micro_redis.py beside ws_micro.py" in result.stderr
     assert "pip install 'redis[hiredis]'" in result.stderr and "Traceback" not in result.stderr
 
 
