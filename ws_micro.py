@@ -1191,8 +1191,10 @@ def _connection_key(connection: _Connection) -> str | None:
 # What became of sessions (the sessions_total labels): resumed by their client; ended while it was
 # away: the window passed, the frames kept for it passed the bounds, kicked, or pushed out by newer ones
 # past recovery_max_sessions; or a resume that got a new session instead (its token unknown or not the
-# session's, its frames no longer kept, or another user), or was refused (its token already used).
-SESSION_OUTCOMES = ("resumed", "expired", "overflowed", "kicked", "evicted", "not_recovered", "token_reused")
+# session's, its frames no longer kept, or another user), or was refused (its token already used); or
+# the server stopped while it waited here (its client cannot come back to a process that is gone).
+SESSION_OUTCOMES = ("resumed", "expired", "overflowed", "kicked", "evicted", "not_recovered", "token_reused",
+                    "shutdown")
 
 MAX_RESUME_TOKEN_LENGTH = 128
 RESUME_TOKEN_HEADER = "X-WS-Micro-Resume-Token"
@@ -1375,6 +1377,12 @@ class _Sessions:
         if len(self._waiting) > self.settings.recovery_max_sessions:
             self._evict_oldest()
         self.grew(session.memory)
+
+    def end_all(self, reason: str) -> None:
+        """End every session waiting here: the server stops, and their clients cannot come back to it."""
+        for connection, _ in list(self._waiting.values()):
+            self.stop_waiting(connection)
+            connection.end(reason)
 
     def grew(self, memory: int) -> None:
         """The waiting sessions' frames take ``memory`` more bytes: past recovery_max_memory, the sessions
@@ -1838,6 +1846,15 @@ class Registry:
             return handler
 
         return register
+
+    @contextlib.asynccontextmanager
+    async def _running(self) -> AsyncIterator[None]:
+        """For create_app's lifespan: at shutdown, end the sessions waiting here (the server has closed every
+        connection), so that each session's end is told once."""
+        try:
+            yield
+        finally:
+            self._sessions.end_all("shutdown")
 
     def _use(self, settings: Settings, backend: _Backend, session_ended: Callable[[_Connection], None]) -> None:
         """Serve the app ``create_app`` builds with these settings; a registry serves one app at a time."""
@@ -3761,7 +3778,8 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         _harden_process(settings, server)
-        async with registry._backend.running(), authorizer.running(), forwarder.running():
+        # The registry's end first: the sessions that end then are told to the forwarder.
+        async with registry._backend.running(), authorizer.running(), forwarder.running(), registry._running():
             yield
 
     page_routes: list[BaseRoute] = []
