@@ -192,17 +192,19 @@ SERVERS: dict[str, Callable[[int], list[str]]] = {
 @contextlib.contextmanager
 def run_server(*args: str, env: dict[str, str] | None = None, uvicorn_app: bool | str = False,
                port: int | None = None, cwd: Path = ROOT, log: Path | None = None,
-               open_files: int | None = None, asgi_server: str | None = None) -> Iterator[Server]:
+               open_files: int | None = None, asgi_server: str | None = None,
+               asgi_app: str = "ws_micro:app") -> Iterator[Server]:
     """Start the gateway as its own process (on a free port by default); stop it (SIGTERM, then kill) in finally.
 
     ``uvicorn_app``: run ``uvicorn ws_micro:app``, or uvicorn with that app; ``asgi_server``: run
-    ``ws_micro:app`` under that ASGI server instead (see SERVERS); ``log``: a file for its output;
+    ``asgi_app`` under that ASGI server instead (see SERVERS); ``log``: a file for its output;
     ``open_files``: its file-descriptor limit, soft and hard.
     """
     require_marks("starts a server process (run_server)", "process")
     port = port or free_port()
     if asgi_server is not None:
-        command = [sys.executable, "-m", *SERVERS[asgi_server](port), *args]
+        command = [sys.executable, "-m", *(asgi_app if part == "ws_micro:app" else part
+                                           for part in SERVERS[asgi_server](port)), *args]
     elif uvicorn_app:
         app = uvicorn_app if isinstance(uvicorn_app, str) else "ws_micro:app"
         command = [sys.executable, "-m", "uvicorn", app, "--port", str(port), *args]
