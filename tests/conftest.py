@@ -645,8 +645,8 @@ async def eventually(predicate: Callable[[], bool], what: str) -> None:
 
 # It writes each call of its hooks as a JSON line to the file HOOK_LOG names (read with hook_calls()), and
 # its on_connect does what the token's meta says.  Its routes PUT and DELETE /members/{client_id}/{room}
-# call registry.join() and leave().  Settings come from the WS_MICRO_* variables; HOOK_TIMEOUT, if set,
-# shortens ws_micro.HOOK_TIMEOUT.
+# call registry.join() and leave().  Settings come from the WS_MICRO_* variables; HOOK_TIMEOUT and
+# HOOK_MAX_RUNNING, if set, replace ws_micro's.  The on_disconnect of user "slowpoke" hangs.
 HOOKS_APP = """
 import contextlib
 import json
@@ -661,6 +661,7 @@ import ws_micro
 from ws_micro import Refuse, Registry, Settings, create_app, options_from_env
 
 ws_micro.HOOK_TIMEOUT = float(os.environ.get("HOOK_TIMEOUT", ws_micro.HOOK_TIMEOUT))
+ws_micro.HOOK_MAX_RUNNING = int(os.environ.get("HOOK_MAX_RUNNING", ws_micro.HOOK_MAX_RUNNING))
 registry = Registry()
 
 
@@ -695,6 +696,8 @@ async def disconnected(client_id, user, reason):
     record("disconnect", client_id, user, reason)
     if user == "grumpy":
         raise KeyError(user)
+    if user == "slowpoke":
+        await anyio.sleep(3600)
 
 
 async def member(request):

@@ -209,6 +209,36 @@ async def test_e2e_on_disconnect_is_called_once_for_each_session_however_it_ends
         f"on_disconnect raised KeyError('grumpy') (at hooks.py:{raised_at}), for client {grumpy} (closed)"]
 
 
+@pytest.mark.process
+async def test_e2e_on_disconnect_calls_that_hang_are_bounded_in_number_and_in_time(tmp_path: Path) -> None:
+    # The hook of user slowpoke never returns.  At most HOOK_MAX_RUNNING (3 here) calls run at once, each
+    # for HOOK_TIMEOUT: past them, the calls are dropped, counted and logged, and the gateway holds no more.
+    with hooked(tmp_path, HOOK_TIMEOUT="3", HOOK_MAX_RUNNING="3") as server:
+        def ended() -> list[str]:
+            return [call[1] for call in hook_calls(tmp_path) if call[0] == "disconnect"]
+
+        slow = []
+        for n in range(5):
+            async with ws_client(f"{server.ws}?token={token(user='slowpoke')}") as (_, me):
+                slow.append(me)
+            if n < 3:
+                await eventually(lambda: ended() == slow, "its on_disconnect to be called")
+            else:
+                dropped = n - 2
+                await server.wait_until(lambda: server.metric("ws_micro_on_disconnect_total", outcome="dropped")
+                                        == dropped, "its on_disconnect to be dropped")  # noqa: B023 (awaited here)
+        assert ended() == slow[:3]
+        await server.wait_until(lambda: server.metric("ws_micro_on_disconnect_total", outcome="timeout") == 3,
+                                "the calls that hang to be cancelled")
+        async with ws_client(f"{server.ws}?token={token()}") as (_, me):  # room again
+            pass
+        await eventually(lambda: ended() == [*slow[:3], me], "the next one's on_disconnect")
+        await server.wait_until(lambda: server.metric("ws_micro_on_disconnect_total", outcome="done") == 1, "done")
+    lines = [line for line in (tmp_path / "server.log").read_text().splitlines() if line.startswith("on_disconnect")]
+    assert lines == [f"on_disconnect was not called for client {slow[3]} (closed): 3 calls are running already",
+                     f"on_disconnect did not return within 3 seconds, for client {slow[0]} (closed); cancelled"]
+
+
 # --------------------------------------------------------------------------
 # Registry.join and leave, by id
 # --------------------------------------------------------------------------
