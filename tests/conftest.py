@@ -645,8 +645,9 @@ async def eventually(predicate: Callable[[], bool], what: str) -> None:
 
 # It writes each call of its hooks as a JSON line to the file HOOK_LOG names (read with hook_calls()), and
 # its on_connect does what the token's meta says.  Its routes PUT and DELETE /members/{client_id}/{room}
-# call registry.join() and leave().  Settings come from the WS_MICRO_* variables; HOOK_TIMEOUT and
-# HOOK_MAX_RUNNING, if set, replace ws_micro's.  The on_disconnect of user "slowpoke" hangs.
+# call registry.join() and leave() (then, with ?publish=<event>, registry.publish() to the room).
+# Settings come from the WS_MICRO_* variables; HOOK_TIMEOUT and HOOK_MAX_RUNNING, if set, replace
+# ws_micro's.  The on_disconnect of user "slowpoke" hangs.
 HOOKS_APP = """
 import contextlib
 import json
@@ -706,7 +707,9 @@ async def member(request):
         found = await (registry.join if request.method == "PUT" else registry.leave)(client_id, room)
     except ValueError as exc:
         return JSONResponse({"error": str(exc)}, 400)
-    return JSONResponse({"found": found})
+    if "publish" not in request.query_params:
+        return JSONResponse({"found": found})
+    return JSONResponse({"found": found, "delivered": await registry.publish(room, request.query_params["publish"])})
 
 
 gateway = create_app(registry=registry, **options_from_env(Settings, os.environ))
