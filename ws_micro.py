@@ -87,6 +87,7 @@ import textwrap
 import threading
 import time
 import tomllib
+import traceback
 import types
 import typing
 import uuid
@@ -117,6 +118,7 @@ __all__ = [
     "Event",
     "HandshakeRefused",
     "Payload",
+    "Refuse",
     "Registry",
     "RequestError",
     "ServerSettings",
@@ -526,6 +528,7 @@ CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TRY_AGAIN_LATER = 1013
 
 
 class Payload(msgspec.Struct):
@@ -607,6 +610,10 @@ class _Grant(msgspec.Struct):
 # its event name and ``data.data``.  The reply goes to the sender, with the frame's ``id`` if it had one.
 _HandlerReply = Mapping[str, Any] | tuple[str, Mapping[str, Any]] | None
 _Handler = Callable[[str, Event], Awaitable[_HandlerReply]]
+# The registry's lifecycle hooks: on_connect(client_id, user, meta), which may refuse (False, or raising
+# Refuse); on_disconnect(client_id, user, reason).
+_OnConnect = Callable[[str, str | None, dict[str, Any] | None], Awaitable[bool | None]]
+_OnDisconnect = Callable[[str, str | None, str], Awaitable[None]]
 
 _decode_event = msgspec.json.Decoder(Event).decode
 _decode_push = msgspec.json.Decoder(_Push).decode
@@ -847,13 +854,16 @@ class _Revocations:
 # credentials the connect hook refused (403), a connect hook that did not answer (503), an address
 # with connect_hook_max_pending_per_address handshakes waiting for the hook already (503); under serve(),
 # a head over max_head_size or over websockets' line limits (431, 414), or one websockets cannot read (400);
-# a path that is not the endpoint (404).
+# a path that is not the endpoint (404); the registry's on_connect hook refused it (403), or raised or took too
+# long (503).
 HANDSHAKE_REFUSALS = ("origin", "full", "timeout", "unauthorized", "forbidden", "auth_unavailable",
-                      "invalid_resume", "resume_token_used", "over_share", "too_large", "invalid_request", "not_found")
+                      "invalid_resume", "resume_token_used", "over_share", "too_large", "invalid_request", "not_found",
+                      "refused", "hook_failed")
 
-# Why connections end (the disconnects_total labels).
+# Why connections end (the disconnects_total labels); "refused": on_connect refused (or failed for) a
+# session that began after its handshake was accepted (a resume that found its session gone).
 DISCONNECT_REASONS = ("closed", "abnormal", "shutdown", "peer_error", "kicked", "slow_consumer",
-                      "rate_limited", "message_too_big", "binary_frame", "internal_error")
+                      "rate_limited", "message_too_big", "binary_frame", "internal_error", "refused")
 
 # Who asked for an event only the gateway sends (SERVER_EVENTS), refused (the server_events_refused_total
 # labels): a forwarding backend's answer, a push through the sidecar API, the registry's send methods
@@ -1349,8 +1359,10 @@ def _connection_key(connection: _Connection) -> str | None:
 # What became of sessions (the sessions_total labels): resumed by their client; ended while it was
 # away: the window passed, the frames kept for it passed the bounds, kicked, or pushed out by newer ones
 # past recovery_max_sessions; or a resume that got a new session instead (its token unknown or not the
-# session's, its frames no longer kept, or another user), or was refused (its token already used).
-SESSION_OUTCOMES = ("resumed", "expired", "overflowed", "kicked", "evicted", "not_recovered", "token_reused")
+# session's, its frames no longer kept, or another user), or was refused (its token already used); or
+# the server stopped while it waited here (its client cannot come back to a process that is gone).
+SESSION_OUTCOMES = ("resumed", "expired", "overflowed", "kicked", "evicted", "not_recovered", "token_reused",
+                    "shutdown")
 
 MAX_RESUME_TOKEN_LENGTH = 128
 RESUME_TOKEN_HEADER = "X-WS-Micro-Resume-Token"
@@ -1533,6 +1545,12 @@ class _Sessions:
         if len(self._waiting) > self.settings.recovery_max_sessions:
             self._evict_oldest()
         self.grew(session.memory)
+
+    def end_all(self, reason: str) -> None:
+        """End every session waiting here: the server stops, and their clients cannot come back to it."""
+        for connection, _ in list(self._waiting.values()):
+            self.stop_waiting(connection)
+            connection.end(reason)
 
     def grew(self, memory: int) -> None:
         """The waiting sessions' frames take ``memory`` more bytes: past recovery_max_memory, the sessions
@@ -1786,6 +1804,12 @@ class _Backend:
     async def revoke(self, user: str, before: float, until: float) -> None:
         """Tell the other instances, now and as they join, of a revocation (see Registry.revoke_user)."""
 
+    async def membership(self, client_id: str, room: str, *, join: bool) -> bool:
+        """Registry.join (or leave) of a client this instance does not hold, made by the instance that holds
+        it before this returns, so that what is sent to the room next reaches it: whether it was found there
+        (connected: not away); ValueError past max_rooms_per_connection."""
+        return False
+
     # Reading, for the sidecar API, /healthz and /metrics.
 
     def entry(self, connection: _Connection) -> dict[str, Any]:
@@ -1952,6 +1976,172 @@ def _discard_member(groups: dict[str, set[str]], name: str, client_id: str) -> i
     return len(members)
 
 
+# Lifecycle hooks: Python code told of each session's beginning and end, as socket.io's connect and
+# disconnect handlers are (docs/embedding.md, "Lifecycle hooks").  on_connect runs inside the handshake,
+# which waits for it; on_disconnect runs as a task of its own, since a session often ends in code that
+# cannot wait (a timer, a kick, a message from another instance).
+HOOK_TIMEOUT = 5.0  # seconds each hook may take: on_connect's handshake is then refused (503), on_disconnect
+# cancelled.  Longer than a hook that reads a database needs; shorter than clients wait for a handshake
+# (Client's open_timeout is 10 s), so that they hear 503 rather than give up.
+HOOK_MAX_RUNNING = 10_000  # on_disconnect calls running at once; past this, more are dropped (counted, logged),
+# so that a hook that hangs holds at most this many coroutines (a few KB each: tens of MB) for HOOK_TIMEOUT.
+REFUSAL_MESSAGE_LIMIT = 123  # bytes of a refusal's message the client gets: what a close frame's reason holds
+
+# What became of on_connect calls (the on_connect_total labels): it let the client in; it refused it
+# (raised Refuse, or returned False: 403); it raised anything else, or returned what is not None, True or
+# False; it took longer than HOOK_TIMEOUT (503).  And of on_disconnect calls (on_disconnect_total): it
+# returned; it raised; it took longer than HOOK_TIMEOUT; it was never called, HOOK_MAX_RUNNING running.
+ON_CONNECT_OUTCOMES = ("accepted", "refused", "failed", "timeout")
+ON_DISCONNECT_OUTCOMES = ("done", "failed", "timeout", "dropped")
+
+
+class Refuse(Exception):
+    """Raised by an ``on_connect`` hook to refuse the connection: its handshake is answered with HTTP 403 and
+    ``{"error": {"code": "refused", "message": message}}`` (the message cut to 123 bytes)."""
+
+    def __init__(self, message: str = "this connection was refused") -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def _clipped_bytes(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` bytes of UTF-8, between characters."""
+    return text.encode()[:limit].decode(errors="ignore")
+
+
+def _failure(exc: BaseException) -> str:
+    """An exception in one line, with where it was raised: what a log line says of a hook that raised."""
+    where = traceback.extract_tb(exc.__traceback__)[-1:]
+    place = f" (at {Path(where[0].filename).name}:{where[0].lineno})" if where else ""
+    described = repr(exc).replace("\n", " ")
+    return (described if len(described) <= 200 else described[:200] + "...") + place
+
+
+class _Lifecycle:
+    """The registry's on_connect and on_disconnect hooks, each call bounded: by HOOK_TIMEOUT, and for
+    on_disconnect, by HOOK_MAX_RUNNING calls at once.  A hook that fails is logged in one WARNING line
+    (at most one per 10 s of each kind) and counted; it never breaks the gateway."""
+
+    def __init__(self) -> None:
+        self.on_connect: _OnConnect | None = None
+        self.on_disconnect: _OnDisconnect | None = None
+        self.connects = collections.Counter(dict.fromkeys(ON_CONNECT_OUTCOMES, 0))
+        self.disconnects = collections.Counter(dict.fromkeys(ON_DISCONNECT_OUTCOMES, 0))
+        self._running: dict[str, asyncio.Task[None]] = {}  # client id -> the on_disconnect call for it
+        self._throttle = _Throttle()
+
+    async def connecting(self, client_id: str, identity: _Identity) -> None:
+        """Ask on_connect whether ``client_id`` may begin a session; :class:`_Refused` (403 if it refused,
+        503 if it failed or took too long) if not."""
+        hook = self.on_connect
+        if hook is None:
+            return
+        with anyio.move_on_after(HOOK_TIMEOUT) as waited:
+            try:
+                answer = await hook(client_id, identity.user, identity.meta)
+            except Refuse as refusal:
+                self.connects["refused"] += 1
+                raise _Refused(403, "refused", _clipped_bytes(str(refusal.message), REFUSAL_MESSAGE_LIMIT)) from None
+            except Exception as exc:
+                raise self._failed("failed", f"on_connect raised {_failure(exc)}, for client {client_id}") from None
+        if waited.cancel_called:  # also when the hook swallowed the cancellation
+            raise self._failed("timeout", f"on_connect did not return within {HOOK_TIMEOUT:g} seconds, "
+                                          f"for client {client_id}")
+        if answer is False:
+            self.connects["refused"] += 1
+            raise _Refused(403, "refused", "this connection was refused")
+        if answer is not None and answer is not True:
+            raise self._failed("failed", f"on_connect returned {_clipped(repr(answer), 100)}, for client "
+                                         f"{client_id}; return None to let it in, and False (or raise "
+                                         "ws_micro.Refuse(message)) to refuse it")
+        self.connects["accepted"] += 1
+
+    def _failed(self, outcome: str, message: str) -> _Refused:
+        self.connects[outcome] += 1
+        self._throttle.warn(f"on_connect {outcome}", f"{message}; its handshake was refused with 503 "
+                                                     "(docs/embedding.md#lifecycle-hooks)")
+        return _Refused(503, "hook_failed", "the server could not take this connection now; try again later")
+
+    def ended(self, client_id: str, user: str | None, reason: str) -> None:
+        """A session on_connect let in ended: call on_disconnect, in a task of its own."""
+        hook = self.on_disconnect
+        if hook is None:
+            return
+        if len(self._running) >= HOOK_MAX_RUNNING:
+            self.disconnects["dropped"] += 1
+            self._throttle.warn("on_disconnect dropped", f"on_disconnect was not called for client {client_id} "
+                                                         f"({reason}): {HOOK_MAX_RUNNING} calls are running already")
+            return
+        task = asyncio.get_running_loop().create_task(self._disconnected(hook, client_id, user, reason))
+        self._running[client_id] = task
+        task.add_done_callback(functools.partial(self._done, client_id))
+
+    def _done(self, client_id: str, task: asyncio.Task[None]) -> None:
+        if self._running.get(client_id) is task:
+            del self._running[client_id]
+
+    async def finished(self, client_id: str) -> None:
+        """In a connection's task that its server cancelled (daphne, as it stops, cancels them and waits for
+        them, and runs no lifespan): wait for the on_disconnect call for ``client_id``, so that it runs before
+        the server stops.  Otherwise the task ends at once: a slow hook must not hold the server's objects for
+        the connection, which max_connections no longer counts."""
+        current, task = asyncio.current_task(), self._running.get(client_id)
+        if task is not None and current is not None and current.cancelling():
+            await asyncio.wait({task}, timeout=HOOK_TIMEOUT)
+
+    async def _disconnected(self, hook: _OnDisconnect, client_id: str, user: str | None, reason: str) -> None:
+        with anyio.move_on_after(HOOK_TIMEOUT) as waited:
+            try:
+                await hook(client_id, user, reason)
+            except Exception as exc:
+                self.disconnects["failed"] += 1
+                self._throttle.warn("on_disconnect failed", f"on_disconnect raised {_failure(exc)}, for client "
+                                                            f"{client_id} ({reason})")
+                return
+        if waited.cancel_called:
+            self.disconnects["timeout"] += 1
+            self._throttle.warn("on_disconnect timeout", f"on_disconnect did not return within {HOOK_TIMEOUT:g} "
+                                                         f"seconds, for client {client_id} ({reason}); cancelled")
+            return
+        self.disconnects["done"] += 1
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """At shutdown, let the on_disconnect calls still running (those of the connections the server closed)
+        finish, for up to HOOK_TIMEOUT."""
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(HOOK_TIMEOUT):
+                while self._running:
+                    await asyncio.wait(set(self._running.values()))
+
+    def metrics(self) -> list[_MetricFamily]:
+        families: list[_MetricFamily] = []
+        if self.on_connect is not None:
+            families.append(("on_connect_total", "counter", "Calls of the registry's on_connect hook, by outcome.",
+                             self.connects, "outcome"))
+        if self.on_disconnect is not None:
+            families.append(("on_disconnect_total", "counter", "Calls of the registry's on_disconnect hook, by "
+                             "outcome.", self.disconnects, "outcome"))
+        return families
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _coroutine_function(name: str, hook: _F) -> _F:
+    """``hook``, if it is an ``async def`` function; TypeError, at registration, if not."""
+    if not inspect.iscoroutinefunction(hook) and not inspect.iscoroutinefunction(type(hook).__call__):
+        raise TypeError(f"{name} takes an async function (async def ...), but got {hook!r}")
+    return hook
+
+
+def _too_many_rooms(client_id: str, room: str, limit: int) -> str:
+    return (f"client {client_id!r} is in {limit} rooms already (max_rooms_per_connection); it cannot join "
+            f"room {_clipped(room)}")
+
+
 class Registry:
     """Who is connected, which rooms they are in, and which handler takes which event.
 
@@ -1961,8 +2151,9 @@ class Registry:
     event only the gateway sends (``SERVER_EVENTS``), sending nothing.  In cluster mode they
     also reach other instances, and raise :class:`BackendUnavailable` when they cannot.
 
-    Its public half is :meth:`on`, the send methods and ``len()`` (docs/embedding.md).  Its
-    internal half, for the endpoint, the sidecar API and the backend, has a leading underscore.
+    Its public half is :meth:`on`, the lifecycle hooks :meth:`on_connect` and :meth:`on_disconnect`, the send
+    methods, :meth:`join` and :meth:`leave`, and ``len()`` (docs/embedding.md).  Its internal half, for the
+    endpoint, the sidecar API and the backend, has a leading underscore.
     """
 
     def __init__(self) -> None:
@@ -1979,6 +2170,10 @@ class Registry:
         self._sessions = _Sessions(self._settings)
         self._session_ended: Callable[[_Connection], None] = lambda connection: None
         self._announcements: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
+        self._hooks = _Lifecycle()
+        # Client id -> the rooms joined for it (join()) from when its handshake is checked (on_connect) to
+        # when it is greeted, in order: joined then, after its connect frame.
+        self._connecting: dict[str, dict[str, None]] = {}
 
     def __len__(self) -> int:
         """The connections open now: sessions waiting for their client are not."""
@@ -1991,13 +2186,44 @@ class Registry:
         if event in BUILTIN_EVENTS:
             raise ValueError(f"{event!r} is a built-in event and cannot have a handler")
         if event in SERVER_EVENTS:
-            raise ValueError(f"{event!r} is sent by the server only and cannot have a handler")
+            hint = "; for a hook run as each client connects, use @registry.on_connect" if event == "connect" else ""
+            raise ValueError(f"{event!r} is sent by the server only and cannot have a handler{hint}")
+        if event == "disconnect":  # socket.io's name for its handler of ends: a handler would never be called
+            raise ValueError("'disconnect' cannot have a handler; for a hook run as each client disconnects, use "
+                             "@registry.on_disconnect")
 
         def register(handler: _Handler) -> _Handler:
             self._handlers[event] = handler
             return handler
 
         return register
+
+    def on_connect(self, hook: _OnConnect) -> _OnConnect:
+        """Register ``async def hook(client_id, user, meta)``, called as each client's session begins, before its
+        handshake is accepted.  It may refuse the client (raise :class:`Refuse`, or return False: HTTP 403)
+        and join it to rooms (:meth:`join`: ``joined`` frames after its connect frame); one that raises
+        anything else, or takes longer than HOOK_TIMEOUT, refuses it with 503 and is logged.  A resumed
+        session (recovery) began already: the hook is not called again."""
+        self._hooks.on_connect = _coroutine_function("on_connect", hook)
+        return hook
+
+    def on_disconnect(self, hook: _OnDisconnect) -> _OnDisconnect:
+        """Register ``async def hook(client_id, user, reason)``, called once as each session ends (each that
+        :meth:`on_connect` let in; ``reason``: a ``disconnects_total`` or ``sessions_total`` label), in a task
+        of its own, for up to HOOK_TIMEOUT.  With recovery on, a session ends when its client is gone for
+        good: the window passed, or it was kicked."""
+        self._hooks.on_disconnect = _coroutine_function("on_disconnect", hook)
+        return hook
+
+    @contextlib.asynccontextmanager
+    async def _running(self) -> AsyncIterator[None]:
+        """For create_app's lifespan: at shutdown, end the sessions waiting here (the server has closed every
+        connection), so that each session's end is told once; then let the on_disconnect calls finish."""
+        async with self._hooks.running():
+            try:
+                yield
+            finally:
+                self._sessions.end_all("shutdown")
 
     def _use(self, settings: Settings, backend: _Backend, session_ended: Callable[[_Connection], None]) -> None:
         """Serve the app ``create_app`` builds with these settings; a registry serves one app at a time."""
@@ -2269,6 +2495,82 @@ class Registry:
         """For the backend: a revocation made on another instance (see :meth:`revoke_user`)."""
         with contextlib.suppress(ValueError):  # full: the instance that made it said so to its caller
             self._revocations.add(user, before, until)
+
+    async def _let_in(self, client_id: str, identity: _Identity) -> None:
+        """For the endpoint: ask on_connect whether ``client_id`` may begin a session (:class:`_Refused` if not).
+        The rooms its credentials grant, and those joined for it from now on, wait until it is greeted."""
+        self._connecting[client_id] = dict.fromkeys(identity.rooms)
+        try:
+            await self._hooks.connecting(client_id, identity)
+        except BaseException:
+            del self._connecting[client_id]
+            raise
+
+    def _abandoned(self, client_id: str, identity: _Identity) -> None:
+        """For the endpoint: a client let in left before its handshake was accepted; on_disconnect (if
+        on_connect was called) hears of it, as of any end of a session on_connect let in."""
+        self._connecting.pop(client_id, None)
+        if self._hooks.on_connect is not None:
+            self._hooks.ended(client_id, identity.user, "abnormal")
+
+    async def join(self, client_id: str, room: str) -> bool:
+        """Put a client in ``room``, on whichever instance it is connected, as if it had sent a join: it gets
+        ``joined`` (after its connect frame, when called from on_connect) and the room's members a presence
+        event; False if no such client is connected.  The server's decision: the connection's permissions
+        do not apply, ``max_rooms_per_connection`` does (ValueError past it, or for a bad room name)."""
+        problem = _bad_room_name(room, self._settings)
+        if problem is not None:
+            raise ValueError(f"room {_clipped(room)}: {problem}")
+        found = await self._member_here(client_id, room, join=True)
+        return await self._backend.membership(client_id, room, join=True) if found is None else found
+
+    async def leave(self, client_id: str, room: str) -> bool:
+        """Take a client out of ``room``, on whichever instance it is connected, as if it had sent a leave (it
+        gets ``left``, the members a presence event; nothing if it was not in it); False if no such client
+        is connected."""
+        problem = _bad_room_name(room, self._settings)
+        if problem is not None:
+            raise ValueError(f"room {_clipped(room)}: {problem}")
+        found = await self._member_here(client_id, room, join=False)
+        return await self._backend.membership(client_id, room, join=False) if found is None else found
+
+    async def _member_here(self, client_id: str, room: str, *, join: bool) -> bool | None:
+        """Also for the backend: :meth:`join` (or :meth:`leave`) a client of this instance; None if it has none
+        of that id, False if it is not open (closing, or away: its session waits for it)."""
+        pending = self._connecting.get(client_id)
+        if pending is not None:  # being let in: joined once it is greeted
+            if not join:
+                pending.pop(room, None)
+            elif room not in pending and len(pending) >= self._settings.max_rooms_per_connection:
+                raise ValueError(_too_many_rooms(client_id, room, self._settings.max_rooms_per_connection))
+            else:
+                pending[room] = None
+            return True
+        connection = self._connections.get(client_id)
+        if connection is None:
+            return None
+        if not connection.open:
+            return False
+        if not join:
+            if room in connection.rooms:
+                members = await self._leave(connection, room)
+                connection.send(_Frame("left", {"room": room, "members": members}).to(connection.id))
+                self._announce(room, "left", connection)
+            return True
+        return await self._enter(connection, room)
+
+    async def _enter(self, connection: _Connection, room: str) -> bool:
+        """Join an open connection to ``room`` as a join frame does: ``joined``, then presence; False if it
+        started closing meanwhile.  ValueError past max_rooms_per_connection."""
+        limit = self._settings.max_rooms_per_connection
+        if room not in connection.rooms and len(connection.rooms) >= limit:
+            raise ValueError(_too_many_rooms(connection.id, room, limit))
+        members = await self._join(connection, room)
+        if not members:
+            return False
+        connection.send(_Frame("joined", {"room": room, "members": members}).to(connection.id))
+        self._announce(room, "joined", connection)
+        return True
 
     async def _relay_to_client(self, client_id: str, text: str, failed: Callable[[str, str], None]) -> None:
         """Deliver a client's frame, unchanged, to one client; else ``failed(code, message)``, maybe later."""
@@ -3008,7 +3310,9 @@ class _Gateway:
         try:
             if resuming is None or not await self._resume(connection, *resuming):
                 # A token that found no session counts here; a session that could not be resumed, as it ended.
-                await self._start(connection, resuming is not None and resuming[0] is None)
+                # Either was let in before accept, unless it came for a session and could not have it.
+                await self._start(connection, resuming is not None and resuming[0] is None,
+                                  let_in=resuming is None or resuming[0] is None)
             if await self._read(connection, receive):
                 return
             await connection.closed()
@@ -3023,30 +3327,55 @@ class _Gateway:
                 connection.end("abnormal")  # which takes it out of the registry
             connection.abandon()
             self.registry._remove(connection)  # it may have left already, when it started closing
+            self.registry._connecting.pop(connection.id, None)  # cut short before it was greeted
             connection.close_reason = connection.close_reason or "abnormal"
             self.registry._metrics.disconnects[connection.close_reason] += 1
             # Its session goes on (AWAY, MOVED: ended() is called when it ends), or ended already (ENDED), or
-            # was never its own here (RESUMING).
-            if connection.state not in _SESSION_GOES_ON and not cut_short:
+            # was never its own here (RESUMING), or never began (refused).
+            if connection.state not in _SESSION_GOES_ON and not cut_short and connection.close_reason != "refused":
                 self.ended(connection)
+                await self.registry._hooks.finished(connection.id)
 
     def ended(self, connection: _Connection) -> None:
         """A client's session ended: with recovery on, maybe long after its last connection did."""
         self.forwarder.disconnected(connection)
+        self.registry._hooks.ended(connection.id, connection.identity.user, connection.close_reason)
         logger.debug("client %s disconnected (%s)", connection.id, connection.close_reason)
 
-    async def _start(self, connection: _Connection, no_session_found: bool) -> None:
-        """Open a new session: register the connection, greet it, and join the rooms it was granted."""
+    async def _start(self, connection: _Connection, no_session_found: bool, *, let_in: bool) -> None:
+        """Open a new session: register the connection, greet it, join the rooms it was granted, then those
+        on_connect joined it to.  A session not ``let_in`` before accept (a resume that could not have its
+        session) asks on_connect now, and is closed if refused: 1008 (1013 if on_connect failed)."""
+        if no_session_found:
+            self.registry._sessions.outcomes["not_recovered"] += 1
+        if not let_in:
+            self._handshakes += 1  # counted against max_connections, as a handshake at the hook is
+            try:
+                await self.registry._let_in(connection.id, connection.identity)
+            except _Refused as refusal:
+                code = CLOSE_POLICY_VIOLATION if refusal.status == 403 else CLOSE_TRY_AGAIN_LATER
+                connection.close(code, _clipped_bytes(refusal.message, REFUSAL_MESSAGE_LIMIT), label="refused")
+                return
+            except BaseException:  # cancelled while on_connect ran: no session began
+                connection.close_reason = "refused"
+                raise
+            finally:
+                self._handshakes -= 1
         self.forwarder.connected(connection)
         self.registry._add(connection)
         await self.registry._backend.register(connection)  # findable before anyone can learn the id
         identity = connection.identity
-        if no_session_found:
-            self.registry._sessions.outcomes["not_recovered"] += 1
-        self._greet(connection, list(identity.rooms) if identity.authenticated else None, recovered=False)
-        for room in identity.rooms:
+        rooms = self.registry._connecting.pop(connection.id, {})  # join() joins it at once from now on
+        granted = [room for room in identity.rooms if room in rooms]
+        self._greet(connection, granted if identity.authenticated else None, recovered=False)
+        for room in granted:
             if await self.registry._join(connection, room):
                 self.registry._announce(room, "joined", connection)
+        for room in rooms:
+            if room not in identity.rooms and connection.open:
+                # Within max_rooms_per_connection, as join() checked, unless joins made since took the room.
+                with contextlib.suppress(ValueError):
+                    await self.registry._enter(connection, room)
         logger.debug("client %s connected", connection.id)
 
     async def _resume(self, connection: _Connection, claimed: _Connection | _Parked | None,
@@ -3103,7 +3432,14 @@ class _Gateway:
                     claimed = await self.registry._claim(resume[0], identity)
                     if claimed is not None:
                         client_id = claimed.id if isinstance(claimed, _Connection) else claimed.client_id
-                await websocket.accept()
+                if claimed is None:  # a new session: on_connect may refuse it, with a status
+                    await self.registry._let_in(client_id, identity)
+                try:
+                    await websocket.accept()
+                except BaseException:
+                    if claimed is None:
+                        self.registry._abandoned(client_id, identity)
+                    raise
         except _Refused as refusal:
             self.registry._metrics.rejected_handshakes[refusal.code] += 1
             await _deny(websocket, refusal.status, refusal.code, refusal.message)
@@ -3970,7 +4306,7 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
     async def metrics(request: Request) -> Response:
         return PlainTextResponse(registry._metrics.render(len(registry), [
                                      *registry._sessions.metrics(), *authorizer.metrics(), *forwarder.metrics(),
-                                     *registry._backend.metrics()]),
+                                     *registry._backend.metrics(), *registry._hooks.metrics()]),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def probe(request: Request) -> Response:
@@ -4027,7 +4363,9 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
         nonlocal lifespan_ran
         lifespan_ran = True
         starting()
-        async with registry._backend.running(), authorizer.running(), forwarder.running():
+        # The registry's end first: the sessions that end then are told to the forwarder and on_disconnect, and
+        # an on_disconnect may still send to other instances through the backend.
+        async with registry._backend.running(), authorizer.running(), forwarder.running(), registry._running():
             yield
 
     def first_request() -> None:

@@ -14,6 +14,7 @@ import asyncio
 import collections
 import contextlib
 import inspect
+import itertools
 import os
 import socket
 import time
@@ -50,6 +51,7 @@ from ws_micro import (
     _ToClient,
     _ToEveryone,
     _ToGroup,
+    _too_many_rooms,
     _ToRoom,
     _ToUser,
     logger,
@@ -121,7 +123,25 @@ class _Revoked(msgspec.Struct, tag="revoked", array_like=True):
     expires: float
 
 
-_Control = _WasParked | _Sealed | _WasResumed | _SessionEnded | _TakeOver | _Revoked
+# Registry.join (``join``) or leave of a client another instance holds: asked of that instance (routed to it
+# through the directory, as a frame for that client is), which does it as Registry.join does there, then
+# answers the requester's ``request`` with its outcome: 1 done; 0 no such client connected there; -1 past
+# max_rooms_per_connection.  Asked and answered, not sent and forgotten: the caller's next publish to the
+# room must find the client in it.
+class _Membership(msgspec.Struct, tag="member", array_like=True):
+    client_id: str
+    room: str
+    join: bool
+    requester: str
+    request: int
+
+
+class _MembershipDone(msgspec.Struct, tag="member_done", array_like=True):
+    request: int
+    outcome: int
+
+
+_Control = _WasParked | _Sealed | _WasResumed | _SessionEnded | _TakeOver | _Revoked | _Membership | _MembershipDone
 
 _encode_delivery = msgspec.msgpack.Encoder().encode
 _decode_delivery = msgspec.msgpack.Decoder(_Delivery | _Control).decode
@@ -630,6 +650,9 @@ class RedisBackend(_Backend):
         self._sealed: dict[str, anyio.Event] = {}
         self._takeovers: dict[str, str] = {}
         self._peers: set[str] = set()  # other instances alive at the last heartbeat
+        # Registry.join/leave asked of other instances: request -> set when answered, and the outcome.
+        self._memberships: dict[int, tuple[anyio.Event, list[int]]] = {}
+        self._membership_requests = itertools.count()
         self._missing: set[str] = set()  # peers not registered again since Redis lost their state
         self._missing_until = 0.0  # time.monotonic() after which they count as dead
 
@@ -770,6 +793,41 @@ class RedisBackend(_Backend):
     async def revoke(self, user: str, before: float, until: float) -> None:
         await self._request("revoke", user, before, until)
 
+    async def membership(self, client_id: str, room: str, *, join: bool) -> bool:
+        request = next(self._membership_requests)
+        answered, outcome = self._memberships[request] = anyio.Event(), []
+        try:
+            # The send script finds the client's instance, as for a frame: -1 if it is connected nowhere, or
+            # its session waits in Redis (away); 0 (BackendUnavailable) if that instance is not listening.
+            asked = _Membership(client_id, room, join, self.instance, request)
+            if await self._request("send", client_id, _encode_delivery(asked)) != 1:
+                return False
+            with anyio.move_on_after(self.settings.redis_timeout):
+                await answered.wait()
+        finally:
+            del self._memberships[request]
+        if not outcome:
+            self.dropped["no_subscriber"] += 1
+            raise BackendUnavailable(f"the instance of client {client_id!r} did not answer within redis_timeout; "
+                                     f"it may or may not have {'joined' if join else 'left'} room {room!r}",
+                                     "no_subscriber")
+        if outcome[0] == -1:
+            raise ValueError(_too_many_rooms(client_id, room, self.settings.max_rooms_per_connection))
+        return outcome[0] == 1
+
+    async def _answer_membership(self, asked: _Membership) -> None:
+        """Do a join or leave another instance asked for one of our clients, and tell it how it went."""
+        try:
+            found = await self.registry._member_here(asked.client_id, asked.room, join=asked.join)
+            outcome = 1 if found else 0
+        except ValueError:
+            outcome = -1
+        except Exception:  # a bug: this task's failure must not end the cluster's task group
+            logger.exception("cluster: failed to %s client %s to room %r for instance %s",
+                             "join" if asked.join else "remove", asked.client_id, asked.room, asked.requester)
+            outcome = 0
+        self._enqueue("tell", (asked.requester, _encode_delivery(_MembershipDone(asked.request, outcome))), _ignore)
+
     async def _listen(self, pubsub: Any) -> None:
         async for message in pubsub.listen():
             if message["type"] != "message":
@@ -854,6 +912,14 @@ class RedisBackend(_Backend):
                 self._session_over(client_id, reason)
             case _Revoked(user, before, expires):
                 self.registry._revoke_here(user, before, expires)
+            case _Membership():
+                if self._tasks is not None:  # a task: the join waits for Redis, and the listener must not
+                    self._tasks.start_soon(self._answer_membership, message)
+            case _MembershipDone(request, outcome):
+                waiting = self._memberships.get(request)
+                if waiting is not None:
+                    waiting[1].append(outcome)
+                    waiting[0].set()
             case _TakeOver(client_id, token_hash, requester):
                 self._takeovers[client_id] = requester  # _park() names it, for the seal to tell it
                 if not self.registry._drop_for_takeover(client_id, token_hash):  # no such open connection here

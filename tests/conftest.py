@@ -192,17 +192,19 @@ SERVERS: dict[str, Callable[[int], list[str]]] = {
 @contextlib.contextmanager
 def run_server(*args: str, env: dict[str, str] | None = None, uvicorn_app: bool | str = False,
                port: int | None = None, cwd: Path = ROOT, log: Path | None = None,
-               open_files: int | None = None, asgi_server: str | None = None) -> Iterator[Server]:
+               open_files: int | None = None, asgi_server: str | None = None,
+               asgi_app: str = "ws_micro:app") -> Iterator[Server]:
     """Start the gateway as its own process (on a free port by default); stop it (SIGTERM, then kill) in finally.
 
     ``uvicorn_app``: run ``uvicorn ws_micro:app``, or uvicorn with that app; ``asgi_server``: run
-    ``ws_micro:app`` under that ASGI server instead (see SERVERS); ``log``: a file for its output;
+    ``asgi_app`` under that ASGI server instead (see SERVERS); ``log``: a file for its output;
     ``open_files``: its file-descriptor limit, soft and hard.
     """
     require_marks("starts a server process (run_server)", "process")
     port = port or free_port()
     if asgi_server is not None:
-        command = [sys.executable, "-m", *SERVERS[asgi_server](port), *args]
+        command = [sys.executable, "-m", *(asgi_app if part == "ws_micro:app" else part
+                                           for part in SERVERS[asgi_server](port)), *args]
     elif uvicorn_app:
         app = uvicorn_app if isinstance(uvicorn_app, str) else "ws_micro:app"
         command = [sys.executable, "-m", "uvicorn", app, "--port", str(port), *args]
@@ -688,6 +690,109 @@ async def eventually(predicate: Callable[[], bool], what: str) -> None:
             await anyio.sleep(0.01)
         return
     raise AssertionError(f"timed out waiting for {what}")
+
+
+# --------------------------------------------------------------------------
+# A host app with lifecycle hooks
+# --------------------------------------------------------------------------
+
+
+# It writes each call of its hooks as a JSON line to the file HOOK_LOG names (read with hook_calls()), and
+# its on_connect does what the token's meta says.  Its routes PUT and DELETE /members/{client_id}/{room}
+# call registry.join() and leave() (then, with ?publish=<event>, registry.publish() to the room).
+# Settings come from the WS_MICRO_* variables; HOOK_TIMEOUT and HOOK_MAX_RUNNING, if set, replace
+# ws_micro's.  The on_disconnect of user "slowpoke" hangs.
+HOOKS_APP = """
+import contextlib
+import json
+import os
+
+import anyio
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Mount, Route
+
+import ws_micro
+from ws_micro import Refuse, Registry, Settings, create_app, options_from_env
+
+ws_micro.HOOK_TIMEOUT = float(os.environ.get("HOOK_TIMEOUT", ws_micro.HOOK_TIMEOUT))
+ws_micro.HOOK_MAX_RUNNING = int(os.environ.get("HOOK_MAX_RUNNING", ws_micro.HOOK_MAX_RUNNING))
+registry = Registry()
+
+
+def record(*call):
+    with open(os.environ["HOOK_LOG"], "a") as log:
+        log.write(json.dumps(call) + "\\n")
+
+
+@registry.on_connect
+async def connected(client_id, user, meta):
+    record("connect", client_id, user)
+    mode = (meta or {}).get("mode")
+    if mode == "refuse":
+        raise Refuse(f"not today, {user}")
+    if mode == "long":
+        raise Refuse("\u00e9" * 100)
+    if mode == "false":
+        return False
+    if mode == "raise":
+        raise RuntimeError("the database is down")
+    if mode == "hang":
+        await anyio.sleep(3600)
+    if mode == "answer":
+        return "yes"
+    for room in (meta or {}).get("rooms", []):
+        assert await registry.join(client_id, room)
+    return None
+
+
+@registry.on_disconnect
+async def disconnected(client_id, user, reason):
+    record("disconnect", client_id, user, reason)
+    if user == "grumpy":
+        raise KeyError(user)
+    if user == "slowpoke":
+        await anyio.sleep(3600)
+
+
+async def member(request):
+    client_id, room = request.path_params["client_id"], request.path_params["room"]
+    try:
+        found = await (registry.join if request.method == "PUT" else registry.leave)(client_id, room)
+    except ValueError as exc:
+        return JSONResponse({"error": str(exc)}, 400)
+    if "publish" not in request.query_params:
+        return JSONResponse({"found": found})
+    return JSONResponse({"found": found, "delivered": await registry.publish(room, request.query_params["publish"])})
+
+
+gateway = create_app(registry=registry, **options_from_env(Settings, os.environ))
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    async with gateway.router.lifespan_context(gateway):
+        yield
+
+
+app = Starlette(routes=[Route("/members/{client_id}/{room:path}", member, methods=["PUT", "DELETE"]),
+                       Mount("/", app=gateway)], lifespan=lifespan)
+"""
+
+
+def hooks_app(folder: Path, **env: str) -> dict[str, str]:
+    """Write HOOKS_APP to ``folder`` as hooks.py; the environment of a server running it as ``hooks:app`` from
+    there, with ``env`` and tokens signed with JWT_SECRET."""
+    (folder / "hooks.py").write_text(HOOKS_APP)
+    return {"PYTHONPATH": str(ROOT), "HOOK_LOG": str(folder / "hooks.jsonl"), "WS_MICRO_JWT_SECRET": JWT_SECRET,
+            **env}
+
+
+def hook_calls(folder: Path, client_id: str | None = None) -> list[list[Any]]:
+    """The calls of the hooks so far (each ``[hook, client_id, user, reason]``), or those for one client."""
+    log = folder / "hooks.jsonl"
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return [call for call in calls if client_id is None or call[1] == client_id]
 
 
 # --------------------------------------------------------------------------

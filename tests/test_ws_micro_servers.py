@@ -42,6 +42,8 @@ from conftest import (
     free_port,
     greeted,
     half_handshakes,
+    hook_calls,
+    hooks_app,
     join,
     mint,
     new_session,
@@ -167,16 +169,38 @@ async def test_e2e_a_reader_that_stops_is_cut_off_under_each_asgi_server(
 # What a connected client gets when each server is stopped (docs/configuration.md's table): ASGI tells an app
 # nothing before the server ends its connections, so this is the server's doing, as with a bare Starlette app.
 SHUTDOWN_CLOSE = {"uvicorn": 1012, "uvicorn-wsproto": 1012, "hypercorn": 1011, "granian": 1006, "daphne": 1006}
+# And how the app hears of it, as on_disconnect's reason: uvicorn tells it the code it closed with; hypercorn tells
+# it nothing and ends its call; granian and daphne may stop before the app's call ends (granian's worker exits,
+# and daphne, when the signal comes right after a connection opened, skips cancelling the calls it waits for).
+SHUTDOWN_REASON = {"uvicorn": "shutdown", "uvicorn-wsproto": "shutdown", "hypercorn": "abnormal", "granian": None,
+                   "daphne": None}
 
 
 @pytest.mark.parametrize("name", list(SERVERS))
-async def test_e2e_sigterm_ends_every_connection_under_each_asgi_server(name: str) -> None:
-    with run_server(asgi_server=name) as server:
-        async with ws_client(server.ws) as (ws, _):
+async def test_e2e_sigterm_ends_every_connection_under_each_asgi_server(name: str, tmp_path: Path) -> None:
+    # Served as a host app that mounts the gateway, with lifecycle hooks (conftest's HOOKS_APP): on_connect refuses
+    # with 403 or joins rooms, and on_disconnect hears of the session's end once, as the server stops.
+    with run_server(asgi_server=name, asgi_app="hooks:app", cwd=tmp_path, env=hooks_app(tmp_path)) as server:
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(f"{server.ws}?token={mint({'meta': {'mode': 'refuse'}})}"):
+                pass
+        assert refused.value.response.status_code == 403
+        if name != "daphne":  # which has no denial responses: a bare 403
+            assert json.loads(refused.value.response.body)["error"]["message"] == "not today, alice"
+        async with ws_client(f"{server.ws}?token={mint({'meta': {'rooms': ['lobby']}})}") as (ws, me):
+            assert await recv_json(ws) == frame("joined", me, {"room": "lobby", "members": 1})
             server.process.send_signal(signal.SIGTERM)
             code, _ = await closed_with(ws)
         assert code == SHUTDOWN_CLOSE[name]
         await anyio.to_thread.run_sync(lambda: server.process.wait(TIMEOUT))
+    connects = [call for call in hook_calls(tmp_path) if call[0] == "connect"]
+    assert len(connects) == 2  # the refused one, and the one let in
+    ended = [call for call in hook_calls(tmp_path) if call[0] == "disconnect"]
+    reason = SHUTDOWN_REASON[name]
+    if reason is None:
+        assert ended in ([], [["disconnect", me, "alice", "abnormal"]]), ended
+    else:
+        assert ended == [["disconnect", me, "alice", reason]]
 
 
 def sized(client_id: str, size: int, **routing: str) -> str:
