@@ -349,6 +349,14 @@ export class Client {
       this._schedulePing();
     } else if (frame.event === "pong") {
       clearTimeout(this._timers.pong);
+    } else if ((frame.event === "joined" || frame.event === "left") && this._fromServer(frame)) {
+      // Its own join() or leave(), or the server's (Registry.join/leave, on_connect): rooms says where it is.
+      // A room the server put it in is not joined again after a reconnect: the server decides that again.
+      const room = frame.data?.data?.room;
+      if (typeof room === "string") {
+        if (frame.event === "joined") this.rooms.add(room);
+        else this.rooms.delete(room);
+      }
     } else if (frame.event === "error") {
       const { code, event, room } = frame.data?.data ?? {};
       // A room this connection may not join is not joined again on every reconnect (the gateway names

@@ -34,6 +34,7 @@ from conftest import (
     Server,
     frame,
     free_port,
+    hooks_app,
     mint,
     relaying_gateway,
     replying_server,
@@ -970,3 +971,27 @@ def test_browser_client_request_resolves_with_its_answer_and_rejects_on_error_ti
         assert bounded == {"max": 1000, "closed": 1000, "left": 0, "over": {
             "name": "RequestError", "code": "too_many_requests", "isRequestError": True, "answer": None,
             "message": "too_many_requests: 1000 requests are waiting for their answers already"}}
+
+
+def test_browser_client_rooms_follow_the_servers_joins_and_leaves(browser: Browser, tmp_path: Path) -> None:
+    # The host app with lifecycle hooks: its on_connect joins the rooms the token's meta names, and its
+    # /members route calls Registry.join() and leave().
+    with run_server("--log-level", "warning", uvicorn_app="hooks:app", cwd=tmp_path,
+                    env=hooks_app(tmp_path)) as server:
+        page = browser.new_context().new_page()
+        page.goto(f"{server.http}/healthz")
+        page.evaluate("""async ([url, token]) => {
+            const { Client } = await import("/static/ws_micro.js");
+            window.a = new Client(url, { keepalive: 0, token });
+            await new Promise((resolve) => {
+                a.onState((state) => { if (state === "open") resolve(); });
+                a.connect();
+            });
+        }""", [server.ws, mint({"sub": "alice", "meta": {"rooms": ["lobby"]}})])
+        page.wait_for_function("a.rooms.has('lobby')", timeout=TIMEOUT * 1000)  # joined by on_connect
+        me = page.evaluate("a.clientId")
+        assert httpx.put(f"{server.http}/members/{me}/news", timeout=TIMEOUT).json() == {"found": True}
+        page.wait_for_function("a.rooms.has('news')", timeout=TIMEOUT * 1000)
+        assert httpx.delete(f"{server.http}/members/{me}/lobby", timeout=TIMEOUT).json() == {"found": True}
+        page.wait_for_function("!a.rooms.has('lobby')", timeout=TIMEOUT * 1000)
+        assert sorted(page.evaluate("[...a.rooms]")) == ["news"]
