@@ -4482,8 +4482,12 @@ class _AppFromEnvironment:
             startup = await receive()
             try:
                 self.built()
-            except ValueError as exc:
+            except ValueError as exc:  # a bad setting, or a missing package: its one line says which
                 await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                return
+            except Exception as exc:  # a bug (a sibling module that does not compile): fail, not serve without it
+                logger.exception("the gateway could not be built")
+                await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
                 return
             receive = _replaying(startup, receive)
         await self.built()(scope, receive, send)

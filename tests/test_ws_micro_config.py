@@ -13,6 +13,7 @@ import dataclasses
 import inspect
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -252,6 +253,20 @@ def test_uvicorn_fails_the_startup_with_the_one_line_naming_a_bad_variable_or_fi
         assert result.returncode != 0
         assert f"ERROR:    {message}\n" in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
+
+
+@pytest.mark.process
+def test_uvicorn_fails_the_startup_when_the_gateway_cannot_be_built_for_another_reason(tmp_path: Path) -> None:
+    # A sibling module that does not compile: uvicorn used to take the failure for a lifespan it does not
+    # support, and served an app that failed at every request.
+    shutil.copy(ROOT / "ws_micro.py", tmp_path)
+    (tmp_path / "ws_micro_servers.py").write_text((ROOT / "ws_micro_servers.py").read_text() + "\ndef broken(:\n")
+    result = subprocess.run([sys.executable, "-m", "uvicorn", "ws_micro:app", "--port", str(free_port())],
+                            cwd=tmp_path, env=os.environ.copy(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode != 0, result.stderr
+    assert "ERROR:    SyntaxError: invalid syntax (ws_micro_servers.py, line" in result.stderr, result.stderr
+    assert "Application startup failed. Exiting." in result.stderr
+    assert "lifespan' protocol appears unsupported" not in result.stderr
 
 
 # --------------------------------------------------------------------------
