@@ -69,6 +69,7 @@ import hashlib
 import heapq
 import hmac
 import importlib
+import importlib.util
 import inspect
 import ipaddress
 import itertools
@@ -2692,8 +2693,9 @@ def _signature(secret: bytes, body: bytes, timestamp: int) -> str:
 def _not_installed(what: str, library: str, install: str, extra: str, exc: ImportError) -> ValueError:
     """The one-line error for ``what`` (a setting) whose optional ``library`` cannot be imported: the pip command
     that installs it, which works beside a copied ws_micro.py as in a checkout (ws-micro is installed from a
-    checkout, not from PyPI, so ``pip install 'ws-micro[hook]'`` would find nothing), and the extra."""
-    return ValueError(f"{what} needs {library} ({exc}): pip install {install} (or the extra ws-micro[{extra}])")
+    checkout, not from PyPI, so ``pip install 'ws-micro[hook]'`` would find nothing), and the checkout's extra."""
+    return ValueError(f"{what} needs {library} ({exc}): pip install {install} (in a checkout, pip install "
+                      f"'.[{extra}]' does too)")
 
 
 class _BackendClient:
@@ -4268,10 +4270,10 @@ def _redis_backend(registry: Registry, settings: Settings) -> _Backend:
         cluster = _sibling("ws_micro_redis")
     except ImportError as exc:
         raise ValueError(str(exc)) from None
-    if cluster is None:
+    if cluster is None:  # and say whether redis-py is missing too, so that installing it is not taken for the fix
+        redis_py = "" if importlib.util.find_spec("redis") else " and redis-py: pip install 'redis[hiredis]'"
         raise ValueError("redis_url needs ws_micro_redis.py beside ws_micro.py (pip install . in a checkout installs "
-                         "both; with a copied ws_micro.py, copy ws_micro_redis.py beside it) and redis-py: "
-                         "pip install 'redis[hiredis]'")
+                         f"both; with a copied ws_micro.py, copy ws_micro_redis.py beside it){redis_py}")
     backend: _Backend = cluster.RedisBackend(registry, settings)
     return backend
 
@@ -5139,14 +5141,19 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
     prints a config file."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["client"]:
-        parser = _Parser(prog="ws-micro client", description=_run_client.__doc__)
-        parser.add_argument("url", nargs="?", default=DEFAULT_URL)
+        parser = _Parser(prog="ws-micro client", description="Talk to a gateway: each line of standard input, a "
+                         "JSON frame, is sent (its client_id filled in), and each frame received is printed as a "
+                         "line of JSON.")
+        parser.add_argument("url", nargs="?", default=DEFAULT_URL,
+                            help=f"the gateway's endpoint, ws:// or wss:// (default {DEFAULT_URL})")
         parser.add_argument("--linger", type=float, default=0.5,
                             help="seconds to wait for replies after stdin ends (default 0.5)")
         parser.add_argument("--token", default=environ.get(ENV_PREFIX + "TOKEN"),
                             help=f"sent as 'Authorization: Bearer'; env {ENV_PREFIX}TOKEN, which, unlike a flag, "
                                  "other users cannot see in the process list")
         args = parser.parse_args(argv[1:])
+        if _url_scheme(args.url) not in ("ws", "wss"):
+            parser.error(f"the URL must start with ws:// or wss://, but got {_clipped(args.url)}")
         try:
             return anyio.run(_run_client, args.url, args.linger, args.token)
         except (OSError, ConnectionError) as exc:

@@ -36,7 +36,14 @@ def refusal(capsys: pytest.CaptureFixture[str], argv: list[str], environ: dict[s
     assert exited.value.code == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1, err
-    return re.sub(r"^ws-micro( config)?: error: ", "", err).removesuffix("\n")
+    return re.sub(r"^ws-micro( config| client)?: error: ", "", err).removesuffix("\n")
+
+
+@pytest.mark.parametrize("url", ["localhost:8000/ws/py_client", "http://localhost:8000/ws/py_client"])
+def test_the_client_command_refuses_a_url_that_is_not_a_websockets_in_one_line(
+        capsys: pytest.CaptureFixture[str], url: str) -> None:
+    # It used to print websockets' traceback (InvalidURI).
+    assert refusal(capsys, ["client", url], {}) == f"the URL must start with ws:// or wss://, but got {url!r}"
 
 
 # --------------------------------------------------------------------------
