@@ -1190,3 +1190,50 @@ def test_the_core_reaches_other_libraries_through_their_public_names_only() -> N
     top_level = {alias.name for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)
                  for alias in node.names} | {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
     assert not {"ws_micro_redis", "ws_micro_servers"} & top_level
+
+
+# --------------------------------------------------------------------------
+# The lean queue and flag that stand in for uvicorn's asyncio.Queue and Event (ws_micro_servers._lighten)
+# --------------------------------------------------------------------------
+
+
+async def test_the_engines_lean_queue_gives_messages_in_order_and_a_cancelled_reader_loses_none() -> None:
+    import ws_micro_servers
+
+    messages = ws_micro_servers._Messages()
+    for n in range(3):
+        messages.put_nowait({"n": n})
+    assert [(await messages.get())["n"] for _ in range(3)] == [0, 1, 2]
+    assert messages.empty() and messages._items == []  # emptied, it keeps no storage
+    reader = asyncio.ensure_future(messages.get())
+    await anyio.wait_all_tasks_blocked()
+    messages.put_nowait({"n": 3})  # which wakes the reader...
+    reader.cancel()  # ...cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    assert await messages.get() == {"n": 3}
+    messages.put_nowait({"n": 4})
+    assert messages.qsize() == 1 and messages.get_nowait() == {"n": 4}
+    with pytest.raises(asyncio.QueueEmpty):
+        messages.get_nowait()
+
+
+async def test_the_engines_lean_flag_wakes_every_writer_when_set() -> None:
+    import ws_micro_servers
+
+    flag = ws_micro_servers._Flag(True)
+    assert await flag.wait() and flag.is_set()
+    flag.clear()
+    woken: list[int] = []
+
+    async def writer(n: int) -> None:
+        await flag.wait()
+        woken.append(n)
+
+    async with anyio.create_task_group() as tasks:
+        for n in range(3):
+            tasks.start_soon(writer, n)
+        await anyio.wait_all_tasks_blocked()
+        assert woken == [] and flag._waiters is not None and len(flag._waiters) == 3
+        flag.set()
+    assert sorted(woken) == [0, 1, 2] and flag._waiters is None
