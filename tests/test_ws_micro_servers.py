@@ -325,6 +325,53 @@ async def test_e2e_the_uvicorn_fast_path_engages_served_or_mounted_and_says_when
         assert "fast path off: send is wrapped by 'Spy.__call__.<locals>.spied'" in log.read_text()
 
 
+# A host app that says, for each WebSocket uvicorn's engine holds now, the types of its receive queue and of its
+# writable flag: what ws_micro_servers.py swaps in after accept to keep an idle connection small.
+ENGINES_APP = """
+import contextlib
+import gc
+
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Mount, Route
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+import ws_micro
+
+gateway = ws_micro.create_app()
+
+
+async def engines(request):
+    return JSONResponse([[type(engine.queue).__name__, type(engine.writable).__name__]
+                         for engine in gc.get_objects() if isinstance(engine, WebSocketsSansIOProtocol)])
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    async with gateway.router.lifespan_context(gateway):
+        yield
+
+
+app = Starlette(routes=[Route("/engines", engines), Mount("/", app=gateway)], lifespan=lifespan)
+"""
+
+
+@pytest.mark.internals
+async def test_e2e_each_connection_holds_the_lean_queue_and_flag_under_uvicorns_engine(tmp_path: Path) -> None:
+    # 3 KiB of an idle connection's 10 (docs/performance.md, "Issue 24, first pass"): nothing on the wire shows
+    # whether the swap happened, and it stands down quietly on an engine of other types, so ask the engine.
+    (tmp_path / "engines.py").write_text(ENGINES_APP)
+    with run_server("--ws-per-message-deflate", "false", uvicorn_app="engines:app", cwd=tmp_path,
+                    env={"PYTHONPATH": str(ROOT)}) as server:
+        async with ws_client(server.ws) as (a, id_a), ws_client(server.ws) as (b, id_b):
+            await a.send(json.dumps(frame("ping", id_a, {"n": 1})))
+            assert await recv_json(a) == frame("pong", id_a, {"n": 1})
+            await b.send(json.dumps(frame("chat", id_b, {"n": 2}, to=id_a)))
+            assert await recv_json(a) == frame("chat", id_b, {"n": 2}, to=id_a)
+            held = httpx.get(f"{server.http}/engines", timeout=TIMEOUT).json()
+            assert held == [["_Messages", "_Flag"], ["_Messages", "_Flag"]], held
+
+
 # How the docs' host app is run, and the line the log must hold about the fast path (None: none that says it is off).
 EMBEDDED_RUNS = {
     "plain-uvicorn": ("host:app", (), "fast path off: permessage-deflate was negotiated, and it rewrites every frame "
