@@ -530,6 +530,7 @@ CLOSE_POLICY_VIOLATION = 1008
 CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_AGAIN_LATER = 1013
+MAX_CLOSE_REASON = 123  # bytes of a close reason: a close frame's payload is at most 125, the code taking 2
 
 
 class Payload(msgspec.Struct):
@@ -640,6 +641,11 @@ def _decode(decode: Callable[[Any], _T], text: str | bytes) -> _T:
         escape, position = lone
         raise msgspec.DecodeError(f"JSON is malformed: {escape} (character {position}) is a lone UTF-16 "
                                   "surrogate; a string may hold one only as half of a pair") from None
+
+
+def _clipped_bytes(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` bytes of UTF-8, between characters: what a close reason can hold."""
+    return text.encode()[:limit].decode(errors="ignore")
 
 
 def _clipped(text: str, limit: int = 100) -> str:
@@ -957,11 +963,11 @@ class _Throttle:
         self._reported_at[key] = now
         return self._held.pop(key, 0)
 
-    def warn(self, key: str, message: str) -> None:
-        """Log ``message`` as a warning, unless one for ``key`` was logged within ``interval``."""
+    def warn(self, key: str, message: str, level: int = logging.WARNING) -> None:
+        """Log ``message`` (a warning, unless ``level`` says), unless one for ``key`` was logged within ``interval``."""
         held = self(key)
         if held is not None:
-            logger.warning("%s%s", message, f" ({held} more since the last report)" if held else "")
+            logger.log(level, "%s%s", message, f" ({held} more since the last report)" if held else "")
 
 
 # --------------------------------------------------------------------------
@@ -1999,7 +2005,6 @@ HOOK_TIMEOUT = 5.0  # seconds each hook may take: on_connect's handshake is then
 # (Client's open_timeout is 10 s), so that they hear 503 rather than give up.
 HOOK_MAX_RUNNING = 10_000  # on_disconnect calls running at once; past this, more are dropped (counted, logged),
 # so that a hook that hangs holds at most this many coroutines (a few KB each: tens of MB) for HOOK_TIMEOUT.
-REFUSAL_MESSAGE_LIMIT = 123  # bytes of a refusal's message the client gets: what a close frame's reason holds
 
 # What became of on_connect calls (the on_connect_total labels): it let the client in; it refused it
 # (raised Refuse, or returned False: 403); it raised anything else, or returned what is not None, True or
@@ -2016,11 +2021,6 @@ class Refuse(Exception):
     def __init__(self, message: str = "this connection was refused") -> None:
         super().__init__(message)
         self.message = message
-
-
-def _clipped_bytes(text: str, limit: int) -> str:
-    """``text`` cut to at most ``limit`` bytes of UTF-8, between characters."""
-    return text.encode()[:limit].decode(errors="ignore")
 
 
 def _failure(exc: BaseException) -> str:
@@ -2055,7 +2055,7 @@ class _Lifecycle:
                 answer = await hook(client_id, identity.user, identity.meta)
             except Refuse as refusal:
                 self.connects["refused"] += 1
-                raise _Refused(403, "refused", _clipped_bytes(str(refusal.message), REFUSAL_MESSAGE_LIMIT)) from None
+                raise _Refused(403, "refused", _clipped_bytes(str(refusal.message), MAX_CLOSE_REASON)) from None
             except Exception as exc:
                 raise self._failed("failed", f"on_connect raised {_failure(exc)}, for client {client_id}") from None
         if waited.cancel_called:  # also when the hook swallowed the cancellation
@@ -2570,24 +2570,29 @@ class Registry:
             return False
         if not join:
             if room in connection.rooms:
-                members = await self._leave(connection, room)
-                connection.send(_Frame("left", {"room": room, "members": members}).to(connection.id))
-                self._announce(room, "left", connection)
+                await self._exit(connection, room)
             return True
         return await self._enter(connection, room)
 
-    async def _enter(self, connection: _Connection, room: str) -> bool:
-        """Join an open connection to ``room`` as a join frame does: ``joined``, then presence; False if it
-        started closing meanwhile.  ValueError past max_rooms_per_connection."""
+    async def _enter(self, connection: _Connection, room: str, request_id: str | int | None = None) -> bool:
+        """Join an open connection to ``room``, for its own join frame (whose ``request_id`` the answer carries)
+        or for the server: ``joined``, then presence; False if it started closing meanwhile (no reply, and no
+        one hears it joined).  ValueError past max_rooms_per_connection."""
         limit = self._settings.max_rooms_per_connection
         if room not in connection.rooms and len(connection.rooms) >= limit:
             raise ValueError(_too_many_rooms(connection.id, room, limit))
         members = await self._join(connection, room)
         if not members:
             return False
-        connection.send(_Frame("joined", {"room": room, "members": members}).to(connection.id))
+        connection.send(_Frame("joined", {"room": room, "members": members}).reply(connection.id, request_id))
         self._announce(room, "joined", connection)
         return True
+
+    async def _exit(self, connection: _Connection, room: str, request_id: str | int | None = None) -> None:
+        """Take a connection out of a room it is in, likewise: ``left``, then presence."""
+        members = await self._leave(connection, room)
+        connection.send(_Frame("left", {"room": room, "members": members}).reply(connection.id, request_id))
+        self._announce(room, "left", connection)
 
     async def _relay_to_client(self, client_id: str, text: str, failed: Callable[[str, str], None]) -> None:
         """Deliver a client's frame, unchanged, to one client; else ``failed(code, message)``, maybe later."""
@@ -3372,7 +3377,7 @@ class _Gateway:
                 await self.registry._let_in(connection.id, connection.identity)
             except _Refused as refusal:
                 code = CLOSE_POLICY_VIOLATION if refusal.status == 403 else CLOSE_TRY_AGAIN_LATER
-                connection.close(code, _clipped_bytes(refusal.message, REFUSAL_MESSAGE_LIMIT), label="refused")
+                connection.close(code, _clipped_bytes(refusal.message, MAX_CLOSE_REASON), label="refused")
                 return
             except BaseException:  # cancelled while on_connect ran: no session began
                 connection.close_reason = "refused"
@@ -3602,13 +3607,10 @@ class _Gateway:
                         room=room)
             return
         limit = self.settings.max_rooms_per_connection
-        if room not in connection.rooms and len(connection.rooms) >= limit:
+        if room not in connection.rooms and len(connection.rooms) >= limit:  # the client's answer, not _enter's error
             self._error(connection, INVALID_EVENT, f"at most {limit} rooms per connection", event.event, event.id)
             return
-        members = await self.registry._join(connection, room)
-        if members:  # else it is closing: no reply, and no one hears it joined
-            connection.send(_Frame("joined", {"room": room, "members": members}).reply(connection.id, event.id))
-            self.registry._announce(room, "joined", connection)
+        await self.registry._enter(connection, room, event.id)
 
     async def _leave(self, connection: _Connection, event: Event, text: str) -> None:
         room = self._room_of(connection, event)
@@ -3617,9 +3619,7 @@ class _Gateway:
         if room not in connection.rooms:
             self._error(connection, NOT_IN_ROOM, f"not a member of room {room!r}", event.event, event.id)
             return
-        members = await self.registry._leave(connection, room)
-        connection.send(_Frame("left", {"room": room, "members": members}).reply(connection.id, event.id))
-        self.registry._announce(room, "left", connection)
+        await self.registry._exit(connection, room, event.id)
 
     async def _call_handler(self, connection: _Connection, event: Event, failed: Callable[..., None]) -> None:
         name = event.event
@@ -3643,10 +3643,8 @@ class _Gateway:
         try:
             frame = self._handler_reply(name, reply)
         except (TypeError, ValueError, msgspec.MsgspecError) as exc:  # the handler's bug: it is told, not the client
-            held = self._throttle(f"reply:{name}")
-            if held is not None:
-                logger.error("handler for event %r (client %s): %s%s", name, connection.id, exc,
-                             f" ({held} more since the last report)" if held else "")
+            self._throttle.warn(f"reply:{name}", f"handler for event {name!r} (client {connection.id}): {exc}",
+                                logging.ERROR)
             failed(INTERNAL_ERROR, f"the handler for {name!r} failed")
             return
         connection.send(frame.reply(connection.id, event.id))
@@ -3729,16 +3727,12 @@ def _id_problem(exc: msgspec.ValidationError) -> str | None:
     return f"{_REQUEST_ID_RULE}, but got: {exc}" if str(exc).endswith("`$.id`") else None
 
 
-MAX_CLOSE_REASON = 123  # bytes of a close reason: a close frame's payload is at most 125, the code taking 2
-
-
 async def _deny(websocket: WebSocket, status: int, code: str, message: str) -> None:
     """Refuse a handshake with a real HTTP status, before accept."""
     try:
         await websocket.send_denial_response(_refusal_response(status, code, message))
     except RuntimeError:  # the server lacks the denial-response extension (daphne): it answers 403, with the reason
-        reason = f"{code}: {message}".encode()[:MAX_CLOSE_REASON].decode(errors="ignore")  # as a server may log it
-        await websocket.close(CLOSE_POLICY_VIOLATION, reason)
+        await websocket.close(CLOSE_POLICY_VIOLATION, _clipped_bytes(f"{code}: {message}", MAX_CLOSE_REASON))
 
 
 # --------------------------------------------------------------------------
