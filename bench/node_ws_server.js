@@ -20,25 +20,36 @@ const port = Number(process.argv[2]);
 const connections = new Map(); // client_id -> WebSocket
 const rooms = new Map(); // room -> Set of WebSocket
 
+// POST /api/broadcast's answer, [status, body]: every connection gets its own frame, with its own
+// client_id in it (each its own string, as in the gateway and the ceiling).
+function broadcast(body) {
+  let push;
+  try {
+    push = JSON.parse(body);
+  } catch {
+    push = null;
+  }
+  if (push === null || typeof push !== 'object') {
+    return [400, JSON.stringify({ error: { code: 'invalid_json', message: 'the body is not a JSON object' } })];
+  }
+  const head = '{"event":' + JSON.stringify(push.event) + ',"client_id":"';
+  const tail = '","data":' + JSON.stringify(push.data) + '}';
+  let delivered = 0;
+  for (const [clientId, peer] of connections) {
+    peer.send(head + clientId + tail);
+    delivered += 1;
+  }
+  return [200, JSON.stringify({ delivered })];
+}
+
 const server = http.createServer((request, response) => {
   const chunks = [];
   request.on('data', (chunk) => chunks.push(chunk));
   request.on('end', () => {
-    let reply;
-    if (request.url === '/api/broadcast') {
-      const push = JSON.parse(Buffer.concat(chunks).toString());
-      const head = '{"event":' + JSON.stringify(push.event) + ',"client_id":"';
-      const tail = '","data":' + JSON.stringify(push.data) + '}';
-      let delivered = 0;
-      for (const [clientId, peer] of connections) {
-        peer.send(head + clientId + tail);
-        delivered += 1;
-      }
-      reply = JSON.stringify({ delivered });
-    } else {
-      reply = JSON.stringify({ status: 'ok', connections: connections.size });
-    }
-    response.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(reply) });
+    const [status, reply] = request.url === '/api/broadcast'
+      ? broadcast(Buffer.concat(chunks).toString())
+      : [200, JSON.stringify({ status: 'ok', connections: connections.size })];
+    response.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(reply) });
     response.end(reply);
   });
 });
@@ -58,6 +69,10 @@ wss.on('connection', (ws) => {
       event = JSON.parse(data.toString());
     } catch {
       ws.close(1007, 'not JSON');
+      return;
+    }
+    if (event === null || typeof event !== 'object') {
+      ws.close(1007, 'not a JSON object');
       return;
     }
     // The received bytes go out again as a text frame: no re-encoding (the ceiling sends its str).

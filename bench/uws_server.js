@@ -27,8 +27,33 @@ const port = Number(process.argv[2]);
 const connections = new Map(); // client_id -> WebSocket
 const decoder = new TextDecoder();
 
-function respond(response, reply) {
-  response.cork(() => response.writeHeader('content-type', 'application/json').end(reply));
+const STATUS_LINES = { 200: '200 OK', 400: '400 Bad Request' };
+
+function respond(response, status, reply) {
+  response.cork(() => response.writeStatus(STATUS_LINES[status]).writeHeader('content-type', 'application/json')
+    .end(reply));
+}
+
+// POST /api/broadcast's answer, [status, body]: every connection gets its own frame, with its own
+// client_id in it (each its own string, as in the gateway and the ceiling).
+function broadcast(body) {
+  let push;
+  try {
+    push = JSON.parse(body);
+  } catch {
+    push = null;
+  }
+  if (push === null || typeof push !== 'object') {
+    return [400, JSON.stringify({ error: { code: 'invalid_json', message: 'the body is not a JSON object' } })];
+  }
+  const head = '{"event":' + JSON.stringify(push.event) + ',"client_id":"';
+  const tail = '","data":' + JSON.stringify(push.data) + '}';
+  let delivered = 0;
+  for (const [clientId, peer] of connections) {
+    peer.send(head + clientId + tail, false);
+    delivered += 1;
+  }
+  return [200, JSON.stringify({ delivered })];
 }
 
 const app = uWS.App()
@@ -49,6 +74,10 @@ const app = uWS.App()
         event = JSON.parse(decoder.decode(message));
       } catch {
         ws.end(1007, 'not JSON');
+        return;
+      }
+      if (event === null || typeof event !== 'object') {
+        ws.end(1007, 'not a JSON object');
         return;
       }
       // The received bytes go out again as a text frame (valid until this handler returns).
@@ -76,20 +105,11 @@ const app = uWS.App()
     response.onAborted(() => {});
     response.onData((chunk, isLast) => {
       chunks.push(Buffer.from(chunk.slice(0))); // the chunk is neutered when this returns
-      if (!isLast) return;
-      const push = JSON.parse(Buffer.concat(chunks).toString());
-      const head = '{"event":' + JSON.stringify(push.event) + ',"client_id":"';
-      const tail = '","data":' + JSON.stringify(push.data) + '}';
-      let delivered = 0;
-      for (const [clientId, peer] of connections) {
-        peer.send(head + clientId + tail, false);
-        delivered += 1;
-      }
-      respond(response, JSON.stringify({ delivered }));
+      if (isLast) respond(response, ...broadcast(Buffer.concat(chunks).toString()));
     });
   })
   .any('/*', (response) => {
-    respond(response, JSON.stringify({ status: 'ok', connections: connections.size }));
+    respond(response, 200, JSON.stringify({ status: 'ok', connections: connections.size }));
   });
 
 app.listen('127.0.0.1', port, (listening) => {
