@@ -1,7 +1,7 @@
-"""Benchmark ws_micro against the tutorial's server and a bare-ASGI ceiling.
+"""Benchmark ws_micro against the tutorial's server, a bare-ASGI ceiling, and Node's servers.
 
-Each server runs as its own uvicorn process pinned to CPU 0; this process, the
-load generator (picows on uvloop), is pinned to CPU 1.  Every scenario runs
+Each server runs as its own process (uvicorn, or node for node_ws and uws) pinned to CPU 0;
+this process, the load generator (picows on uvloop), is pinned to CPU 1.  Every scenario runs
 ``--runs`` times, the servers in a different order each round, and the table
 shows medians and the ratio to the tutorial's server.  The machine is shared and
 noisy: read the ratios, take the absolute numbers as context only.
@@ -12,8 +12,10 @@ noisy: read the ratios, take the absolute numbers as context only.
     python bench_ws_micro.py --runs 5 --only handshakes --servers ws_micro,jwt,jwt_rs256,hook,backend
     python bench_ws_micro.py --runs 5 --only fanout_api,fanout_room --servers ws_micro,recovery --warmup-frames 1000
     python bench_ws_micro.py --runs 3 --only connections,away,away_empty --servers ws_micro,recovery
+    python bench_ws_micro.py --runs 5 --only echo,relay,fanout_api,fanout_room,connections \
+        --servers ws_micro,ceiling,node_ws,uws
 
-Servers (all on the same uvicorn, its default settings):
+Servers (the Python ones all on the same uvicorn, its default settings):
     ws_micro   uvicorn ws_micro:app                   (as shipped)
     tutorial   uvicorn bench.tutorial_server:app      (FastAPI + pydantic, send_json)
     ceiling    uvicorn bench.ceiling_server:app       (bare ASGI + msgspec, no framework)
@@ -35,6 +37,18 @@ Servers (all on the same uvicorn, its default settings):
     recovery   ws_micro with connection recovery on (WS_MICRO_RECOVERY_WINDOW, --recovery-window
                seconds; --away-window in the away scenarios), its bounds at their defaults: every
                connection keeps the last frames sent to it (compare it with ws_micro, where it is off)
+    node_ws    node bench/node_ws_server.js: Node's http server and the ws library (with bufferutil)
+    uws        node bench/uws_server.js: uWebSockets.js, from the npm registry's build of it,
+               @trufflesuite/uws-js-unofficial (the official package is on GitHub only)
+               Both speak what the ceiling speaks (the connect frame, echo, `to` relays, room
+               frames, POST /api/broadcast with each receiver's client_id in its frame) and parse
+               every frame with JSON.parse.  A room frame goes to the room's members (the
+               ceiling's, to every connection: in the fan-out all join, so the same receivers); uws
+               sends it with its own pub/sub (one publish, the copies made in C++), node_ws in a
+               loop.  Server CPU is the node process's, all its threads.  Their packages, pinned by
+               bench/package-lock.json, are installed into bench/node_modules by `npm ci` on first
+               use (node and npm must be on PATH).  The scenarios that read ws_micro's /metrics
+               (away, away_empty) mean nothing for them, nor for the ceiling.
 The tokens and the hook grant any room and `to` relays, so every scenario runs under them.
 """
 
@@ -87,7 +101,10 @@ SERVERS = {
     "hook": "ws_micro:app",  # with WS_MICRO_CONNECT_HOOK_URL, and the backend beside it
     "backend": "bench.hook_backend:app",  # the hook's backend alone (the handshakes scenario only)
     "recovery": "ws_micro:app",  # with WS_MICRO_RECOVERY_WINDOW: connection recovery on
+    "node_ws": "bench/node_ws_server.js",  # Node's ws (JavaScript): the ceiling's protocol subset
+    "uws": "bench/uws_server.js",  # uWebSockets.js (C++ under JavaScript handlers): the same subset
 }
+NODE_SERVERS = ("node_ws", "uws")  # node processes, their packages installed by node_packages()
 BEFORE_DIR = Path(tempfile.gettempdir()) / f"ws_micro_before_{os.getpid()}"
 AUTH_DIR = Path(tempfile.gettempdir()) / f"ws_micro_auth_{os.getpid()}"  # the RSA public key's PEM file
 BACKEND_SECRET = "bench-backend-secret"
@@ -181,6 +198,27 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@functools.cache
+def node_packages() -> str:
+    """The node executable, once bench/node_modules holds what bench/package-lock.json pins.
+
+    ``npm ci`` runs on first use, and again whenever the lock file is newer than the install;
+    ``--ignore-scripts``: no package runs code at install (bufferutil loads its prebuilt binary at
+    run time), ``--omit=optional``: not the JavaScript fallback's add-ons of the uWS package.
+    """
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        raise RuntimeError("the node_ws and uws contenders need node and npm (apt-get install nodejs npm)")
+    bench, installed = HERE / "bench", HERE / "bench" / "node_modules" / ".package-lock.json"
+    if not installed.exists() or installed.stat().st_mtime < (bench / "package-lock.json").stat().st_mtime:
+        print("  npm ci in bench/ (the node_ws and uws contenders' packages)", file=sys.stderr, flush=True)
+        done = subprocess.run([npm, "ci", "--ignore-scripts", "--omit=optional", "--no-audit", "--no-fund"],
+                              cwd=bench, stdout=sys.stderr, stderr=sys.stderr)
+        if done.returncode:
+            raise RuntimeError(f"npm ci in {bench} failed with exit code {done.returncode}")
+    return node
+
+
 @contextlib.contextmanager
 def run_server(name: str, env: dict[str, str] | None = None, cpu: int = SERVER_CPU,
                recovery_window: float = 120.0) -> Iterator[Server]:
@@ -236,7 +274,9 @@ def run_server(name: str, env: dict[str, str] | None = None, cpu: int = SERVER_C
     if name == "backend":
         env = {"BENCH_BACKEND_SECRET": BACKEND_SECRET, **(env or {})}
     port = free_port()
-    if name == "granian":
+    if name in NODE_SERVERS:
+        command = [node_packages(), SERVERS[name], str(port)]
+    elif name == "granian":
         command = [sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port",
                    str(port), "--log-level", "warning", SERVERS[name]]
     elif name == "hypercorn":
@@ -483,7 +523,7 @@ async def echo(server: Server, args: argparse.Namespace) -> dict[str, float]:
             peer.send(frame("echo", peer.client_id, time.perf_counter_ns()))
     await window.measure(server, args.seconds)
     close_all(peers)
-    return window.result("msgs_per_s")
+    return per_message(window)
 
 
 async def relay(server: Server, args: argparse.Namespace) -> dict[str, float]:
@@ -504,7 +544,15 @@ async def relay(server: Server, args: argparse.Namespace) -> dict[str, float]:
             peer.send(frame("chat", peer.client_id, time.perf_counter_ns(), to=partner[peer.client_id]))
     await window.measure(server, args.seconds)
     close_all(peers)
-    return window.result("msgs_per_s")
+    return per_message(window)
+
+
+def per_message(window: Window) -> dict[str, float]:
+    """Echo's and relay's figures, with the server's CPU per message: the measure that compares servers
+    whatever their rate (the generator, or a shared machine, may hold a rate down)."""
+    result = window.result("msgs_per_s")
+    result["server_cpu_us"] = window.server_cpu_share / result["msgs_per_s"] * 1e6
+    return result
 
 
 class HttpPoster:
