@@ -153,6 +153,8 @@ class Settings:
     """Path of the WebSocket endpoint; it must start with ``/``."""
     allowed_origins: tuple[str, ...] = ()
     """Browser origins allowed besides the page's own; ``*`` allows any."""
+    fast_path: bool = True
+    """Under uvicorn, read and write frames past ASGI (ws_micro_servers.py)."""
 
     # Limits
     max_message_size: int = 64 * 1024
@@ -916,6 +918,7 @@ class _Metrics:
         self.rejected_handshakes = collections.Counter(dict.fromkeys(HANDSHAKE_REFUSALS, 0))
         self.server_events_refused = collections.Counter(dict.fromkeys(EVENT_SOURCES, 0))
         self.fast_path = 0  # 1 while the newest connection writes past ASGI (ws_micro_servers.py)
+        self.fast_reads = 0  # frames ws_micro_servers.py handed from the server's parser straight to the gateway
 
     def render(self, connections: int, extra: Sequence[_MetricFamily | _Histogram] = ()) -> str:
         families: list[_MetricFamily | _Histogram] = [
@@ -931,6 +934,8 @@ class _Metrics:
              self.server_events_refused, "source"),
             ("fast_path", "gauge", "1 while the newest connection's frames are written past ASGI.",
              {"": self.fast_path}, ""),
+            ("fast_reads_total", "counter", "Frames handed from the server's parser to the gateway past ASGI.",
+             {"": self.fast_reads}, ""),
             *extra,
         ]
         lines: list[str] = []
@@ -1029,8 +1034,10 @@ class _Output:
     def abort(self) -> None:
         """Drop the connection and what it buffers, if the server lets us: ASGI has no way to."""
 
-    def guard(self, connection: _Connection) -> None:
-        """Hold what the server does on the connection's behalf to its limits: nothing, through ASGI."""
+    def guard(self, connection: _Connection,
+              received: Callable[[_Connection, str], Awaitable[None] | None]) -> None:
+        """Hold what the server does on the connection's behalf to its limits, and maybe hand it the text frames
+        it parses for the connection straight to ``received`` (see _Gateway.received): neither, through ASGI."""
 
     def release(self) -> None:
         """Let go of the server's objects once the connection has ended."""
@@ -1796,14 +1803,17 @@ class _Backend:
         """The members of ``room`` everywhere, now that this instance has ``members_here``."""
         return members_here
 
-    # Sending: how many were reached elsewhere.  The forward methods do not wait for the
-    # answer; ``failed(code, message)`` is called if the frame may not have arrived.
+    # Sending: how many were reached elsewhere.  The forward methods do not wait for the answer:
+    # they return None once the frame is on its way (else an awaitable of the wait for room to queue
+    # it), and ``failed(code, message)`` is called if it may not have arrived.  A client's frame is
+    # then handled without a suspension, in the same call as its read (the read fast path).
 
     async def send(self, delivery: _ToClient | _Kick) -> bool:
         return False
 
-    async def forward(self, delivery: _ToClient, failed: Callable[[str, str], None]) -> None:
+    def forward(self, delivery: _ToClient, failed: Callable[[str, str], None]) -> Awaitable[None] | None:
         failed(UNKNOWN_CLIENT, f"no client with id {delivery.client_id!r}")
+        return None
 
     async def publish(self, delivery: _ToGroup, here: Callable[[], int] = lambda: 0) -> int:
         """Deliver to the other instances, and ``here()`` (the fan-out on this one) as the delivery is
@@ -1814,8 +1824,8 @@ class _Backend:
     def publish_soon(self, delivery: _ToRoom) -> None:
         """``publish``, without waiting or telling anyone whether it arrived (presence events)."""
 
-    async def forward_to_room(self, delivery: _ToRoom, failed: Callable[[str, str], None]) -> None:
-        pass
+    def forward_to_room(self, delivery: _ToRoom, failed: Callable[[str, str], None]) -> Awaitable[None] | None:
+        return None
 
     async def broadcast(self, delivery: _ToEveryone, here: Callable[[], int] = lambda: 0) -> int:
         """Like :meth:`publish`, to every client."""
@@ -2594,19 +2604,24 @@ class Registry:
         connection.send(_Frame("left", {"room": room, "members": members}).reply(connection.id, request_id))
         self._announce(room, "left", connection)
 
-    async def _relay_to_client(self, client_id: str, text: str, failed: Callable[[str, str], None]) -> None:
-        """Deliver a client's frame, unchanged, to one client; else ``failed(code, message)``, maybe later."""
+    def _relay_to_client(self, client_id: str, text: str,
+                         failed: Callable[[str, str], None]) -> Awaitable[None] | None:
+        """Deliver a client's frame, unchanged, to one client; else ``failed(code, message)``, maybe later.
+        None once done or on its way, else an awaitable of the rest (see _Backend.forward)."""
         connection = self._connections.get(client_id)
         if connection is None:
-            await self._backend.forward(_ToClient(client_id, text), failed)
-        elif not connection.send(text):
+            return self._backend.forward(_ToClient(client_id, text), failed)
+        if not connection.send(text):
             failed(UNKNOWN_CLIENT, f"no client with id {client_id!r}")
+        return None
 
-    async def _relay_to_room(self, room: str, sender: str, text: str, failed: Callable[[str, str], None]) -> None:
-        """Deliver a client's frame, unchanged, to the other members of ``room``, here and elsewhere."""
+    def _relay_to_room(self, room: str, sender: str, text: str,
+                       failed: Callable[[str, str], None]) -> Awaitable[None] | None:
+        """Deliver a client's frame, unchanged, to the other members of ``room``, here and elsewhere;
+        likewise."""
         self._relay([member for member in self._rooms.get(room, ()) if member != sender], text)
         # After the local members: they get it even when other instances cannot be reached.
-        await self._backend.forward_to_room(_ToRoom(room, text), failed)
+        return self._backend.forward_to_room(_ToRoom(room, text), failed)
 
     def _deliver_here(self, delivery: _Delivery, skip: Collection[str] = ()) -> bool:
         """Deliver what another instance sent this one, to any client but those in ``skip``; False if its
@@ -3322,7 +3337,8 @@ class _Gateway:
         self.forwarder = forwarder
         self._handshakes = 0  # accepts in flight, counted against max_connections
         self.waiting = 0  # connections whose request head has not arrived (counted under serve()), likewise
-        self._builtins = {name: getattr(self, f"_{name}") for name in BUILTIN_EVENTS}
+        self._builtins: dict[str, Callable[[_Connection, Event, str], Awaitable[None] | None]] = {
+            name: getattr(self, f"_{name}") for name in BUILTIN_EVENTS}
         self._throttle = _Throttle()  # what a client can make the gateway log about a handler's reply
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -3476,7 +3492,7 @@ class _Gateway:
         connection = _Connection(output, remote=f"{client.host}:{client.port}" if client else None,
                                  settings=self.settings, metrics=self.registry._metrics, on_close=self.registry._remove,
                                  client_id=client_id, identity=identity, session=self.registry._sessions.new())
-        output.guard(connection)
+        output.guard(connection, self.received)
         return connection, None if resume is None else (claimed, resume[1])
 
     @contextlib.asynccontextmanager
@@ -3512,21 +3528,41 @@ class _Gateway:
                 connection.close(CLOSE_UNSUPPORTED_DATA, "binary frames are not supported",
                                  label="binary_frame")
                 return False
-            self.registry._metrics.messages_received += 1
-            try:
-                await self._handle(connection, text)
-            except Exception:
-                logger.exception("error handling a frame from client %s", connection.id)
-                connection.close(CLOSE_INTERNAL_ERROR, "internal error", label="internal_error")
+            rest = self.received(connection, text)
+            if rest is not None:
+                await rest
         return False
 
-    async def _handle(self, connection: _Connection, text: str) -> None:
+    def received(self, connection: _Connection, text: str) -> Awaitable[None] | None:
+        """Handle a text frame from ``connection``: at once, as far as it can be without waiting (what most
+        frames need: an answer, a relay); None if that was all, else an awaitable of the rest (a handler, the
+        backend, Redis), which the caller awaits before it hands over the connection's next frame.  The
+        read loop above calls it, and under uvicorn, ws_micro_servers.py's engine as it parses the frame."""
+        self.registry._metrics.messages_received += 1
+        try:
+            rest = self._handle(connection, text)
+        except Exception:
+            self._broke(connection)
+            return None
+        return None if rest is None else self._finish(connection, rest)
+
+    async def _finish(self, connection: _Connection, rest: Awaitable[None]) -> None:
+        try:
+            await rest
+        except Exception:
+            self._broke(connection)
+
+    def _broke(self, connection: _Connection) -> None:
+        logger.exception("error handling a frame from client %s", connection.id)
+        connection.close(CLOSE_INTERNAL_ERROR, "internal error", label="internal_error")
+
+    def _handle(self, connection: _Connection, text: str) -> Awaitable[None] | None:
         settings = self.settings
         limit = settings.max_message_size
         if len(text) > limit or (len(text) * 4 > limit and len(text.encode()) > limit):
             connection.close(CLOSE_MESSAGE_TOO_BIG, f"message larger than {limit} bytes",
                              label="message_too_big", flush=False)
-            return
+            return None
         tokens = connection.take_token()
         if tokens < 0:
             if tokens < -settings.rate_burst:
@@ -3535,12 +3571,12 @@ class _Gateway:
             else:  # read only for its id, so that the error answers the request it refused
                 self._error(connection, RATE_LIMITED, f"more than {settings.rate_limit:g} messages per second",
                             None, _answerable(text)[1])
-            return
+            return None
         try:
             event = _decode_event(text)
         except (msgspec.MsgspecError, RecursionError):  # read again, for the error that says what is wrong
             self._refuse_unreadable(connection, text)
-            return
+            return None
         if event.id is not None and (problem := _bad_request_id(event.id)) is not None:
             self._error(connection, INVALID_EVENT, problem, event.event)
         elif event.client_id != connection.id:
@@ -3557,7 +3593,7 @@ class _Gateway:
                 if not connection.identity.relay:
                     failed(FORBIDDEN, "this connection may not send to other clients")
                 else:
-                    await self.registry._relay_to_client(event.to, text, failed)
+                    return self.registry._relay_to_client(event.to, text, failed)
             else:
                 room = event.room
                 assert room is not None
@@ -3566,11 +3602,12 @@ class _Gateway:
                 elif room not in connection.rooms:
                     failed(NOT_IN_ROOM, f"join room {room!r} before sending to it")
                 else:
-                    await self.registry._relay_to_room(room, connection.id, text, failed)
+                    return self.registry._relay_to_room(room, connection.id, text, failed)
         elif event.event in self._builtins:
-            await self._builtins[event.event](connection, event, text)
+            return self._builtins[event.event](connection, event, text)
         else:
-            await self._call_handler(connection, event, self._failed(connection, event))
+            return self._call_handler(connection, event, self._failed(connection, event))
+        return None
 
     def _refuse_unreadable(self, connection: _Connection, text: str) -> None:
         """Answer a frame that is not JSON, or not an event, with the error that says why."""
@@ -3590,12 +3627,12 @@ class _Gateway:
     def _error_for(self, connection: _Connection, event: Event, code: str, message: str, **details: Any) -> None:
         self._error(connection, code, message, event.event, event.id, **details)
 
-    # The built-in events, one method each (see BUILTIN_EVENTS).
+    # The built-in events, one method each (see BUILTIN_EVENTS), returning what is left to await, as _handle.
 
-    async def _ping(self, connection: _Connection, event: Event, text: str) -> None:
+    def _ping(self, connection: _Connection, event: Event, text: str) -> None:
         connection.send(_Frame("pong", event.data.data).reply(connection.id, event.id))
 
-    async def _echo(self, connection: _Connection, event: Event, text: str) -> None:
+    def _echo(self, connection: _Connection, event: Event, text: str) -> None:
         connection.send(text)
 
     async def _join(self, connection: _Connection, event: Event, text: str) -> None:

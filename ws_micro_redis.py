@@ -1056,7 +1056,7 @@ class RedisBackend(_Backend):
     async def send(self, delivery: _ToClient | _Kick) -> bool:
         return bool(await self._request("send", delivery.client_id, _encode_delivery(delivery)) == 1)
 
-    async def forward(self, delivery: _ToClient, failed: Callable[[str, str], None]) -> None:
+    def forward(self, delivery: _ToClient, failed: Callable[[str, str], None]) -> Awaitable[None] | None:
         client_id = delivery.client_id
 
         def done(result: Any) -> None:
@@ -1065,7 +1065,7 @@ class RedisBackend(_Backend):
             elif result != 1:
                 failed(UNKNOWN_CLIENT, f"no client with id {client_id!r}")
 
-        await self._submit("send", (client_id, _encode_delivery(delivery)), done)
+        return self._submit("send", (client_id, _encode_delivery(delivery)), done)
 
     async def publish(self, delivery: _ToGroup, here: Callable[[], int] = lambda: 0) -> int:
         answer, reached = await self._request("group", _group_key(delivery), _encode_delivery(delivery), here=here)
@@ -1080,7 +1080,7 @@ class RedisBackend(_Backend):
             return
         self._enqueue("group", (_group_key(delivery), _encode_delivery(delivery)), done)
 
-    async def forward_to_room(self, delivery: _ToRoom, failed: Callable[[str, str], None]) -> None:
+    def forward_to_room(self, delivery: _ToRoom, failed: Callable[[str, str], None]) -> Awaitable[None] | None:
         room = delivery.room
 
         def done(result: Any) -> None:
@@ -1091,7 +1091,7 @@ class RedisBackend(_Backend):
                 failed(BACKEND_UNAVAILABLE, f"{result[1]} instance(s) with members of {room!r} {NOT_LISTENING}; "
                                             "their members missed this frame")
 
-        await self._submit("group", (_group_key(delivery), _encode_delivery(delivery)), done)
+        return self._submit("group", (_group_key(delivery), _encode_delivery(delivery)), done)
 
     async def broadcast(self, delivery: _ToEveryone, here: Callable[[], int] = lambda: 0) -> int:
         answer, reached = await self._request("all", _encode_delivery(delivery), here=here)
@@ -1107,7 +1107,9 @@ class RedisBackend(_Backend):
             reply.append(result)
             answered.set()
 
-        await self._submit(name, args, done)
+        rest = self._submit(name, args, done)
+        if rest is not None:
+            await rest
         if reply and isinstance(reply[0], BaseException):
             raise reply[0]
         if here is not None and self.resyncing:  # the outbox holds it back (_flush), and fails it
@@ -1118,11 +1120,18 @@ class RedisBackend(_Backend):
             raise reply[0]
         return reply[0] if here is None else (reply[0], reached)
 
-    async def _submit(self, name: str, args: tuple[Any, ...], done: Callable[[Any], None]) -> None:
-        """Queue a delivery script; ``done`` gets its result, or :class:`BackendUnavailable`."""
+    def _submit(self, name: str, args: tuple[Any, ...], done: Callable[[Any], None]) -> Awaitable[None] | None:
+        """Queue a delivery script; ``done`` gets its result, or :class:`BackendUnavailable`.  None once it
+        is queued, else (the outbox is full) an awaitable that queues it when there is room."""
         if not self.available or self._outbox_ready is None:
             self._delivered(name, self._unavailable(), done)
-            return
+            return None
+        if len(self._outbox) >= OUTBOX_LIMIT:
+            return self._submit_later(name, args, done)
+        self._enqueue(name, args, done)
+        return None
+
+    async def _submit_later(self, name: str, args: tuple[Any, ...], done: Callable[[Any], None]) -> None:
         while len(self._outbox) >= OUTBOX_LIMIT:  # Redis is slow: the sender waits, its socket fills
             await self._outbox_drained.wait()
         self._enqueue(name, args, done)
