@@ -31,8 +31,8 @@ import logging
 import socket
 import struct
 import sys
-from collections.abc import Awaitable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import anyio
 from starlette.types import Receive, Scope, Send
@@ -54,7 +54,14 @@ from ws_micro import (
     logger,
 )
 
+try:  # how anyio tells which async library runs it, when sniffio is installed (older anyio requires it)
+    from sniffio import current_async_library_cvar as _LIBRARY  # type: ignore[import-not-found, unused-ignore]
+except ImportError:
+    _LIBRARY = None
+
 __version__ = "0.3.0"
+
+_T = TypeVar("_T")
 
 ws_micro._check_sibling(__file__, __version__)
 
@@ -200,7 +207,11 @@ class _Messages:
     ``put_nowait``, ``get`` and ``empty``.  That queue holds three deques and an Event (with a fourth) from its
     start: 3 KiB of an idle connection's 15, measured with tracemalloc.  This one holds an empty list and
     at most one waiter.  Messages stay in the list until ``get`` takes them, as asyncio.Queue's do: a reader
-    cancelled as it is woken loses none."""
+    cancelled as it is woken loses none.
+
+    The read fast path (:meth:`_UvicornOutput._message`) also puts here the rest of a frame it handled, when
+    that must wait (:class:`_Rest`): ``get`` awaits it, on the reader's task, before it hands over the
+    messages put after it, so a connection's frames are handled in the order they came."""
 
     __slots__ = ("_head", "_items", "_waiter")
 
@@ -214,6 +225,11 @@ class _Messages:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def waited_on(self) -> bool:
+        """Whether its reader waits for a message, with none to take: it handles nothing now."""
+        waiter = self._waiter
+        return waiter is not None and not waiter.done()
 
     def empty(self) -> bool:
         return self._head == len(self._items)
@@ -234,15 +250,28 @@ class _Messages:
         return message
 
     async def get(self) -> Any:
-        while self.empty():
-            if self._waiter is not None and not self._waiter.done():
-                raise RuntimeError("one reader at a time")  # the engine has one: the app's receive()
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self.get_nowait()
+        while True:
+            while self.empty():
+                if self._waiter is not None and not self._waiter.done():
+                    raise RuntimeError("one reader at a time")  # the engine has one: the app's receive()
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+            message = self.get_nowait()
+            if type(message) is not _Rest:
+                return message
+            await message.awaitable  # the gateway's, which handles its own errors
+
+
+class _Rest:
+    """The rest of a frame's handling, waiting in :class:`_Messages` for the connection's task."""
+
+    __slots__ = ("awaitable",)
+
+    def __init__(self, awaitable: Awaitable[None]) -> None:
+        self.awaitable = awaitable
 
 
 class _Flag:
@@ -309,11 +338,13 @@ def _trim_handshake(engine: Any, scope: Scope) -> None:
 
 class _UvicornOutput(_Output):
     """Frames written straight to the transport under uvicorn's websockets-sansio engine, framed once
-    per fan-out, when the engine would write at once; otherwise through ``send``, which waits as it does."""
+    per fan-out, when the engine would write at once; otherwise through ``send``, which waits as it does.
+    And frames read past ASGI: see :meth:`_message`."""
 
-    __slots__ = ("_conn", "_connection", "_direct", "_engine", "_open", "_settings", "_transport", "_writable")
+    __slots__ = ("_conn", "_connection", "_direct", "_engine", "_metrics", "_open", "_received", "_settings",
+                 "_transport", "_writable")
 
-    def __init__(self, engine: Any, send: Send, settings: Settings, *, direct: bool) -> None:
+    def __init__(self, engine: Any, send: Send, settings: Settings, metrics: _Metrics, *, direct: bool) -> None:
         from websockets.protocol import OPEN
 
         super().__init__(send)
@@ -324,7 +355,9 @@ class _UvicornOutput(_Output):
         self._open = OPEN
         self._direct = direct
         self._settings = settings
+        self._metrics = metrics
         self._connection: _Connection | None = None  # the guarded connection, from guard() to release()
+        self._received: Callable[[_Connection, str], Awaitable[None] | None] | None = None  # the read fast path's
 
     def write_now(self, text: str, wire: bytes | None = None) -> Awaitable[None] | None:
         if (self._direct and self._conn.state is self._open and self._writable.is_set()
@@ -336,28 +369,61 @@ class _UvicornOutput(_Output):
     def abort(self) -> None:
         _reset(self._transport)
 
-    def guard(self, connection: _Connection) -> None:
+    def guard(self, connection: _Connection,
+              received: Callable[[_Connection, str], Awaitable[None] | None]) -> None:
         """Bound the frames the engine handles unseen by the app: each spends a rate-limit token, the
-        pongs it writes count against ``max_queue_bytes``, and a message has ``rate_burst`` fragments at most."""
+        pongs it writes count against ``max_queue_bytes``, and a message has ``rate_burst`` fragments at most.
+        And, with its queue lightened (:func:`_lighten`), take the messages it parses (:meth:`_message`)."""
         self._connection = connection
         # This output's own methods, bound: three closures over the engine held 670 bytes per connection.
         engine = self._engine
         engine.handle_ping, engine.handle_pong, engine.handle_cont = self._ping, self._pong, self._cont
+        if self._settings.fast_path and type(engine.queue) is _Messages:
+            self._received = received
+            engine.send_receive_event_to_app = self._message
+
+    def _message(self) -> None:
+        """The engine's ``send_receive_event_to_app``, called by its parser with each complete message, in the
+        same call as the bytes that complete it were read: the read fast path.  A text message that comes while
+        the connection's task waits for one, with nothing before it, goes straight to the gateway, with no
+        message, queue, task switch or ``receive()`` between (nor the pause and resume of reading the engine
+        does around each queued message: two system calls).  What the gateway cannot finish at once goes to
+        the task, ahead of whatever comes next (:class:`_Rest`).  Anything else takes the engine's way: the
+        gateway's read loop (``_Gateway._read``) gets it through ``receive()``, as without this module.
+
+        The engine has checked the frame (masking, size, control frames, fragments) as always; the text is
+        decoded as the engine does, and invalid UTF-8 left to it (1007)."""
+        engine, connection, received = self._engine, self._connection, self._received
+        if (received is None or connection is None or engine.curr_msg_data_type != "text" or engine.close_sent
+                or not connection.open or not engine.queue.waited_on()):
+            type(engine).send_receive_event_to_app(engine)
+            return
+        frames = engine.frames
+        try:
+            text = (frames[0] if len(frames) == 1 else b"".join(frames)).decode()
+        except UnicodeDecodeError:
+            type(engine).send_receive_event_to_app(engine)
+            return
+        engine.frames = []
+        self._metrics.fast_reads += 1
+        rest = received(connection, text) if _LIBRARY is None else _in_asyncio(received, connection, text)
+        if rest is not None:
+            engine.queue.put_nowait(_Rest(rest))
 
     def _ping(self) -> None:
         type(self._engine).handle_ping(self._engine)
         if self._connection is not None:
-            self._handled(self._connection)
+            _in_asyncio(self._handled, self._connection)
 
     def _pong(self, frame: Any) -> None:
         type(self._engine).handle_pong(self._engine, frame)
         if self._connection is not None:
-            self._handled(self._connection)
+            _in_asyncio(self._handled, self._connection)
 
     def _cont(self, frame: Any) -> None:
         type(self._engine).handle_cont(self._engine, frame)
         if self._connection is not None:
-            self._handled(self._connection)
+            _in_asyncio(self._handled, self._connection)
 
     def _handled(self, connection: _Connection) -> None:
         settings = self._settings
@@ -374,9 +440,21 @@ class _UvicornOutput(_Output):
 
     def release(self) -> None:
         """Undo :meth:`guard`: it ties the engine to the connection."""
-        for name in ("handle_ping", "handle_pong", "handle_cont"):
+        for name in ("handle_ping", "handle_pong", "handle_cont", "send_receive_event_to_app"):
             self._engine.__dict__.pop(name, None)
-        self._connection = None
+        self._connection = self._received = None
+
+
+def _in_asyncio(function: Callable[..., _T], *args: Any) -> _T:
+    """Call ``function`` from one of the engine's callbacks, where the gateway's code runs outside any task: anyio
+    asks sniffio, when it is installed, which library runs it, and sniffio finds none there but by this variable."""
+    if _LIBRARY is None:
+        return function(*args)
+    token = _LIBRARY.set("asyncio")
+    try:
+        return function(*args)
+    finally:
+        _LIBRARY.reset(token)
 
 
 class _ResettingTransport:
@@ -748,9 +826,11 @@ class ServerSupport(_ServerSupport):
         ASGI's ``send`` elsewhere.  Whether it writes past ASGI is ``ws_micro_fast_path`` in /metrics; the log
         says why not, once per reason."""
         engine, why_not, level = _sansio_engine(receive, send, settings, self._served)
+        if engine is not None and why_not is None and not settings.fast_path:
+            why_not = "the fast_path setting is off"
         if engine is not None:  # the engine's bounds hold whether or not frames may go past ASGI
             _lighten(engine)  # before the output takes the engine's flag
-            output: _Output = _UvicornOutput(engine, send, settings, direct=why_not is None)
+            output: _Output = _UvicornOutput(engine, send, settings, metrics, direct=why_not is None)
             _fit_engine(engine, settings)
             _trim_handshake(engine, scope)
         elif (protocol := _DaphneOutput.protocol(send)) is None:

@@ -634,7 +634,10 @@ def forward_options(url: str, *more: str) -> tuple[str, ...]:
 # --------------------------------------------------------------------------
 
 REPLYING_APP = '''
-from ws_micro import Registry, create_app
+import asyncio
+import os
+
+from ws_micro import Registry, Settings, create_app, options_from_env
 
 registry = Registry()
 
@@ -669,7 +672,13 @@ async def boom(client_id, event):
     raise ZeroDivisionError("boom")
 
 
-app = create_app(registry=registry)
+@registry.on("slow")
+async def slow(client_id, event):
+    await asyncio.sleep(0.05)  # an answer that must wait: the connection's frames after it wait too
+    return {"slept": True}
+
+
+app = create_app(registry=registry, **options_from_env(Settings, os.environ))  # the WS_MICRO_* variables env= sets
 '''
 
 

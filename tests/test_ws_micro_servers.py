@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx2 as httpx
@@ -48,6 +49,7 @@ from conftest import (
     mint,
     new_session,
     raw_websocket,
+    replying_server,
     recv_json,
     recv_text,
     rss_mib,
@@ -370,6 +372,73 @@ async def test_e2e_each_connection_holds_the_lean_queue_and_flag_under_uvicorns_
             assert await recv_json(a) == frame("chat", id_b, {"n": 2}, to=id_a)
             held = httpx.get(f"{server.http}/engines", timeout=TIMEOUT).json()
             assert held == [["_Messages", "_Flag"], ["_Messages", "_Flag"]], held
+
+
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+@pytest.mark.internals
+async def test_e2e_frames_go_from_uvicorns_parser_straight_to_the_gateway_unless_the_setting_says_not(
+        fast_path: str) -> None:
+    # The read fast path changes nothing on the wire (it must not): only the counter tells it engaged.  Every kind
+    # of frame a client sends most, answered at once: a ping, a relay, an echo, an error.
+    with run_server(*(("--no-fast-path",) if fast_path == "off" else ())) as server:
+        async with ws_client(server.ws) as (a, id_a), ws_client(server.ws) as (b, id_b):
+            for n in range(10):
+                await a.send(json.dumps({**frame("ping", id_a, {"n": n}), "id": n}))
+                assert await recv_json(a) == {**frame("pong", id_a, {"n": n}), "id": n}
+            await a.send(text("chat", id_a, {"hi": 1}, to=id_b))
+            assert await recv_json(b) == frame("chat", id_a, {"hi": 1}, to=id_b)
+            await b.send(text("echo", id_b, {"e": 1}))
+            assert await recv_json(b) == frame("echo", id_b, {"e": 1})
+            await b.send("not json")
+            assert (await recv_json(b))["data"]["data"]["code"] == "invalid_json"
+            assert server.metric("ws_micro_messages_received_total") == 13
+            assert server.metric("ws_micro_fast_reads_total") == (13 if fast_path == "on" else 0)
+            assert server.metric("ws_micro_fast_path") == (1 if fast_path == "on" else 0)
+
+
+def server_texts(sock: socket.socket, count: int) -> list[dict[str, Any]]:
+    """Read ``count`` unmasked text frames (shorter than 64 KiB) the server writes, as JSON."""
+    received, texts = b"", []
+    while len(texts) < count:
+        while len(received) >= 2 and len(received) >= (end := frame_end(received)):
+            assert received[0] == 0x81, received[:2]  # a whole text frame
+            texts.append(json.loads(received[end - (received[1] if received[1] < 126 else
+                                                      int.from_bytes(received[2:4], "big")):end]))
+            received = received[end:]
+        if len(texts) < count:
+            chunk = sock.recv(65536)
+            assert chunk, f"closed after {texts}"
+            received += chunk
+    return texts
+
+
+def frame_end(received: bytes) -> int:
+    """Where the server frame at the start of ``received`` ends (past its end if its head is incomplete)."""
+    length = received[1] & 0x7F
+    if length < 126:
+        return 2 + length
+    return 4 + int.from_bytes(received[2:4], "big") if len(received) >= 4 else 1 << 30
+
+
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+async def test_e2e_a_frame_that_must_wait_holds_back_the_frames_after_it_on_either_read_path(
+        fast_path: str, tmp_path: Path) -> None:
+    # Frames a handler answers after a wait, between frames answered at once, all in one write: each is answered
+    # in the order sent.  With the read fast path, those answered at once are handled as the server parses them,
+    # so one that overtook a waiting handler would be answered first.
+    env = {"WS_MICRO_FAST_PATH": "true" if fast_path == "on" else "false"}
+    with replying_server(tmp_path, env=env) as server:
+        sock, me = await anyio.to_thread.run_sync(raw_websocket, server)
+        with sock:
+            burst = [("slow", 1), ("ping", 2), ("add", 3), ("ping", 4), ("slow", 5), ("echo", 6), ("ping", 7)]
+            sock.sendall(b"".join(client_frame(0x1, json.dumps(
+                {**frame(name, me, {"numbers": [n]}), "id": n}).encode()) for name, n in burst))
+            answers = await anyio.to_thread.run_sync(server_texts, sock, len(burst))
+            assert [(answer["event"], answer["id"]) for answer in answers] == [
+                ("slow", 1), ("pong", 2), ("add", 3), ("pong", 4), ("slow", 5), ("echo", 6), ("pong", 7)]
+            # On: the first (then those that came while the task waited), not those behind a wait.
+            fast_reads = server.metric("ws_micro_fast_reads_total")
+            assert (1 <= fast_reads < len(burst)) if fast_path == "on" else fast_reads == 0, fast_reads
 
 
 # How the docs' host app is run, and the line the log must hold about the fast path (None: none that says it is off).
