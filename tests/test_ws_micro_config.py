@@ -157,7 +157,8 @@ def test_probing_the_module_app_builds_nothing(monkeypatch: pytest.MonkeyPatch) 
          "connect_hook_url needs backend_secret, the key the backend checks the gateway's requests with "
          "(python -c 'import secrets; print(secrets.token_hex(32))')"),
         ({"WS_MICRO_REDIS_URL": "notredis://x"},
-         "redis_url must be a redis://, rediss:// or unix:// URL, but got 'notredis://x'"),
+         "redis_url must be a redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel:// URL, "
+         "but got 'notredis://x'"),
         ({"WS_MICRO_JWT_PUBLIC_KEY": "/no/such/key.pem"},
          "jwt_public_key must be PEM text or a PEM file, but cannot read '/no/such/key.pem': No such file"),
         ({"WS_MICRO_JWT_PUBLIC_KEY": "-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----"},
@@ -187,7 +188,8 @@ def test_bad_settings_are_refused_with_the_bad_value(env: dict[str, str], messag
         ([], {"WS_MICRO_SEND_TIMEOUT": "0"}, "WS_MICRO_SEND_TIMEOUT must be more than 0, but got 0.0"),
         ([], {"WS_MICRO_PRESENCE_EVENTS": "maybe"}, "WS_MICRO_PRESENCE_EVENTS must be true or false, but got 'maybe'"),
         ([], {"WS_MICRO_REDIS_URL": "notredis://x"},
-         "WS_MICRO_REDIS_URL must be a redis://, rediss:// or unix:// URL, but got 'notredis://x'"),
+         "WS_MICRO_REDIS_URL must be a redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel:// URL, "
+         "but got 'notredis://x'"),
         ([], {"WS_MICRO_PORT": "-1"}, "WS_MICRO_PORT must be between 0 and 65535, but got -1"),
         ([], {"WS_MICRO_FORWARD_URL": "http://backend/events"},
          "WS_MICRO_FORWARD_URL needs backend_secret, the key the backend checks the gateway's requests with "
