@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from conftest import (
     SentinelServer,
     Server,
     drop,
+    error,
     free_port,
     greeted,
     join,
@@ -28,6 +30,7 @@ from conftest import (
     resume_url,
     run_server,
     text,
+    without_message,
     ws_client,
 )
 from prometheus_client.parser import text_string_to_metric_families
@@ -99,7 +102,7 @@ async def test_cluster_follows_a_sentinel_failover_under_traffic_and_loses_no_fr
                                                "--heartbeat-interval", "0.2", "--instance-ttl", "10",
                                                "--recovery-window", "60")) for _ in range(2))
         for server in (x, y):
-            await server.wait_until(lambda s=server: s.get("/healthz").json()["redis"] == "ok", "Redis through Sentinel")
+            await server.wait_until(lambda s=server: s.get("/healthz").json()["redis"] == "ok", "Sentinel")
         async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b):
             await join(a, id_a, "r")
             await join(b, id_b, "r")
@@ -192,3 +195,55 @@ async def test_cluster_follows_a_sentinel_failover_under_traffic_and_loses_no_fr
             sent_after = text("chat", id_b, {"n": 3}, to=id_a)
             await b.send(sent_after)
             assert json.loads(await a.recv()) == json.loads(sent_after)
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_a_promoted_replica_that_lacks_the_newest_writes_is_resynchronised_as_after_a_restart(
+        tmp_path: Path) -> None:
+    with sentinel_group(tmp_path) as (primary, replica, sentinels), contextlib.ExitStack() as stack:
+        x, y = (stack.enter_context(run_server("--log-level", "warning", "--redis-url", sentinel_url(sentinels),
+                                               "--heartbeat-interval", "0.2", "--instance-ttl", "30",
+                                               "--recovery-window", "60"))
+                for _ in range(2))
+        for server in (x, y):
+            await server.wait_until(lambda s=server: s.get("/healthz").json()["redis"] == "ok", "Sentinel")
+        await x.wait_until(lambda: x.get("/healthz").json()["instances"] == 2, "X to see Y")
+        # The replica stops following (it cannot log in again), so what Y writes now never reaches it: a
+        # client, its room, and a session parked.
+        replica.command("CONFIG", "SET", "masterauth", "wrong")
+        primary.command("CLIENT", "KILL", "TYPE", "replica")
+        async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b):
+            await join(b, id_b, "late")
+            away, me, token = await new_session(y.ws)
+            await drop(away, y, me)
+            await y.wait_until(lambda: y.metric("ws_micro_sessions_parked") == 1, "Y to park the session")
+            assert primary.command("HGET", "ws_micro:directory", id_b) == y.get("/healthz").json()["instance"]
+            y.process.send_signal(signal.SIGSTOP)  # so X is back first, for as long as the test needs
+            try:
+                primary.stop()
+                replica.command("CONFIG", "SET", "masterauth", PASSWORD)
+                await x.wait_until(lambda: x.metric("ws_micro_cluster_new_primaries_total") == 1, "X to fail over")
+                assert replica.command("ROLE")[0] == "master"
+                assert replica.command("HGET", "ws_micro:directory", id_b) is None  # lost with the old primary
+                # X cannot know what the new primary lacks until Y has written its state again: B's frames and
+                # the room's publishes are refused, not answered unknown_client or delivered to nobody.
+                await a.send(text("to_b", id_a, to=id_b))
+                assert without_message(await recv_json(a)) == error(id_a, "backend_unavailable", "to_b")
+                response = x.post("/api/rooms/late", {"event": "x", "data": {"data": {}}})
+                assert response.status_code == 503, response.text
+                assert x.get("/healthz").json()["redis"] == "resyncing"
+            finally:
+                y.process.send_signal(signal.SIGCONT)
+            await x.wait_until(lambda: x.get("/healthz").json()["status"] == "ok", "X to see Y back")
+            assert x.post("/api/rooms/late", {"event": "news", "data": {"data": {}}}).json() == {"delivered": 1}
+            assert (await recv_json(b))["event"] == "news"
+            sent = text("to_b", id_a, {"again": True}, to=id_b)
+            await a.send(sent)
+            assert json.loads(await b.recv()) == json.loads(sent)
+            assert x.metric("ws_micro_errors_total", code="unknown_client") == 0
+            # The session the new primary never had is over, said so, and no longer held by Y.
+            assert y.metric("ws_micro_sessions_parked") == 0
+            async with connect(resume_url(x, token, offset=1)) as resumed:
+                info = await greeted(resumed)
+                assert info["client_id"] != me and info["data"]["data"]["recovered"] is False
