@@ -36,6 +36,8 @@ from conftest import (
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 
+import ws_micro_redis
+
 pytestmark = pytest.mark.anyio
 
 # The data nodes and the sentinels have passwords of their own: the URL gives each its own.
@@ -247,3 +249,17 @@ async def test_cluster_a_promoted_replica_that_lacks_the_newest_writes_is_resync
             async with connect(resume_url(x, token, offset=1)) as resumed:
                 info = await greeted(resumed)
                 assert info["client_id"] != me and info["data"]["data"]["recovered"] is False
+
+
+def test_a_sentinel_url_names_the_sentinels_the_service_and_a_password_and_tls_for_each_side() -> None:
+    sentinels, service, primary, to_sentinels = ws_micro_redis._sentinel_url(
+        "rediss+sentinel://app:p%40ss@s1,[::1]:26380/mymaster/2?sentinel_password=s%26p&ssl_cert_reqs=required"
+        "&ssl_ca_certs=/etc/ca.pem")
+    assert (sentinels, service) == ([("s1", 26379), ("::1", 26380)], "mymaster")
+    # The data nodes get the URL's user, password and db; the sentinels their own password; TLS for both.
+    assert primary == {"username": "app", "password": "p@ss", "db": 2, "ssl": True, "ssl_cert_reqs": "required",
+                       "ssl_ca_certs": "/etc/ca.pem"}
+    assert to_sentinels == {"password": "s&p", "ssl": True, "ssl_cert_reqs": "required", "ssl_ca_certs": "/etc/ca.pem"}
+    # Without TLS, without passwords: db 0, and the sentinels with nothing of the data nodes'.
+    assert ws_micro_redis._sentinel_url("redis+sentinel://:pw@s1:5000/svc") == (
+        [("s1", 5000)], "svc", {"password": "pw", "db": 0}, {})
