@@ -257,7 +257,7 @@ class Settings:
 
     # Cluster over Redis (docs/cluster.md; pip install 'redis[hiredis]')
     redis_url: str | None = None
-    """The Redis the instances share: ``redis://host:port/db``; unset: no cluster."""
+    """The Redis the instances share: redis://host:port/db, redis+sentinel://..."""
     redis_prefix: str = "ws_micro"
     """Prefix of every Redis key and channel, for clusters sharing one Redis."""
     redis_timeout: float = 2.0
