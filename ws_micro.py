@@ -259,7 +259,7 @@ class Settings:
 
     # Cluster over Redis (docs/cluster.md; pip install 'redis[hiredis]')
     redis_url: str | None = None
-    """The Redis the instances share: ``redis://host:port/db``; unset: no cluster."""
+    """The Redis the instances share: redis://host:port/db, redis+sentinel://..."""
     redis_prefix: str = "ws_micro"
     """Prefix of every Redis key and channel, for clusters sharing one Redis."""
     redis_timeout: float = 2.0
@@ -317,8 +317,10 @@ class Settings:
             if not self.backend_secret:
                 raise ValueError(f"{name} needs backend_secret, the key the backend checks the gateway's requests "
                                  "with (python -c 'import secrets; print(secrets.token_hex(32))')")
-        if self.redis_url and _url_scheme(self.redis_url) not in ("redis", "rediss", "unix"):
-            raise ValueError(f"redis_url must be a redis://, rediss:// or unix:// URL, but got {self.redis_url!r}")
+        if self.redis_url and _url_scheme(self.redis_url) not in ("redis", "rediss", "unix", "redis+sentinel",
+                                                                  "rediss+sentinel"):
+            raise ValueError("redis_url must be a redis://, rediss://, unix://, redis+sentinel:// or "
+                             f"rediss+sentinel:// URL, but got {self.redis_url!r}")
         if self.static_dir not in ("auto", "") and not (Path(self.static_dir) / "index.html").is_file():
             raise ValueError(f"static_dir must be a folder with an index.html, but got {self.static_dir!r}")
 
@@ -476,8 +478,8 @@ def _read_config(path: str, source: str, names: Collection[str]) -> dict[str, _G
              for name in names if name in table}
     # ssh refuses a private key others can read; a config file may be a mounted secret (Kubernetes mounts
     # them 0644, owned by root): say so, once, and go on.
-    secret = [name for name, value in given.items()
-              if value.value and (name in _SECRETS or (name == "redis_url" and "@" in value.value))]
+    secret = [name for name, value in given.items() if value.value and (
+        name in _SECRETS or (name == "redis_url" and ("@" in value.value or "password=" in value.value)))]
     if secret and shared:
         logger.warning("%s holds %s, but other users can read it: chmod 600 %s", path, " and ".join(secret), path)
     return given

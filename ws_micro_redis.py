@@ -54,13 +54,16 @@ from ws_micro import (
     _too_many_rooms,
     _ToRoom,
     _ToUser,
+    _url_scheme,
     logger,
 )
 
 _REDIS_MISSING: ImportError | None = None  # why redis-py cannot be imported, said when redis_url is set
 try:  # optional: without redis-py, RedisBackend says what to install
     import redis.asyncio
+    from redis.asyncio.connection import parse_url
     from redis.asyncio.retry import Retry
+    from redis.asyncio.sentinel import Sentinel
     from redis.backoff import NoBackoff
     from redis.exceptions import RedisError
 except ImportError as exc:
@@ -79,6 +82,8 @@ RESYNCING = ("Redis lost the cluster's state and instances are still registering
 NOT_LISTENING = "not listening to Redis (reconnecting, or dead for less than instance_ttl)"
 OUTBOX_LIMIT = 10_000  # deliveries waiting for Redis before senders wait too
 RESYNC_POLL = 0.1  # seconds between looks for peers while they are registering again
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")  # redis_url through Redis Sentinel (docs/cluster.md)
+SENTINEL_PORT = 26379  # Sentinel's own default port, for a sentinel named without one
 
 # Why a cross-instance delivery was lost (the cluster_dropped_total labels): its client left
 # before it arrived; its instance was not listening (dead before its deadline passed, or
@@ -159,6 +164,7 @@ _decode_delivery = msgspec.msgpack.Decoder(_Delivery | _Control).decode
 #   p:user-ids:<user>          ZSET  the ids of the user's connections, likewise
 #   p:clients                  ZSET  every client id in the directory, likewise: for GET /api/clients
 #   p:rooms                    ZSET  every room with a p:room:<room>, likewise: for GET /api/rooms
+#   p:synced                   HASH  instance id -> run_id of the Redis server it last wrote its whole state to
 #   p:deliveries:<id>          pub/sub channel of that instance
 # With connection recovery, a session waiting for its client lives in Redis as an instance of its
 # own, "~<client id>", alive until its window ends: the scripts route frames to it as to any
@@ -236,6 +242,7 @@ local function reap(id)
   end
   redis.call('DEL', clients)
   redis.call('ZREM', p .. ':instances', id)
+  redis.call('HDEL', p .. ':synced', id)
 end
 -- Make a client a member, on instance id, of a room or user ("room" or "user"); recovery moves members.
 local function add_member(kind, name, client, id)
@@ -600,6 +607,65 @@ def _group_key(delivery: _ToGroup) -> str:
     return f"room:{delivery.room}" if isinstance(delivery, _ToRoom) else f"user:{delivery.user}"
 
 
+def _sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, dict[str, Any], dict[str, Any]]:
+    """A ``redis+sentinel://`` (or, TLS to every node, ``rediss+sentinel://``) URL,
+    ``[[user]:password@]host[:port][,host[:port]...]/service[/db][?option=value&...]``: the sentinels, the
+    service's name, the keyword arguments of the connections to its primary (the password, the db, and the
+    options of a ``redis://`` URL, as redis-py reads them), and those of the connections to the sentinels
+    (``sentinel_username`` and ``sentinel_password`` from the query, TLS as for the primary).
+    ValueError, naming the setting and the value, if it is not such a URL."""
+    scheme, rest = _url_scheme(url), url.partition("://")[2]
+    netloc, _, path = rest.partition("/")
+    path, _, query = path.partition("?")
+    userinfo, _, hosts = netloc.rpartition("@")
+    sentinels: list[tuple[str, int]] = []
+    for host in hosts.split(","):
+        name, colon, port = host.rpartition(":") if not host.endswith("]") else (host, "", "")
+        name, port = (name, port) if colon else (host, str(SENTINEL_PORT))
+        if not name.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"redis_url must name each sentinel as host or host:port, but got {host!r}")
+        sentinels.append((name.strip("[]"), int(port)))
+    service, _, db = path.partition("/")
+    if not service or "/" in db or not (db == "" or db.isdigit()):
+        raise ValueError(f"redis_url must end in /service or /service/db after its sentinels, but got {'/' + path!r}")
+    # The primary's options are those of a redis:// URL: let redis-py read them, on a stand-in host.
+    stand_in = f"{'rediss' if scheme == 'rediss+sentinel' else 'redis'}://{userinfo + '@' if userinfo else ''}" \
+               f"localhost/{db or 0}{'?' + query if query else ''}"
+    try:
+        primary: dict[str, Any] = dict(parse_url(stand_in))
+    except ValueError as exc:  # an option's value: "Invalid value for 'db' in connection URL."
+        raise ValueError(f"redis_url: {exc}") from None
+    for key in ("host", "port", "connection_class"):
+        primary.pop(key, None)
+    tls = {key: value for key, value in primary.items() if key.startswith("ssl_")}
+    if scheme == "rediss+sentinel":
+        primary["ssl"] = tls["ssl"] = True  # the pool picks its TLS connection class from this
+    to_sentinels: dict[str, Any] = {**tls, **{key[len("sentinel_"):]: primary.pop(key) for key in
+                                              ("sentinel_username", "sentinel_password") if key in primary}}
+    return sentinels, service, primary, to_sentinels
+
+
+def _clients(settings: Settings) -> tuple[Any, Any, Any]:
+    """The client for commands, the client for the subscription, and the Sentinel they follow (or None).
+
+    Both clients fail fast and let the supervisor reconnect: redis-py's own retries would stall a read loop.
+    Subscribed, a quiet channel is normal: no read timeout (older redis-py applies it to listen()); a dead
+    connection shows in the heartbeat, which ends the session."""
+    assert settings.redis_url is not None
+    timeout = settings.redis_timeout
+    options: dict[str, Any] = {"socket_connect_timeout": timeout, "retry": Retry(NoBackoff(), 0)}
+    if _url_scheme(settings.redis_url) not in SENTINEL_SCHEMES:
+        return (redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=timeout, **options),
+                redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=None, **options), None)
+    # Each connection asks the sentinels for the primary when it connects: after a failover, the
+    # supervisor's reconnection finds the new one.
+    sentinels, service, primary, to_sentinels = _sentinel_url(settings.redis_url)
+    sentinel = Sentinel(sentinels, sentinel_kwargs={**to_sentinels, "socket_timeout": timeout, **options},
+                        **primary)
+    return (sentinel.master_for(service, socket_timeout=timeout, **options),
+            sentinel.master_for(service, socket_timeout=None, **options), sentinel)
+
+
 class RedisBackend(_Backend):
     """Several gateway instances sharing one registry over Redis; docs/cluster.md has the design.
 
@@ -621,15 +687,7 @@ class RedisBackend(_Backend):
         self.received = 0
         self.dropped = collections.Counter(dict.fromkeys(CLUSTER_DROP_REASONS, 0))
         self._errors = (RedisError, OSError)
-        # Fail fast and let the supervisor reconnect: redis-py's own retries would stall a read loop.
-        self.redis = redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout,
-                                                  socket_connect_timeout=settings.redis_timeout,
-                                                  retry=Retry(NoBackoff(), 0))
-        # Subscribed, a quiet channel is normal: no read timeout (older redis-py applies it to listen()).
-        # A dead connection shows in the heartbeat, which ends the session.
-        self._subscriber = redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=None,
-                                                        socket_connect_timeout=settings.redis_timeout,
-                                                        retry=Retry(NoBackoff(), 0))
+        self.redis, self._subscriber, self._sentinel = _clients(settings)
         self._scripts = {name: self.redis.register_script(_LUA_PRELUDE + body) for name, body in _LUA.items()}
         # Not the p:instance:<id> of 0.1.0, whose deliveries were laid out otherwise: mixed versions do not
         # misread each other, they find each other not listening (counted, and answered backend_unavailable).
@@ -655,6 +713,10 @@ class RedisBackend(_Backend):
         self._membership_requests = itertools.count()
         self._missing: set[str] = set()  # peers not registered again since Redis lost their state
         self._missing_until = 0.0  # time.monotonic() after which they count as dead
+        # The run_id of the Redis server this instance last wrote its state to: another one (a replica promoted
+        # by a failover, or the same address restarted) may lack the newest writes of every instance.
+        self._server: str | None = None
+        self.new_primaries = 0  # times that happened
 
     # Running
 
@@ -680,6 +742,8 @@ class RedisBackend(_Backend):
                         await self._script("reap", self.instance)
                     await self.redis.aclose()
                     await self._subscriber.aclose()
+                    for sentinel in self._sentinel.sentinels if self._sentinel is not None else ():
+                        await sentinel.aclose()
                 self._tasks = None
 
     async def _supervise(self) -> None:
@@ -730,14 +794,24 @@ class RedisBackend(_Backend):
                 logger.warning("cluster: instance %s had been dropped from Redis; registering again",
                                self.instance)
                 await self._sync()  # before _saw(): the peers we knew are those Redis may have lost
-            else:
-                self._saw(live)
+                continue
+            self._saw(live, await self._synced(self._missing))
 
-    def _saw(self, live: Sequence[bytes]) -> None:
-        """Note the instances alive now: peers back end the resynchronising window."""
+    async def _synced(self, peers: Collection[str]) -> set[str]:
+        """Those of these peers that have written their state to the Redis server this instance wrote its own to."""
+        if not peers:
+            return set()
+        names = sorted(peers)
+        servers = await self._call(self.redis.hmget(f"{self.settings.redis_prefix}:synced", names))
+        return {peer for peer, server in zip(names, servers, strict=True)
+                if server is not None and server.decode() == self._server}
+
+    def _saw(self, live: Sequence[bytes], back: Collection[str] = ()) -> None:
+        """Note the instances alive now, and the peers ``back``: once every missing peer is, the resynchronising
+        window ends."""
         self._peers = {instance.decode() for instance in live if not instance.startswith(b"~")} - {self.instance}
         if self._missing:
-            self._missing -= self._peers
+            self._missing -= set(back)
             if not self._missing:
                 logger.info("cluster: every instance is registered again")
             elif time.monotonic() >= self._missing_until:
@@ -746,8 +820,15 @@ class RedisBackend(_Backend):
                 self._missing = set()
 
     async def _sync(self) -> None:
-        """Write this instance's whole state (its clients and rooms), replacing whatever Redis had."""
+        """Write this instance's whole state (its clients and rooms), replacing whatever Redis had.
+
+        The same whether Redis restarted empty, was flushed, or is another server (a replica Sentinel promoted,
+        which may lack the newest writes): every instance writes its state again, and until the peers seen
+        alive have (each notes in ``p:synced`` the server it wrote to, by its run_id), frames that may be for
+        them are refused (the resynchronising window)."""
         prefix = self.settings.redis_prefix
+        server = str((await self.redis.info("server"))["run_id"])
+        known = sorted(self._peers | (self._missing if self.resyncing else set()))
         async with self.redis.pipeline(transaction=True) as pipe:
             await self._scripts["reap"](args=(prefix, self.instance), client=pipe)
             await self._scripts["heartbeat"](args=(prefix, self.instance, self.settings.instance_ttl), client=pipe)
@@ -763,18 +844,48 @@ class RedisBackend(_Backend):
                     pipe.hset(f"{prefix}:{kind}:{name}", self.instance, len(members))
                     pipe.zadd(f"{prefix}:{kind}-ids:{name}", dict.fromkeys(members, 0))
                     pipe.sadd(f"{prefix}:instance:{self.instance}:{kind}s", name)
+            pipe.hset(f"{prefix}:synced", self.instance, server)
+            if known:
+                pipe.hmget(f"{prefix}:synced", known)
             results = await pipe.execute()
-        # Peers we saw alive that Redis does not hold now may be reconnecting, as we did: until they
-        # are back (or instance_ttl has passed), frames that may be for them are refused, not lost.
+        if self._server is not None and server != self._server:
+            self.new_primaries += 1
+            logger.warning("cluster: Redis is another server than before (a failover, or a restart); "
+                           "instance %s wrote its state again", self.instance)
+            await self._recheck_sessions()
+        self._server = server
+        # Peers we saw alive that have not written their state to this server may be reconnecting, as we did:
+        # until they are back (or instance_ttl has passed), frames that may be for them are refused, not lost.
         await self._load_revocations()
-        known = self._peers | (self._missing if self.resyncing else set())
+        synced = dict(zip(known, results[-1], strict=True)) if known else {}
+        missing = {peer for peer in known if synced[peer] is None or synced[peer].decode() != server}
         self._saw(results[1][1])
-        if known - self._peers:
-            self._missing = known - self._peers
+        if missing:
+            self._missing = missing
             self._missing_until = time.monotonic() + self.settings.instance_ttl
             logger.warning("cluster: waiting up to %gs for instance(s) %s to register again; "
                            "until then frames that may be for them fail with backend_unavailable",
                            self.settings.instance_ttl, ", ".join(sorted(self._missing)))
+
+    async def _recheck_sessions(self) -> None:
+        """On a new server: the sessions this instance parked that it lacks end (abnormal: the client's resume
+        finds nothing, and the backend and the session's rooms are told), and those whose seal marker was on
+        its way are sealed now, as at a shutdown: what was on its way to them is lost with the old server."""
+        parked = list(self._parked)
+        if not parked:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for client_id in parked:
+                if client_id in self._parking:  # 0 if it has no session there
+                    await self._scripts["seal"](args=(self.settings.redis_prefix, client_id, self.instance),
+                                                client=pipe)
+                else:
+                    pipe.exists(f"{self.settings.redis_prefix}:session:{client_id}")
+            found = await pipe.execute()
+        for client_id, there in zip(parked, found, strict=True):
+            self._parking.pop(client_id, None)
+            if not there:
+                self._session_over(client_id, "abnormal")
 
     async def _load_revocations(self) -> None:
         """Take the revocations other instances made (while this one was away, or before it started)."""
@@ -992,6 +1103,9 @@ class RedisBackend(_Backend):
                  {"": self.received}, ""),
                 ("cluster_dropped_total", "counter", "Cross-instance deliveries lost, by reason.",
                  self.dropped, "reason"),
+                ("cluster_new_primaries_total", "counter",
+                 "Times Redis turned out to be another server (a failover, or a restart); each a resync.",
+                 {"": self.new_primaries}, ""),
                 ("sessions_parked", "gauge", "Sessions this instance moved to Redis to wait for their client.",
                  {"": len(self._parked)}, "")]
 

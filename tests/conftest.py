@@ -433,24 +433,29 @@ FAST_HEARTBEAT = ("--heartbeat-interval", "0.2", "--instance-ttl", "1.0")
 
 
 class RedisServer:
-    def __init__(self, port: int) -> None:
-        self.port = port
+    """An empty, unpersisted redis-server on loopback; ``options`` are added to its command line (``password``
+    must be among them as ``--requirepass``, for :meth:`command`)."""
+
+    def __init__(self, port: int, *options: str, password: str | None = None) -> None:
+        self.port, self.options, self.password = port, options, password
         self.url = f"redis://127.0.0.1:{port}/0"
         self.process: subprocess.Popen[bytes] | None = None
 
+    def command_line(self) -> list[str]:
+        return [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                *self.options]
+
     def start(self) -> None:
-        """Start an empty, unpersisted redis-server and wait until it answers PING."""
+        """Start it and wait until it answers PING (or asks for the password)."""
         require_marks("starts redis-server", "process", "redis")
         assert Path(REDIS_SERVER).is_file(), f"the cluster tests need {REDIS_SERVER}: apt-get install redis-server"
-        self.process = subprocess.Popen([REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
-                                         "--save", "", "--appendonly", "no"],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(self.command_line(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + TIMEOUT
         while True:
             assert self.process.poll() is None, "redis-server exited"
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 1) as sock:
                 sock.sendall(b"PING\r\n")
-                if sock.recv(16) == b"+PONG\r\n":
+                if sock.recv(16).startswith((b"+PONG\r\n", b"-NOAUTH")):
                     return
             assert time.monotonic() < deadline, "redis-server did not start"
             time.sleep(0.02)
@@ -463,8 +468,30 @@ class RedisServer:
     def command(self, *args: str) -> Any:
         import redis
 
-        with redis.Redis(port=self.port, decode_responses=True) as client:
+        with redis.Redis(port=self.port, password=self.password, decode_responses=True) as client:
             return client.execute_command(*args)
+
+
+class SentinelServer(RedisServer):
+    """``redis-server --sentinel`` on loopback, watching ``primary`` as service ``svc`` (quorum 2), with a
+    config file of its own in ``folder`` (Sentinel rewrites it); fast to judge a primary down and to fail over."""
+
+    def __init__(self, port: int, folder: Path, primary: RedisServer, *, password: str | None = None,
+                 down_after_ms: int = 1000, failover_timeout_ms: int = 2000) -> None:
+        super().__init__(port, password=password)
+        self.config = folder / f"sentinel-{port}.conf"
+        lines = [f"port {port}", "bind 127.0.0.1", f"dir {folder}",
+                 f"sentinel monitor svc 127.0.0.1 {primary.port} 2",
+                 f"sentinel down-after-milliseconds svc {down_after_ms}",
+                 f"sentinel failover-timeout svc {failover_timeout_ms}"]
+        if primary.password:
+            lines.append(f"sentinel auth-pass svc {primary.password}")
+        if password:  # clients and the other sentinels must give it
+            lines += [f"requirepass {password}", f"sentinel sentinel-pass {password}"]
+        self.config.write_text("\n".join(lines) + "\n")
+
+    def command_line(self) -> list[str]:
+        return [REDIS_SERVER, str(self.config), "--sentinel"]
 
 
 @pytest.fixture

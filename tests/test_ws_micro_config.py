@@ -157,7 +157,16 @@ def test_probing_the_module_app_builds_nothing(monkeypatch: pytest.MonkeyPatch) 
          "connect_hook_url needs backend_secret, the key the backend checks the gateway's requests with "
          "(python -c 'import secrets; print(secrets.token_hex(32))')"),
         ({"WS_MICRO_REDIS_URL": "notredis://x"},
-         "redis_url must be a redis://, rediss:// or unix:// URL, but got 'notredis://x'"),
+         "redis_url must be a redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel:// URL, "
+         "but got 'notredis://x'"),
+        ({"WS_MICRO_REDIS_URL": "redis+sentinel://:hunter2@s1:26379,s2:port/mymaster"},
+         "redis_url must name each sentinel as host or host:port, but got 's2:port'"),
+        ({"WS_MICRO_REDIS_URL": "redis+sentinel://:hunter2@s1,s2"},
+         "redis_url must end in /service or /service/db after its sentinels, but got '/'"),
+        ({"WS_MICRO_REDIS_URL": "redis+sentinel://s1/mymaster/zero"},
+         "redis_url must end in /service or /service/db after its sentinels, but got '/mymaster/zero'"),
+        ({"WS_MICRO_REDIS_URL": "rediss+sentinel://s1/mymaster?socket_timeout=soon"},
+         "redis_url: Invalid value for 'socket_timeout' in connection URL."),
         ({"WS_MICRO_JWT_PUBLIC_KEY": "/no/such/key.pem"},
          "jwt_public_key must be PEM text or a PEM file, but cannot read '/no/such/key.pem': No such file"),
         ({"WS_MICRO_JWT_PUBLIC_KEY": "-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----"},
@@ -168,6 +177,7 @@ def test_bad_settings_are_refused_with_the_bad_value(env: dict[str, str], messag
     with pytest.raises(ValueError) as refused:
         create_app(**ws_micro.options_from_env(Settings, env))
     assert str(refused.value).startswith(message)
+    assert "hunter2" not in str(refused.value)  # a password in redis_url is not echoed
 
 
 @pytest.mark.parametrize(
@@ -187,7 +197,8 @@ def test_bad_settings_are_refused_with_the_bad_value(env: dict[str, str], messag
         ([], {"WS_MICRO_SEND_TIMEOUT": "0"}, "WS_MICRO_SEND_TIMEOUT must be more than 0, but got 0.0"),
         ([], {"WS_MICRO_PRESENCE_EVENTS": "maybe"}, "WS_MICRO_PRESENCE_EVENTS must be true or false, but got 'maybe'"),
         ([], {"WS_MICRO_REDIS_URL": "notredis://x"},
-         "WS_MICRO_REDIS_URL must be a redis://, rediss:// or unix:// URL, but got 'notredis://x'"),
+         "WS_MICRO_REDIS_URL must be a redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel:// URL, "
+         "but got 'notredis://x'"),
         ([], {"WS_MICRO_PORT": "-1"}, "WS_MICRO_PORT must be between 0 and 65535, but got -1"),
         ([], {"WS_MICRO_FORWARD_URL": "http://backend/events"},
          "WS_MICRO_FORWARD_URL needs backend_secret, the key the backend checks the gateway's requests with "
@@ -285,6 +296,7 @@ def test_uvicorn_fails_the_startup_when_the_gateway_cannot_be_built_for_another_
 @pytest.mark.parametrize(("text", "mode", "warned"), [
     ('api_token = "t"\nbackend_secret = "s"', 0o644, "api_token and backend_secret"),
     ('redis_url = "redis://:password@localhost:6379/0"', 0o640, "redis_url"),
+    ('redis_url = "redis+sentinel://s1,s2/mymaster?sentinel_password=p"', 0o644, "redis_url"),  # the sentinels'
     ('api_token = "t"', 0o600, None),  # private
     ('redis_url = "redis://localhost:6379/0"\napi_token = ""', 0o644, None),  # no secret in it
 ])
