@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import importlib.metadata
 import logging
@@ -54,6 +55,7 @@ from ws_micro import (
     logger,
 )
 
+_LIBRARY: contextvars.ContextVar[str | None] | None
 try:  # how anyio tells which async library runs it, when sniffio is installed (older anyio requires it)
     from sniffio import current_async_library_cvar as _LIBRARY  # type: ignore[import-not-found, unused-ignore]
 except ImportError:

@@ -398,7 +398,7 @@ async def test_e2e_frames_go_from_uvicorns_parser_straight_to_the_gateway_unless
 
 def server_texts(sock: socket.socket, count: int) -> list[dict[str, Any]]:
     """Read ``count`` unmasked text frames (shorter than 64 KiB) the server writes, as JSON."""
-    received, texts = b"", []
+    received, texts = b"", list[dict[str, Any]]()
     while len(texts) < count:
         while len(received) >= 2 and len(received) >= (end := frame_end(received)):
             assert received[0] == 0x81, received[:2]  # a whole text frame
