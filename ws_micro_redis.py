@@ -1170,14 +1170,14 @@ class RedisBackend(_Backend):
     async def send(self, delivery: _ToClient | _Kick) -> bool:
         return bool(await self._request("send", delivery.client_id, _encode_delivery(delivery)) == 1)
 
-    def forward(self, delivery: _ToClient, failed: Callable[[str, str], None]) -> Awaitable[None] | None:
+    def forward(self, delivery: _ToClient, failed: Callable[..., None], *about: Any) -> Awaitable[None] | None:
         client_id = delivery.client_id
 
         def done(result: Any) -> None:
             if isinstance(result, BackendUnavailable):
-                failed(BACKEND_UNAVAILABLE, f"{result}; {client_id!r} may have missed this frame")
+                failed(*about, BACKEND_UNAVAILABLE, f"{result}; {client_id!r} may have missed this frame")
             elif result != 1:
-                failed(UNKNOWN_CLIENT, f"no client with id {client_id!r}")
+                failed(*about, UNKNOWN_CLIENT, f"no client with id {client_id!r}")
 
         return self._submit("send", (client_id, _encode_delivery(delivery)), done)
 
@@ -1194,16 +1194,16 @@ class RedisBackend(_Backend):
             return
         self._enqueue("group", (_group_key(delivery), _encode_delivery(delivery)), done)
 
-    def forward_to_room(self, delivery: _ToRoom, failed: Callable[[str, str], None]) -> Awaitable[None] | None:
+    def forward_to_room(self, delivery: _ToRoom, failed: Callable[..., None], *about: Any) -> Awaitable[None] | None:
         room = delivery.room
 
         def done(result: Any) -> None:
             if isinstance(result, BackendUnavailable):
-                failed(BACKEND_UNAVAILABLE, f"{result}; members of {room!r} on other instances may have missed "
-                                            "this frame")
+                failed(*about, BACKEND_UNAVAILABLE,
+                       f"{result}; members of {room!r} on other instances may have missed this frame")
             elif result[1]:
-                failed(BACKEND_UNAVAILABLE, f"{result[1]} instance(s) with members of {room!r} {NOT_LISTENING}; "
-                                            "their members missed this frame")
+                failed(*about, BACKEND_UNAVAILABLE, f"{result[1]} instance(s) with members of {room!r} "
+                                                    f"{NOT_LISTENING}; their members missed this frame")
 
         return self._submit("group", (_group_key(delivery), _encode_delivery(delivery)), done)
 
