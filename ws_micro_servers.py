@@ -201,7 +201,6 @@ def _fit_engine(engine: Any, settings: Settings) -> None:
     else:
         conn.max_size = min(conn.max_size or limit, limit)
     engine.close_timeout = settings.close_timeout  # uvicorn waits 10 s for the peer's close frame
-    engine.transport = _ResettingTransport(engine.transport, settings.close_timeout)
 
 
 class _Messages:
@@ -343,8 +342,8 @@ class _UvicornOutput(_Output):
     per fan-out, when the engine would write at once; otherwise through ``send``, which waits as it does.
     And frames read past ASGI: see :meth:`_message`."""
 
-    __slots__ = ("_conn", "_connection", "_direct", "_engine", "_metrics", "_open", "_received", "_settings",
-                 "_transport", "_writable")
+    __slots__ = ("_conn", "_connection", "_direct", "_engine", "_engine_transport", "_metrics", "_open", "_received",
+                 "_settings", "_transport", "_writable")
 
     def __init__(self, engine: Any, send: Send, settings: Settings, metrics: _Metrics, *, direct: bool) -> None:
         from websockets.protocol import OPEN
@@ -360,11 +359,22 @@ class _UvicornOutput(_Output):
         self._metrics = metrics
         self._connection: _Connection | None = None  # the guarded connection, from guard() to release()
         self._received: Callable[[_Connection, str], Awaitable[None] | None] | None = None  # the read fast path's
+        # What the engine writes through from now on (its own frames, and ``send``'s): see _ResettingTransport.
+        self._engine_transport = engine.transport = _ResettingTransport(engine.transport, settings.close_timeout)
 
     def write_now(self, text: str, wire: bytes | None = None) -> Awaitable[None] | None:
         if (self._direct and self._conn.state is self._open and self._writable.is_set()
                 and not self._transport.is_closing()):
-            self._transport.write(wire or _websocket_frame(text.encode()))
+            data = wire or _websocket_frame(text.encode())
+            engine_transport = self._engine_transport
+            corked = engine_transport.corked
+            if corked is None:
+                self._transport.write(data)
+            else:
+                corked.append(data)
+                engine_transport.corked_bytes += len(data)
+                if engine_transport.corked_bytes > CORK_LIMIT:
+                    engine_transport.uncork(corked)
             return None
         return super().write_now(text)
 
@@ -383,6 +393,19 @@ class _UvicornOutput(_Output):
         if self._settings.fast_path and type(engine.queue) is _Messages:
             self._received = received
             engine.send_receive_event_to_app = self._message
+            if self._direct:
+                engine.handle_events = self._events
+
+    def _events(self) -> None:
+        """The engine's ``handle_events``, which handles the frames one read brought: with the frames the
+        fast path writes to this connection meanwhile corked, to be written in one system call."""
+        engine, transport = self._engine, self._engine_transport
+        transport.cork()
+        try:
+            type(engine).handle_events(engine)
+        finally:
+            corked, transport.corked = transport.corked, None
+            transport.uncork(corked)
 
     def _message(self) -> None:
         """The engine's ``send_receive_event_to_app``, called by its parser with each complete message, in the
@@ -442,7 +465,7 @@ class _UvicornOutput(_Output):
 
     def release(self) -> None:
         """Undo :meth:`guard`: it ties the engine to the connection."""
-        for name in ("handle_ping", "handle_pong", "handle_cont", "send_receive_event_to_app"):
+        for name in ("handle_ping", "handle_pong", "handle_cont", "send_receive_event_to_app", "handle_events"):
             self._engine.__dict__.pop(name, None)
         self._connection = self._received = None
 
@@ -459,26 +482,52 @@ def _in_asyncio(function: Callable[..., _T], *args: Any) -> _T:
         _LIBRARY.reset(token)
 
 
+# Bytes of frames held back (corked) while the engine handles what one read brought, after which they are written
+# at once: one write past uvicorn's own high-water mark (64 KiB), so that its backpressure still sees them.
+CORK_LIMIT = 64 * 1024
+
+
 class _ResettingTransport:
     """uvicorn's transport for one WebSocket, whose ``close()`` cannot wait forever for a peer that
-    reads nothing: unfinished after ``timeout`` it becomes a reset, and the kernel gives up as soon."""
+    reads nothing: unfinished after ``timeout`` it becomes a reset, and the kernel gives up as soon.
 
-    __slots__ = ("_timeout", "_transport")
+    It also corks: while ``corked`` is a list (:meth:`_UvicornOutput._events`, as the engine handles the frames
+    one read brought), the frames the fast path writes are kept in it, and written in one system call when
+    it is uncorked (most reads bring one frame; a client with several in flight sends several).  Whatever
+    else writes (the engine's pongs and closes, ``send``) writes what is corked first: frames keep their order."""
+
+    __slots__ = ("_timeout", "_transport", "corked", "corked_bytes")
 
     def __init__(self, transport: Any, timeout: float) -> None:
         self._transport = transport
         self._timeout = timeout
+        self.corked: list[bytes] | None = None
+        self.corked_bytes = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
 
     def write(self, data: bytes) -> None:
+        if self.corked:
+            self.uncork(self.corked)
         self._transport.write(data)
+
+    def cork(self) -> None:
+        self.corked, self.corked_bytes = [], 0
+
+    def uncork(self, corked: list[bytes] | None) -> None:
+        """Write what was corked (``corked``, which the caller took), and cork on if it still corks."""
+        if self.corked is not None:
+            self.corked, self.corked_bytes = [], 0
+        if corked and not self._transport.is_closing():
+            self._transport.write(corked[0] if len(corked) == 1 else b"".join(corked))
 
     def is_closing(self) -> bool:
         return bool(self._transport.is_closing())
 
     def close(self) -> None:
+        if self.corked:
+            self.uncork(self.corked)
         transport = self._transport
         if not transport.is_closing() and hasattr(socket, "TCP_USER_TIMEOUT"):  # the first close: still open
             with contextlib.suppress(OSError, AttributeError):
