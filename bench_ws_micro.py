@@ -21,6 +21,9 @@ Servers (all on the same uvicorn, its default settings):
                alternate between the instances, so every relay and half of every fan-out
                crosses Redis (compare it with ws_micro: --only relay,fanout_api,fanout_room
                --servers ws_micro,cluster)
+    cluster_local  the same, with every client on the first instance: what cluster mode costs
+               the relays and fan-outs that never leave their instance (the second instance and
+               Redis idle, their CPU counted)
     jwt        ws_micro with WS_MICRO_JWT_SECRET; every handshake brings an HS256 token (minted
                once, up front) as Authorization: Bearer (jwt_query: as ?token= instead)
     jwt_fresh  jwt, with a token never seen before for each handshake (the gateway remembers the
@@ -76,6 +79,7 @@ SERVERS = {
     "tutorial": "bench.tutorial_server:app",
     "ceiling": "bench.ceiling_server:app",
     "cluster": "ws_micro:app",  # twice, with WS_MICRO_REDIS_URL
+    "cluster_local": "ws_micro:app",  # the same, every client on the first instance
     "before": "ws_micro:app",  # --before REF: the modules as of that commit, from BEFORE_DIR
     "granian": "ws_micro:app",  # ws_micro under granian (one worker) instead of uvicorn
     "hypercorn": "ws_micro:app",  # ws_micro under hypercorn (one worker)
@@ -114,6 +118,7 @@ class Server:
     headers: dict[str, str] = field(default_factory=dict)  # what every handshake sends (a token, a cookie)
     query: str = ""  # what every handshake's URL ends with ("?token=...")
     tokens: Iterator[str] | None = None  # a token for each handshake (jwt_fresh), sent as Authorization: Bearer
+    spread: bool = True  # whether clients alternate between the instances (else all on the first)
 
     @property
     def ws(self) -> str:
@@ -121,7 +126,7 @@ class Server:
 
     def ws_of(self, n: int) -> str:
         """The WebSocket URL of the instance the ``n``-th client connects to (they alternate)."""
-        ports = [self.port, *(port for _, port in self.others)]
+        ports = [self.port, *(port for _, port in self.others)] if self.spread else [self.port]
         return f"ws://127.0.0.1:{ports[n % len(ports)]}/ws/py_client{self.query}"
 
     @property
@@ -196,10 +201,11 @@ def run_server(name: str, env: dict[str, str] | None = None, cpu: int = SERVER_C
             server.name, server.helpers = name, [backend.process]
             yield server
         return
-    if name == "cluster":
+    if name in ("cluster", "cluster_local"):
         with run_redis() as (redis, url), run_server("ws_micro", {"WS_MICRO_REDIS_URL": url}) as first, \
                 run_server("ws_micro", {"WS_MICRO_REDIS_URL": url}) as second:
-            yield Server(name, first.process, first.port, [(second.process, second.port)], [redis])
+            yield Server(name, first.process, first.port, [(second.process, second.port)], [redis],
+                         spread=name == "cluster")
         return
     if name == "jwt_fresh":
         import jwt

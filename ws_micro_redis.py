@@ -144,7 +144,12 @@ class _MembershipDone(msgspec.Struct, tag="member_done", array_like=True):
 _Control = _WasParked | _Sealed | _WasResumed | _SessionEnded | _TakeOver | _Revoked | _Membership | _MembershipDone
 
 _encode_delivery = msgspec.msgpack.Encoder().encode
-_decode_delivery = msgspec.msgpack.Decoder(_Delivery | _Control).decode
+# Each pub/sub message is a msgpack array of deliveries and control messages (the scripts' publish()): those
+# for one instance at one moment travel together, and are decoded in one pass.
+_decode_deliveries = msgspec.msgpack.Decoder(list[_Delivery | _Control]).decode
+
+# The delivery scripts the outbox runs as one "relay" script when they are queued one after another.
+_RELAYED = frozenset(("send", "group"))  # as the outbox names them; they are not scripts of their own
 
 # The scripts run inside Redis, so each lookup and its publish is one round trip, and liveness
 # is judged by one clock (Redis's).  ARGV[1] is the key prefix.  Keys, for prefix p:
@@ -203,6 +208,14 @@ local function pack(tag, fields)
   local message = {tag}
   for name, value in pairs(fields) do message[F[tag][name]] = value end
   return cmsgpack.pack(message)
+end
+-- Publish messages of ours (each msgpack-encoded) to instance id as one pub/sub message: a msgpack array of
+-- them, which the instance decodes in one pass.  -> how many subscribers heard it (0: not listening)
+local function publish(id, messages)
+  local n = #messages
+  local head = n < 16 and string.char(0x90 + n) or n < 65536 and '\220' .. struct.pack('>I2', n)
+               or '\221' .. struct.pack('>I4', n)
+  return redis.call('PUBLISH', p .. ':deliveries:' .. id, head .. table.concat(messages))
 end
 -- Take instance id out of a room's or user's instances; a room left with none leaves the rooms' index.
 local function drop_instance(kind, name, id)
@@ -285,7 +298,7 @@ local function end_session(client, reason)
   reap('~' .. client)
   redis.call('DEL', session, p .. ':kept:' .. client, p .. ':pending:' .. client)
   if parker then
-    redis.call('PUBLISH', p .. ':deliveries:' .. parker, pack('ended', {client_id = client, reason = reason}))
+    publish(parker, {pack('ended', {client_id = client, reason = reason})})
   end
 end
 -- The sessions an instance parked share one budget (recovery_max_memory, as the bytes of their frames):
@@ -337,7 +350,7 @@ local function deliver(id, message, clients)
   if string.sub(id, 1, 1) == '~' then
     keep(string.sub(id, 2), message, false)
     reached = reached + clients
-  elseif redis.call('PUBLISH', p .. ':deliveries:' .. id, message) > 0 then
+  elseif publish(id, {message}) > 0 then
     reached = reached + clients
   else
     unheard = unheard + 1
@@ -355,24 +368,76 @@ end
 return {added, live()}""",
     # ARGV: p, instance
     "reap": "reap(ARGV[2]) return 1",
-    # The delivery scripts (send, room, all) answer nil when their own instance is not registered:
+    # The delivery scripts (relay, all) answer nil when their own instance is not registered:
     # Redis lost its state (restarted empty, flushed) or reaped it, so the directory cannot be trusted.
-    # ARGV: p, client id, message, own instance -> -1 no such client, 0 its instance is not listening, 1 sent
-    "send": """
-if not redis.call('ZSCORE', p .. ':instances', ARGV[4]) then return false end
-local id = redis.call('HGET', p .. ':directory', ARGV[2])
-if not id or id == ARGV[4] or not alive(id) then return -1 end
-if string.sub(id, 1, 1) == '~' then return keep(ARGV[2], ARGV[3], false) == 'lost' and -1 or 1 end
-return redis.call('PUBLISH', p .. ':deliveries:' .. id, ARGV[3])""",
-    # ARGV: p, "room:<room>" or "user:<user>", message, own instance
-    #   -> {members reached on other instances, live instances with members that were not listening}
-    "group": """
-if not redis.call('ZSCORE', p .. ':instances', ARGV[4]) then return false end
-local counts = redis.call('HGETALL', p .. ':' .. ARGV[2])
-for i = 1, #counts, 2 do
-  if counts[i] ~= ARGV[4] and alive(counts[i]) then deliver(counts[i], ARGV[3], tonumber(counts[i + 1])) end
+    # The deliveries the outbox flushes at one moment, in one script: each looked up in the directory (a frame
+    # for a client, "send") or in its room's or user's instances ("group"), and every message for one instance
+    # published to it as one pub/sub message at the end (kept for a waiting session at once, as deliver()
+    # does).  An instance's liveness is read once.
+    # ARGV: p, then for each delivery "send", its client id, its message or "group", "room:<room>" or
+    # "user:<user>", its message; own instance -> nil if own is not registered, else each delivery's answer
+    # as its own script's: send -1, 0 or 1; group {reached, unheard}
+    "relay": """
+local own = ARGV[#ARGV]
+if not redis.call('ZSCORE', p .. ':instances', own) then return false end
+local live, queued, order = {}, {}, {}  -- instance -> alive(id); instance -> its messages; instances in order
+local function to(id)  -- the queue of messages for instance id, if it is another, live one (else nil)
+  if id == own then return nil end
+  local known = live[id]
+  if known == nil then known = alive(id) or false live[id] = known end
+  if not known then return nil end
+  local q = queued[id]
+  if not q then q = {} queued[id] = q order[#order + 1] = id end
+  return q
 end
-return {reached, unheard}""",
+local answers = {}  -- a number, final; an instance id (send), or {reached, {id, members, ...}} (group), until published
+for i = 2, #ARGV - 1, 3 do
+  local key, message = ARGV[i + 1], ARGV[i + 2]
+  if ARGV[i] == 'send' then
+    local id = redis.call('HGET', p .. ':directory', key)
+    local q = id and to(id)
+    if not q then
+      answers[#answers + 1] = -1
+    elseif string.sub(id, 1, 1) == '~' then
+      answers[#answers + 1] = keep(key, message, false) == 'lost' and -1 or 1
+    else
+      q[#q + 1] = message
+      answers[#answers + 1] = id
+    end
+  else
+    local counts = redis.call('HGETALL', p .. ':' .. key)
+    local answer = {0, {}}
+    for j = 1, #counts, 2 do
+      local id, members = counts[j], tonumber(counts[j + 1])
+      local q = to(id)
+      if q and string.sub(id, 1, 1) == '~' then
+        keep(string.sub(id, 2), message, false)
+        answer[1] = answer[1] + members
+      elseif q then
+        q[#q + 1] = message
+        answer[2][#answer[2] + 1] = id
+        answer[2][#answer[2] + 1] = members
+      end
+    end
+    answers[#answers + 1] = answer
+  end
+end
+local heard = {}
+for _, id in ipairs(order) do
+  if string.sub(id, 1, 1) ~= '~' then heard[id] = publish(id, queued[id]) > 0 end
+end
+for n, answer in ipairs(answers) do
+  if type(answer) == 'string' then
+    answers[n] = heard[answer] and 1 or 0
+  elseif type(answer) == 'table' then
+    local reached, unheard, sent = answer[1], 0, answer[2]
+    for j = 1, #sent, 2 do
+      if heard[sent[j]] then reached = reached + sent[j + 1] else unheard = unheard + 1 end
+    end
+    answers[n] = {reached, unheard}
+  end
+end
+return answers""",
     # ARGV: p, message, own instance -> {clients reached on other instances, live instances not listening}
     "all": """
 if not redis.call('ZSCORE', p .. ':instances', ARGV[3]) then return false end
@@ -472,7 +537,7 @@ for i = 15, #ARGV - 1 do
 end
 redis.call('HSET', session, 'size', size)
 redis.call('ZADD', p .. ':instance:' .. own .. ':parked', now, client)
-redis.call('PUBLISH', p .. ':deliveries:' .. own, pack('parked', {client_id = client}))
+publish(own, {pack('parked', {client_id = client})})
 charge(own, size, tonumber(ARGV[14]))
 return 1""",
     # ARGV: p, client id, a msgpack-encoded delivery that was on its way to it, own instance -> 1
@@ -488,10 +553,10 @@ for _, frame in ipairs(redis.call('LRANGE', pending, 0, -1)) do redis.call('RPUS
 redis.call('DEL', pending)
 redis.call('HSET', session, 'sealed', 1)
 local waiter = redis.call('HGET', session, 'waiter')
-if waiter then redis.call('PUBLISH', p .. ':deliveries:' .. waiter, pack('sealed', {client_id = ARGV[2]})) end
+if waiter then publish(waiter, {pack('sealed', {client_id = ARGV[2]})}) end
 return 1""",
     # ARGV: p, instance, message, own instance -> 1: a control message to one instance
-    "tell": "redis.call('PUBLISH', p .. ':deliveries:' .. ARGV[2], ARGV[3]) return 1",
+    "tell": "publish(ARGV[2], {ARGV[3]}) return 1",
     # ARGV: p, user, before, expires (Unix times, s), own instance -> 1.  Kept as p:revoked:<user> until it
     # expires (read by instances as they join), and told to every live one.
     "revoke": """
@@ -499,7 +564,7 @@ local expires = tonumber(ARGV[4])
 redis.call('SET', p .. ':revoked:' .. ARGV[2], ARGV[3], 'PXAT', math.ceil(expires * 1000))
 local message = pack('revoked', {user = ARGV[2], before = tonumber(ARGV[3]), expires = expires})
 for _, id in ipairs(live()) do
-  if string.sub(id, 1, 1) ~= '~' then redis.call('PUBLISH', p .. ':deliveries:' .. id, message) end
+  if string.sub(id, 1, 1) ~= '~' then publish(id, {message}) end
 end
 return 1""",
     # What a resume token would take; with "claim", it is held for this instance for a few seconds, so
@@ -555,9 +620,9 @@ redis.call('DEL', p .. ':instance:' .. home .. ':clients', session, p .. ':kept:
            p .. ':pending:' .. client, p .. ':claiming:' .. client)
 redis.call('ZREM', p .. ':instances', home)
 redis.call('SET', p .. ':used:' .. client, ARGV[3], 'EX', math.ceil(tonumber(ARGV[5])))
-redis.call('PUBLISH', p .. ':deliveries:' .. own, pack('resumed', {client_id = client}))
+publish(own, {pack('resumed', {client_id = client})})
 if s[5] then
-  redis.call('PUBLISH', p .. ':deliveries:' .. s[5], pack('ended', {client_id = client, reason = 'resumed'}))
+  publish(s[5], {pack('ended', {client_id = client, reason = 'resumed'})})
 end
 local answer = {'ok', s[3], s[4]}
 for _, frame in ipairs(frames) do answer[#answer + 1] = frame end
@@ -833,18 +898,19 @@ class RedisBackend(_Backend):
             if message["type"] != "message":
                 continue
             try:
-                delivery = _decode_delivery(message["data"])
+                deliveries = _decode_deliveries(message["data"])
             except msgspec.MsgspecError:
                 logger.warning("cluster: ignored a message on %s that is not ws_micro's", self._channel)
                 continue
-            if isinstance(delivery, _Control):
-                self._control(delivery)
-                continue
-            self.received += 1
-            if self._parking and self._divert(delivery, message["data"]):
-                continue
-            if not self.registry._deliver_here(delivery, self._resuming):
-                self.dropped["gone"] += 1
+            for delivery in deliveries:
+                if isinstance(delivery, _Control):
+                    self._control(delivery)
+                    continue
+                self.received += 1
+                if self._parking and self._divert(delivery):
+                    continue
+                if not self.registry._deliver_here(delivery, self._resuming):
+                    self.dropped["gone"] += 1
 
     # Sessions (connection recovery; docs/recovery.md, "In cluster mode")
 
@@ -888,12 +954,12 @@ class RedisBackend(_Backend):
         if len(self._parked) > settings.recovery_max_sessions:
             self._enqueue("end", (next(iter(self._parked)), "evicted"), _ignore)
 
-    def _divert(self, delivery: _Delivery, message: bytes) -> bool:
+    def _divert(self, delivery: _Delivery) -> bool:
         """Keep in Redis what came here for sessions being parked (no longer in the registry's indexes);
         True if that was all it was for."""
         for connection in self._parking.values():
             if _addressed(delivery, connection):
-                self._enqueue("keep", (connection.id, message), _ignore)
+                self._enqueue("keep", (connection.id, _encode_delivery(delivery)), _ignore)
                 if isinstance(delivery, _ToClient | _Kick):  # for this one client only
                     return True
         return False
@@ -1148,11 +1214,10 @@ class RedisBackend(_Backend):
                     raise self._unavailable()
                 results: list[Any] = []
                 if not all(held):
+                    queued = [(name, args) for (name, args, _), hold in zip(batch, held, strict=True) if not hold]
                     async with self.redis.pipeline(transaction=False) as pipe:
-                        for (name, args, _), hold in zip(batch, held, strict=True):
-                            if not hold:
-                                await self._scripts[name](args=args, client=pipe)
-                        results = await self._call(pipe.execute())
+                        runs = await self._pipe(pipe, queued)
+                        results = self._unrun(runs, await self._call(pipe.execute()))
                 answers = iter(results)
                 results = [BackendUnavailable(RESYNCING, "resyncing") if hold else next(answers) for hold in held]
             except BackendUnavailable as exc:
@@ -1161,6 +1226,37 @@ class RedisBackend(_Backend):
                 self._delivered(name, result, done, resyncing)
             self._outbox_drained.set()
             self._outbox_drained = anyio.Event()
+
+    async def _pipe(self, pipe: Any, calls: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
+        """Queue these scripts on ``pipe``, each run of delivery scripts (``_RELAYED``) as one "relay" script;
+        how many scripts each command on the pipe stands for (0: one that is not a run)."""
+        runs: list[int] = []
+        run: list[Any] = []
+        prefix, instance = self.settings.redis_prefix, self.instance
+        for position, (name, args) in enumerate(calls):
+            if name in _RELAYED:  # args: prefix, key, message, instance
+                run += (name, args[1], args[2])
+                if position + 1 < len(calls) and calls[position + 1][0] in _RELAYED:
+                    continue
+                await self._scripts["relay"](args=(prefix, *run, instance), client=pipe)
+                runs.append(len(run) // 3)
+                run = []
+            else:
+                await self._scripts[name](args=args, client=pipe)
+                runs.append(0)
+        return runs
+
+    @staticmethod
+    def _unrun(runs: list[int], results: list[Any]) -> list[Any]:
+        """The answer of each script :meth:`_pipe` queued, from the pipe's: a run's answers spread out (all
+        None if it found this instance unregistered)."""
+        answers: list[Any] = []
+        for run, result in zip(runs, results, strict=True):
+            if not run:
+                answers.append(result)
+            else:
+                answers += [None] * run if result is None else result
+        return answers
 
     def _delivered(self, name: str, result: Any, done: Callable[[Any], None], resyncing: bool = False) -> None:
         """Count what may be lost, and hand ``done`` the script's answer or the error its sender must hear."""
