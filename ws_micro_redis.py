@@ -213,8 +213,8 @@ end
 -- them, which the instance decodes in one pass.  -> how many subscribers heard it (0: not listening)
 local function publish(id, messages)
   local n = #messages
-  local head = n < 16 and string.char(0x90 + n) or n < 65536 and '\220' .. struct.pack('>I2', n)
-               or '\221' .. struct.pack('>I4', n)
+  local head = n < 16 and string.char(0x90 + n) or n < 65536 and string.char(0xdc) .. struct.pack('>I2', n)
+               or string.char(0xdd) .. struct.pack('>I4', n)
   return redis.call('PUBLISH', p .. ':deliveries:' .. id, head .. table.concat(messages))
 end
 -- Take instance id out of a room's or user's instances; a room left with none leaves the rooms' index.

@@ -129,6 +129,39 @@ async def test_cluster_two_instances_behave_as_one_server(redis_server: RedisSer
             assert (await recv_json(b))["data"]["data"] == {"room": "lobby", "members": 0}
 
 
+def redis_calls(redis_server: RedisServer, command: str) -> int:
+    """How many times redis-server ran ``command`` since its statistics were reset (scripts' calls included)."""
+    import redis
+
+    with redis.Redis.from_url(redis_server.url) as client:
+        return int(client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_frames_sent_to_an_instance_at_one_moment_travel_together_and_arrive_in_order(
+        redis_server: RedisServer) -> None:
+    import redis
+
+    frames = 300
+    with cluster(redis_server, 2) as (x, y):
+        async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b), ws_client(y.ws) as (c, id_c):
+            for ws, own in ((a, id_a), (b, id_b), (c, id_c)):
+                await join(ws, own, "r")
+            with redis.Redis.from_url(redis_server.url) as client:
+                client.config_resetstat()
+            # A burst, to B and to the room by turns: more frames for Y at a moment than one msgpack fixarray holds.
+            sent = [text("chat", id_a, {"n": n}, **({"to": id_b} if n % 2 else {"room": "r"})) for n in range(frames)]
+            for one in sent:
+                await a.send(one)
+            assert [await recv_text(b) for _ in range(frames)] == sent
+            assert [await recv_text(c) for _ in range(frames // 2)] == sent[::2]
+            await nothing_more(a, id_a)
+            # One pub/sub message per flush, not per frame (the heartbeats publish nothing).
+            assert redis_calls(redis_server, "publish") <= frames // 10
+            assert y.metric("ws_micro_cluster_received_total") == frames
+
+
 @pytest.mark.process
 @pytest.mark.redis
 async def test_cluster_an_error_that_comes_back_from_redis_carries_the_frames_id(redis_server: RedisServer) -> None:
