@@ -374,11 +374,14 @@ return {added, live()}""",
     # for a client, "send") or in its room's or user's instances ("group"), and every message for one instance
     # published to it as one pub/sub message at the end (kept for a waiting session at once, as deliver()
     # does).  An instance's liveness is read once.
-    # ARGV: p, then for each delivery "send", its client id, its message or "group", "room:<room>" or
-    # "user:<user>", its message; own instance -> nil if own is not registered, else each delivery's answer
-    # as its own script's: send -1, 0 or 1; group {reached, unheard}
+    # ARGV: p, the deliveries as one msgpack array of, for each, "send", its client id, the length of its message
+    # or "group", "room:<room>" or "user:<user>", the length of its message; their messages, one after another;
+    # own instance (four arguments, not three a delivery: redis-py packs each argument in Python, and Redis's
+    # cmsgpack reads no msgpack bin, so the messages are not in the array) -> nil if own is not registered, else
+    # each delivery's answer: send -1 no such client, 0 its instance is not listening, 1 sent; group {members
+    # reached on other instances, live instances with members that were not listening}
     "relay": """
-local own = ARGV[#ARGV]
+local own, run, messages, at = ARGV[4], cmsgpack.unpack(ARGV[2]), ARGV[3], 1
 if not redis.call('ZSCORE', p .. ':instances', own) then return false end
 local live, queued, order = {}, {}, {}  -- instance -> alive(id); instance -> its messages; instances in order
 local function to(id)  -- the queue of messages for instance id, if it is another, live one (else nil)
@@ -391,9 +394,10 @@ local function to(id)  -- the queue of messages for instance id, if it is anothe
   return q
 end
 local answers = {}  -- a number, final; an instance id (send), or {reached, {id, members, ...}} (group), until published
-for i = 2, #ARGV - 1, 3 do
-  local key, message = ARGV[i + 1], ARGV[i + 2]
-  if ARGV[i] == 'send' then
+for i = 1, #run, 3 do
+  local key, message = run[i + 1], string.sub(messages, at, at + run[i + 2] - 1)
+  at = at + run[i + 2]
+  if run[i] == 'send' then
     local id = redis.call('HGET', p .. ':directory', key)
     local q = id and to(id)
     if not q then
@@ -1232,15 +1236,18 @@ class RedisBackend(_Backend):
         how many scripts each command on the pipe stands for (0: one that is not a run)."""
         runs: list[int] = []
         run: list[Any] = []
+        messages: list[bytes] = []
         prefix, instance = self.settings.redis_prefix, self.instance
         for position, (name, args) in enumerate(calls):
             if name in _RELAYED:  # args: prefix, key, message, instance
-                run += (name, args[1], args[2])
+                run += (name, args[1], len(args[2]))
+                messages.append(args[2])
                 if position + 1 < len(calls) and calls[position + 1][0] in _RELAYED:
                     continue
-                await self._scripts["relay"](args=(prefix, *run, instance), client=pipe)
-                runs.append(len(run) // 3)
-                run = []
+                await self._scripts["relay"](args=(prefix, _encode_delivery(run), b"".join(messages), instance),
+                                             client=pipe)
+                runs.append(len(messages))
+                run, messages = [], []
             else:
                 await self._scripts[name](args=args, client=pipe)
                 runs.append(0)
