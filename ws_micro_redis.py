@@ -141,7 +141,14 @@ class _MembershipDone(msgspec.Struct, tag="member_done", array_like=True):
     outcome: int
 
 
-_Control = _WasParked | _Sealed | _WasResumed | _SessionEnded | _TakeOver | _Revoked | _Membership | _MembershipDone
+# A room whose members this instance had found all here (it watched the room) has members elsewhere now: its
+# members' frames go through Redis again.
+class _RoomShared(msgspec.Struct, tag="shared", array_like=True):
+    room: str
+
+
+_Control = (_WasParked | _Sealed | _WasResumed | _SessionEnded | _TakeOver | _Revoked | _Membership | _MembershipDone
+            | _RoomShared)
 
 _encode_delivery = msgspec.msgpack.Encoder().encode
 # Each pub/sub message is a msgpack array of deliveries and control messages (the scripts' publish()): those
@@ -190,7 +197,7 @@ def _lua_layout(*structs: type[msgspec.Struct]) -> str:
     return "local F = {" + ", ".join(entries) + "}\n"
 
 
-_LUA_PRELUDE = _lua_layout(_ToClient, _ToRoom, _ToUser, _ToEveryone, _Kick, _KickUser,
+_LUA_PRELUDE = _lua_layout(_ToClient, _ToRoom, _ToUser, _ToEveryone, _Kick, _KickUser, _RoomShared,
                            _WasParked, _Sealed, _WasResumed, _SessionEnded, _TakeOver, _Revoked) + """
 local p = ARGV[1]
 local t = redis.call('TIME')
@@ -221,7 +228,20 @@ end
 local function drop_instance(kind, name, id)
   local key = p .. ':' .. kind .. ':' .. name
   redis.call('HDEL', key, id)
-  if kind == 'room' and redis.call('EXISTS', key) == 0 then redis.call('ZREM', p .. ':rooms', name) end
+  if kind == 'room' then
+    redis.call('SREM', p .. ':room-watch:' .. name, id)
+    if redis.call('EXISTS', key) == 0 then redis.call('ZREM', p .. ':rooms', name) end
+  end
+end
+-- A room whose members are all on one instance is relayed there without Redis, once the relay script has
+-- found no other instance in it and made that instance one of the room's watchers (p:room-watch:<room>).
+-- When the room gains an instance (id), its watchers are told (a _RoomShared) and forgotten: they ask again.
+local function shared(name, id)
+  local watch = p .. ':room-watch:' .. name
+  for _, watcher in ipairs(redis.call('SMEMBERS', watch)) do
+    if watcher ~= id then publish(watcher, {pack('shared', {room = name})}) end
+  end
+  redis.call('DEL', watch)
 end
 local function reap(id)
   -- Each client's entry names its rooms and user: its memberships go with it, at a cost of the
@@ -252,7 +272,7 @@ local function reap(id)
 end
 -- Make a client a member, on instance id, of a room or user ("room" or "user"); recovery moves members.
 local function add_member(kind, name, client, id)
-  redis.call('HINCRBY', p .. ':' .. kind .. ':' .. name, id, 1)
+  if redis.call('HINCRBY', p .. ':' .. kind .. ':' .. name, id, 1) == 1 and kind == 'room' then shared(name, id) end
   redis.call('SADD', p .. ':instance:' .. id .. ':' .. kind .. 's', name)
   redis.call('ZADD', p .. ':' .. kind .. '-ids:' .. name, 0, client)
   if kind == 'room' then redis.call('ZADD', p .. ':rooms', 0, name) end
@@ -379,7 +399,8 @@ return {added, live()}""",
     # own instance (four arguments, not three a delivery: redis-py packs each argument in Python, and Redis's
     # cmsgpack reads no msgpack bin, so the messages are not in the array) -> nil if own is not registered, else
     # each delivery's answer: send -1 no such client, 0 its instance is not listening, 1 sent; group {members
-    # reached on other instances, live instances with members that were not listening}
+    # reached on other instances, live instances with members that were not listening, 1 if every member of the
+    # room is on this instance (then it is among the room's watchers: see shared())}
     "relay": """
 local own, run, messages, at = ARGV[4], cmsgpack.unpack(ARGV[2]), ARGV[3], 1
 if not redis.call('ZSCORE', p .. ':instances', own) then return false end
@@ -410,9 +431,10 @@ for i = 1, #run, 3 do
     end
   else
     local counts = redis.call('HGETALL', p .. ':' .. key)
-    local answer = {0, {}}
+    local answer, alone = {0, {}}, string.sub(key, 1, 5) == 'room:'
     for j = 1, #counts, 2 do
       local id, members = counts[j], tonumber(counts[j + 1])
+      alone = alone and id == own
       local q = to(id)
       if q and string.sub(id, 1, 1) == '~' then
         keep(string.sub(id, 2), message, false)
@@ -423,6 +445,8 @@ for i = 1, #run, 3 do
         answer[2][#answer[2] + 1] = members
       end
     end
+    if alone then redis.call('SADD', p .. ':room-watch:' .. string.sub(key, 6), own) end
+    answer[3] = alone and 1 or 0
     answers[#answers + 1] = answer
   end
 end
@@ -438,10 +462,12 @@ for n, answer in ipairs(answers) do
     for j = 1, #sent, 2 do
       if heard[sent[j]] then reached = reached + sent[j + 1] else unheard = unheard + 1 end
     end
-    answers[n] = {reached, unheard}
+    answers[n] = {reached, unheard, answer[3]}
   end
 end
 return answers""",
+    # A room (each of ARGV[3...]) has members on this instance again, written by _sync: ARGV: p, own, rooms... -> 1
+    "shared": "for i = 3, #ARGV do shared(ARGV[i], ARGV[2]) end return 1",
     # ARGV: p, message, own instance -> {clients reached on other instances, live instances not listening}
     "all": """
 if not redis.call('ZSCORE', p .. ':instances', ARGV[3]) then return false end
@@ -460,7 +486,7 @@ else
   redis.call('ZREM', p .. ':' .. ARGV[2] .. '-ids:' .. ARGV[3], ARGV[6])
 end
 if tonumber(ARGV[5]) > 0 then
-  redis.call('HSET', key, ARGV[4], ARGV[5])
+  if redis.call('HSET', key, ARGV[4], ARGV[5]) == 1 and ARGV[2] == 'room' then shared(ARGV[3], ARGV[4]) end
   redis.call('SADD', names, ARGV[3])
   if ARGV[2] == 'room' then redis.call('ZADD', p .. ':rooms', 0, ARGV[3]) end
 else
@@ -723,6 +749,12 @@ class RedisBackend(_Backend):
         self._memberships: dict[int, tuple[anyio.Event, list[int]]] = {}
         self._membership_requests = itertools.count()
         self._missing: set[str] = set()  # peers not registered again since Redis lost their state
+        # Rooms whose members Redis found all on this instance, which made it a watcher of the room: until it is
+        # told otherwise (_RoomShared) or loses Redis, its members' frames stay here.  Only rooms with members
+        # here (forgotten as they leave).  ``_shares`` counts the rooms it was told of, so that an answer from
+        # Redis that crossed such a message is not taken.
+        self._alone: set[str] = set()
+        self._shares = 0
         self._missing_until = 0.0  # time.monotonic() after which they count as dead
 
     # Running
@@ -769,7 +801,7 @@ class RedisBackend(_Backend):
                 except* (*self._errors, BackendUnavailable) as failure:
                     if self.available:
                         logger.warning("cluster: Redis unavailable (%s); retrying", failure.exceptions[0])
-            self.available = False
+            self._forget_alone()
             await anyio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
@@ -785,9 +817,16 @@ class RedisBackend(_Backend):
 
     def _lost(self) -> None:
         """A command failed: stop the session, so the supervisor reconnects and writes our state again."""
-        self.available = False
+        self._forget_alone()
         if self._session is not None:
             self._session.cancel()
+
+    def _forget_alone(self) -> None:
+        """Redis is lost, or its state may be: no room is known to be this instance's alone (a watcher's
+        _RoomShared may have been lost with it)."""
+        self.available = False
+        self._alone.clear()
+        self._shares += 1
 
     async def _heartbeat(self) -> None:
         while True:
@@ -817,6 +856,8 @@ class RedisBackend(_Backend):
     async def _sync(self) -> None:
         """Write this instance's whole state (its clients and rooms), replacing whatever Redis had."""
         prefix = self.settings.redis_prefix
+        self._alone.clear()
+        self._shares += 1
         async with self.redis.pipeline(transaction=True) as pipe:
             await self._scripts["reap"](args=(prefix, self.instance), client=pipe)
             await self._scripts["heartbeat"](args=(prefix, self.instance, self.settings.instance_ttl), client=pipe)
@@ -832,6 +873,8 @@ class RedisBackend(_Backend):
                     pipe.hset(f"{prefix}:{kind}:{name}", self.instance, len(members))
                     pipe.zadd(f"{prefix}:{kind}-ids:{name}", dict.fromkeys(members, 0))
                     pipe.sadd(f"{prefix}:instance:{self.instance}:{kind}s", name)
+            if self.registry._rooms:  # instances that found them alone since Redis lost our state: not now
+                await self._scripts["shared"](args=(prefix, self.instance, *self.registry._rooms), client=pipe)
             results = await pipe.execute()
         # Peers we saw alive that Redis does not hold now may be reconnecting, as we did: until they
         # are back (or instance_ttl has passed), frames that may be for them are refused, not lost.
@@ -936,6 +979,7 @@ class RedisBackend(_Backend):
             registry._wait_here(connection)
             return
         rooms_left, user_left = registry._forget(connection)  # the members left here of its rooms and user
+        self._alone.difference_update(rooms_left)  # a member waits in Redis now: the park script tells us too
         left = {"rooms": rooms_left, "user": user_left}
         settings = self.settings
         client_id = connection.id
@@ -980,6 +1024,9 @@ class RedisBackend(_Backend):
                 self._resuming.discard(client_id)
             case _SessionEnded(client_id, reason):
                 self._session_over(client_id, reason)
+            case _RoomShared(room):
+                self._shares += 1
+                self._alone.discard(room)
             case _Revoked(user, before, expires):
                 self.registry._revoke_here(user, before, expires)
             case _Membership():
@@ -1062,6 +1109,8 @@ class RedisBackend(_Backend):
                  {"": self.received}, ""),
                 ("cluster_dropped_total", "counter", "Cross-instance deliveries lost, by reason.",
                  self.dropped, "reason"),
+                ("cluster_rooms_alone", "gauge", "Rooms whose members are all on this instance, relayed without Redis.",
+                 {"": len(self._alone)}, ""),
                 ("sessions_parked", "gauge", "Sessions this instance moved to Redis to wait for their client.",
                  {"": len(self._parked)}, "")]
 
@@ -1090,6 +1139,7 @@ class RedisBackend(_Backend):
 
     def unregister(self, connection: _Connection, rooms_left: Mapping[str, int], user_left: int) -> None:
         """Take a gone client out of the directory, its rooms and its user, in the background."""
+        self._alone.difference_update(room for room, members in rooms_left.items() if not members)
         if self.available and self._tasks is not None:
             self._tasks.start_soon(self._unregister, connection.id, connection.identity.user, rooms_left, user_left)
 
@@ -1109,6 +1159,8 @@ class RedisBackend(_Backend):
 
     async def room_changed(self, connection: _Connection, room: str, members_here: int) -> int:
         """Record this instance's members of ``room``; the members on every instance."""
+        if not members_here:
+            self._alone.discard(room)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(self._clients_key, connection.id, self._entry(connection))
             await self._members(pipe, "room", room, members_here, connection.id, room in connection.rooms)
@@ -1145,6 +1197,8 @@ class RedisBackend(_Backend):
         def done(result: Any) -> None:
             pass
 
+        if delivery.room in self._alone:
+            return
         if not self.available or self._outbox_ready is None or len(self._outbox) >= OUTBOX_LIMIT:
             self._delivered("group", self._unavailable(), done)  # counted as dropped
             return
@@ -1152,6 +1206,9 @@ class RedisBackend(_Backend):
 
     async def forward_to_room(self, delivery: _ToRoom, failed: Callable[[str, str], None]) -> None:
         room = delivery.room
+        if room in self._alone:  # its members are all here, and have it
+            return
+        shares = self._shares
 
         def done(result: Any) -> None:
             if isinstance(result, BackendUnavailable):
@@ -1160,6 +1217,8 @@ class RedisBackend(_Backend):
             elif result[1]:
                 failed(BACKEND_UNAVAILABLE, f"{result[1]} instance(s) with members of {room!r} {NOT_LISTENING}; "
                                             "their members missed this frame")
+            elif result[2] and shares == self._shares and room in self.registry._rooms and self.available:
+                self._alone.add(room)  # no _RoomShared came since the script ran, and it still has members here
 
         await self._submit("group", (_group_key(delivery), _encode_delivery(delivery)), done)
 
