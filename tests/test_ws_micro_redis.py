@@ -163,6 +163,7 @@ async def relayed(ws: ClientConnection) -> str:
     """The next frame that is not a presence event."""
     while True:
         received = await recv_text(ws)
+        assert isinstance(received, str)
         if json.loads(received)["event"] != "presence":
             return received
 
