@@ -513,6 +513,40 @@ async def relay(server: Server, args: argparse.Namespace) -> dict[str, float]:
     return window.result("msgs_per_s")
 
 
+async def relay_room(server: Server, args: argparse.Namespace) -> dict[str, float]:
+    """relay through rooms: each pair alone in a room of its own, every hop a room frame to the other member
+    (in cluster_local, a room whose members are all on one instance)."""
+    peers = await open_peers(server, args.echo_connections)
+    room = {}
+    for n, (a, b) in enumerate(zip(peers[::2], peers[1::2], strict=True)):
+        room[a.client_id] = room[b.client_id] = f"pair{n}"
+    joined = asyncio.get_running_loop().create_future()
+    answers = itertools.count(1)
+
+    def on_joined(peer: Peer, received: WSFrame) -> None:
+        if next(answers) == len(peers):
+            joined.set_result(None)
+
+    for peer in peers:
+        peer.on_frame = on_joined
+        peer.send(frame("join", peer.client_id, 0).replace('"t":0,', f'"room":"{room[peer.client_id]}","t":0,'))
+    await asyncio.wait_for(joined, 30)
+    window = Window()
+
+    def on_frame(peer: Peer, received: WSFrame) -> None:
+        window.record(decode_frame(received.get_payload_as_bytes()).data.data.t)
+        peer.send(frame("chat", peer.client_id, time.perf_counter_ns(), room=room[peer.client_id]))
+
+    for peer in peers:
+        peer.on_frame = on_frame
+    for peer in peers[::2]:
+        for _ in range(args.in_flight * 2):
+            peer.send(frame("chat", peer.client_id, time.perf_counter_ns(), room=room[peer.client_id]))
+    await window.measure(server, args.seconds)
+    close_all(peers)
+    return window.result("msgs_per_s")
+
+
 class HttpPoster:
     """A minimal keep-alive HTTP/1.1 client: the generator's cost per POST must stay small."""
 
@@ -966,6 +1000,7 @@ async def forward(server: Server, args: argparse.Namespace) -> dict[str, float]:
 SCENARIOS: dict[str, Callable[[Server, argparse.Namespace], Awaitable[dict[str, float]]]] = {
     "echo": echo,
     "relay": relay,
+    "relay_room": relay_room,
     "fanout_api": lambda server, args: fan_out(server, args, "api"),
     "fanout_room": lambda server, args: fan_out(server, args, "room"),
     "connections": lambda server, args: connections(server, args, deflate=False),
@@ -977,7 +1012,7 @@ SCENARIOS: dict[str, Callable[[Server, argparse.Namespace], Awaitable[dict[str, 
     "away": lambda server, args: away(server, args, args.away_frames),
     "away_empty": lambda server, args: away(server, args, 0),
 }
-HEADLINE = {"echo": "msgs_per_s", "relay": "msgs_per_s", "fanout_api": "deliveries_per_s",
+HEADLINE = {"echo": "msgs_per_s", "relay": "msgs_per_s", "relay_room": "msgs_per_s", "fanout_api": "deliveries_per_s",
             "fanout_room": "deliveries_per_s", "connections": "kib_per_connection",
             "connections_deflate": "kib_per_connection", "stream_healthy": "p99_ms", "stream_1pct_slow": "p99_ms",
             "handshakes": "handshakes_per_s", "forward": "events_per_s",
