@@ -79,6 +79,12 @@ RESYNCING = ("Redis lost the cluster's state and instances are still registering
 NOT_LISTENING = "not listening to Redis (reconnecting, or dead for less than instance_ttl)"
 OUTBOX_LIMIT = 10_000  # deliveries waiting for Redis before senders wait too
 RESYNC_POLL = 0.1  # seconds between looks for peers while they are registering again
+# Bytes of messages after which a run of deliveries is cut into another relay script: about what Redis writes to
+# a client per turn of its event loop (64 KiB), so that a backlog of large frames reaches Redis, and its
+# subscribers, in pieces of the size they did one script a frame, never as one message over Redis's output
+# buffer limit for a subscriber (32 MiB by default), past which Redis drops it and what is on its way to it.
+# Small frames still travel hundreds to a message.
+RUN_BYTES = 64 * 1024
 
 # Why a cross-instance delivery was lost (the cluster_dropped_total labels): its client left
 # before it arrived; its instance was not listening (dead before its deadline passed, or
@@ -1296,17 +1302,19 @@ class RedisBackend(_Backend):
         runs: list[int] = []
         run: list[Any] = []
         messages: list[bytes] = []
+        size = 0
         prefix, instance = self.settings.redis_prefix, self.instance
         for position, (name, args) in enumerate(calls):
             if name in _RELAYED:  # args: prefix, key, message, instance
                 run += (name, args[1], len(args[2]))
                 messages.append(args[2])
-                if position + 1 < len(calls) and calls[position + 1][0] in _RELAYED:
+                size += len(args[2])
+                if position + 1 < len(calls) and calls[position + 1][0] in _RELAYED and size < RUN_BYTES:
                     continue
                 await self._scripts["relay"](args=(prefix, _encode_delivery(run), b"".join(messages), instance),
                                              client=pipe)
                 runs.append(len(messages))
-                run, messages = [], []
+                run, messages, size = [], [], 0
             else:
                 await self._scripts[name](args=args, client=pipe)
                 runs.append(0)

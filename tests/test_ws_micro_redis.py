@@ -159,6 +159,27 @@ async def test_cluster_frames_sent_to_an_instance_at_one_moment_travel_together_
             assert y.metric("ws_micro_cluster_received_total") == frames
 
 
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_a_backlog_of_large_frames_for_an_instance_reaches_it_whole(redis_server: RedisServer) -> None:
+    assert redis_server.process is not None
+    frames, pad = 600, "x" * 60_000  # 36 MB: past Redis's output buffer limit for a subscriber, were it one message
+    with cluster(redis_server, 2, "--redis-timeout", "10") as (x, y):
+        async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b):
+            sent = [text("chat", id_a, {"n": n, "pad": pad}, to=id_b) for n in range(frames)]
+            redis_server.process.send_signal(signal.SIGSTOP)  # X's outbox fills behind a flush that waits
+            try:
+                for one in sent:
+                    await a.send(one)
+                await nothing_more(a, id_a)
+            finally:
+                redis_server.process.send_signal(signal.SIGCONT)
+            for n, one in enumerate(sent):
+                assert await recv_text(b) == one, n
+            await nothing_more(a, id_a)
+            assert x.metric("ws_micro_cluster_dropped_total", reason="no_subscriber") == 0
+
+
 async def relayed(ws: ClientConnection) -> str:
     """The next frame that is not a presence event."""
     while True:
