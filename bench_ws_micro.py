@@ -23,6 +23,9 @@ Servers (the Python ones all on the same uvicorn, its default settings):
                alternate between the instances, so every relay and half of every fan-out
                crosses Redis (compare it with ws_micro: --only relay,fanout_api,fanout_room
                --servers ws_micro,cluster)
+    cluster_local  the same, with every client on the first instance: what cluster mode costs
+               the relays and fan-outs that never leave their instance (the second instance and
+               Redis idle, their CPU counted)
     jwt        ws_micro with WS_MICRO_JWT_SECRET; every handshake brings an HS256 token (minted
                once, up front) as Authorization: Bearer (jwt_query: as ?token= instead)
     jwt_fresh  jwt, with a token never seen before for each handshake (the gateway remembers the
@@ -90,6 +93,7 @@ SERVERS = {
     "tutorial": "bench.tutorial_server:app",
     "ceiling": "bench.ceiling_server:app",
     "cluster": "ws_micro:app",  # twice, with WS_MICRO_REDIS_URL
+    "cluster_local": "ws_micro:app",  # the same, every client on the first instance
     "before": "ws_micro:app",  # --before REF: the modules as of that commit, from BEFORE_DIR
     "granian": "ws_micro:app",  # ws_micro under granian (one worker) instead of uvicorn
     "hypercorn": "ws_micro:app",  # ws_micro under hypercorn (one worker)
@@ -131,6 +135,7 @@ class Server:
     headers: dict[str, str] = field(default_factory=dict)  # what every handshake sends (a token, a cookie)
     query: str = ""  # what every handshake's URL ends with ("?token=...")
     tokens: Iterator[str] | None = None  # a token for each handshake (jwt_fresh), sent as Authorization: Bearer
+    spread: bool = True  # whether clients alternate between the instances (else all on the first)
 
     @property
     def ws(self) -> str:
@@ -138,7 +143,7 @@ class Server:
 
     def ws_of(self, n: int) -> str:
         """The WebSocket URL of the instance the ``n``-th client connects to (they alternate)."""
-        ports = [self.port, *(port for _, port in self.others)]
+        ports = [self.port, *(port for _, port in self.others)] if self.spread else [self.port]
         return f"ws://127.0.0.1:{ports[n % len(ports)]}/ws/py_client{self.query}"
 
     @property
@@ -234,10 +239,11 @@ def run_server(name: str, env: dict[str, str] | None = None, cpu: int = SERVER_C
             server.name, server.helpers = name, [backend.process]
             yield server
         return
-    if name == "cluster":
+    if name in ("cluster", "cluster_local"):
         with run_redis() as (redis, url), run_server("ws_micro", {"WS_MICRO_REDIS_URL": url}) as first, \
                 run_server("ws_micro", {"WS_MICRO_REDIS_URL": url}) as second:
-            yield Server(name, first.process, first.port, [(second.process, second.port)], [redis])
+            yield Server(name, first.process, first.port, [(second.process, second.port)], [redis],
+                         spread=name == "cluster")
         return
     if name == "jwt_fresh":
         import jwt
@@ -553,6 +559,40 @@ def per_message(window: Window) -> dict[str, float]:
     result = window.result("msgs_per_s")
     result["server_cpu_us"] = window.server_cpu_share / result["msgs_per_s"] * 1e6
     return result
+
+
+async def relay_room(server: Server, args: argparse.Namespace) -> dict[str, float]:
+    """relay through rooms: each pair alone in a room of its own, every hop a room frame to the other member
+    (in cluster_local, a room whose members are all on one instance)."""
+    peers = await open_peers(server, args.echo_connections)
+    room = {}
+    for n, (a, b) in enumerate(zip(peers[::2], peers[1::2], strict=True)):
+        room[a.client_id] = room[b.client_id] = f"pair{n}"
+    joined = asyncio.get_running_loop().create_future()
+    answers = itertools.count(1)
+
+    def on_joined(peer: Peer, received: WSFrame) -> None:
+        if next(answers) == len(peers):
+            joined.set_result(None)
+
+    for peer in peers:
+        peer.on_frame = on_joined
+        peer.send(frame("join", peer.client_id, 0).replace('"t":0,', f'"room":"{room[peer.client_id]}","t":0,'))
+    await asyncio.wait_for(joined, 30)
+    window = Window()
+
+    def on_frame(peer: Peer, received: WSFrame) -> None:
+        window.record(decode_frame(received.get_payload_as_bytes()).data.data.t)
+        peer.send(frame("chat", peer.client_id, time.perf_counter_ns(), room=room[peer.client_id]))
+
+    for peer in peers:
+        peer.on_frame = on_frame
+    for peer in peers[::2]:
+        for _ in range(args.in_flight * 2):
+            peer.send(frame("chat", peer.client_id, time.perf_counter_ns(), room=room[peer.client_id]))
+    await window.measure(server, args.seconds)
+    close_all(peers)
+    return window.result("msgs_per_s")
 
 
 class HttpPoster:
@@ -1008,6 +1048,7 @@ async def forward(server: Server, args: argparse.Namespace) -> dict[str, float]:
 SCENARIOS: dict[str, Callable[[Server, argparse.Namespace], Awaitable[dict[str, float]]]] = {
     "echo": echo,
     "relay": relay,
+    "relay_room": relay_room,
     "fanout_api": lambda server, args: fan_out(server, args, "api"),
     "fanout_room": lambda server, args: fan_out(server, args, "room"),
     "connections": lambda server, args: connections(server, args, deflate=False),
@@ -1019,7 +1060,7 @@ SCENARIOS: dict[str, Callable[[Server, argparse.Namespace], Awaitable[dict[str, 
     "away": lambda server, args: away(server, args, args.away_frames),
     "away_empty": lambda server, args: away(server, args, 0),
 }
-HEADLINE = {"echo": "msgs_per_s", "relay": "msgs_per_s", "fanout_api": "deliveries_per_s",
+HEADLINE = {"echo": "msgs_per_s", "relay": "msgs_per_s", "relay_room": "msgs_per_s", "fanout_api": "deliveries_per_s",
             "fanout_room": "deliveries_per_s", "connections": "kib_per_connection",
             "connections_deflate": "kib_per_connection", "stream_healthy": "p99_ms", "stream_1pct_slow": "p99_ms",
             "handshakes": "handshakes_per_s", "forward": "events_per_s",

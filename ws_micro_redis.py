@@ -84,6 +84,12 @@ OUTBOX_LIMIT = 10_000  # deliveries waiting for Redis before senders wait too
 RESYNC_POLL = 0.1  # seconds between looks for peers while they are registering again
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")  # redis_url through Redis Sentinel (docs/cluster.md)
 SENTINEL_PORT = 26379  # Sentinel's own default port, for a sentinel named without one
+# Bytes of messages after which a run of deliveries is cut into another relay script: about what Redis writes to
+# a client per turn of its event loop (64 KiB), so that a backlog of large frames reaches Redis, and its
+# subscribers, in pieces of the size they did one script a frame, never as one message over Redis's output
+# buffer limit for a subscriber (32 MiB by default), past which Redis drops it and what is on its way to it.
+# Small frames still travel hundreds to a message.
+RUN_BYTES = 64 * 1024
 
 # Why a cross-instance delivery was lost (the cluster_dropped_total labels): its client left
 # before it arrived; its instance was not listening (dead before its deadline passed, or
@@ -146,10 +152,22 @@ class _MembershipDone(msgspec.Struct, tag="member_done", array_like=True):
     outcome: int
 
 
-_Control = _WasParked | _Sealed | _WasResumed | _SessionEnded | _TakeOver | _Revoked | _Membership | _MembershipDone
+# A room whose members this instance had found all here (it watched the room) has members elsewhere now: its
+# members' frames go through Redis again.
+class _RoomShared(msgspec.Struct, tag="shared", array_like=True):
+    room: str
+
+
+_Control = (_WasParked | _Sealed | _WasResumed | _SessionEnded | _TakeOver | _Revoked | _Membership | _MembershipDone
+            | _RoomShared)
 
 _encode_delivery = msgspec.msgpack.Encoder().encode
-_decode_delivery = msgspec.msgpack.Decoder(_Delivery | _Control).decode
+# Each pub/sub message is a msgpack array of deliveries and control messages (the scripts' publish()): those
+# for one instance at one moment travel together, and are decoded in one pass.
+_decode_deliveries = msgspec.msgpack.Decoder(list[_Delivery | _Control]).decode
+
+# The delivery scripts the outbox runs as one "relay" script when they are queued one after another.
+_RELAYED = frozenset(("send", "group"))  # as the outbox names them; they are not scripts of their own
 
 # The scripts run inside Redis, so each lookup and its publish is one round trip, and liveness
 # is judged by one clock (Redis's).  ARGV[1] is the key prefix.  Keys, for prefix p:
@@ -191,7 +209,7 @@ def _lua_layout(*structs: type[msgspec.Struct]) -> str:
     return "local F = {" + ", ".join(entries) + "}\n"
 
 
-_LUA_PRELUDE = _lua_layout(_ToClient, _ToRoom, _ToUser, _ToEveryone, _Kick, _KickUser,
+_LUA_PRELUDE = _lua_layout(_ToClient, _ToRoom, _ToUser, _ToEveryone, _Kick, _KickUser, _RoomShared,
                            _WasParked, _Sealed, _WasResumed, _SessionEnded, _TakeOver, _Revoked) + """
 local p = ARGV[1]
 local t = redis.call('TIME')
@@ -210,11 +228,32 @@ local function pack(tag, fields)
   for name, value in pairs(fields) do message[F[tag][name]] = value end
   return cmsgpack.pack(message)
 end
+-- Publish messages of ours (each msgpack-encoded) to instance id as one pub/sub message: a msgpack array of
+-- them, which the instance decodes in one pass.  -> how many subscribers heard it (0: not listening)
+local function publish(id, messages)
+  local n = #messages
+  local head = n < 16 and string.char(0x90 + n) or n < 65536 and string.char(0xdc) .. struct.pack('>I2', n)
+               or string.char(0xdd) .. struct.pack('>I4', n)
+  return redis.call('PUBLISH', p .. ':deliveries:' .. id, head .. table.concat(messages))
+end
 -- Take instance id out of a room's or user's instances; a room left with none leaves the rooms' index.
 local function drop_instance(kind, name, id)
   local key = p .. ':' .. kind .. ':' .. name
   redis.call('HDEL', key, id)
-  if kind == 'room' and redis.call('EXISTS', key) == 0 then redis.call('ZREM', p .. ':rooms', name) end
+  if kind == 'room' then
+    redis.call('SREM', p .. ':room-watch:' .. name, id)
+    if redis.call('EXISTS', key) == 0 then redis.call('ZREM', p .. ':rooms', name) end
+  end
+end
+-- A room whose members are all on one instance is relayed there without Redis, once the relay script has
+-- found no other instance in it and made that instance one of the room's watchers (p:room-watch:<room>).
+-- When the room gains an instance (id), its watchers are told (a _RoomShared) and forgotten: they ask again.
+local function shared(name, id)
+  local watch = p .. ':room-watch:' .. name
+  for _, watcher in ipairs(redis.call('SMEMBERS', watch)) do
+    if watcher ~= id then publish(watcher, {pack('shared', {room = name})}) end
+  end
+  redis.call('DEL', watch)
 end
 local function reap(id)
   -- Each client's entry names its rooms and user: its memberships go with it, at a cost of the
@@ -246,7 +285,7 @@ local function reap(id)
 end
 -- Make a client a member, on instance id, of a room or user ("room" or "user"); recovery moves members.
 local function add_member(kind, name, client, id)
-  redis.call('HINCRBY', p .. ':' .. kind .. ':' .. name, id, 1)
+  if redis.call('HINCRBY', p .. ':' .. kind .. ':' .. name, id, 1) == 1 and kind == 'room' then shared(name, id) end
   redis.call('SADD', p .. ':instance:' .. id .. ':' .. kind .. 's', name)
   redis.call('ZADD', p .. ':' .. kind .. '-ids:' .. name, 0, client)
   if kind == 'room' then redis.call('ZADD', p .. ':rooms', 0, name) end
@@ -292,7 +331,7 @@ local function end_session(client, reason)
   reap('~' .. client)
   redis.call('DEL', session, p .. ':kept:' .. client, p .. ':pending:' .. client)
   if parker then
-    redis.call('PUBLISH', p .. ':deliveries:' .. parker, pack('ended', {client_id = client, reason = reason}))
+    publish(parker, {pack('ended', {client_id = client, reason = reason})})
   end
 end
 -- The sessions an instance parked share one budget (recovery_max_memory, as the bytes of their frames):
@@ -344,7 +383,7 @@ local function deliver(id, message, clients)
   if string.sub(id, 1, 1) == '~' then
     keep(string.sub(id, 2), message, false)
     reached = reached + clients
-  elseif redis.call('PUBLISH', p .. ':deliveries:' .. id, message) > 0 then
+  elseif publish(id, {message}) > 0 then
     reached = reached + clients
   else
     unheard = unheard + 1
@@ -362,24 +401,86 @@ end
 return {added, live()}""",
     # ARGV: p, instance
     "reap": "reap(ARGV[2]) return 1",
-    # The delivery scripts (send, room, all) answer nil when their own instance is not registered:
+    # The delivery scripts (relay, all) answer nil when their own instance is not registered:
     # Redis lost its state (restarted empty, flushed) or reaped it, so the directory cannot be trusted.
-    # ARGV: p, client id, message, own instance -> -1 no such client, 0 its instance is not listening, 1 sent
-    "send": """
-if not redis.call('ZSCORE', p .. ':instances', ARGV[4]) then return false end
-local id = redis.call('HGET', p .. ':directory', ARGV[2])
-if not id or id == ARGV[4] or not alive(id) then return -1 end
-if string.sub(id, 1, 1) == '~' then return keep(ARGV[2], ARGV[3], false) == 'lost' and -1 or 1 end
-return redis.call('PUBLISH', p .. ':deliveries:' .. id, ARGV[3])""",
-    # ARGV: p, "room:<room>" or "user:<user>", message, own instance
-    #   -> {members reached on other instances, live instances with members that were not listening}
-    "group": """
-if not redis.call('ZSCORE', p .. ':instances', ARGV[4]) then return false end
-local counts = redis.call('HGETALL', p .. ':' .. ARGV[2])
-for i = 1, #counts, 2 do
-  if counts[i] ~= ARGV[4] and alive(counts[i]) then deliver(counts[i], ARGV[3], tonumber(counts[i + 1])) end
+    # The deliveries the outbox flushes at one moment, in one script: each looked up in the directory (a frame
+    # for a client, "send") or in its room's or user's instances ("group"), and every message for one instance
+    # published to it as one pub/sub message at the end (kept for a waiting session at once, as deliver()
+    # does).  An instance's liveness is read once.
+    # ARGV: p, the deliveries as one msgpack array of, for each, "send", its client id, the length of its message
+    # or "group", "room:<room>" or "user:<user>", the length of its message; their messages, one after another;
+    # own instance (four arguments, not three a delivery: redis-py packs each argument in Python, and Redis's
+    # cmsgpack reads no msgpack bin, so the messages are not in the array) -> nil if own is not registered, else
+    # each delivery's answer: send -1 no such client, 0 its instance is not listening, 1 sent; group {members
+    # reached on other instances, live instances with members that were not listening, 1 if every member of the
+    # room is on this instance (then it is among the room's watchers: see shared())}
+    "relay": """
+local own, run, messages, at = ARGV[4], cmsgpack.unpack(ARGV[2]), ARGV[3], 1
+if not redis.call('ZSCORE', p .. ':instances', own) then return false end
+local live, queued, order = {}, {}, {}  -- instance -> alive(id); instance -> its messages; instances in order
+local function to(id)  -- the queue of messages for instance id, if it is another, live one (else nil)
+  if id == own then return nil end
+  local known = live[id]
+  if known == nil then known = alive(id) or false live[id] = known end
+  if not known then return nil end
+  local q = queued[id]
+  if not q then q = {} queued[id] = q order[#order + 1] = id end
+  return q
 end
-return {reached, unheard}""",
+local answers = {}  -- a number, final; an instance id (send), or {reached, {id, members, ...}} (group), until published
+for i = 1, #run, 3 do
+  local key, message = run[i + 1], string.sub(messages, at, at + run[i + 2] - 1)
+  at = at + run[i + 2]
+  if run[i] == 'send' then
+    local id = redis.call('HGET', p .. ':directory', key)
+    local q = id and to(id)
+    if not q then
+      answers[#answers + 1] = -1
+    elseif string.sub(id, 1, 1) == '~' then
+      answers[#answers + 1] = keep(key, message, false) == 'lost' and -1 or 1
+    else
+      q[#q + 1] = message
+      answers[#answers + 1] = id
+    end
+  else
+    local counts = redis.call('HGETALL', p .. ':' .. key)
+    local answer, alone = {0, {}}, string.sub(key, 1, 5) == 'room:'
+    for j = 1, #counts, 2 do
+      local id, members = counts[j], tonumber(counts[j + 1])
+      alone = alone and id == own
+      local q = to(id)
+      if q and string.sub(id, 1, 1) == '~' then
+        keep(string.sub(id, 2), message, false)
+        answer[1] = answer[1] + members
+      elseif q then
+        q[#q + 1] = message
+        answer[2][#answer[2] + 1] = id
+        answer[2][#answer[2] + 1] = members
+      end
+    end
+    if alone then redis.call('SADD', p .. ':room-watch:' .. string.sub(key, 6), own) end
+    answer[3] = alone and 1 or 0
+    answers[#answers + 1] = answer
+  end
+end
+local heard = {}
+for _, id in ipairs(order) do
+  if string.sub(id, 1, 1) ~= '~' then heard[id] = publish(id, queued[id]) > 0 end
+end
+for n, answer in ipairs(answers) do
+  if type(answer) == 'string' then
+    answers[n] = heard[answer] and 1 or 0
+  elseif type(answer) == 'table' then
+    local reached, unheard, sent = answer[1], 0, answer[2]
+    for j = 1, #sent, 2 do
+      if heard[sent[j]] then reached = reached + sent[j + 1] else unheard = unheard + 1 end
+    end
+    answers[n] = {reached, unheard, answer[3]}
+  end
+end
+return answers""",
+    # A room (each of ARGV[3...]) has members on this instance again, written by _sync: ARGV: p, own, rooms... -> 1
+    "shared": "for i = 3, #ARGV do shared(ARGV[i], ARGV[2]) end return 1",
     # ARGV: p, message, own instance -> {clients reached on other instances, live instances not listening}
     "all": """
 if not redis.call('ZSCORE', p .. ':instances', ARGV[3]) then return false end
@@ -398,7 +499,7 @@ else
   redis.call('ZREM', p .. ':' .. ARGV[2] .. '-ids:' .. ARGV[3], ARGV[6])
 end
 if tonumber(ARGV[5]) > 0 then
-  redis.call('HSET', key, ARGV[4], ARGV[5])
+  if redis.call('HSET', key, ARGV[4], ARGV[5]) == 1 and ARGV[2] == 'room' then shared(ARGV[3], ARGV[4]) end
   redis.call('SADD', names, ARGV[3])
   if ARGV[2] == 'room' then redis.call('ZADD', p .. ':rooms', 0, ARGV[3]) end
 else
@@ -479,7 +580,7 @@ for i = 15, #ARGV - 1 do
 end
 redis.call('HSET', session, 'size', size)
 redis.call('ZADD', p .. ':instance:' .. own .. ':parked', now, client)
-redis.call('PUBLISH', p .. ':deliveries:' .. own, pack('parked', {client_id = client}))
+publish(own, {pack('parked', {client_id = client})})
 charge(own, size, tonumber(ARGV[14]))
 return 1""",
     # ARGV: p, client id, a msgpack-encoded delivery that was on its way to it, own instance -> 1
@@ -495,10 +596,10 @@ for _, frame in ipairs(redis.call('LRANGE', pending, 0, -1)) do redis.call('RPUS
 redis.call('DEL', pending)
 redis.call('HSET', session, 'sealed', 1)
 local waiter = redis.call('HGET', session, 'waiter')
-if waiter then redis.call('PUBLISH', p .. ':deliveries:' .. waiter, pack('sealed', {client_id = ARGV[2]})) end
+if waiter then publish(waiter, {pack('sealed', {client_id = ARGV[2]})}) end
 return 1""",
     # ARGV: p, instance, message, own instance -> 1: a control message to one instance
-    "tell": "redis.call('PUBLISH', p .. ':deliveries:' .. ARGV[2], ARGV[3]) return 1",
+    "tell": "publish(ARGV[2], {ARGV[3]}) return 1",
     # ARGV: p, user, before, expires (Unix times, s), own instance -> 1.  Kept as p:revoked:<user> until it
     # expires (read by instances as they join), and told to every live one.
     "revoke": """
@@ -506,7 +607,7 @@ local expires = tonumber(ARGV[4])
 redis.call('SET', p .. ':revoked:' .. ARGV[2], ARGV[3], 'PXAT', math.ceil(expires * 1000))
 local message = pack('revoked', {user = ARGV[2], before = tonumber(ARGV[3]), expires = expires})
 for _, id in ipairs(live()) do
-  if string.sub(id, 1, 1) ~= '~' then redis.call('PUBLISH', p .. ':deliveries:' .. id, message) end
+  if string.sub(id, 1, 1) ~= '~' then publish(id, {message}) end
 end
 return 1""",
     # What a resume token would take; with "claim", it is held for this instance for a few seconds, so
@@ -562,9 +663,9 @@ redis.call('DEL', p .. ':instance:' .. home .. ':clients', session, p .. ':kept:
            p .. ':pending:' .. client, p .. ':claiming:' .. client)
 redis.call('ZREM', p .. ':instances', home)
 redis.call('SET', p .. ':used:' .. client, ARGV[3], 'EX', math.ceil(tonumber(ARGV[5])))
-redis.call('PUBLISH', p .. ':deliveries:' .. own, pack('resumed', {client_id = client}))
+publish(own, {pack('resumed', {client_id = client})})
 if s[5] then
-  redis.call('PUBLISH', p .. ':deliveries:' .. s[5], pack('ended', {client_id = client, reason = 'resumed'}))
+  publish(s[5], {pack('ended', {client_id = client, reason = 'resumed'})})
 end
 local answer = {'ok', s[3], s[4]}
 for _, frame in ipairs(frames) do answer[#answer + 1] = frame end
@@ -712,6 +813,12 @@ class RedisBackend(_Backend):
         self._memberships: dict[int, tuple[anyio.Event, list[int]]] = {}
         self._membership_requests = itertools.count()
         self._missing: set[str] = set()  # peers not registered again since Redis lost their state
+        # Rooms whose members Redis found all on this instance, which made it a watcher of the room: until it is
+        # told otherwise (_RoomShared) or loses Redis, its members' frames stay here.  Only rooms with members
+        # here (forgotten as they leave).  ``_shares`` counts the rooms it was told of, so that an answer from
+        # Redis that crossed such a message is not taken.
+        self._alone: set[str] = set()
+        self._shares = 0
         self._missing_until = 0.0  # time.monotonic() after which they count as dead
         # The run_id of the Redis server this instance last wrote its state to: another one (a replica promoted
         # by a failover, or the same address restarted) may lack the newest writes of every instance.
@@ -764,7 +871,7 @@ class RedisBackend(_Backend):
                 except* (*self._errors, BackendUnavailable) as failure:
                     if self.available:
                         logger.warning("cluster: Redis unavailable (%s); retrying", failure.exceptions[0])
-            self.available = False
+            self._forget_alone()
             await anyio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
@@ -780,9 +887,16 @@ class RedisBackend(_Backend):
 
     def _lost(self) -> None:
         """A command failed: stop the session, so the supervisor reconnects and writes our state again."""
-        self.available = False
+        self._forget_alone()
         if self._session is not None:
             self._session.cancel()
+
+    def _forget_alone(self) -> None:
+        """Redis is lost, or its state may be: no room is known to be this instance's alone (a watcher's
+        _RoomShared may have been lost with it)."""
+        self.available = False
+        self._alone.clear()
+        self._shares += 1
 
     async def _heartbeat(self) -> None:
         while True:
@@ -829,6 +943,8 @@ class RedisBackend(_Backend):
         prefix = self.settings.redis_prefix
         server = str((await self.redis.info("server"))["run_id"])
         known = sorted(self._peers | (self._missing if self.resyncing else set()))
+        self._alone.clear()
+        self._shares += 1
         async with self.redis.pipeline(transaction=True) as pipe:
             await self._scripts["reap"](args=(prefix, self.instance), client=pipe)
             await self._scripts["heartbeat"](args=(prefix, self.instance, self.settings.instance_ttl), client=pipe)
@@ -844,6 +960,8 @@ class RedisBackend(_Backend):
                     pipe.hset(f"{prefix}:{kind}:{name}", self.instance, len(members))
                     pipe.zadd(f"{prefix}:{kind}-ids:{name}", dict.fromkeys(members, 0))
                     pipe.sadd(f"{prefix}:instance:{self.instance}:{kind}s", name)
+            if self.registry._rooms:  # instances that found them alone since Redis lost our state: not now
+                await self._scripts["shared"](args=(prefix, self.instance, *self.registry._rooms), client=pipe)
             pipe.hset(f"{prefix}:synced", self.instance, server)
             if known:
                 pipe.hmget(f"{prefix}:synced", known)
@@ -944,18 +1062,19 @@ class RedisBackend(_Backend):
             if message["type"] != "message":
                 continue
             try:
-                delivery = _decode_delivery(message["data"])
+                deliveries = _decode_deliveries(message["data"])
             except msgspec.MsgspecError:
                 logger.warning("cluster: ignored a message on %s that is not ws_micro's", self._channel)
                 continue
-            if isinstance(delivery, _Control):
-                self._control(delivery)
-                continue
-            self.received += 1
-            if self._parking and self._divert(delivery, message["data"]):
-                continue
-            if not self.registry._deliver_here(delivery, self._resuming):
-                self.dropped["gone"] += 1
+            for delivery in deliveries:
+                if isinstance(delivery, _Control):
+                    self._control(delivery)
+                    continue
+                self.received += 1
+                if self._parking and self._divert(delivery):
+                    continue
+                if not self.registry._deliver_here(delivery, self._resuming):
+                    self.dropped["gone"] += 1
 
     # Sessions (connection recovery; docs/recovery.md, "In cluster mode")
 
@@ -977,6 +1096,7 @@ class RedisBackend(_Backend):
             registry._wait_here(connection)
             return
         rooms_left, user_left = registry._forget(connection)  # the members left here of its rooms and user
+        self._alone.difference_update(rooms_left)  # a member waits in Redis now: the park script tells us too
         left = {"rooms": rooms_left, "user": user_left}
         settings = self.settings
         client_id = connection.id
@@ -999,12 +1119,12 @@ class RedisBackend(_Backend):
         if len(self._parked) > settings.recovery_max_sessions:
             self._enqueue("end", (next(iter(self._parked)), "evicted"), _ignore)
 
-    def _divert(self, delivery: _Delivery, message: bytes) -> bool:
+    def _divert(self, delivery: _Delivery) -> bool:
         """Keep in Redis what came here for sessions being parked (no longer in the registry's indexes);
         True if that was all it was for."""
         for connection in self._parking.values():
             if _addressed(delivery, connection):
-                self._enqueue("keep", (connection.id, message), _ignore)
+                self._enqueue("keep", (connection.id, _encode_delivery(delivery)), _ignore)
                 if isinstance(delivery, _ToClient | _Kick):  # for this one client only
                     return True
         return False
@@ -1021,6 +1141,9 @@ class RedisBackend(_Backend):
                 self._resuming.discard(client_id)
             case _SessionEnded(client_id, reason):
                 self._session_over(client_id, reason)
+            case _RoomShared(room):
+                self._shares += 1
+                self._alone.discard(room)
             case _Revoked(user, before, expires):
                 self.registry._revoke_here(user, before, expires)
             case _Membership():
@@ -1106,6 +1229,8 @@ class RedisBackend(_Backend):
                 ("cluster_new_primaries_total", "counter",
                  "Times Redis turned out to be another server (a failover, or a restart); each a resync.",
                  {"": self.new_primaries}, ""),
+                ("cluster_rooms_alone", "gauge", "Rooms whose members are all on this instance, relayed without Redis.",
+                 {"": len(self._alone)}, ""),
                 ("sessions_parked", "gauge", "Sessions this instance moved to Redis to wait for their client.",
                  {"": len(self._parked)}, "")]
 
@@ -1134,6 +1259,7 @@ class RedisBackend(_Backend):
 
     def unregister(self, connection: _Connection, rooms_left: Mapping[str, int], user_left: int) -> None:
         """Take a gone client out of the directory, its rooms and its user, in the background."""
+        self._alone.difference_update(room for room, members in rooms_left.items() if not members)
         if self.available and self._tasks is not None:
             self._tasks.start_soon(self._unregister, connection.id, connection.identity.user, rooms_left, user_left)
 
@@ -1153,6 +1279,8 @@ class RedisBackend(_Backend):
 
     async def room_changed(self, connection: _Connection, room: str, members_here: int) -> int:
         """Record this instance's members of ``room``; the members on every instance."""
+        if not members_here:
+            self._alone.discard(room)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(self._clients_key, connection.id, self._entry(connection))
             await self._members(pipe, "room", room, members_here, connection.id, room in connection.rooms)
@@ -1189,6 +1317,8 @@ class RedisBackend(_Backend):
         def done(result: Any) -> None:
             pass
 
+        if delivery.room in self._alone:
+            return
         if not self.available or self._outbox_ready is None or len(self._outbox) >= OUTBOX_LIMIT:
             self._delivered("group", self._unavailable(), done)  # counted as dropped
             return
@@ -1196,6 +1326,9 @@ class RedisBackend(_Backend):
 
     def forward_to_room(self, delivery: _ToRoom, failed: Callable[..., None], *about: Any) -> Awaitable[None] | None:
         room = delivery.room
+        if room in self._alone:  # its members are all here, and have it
+            return None
+        shares = self._shares
 
         def done(result: Any) -> None:
             if isinstance(result, BackendUnavailable):
@@ -1204,6 +1337,8 @@ class RedisBackend(_Backend):
             elif result[1]:
                 failed(*about, BACKEND_UNAVAILABLE, f"{result[1]} instance(s) with members of {room!r} "
                                                     f"{NOT_LISTENING}; their members missed this frame")
+            elif result[2] and shares == self._shares and room in self.registry._rooms and self.available:
+                self._alone.add(room)  # no _RoomShared came since the script ran, and it still has members here
 
         return self._submit("group", (_group_key(delivery), _encode_delivery(delivery)), done)
 
@@ -1271,11 +1406,10 @@ class RedisBackend(_Backend):
                     raise self._unavailable()
                 results: list[Any] = []
                 if not all(held):
+                    queued = [(name, args) for (name, args, _), hold in zip(batch, held, strict=True) if not hold]
                     async with self.redis.pipeline(transaction=False) as pipe:
-                        for (name, args, _), hold in zip(batch, held, strict=True):
-                            if not hold:
-                                await self._scripts[name](args=args, client=pipe)
-                        results = await self._call(pipe.execute())
+                        runs = await self._pipe(pipe, queued)
+                        results = self._unrun(runs, await self._call(pipe.execute()))
                 answers = iter(results)
                 results = [BackendUnavailable(RESYNCING, "resyncing") if hold else next(answers) for hold in held]
             except BackendUnavailable as exc:
@@ -1284,6 +1418,42 @@ class RedisBackend(_Backend):
                 self._delivered(name, result, done, resyncing)
             self._outbox_drained.set()
             self._outbox_drained = anyio.Event()
+
+    async def _pipe(self, pipe: Any, calls: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
+        """Queue these scripts on ``pipe``, each run of delivery scripts (``_RELAYED``) as one "relay" script;
+        how many scripts each command on the pipe stands for (0: one that is not a run)."""
+        runs: list[int] = []
+        run: list[Any] = []
+        messages: list[bytes] = []
+        size = 0
+        prefix, instance = self.settings.redis_prefix, self.instance
+        for position, (name, args) in enumerate(calls):
+            if name in _RELAYED:  # args: prefix, key, message, instance
+                run += (name, args[1], len(args[2]))
+                messages.append(args[2])
+                size += len(args[2])
+                if position + 1 < len(calls) and calls[position + 1][0] in _RELAYED and size < RUN_BYTES:
+                    continue
+                await self._scripts["relay"](args=(prefix, _encode_delivery(run), b"".join(messages), instance),
+                                             client=pipe)
+                runs.append(len(messages))
+                run, messages, size = [], [], 0
+            else:
+                await self._scripts[name](args=args, client=pipe)
+                runs.append(0)
+        return runs
+
+    @staticmethod
+    def _unrun(runs: list[int], results: list[Any]) -> list[Any]:
+        """The answer of each script :meth:`_pipe` queued, from the pipe's: a run's answers spread out (all
+        None if it found this instance unregistered)."""
+        answers: list[Any] = []
+        for run, result in zip(runs, results, strict=True):
+            if not run:
+                answers.append(result)
+            else:
+                answers += [None] * run if result is None else result
+        return answers
 
     def _delivered(self, name: str, result: Any, done: Callable[[Any], None], resyncing: bool = False) -> None:
         """Count what may be lost, and hand ``done`` the script's answer or the error its sender must hear."""

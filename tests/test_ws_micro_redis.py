@@ -23,6 +23,7 @@ import anyio
 import httpx2 as httpx
 import msgspec
 import pytest
+import redis
 from conftest import (
     JWT_SECRET,
     ROOT,
@@ -127,6 +128,151 @@ async def test_cluster_two_instances_behave_as_one_server(redis_server: RedisSer
             assert (await recv_json(b))["data"]["data"]["code"] == "unknown_client"
             await b.send(text("leave", id_b, {"room": "lobby"}))
             assert (await recv_json(b))["data"]["data"] == {"room": "lobby", "members": 0}
+
+
+def redis_calls(redis_server: RedisServer, command: str) -> int:
+    """How many times redis-server ran ``command`` since its statistics were reset (scripts' calls included)."""
+    with redis.Redis.from_url(redis_server.url) as client:
+        return int(client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_frames_sent_to_an_instance_at_one_moment_travel_together_and_arrive_in_order(
+        redis_server: RedisServer) -> None:
+    frames = 300
+    with cluster(redis_server, 2) as (x, y):
+        async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b), ws_client(y.ws) as (c, id_c):
+            for ws, own in ((a, id_a), (b, id_b), (c, id_c)):
+                await join(ws, own, "r")
+            with redis.Redis.from_url(redis_server.url) as client:
+                client.config_resetstat()
+            # A burst, to B and to the room by turns: more frames for Y at a moment than one msgpack fixarray holds.
+            sent = [text("chat", id_a, {"n": n}, **({"to": id_b} if n % 2 else {"room": "r"})) for n in range(frames)]
+            for one in sent:
+                await a.send(one)
+            assert [await recv_text(b) for _ in range(frames)] == sent
+            assert [await recv_text(c) for _ in range(frames // 2)] == sent[::2]
+            await nothing_more(a, id_a)
+            # One pub/sub message per flush, not per frame (the heartbeats publish nothing).
+            assert redis_calls(redis_server, "publish") <= frames // 10
+            assert y.metric("ws_micro_cluster_received_total") == frames
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_a_backlog_of_large_frames_for_an_instance_reaches_it_whole(redis_server: RedisServer) -> None:
+    assert redis_server.process is not None
+    frames, pad = 600, "x" * 60_000  # 36 MB: past Redis's output buffer limit for a subscriber, were it one message
+    with cluster(redis_server, 2, "--redis-timeout", "10") as (x, y):
+        async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b):
+            sent = [text("chat", id_a, {"n": n, "pad": pad}, to=id_b) for n in range(frames)]
+            redis_server.process.send_signal(signal.SIGSTOP)  # X's outbox fills behind a flush that waits
+            try:
+                for one in sent:
+                    await a.send(one)
+                await nothing_more(a, id_a)
+            finally:
+                redis_server.process.send_signal(signal.SIGCONT)
+            for n, one in enumerate(sent):
+                assert await recv_text(b) == one, n
+            await nothing_more(a, id_a)
+            assert x.metric("ws_micro_cluster_dropped_total", reason="no_subscriber") == 0
+
+
+async def relayed(ws: ClientConnection) -> str:
+    """The next frame that is not a presence event."""
+    while True:
+        received = await recv_text(ws)
+        assert isinstance(received, str)
+        if json.loads(received)["event"] != "presence":
+            return received
+
+
+async def nothing_but_presence(ws: ClientConnection, client_id: str) -> None:
+    """The frames received so far, presence events aside, were all there was."""
+    await ws.send(json.dumps(frame("ping", client_id, {"last": True})))
+    assert json.loads(await relayed(ws)) == frame("pong", client_id, {"last": True})
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_a_room_all_on_one_instance_is_relayed_there_until_the_directory_says_it_moved(
+        redis_server: RedisServer) -> None:
+    with cluster(redis_server, 2, "--recovery-window", "60", "--presence-events") as (x, y):
+        async with ws_client(x.ws) as (a, id_a):
+            ws, me, token = await new_session(x.ws)
+            await join(a, id_a, "r")
+            await join(ws, me, "r")
+            # Every member here: once a frame's answer from Redis has said so, Redis is not asked.
+            first = text("chat", id_a, {"n": -1}, room="r")
+            await a.send(first)
+            assert await relayed(ws) == first
+            await x.wait_until(lambda: x.metric("ws_micro_cluster_rooms_alone") == 1, "the answer to say so")
+            with redis.Redis.from_url(redis_server.url) as client:
+                client.config_resetstat()
+            sent = [text("chat", id_a, {"n": n}, room="r") for n in range(50)]
+            for one in sent:
+                await a.send(one)
+            assert [await relayed(ws) for _ in sent] == sent
+            await nothing_but_presence(a, id_a)
+            assert redis_calls(redis_server, "evalsha") <= 2  # the heartbeats', if any: no relay script
+
+            # Another instance gains a member: its join tells this one, and the next frame reaches it; as it
+            # leaves, the room is all here again.  Again and again, with no wait between the join and the frame.
+            async with ws_client(y.ws) as (b, id_b):
+                for n in range(10):
+                    assert await join(b, id_b, "r") == 3
+                    one = text("chat", id_a, {"joined": n}, room="r")
+                    await a.send(one)
+                    assert await relayed(b) == one
+                    assert await relayed(ws) == one
+                    await b.send(text("leave", id_b, {"room": "r"}))
+                    assert json.loads(await relayed(b))["event"] == "left"
+                    for _ in range(3):
+                        one = text("chat", id_a, {"alone": n}, room="r")
+                        await a.send(one)
+                        assert await relayed(ws) == one
+                    # (Their answer has come: before it, they might still reach b's next join through Redis.)
+                    await x.wait_until(lambda: x.metric("ws_micro_cluster_rooms_alone") == 1, "the room to be here")
+                await nothing_but_presence(b, id_b)
+
+            # A member goes away: its session waits in Redis, which keeps the room's frames for it, and it gets them
+            # as it resumes through the other instance; then the room's frames reach it there.
+            await drop(ws, x, me)
+            kept = [text("chat", id_a, {"kept": n}, room="r") for n in range(3)]
+            for one in kept:
+                await a.send(one)
+            await nothing_but_presence(a, id_a)
+            async with connect(resume_url(y, token)) as back:
+                assert (await greeted(back))["data"]["data"]["recovered"] is True
+                assert [await relayed(back) for _ in kept] == kept
+                for n in range(3):
+                    one = text("chat", id_a, {"back": n}, room="r")
+                    await a.send(one)
+                    assert await relayed(back) == one
+
+                # It leaves, and the room is all here again.  Redis restarts empty, and the room's watchers with
+                # it, so that its join after is told to nobody: this instance forgot what it had found as it lost
+                # Redis (the sender hears that), and asks again.
+                await back.send(text("leave", me, {"room": "r"}))
+                assert json.loads(await relayed(back))["event"] == "left"
+                for n in range(3):
+                    await a.send(text("chat", id_a, {"alone": n}, room="r"))
+                await x.wait_until(lambda: x.metric("ws_micro_cluster_rooms_alone") == 1, "the room to be here")
+                redis_server.stop()
+                await x.wait_until(lambda: x.get("/healthz").json()["redis"] == "unavailable", "X to notice")
+                await a.send(text("chat", id_a, {"away": True}, room="r"))
+                assert json.loads(await relayed(a))["data"]["data"]["code"] == "backend_unavailable"
+                redis_server.start()
+                for server in (x, y):
+                    await server.wait_until(lambda s=server: s.get("/healthz").json()["status"] == "ok",
+                                            "the instance to reconnect")
+                assert await join(back, me, "r") == 2
+                one = text("chat", id_a, {"after": True}, room="r")
+                await a.send(one)
+                assert await relayed(back) == one
+                await nothing_but_presence(a, id_a)
 
 
 @pytest.mark.process
@@ -862,8 +1008,9 @@ def test_the_scripts_find_every_field_where_msgspec_puts_it() -> None:
     layout = {tag: {name: int(position) for name, position in re.findall(r"(\w+) = (\d+)", fields)}
               for tag, fields in re.findall(r"(\w+) = \{([^}]*)\}", table)}
     structs = (ws_micro._ToClient, ws_micro._ToRoom, ws_micro._ToUser, ws_micro._ToEveryone, ws_micro._Kick,
-               ws_micro._KickUser, ws_micro_redis._WasParked, ws_micro_redis._Sealed, ws_micro_redis._WasResumed,
-               ws_micro_redis._SessionEnded, ws_micro_redis._TakeOver, ws_micro_redis._Revoked)
+               ws_micro._KickUser, ws_micro_redis._RoomShared, ws_micro_redis._WasParked, ws_micro_redis._Sealed,
+               ws_micro_redis._WasResumed, ws_micro_redis._SessionEnded, ws_micro_redis._TakeOver,
+               ws_micro_redis._Revoked)
     assert set(layout) == {struct.__struct_config__.tag for struct in structs}
     for struct in structs:
         values: dict[str, Any] = {name: 1000 + i if name in ("code", "before", "expires") else f"{name}-value"
