@@ -82,6 +82,7 @@ RESYNCING = ("Redis lost the cluster's state and instances are still registering
 NOT_LISTENING = "not listening to Redis (reconnecting, or dead for less than instance_ttl)"
 OUTBOX_LIMIT = 10_000  # deliveries waiting for Redis before senders wait too
 RESYNC_POLL = 0.1  # seconds between looks for peers while they are registering again
+SHARING_WAIT = 1.0  # seconds a join waits for the instances that relayed its room alone to know it is not (_RoomShared)
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")  # redis_url through Redis Sentinel (docs/cluster.md)
 SENTINEL_PORT = 26379  # Sentinel's own default port, for a sentinel named without one
 # Bytes of messages after which a run of deliveries is cut into another relay script: about what Redis writes to
@@ -153,13 +154,19 @@ class _MembershipDone(msgspec.Struct, tag="member_done", array_like=True):
 
 
 # A room whose members this instance had found all here (it watched the room) has members elsewhere now: its
-# members' frames go through Redis again.
+# members' frames go through Redis again.  The instance that joined it (``by``) is told when the watcher knows
+# (_RoomSharedSeen), and answers its join then: a frame sent after a client saw its "joined" reaches it.
 class _RoomShared(msgspec.Struct, tag="shared", array_like=True):
+    room: str
+    by: str
+
+
+class _RoomSharedSeen(msgspec.Struct, tag="shared_seen", array_like=True):
     room: str
 
 
 _Control = (_WasParked | _Sealed | _WasResumed | _SessionEnded | _TakeOver | _Revoked | _Membership | _MembershipDone
-            | _RoomShared)
+            | _RoomShared | _RoomSharedSeen)
 
 _encode_delivery = msgspec.msgpack.Encoder().encode
 # Each pub/sub message is a msgpack array of deliveries and control messages (the scripts' publish()): those
@@ -248,10 +255,14 @@ end
 -- A room whose members are all on one instance is relayed there without Redis, once the relay script has
 -- found no other instance in it and made that instance one of the room's watchers (p:room-watch:<room>).
 -- When the room gains an instance (id), its watchers are told (a _RoomShared) and forgotten: they ask again.
+-- ``notified`` counts the watchers that heard, each of which tells id when it knows (see _RoomSharedSeen).
+local notified = 0
 local function shared(name, id)
   local watch = p .. ':room-watch:' .. name
   for _, watcher in ipairs(redis.call('SMEMBERS', watch)) do
-    if watcher ~= id then publish(watcher, {pack('shared', {room = name})}) end
+    if watcher ~= id and publish(watcher, {pack('shared', {room = name, by = id})}) > 0 then
+      notified = notified + 1
+    end
   end
   redis.call('DEL', watch)
 end
@@ -489,7 +500,7 @@ for _, id in ipairs(live()) do
 end
 return {reached, unheard}""",
     # ARGV: p, "room" or "user", its name, own instance, members here, a client id, 1 if that client is a
-    #       member now (else 0) -> members on every live instance
+    #       member now (else 0) -> {members on every live instance, watchers of the room told it is shared}
     "members": """
 local key = p .. ':' .. ARGV[2] .. ':' .. ARGV[3]
 local names = p .. ':instance:' .. ARGV[4] .. ':' .. ARGV[2] .. 's'
@@ -511,7 +522,7 @@ local counts = redis.call('HGETALL', key)
 for i = 1, #counts, 2 do
   if alive(counts[i]) then members = members + tonumber(counts[i + 1]) end
 end
-return members""",
+return {members, notified}""",
     # The listings, a page at a time (see page()).  Each costs Redis the page's entries, and a count: the
     # live instances (list), the instances with members (group_members), or nothing (rooms).
     # ARGV: p, after, limit, max_bytes -> a page of the JSON entries of the clients on live instances
@@ -819,6 +830,9 @@ class RedisBackend(_Backend):
         # Redis that crossed such a message is not taken.
         self._alone: set[str] = set()
         self._shares = 0
+        # Rooms this instance's joins made shared, while the watchers told of it have not all said they know:
+        # how many still have to, and set when none has.  Joins to such a room wait for it (room_changed).
+        self._sharing: dict[str, tuple[anyio.Event, list[int]]] = {}
         self._missing_until = 0.0  # time.monotonic() after which they count as dead
         # The run_id of the Redis server this instance last wrote its state to: another one (a replica promoted
         # by a failover, or the same address restarted) may lack the newest writes of every instance.
@@ -1141,9 +1155,17 @@ class RedisBackend(_Backend):
                 self._resuming.discard(client_id)
             case _SessionEnded(client_id, reason):
                 self._session_over(client_id, reason)
-            case _RoomShared(room):
+            case _RoomShared(room, by):
                 self._shares += 1
                 self._alone.discard(room)
+                self._enqueue("tell", (by, _encode_delivery(_RoomSharedSeen(room))), _ignore)
+            case _RoomSharedSeen(room):
+                sharing = self._sharing.get(room)
+                if sharing is not None:
+                    sharing[1][0] -= 1
+                    if sharing[1][0] <= 0:
+                        del self._sharing[room]
+                        sharing[0].set()
             case _Revoked(user, before, expires):
                 self.registry._revoke_here(user, before, expires)
             case _Membership():
@@ -1285,7 +1307,22 @@ class RedisBackend(_Backend):
             pipe.hset(self._clients_key, connection.id, self._entry(connection))
             await self._members(pipe, "room", room, members_here, connection.id, room in connection.rooms)
             results = await self._call(pipe.execute())
-        return int(results[-1])
+        members, notified = results[-1]
+        if notified:
+            self._sharing.setdefault(room, (anyio.Event(), [0]))[1][0] += int(notified)
+        await self._shared_known(room)
+        return int(members)
+
+    async def _shared_known(self, room: str) -> None:
+        """Wait until the instances that relayed ``room`` without Redis know it is shared now, or for at most
+        SHARING_WAIT (one that died does not answer): the join's answer then means frames reach it."""
+        sharing = self._sharing.get(room)
+        if sharing is None:
+            return
+        with anyio.move_on_after(SHARING_WAIT):
+            await sharing[0].wait()
+        if self._sharing.get(room) is sharing and not sharing[0].is_set():
+            del self._sharing[room]  # given up on: the next join does not wait for it again
 
     async def _members(self, pipe: Any, kind: str, name: str, members_here: int, client_id: str,
                        member: bool) -> None:
