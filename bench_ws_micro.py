@@ -32,6 +32,8 @@ Servers (all on the same uvicorn, its default settings):
     backend    bench/hook_backend.py alone, for the handshakes scenario only: the same signed
                POSTs the gateway makes, sent by this process (aiohttp) one at a time and then
                --openers at a time: the backend's own answer time, to set against the hook's cost
+    forward    ws_micro with WS_MICRO_FORWARD_URL to bench/hook_backend.py (on the generator's CPU),
+               for the forward scenario; forward_before: the same with --before REF's modules
     recovery   ws_micro with connection recovery on (WS_MICRO_RECOVERY_WINDOW, --recovery-window
                seconds; --away-window in the away scenarios), its bounds at their defaults: every
                connection keeps the last frames sent to it (compare it with ws_micro, where it is off)
@@ -84,6 +86,7 @@ SERVERS = {
     "jwt_rs256": "ws_micro:app",  # with WS_MICRO_JWT_PUBLIC_KEY (RSA-2048)
     "jwt_fresh": "ws_micro:app",  # with WS_MICRO_JWT_SECRET, a token never seen before for each handshake
     "forward": "ws_micro:app",  # with WS_MICRO_FORWARD_URL to bench/hook_backend.py on the generator's CPU
+    "forward_before": "ws_micro:app",  # forward, with the modules of --before REF
     "hook": "ws_micro:app",  # with WS_MICRO_CONNECT_HOOK_URL, and the backend beside it
     "backend": "bench.hook_backend:app",  # the hook's backend alone (the handshakes scenario only)
     "recovery": "ws_micro:app",  # with WS_MICRO_RECOVERY_WINDOW: connection recovery on
@@ -189,10 +192,13 @@ def run_server(name: str, env: dict[str, str] | None = None, cpu: int = SERVER_C
             server.name = name
             yield server
         return
-    if name == "forward":  # the backend on the generator's CPU: the gateway and the backend each have a core
-        with run_server("backend", cpu=GENERATOR_CPU) as backend, run_server("ws_micro", {
+    if name in ("forward", "forward_before"):  # the backend on the generator's CPU: each has a core
+        # Every client comes from 127.0.0.1, one address: without its share off, forward_max_pending_per_user
+        # (10) would refuse 40 of the 50 clients' events at once (docs/backend.md: a load test from one machine).
+        gateway = "before" if name == "forward_before" else "ws_micro"
+        with run_server("backend", cpu=GENERATOR_CPU) as backend, run_server(gateway, {
                 "WS_MICRO_FORWARD_URL": backend.http + EVENTS_PATH, "WS_MICRO_BACKEND_SECRET": BACKEND_SECRET,
-                "WS_MICRO_LIFECYCLE_URL": ""}) as server:
+                "WS_MICRO_LIFECYCLE_URL": "", "WS_MICRO_FORWARD_MAX_PENDING_PER_USER": "0"}) as server:
             server.name, server.helpers = name, [backend.process]
             yield server
         return
@@ -938,9 +944,10 @@ async def forward(server: Server, args: argparse.Namespace) -> dict[str, float]:
     def on_frame(peer: Peer, received: WSFrame) -> None:
         nonlocal failures
         reply = decode_frame(received.get_payload_as_bytes())
-        if reply.event != "ack":
+        if reply.event != "ack":  # an error: counted apart, neither a forwarded event nor a latency
             failures += 1
-        window.record(reply.data.data.t)
+        else:
+            window.record(reply.data.data.t)
         peer.send(frame("chat", peer.client_id, time.perf_counter_ns()))
 
     for peer in peers:
@@ -1056,7 +1063,7 @@ def main() -> int:
             source = subprocess.run(["git", "show", f"{args.before}:{module}"], cwd=HERE, check=True,
                                     capture_output=True).stdout
             (BEFORE_DIR / module).write_bytes(source)
-        servers += [] if "before" in servers else ["before"]
+        servers += [] if "before" in servers or "forward_before" in servers else ["before"]
     runs: dict[str, dict[str, list[dict[str, float]]]] = {s: {srv: [] for srv in servers} for s in scenarios}
     for scenario in scenarios:
         for round_ in range(args.runs):

@@ -95,7 +95,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Generator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Self, TypeVar, get_type_hints
-from urllib.parse import parse_qsl, unquote_to_bytes, urlsplit
+from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlsplit
 
 import anyio
 import anyio.from_thread
@@ -202,7 +202,7 @@ class Settings:
     jwt_issuer: str | None = None
     """The ``iss`` every token must name, if set."""
     connect_hook_url: str | None = None
-    """Backend URL that vets handshakes without a token (pip install aiohttp)."""
+    """Backend URL that vets handshakes without a token (docs/auth.md)."""
     connect_hook_timeout: float = 3.0
     """Seconds the connect hook may take to answer; then the handshake gets 503."""
     connect_hook_max_pending_per_address: int = 10
@@ -225,7 +225,7 @@ class Settings:
 
     # Forwarding (docs/backend.md): client events, connects and disconnects
     forward_url: str | None = None
-    """Backend URL the events no handler takes are sent to (pip install aiohttp)."""
+    """Backend URL the events no handler takes are sent to (docs/backend.md)."""
     forward_events: tuple[str, ...] = ("*",)
     """Event names or patterns (``chat``, ``game:*``) to forward; others: unknown_event."""
     forward_timeout: float = 5.0
@@ -2689,26 +2689,240 @@ class _Shares:
             return "share"
         return None
 
-    @contextlib.contextmanager
-    def holding(self, key: str | None) -> Generator[None]:
-        """Count a request of ``key`` while the block runs."""
+    def take(self, key: str | None) -> None:
+        """Count a request of ``key``, until :meth:`give`; a forwarded event's path, where a generator-based
+        context manager was a tenth of the gateway's work."""
         self.total += 1
         if key is not None:
             self._held[key] = self._held.get(key, 0) + 1
+
+    def give(self, key: str | None) -> None:
+        self.total -= 1
+        if key is not None:
+            if self._held[key] == 1:
+                del self._held[key]
+            else:
+                self._held[key] -= 1
+
+    @contextlib.contextmanager
+    def holding(self, key: str | None) -> Generator[None]:
+        """Count a request of ``key`` while the block runs."""
+        self.take(key)
         try:
             yield
         finally:
-            self.total -= 1
-            if key is not None:
-                if self._held[key] == 1:
-                    del self._held[key]
-                else:
-                    self._held[key] -= 1
+            self.give(key)
 
 
 def _signature(secret: bytes, body: bytes, timestamp: int) -> str:
     """The ``SIGNATURE_HEADER`` value: HMAC-SHA256 of ``b"<timestamp>." + body``, as payment webhooks sign."""
     return f"t={timestamp},v1={hmac.new(secret, b'%d.' % timestamp + body, hashlib.sha256).hexdigest()}"
+
+
+_SIGNATURE_NAME = SIGNATURE_HEADER.encode()
+# What an answer's head may hold before it counts as no HTTP answer: nginx reads a response's head into one
+# proxy_buffer_size (4 or 8 KiB); 64 KiB leaves a backend's framework room for any headers it adds.
+BACKEND_HEAD_LIMIT = 64 * 1024
+_CHUNK_LINE_LIMIT = 4096  # a chunk's size line, with any extensions (h11's limit too)
+
+
+class _BackendConnection(asyncio.Protocol):
+    """One kept-alive HTTP/1.1 connection to the backend.  It writes one request at a time and parses the
+    answer as its bytes arrive: the status line, the headers, then a body by Content-Length, by chunks, or
+    up to the close.  What the answer is, or why there is none, resolves ``answer``."""
+
+    def __init__(self, client: _BackendClient, origin: str) -> None:
+        self.client: _BackendClient | None = client  # None once its slot is taken over by another connection
+        self.origin = origin
+        self.transport: asyncio.Transport | None = None
+        self.answer: asyncio.Future[tuple[int, bytes]] | None = None  # while a request waits for its answer
+        self.reused = False  # whether a request has been answered on it already
+        self.closed = False
+        self._buffer = bytearray()
+        self._limit = 0  # body bytes wanted: the caller's limit + 1, to tell an answer over it
+        self._status = 0
+        self._body = bytearray()
+        self._keep = False  # whether the connection may take another request once the answer is read
+        self._length: int | None = None  # body bytes still to come (Content-Length; a chunk's); None: to the close
+        self._chunked = False
+        self._step = self._head
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport's subclass
+
+    def ask(self, request: bytes, limit: int) -> asyncio.Future[tuple[int, bytes]]:
+        """Send ``request``; the future of its answer's status and body (at most ``limit`` + 1 bytes)."""
+        assert self.transport is not None and self.answer is None
+        self.answer = asyncio.get_running_loop().create_future()
+        self._limit, self._step = limit + 1, self._head
+        self.transport.write(request)
+        return self.answer
+
+    def data_received(self, data: bytes) -> None:
+        if self.answer is None:  # bytes nobody asked for: the connection cannot be trusted with another request
+            self.close()
+            return
+        self._buffer += data
+        try:
+            while self.answer is not None and self._step():
+                pass
+        except ValueError as exc:
+            self._fail(f"the backend's answer is not HTTP/1.1 ({exc})")
+
+    def eof_received(self) -> bool:
+        if self.answer is not None and self._step == self._fixed and self._length is None:
+            self._done()  # a body that ends with the connection
+        self.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.answer is not None:
+            self._fail("the backend closed the connection before its answer was complete"
+                       + (f" ({exc})" if exc else ""))
+        if self.client is not None:
+            self.client._lost(self)
+
+    def close(self) -> None:
+        """Close the connection; a request waiting gets ConnectionError, through connection_lost."""
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        self.closed = True
+
+    def _fail(self, why: str) -> None:
+        answer, self.answer = self.answer, None
+        if answer is not None and not answer.done():
+            answer.set_exception(ConnectionError(why))
+        self.close()
+
+    def _done(self) -> None:
+        answer, self.answer = self.answer, None
+        body, self._body = bytes(self._body), bytearray()
+        if not self._keep or self._buffer:  # more than the answer: the connection is out of step
+            self.close()
+        if answer is not None and not answer.done():
+            answer.set_result((self._status, body))
+        self.reused = True
+
+    # Each step parses what it can from the buffer: True when it made progress and parsing goes on.
+
+    def _head(self) -> bool:
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buffer) > BACKEND_HEAD_LIMIT:
+                raise ValueError(f"its head is longer than {BACKEND_HEAD_LIMIT} bytes")
+            return False
+        lines = bytes(self._buffer[:end]).decode("latin-1").split("\r\n")
+        del self._buffer[:end + 4]
+        version, _, rest = lines[0].partition(" ")
+        status = rest[:3]
+        if version not in ("HTTP/1.1", "HTTP/1.0") or not status.isdigit() or rest[3:4] not in ("", " "):
+            raise ValueError(f"status line {_clipped(lines[0])}")
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            if not colon or not name or name != name.strip():
+                raise ValueError(f"header line {_clipped(line)}")
+            name, value = name.lower(), value.strip()
+            if name in headers and name in ("content-length", "transfer-encoding"):
+                raise ValueError(f"two {name} headers")  # which one frames the body is ambiguous
+            headers[name] = value
+        self._status = int(status)
+        if 100 <= self._status < 200:  # 103 Early Hints and the like: the answer is still to come
+            return True
+        self._keep = version == "HTTP/1.1" and "close" not in headers.get("connection", "").lower()
+        self._chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        length = headers.get("content-length")
+        if self._status in (204, 304):
+            self._length, self._chunked = 0, False
+        elif not self._chunked and length is not None:
+            if not length.isdigit():
+                raise ValueError(f"Content-Length {_clipped(length)}")
+            self._length = int(length)
+        elif not self._chunked:
+            self._length, self._keep = None, False  # the body is what comes until the close
+        if self._chunked:
+            self._step = self._chunk_size
+            return True
+        self._step = self._fixed
+        if self._length == 0:
+            self._done()
+            return False
+        return True
+
+    def _fixed(self) -> bool:
+        """A body of Content-Length bytes, or (``_length`` None) of every byte until the close."""
+        take = len(self._buffer) if self._length is None else min(self._length, len(self._buffer))
+        if self._take(take) or self._length != 0:
+            return False
+        self._done()
+        return False
+
+    def _take(self, count: int) -> bool:
+        """Move ``count`` bytes of body from the buffer, no more than the limit; True when that answered."""
+        count = min(count, self._limit - len(self._body))
+        if count:
+            self._body += self._buffer[:count]
+            del self._buffer[:count]
+            if self._length is not None:
+                self._length -= count
+        if len(self._body) < self._limit:
+            return False
+        self._keep = False  # over the caller's limit: the rest is never read, so the connection goes
+        self._done()
+        return True
+
+    def _chunk_size(self) -> bool:
+        end = self._buffer.find(b"\r\n")
+        if end < 0:
+            if len(self._buffer) > _CHUNK_LINE_LIMIT:
+                raise ValueError("a chunk's size line is too long")
+            return False
+        line = bytes(self._buffer[:end]).split(b";", 1)[0].strip()
+        del self._buffer[:end + 2]
+        if not line or any(c not in b"0123456789abcdefABCDEF" for c in line):
+            raise ValueError(f"chunk size {_clipped(line.decode('latin-1'))}")
+        self._length = int(line, 16)
+        self._step = self._chunk if self._length else self._trailer  # 0: the last chunk, then the trailer
+        return True
+
+    def _chunk(self) -> bool:
+        assert self._length is not None
+        if self._take(min(self._length, len(self._buffer))) or self._length:
+            return False
+        self._step = self._chunk_end
+        return True
+
+    def _chunk_end(self) -> bool:
+        if len(self._buffer) < 2:
+            return False
+        if self._buffer[:2] != b"\r\n":
+            raise ValueError("a chunk is not followed by CRLF")
+        del self._buffer[:2]
+        self._step = self._chunk_size
+        return True
+
+    def _trailer(self) -> bool:
+        end = self._buffer.find(b"\r\n")
+        if end < 0:
+            if len(self._buffer) > BACKEND_HEAD_LIMIT:
+                raise ValueError(f"its trailer is longer than {BACKEND_HEAD_LIMIT} bytes")
+            return False
+        del self._buffer[:end + 2]
+        if end:  # a trailer field, ignored
+            return True
+        self._done()
+        return False
+
+
+class _Target(typing.NamedTuple):
+    """Where a backend URL's requests go, and the start of each request's head."""
+
+    origin: str  # scheme://host:port: the pool's connections are reused for requests to the same
+    host: str
+    port: int
+    tls: bool
+    head: bytes  # the request line and the headers that never change, up to Content-Length's value
 
 
 def _not_installed(what: str, library: str, install: str, extra: str, exc: ImportError) -> ValueError:
@@ -2720,52 +2934,179 @@ def _not_installed(what: str, library: str, install: str, extra: str, exc: Impor
 
 
 class _BackendClient:
-    """Signed JSON POSTs to the backend over a pool of kept-alive connections (aiohttp, imported only
-    when a backend URL is set: a copied single file runs without it).  The connect hook and forwarding
-    each have their own, so that a backend slow to take events cannot keep new clients out."""
+    """Signed JSON POSTs to the backend over a pool of at most BACKEND_POOL_SIZE kept-alive HTTP/1.1
+    connections (:class:`_BackendConnection`), on asyncio's own transports: aiohttp's client, used before,
+    spent two thirds of a forwarded event's CPU in the gateway on machinery each request repeats
+    (docs/performance.md, "Issue 25: forwarding").  A request that finds every connection taken waits for
+    one, in the order they came.  No redirects, no cookies, no proxies, no compression: what the backend
+    answers is what the caller reads.  The connect hook and forwarding each have their own client, so
+    that a backend slow to take events cannot keep new clients out."""
 
     def __init__(self, settings: Settings, what: str) -> None:
-        try:
-            import aiohttp
-        except ImportError as exc:
-            raise _not_installed(what, "aiohttp", "aiohttp", "hook", exc) from None
         assert settings.backend_secret is not None
-        self._aiohttp = aiohttp
         self._secret = settings.backend_secret.encode()
-        self._session: Any = None
+        self._targets: dict[str, _Target] = {}
+        self._idle: dict[str, list[_BackendConnection]] = {}  # by origin, the last used last
+        self._open = 0  # connections open or being opened: at most BACKEND_POOL_SIZE
+        # Requests waiting for a connection, first come first served; each future gets a connection of
+        # its origin, or None: a slot is free, open one.
+        self._waiting: collections.deque[tuple[str, asyncio.Future[_BackendConnection | None]]] = \
+            collections.deque()
+        self._tls: Any = None  # ssl.SSLContext, made on the first https:// request
+        self._stopped = False
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """Close the pool when the app stops; a server that runs no lifespan (daphne) never closes it."""
+        self._stopped = False
         try:
             yield
         finally:
-            if self._session is not None:
-                await self._session.close()
-                self._session = None
+            self._stopped = True
+            for connections in self._idle.values():
+                for connection in connections:
+                    connection.close()
+            self._idle.clear()
 
-    async def post(self, url: str, body: bytes, limit: int) -> tuple[int, bytes]:
+    # A timeout of its own (one timer on the answer's future), not anyio.fail_after's cancel scope: that
+    # was a twelfth of a forwarded event's CPU in the gateway.
+    async def post(self, url: str, body: bytes, limit: int,
+                   timeout: float | None = None) -> tuple[int, bytes]:  # noqa: ASYNC109
         """The status and body (at most ``limit`` + 1 bytes) of a signed POST of ``body``; raise
-        ``ConnectionError`` if the backend cannot be reached.  The caller bounds its time."""
-        if self._session is None:  # made on first use: aiohttp binds it to the running event loop
-            aiohttp = self._aiohttp
-            # No cookie jar: a backend's cookies are not passed on to it again, or to anyone.  No timeout of
-            # aiohttp's own: the caller bounds each request (a real deadline, and cheaper per request).
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=BACKEND_POOL_SIZE), cookie_jar=aiohttp.DummyCookieJar(),
-                timeout=aiohttp.ClientTimeout(total=None), skip_auto_headers=("User-Agent",))
-        signature = _signature(self._secret, body, int(time.time()))
-        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: signature}
-        answer = b""
+        ``ConnectionError`` if the backend cannot be reached or its answer is not HTTP, and ``TimeoutError``
+        past ``timeout`` seconds (None: the caller bounds its time, by cancelling)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        target = self._targets.get(url) or self._target(url)
+        connection = await self._connection(target, deadline)
+        signature = _signature(self._secret, body, int(time.time())).encode()
+        request = b"%s%d\r\n%s: %s\r\n\r\n%s" % (target.head, len(body), _SIGNATURE_NAME, signature, body)
+        answer = connection.ask(request, limit)
+        timer = None if deadline is None else loop.call_at(deadline, _expire, answer)
         try:
-            async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as response:
-                async for chunk in response.content.iter_chunked(16384):
-                    answer += chunk
-                    if len(answer) > limit:
-                        break
-                return response.status, answer
-        except (self._aiohttp.ClientError, OSError) as exc:
+            return await answer
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if connection.answer is not None:  # cancelled or out of time: the answer would come on it later
+                connection.answer = None
+                connection.close()
+            self._release(connection)
+
+    def _target(self, url: str) -> _Target:
+        parts = urlsplit(url)
+        tls = parts.scheme == "https"
+        host, port = parts.hostname or "", parts.port or (443 if tls else 80)
+        if not host:
+            raise ConnectionError(f"{url!r} names no host")
+        path = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe="/?=&%:@!$'()*+,;~")
+        authority = f"[{host}]" if ":" in host else host
+        authority += "" if parts.port is None else f":{port}"
+        head = (f"POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n"
+                "Content-Length: ").encode("ascii", "backslashreplace")
+        self._targets[url] = target = _Target(f"{parts.scheme}://{authority}", host, port, tls, head)
+        return target
+
+    async def _connection(self, target: _Target, deadline: float | None) -> _BackendConnection:
+        """A kept-alive connection to ``target`` if one is idle, else a new one if the pool has room, else
+        the next one given back (in turn with the other requests waiting)."""
+        idle = self._idle.get(target.origin)
+        while idle:
+            connection = idle.pop()
+            if not connection.closed:
+                return connection
+        if self._open < BACKEND_POOL_SIZE:
+            self._open += 1
+        elif not self._close_an_idle_one():  # else the closed one's slot is taken over
+            waiter: asyncio.Future[_BackendConnection | None] = asyncio.get_running_loop().create_future()
+            self._waiting.append((target.origin, waiter))
+            timer = None if deadline is None else asyncio.get_running_loop().call_at(deadline, _expire, waiter)
+            try:
+                given = await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    self._pass_on(waiter.result())  # given just as it was cancelled: the next one's
+                else:
+                    with contextlib.suppress(ValueError):
+                        self._waiting.remove((target.origin, waiter))
+                raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            if given is not None:
+                return given
+        try:  # a slot is held: open a connection in it
+            return await self._connect(target, deadline)
+        except BaseException:
+            self._pass_on(None)
+            raise
+
+    async def _connect(self, target: _Target, deadline: float | None) -> _BackendConnection:
+        loop = asyncio.get_running_loop()
+        if target.tls and self._tls is None:
+            import ssl
+
+            self._tls = ssl.create_default_context()
+        try:
+            opening = loop.create_connection(lambda: _BackendConnection(self, target.origin), target.host,
+                                             target.port, ssl=self._tls if target.tls else None)
+            if deadline is None:
+                _, connection = await opening
+            else:
+                _, connection = await asyncio.wait_for(opening, max(0.0, deadline - loop.time()))
+        except OSError as exc:
             raise ConnectionError(str(exc) or type(exc).__name__) from None
+        return connection
+
+    def _close_an_idle_one(self) -> bool:
+        """Close a connection idle to another origin, making room for a new one; False if there is none."""
+        for connections in self._idle.values():
+            if connections:
+                connection = connections.pop(0)
+                connection.client = None  # its slot is taken over here, not given back when it closes
+                connection.close()
+                return True
+        return False
+
+    def _release(self, connection: _BackendConnection) -> None:
+        """``connection`` finished a request: to the first request waiting, or kept idle."""
+        if connection.closed:
+            return  # its slot is passed on by _lost
+        if self._stopped:
+            connection.close()
+            return
+        if self._waiting:
+            origin, waiter = self._waiting.popleft()
+            if origin != connection.origin:  # keep the slot, not the connection
+                connection.client = None
+                connection.close()
+                waiter.set_result(None)
+            else:
+                waiter.set_result(connection)
+            return
+        self._idle.setdefault(connection.origin, []).append(connection)
+
+    def _lost(self, connection: _BackendConnection) -> None:
+        """``connection`` closed: its slot to the first request waiting, or free."""
+        idle = self._idle.get(connection.origin)
+        if idle and connection in idle:
+            idle.remove(connection)
+        self._pass_on(None)
+
+    def _pass_on(self, connection: _BackendConnection | None) -> None:
+        """Give a connection (or, None, the slot of one) to the first request waiting, or back to the pool."""
+        if connection is not None:
+            self._release(connection)
+        elif self._waiting:
+            self._waiting.popleft()[1].set_result(None)
+        else:
+            self._open -= 1
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    """A request's deadline passed: what it waits for fails with TimeoutError."""
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 # --------------------------------------------------------------------------
@@ -3028,6 +3369,7 @@ class _TokenAndHookAuthorizer(_Authorizer):
 FORWARD_ANSWER_LIMIT = 1024 * 1024  # bytes of the backend's answer to a forwarded event
 NOTICE_QUEUE = 10_000  # connect and disconnect notices waiting to be sent before more are dropped
 NOTICE_SENDERS = 8  # notices sent at once
+ADDRESS_KEYS_CACHED = 4096  # addresses whose share key is remembered: more than a gateway's usual busy senders
 
 # What became of each forwarded event (the forwarded_total labels): answered with 2xx; answered an
 # error status or garbage (backend_error); no answer in time or no connection (backend_unavailable);
@@ -3111,6 +3453,9 @@ class _HttpForwarder(_Forwarder):
         self._idle: anyio.Event | None = None  # set when nothing is queued or being sent
         # Client id -> its connect notice's done event, and whose notices it is queued with.
         self._connect_notices: dict[str, tuple[anyio.Event, str]] = {}
+        # The share keys of the addresses that sent events lately: parsing an address for each event was a
+        # twentieth of the gateway's CPU for it.  Emptied when full.
+        self._address_keys: dict[str, str | None] = {}
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -3139,7 +3484,7 @@ class _HttpForwarder(_Forwarder):
     async def forward(self, connection: _Connection, event: Event, failed: Callable[..., None]) -> None:
         assert self.url is not None
         identity, timeout = connection.identity, self.settings.forward_timeout
-        key = _connection_key(connection)
+        key = self._key_of(connection)
         over = self.pending.refusal(key)
         if over == "total":
             self.outcomes["busy"] += 1
@@ -3153,24 +3498,25 @@ class _HttpForwarder(_Forwarder):
             return
         body = _encode({"type": "event", "client_id": connection.id, "user": identity.user, "meta": identity.meta,
                         "event": event.event, "data": event.data.data, "rooms": sorted(connection.rooms)})
+        self.pending.take(key)
         try:
-            with self.pending.holding(key):
-                notice = self._connect_notices.get(connection.id)
-                if notice is not None:
-                    with anyio.move_on_after(timeout):  # the backend hears of the client before its events
-                        await notice[0].wait()
-                started = time.perf_counter()
-                try:
-                    with anyio.fail_after(timeout):
-                        status, answer = await self.client.post(self.url, body, FORWARD_ANSWER_LIMIT)
-                finally:
-                    self.latency.observe(time.perf_counter() - started)
+            notice = self._connect_notices.get(connection.id)
+            if notice is not None and not notice[0].is_set():
+                with anyio.move_on_after(timeout):  # the backend hears of the client before its events
+                    await notice[0].wait()
+            started = time.perf_counter()
+            try:
+                status, answer = await self.client.post(self.url, body, FORWARD_ANSWER_LIMIT, timeout)
+            finally:
+                self.latency.observe(time.perf_counter() - started)
         except TimeoutError:
             self._unavailable(failed, "timeout", f"the backend did not answer within {timeout:g} seconds")
             return
         except ConnectionError as exc:
             self._unavailable(failed, "unreachable", f"the backend cannot be reached ({exc})")
             return
+        finally:
+            self.pending.give(key)
         if not 200 <= status < 300:
             self.outcomes["backend_error"] += 1
             failed(BACKEND_ERROR, f"the backend answered HTTP {status}", status=status)
@@ -3196,6 +3542,18 @@ class _HttpForwarder(_Forwarder):
         self.outcomes["ok"] += 1
         for item in reply.events:
             connection.send(_Frame(item.event, item.data).reply(connection.id, event.id))
+
+    def _key_of(self, connection: _Connection) -> str | None:
+        """:func:`_connection_key`, each address parsed once while it stays in the cache."""
+        if connection.identity.user is not None or not connection.remote:
+            return _connection_key(connection)
+        host = connection.remote.rpartition(":")[0]
+        key = self._address_keys.get(host)
+        if key is None:
+            if len(self._address_keys) >= ADDRESS_KEYS_CACHED:
+                self._address_keys.clear()
+            key = self._address_keys[host] = _share_key(None, host)
+        return key
 
     def _unavailable(self, failed: Callable[..., None], outcome: str, message: str) -> None:
         self.outcomes[outcome] += 1
