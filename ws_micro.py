@@ -2767,7 +2767,7 @@ class _BackendConnection(asyncio.Protocol):
             while self.answer is not None and self._step():
                 pass
         except ValueError as exc:
-            self._fail(f"the backend's answer is not HTTP/1.1 ({exc})")
+            self._fail(f"its answer is not HTTP/1.1: {exc}")
 
     def eof_received(self) -> bool:
         if self.answer is not None and self._step == self._fixed and self._length is None:

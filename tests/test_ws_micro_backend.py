@@ -7,6 +7,7 @@ function), and talks to the gateway with real `websockets` clients.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -20,7 +21,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import anyio
 import httpx2 as httpx
@@ -547,3 +548,155 @@ async def test_e2e_a_backend_answer_with_an_event_only_the_gateway_sends_is_refu
         "forwarding: the backend answered 'connect', an event only the gateway sends, to event 'chat'; its whole "
         "answer was refused and its sender got backend_error (docs/backend.md)")
     assert "Traceback" not in log.read_text()
+
+
+# The gateway's HTTP client (ws_micro's own, on asyncio's transports) against answers framed every way a
+# backend's server may frame them.
+
+class RawBackend:
+    """A backend on bare sockets (asyncio streams, in the test's own loop), answering each forwarded event
+    with an ``ack`` framed as its ``data.mode`` says, notices with 204; it counts the connections made to it
+    and the most open at once. ``hold`` events wait for ``release``."""
+
+    def __init__(self) -> None:
+        self.connections = self.open = self.most_open = 0
+        self.events: list[dict[str, Any]] = []
+        self.release = asyncio.Event()
+
+    async def __aenter__(self) -> Self:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/events"
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.server.close()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
+        try:
+            while not await self.answer(reader, writer):
+                pass
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.open -= 1
+            writer.close()
+
+    async def answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Answer one request; True when the connection is to close."""
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)\r\n", head)
+        assert length is not None and head.startswith(b"POST /events HTTP/1.1\r\n"), head
+        body = json.loads(await reader.readexactly(int(length[1])))
+        if body["type"] != "event":
+            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            return False
+        self.events.append(body)
+        mode, n = body["data"].get("mode"), body["data"].get("n")
+        content = json.dumps({"events": [{"event": "ack", "data": {"n": n}}]}).encode()
+        sized = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+            len(content), content)
+        if mode == "chunked":  # 7-byte chunks, one with an extension, and a trailer
+            chunks = [content[i:i + 7] for i in range(0, len(content), 7)]
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"".join(
+                b"%x%s\r\n%s\r\n" % (len(chunk), b";x=1" if i == 1 else b"", chunk) for i, chunk in enumerate(chunks))
+                + b"0\r\nX-Checksum: 1\r\n\r\n")
+        elif mode == "close":
+            writer.write(sized.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1))
+        elif mode == "eof":  # HTTP/1.0 without a length: the body ends with the connection
+            writer.write(b"HTTP/1.0 200 OK\r\n\r\n" + content)
+        elif mode == "hints":
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n" + sized)
+        elif mode == "dribble":  # a byte at a time, each in its own segment: parsed as the bytes come
+            for byte in sized:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.001)  # not a wait for anything: it keeps the bytes in separate reads
+        elif mode == "huge":  # an answer over the gateway's 1 MiB, sent whole
+            big = b'{"events": [{"event": "ack", "data": {"pad": "' + b"x" * 2_000_000 + b'"}}]}'
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (
+                len(big), big))
+        elif mode == "head":  # headers without end
+            writer.write(b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"y" * 100_000)
+        elif mode in ("status", "lengths"):
+            writer.write(b"HTPT/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}" if mode == "status" else
+                         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}")
+        elif mode == "late":  # after the gateway's forward_timeout, with another event than the ack
+            await asyncio.sleep(1.0)
+            writer.write(sized.replace(b'"ack"', b'"not_yours"'))
+        elif mode == "hold":
+            await self.release.wait()
+            writer.write(sized)
+        else:
+            writer.write(sized)
+        await writer.drain()
+        return mode in ("close", "eof", "huge", "head", "status", "lengths", "late")
+
+
+async def test_e2e_answers_framed_every_way_reach_the_sender_over_kept_alive_connections(tmp_path: Path) -> None:
+    log = tmp_path / "gateway.log"
+    async with RawBackend() as backend:
+        with run_server(*forward_options(backend.url), log=log) as server:
+            async with ws_client(server.ws) as (ws, me):
+                for n, mode in enumerate(("plain", "chunked", "hints", "dribble", "plain", "close", "plain", "eof",
+                                          "plain", "late", "plain")):
+                    await ws.send(text("chat", me, {"mode": mode, "n": n}))
+                    reply = await recv_json(ws)
+                    if mode == "late":  # out of time; its answer, when it comes, must not pass for the next one's
+                        assert reply["data"]["data"]["code"] == "backend_unavailable", reply
+                    else:
+                        assert reply == frame("ack", me, {"n": n}), (mode, reply)
+                for mode, code, message in (
+                        ("huge", "backend_error", 'the backend\'s answer is not {"events": [...]}: it is larger '
+                                                  'than 1048576 bytes'),
+                        ("head", "backend_unavailable", "the backend cannot be reached (its answer is not HTTP/1.1: "
+                                                        "its head is longer than 65536 bytes)"),
+                        ("status", "backend_unavailable", "the backend cannot be reached (its answer is not "
+                                                          "HTTP/1.1: status line 'HTPT/1.1 200 OK')"),
+                        ("lengths", "backend_unavailable", "the backend cannot be reached (its answer is not "
+                                                           "HTTP/1.1: two content-length headers)")):
+                    await ws.send(text("chat", me, {"mode": mode}))
+                    reply = (await recv_json(ws))["data"]["data"]
+                    assert (reply["code"], reply["message"]) == (code, message), (mode, reply)
+                    await ws.send(text("chat", me, {"n": 99}))  # and the next event goes through, on a new connection
+                    assert await recv_json(ws) == frame("ack", me, {"n": 99})
+            # One connection for the events up to the first that closed it, then one after each that did.
+            assert backend.connections == 1 + 3 + 4, backend.connections
+    assert "Traceback" not in log.read_text()
+
+
+async def test_e2e_events_past_the_pool_wait_for_its_connections_and_open_no_more() -> None:
+    count = ws_micro.BACKEND_POOL_SIZE + 50
+    async with RawBackend() as backend:
+        with run_server(*forward_options(backend.url, "--forward-timeout", "10", "--forward-max-pending-per-user",
+                                         "0"), "--log-level", "warning") as server:
+            async with contextlib.AsyncExitStack() as stack:
+                clients = [await stack.enter_async_context(ws_client(server.ws)) for _ in range(count)]
+                for n, (ws, me) in enumerate(clients):
+                    await ws.send(text("chat", me, {"mode": "hold", "n": n}))
+                await eventually(lambda: len(backend.events) == ws_micro.BACKEND_POOL_SIZE,
+                                 "the pool's connections to be taken")
+                backend.release.set()
+                for n, (ws, me) in enumerate(clients):
+                    assert await recv_json(ws) == frame("ack", me, {"n": n})
+            assert (backend.most_open, backend.connections) == (ws_micro.BACKEND_POOL_SIZE,) * 2
+            assert server.metric("ws_micro_forwarded_total", outcome="ok") == count
+
+
+async def test_e2e_forwarding_and_the_connect_hook_need_no_package_of_their_own(tmp_path: Path) -> None:
+    # They used to need aiohttp; a copied ws_micro.py now forwards with what the gateway needs anyway.
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    (missing / "aiohttp.py").write_text("raise ModuleNotFoundError(\"No module named 'aiohttp'\", name='aiohttp')\n")
+    async def grant(asked: dict[str, Any]) -> Any:
+        return JSONResponse({"user": "alice"})
+
+    with EventBackend() as backend, BackendServer("/hook", grant) as hook, run_server(
+            *forward_options(backend.url), "--connect-hook-url", hook.url, "--log-level", "warning",
+            env={"PYTHONPATH": str(missing)}) as server:
+        async with ws_client(server.ws) as (ws, me):
+            await ws.send(text("chat", me, {"n": 1}))
+            assert await recv_json(ws) == frame("ack", me, {"n": 1, "part": 1})
+        assert backend.received[-1]["user"] == "alice"
