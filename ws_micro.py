@@ -234,6 +234,10 @@ class Settings:
     """Events waiting for the backend at once; more get backend_unavailable."""
     forward_max_pending_per_user: int = 10
     """Of those, the most one user (or address) may have; 0: no share."""
+    forward_batch: int = 1
+    """Events one request may carry, as a JSON array (docs/backend.md); 1: none."""
+    forward_batch_bytes: int = 64 * 1024
+    """Bytes of events one batch may carry; an event larger than this goes alone."""
     lifecycle_url: str = "auto"
     """URL told of connects and disconnects; "auto": forward_url; "": none."""
     lifecycle_retries: int = 3
@@ -282,6 +286,7 @@ class Settings:
         _refuse_infinities(self)
         for name in ("max_message_size", "max_connections", "rate_burst", "max_queue_messages",
                      "max_queue_bytes", "max_rooms_per_connection", "max_room_name_length", "forward_max_pending",
+                     "forward_batch", "forward_batch_bytes",
                      "recovery_max_frames", "recovery_max_bytes", "recovery_max_sessions", "recovery_max_memory",
                      "api_page_size", "api_max_page_size", "api_max_page_bytes"):
             value = getattr(self, name)
@@ -3418,6 +3423,30 @@ class _Reply(msgspec.Struct):
     events: list[_ReplyEvent] = []
 
 
+class _NotForwarded(Exception):
+    """Why an event got no answer from the backend: its forwarded_total ``outcome``, and the ``code``, the
+    ``message`` and the HTTP ``status`` its sender gets."""
+
+    def __init__(self, outcome: str, code: str, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.outcome, self.code, self.message, self.status = outcome, code, message, status
+
+
+class _Batch:
+    """Events of one moment on their way to the backend in one request (forward_batch)."""
+
+    __slots__ = ("answers", "bodies", "bytes", "sent")
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        self.answers: list[asyncio.Future[tuple[int, _Reply]]] = []
+        self.bytes = 1  # with the array's brackets and commas
+        self.sent = False
+
+
+_R = TypeVar("_R")
+
+
 class _HttpForwarder(_Forwarder):
     """POSTs client events to ``forward_url`` and sends the answer's events back to their sender, like AWS's
     two-way routes; tells ``lifecycle_url`` of every connect and disconnect.  docs/backend.md has the bodies.
@@ -3442,6 +3471,9 @@ class _HttpForwarder(_Forwarder):
         self.notices = collections.Counter(dict.fromkeys(NOTICE_OUTCOMES, 0))
         self.pending = _Shares(settings.forward_max_pending, settings.forward_max_pending_per_user)
         self._decode = msgspec.json.Decoder(_Reply).decode
+        self._decode_batch = msgspec.json.Decoder(list[_Reply | None]).decode
+        self._batch: _Batch | None = None  # the batch of this moment, still taking events
+        self._batches: set[asyncio.Task[None]] = set()  # batches on their way
         self._throttle = _Throttle()
         # Notices, by user or address, each's in order: (body, set when it is done, the notice that must go first).
         self._queues: dict[str, collections.deque[tuple[bytes, anyio.Event, anyio.Event | None]]] = {}
@@ -3506,30 +3538,17 @@ class _HttpForwarder(_Forwarder):
                     await notice[0].wait()
             started = time.perf_counter()
             try:
-                status, answer = await self.client.post(self.url, body, FORWARD_ANSWER_LIMIT, timeout)
+                status, reply = await (self._alone(body) if self.settings.forward_batch == 1 else self._batched(body))
             finally:
                 self.latency.observe(time.perf_counter() - started)
-        except TimeoutError:
-            self._unavailable(failed, "timeout", f"the backend did not answer within {timeout:g} seconds")
-            return
-        except ConnectionError as exc:
-            self._unavailable(failed, "unreachable", f"the backend cannot be reached ({exc})")
+        except _NotForwarded as exc:
+            self.outcomes[exc.outcome] += 1
+            if exc.code == BACKEND_UNAVAILABLE:
+                self._throttle.warn(exc.outcome, f"forwarding: {exc.message}")
+            failed(exc.code, exc.message, **({} if exc.status is None else {"status": exc.status}))
             return
         finally:
             self.pending.give(key)
-        if not 200 <= status < 300:
-            self.outcomes["backend_error"] += 1
-            failed(BACKEND_ERROR, f"the backend answered HTTP {status}", status=status)
-            return
-        try:
-            if len(answer) > FORWARD_ANSWER_LIMIT:
-                raise msgspec.DecodeError(f"it is larger than {FORWARD_ANSWER_LIMIT} bytes")
-            reply = _decode(self._decode, answer) if answer.strip() else _Reply()
-        except msgspec.MsgspecError as exc:
-            self.outcomes["backend_error"] += 1
-            failed(BACKEND_ERROR, f"the backend's answer is not {{\"events\": [...]}}: {str(exc)[:200]}",
-                   status=status)
-            return
         forged = next((item.event for item in reply.events if item.event in SERVER_EVENTS), None)
         if forged is not None:  # the client must never get such an event that the gateway did not make
             self.outcomes["backend_error"] += 1
@@ -3555,10 +3574,96 @@ class _HttpForwarder(_Forwarder):
             key = self._address_keys[host] = _share_key(None, host)
         return key
 
-    def _unavailable(self, failed: Callable[..., None], outcome: str, message: str) -> None:
-        self.outcomes[outcome] += 1
-        self._throttle.warn(outcome, f"forwarding: {message}")
-        failed(BACKEND_UNAVAILABLE, message)
+    async def _alone(self, body: bytes) -> tuple[int, _Reply]:
+        """The status and the backend's answer to one event, POSTed alone; else :class:`_NotForwarded`."""
+        status, answer = await self._post(body)
+        if not answer.strip():  # 204, or 200 with nothing: nothing to send back
+            return status, _Reply()
+        return status, self._reply(status, answer, self._decode, 'the backend\'s answer is not {"events": [...]}')
+
+    async def _post(self, body: bytes) -> tuple[int, bytes]:
+        """The status and body of a 2xx answer to ``body``; else :class:`_NotForwarded`."""
+        assert self.url is not None
+        timeout = self.settings.forward_timeout
+        try:
+            status, answer = await self.client.post(self.url, body, FORWARD_ANSWER_LIMIT, timeout)
+        except TimeoutError:
+            raise _NotForwarded("timeout", BACKEND_UNAVAILABLE,
+                                f"the backend did not answer within {timeout:g} seconds") from None
+        except ConnectionError as exc:
+            raise _NotForwarded("unreachable", BACKEND_UNAVAILABLE, f"the backend cannot be reached ({exc})") from None
+        if not 200 <= status < 300:
+            raise _NotForwarded("backend_error", BACKEND_ERROR, f"the backend answered HTTP {status}", status)
+        return status, answer
+
+    @staticmethod
+    def _reply(status: int, answer: bytes, decode: Callable[[bytes], _R], what: str) -> _R:
+        """``answer`` decoded; else :class:`_NotForwarded` with ``what`` it is not."""
+        try:
+            if len(answer) > FORWARD_ANSWER_LIMIT:
+                raise msgspec.DecodeError(f"it is larger than {FORWARD_ANSWER_LIMIT} bytes")
+            return _decode(decode, answer)
+        except msgspec.MsgspecError as exc:
+            raise _NotForwarded("backend_error", BACKEND_ERROR, f"{what}: {str(exc)[:200]}", status) from None
+
+    # Batches (forward_batch > 1): the events of one moment, of any connections, in one request.
+
+    async def _batched(self, body: bytes) -> tuple[int, _Reply]:
+        """The status and the backend's answer to one event, POSTed in the batch of the moment; else
+        :class:`_NotForwarded`."""
+        loop = asyncio.get_running_loop()
+        batch = self._batch
+        if batch is not None and batch.bytes + len(body) > self.settings.forward_batch_bytes:
+            self._send_batch(batch)  # full: this event starts the next one
+            batch = None
+        if batch is None:  # sent at the end of this moment: when every event read in it has joined
+            batch = self._batch = _Batch()
+            loop.call_soon(self._send_batch, batch)
+        answer: asyncio.Future[tuple[int, _Reply]] = loop.create_future()
+        batch.bodies.append(body)
+        batch.answers.append(answer)
+        batch.bytes += len(body) + 1
+        if len(batch.bodies) >= self.settings.forward_batch:
+            self._send_batch(batch)
+        return await answer
+
+    def _send_batch(self, batch: _Batch) -> None:
+        if batch.sent:
+            return
+        batch.sent = True
+        if self._batch is batch:
+            self._batch = None
+        task = asyncio.get_running_loop().create_task(self._post_batch(batch))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _post_batch(self, batch: _Batch) -> None:
+        """POST ``batch`` as a JSON array; each event's future gets its answer, or why it has none."""
+        outcome: list[_Reply | None] | _NotForwarded
+        status = 0
+        try:
+            status, answer = await self._post(b"[" + b",".join(batch.bodies) + b"]")
+            if not answer.strip():  # 204: nothing for any of them
+                replies: list[_Reply | None] = [None] * len(batch.answers)
+            else:
+                replies = self._reply(status, answer, self._decode_batch, "the backend's answer to a batch is not "
+                                                                          '[{"events": [...]}, ...]')
+            if len(replies) != len(batch.answers):
+                raise _NotForwarded("backend_error", BACKEND_ERROR, f"the backend answered {len(replies)} replies to a "
+                                                                    f"batch of {len(batch.answers)} events", status)
+            outcome = replies
+        except _NotForwarded as exc:
+            outcome = exc
+        except BaseException:  # cancelled as the gateway stops: the events still waiting get an answer
+            outcome = _NotForwarded("unreachable", BACKEND_UNAVAILABLE, "the gateway is stopping")
+            raise
+        finally:
+            for n, future in enumerate(batch.answers):
+                if not future.done():
+                    if isinstance(outcome, _NotForwarded):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result((status, outcome[n] or _Reply()))
 
     # Notices
 
