@@ -25,6 +25,7 @@ from typing import Any, Self, TypeVar
 
 import anyio
 import httpx2 as httpx
+import msgspec
 import pytest
 from conftest import (
     BACKEND_SECRET,
@@ -166,9 +167,15 @@ async def test_e2e_a_backend_that_is_down_gets_backend_unavailable_and_the_conne
         assert server.metric("ws_micro_forwarded_total", outcome="unreachable") == 1
 
 
-async def test_e2e_each_connections_events_reach_the_backend_in_order_under_load() -> None:
+# Forwarding one event a request, and in batches of the events of one moment (forward_batch).
+BATCHING = pytest.mark.parametrize("batch", [(), ("--forward-batch", "16")], ids=["alone", "batched"])
+
+
+@BATCHING
+async def test_e2e_each_connections_events_reach_the_backend_in_order_under_load(batch: tuple[str, ...]) -> None:
     clients, events = 20, 50
-    with EventBackend() as backend, run_server(*forward_options(backend.url), "--log-level", "warning") as server:
+    with EventBackend() as backend, run_server(*forward_options(backend.url, *batch), "--log-level",
+                                               "warning") as server:
 
         async def talk(address: str) -> None:
             async with ws_client(server.ws, local_addr=(address, 0)) as (ws, me):
@@ -186,6 +193,11 @@ async def test_e2e_each_connections_events_reach_the_backend_in_order_under_load
             by_client.setdefault(body["client_id"], []).append(body["data"]["n"])
     assert len(by_client) == clients
     assert all(sequence == list(range(events)) for sequence in by_client.values())
+    if batch:  # the events of different connections went together, never more than forward_batch
+        assert 1 < max(backend.batches) <= 16, backend.batches
+        assert sum(backend.batches) == clients * events
+    else:
+        assert backend.batches == []
 
 
 async def test_e2e_a_client_flooding_a_slow_backend_is_paused_and_the_gateway_stays_small() -> None:
@@ -430,11 +442,12 @@ async def attack(server: Server, backend: EventBackend, count: int, meanwhile: C
     return replies, result
 
 
-async def test_e2e_one_users_slow_events_leave_others_their_free_latency() -> None:
+@BATCHING
+async def test_e2e_one_users_slow_events_leave_others_their_free_latency(batch: tuple[str, ...]) -> None:
     # The issue's case: 150 connections of one user fill a pool of 100 with events that take 3 s, and
     # another user's event, answered in 0.01 s, waited 4.78 s.
     attackers, share = 150, 10
-    with EventBackend() as backend, run_server(*forward_options(backend.url, "--forward-timeout", "10"),
+    with EventBackend() as backend, run_server(*forward_options(backend.url, "--forward-timeout", "10", *batch),
                                                "--jwt-secret", JWT_SECRET, "--log-level", "warning") as server:
         async with ws_client(server.ws, **bearer(mint())) as (ws, alice):
             await reply_seconds(ws, alice, -1)  # the pool's first connection, and alice's connect notice
@@ -454,12 +467,13 @@ async def test_e2e_one_users_slow_events_leave_others_their_free_latency() -> No
         assert server.metric("ws_micro_forwarded_total", outcome="busy") == 0
 
 
-async def test_e2e_slow_events_from_one_address_leave_other_addresses_the_backend() -> None:
+@BATCHING
+async def test_e2e_slow_events_from_one_address_leave_other_addresses_the_backend(batch: tuple[str, ...]) -> None:
     # The issue's other case: with forward_max_pending 100, 100 connections each holding a 3 s event
     # got a bystander's event refused at once, 8 times out of 8.  Anonymous clients share by address.
     attackers, share = 100, 10
     with EventBackend() as backend, run_server(*forward_options(backend.url, "--forward-timeout", "10",
-                                                                "--forward-max-pending", "100"),
+                                                                "--forward-max-pending", "100", *batch),
                                                "--log-level", "warning") as server:
         async with ws_client(server.ws, local_addr=("127.0.0.2", 0)) as (ws, bystander):
             await reply_seconds(ws, bystander, -1)
@@ -700,3 +714,101 @@ async def test_e2e_forwarding_and_the_connect_hook_need_no_package_of_their_own(
             await ws.send(text("chat", me, {"n": 1}))
             assert await recv_json(ws) == frame("ack", me, {"n": 1, "part": 1})
         assert backend.received[-1]["user"] == "alice"
+
+
+async def test_e2e_a_batch_answered_wrong_fails_its_events_as_one_event_answered_wrong_would(tmp_path: Path) -> None:
+    # Each event of a batch is answered by the entry at its place: a forged event fails its own sender
+    # only; a status, an answer that is not an array of as many, or no answer in time fail every event of
+    # the batch, each sender getting what it would have for its event alone.
+    batches: list[list[dict[str, Any]]] = []
+
+    async def answer(body: Any) -> Response:
+        if isinstance(body, dict):
+            return Response(status_code=204)  # a notice
+        batches.append(body)
+        modes = [event["data"].get("mode") for event in body]
+        if "500" in modes:
+            return JSONResponse({"error": "boom"}, 500)
+        if "short" in modes:
+            return JSONResponse([{"events": []}] * (len(body) + 1))
+        if "object" in modes:
+            return JSONResponse({"events": []})
+        if "slow" in modes:
+            await anyio.sleep(1)
+        if "empty" in modes:
+            return Response(status_code=204)
+        return JSONResponse([None if event["data"].get("mode") == "none" else {"events": [{
+            "event": "connect" if event["data"].get("mode") == "forge" else "ack", "data": event["data"]}]}
+            for event in body])
+
+    log = tmp_path / "gateway.log"
+    with BackendServer("/events", answer) as backend, run_server(
+            *forward_options(backend.url, "--forward-batch", "4"), log=log) as server:
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(ws_client(server.ws)) for _ in range(4)]
+
+            async def round_of(modes: list[str]) -> list[dict[str, Any]]:
+                """Each client sends an event with its mode, all at once; the first frame each gets back."""
+                for (ws, me), mode in zip(clients, modes, strict=True):
+                    await ws.send(text("chat", me, {"mode": mode}))
+                    if mode in ("none", "empty"):  # nothing comes back: the pong of its next frame comes first
+                        await ws.send(text("ping", me))
+                return [await recv_json(ws) for ws, _ in clients]
+
+            replies = await round_of(["ack", "forge", "none", "ack"])
+            assert [reply["event"] for reply in replies[:2]] == ["ack", "error"]
+            assert replies[1]["data"]["data"]["message"] == "the backend answered 'connect', an event only the " \
+                                                             "gateway sends"
+            assert [reply["event"] for reply in replies[2:]] == ["pong", "ack"]
+            for mode, code, message in (
+                    ("500", "backend_error", "the backend answered HTTP 500"),
+                    ("short", "backend_error", "the backend answered {n} replies to a batch of {m} events"),
+                    ("object", "backend_error", 'the backend\'s answer to a batch is not [{{"events": [...]}}, '
+                                                "...]: Expected `array`, got `object`"),
+                    ("slow", "backend_unavailable", "the backend did not answer within 0.5 seconds")):
+                # One of the batch's events asks for the failure: every event of its batch gets it.
+                replies = await round_of([mode, "ack", "ack", "ack"])
+                failing = next(b for b in reversed(batches) if any(e["data"]["mode"] == mode for e in b))
+                senders = {event["client_id"] for event in failing}
+                for (_, me), reply in zip(clients, replies, strict=True):
+                    if me in senders:
+                        assert reply["event"] == "error", (mode, reply)
+                        expected = message.format(n=len(failing) + 1, m=len(failing))
+                        assert (reply["data"]["data"]["code"], reply["data"]["data"]["message"]) == (code, expected)
+                    else:
+                        assert reply["event"] == "ack", (mode, reply)
+            # 204: nothing for any of them, and the connections go on.
+            assert [reply["event"] for reply in await round_of(["empty"] * 4)] == ["pong"] * 4
+        assert server.metric("ws_micro_forwarded_total", outcome="timeout") >= 1
+    assert "Traceback" not in log.read_text()
+
+
+async def test_e2e_a_batch_carries_at_most_forward_batch_bytes_and_a_larger_event_goes_alone() -> None:
+    sizes: list[tuple[int, int]] = []  # (events, bytes) of each batch, as the gateway encoded it
+
+    async def answer(body: Any) -> Response:
+        if isinstance(body, dict):
+            return Response(status_code=204)
+        sizes.append((len(body), len(msgspec.json.encode(body))))
+        return JSONResponse([{"events": [{"event": "ack", "data": {"n": event["data"]["n"]}}]} for event in body])
+
+    clients, events, limit = 10, 20, 1200
+    with BackendServer("/events", answer) as backend, run_server(
+            *forward_options(backend.url, "--forward-batch", "100", "--forward-batch-bytes", str(limit)),
+            "--log-level", "warning") as server:
+
+        async def talk(address: str) -> None:
+            async with ws_client(server.ws, local_addr=(address, 0)) as (ws, me):
+                for n in range(events):
+                    await ws.send(text("chat", me, {"n": n, "pad": "x" * 250}))
+                assert [(await recv_json(ws))["data"]["data"]["n"] for _ in range(events)] == list(range(events))
+                await ws.send(text("chat", me, {"n": -1, "pad": "y" * 2 * limit}))
+                assert (await recv_json(ws))["data"]["data"]["n"] == -1
+
+        async with anyio.create_task_group() as tasks:
+            for client in range(clients):
+                tasks.start_soon(talk, f"127.0.0.{10 + client}")
+    assert sum(count for count, _ in sizes) == clients * (events + 1)
+    assert max(count for count, _ in sizes) > 1, sizes
+    assert all(size <= limit for count, size in sizes if count > 1), sizes
+    assert len([size for count, size in sizes if count == 1 and size > 2 * limit]) == clients, sizes
