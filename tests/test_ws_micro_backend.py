@@ -343,18 +343,20 @@ async def test_e2e_notices_can_go_elsewhere_or_nowhere_and_are_dropped_counted_w
         assert server.metric("ws_micro_notices_total", outcome="retried") == 2
 
 
+@pytest.mark.parametrize(("section", "batch"), [("A complete backend", ()),
+                                                ("A backend that takes batches", ("--forward-batch", "8"))])
 async def test_e2e_the_docs_backend_answers_chat_through_the_sidecar_api_and_logs_disconnects(
-        tmp_path: Path) -> None:
+        section: str, batch: tuple[str, ...], tmp_path: Path) -> None:
     page = (ROOT / "docs" / "backend.md").read_text()
-    code = re.search(r"## A complete backend.*?```python\n(.*?)```", page, re.DOTALL)
-    assert code is not None, "docs/backend.md lost its complete backend"
+    code = re.search(f"## {section}\n.*?```python\n(.*?)```", page, re.DOTALL)
+    assert code is not None, f"docs/backend.md lost its {section.lower()}"
     (tmp_path / "backend.py").write_text(code[1])
     port, gateway_port = free_port(), free_port()
     printed: list[str] = []
     with printing(printed, sys.executable, str(tmp_path / "backend.py"), env={
             "WS_MICRO_BACKEND_SECRET": BACKEND_SECRET, "PORT": str(port),
             "GATEWAY": f"http://localhost:{gateway_port}"}), \
-            run_server(*forward_options(f"http://127.0.0.1:{port}/"), "--forward-timeout", "5",
+            run_server(*forward_options(f"http://127.0.0.1:{port}/", *batch), "--forward-timeout", "5",
                        "--log-level", "warning", port=gateway_port) as server:
         async with ws_client(server.ws) as (a, id_a), ws_client(server.ws) as (b, id_b):
             await join(b, id_b, "lobby")
@@ -372,6 +374,12 @@ async def test_e2e_the_docs_backend_answers_chat_through_the_sidecar_api_and_log
             await a.send(text("chat", id_a, {"room": "lobby", "text": "still here"}))
             assert await recv_json(a) == frame("sent", id_a, {"room": "lobby"})
             assert await recv_json(b) == frame("chat", id_b, {"from": id_a, "text": "still here"})
+            # Both at once (in one batch, when batches are on): each gets its own answer.
+            await a.send(text("chat", id_a, {"room": "lobby", "text": "one"}))
+            await b.send(text("chat", id_b, {"text": "no room"}))
+            assert await recv_json(a) == frame("sent", id_a, {"room": "lobby"})
+            got = sorted([await recv_json(b), await recv_json(b)], key=lambda frame: frame["event"])  # either first
+            assert [got[0], got[1]["event"]] == [frame("chat", id_b, {"from": id_a, "text": "one"}), "refused"]
     # The gateway has stopped, after sending the notices it had: both clients closed normally.
     assert sorted(printed) == sorted([f"disconnected: {id_a} closed", f"disconnected: {id_b} closed"])
 
