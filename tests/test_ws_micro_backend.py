@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -580,14 +581,16 @@ class RawBackend:
     with an ``ack`` framed as its ``data.mode`` says, notices with 204; it counts the connections made to it
     and the most open at once. ``hold`` events wait for ``release``."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls  # with it, https on localhost
         self.connections = self.open = self.most_open = 0
         self.events: list[dict[str, Any]] = []
         self.release = asyncio.Event()
 
     async def __aenter__(self) -> Self:
-        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/events"
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0, ssl=self.tls)
+        port = self.server.sockets[0].getsockname()[1]
+        self.url = f"https://localhost:{port}/events" if self.tls else f"http://127.0.0.1:{port}/events"
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -820,3 +823,52 @@ async def test_e2e_a_batch_carries_at_most_forward_batch_bytes_and_a_larger_even
     assert max(count for count, _ in sizes) > 1, sizes
     assert all(size <= limit for count, size in sizes if count > 1), sizes
     assert len([size for count, size in sizes if count == 1 and size > 2 * limit]) == clients, sizes
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A certificate for localhost, signed by its own key: (its PEM file, the key's PEM file)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256()))
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+async def test_e2e_an_https_backend_is_reached_when_its_certificate_is_trusted_and_only_then(tmp_path: Path) -> None:
+    cert_file, key_file = self_signed_certificate(tmp_path)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert_file, key_file)
+    async with RawBackend(tls) as backend:
+        # The system's trusted certificates, as OpenSSL reads them (SSL_CERT_FILE), vouch for the backend's.
+        with run_server(*forward_options(backend.url), "--log-level", "warning",
+                        env={"SSL_CERT_FILE": str(cert_file)}) as server:
+            async with ws_client(server.ws) as (ws, me):
+                for n in range(3):
+                    await ws.send(text("chat", me, {"n": n}))
+                    assert await recv_json(ws) == frame("ack", me, {"n": n})
+        assert backend.connections == 1
+        with run_server(*forward_options(backend.url), "--log-level", "warning") as server:
+            async with ws_client(server.ws) as (ws, me):
+                await ws.send(text("chat", me, {"n": 0}))
+                refused = (await recv_json(ws))["data"]["data"]
+                assert refused["code"] == "backend_unavailable", refused
+                assert "CERTIFICATE_VERIFY_FAILED" in refused["message"], refused
+        assert len(backend.events) == 3  # the untrusting gateway's event never reached it
