@@ -2725,6 +2725,10 @@ def _signature(secret: bytes, body: bytes, timestamp: int) -> str:
 
 
 _SIGNATURE_NAME = SIGNATURE_HEADER.encode()
+# Seconds a pooled connection may stay idle and still be reused.  Under the 5 s after which uvicorn and Node
+# close an idle connection: a request written as the backend closes its connection is lost (and, a POST, it is
+# not sent again: it may have been taken), so the gateway opens a new one before the backend would close it.
+BACKEND_KEEP_IDLE = 4.0
 # What an answer's head may hold before it counts as no HTTP answer: nginx reads a response's head into one
 # proxy_buffer_size (4 or 8 KiB); 64 KiB leaves a backend's framework room for any headers it adds.
 BACKEND_HEAD_LIMIT = 64 * 1024
@@ -2741,7 +2745,7 @@ class _BackendConnection(asyncio.Protocol):
         self.origin = origin
         self.transport: asyncio.Transport | None = None
         self.answer: asyncio.Future[tuple[int, bytes]] | None = None  # while a request waits for its answer
-        self.reused = False  # whether a request has been answered on it already
+        self.idle_since = 0.0  # the event loop's time when its last answer was read
         self.closed = False
         self._buffer = bytearray()
         self._limit = 0  # body bytes wanted: the caller's limit + 1, to tell an answer over it
@@ -2758,10 +2762,13 @@ class _BackendConnection(asyncio.Protocol):
     def ask(self, request: bytes, limit: int) -> asyncio.Future[tuple[int, bytes]]:
         """Send ``request``; the future of its answer's status and body (at most ``limit`` + 1 bytes)."""
         assert self.transport is not None and self.answer is None
-        self.answer = asyncio.get_running_loop().create_future()
+        answer = self.answer = asyncio.get_running_loop().create_future()
+        if self.closed:  # closed by the backend since it was taken: never written
+            self._fail("the backend closed the connection")
+            return answer
         self._limit, self._step = limit + 1, self._head
         self.transport.write(request)
-        return self.answer
+        return answer
 
     def data_received(self, data: bytes) -> None:
         if self.answer is None:  # bytes nobody asked for: the connection cannot be trusted with another request
@@ -2807,7 +2814,7 @@ class _BackendConnection(asyncio.Protocol):
             self.close()
         if answer is not None and not answer.done():
             answer.set_result((self._status, body))
-        self.reused = True
+        self.idle_since = asyncio.get_running_loop().time()
 
     # Each step parses what it can from the buffer: True when it made progress and parsing goes on.
 
@@ -3015,36 +3022,51 @@ class _BackendClient:
     async def _connection(self, target: _Target, deadline: float | None) -> _BackendConnection:
         """A kept-alive connection to ``target`` if one is idle, else a new one if the pool has room, else
         the next one given back (in turn with the other requests waiting)."""
-        idle = self._idle.get(target.origin)
-        while idle:
-            connection = idle.pop()
-            if not connection.closed:
-                return connection
-        if self._open < BACKEND_POOL_SIZE:
-            self._open += 1
-        elif not self._close_an_idle_one():  # else the closed one's slot is taken over
-            waiter: asyncio.Future[_BackendConnection | None] = asyncio.get_running_loop().create_future()
-            self._waiting.append((target.origin, waiter))
-            timer = None if deadline is None else asyncio.get_running_loop().call_at(deadline, _expire, waiter)
-            try:
-                given = await waiter
+        while True:
+            now, idle = asyncio.get_running_loop().time(), self._idle.get(target.origin)
+            while idle:
+                connection = idle.pop()
+                if connection.closed:
+                    continue
+                if now - connection.idle_since < BACKEND_KEEP_IDLE:
+                    return connection
+                connection.client = None  # idle too long, the backend may be closing it: its slot to a new one
+                connection.close()
+                break
+            else:  # none idle: a slot for a new one
+                if self._open < BACKEND_POOL_SIZE:
+                    self._open += 1
+                elif not self._close_an_idle_one():  # else the closed one's slot is taken over
+                    given = await self._given(target.origin, deadline)
+                    if given is not None and given.closed:
+                        continue  # closed on its way here: its slot went on without it
+                    if given is not None:
+                        return given
+            try:  # a slot is held: open a connection in it
+                return await self._connect(target, deadline)
             except BaseException:
-                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                    self._pass_on(waiter.result())  # given just as it was cancelled: the next one's
-                else:
-                    with contextlib.suppress(ValueError):
-                        self._waiting.remove((target.origin, waiter))
+                self._pass_on(None)
                 raise
-            finally:
-                if timer is not None:
-                    timer.cancel()
-            if given is not None:
-                return given
-        try:  # a slot is held: open a connection in it
-            return await self._connect(target, deadline)
+
+    async def _given(self, origin: str, deadline: float | None) -> _BackendConnection | None:
+        """Wait, after the requests waiting already, for a connection to ``origin`` given back, or (None) for the
+        slot of one that closed."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[_BackendConnection | None] = loop.create_future()
+        self._waiting.append((origin, waiter))
+        timer = None if deadline is None else loop.call_at(deadline, _expire, waiter)
+        try:
+            return await waiter
         except BaseException:
-            self._pass_on(None)
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._pass_on(waiter.result())  # given just as it was cancelled: the next one's
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove((origin, waiter))
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def _connect(self, target: _Target, deadline: float | None) -> _BackendConnection:
         loop = asyncio.get_running_loop()
