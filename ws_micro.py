@@ -2844,6 +2844,8 @@ class _BackendConnection(asyncio.Protocol):
             return True
         self._keep = version == "HTTP/1.1" and "close" not in headers.get("connection", "").lower()
         self._chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        if self._chunked and "content-length" in headers:  # chunks frame it, but the connection goes (RFC 9112 6.3)
+            self._keep = False
         length = headers.get("content-length")
         if self._status in (204, 304):
             self._length, self._chunked = 0, False
