@@ -2740,8 +2740,9 @@ class _BackendConnection(asyncio.Protocol):
     answer as its bytes arrive: the status line, the headers, then a body by Content-Length, by chunks, or
     up to the close.  What the answer is, or why there is none, resolves ``answer``."""
 
-    def __init__(self, client: _BackendClient, origin: str) -> None:
-        self.client: _BackendClient | None = client  # None once its slot is taken over by another connection
+    def __init__(self, client: _BackendClient | None, origin: str) -> None:
+        # The pool it is in, told when it closes; None while it opens, and once its slot is taken by another.
+        self.client = client
         self.origin = origin
         self.transport: asyncio.Transport | None = None
         self.answer: asyncio.Future[tuple[int, bytes]] | None = None  # while a request waits for its answer
@@ -3076,15 +3077,24 @@ class _BackendClient:
             import ssl
 
             self._tls = ssl.create_default_context()
+        # Not the pool's until it is open: while it opens, its slot is the caller's to give back if it fails, not
+        # the connection's when it closes (as it may, made just as the time ran out).
+        connection = _BackendConnection(None, target.origin)
         try:
-            opening = loop.create_connection(lambda: _BackendConnection(self, target.origin), target.host,
-                                             target.port, ssl=self._tls if target.tls else None)
+            opening = loop.create_connection(lambda: connection, target.host, target.port,
+                                             ssl=self._tls if target.tls else None)
             if deadline is None:
-                _, connection = await opening
+                await opening
             else:
-                _, connection = await asyncio.wait_for(opening, max(0.0, deadline - loop.time()))
-        except OSError as exc:
-            raise ConnectionError(str(exc) or type(exc).__name__) from None
+                await asyncio.wait_for(opening, max(0.0, deadline - loop.time()))
+        except BaseException as exc:
+            connection.close()
+            if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):  # out of time is no OSError here
+                raise ConnectionError(str(exc) or type(exc).__name__) from None
+            raise
+        if connection.closed:
+            raise ConnectionError("the backend closed the connection as it opened")
+        connection.client = self
         return connection
 
     def _close_an_idle_one(self) -> bool:
@@ -3104,16 +3114,23 @@ class _BackendClient:
         if self._stopped:
             connection.close()
             return
-        if self._waiting:
-            origin, waiter = self._waiting.popleft()
-            if origin != connection.origin:  # keep the slot, not the connection
-                connection.client = None
-                connection.close()
-                waiter.set_result(None)
-            else:
-                waiter.set_result(connection)
-            return
-        self._idle.setdefault(connection.origin, []).append(connection)
+        waiting = self._next_waiting()
+        if waiting is None:
+            self._idle.setdefault(connection.origin, []).append(connection)
+        elif waiting[0] != connection.origin:  # keep the slot, not the connection
+            connection.client = None
+            connection.close()
+            waiting[1].set_result(None)
+        else:
+            waiting[1].set_result(connection)
+
+    def _next_waiting(self) -> tuple[str, asyncio.Future[_BackendConnection | None]] | None:
+        """The first request still waiting for a connection (its origin and future), taken from the queue."""
+        while self._waiting:
+            waiting = self._waiting.popleft()
+            if not waiting[1].done():  # else out of time or cancelled, and not yet gone from the queue
+                return waiting
+        return None
 
     def _lost(self, connection: _BackendConnection) -> None:
         """``connection`` closed: its slot to the first request waiting, or free."""
@@ -3126,8 +3143,8 @@ class _BackendClient:
         """Give a connection (or, None, the slot of one) to the first request waiting, or back to the pool."""
         if connection is not None:
             self._release(connection)
-        elif self._waiting:
-            self._waiting.popleft()[1].set_result(None)
+        elif (waiting := self._next_waiting()) is not None:
+            waiting[1].set_result(None)
         else:
             self._open -= 1
 

@@ -665,6 +665,9 @@ class RawBackend:
         elif mode == "hold":
             await self.release.wait()
             writer.write(sized)
+        elif mode == "pause":
+            await asyncio.sleep(body["data"]["delay"])
+            writer.write(sized)
         else:
             writer.write(sized)
         await writer.drain()
@@ -848,6 +851,29 @@ async def test_e2e_a_connection_idle_for_as_long_as_a_backend_keeps_one_is_not_r
                 await ws.send(text("chat", me, {"n": 2}))
                 assert await recv_json(ws) == frame("ack", me, {"n": 2})
             assert (backend.closed_unanswered, backend.connections) == (0, 2)
+
+
+async def test_requests_out_of_time_while_waiting_or_connecting_never_let_the_pool_grow(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A connection made just as its request ran out of time closed and gave its slot back, and so did the
+    # request: the pool counted one connection less each time, and opened more than BACKEND_POOL_SIZE.
+    # The client in this process, with a pool of 2, against a real server answering in 50 ms; each round's
+    # requests run out of time around then, while in flight, waiting for a connection, or connecting.
+    monkeypatch.setattr(ws_micro, "BACKEND_POOL_SIZE", 2)
+    client = ws_micro._BackendClient(ws_micro.Settings(backend_secret=BACKEND_SECRET), "forward_url")
+    async with RawBackend() as backend, client.running():
+        body = json.dumps({"type": "event", "data": {"mode": "pause", "delay": 0.05, "n": 0}}).encode()
+        for _ in range(30):
+            outcomes = await asyncio.gather(*(client.post(backend.url, body, 1000, 0.045 + 0.001 * (n % 10))
+                                              for n in range(10)), return_exceptions=True)
+            assert all(isinstance(outcome, (tuple, TimeoutError)) for outcome in outcomes), outcomes
+        # The connections it closed are gone at the server too; then ten requests at once may open two.
+        await eventually(lambda: backend.open <= 2, "the closed connections' handlers to end")
+        backend.most_open = backend.open
+        slow = body.replace(b"0.05", b"0.1")
+        outcomes = await asyncio.gather(*(client.post(backend.url, slow, 1000, 5) for _ in range(10)))
+        assert [status for status, _ in outcomes] == [200] * 10
+        assert backend.most_open <= 2, backend.most_open
 
 
 def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
