@@ -871,8 +871,8 @@ async def test_requests_out_of_time_while_waiting_or_connecting_never_let_the_po
         await eventually(lambda: backend.open <= 2, "the closed connections' handlers to end")
         backend.most_open = backend.open
         slow = body.replace(b"0.05", b"0.1")
-        outcomes = await asyncio.gather(*(client.post(backend.url, slow, 1000, 5) for _ in range(10)))
-        assert [status for status, _ in outcomes] == [200] * 10
+        answers = await asyncio.gather(*(client.post(backend.url, slow, 1000, 5) for _ in range(10)))
+        assert [status for status, _ in answers] == [200] * 10
         assert backend.most_open <= 2, backend.most_open
 
 
