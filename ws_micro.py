@@ -111,6 +111,9 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+if typing.TYPE_CHECKING:  # imported where used: only a backend URL needs it (_BackendClient)
+    import h11
+
 __version__ = "0.3.0"
 
 __all__ = [
@@ -2729,18 +2732,21 @@ _SIGNATURE_NAME = SIGNATURE_HEADER.encode()
 # close an idle connection: a request written as the backend closes its connection is lost (and, a POST, it is
 # not sent again: it may have been taken), so the gateway opens a new one before the backend would close it.
 BACKEND_KEEP_IDLE = 4.0
-# What an answer's head may hold before it counts as no HTTP answer: nginx reads a response's head into one
-# proxy_buffer_size (4 or 8 KiB); 64 KiB leaves a backend's framework room for any headers it adds.
+# What an answer's head (or a chunk's size line, or its trailer) may hold before it counts as no HTTP answer:
+# h11's max_incomplete_event_size.  nginx reads a response's head into one proxy_buffer_size (4 or 8 KiB);
+# 64 KiB leaves a backend's framework room for any headers it adds.
 BACKEND_HEAD_LIMIT = 64 * 1024
-_CHUNK_LINE_LIMIT = 4096  # a chunk's size line, with any extensions (h11's limit too)
 
 
 class _BackendConnection(asyncio.Protocol):
-    """One kept-alive HTTP/1.1 connection to the backend.  It writes one request at a time and parses the
-    answer as its bytes arrive: the status line, the headers, then a body by Content-Length, by chunks, or
-    up to the close.  What the answer is, or why there is none, resolves ``answer``."""
+    """One kept-alive HTTP/1.1 connection to the backend.  It writes one request at a time; h11 (python-hyper's
+    sans-I/O HTTP/1.1, which uvicorn requires) frames it and reads the answer as its bytes arrive: 1xx answers
+    skipped, then the head, then a body by Content-Length, by chunks, or up to the close.  What the answer is,
+    or why there is none, resolves ``answer``."""
 
     def __init__(self, client: _BackendClient | None, origin: str) -> None:
+        import h11  # there: _BackendClient checked
+
         # The pool it is in, told when it closes; None while it opens, and once its slot is taken by another.
         self.client = client
         self.origin = origin
@@ -2748,44 +2754,44 @@ class _BackendConnection(asyncio.Protocol):
         self.answer: asyncio.Future[tuple[int, bytes]] | None = None  # while a request waits for its answer
         self.idle_since = 0.0  # the event loop's time when its last answer was read
         self.closed = False
-        self._buffer = bytearray()
+        self.http = h11.Connection(h11.CLIENT, max_incomplete_event_size=BACKEND_HEAD_LIMIT)
         self._limit = 0  # body bytes wanted: the caller's limit + 1, to tell an answer over it
         self._status = 0
         self._body = bytearray()
-        self._keep = False  # whether the connection may take another request once the answer is read
-        self._length: int | None = None  # body bytes still to come (Content-Length; a chunk's); None: to the close
-        self._chunked = False
-        self._step = self._head
+        self._keep = True  # False: the connection takes no other request once the answer is read
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport's subclass
 
-    def ask(self, request: bytes, limit: int) -> asyncio.Future[tuple[int, bytes]]:
-        """Send ``request``; the future of its answer's status and body (at most ``limit`` + 1 bytes)."""
+    def ask(self, request: h11.Request, body: bytes, limit: int) -> asyncio.Future[tuple[int, bytes]]:
+        """Send ``request`` with ``body``; the future of its answer's status and body (at most ``limit`` + 1
+        bytes)."""
+        import h11
+
         assert self.transport is not None and self.answer is None
         answer = self.answer = asyncio.get_running_loop().create_future()
         if self.closed:  # closed by the backend since it was taken: never written
             self._fail("the backend closed the connection")
             return answer
-        self._limit, self._step = limit + 1, self._head
-        self.transport.write(request)
+        self._limit, self._keep = limit + 1, True
+        http = self.http
+        self.transport.write(http.send(request) + http.send(h11.Data(data=body)) + http.send(h11.EndOfMessage()))
         return answer
 
     def data_received(self, data: bytes) -> None:
         if self.answer is None:  # bytes nobody asked for: the connection cannot be trusted with another request
             self.close()
             return
-        self._buffer += data
-        try:
-            while self.answer is not None and self._step():
-                pass
-        except ValueError as exc:
-            self._fail(f"its answer is not HTTP/1.1: {exc}")
+        self.http.receive_data(data)
+        self._read("its answer is not HTTP/1.1")
 
     def eof_received(self) -> bool:
-        if self.answer is not None and self._step == self._fixed and self._length is None:
-            self._done()  # a body that ends with the connection
-        self.close()
+        import h11
+
+        if self.answer is not None and self.http.their_state is h11.SEND_BODY:  # a body may end with the close
+            self.http.receive_data(b"")
+            self._read("the backend closed the connection before its answer was complete")
+        self.close()  # an answer still waiting fails in connection_lost
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -2802,6 +2808,36 @@ class _BackendConnection(asyncio.Protocol):
             self.transport.close()
         self.closed = True
 
+    def _read(self, failure: str) -> None:
+        """Take h11's events from what was received, until the answer is read or more bytes are needed;
+        ``failure`` says what went wrong if h11 finds the bytes are no HTTP/1.1 answer."""
+        import h11
+
+        try:
+            while self.answer is not None:
+                event = self.http.next_event()
+                if isinstance(event, h11.Data):
+                    self._body += event.data[:self._limit - len(self._body)]
+                    if len(self._body) >= self._limit:  # over the caller's limit: the rest is never read
+                        self._keep = False
+                        self._done()
+                elif isinstance(event, h11.Response):
+                    self._status = event.status_code
+                    names = [name for name, _ in event.headers]
+                    if b"transfer-encoding" in names and b"content-length" in names:
+                        self._keep = False  # h11 reads it by its chunks; the connection goes (RFC 9112 6.3)
+                elif isinstance(event, h11.EndOfMessage):
+                    self._done()
+                elif event is h11.NEED_DATA:
+                    return
+                elif not isinstance(event, h11.InformationalResponse):  # 103 Early Hints and the like: skipped
+                    # ConnectionClosed (or PAUSED): the answer cannot end
+                    self._fail("the backend closed the connection before its answer was complete")
+        except h11.RemoteProtocolError as exc:
+            why = str(exc) if exc.error_status_hint != 431 else (  # h11's "Receive buffer too long"
+                f"its head, a chunk's size line or its trailer is longer than {BACKEND_HEAD_LIMIT} bytes")
+            self._fail(f"{failure}: {why[:200]}{'...' if len(why) > 200 else ''}")  # h11 quotes the bad bytes
+
     def _fail(self, why: str) -> None:
         answer, self.answer = self.answer, None
         if answer is not None and not answer.done():
@@ -2809,135 +2845,31 @@ class _BackendConnection(asyncio.Protocol):
         self.close()
 
     def _done(self) -> None:
+        import h11
+
         answer, self.answer = self.answer, None
         body, self._body = bytes(self._body), bytearray()
-        if not self._keep or self._buffer:  # more than the answer: the connection is out of step
+        http = self.http
+        # Reused only when both sides are done (not after Connection: close or an HTTP/1.0 answer) and nothing
+        # came after the answer: more than the answer means the connection is out of step.
+        if self._keep and http.our_state is h11.DONE and http.their_state is h11.DONE and not http.trailing_data[0]:
+            http.start_next_cycle()
+        else:
             self.close()
         if answer is not None and not answer.done():
             answer.set_result((self._status, body))
         self.idle_since = asyncio.get_running_loop().time()
 
-    # Each step parses what it can from the buffer: True when it made progress and parsing goes on.
-
-    def _head(self) -> bool:
-        end = self._buffer.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self._buffer) > BACKEND_HEAD_LIMIT:
-                raise ValueError(f"its head is longer than {BACKEND_HEAD_LIMIT} bytes")
-            return False
-        lines = bytes(self._buffer[:end]).decode("latin-1").split("\r\n")
-        del self._buffer[:end + 4]
-        version, _, rest = lines[0].partition(" ")
-        status = rest[:3]
-        if version not in ("HTTP/1.1", "HTTP/1.0") or not status.isdigit() or rest[3:4] not in ("", " "):
-            raise ValueError(f"status line {_clipped(lines[0])}")
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, colon, value = line.partition(":")
-            if not colon or not name or name != name.strip():
-                raise ValueError(f"header line {_clipped(line)}")
-            name, value = name.lower(), value.strip()
-            if name in headers and name in ("content-length", "transfer-encoding"):
-                raise ValueError(f"two {name} headers")  # which one frames the body is ambiguous
-            headers[name] = value
-        self._status = int(status)
-        if 100 <= self._status < 200:  # 103 Early Hints and the like: the answer is still to come
-            return True
-        self._keep = version == "HTTP/1.1" and "close" not in headers.get("connection", "").lower()
-        self._chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-        if self._chunked and "content-length" in headers:  # chunks frame it, but the connection goes (RFC 9112 6.3)
-            self._keep = False
-        length = headers.get("content-length")
-        if self._status in (204, 304):
-            self._length, self._chunked = 0, False
-        elif not self._chunked and length is not None:
-            if not length.isdigit():
-                raise ValueError(f"Content-Length {_clipped(length)}")
-            self._length = int(length)
-        elif not self._chunked:
-            self._length, self._keep = None, False  # the body is what comes until the close
-        if self._chunked:
-            self._step = self._chunk_size
-            return True
-        self._step = self._fixed
-        if self._length == 0:
-            self._done()
-            return False
-        return True
-
-    def _fixed(self) -> bool:
-        """A body of Content-Length bytes, or (``_length`` None) of every byte until the close."""
-        take = len(self._buffer) if self._length is None else min(self._length, len(self._buffer))
-        if self._take(take) or self._length != 0:
-            return False
-        self._done()
-        return False
-
-    def _take(self, count: int) -> bool:
-        """Move ``count`` bytes of body from the buffer, no more than the limit; True when that answered."""
-        count = min(count, self._limit - len(self._body))
-        if count:
-            self._body += self._buffer[:count]
-            del self._buffer[:count]
-            if self._length is not None:
-                self._length -= count
-        if len(self._body) < self._limit:
-            return False
-        self._keep = False  # over the caller's limit: the rest is never read, so the connection goes
-        self._done()
-        return True
-
-    def _chunk_size(self) -> bool:
-        end = self._buffer.find(b"\r\n")
-        if end < 0:
-            if len(self._buffer) > _CHUNK_LINE_LIMIT:
-                raise ValueError("a chunk's size line is too long")
-            return False
-        line = bytes(self._buffer[:end]).split(b";", 1)[0].strip()
-        del self._buffer[:end + 2]
-        if not line or any(c not in b"0123456789abcdefABCDEF" for c in line):
-            raise ValueError(f"chunk size {_clipped(line.decode('latin-1'))}")
-        self._length = int(line, 16)
-        self._step = self._chunk if self._length else self._trailer  # 0: the last chunk, then the trailer
-        return True
-
-    def _chunk(self) -> bool:
-        assert self._length is not None
-        if self._take(min(self._length, len(self._buffer))) or self._length:
-            return False
-        self._step = self._chunk_end
-        return True
-
-    def _chunk_end(self) -> bool:
-        if len(self._buffer) < 2:
-            return False
-        if self._buffer[:2] != b"\r\n":
-            raise ValueError("a chunk is not followed by CRLF")
-        del self._buffer[:2]
-        self._step = self._chunk_size
-        return True
-
-    def _trailer(self) -> bool:
-        end = self._buffer.find(b"\r\n")
-        if end < 0:
-            if len(self._buffer) > BACKEND_HEAD_LIMIT:
-                raise ValueError(f"its trailer is longer than {BACKEND_HEAD_LIMIT} bytes")
-            return False
-        del self._buffer[:end + 2]
-        if end:  # a trailer field, ignored
-            return True
-        self._done()
-        return False
-
 
 class _Target(typing.NamedTuple):
-    """Where a backend URL's requests go, and the start of each request's head."""
+    """Where a backend URL's requests go, and what each request's head starts with."""
 
     origin: str  # scheme://host:port: the pool's connections are reused for requests to the same
     host: str
     port: int
     tls: bool
-    head: bytes  # the request line and the headers that never change, up to Content-Length's value
+    path: bytes  # the request target: the URL's path and query, quoted
+    headers: list[tuple[bytes, bytes]]  # the headers that never change (Host, Content-Type)
 
 
 def _not_installed(what: str, library: str, install: str, extra: str, exc: ImportError) -> ValueError:
@@ -2950,14 +2882,19 @@ def _not_installed(what: str, library: str, install: str, extra: str, exc: Impor
 
 class _BackendClient:
     """Signed JSON POSTs to the backend over a pool of at most BACKEND_POOL_SIZE kept-alive HTTP/1.1
-    connections (:class:`_BackendConnection`), on asyncio's own transports: aiohttp's client, used before,
-    spent two thirds of a forwarded event's CPU in the gateway on machinery each request repeats
-    (docs/performance.md, "Issue 25: forwarding").  A request that finds every connection taken waits for
-    one, in the order they came.  No redirects, no cookies, no proxies, no compression: what the backend
-    answers is what the caller reads.  The connect hook and forwarding each have their own client, so
-    that a backend slow to take events cannot keep new clients out."""
+    connections (:class:`_BackendConnection`), on asyncio's own transports, with h11 for the HTTP (imported
+    only when a backend URL is set: a copied single file runs without it under a server that lacks it).
+    aiohttp's client, used before, spent two thirds of a forwarded event's CPU in the gateway on machinery
+    each request repeats (docs/performance.md, "Issue 25: forwarding").  A request that finds every
+    connection taken waits for one, in the order they came.  No redirects, no cookies, no proxies, no
+    compression: what the backend answers is what the caller reads.  The connect hook and forwarding each
+    have their own client, so that a backend slow to take events cannot keep new clients out."""
 
     def __init__(self, settings: Settings, what: str) -> None:
+        try:
+            import h11  # noqa: F401 - there for _BackendConnection, which imports it where it is used
+        except ImportError as exc:
+            raise _not_installed(what, "h11", "h11", "hook", exc) from None
         assert settings.backend_secret is not None
         self._secret = settings.backend_secret.encode()
         self._targets: dict[str, _Target] = {}
@@ -2990,13 +2927,16 @@ class _BackendClient:
         """The status and body (at most ``limit`` + 1 bytes) of a signed POST of ``body``; raise
         ``ConnectionError`` if the backend cannot be reached or its answer is not HTTP, and ``TimeoutError``
         past ``timeout`` seconds (None: the caller bounds its time, by cancelling)."""
+        import h11
+
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         target = self._targets.get(url) or self._target(url)
         connection = await self._connection(target, deadline)
         signature = _signature(self._secret, body, int(time.time())).encode()
-        request = b"%s%d\r\n%s: %s\r\n\r\n%s" % (target.head, len(body), _SIGNATURE_NAME, signature, body)
-        answer = connection.ask(request, limit)
+        request = h11.Request(method=b"POST", target=target.path, headers=[
+            *target.headers, (b"Content-Length", b"%d" % len(body)), (_SIGNATURE_NAME, signature)])
+        answer = connection.ask(request, body, limit)
         timer = None if deadline is None else loop.call_at(deadline, _expire, answer)
         try:
             return await answer
@@ -3009,6 +2949,8 @@ class _BackendClient:
             self._release(connection)
 
     def _target(self, url: str) -> _Target:
+        import h11
+
         parts = urlsplit(url)
         tls = parts.scheme == "https"
         host, port = parts.hostname or "", parts.port or (443 if tls else 80)
@@ -3017,9 +2959,14 @@ class _BackendClient:
         path = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe="/?=&%:@!$'()*+,;~")
         authority = f"[{host}]" if ":" in host else host
         authority += "" if parts.port is None else f":{port}"
-        head = (f"POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n"
-                "Content-Length: ").encode("ascii", "backslashreplace")
-        self._targets[url] = target = _Target(f"{parts.scheme}://{authority}", host, port, tls, head)
+        headers = [(b"Host", authority.encode("ascii", "backslashreplace")), (b"Content-Type", b"application/json")]
+        target = _Target(f"{parts.scheme}://{authority}", host, port, tls, path.encode("ascii", "backslashreplace"),
+                         headers)
+        try:  # h11 checks the request line and headers as it builds each request: here, once, what never changes
+            h11.Request(method=b"POST", target=target.path, headers=headers)
+        except h11.LocalProtocolError as exc:
+            raise ConnectionError(f"{_clipped(url)} makes no HTTP request: {exc}") from None
+        self._targets[url] = target
         return target
 
     async def _connection(self, target: _Target, deadline: float | None) -> _BackendConnection:

@@ -691,11 +691,13 @@ async def test_e2e_answers_framed_every_way_reach_the_sender_over_kept_alive_con
                         ("huge", "backend_error", 'the backend\'s answer is not {"events": [...]}: it is larger '
                                                   'than 1048576 bytes'),
                         ("head", "backend_unavailable", "the backend cannot be reached (its answer is not HTTP/1.1: "
-                                                        "its head is longer than 65536 bytes)"),
+                                                        "its head, a chunk's size line or its trailer is longer than "
+                                                        "65536 bytes)"),
                         ("status", "backend_unavailable", "the backend cannot be reached (its answer is not "
-                                                          "HTTP/1.1: status line 'HTPT/1.1 200 OK')"),
+                                                          "HTTP/1.1: illegal status line: bytearray(b'HTPT/1.1 200 "
+                                                          "OK'))"),
                         ("lengths", "backend_unavailable", "the backend cannot be reached (its answer is not "
-                                                           "HTTP/1.1: two content-length headers)")):
+                                                           "HTTP/1.1: conflicting Content-Length headers)")):
                     await ws.send(text("chat", me, {"mode": mode}))
                     reply = (await recv_json(ws))["data"]["data"]
                     assert (reply["code"], reply["message"]) == (code, message), (mode, reply)
@@ -724,21 +726,37 @@ async def test_e2e_events_past_the_pool_wait_for_its_connections_and_open_no_mor
             assert server.metric("ws_micro_forwarded_total", outcome="ok") == count
 
 
-async def test_e2e_forwarding_and_the_connect_hook_need_no_package_of_their_own(tmp_path: Path) -> None:
-    # They used to need aiohttp; a copied ws_micro.py now forwards with what the gateway needs anyway.
+def without(tmp_path: Path, *packages: str) -> dict[str, str]:
+    """The environment of a process where ``packages`` cannot be imported, as where they were never installed."""
     missing = tmp_path / "missing"
-    missing.mkdir()
-    (missing / "aiohttp.py").write_text("raise ModuleNotFoundError(\"No module named 'aiohttp'\", name='aiohttp')\n")
+    missing.mkdir(exist_ok=True)
+    for package in packages:
+        (missing / f"{package}.py").write_text(f"raise ModuleNotFoundError(\"No module named '{package}'\", "
+                                               f"name='{package}')\n")
+    return {"PYTHONPATH": str(missing)}
+
+
+async def test_e2e_forwarding_and_the_connect_hook_need_only_h11_which_uvicorn_brings(tmp_path: Path) -> None:
+    # They used to need aiohttp; a copied ws_micro.py now forwards with h11, which uvicorn requires.
     async def grant(asked: dict[str, Any]) -> Any:
         return JSONResponse({"user": "alice"})
 
     with EventBackend() as backend, BackendServer("/hook", grant) as hook, run_server(
             *forward_options(backend.url), "--connect-hook-url", hook.url, "--log-level", "warning",
-            env={"PYTHONPATH": str(missing)}) as server:
+            env=without(tmp_path, "aiohttp")) as server:
         async with ws_client(server.ws) as (ws, me):
             await ws.send(text("chat", me, {"n": 1}))
             assert await recv_json(ws) == frame("ack", me, {"n": 1, "part": 1})
         assert backend.received[-1]["user"] == "alice"
+
+
+async def test_e2e_without_h11_a_gateway_that_forwards_nothing_runs_as_before(tmp_path: Path) -> None:
+    # h11 is imported only where a backend URL is set: under a server that does not bring it (granian), a
+    # gateway without forwarding or a connect hook runs without it.
+    with run_server(asgi_server="granian", env=without(tmp_path, "h11")) as server:
+        async with ws_client(server.ws) as (ws, me):
+            await ws.send(text("ping", me))
+            assert (await recv_json(ws))["event"] == "pong"
 
 
 async def test_e2e_a_batch_answered_wrong_fails_its_events_as_one_event_answered_wrong_would(tmp_path: Path) -> None:
