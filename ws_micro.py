@@ -2763,9 +2763,9 @@ class _BackendConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport's subclass
 
-    def ask(self, request: h11.Request, body: bytes, limit: int) -> asyncio.Future[tuple[int, bytes]]:
-        """Send ``request`` with ``body``; the future of its answer's status and body (at most ``limit`` + 1
-        bytes)."""
+    def ask(self, told: h11.Request, request: bytes, limit: int) -> asyncio.Future[tuple[int, bytes]]:
+        """Send ``request``, of which h11 is ``told``; the future of its answer's status and body (at most
+        ``limit`` + 1 bytes)."""
         import h11
 
         assert self.transport is not None and self.answer is None
@@ -2774,8 +2774,11 @@ class _BackendConnection(asyncio.Protocol):
             self._fail("the backend closed the connection")
             return answer
         self._limit, self._keep = limit + 1, True
-        http = self.http
-        self.transport.write(http.send(request) + http.send(h11.Data(data=body)) + http.send(h11.EndOfMessage()))
+        # h11 is told of the request (its method and target: what frames the answer), and the request is written
+        # as pre-built: h11 building and checking each request's head was a third of its cost per request.
+        self.http.send(told)
+        self.http.send(h11.EndOfMessage())
+        self.transport.write(request)
         return answer
 
     def data_received(self, data: bytes) -> None:
@@ -2868,8 +2871,8 @@ class _Target(typing.NamedTuple):
     host: str
     port: int
     tls: bool
-    path: bytes  # the request target: the URL's path and query, quoted
-    headers: list[tuple[bytes, bytes]]  # the headers that never change (Host, Content-Type)
+    head: bytes  # the request line and the headers that never change, up to Content-Length's value
+    told: h11.Request  # what h11 is told of each request
 
 
 def _not_installed(what: str, library: str, install: str, extra: str, exc: ImportError) -> ValueError:
@@ -2927,16 +2930,13 @@ class _BackendClient:
         """The status and body (at most ``limit`` + 1 bytes) of a signed POST of ``body``; raise
         ``ConnectionError`` if the backend cannot be reached or its answer is not HTTP, and ``TimeoutError``
         past ``timeout`` seconds (None: the caller bounds its time, by cancelling)."""
-        import h11
-
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         target = self._targets.get(url) or self._target(url)
         connection = await self._connection(target, deadline)
         signature = _signature(self._secret, body, int(time.time())).encode()
-        request = h11.Request(method=b"POST", target=target.path, headers=[
-            *target.headers, (b"Content-Length", b"%d" % len(body)), (_SIGNATURE_NAME, signature)])
-        answer = connection.ask(request, body, limit)
+        request = b"%s%d\r\n%s: %s\r\n\r\n%s" % (target.head, len(body), _SIGNATURE_NAME, signature, body)
+        answer = connection.ask(target.told, request, limit)
         timer = None if deadline is None else loop.call_at(deadline, _expire, answer)
         try:
             return await answer
@@ -2959,14 +2959,14 @@ class _BackendClient:
         path = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe="/?=&%:@!$'()*+,;~")
         authority = f"[{host}]" if ":" in host else host
         authority += "" if parts.port is None else f":{port}"
-        headers = [(b"Host", authority.encode("ascii", "backslashreplace")), (b"Content-Type", b"application/json")]
-        target = _Target(f"{parts.scheme}://{authority}", host, port, tls, path.encode("ascii", "backslashreplace"),
-                         headers)
-        try:  # h11 checks the request line and headers as it builds each request: here, once, what never changes
-            h11.Request(method=b"POST", target=target.path, headers=headers)
+        head = (f"POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n"
+                "Content-Length: ").encode("ascii", "backslashreplace")
+        try:  # h11 checks the request line and the Host header
+            told = h11.Request(method=b"POST", target=path.encode("ascii", "backslashreplace"),
+                               headers=[(b"Host", authority.encode("ascii", "backslashreplace"))])
         except h11.LocalProtocolError as exc:
             raise ConnectionError(f"{_clipped(url)} makes no HTTP request: {exc}") from None
-        self._targets[url] = target
+        self._targets[url] = target = _Target(f"{parts.scheme}://{authority}", host, port, tls, head, told)
         return target
 
     async def _connection(self, target: _Target, deadline: float | None) -> _BackendConnection:
