@@ -34,7 +34,8 @@ Servers (all on the same uvicorn, its default settings):
                --openers at a time: the backend's own answer time, to set against the hook's cost
     forward    ws_micro with WS_MICRO_FORWARD_URL to bench/hook_backend.py (on the generator's CPU),
                for the forward scenario; forward_before: the same with --before REF's modules;
-               forward_batch: the same with WS_MICRO_FORWARD_BATCH=--forward-batch (events in batches)
+               forward_batch: the same with WS_MICRO_FORWARD_BATCH=--forward-batch (events in batches);
+               forward_batch_before: forward_batch with --before REF's modules
     recovery   ws_micro with connection recovery on (WS_MICRO_RECOVERY_WINDOW, --recovery-window
                seconds; --away-window in the away scenarios), its bounds at their defaults: every
                connection keeps the last frames sent to it (compare it with ws_micro, where it is off)
@@ -89,6 +90,7 @@ SERVERS = {
     "forward": "ws_micro:app",  # with WS_MICRO_FORWARD_URL to bench/hook_backend.py on the generator's CPU
     "forward_before": "ws_micro:app",  # forward, with the modules of --before REF
     "forward_batch": "ws_micro:app",  # forward, with WS_MICRO_FORWARD_BATCH (--forward-batch): events in batches
+    "forward_batch_before": "ws_micro:app",  # forward_batch, with the modules of --before REF
     "hook": "ws_micro:app",  # with WS_MICRO_CONNECT_HOOK_URL, and the backend beside it
     "backend": "bench.hook_backend:app",  # the hook's backend alone (the handshakes scenario only)
     "recovery": "ws_micro:app",  # with WS_MICRO_RECOVERY_WINDOW: connection recovery on
@@ -194,14 +196,15 @@ def run_server(name: str, env: dict[str, str] | None = None, cpu: int = SERVER_C
             server.name = name
             yield server
         return
-    if name in ("forward", "forward_before", "forward_batch"):  # the backend on the generator's CPU: one core each
+    if name in ("forward", "forward_before", "forward_batch", "forward_batch_before"):
+        # The backend on the generator's CPU: one core each.
         # Every client comes from 127.0.0.1, one address: without its share off, forward_max_pending_per_user
         # (10) would refuse 40 of the 50 clients' events at once (docs/backend.md: a load test from one machine).
-        gateway = "before" if name == "forward_before" else "ws_micro"
+        gateway = "before" if name.endswith("_before") else "ws_micro"
         with run_server("backend", cpu=GENERATOR_CPU) as backend, run_server(gateway, {
                 "WS_MICRO_FORWARD_URL": backend.http + EVENTS_PATH, "WS_MICRO_BACKEND_SECRET": BACKEND_SECRET,
                 "WS_MICRO_LIFECYCLE_URL": "", "WS_MICRO_FORWARD_MAX_PENDING_PER_USER": "0",
-                **({"WS_MICRO_FORWARD_BATCH": str(forward_batch)} if name == "forward_batch" else {})}) as server:
+                **({"WS_MICRO_FORWARD_BATCH": str(forward_batch)} if "batch" in name else {})}) as server:
             server.name, server.helpers = name, [backend.process]
             yield server
         return
@@ -1068,7 +1071,7 @@ def main() -> int:
             source = subprocess.run(["git", "show", f"{args.before}:{module}"], cwd=HERE, check=True,
                                     capture_output=True).stdout
             (BEFORE_DIR / module).write_bytes(source)
-        servers += [] if "before" in servers or "forward_before" in servers else ["before"]
+        servers += [] if any(name == "before" or name.endswith("_before") for name in servers) else ["before"]
     runs: dict[str, dict[str, list[dict[str, float]]]] = {s: {srv: [] for srv in servers} for s in scenarios}
     for scenario in scenarios:
         for round_ in range(args.runs):
