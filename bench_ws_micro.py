@@ -37,6 +37,10 @@ Servers (the Python ones all on the same uvicorn, its default settings):
     backend    bench/hook_backend.py alone, for the handshakes scenario only: the same signed
                POSTs the gateway makes, sent by this process (aiohttp) one at a time and then
                --openers at a time: the backend's own answer time, to set against the hook's cost
+    forward    ws_micro with WS_MICRO_FORWARD_URL to bench/hook_backend.py (on the generator's CPU),
+               for the forward scenario; forward_before: the same with --before REF's modules;
+               forward_batch: the same with WS_MICRO_FORWARD_BATCH=--forward-batch (events in batches);
+               forward_batch_before: forward_batch with --before REF's modules
     recovery   ws_micro with connection recovery on (WS_MICRO_RECOVERY_WINDOW, --recovery-window
                seconds; --away-window in the away scenarios), its bounds at their defaults: every
                connection keeps the last frames sent to it (compare it with ws_micro, where it is off)
@@ -102,6 +106,9 @@ SERVERS = {
     "jwt_rs256": "ws_micro:app",  # with WS_MICRO_JWT_PUBLIC_KEY (RSA-2048)
     "jwt_fresh": "ws_micro:app",  # with WS_MICRO_JWT_SECRET, a token never seen before for each handshake
     "forward": "ws_micro:app",  # with WS_MICRO_FORWARD_URL to bench/hook_backend.py on the generator's CPU
+    "forward_before": "ws_micro:app",  # forward, with the modules of --before REF
+    "forward_batch": "ws_micro:app",  # forward, with WS_MICRO_FORWARD_BATCH (--forward-batch): events in batches
+    "forward_batch_before": "ws_micro:app",  # forward_batch, with the modules of --before REF
     "hook": "ws_micro:app",  # with WS_MICRO_CONNECT_HOOK_URL, and the backend beside it
     "backend": "bench.hook_backend:app",  # the hook's backend alone (the handshakes scenario only)
     "recovery": "ws_micro:app",  # with WS_MICRO_RECOVERY_WINDOW: connection recovery on
@@ -226,16 +233,21 @@ def node_packages() -> str:
 
 @contextlib.contextmanager
 def run_server(name: str, env: dict[str, str] | None = None, cpu: int = SERVER_CPU,
-               recovery_window: float = 120.0) -> Iterator[Server]:
+               recovery_window: float = 120.0, forward_batch: int = 32) -> Iterator[Server]:
     if name == "recovery":  # recovery_max_frames, _bytes and _sessions at their defaults
         with run_server("ws_micro", {"WS_MICRO_RECOVERY_WINDOW": f"{recovery_window:g}"}) as server:
             server.name = name
             yield server
         return
-    if name == "forward":  # the backend on the generator's CPU: the gateway and the backend each have a core
-        with run_server("backend", cpu=GENERATOR_CPU) as backend, run_server("ws_micro", {
+    if name in ("forward", "forward_before", "forward_batch", "forward_batch_before"):
+        # The backend on the generator's CPU: one core each.
+        # Every client comes from 127.0.0.1, one address: without its share off, forward_max_pending_per_user
+        # (10) would refuse 40 of the 50 clients' events at once (docs/backend.md: a load test from one machine).
+        gateway = "before" if name.endswith("_before") else "ws_micro"
+        with run_server("backend", cpu=GENERATOR_CPU) as backend, run_server(gateway, {
                 "WS_MICRO_FORWARD_URL": backend.http + EVENTS_PATH, "WS_MICRO_BACKEND_SECRET": BACKEND_SECRET,
-                "WS_MICRO_LIFECYCLE_URL": ""}) as server:
+                "WS_MICRO_LIFECYCLE_URL": "", "WS_MICRO_FORWARD_MAX_PENDING_PER_USER": "0",
+                **({"WS_MICRO_FORWARD_BATCH": str(forward_batch)} if "batch" in name else {})}) as server:
             server.name, server.helpers = name, [backend.process]
             yield server
         return
@@ -1026,9 +1038,10 @@ async def forward(server: Server, args: argparse.Namespace) -> dict[str, float]:
     def on_frame(peer: Peer, received: WSFrame) -> None:
         nonlocal failures
         reply = decode_frame(received.get_payload_as_bytes())
-        if reply.event != "ack":
+        if reply.event != "ack":  # an error: counted apart, neither a forwarded event nor a latency
             failures += 1
-        window.record(reply.data.data.t)
+        else:
+            window.record(reply.data.data.t)
         peer.send(frame("chat", peer.client_id, time.perf_counter_ns()))
 
     for peer in peers:
@@ -1075,7 +1088,7 @@ HEADLINE = {"echo": "msgs_per_s", "relay": "msgs_per_s", "relay_room": "msgs_per
 def run_scenario(name: str, server_name: str, args: argparse.Namespace) -> dict[str, float]:
     scenario = SCENARIOS[name]
     window = args.away_window if name.startswith("away") else args.recovery_window
-    with run_server(server_name, recovery_window=window) as server:
+    with run_server(server_name, recovery_window=window, forward_batch=args.forward_batch) as server:
         async def main() -> dict[str, float]:
             if name.startswith("stream"):
                 args.rate_always = True
@@ -1124,6 +1137,8 @@ def main() -> int:
                         help="clients that vanish in each wave of the away scenarios (three waves)")
     parser.add_argument("--away-frames", type=int, default=10,
                         help="frames each of them gets first (the away scenario; away_empty: none)")
+    parser.add_argument("--forward-batch", type=int, default=32,
+                        help="the forward_batch contender's WS_MICRO_FORWARD_BATCH: events a request may carry")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds one scenario run may take")
     parser.add_argument("--json", metavar="FILE", help="also write every run's figures as JSON")
     parser.add_argument("--before", metavar="REF",
@@ -1145,7 +1160,7 @@ def main() -> int:
             source = subprocess.run(["git", "show", f"{args.before}:{module}"], cwd=HERE, check=True,
                                     capture_output=True).stdout
             (BEFORE_DIR / module).write_bytes(source)
-        servers += [] if "before" in servers else ["before"]
+        servers += [] if any(name == "before" or name.endswith("_before") for name in servers) else ["before"]
     runs: dict[str, dict[str, list[dict[str, float]]]] = {s: {srv: [] for srv in servers} for s in scenarios}
     for scenario in scenarios:
         for round_ in range(args.runs):

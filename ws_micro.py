@@ -95,7 +95,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Generator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Self, TypeVar, get_type_hints
-from urllib.parse import parse_qsl, unquote_to_bytes, urlsplit
+from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlsplit
 
 import anyio
 import anyio.from_thread
@@ -110,6 +110,9 @@ from starlette.routing import BaseRoute, Match, Mount, NoMatchFound, Route, WebS
 from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
+
+if typing.TYPE_CHECKING:  # imported where used: only a backend URL needs it (_BackendClient)
+    import h11
 
 __version__ = "0.3.0"
 
@@ -204,7 +207,7 @@ class Settings:
     jwt_issuer: str | None = None
     """The ``iss`` every token must name, if set."""
     connect_hook_url: str | None = None
-    """Backend URL that vets handshakes without a token (pip install aiohttp)."""
+    """Backend URL that vets handshakes without a token (docs/auth.md)."""
     connect_hook_timeout: float = 3.0
     """Seconds the connect hook may take to answer; then the handshake gets 503."""
     connect_hook_max_pending_per_address: int = 10
@@ -227,7 +230,7 @@ class Settings:
 
     # Forwarding (docs/backend.md): client events, connects and disconnects
     forward_url: str | None = None
-    """Backend URL the events no handler takes are sent to (pip install aiohttp)."""
+    """Backend URL the events no handler takes are sent to (docs/backend.md)."""
     forward_events: tuple[str, ...] = ("*",)
     """Event names or patterns (``chat``, ``game:*``) to forward; others: unknown_event."""
     forward_timeout: float = 5.0
@@ -236,6 +239,10 @@ class Settings:
     """Events waiting for the backend at once; more get backend_unavailable."""
     forward_max_pending_per_user: int = 10
     """Of those, the most one user (or address) may have; 0: no share."""
+    forward_batch: int = 1
+    """Events one request may carry, as a JSON array (docs/backend.md); 1: none."""
+    forward_batch_bytes: int = 64 * 1024
+    """Bytes of events one batch may carry; an event larger than this goes alone."""
     lifecycle_url: str = "auto"
     """URL told of connects and disconnects; "auto": forward_url; "": none."""
     lifecycle_retries: int = 3
@@ -284,6 +291,7 @@ class Settings:
         _refuse_infinities(self)
         for name in ("max_message_size", "max_connections", "rate_burst", "max_queue_messages",
                      "max_queue_bytes", "max_rooms_per_connection", "max_room_name_length", "forward_max_pending",
+                     "forward_batch", "forward_batch_bytes",
                      "recovery_max_frames", "recovery_max_bytes", "recovery_max_sessions", "recovery_max_memory",
                      "api_page_size", "api_max_page_size", "api_max_page_bytes"):
             value = getattr(self, name)
@@ -2707,26 +2715,182 @@ class _Shares:
             return "share"
         return None
 
-    @contextlib.contextmanager
-    def holding(self, key: str | None) -> Generator[None]:
-        """Count a request of ``key`` while the block runs."""
+    def take(self, key: str | None) -> None:
+        """Count a request of ``key``, until :meth:`give`; a forwarded event's path, where a generator-based
+        context manager was a tenth of the gateway's work."""
         self.total += 1
         if key is not None:
             self._held[key] = self._held.get(key, 0) + 1
+
+    def give(self, key: str | None) -> None:
+        self.total -= 1
+        if key is not None:
+            if self._held[key] == 1:
+                del self._held[key]
+            else:
+                self._held[key] -= 1
+
+    @contextlib.contextmanager
+    def holding(self, key: str | None) -> Generator[None]:
+        """Count a request of ``key`` while the block runs."""
+        self.take(key)
         try:
             yield
         finally:
-            self.total -= 1
-            if key is not None:
-                if self._held[key] == 1:
-                    del self._held[key]
-                else:
-                    self._held[key] -= 1
+            self.give(key)
 
 
 def _signature(secret: bytes, body: bytes, timestamp: int) -> str:
     """The ``SIGNATURE_HEADER`` value: HMAC-SHA256 of ``b"<timestamp>." + body``, as payment webhooks sign."""
     return f"t={timestamp},v1={hmac.new(secret, b'%d.' % timestamp + body, hashlib.sha256).hexdigest()}"
+
+
+_SIGNATURE_NAME = SIGNATURE_HEADER.encode()
+# Seconds a pooled connection may stay idle and still be reused.  Under the 5 s after which uvicorn and Node
+# close an idle connection: a request written as the backend closes its connection is lost (and, a POST, it is
+# not sent again: it may have been taken), so the gateway opens a new one before the backend would close it.
+BACKEND_KEEP_IDLE = 4.0
+# What an answer's head (or a chunk's size line, or its trailer) may hold before it counts as no HTTP answer:
+# h11's max_incomplete_event_size.  nginx reads a response's head into one proxy_buffer_size (4 or 8 KiB);
+# 64 KiB leaves a backend's framework room for any headers it adds.
+BACKEND_HEAD_LIMIT = 64 * 1024
+
+
+class _BackendConnection(asyncio.Protocol):
+    """One kept-alive HTTP/1.1 connection to the backend.  It writes one request at a time; h11 (python-hyper's
+    sans-I/O HTTP/1.1, which uvicorn requires) frames it and reads the answer as its bytes arrive: 1xx answers
+    skipped, then the head, then a body by Content-Length, by chunks, or up to the close.  What the answer is,
+    or why there is none, resolves ``answer``."""
+
+    def __init__(self, client: _BackendClient | None, origin: str) -> None:
+        import h11  # there: _BackendClient checked
+
+        # The pool it is in, told when it closes; None while it opens, and once its slot is taken by another.
+        self.client = client
+        self.origin = origin
+        self.transport: asyncio.Transport | None = None
+        self.answer: asyncio.Future[tuple[int, bytes]] | None = None  # while a request waits for its answer
+        self.idle_since = 0.0  # the event loop's time when its last answer was read
+        self.closed = False
+        self.http = h11.Connection(h11.CLIENT, max_incomplete_event_size=BACKEND_HEAD_LIMIT)
+        self._limit = 0  # body bytes wanted: the caller's limit + 1, to tell an answer over it
+        self._status = 0
+        self._body = bytearray()
+        self._keep = True  # False: the connection takes no other request once the answer is read
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport's subclass
+
+    def ask(self, told: h11.Request, request: bytes, limit: int) -> asyncio.Future[tuple[int, bytes]]:
+        """Send ``request``, of which h11 is ``told``; the future of its answer's status and body (at most
+        ``limit`` + 1 bytes)."""
+        import h11
+
+        assert self.transport is not None and self.answer is None
+        answer = self.answer = asyncio.get_running_loop().create_future()
+        if self.closed:  # closed by the backend since it was taken: never written
+            self._fail("the backend closed the connection")
+            return answer
+        self._limit, self._keep = limit + 1, True
+        # h11 is told of the request (its method and target: what frames the answer), and the request is written
+        # as pre-built: h11 building and checking each request's head was a third of its cost per request.
+        self.http.send(told)
+        self.http.send(h11.EndOfMessage())
+        self.transport.write(request)
+        return answer
+
+    def data_received(self, data: bytes) -> None:
+        if self.answer is None:  # bytes nobody asked for: the connection cannot be trusted with another request
+            self.close()
+            return
+        self.http.receive_data(data)
+        self._read("its answer is not HTTP/1.1")
+
+    def eof_received(self) -> bool:
+        import h11
+
+        if self.answer is not None and self.http.their_state is h11.SEND_BODY:  # a body may end with the close
+            self.http.receive_data(b"")
+            self._read("the backend closed the connection before its answer was complete")
+        self.close()  # an answer still waiting fails in connection_lost
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.answer is not None:
+            self._fail("the backend closed the connection before its answer was complete"
+                       + (f" ({exc})" if exc else ""))
+        if self.client is not None:
+            self.client._lost(self)
+
+    def close(self) -> None:
+        """Close the connection; a request waiting gets ConnectionError, through connection_lost."""
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        self.closed = True
+
+    def _read(self, failure: str) -> None:
+        """Take h11's events from what was received, until the answer is read or more bytes are needed;
+        ``failure`` says what went wrong if h11 finds the bytes are no HTTP/1.1 answer."""
+        import h11
+
+        try:
+            while self.answer is not None:
+                event = self.http.next_event()
+                if isinstance(event, h11.Data):
+                    self._body += event.data[:self._limit - len(self._body)]
+                    if len(self._body) >= self._limit:  # over the caller's limit: the rest is never read
+                        self._keep = False
+                        self._done()
+                elif isinstance(event, h11.Response):
+                    self._status = event.status_code
+                    names = [name for name, _ in event.headers]
+                    if b"transfer-encoding" in names and b"content-length" in names:
+                        self._keep = False  # h11 reads it by its chunks; the connection goes (RFC 9112 6.3)
+                elif isinstance(event, h11.EndOfMessage):
+                    self._done()
+                elif event is h11.NEED_DATA:
+                    return
+                elif not isinstance(event, h11.InformationalResponse):  # 103 Early Hints and the like: skipped
+                    # ConnectionClosed (or PAUSED): the answer cannot end
+                    self._fail("the backend closed the connection before its answer was complete")
+        except h11.RemoteProtocolError as exc:
+            why = str(exc) if exc.error_status_hint != 431 else (  # h11's "Receive buffer too long"
+                f"its head, a chunk's size line or its trailer is longer than {BACKEND_HEAD_LIMIT} bytes")
+            self._fail(f"{failure}: {why[:200]}{'...' if len(why) > 200 else ''}")  # h11 quotes the bad bytes
+
+    def _fail(self, why: str) -> None:
+        answer, self.answer = self.answer, None
+        if answer is not None and not answer.done():
+            answer.set_exception(ConnectionError(why))
+        self.close()
+
+    def _done(self) -> None:
+        import h11
+
+        answer, self.answer = self.answer, None
+        body, self._body = bytes(self._body), bytearray()
+        http = self.http
+        # Reused only when both sides are done (not after Connection: close or an HTTP/1.0 answer) and nothing
+        # came after the answer: more than the answer means the connection is out of step.
+        if self._keep and http.our_state is h11.DONE and http.their_state is h11.DONE and not http.trailing_data[0]:
+            http.start_next_cycle()
+        else:
+            self.close()
+        if answer is not None and not answer.done():
+            answer.set_result((self._status, body))
+        self.idle_since = asyncio.get_running_loop().time()
+
+
+class _Target(typing.NamedTuple):
+    """Where a backend URL's requests go, and what each request's head starts with."""
+
+    origin: str  # scheme://host:port: the pool's connections are reused for requests to the same
+    host: str
+    port: int
+    tls: bool
+    head: bytes  # the request line and the headers that never change, up to Content-Length's value
+    told: h11.Request  # what h11 is told of each request
 
 
 def _not_installed(what: str, library: str, install: str, extra: str, exc: ImportError) -> ValueError:
@@ -2738,52 +2902,222 @@ def _not_installed(what: str, library: str, install: str, extra: str, exc: Impor
 
 
 class _BackendClient:
-    """Signed JSON POSTs to the backend over a pool of kept-alive connections (aiohttp, imported only
-    when a backend URL is set: a copied single file runs without it).  The connect hook and forwarding
-    each have their own, so that a backend slow to take events cannot keep new clients out."""
+    """Signed JSON POSTs to the backend over a pool of at most BACKEND_POOL_SIZE kept-alive HTTP/1.1
+    connections (:class:`_BackendConnection`), on asyncio's own transports, with h11 for the HTTP (imported
+    only when a backend URL is set: a copied single file runs without it under a server that lacks it).
+    aiohttp's client, used before, spent two thirds of a forwarded event's CPU in the gateway on machinery
+    each request repeats (docs/performance.md, "Issue 25: forwarding").  A request that finds every
+    connection taken waits for one, in the order they came.  No redirects, no cookies, no proxies, no
+    compression: what the backend answers is what the caller reads.  The connect hook and forwarding each
+    have their own client, so that a backend slow to take events cannot keep new clients out."""
 
     def __init__(self, settings: Settings, what: str) -> None:
         try:
-            import aiohttp
+            import h11  # noqa: F401 - there for _BackendConnection, which imports it where it is used
         except ImportError as exc:
-            raise _not_installed(what, "aiohttp", "aiohttp", "hook", exc) from None
+            raise _not_installed(what, "h11", "h11", "hook", exc) from None
         assert settings.backend_secret is not None
-        self._aiohttp = aiohttp
         self._secret = settings.backend_secret.encode()
-        self._session: Any = None
+        self._targets: dict[str, _Target] = {}
+        self._idle: dict[str, list[_BackendConnection]] = {}  # by origin, the last used last
+        self._open = 0  # connections open or being opened: at most BACKEND_POOL_SIZE
+        # Requests waiting for a connection, first come first served; each future gets a connection of
+        # its origin, or None: a slot is free, open one.
+        self._waiting: collections.deque[tuple[str, asyncio.Future[_BackendConnection | None]]] = \
+            collections.deque()
+        self._tls: Any = None  # ssl.SSLContext, made on the first https:// request
+        self._stopped = False
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """Close the pool when the app stops; a server that runs no lifespan (daphne) never closes it."""
+        self._stopped = False
         try:
             yield
         finally:
-            if self._session is not None:
-                await self._session.close()
-                self._session = None
+            self._stopped = True
+            for connections in self._idle.values():
+                for connection in connections:
+                    connection.close()
+            self._idle.clear()
 
-    async def post(self, url: str, body: bytes, limit: int) -> tuple[int, bytes]:
+    # A timeout of its own (one timer on the answer's future), not anyio.fail_after's cancel scope: that
+    # was a twelfth of a forwarded event's CPU in the gateway.
+    async def post(self, url: str, body: bytes, limit: int,
+                   timeout: float | None = None) -> tuple[int, bytes]:  # noqa: ASYNC109
         """The status and body (at most ``limit`` + 1 bytes) of a signed POST of ``body``; raise
-        ``ConnectionError`` if the backend cannot be reached.  The caller bounds its time."""
-        if self._session is None:  # made on first use: aiohttp binds it to the running event loop
-            aiohttp = self._aiohttp
-            # No cookie jar: a backend's cookies are not passed on to it again, or to anyone.  No timeout of
-            # aiohttp's own: the caller bounds each request (a real deadline, and cheaper per request).
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=BACKEND_POOL_SIZE), cookie_jar=aiohttp.DummyCookieJar(),
-                timeout=aiohttp.ClientTimeout(total=None), skip_auto_headers=("User-Agent",))
-        signature = _signature(self._secret, body, int(time.time()))
-        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: signature}
-        answer = b""
+        ``ConnectionError`` if the backend cannot be reached or its answer is not HTTP, and ``TimeoutError``
+        past ``timeout`` seconds (None: the caller bounds its time, by cancelling)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        target = self._targets.get(url) or self._target(url)
+        connection = await self._connection(target, deadline)
+        signature = _signature(self._secret, body, int(time.time())).encode()
+        request = b"%s%d\r\n%s: %s\r\n\r\n%s" % (target.head, len(body), _SIGNATURE_NAME, signature, body)
+        answer = connection.ask(target.told, request, limit)
+        timer = None if deadline is None else loop.call_at(deadline, _expire, answer)
         try:
-            async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as response:
-                async for chunk in response.content.iter_chunked(16384):
-                    answer += chunk
-                    if len(answer) > limit:
-                        break
-                return response.status, answer
-        except (self._aiohttp.ClientError, OSError) as exc:
-            raise ConnectionError(str(exc) or type(exc).__name__) from None
+            return await answer
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if connection.answer is not None:  # cancelled or out of time: the answer would come on it later
+                connection.answer = None
+                connection.close()
+            self._release(connection)
+
+    def _target(self, url: str) -> _Target:
+        import h11
+
+        parts = urlsplit(url)
+        tls = parts.scheme == "https"
+        host, port = parts.hostname or "", parts.port or (443 if tls else 80)
+        if not host:
+            raise ConnectionError(f"{url!r} names no host")
+        path = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe="/?=&%:@!$'()*+,;~")
+        authority = f"[{host}]" if ":" in host else host
+        authority += "" if parts.port is None else f":{port}"
+        head = (f"POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n"
+                "Content-Length: ").encode("ascii", "backslashreplace")
+        try:  # h11 checks the request line and the Host header
+            told = h11.Request(method=b"POST", target=path.encode("ascii", "backslashreplace"),
+                               headers=[(b"Host", authority.encode("ascii", "backslashreplace"))])
+        except h11.LocalProtocolError as exc:
+            raise ConnectionError(f"{_clipped(url)} makes no HTTP request: {exc}") from None
+        self._targets[url] = target = _Target(f"{parts.scheme}://{authority}", host, port, tls, head, told)
+        return target
+
+    async def _connection(self, target: _Target, deadline: float | None) -> _BackendConnection:
+        """A kept-alive connection to ``target`` if one is idle, else a new one if the pool has room, else
+        the next one given back (in turn with the other requests waiting)."""
+        while True:
+            now, idle = asyncio.get_running_loop().time(), self._idle.get(target.origin)
+            while idle:
+                connection = idle.pop()
+                if connection.closed:
+                    continue
+                if now - connection.idle_since < BACKEND_KEEP_IDLE:
+                    return connection
+                connection.client = None  # idle too long, the backend may be closing it: its slot to a new one
+                connection.close()
+                break
+            else:  # none idle: a slot for a new one
+                if self._open < BACKEND_POOL_SIZE:
+                    self._open += 1
+                elif not self._close_an_idle_one():  # else the closed one's slot is taken over
+                    given = await self._given(target.origin, deadline)
+                    if given is not None and given.closed:
+                        continue  # closed on its way here: its slot went on without it
+                    if given is not None:
+                        return given
+            try:  # a slot is held: open a connection in it
+                return await self._connect(target, deadline)
+            except BaseException:
+                self._pass_on(None)
+                raise
+
+    async def _given(self, origin: str, deadline: float | None) -> _BackendConnection | None:
+        """Wait, after the requests waiting already, for a connection to ``origin`` given back, or (None) for the
+        slot of one that closed."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[_BackendConnection | None] = loop.create_future()
+        self._waiting.append((origin, waiter))
+        timer = None if deadline is None else loop.call_at(deadline, _expire, waiter)
+        try:
+            return await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._pass_on(waiter.result())  # given just as it was cancelled: the next one's
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove((origin, waiter))
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    async def _connect(self, target: _Target, deadline: float | None) -> _BackendConnection:
+        loop = asyncio.get_running_loop()
+        if target.tls and self._tls is None:
+            import ssl
+
+            self._tls = ssl.create_default_context()
+        # Not the pool's until it is open: while it opens, its slot is the caller's to give back if it fails, not
+        # the connection's when it closes (as it may, made just as the time ran out).
+        connection = _BackendConnection(None, target.origin)
+        try:
+            opening = loop.create_connection(lambda: connection, target.host, target.port,
+                                             ssl=self._tls if target.tls else None)
+            if deadline is None:
+                await opening
+            else:
+                await asyncio.wait_for(opening, max(0.0, deadline - loop.time()))
+        except BaseException as exc:
+            connection.close()
+            if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):  # out of time is no OSError here
+                raise ConnectionError(str(exc) or type(exc).__name__) from None
+            raise
+        if connection.closed:
+            raise ConnectionError("the backend closed the connection as it opened")
+        connection.client = self
+        return connection
+
+    def _close_an_idle_one(self) -> bool:
+        """Close a connection idle to another origin, making room for a new one; False if there is none."""
+        for connections in self._idle.values():
+            if connections:
+                connection = connections.pop(0)
+                connection.client = None  # its slot is taken over here, not given back when it closes
+                connection.close()
+                return True
+        return False
+
+    def _release(self, connection: _BackendConnection) -> None:
+        """``connection`` finished a request: to the first request waiting, or kept idle."""
+        if connection.closed:
+            return  # its slot is passed on by _lost
+        if self._stopped:
+            connection.close()
+            return
+        waiting = self._next_waiting()
+        if waiting is None:
+            self._idle.setdefault(connection.origin, []).append(connection)
+        elif waiting[0] != connection.origin:  # keep the slot, not the connection
+            connection.client = None
+            connection.close()
+            waiting[1].set_result(None)
+        else:
+            waiting[1].set_result(connection)
+
+    def _next_waiting(self) -> tuple[str, asyncio.Future[_BackendConnection | None]] | None:
+        """The first request still waiting for a connection (its origin and future), taken from the queue."""
+        while self._waiting:
+            waiting = self._waiting.popleft()
+            if not waiting[1].done():  # else out of time or cancelled, and not yet gone from the queue
+                return waiting
+        return None
+
+    def _lost(self, connection: _BackendConnection) -> None:
+        """``connection`` closed: its slot to the first request waiting, or free."""
+        idle = self._idle.get(connection.origin)
+        if idle and connection in idle:
+            idle.remove(connection)
+        self._pass_on(None)
+
+    def _pass_on(self, connection: _BackendConnection | None) -> None:
+        """Give a connection (or, None, the slot of one) to the first request waiting, or back to the pool."""
+        if connection is not None:
+            self._release(connection)
+        elif (waiting := self._next_waiting()) is not None:
+            waiting[1].set_result(None)
+        else:
+            self._open -= 1
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    """A request's deadline passed: what it waits for fails with TimeoutError."""
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 # --------------------------------------------------------------------------
@@ -3046,6 +3380,7 @@ class _TokenAndHookAuthorizer(_Authorizer):
 FORWARD_ANSWER_LIMIT = 1024 * 1024  # bytes of the backend's answer to a forwarded event
 NOTICE_QUEUE = 10_000  # connect and disconnect notices waiting to be sent before more are dropped
 NOTICE_SENDERS = 8  # notices sent at once
+ADDRESS_KEYS_CACHED = 4096  # addresses whose share key is remembered: more than a gateway's usual busy senders
 
 # What became of each forwarded event (the forwarded_total labels): answered with 2xx; answered an
 # error status or garbage (backend_error); no answer in time or no connection (backend_unavailable);
@@ -3094,6 +3429,30 @@ class _Reply(msgspec.Struct):
     events: list[_ReplyEvent] = []
 
 
+class _NotForwarded(Exception):
+    """Why an event got no answer from the backend: its forwarded_total ``outcome``, and the ``code``, the
+    ``message`` and the HTTP ``status`` its sender gets."""
+
+    def __init__(self, outcome: str, code: str, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.outcome, self.code, self.message, self.status = outcome, code, message, status
+
+
+class _Batch:
+    """Events of one moment on their way to the backend in one request (forward_batch)."""
+
+    __slots__ = ("answers", "bodies", "bytes", "sent")
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        self.answers: list[asyncio.Future[tuple[int, _Reply]]] = []
+        self.bytes = 1  # with the array's brackets and commas
+        self.sent = False
+
+
+_R = TypeVar("_R")
+
+
 class _HttpForwarder(_Forwarder):
     """POSTs client events to ``forward_url`` and sends the answer's events back to their sender, like AWS's
     two-way routes; tells ``lifecycle_url`` of every connect and disconnect.  docs/backend.md has the bodies.
@@ -3118,6 +3477,9 @@ class _HttpForwarder(_Forwarder):
         self.notices = collections.Counter(dict.fromkeys(NOTICE_OUTCOMES, 0))
         self.pending = _Shares(settings.forward_max_pending, settings.forward_max_pending_per_user)
         self._decode = msgspec.json.Decoder(_Reply).decode
+        self._decode_batch = msgspec.json.Decoder(list[_Reply | None]).decode
+        self._batch: _Batch | None = None  # the batch of this moment, still taking events
+        self._batches: set[asyncio.Task[None]] = set()  # batches on their way
         self._throttle = _Throttle()
         # Notices, by user or address, each's in order: (body, set when it is done, the notice that must go first).
         self._queues: dict[str, collections.deque[tuple[bytes, anyio.Event, anyio.Event | None]]] = {}
@@ -3129,6 +3491,9 @@ class _HttpForwarder(_Forwarder):
         self._idle: anyio.Event | None = None  # set when nothing is queued or being sent
         # Client id -> its connect notice's done event, and whose notices it is queued with.
         self._connect_notices: dict[str, tuple[anyio.Event, str]] = {}
+        # The share keys of the addresses that sent events lately: parsing an address for each event was a
+        # twentieth of the gateway's CPU for it.  Emptied when full.
+        self._address_keys: dict[str, str | None] = {}
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -3157,7 +3522,7 @@ class _HttpForwarder(_Forwarder):
     async def forward(self, connection: _Connection, event: Event, failed: Callable[..., None]) -> None:
         assert self.url is not None
         identity, timeout = connection.identity, self.settings.forward_timeout
-        key = _connection_key(connection)
+        key = self._key_of(connection)
         over = self.pending.refusal(key)
         if over == "total":
             self.outcomes["busy"] += 1
@@ -3171,37 +3536,25 @@ class _HttpForwarder(_Forwarder):
             return
         body = _encode({"type": "event", "client_id": connection.id, "user": identity.user, "meta": identity.meta,
                         "event": event.event, "data": event.data.data, "rooms": sorted(connection.rooms)})
+        self.pending.take(key)
         try:
-            with self.pending.holding(key):
-                notice = self._connect_notices.get(connection.id)
-                if notice is not None:
-                    with anyio.move_on_after(timeout):  # the backend hears of the client before its events
-                        await notice[0].wait()
-                started = time.perf_counter()
-                try:
-                    with anyio.fail_after(timeout):
-                        status, answer = await self.client.post(self.url, body, FORWARD_ANSWER_LIMIT)
-                finally:
-                    self.latency.observe(time.perf_counter() - started)
-        except TimeoutError:
-            self._unavailable(failed, "timeout", f"the backend did not answer within {timeout:g} seconds")
+            notice = self._connect_notices.get(connection.id)
+            if notice is not None and not notice[0].is_set():
+                with anyio.move_on_after(timeout):  # the backend hears of the client before its events
+                    await notice[0].wait()
+            started = time.perf_counter()
+            try:
+                status, reply = await (self._alone(body) if self.settings.forward_batch == 1 else self._batched(body))
+            finally:
+                self.latency.observe(time.perf_counter() - started)
+        except _NotForwarded as exc:
+            self.outcomes[exc.outcome] += 1
+            if exc.code == BACKEND_UNAVAILABLE:
+                self._throttle.warn(exc.outcome, f"forwarding: {exc.message}")
+            failed(exc.code, exc.message, **({} if exc.status is None else {"status": exc.status}))
             return
-        except ConnectionError as exc:
-            self._unavailable(failed, "unreachable", f"the backend cannot be reached ({exc})")
-            return
-        if not 200 <= status < 300:
-            self.outcomes["backend_error"] += 1
-            failed(BACKEND_ERROR, f"the backend answered HTTP {status}", status=status)
-            return
-        try:
-            if len(answer) > FORWARD_ANSWER_LIMIT:
-                raise msgspec.DecodeError(f"it is larger than {FORWARD_ANSWER_LIMIT} bytes")
-            reply = _decode(self._decode, answer) if answer.strip() else _Reply()
-        except msgspec.MsgspecError as exc:
-            self.outcomes["backend_error"] += 1
-            failed(BACKEND_ERROR, f"the backend's answer is not {{\"events\": [...]}}: {str(exc)[:200]}",
-                   status=status)
-            return
+        finally:
+            self.pending.give(key)
         forged = next((item.event for item in reply.events if item.event in SERVER_EVENTS), None)
         if forged is not None:  # the client must never get such an event that the gateway did not make
             self.outcomes["backend_error"] += 1
@@ -3215,10 +3568,108 @@ class _HttpForwarder(_Forwarder):
         for item in reply.events:
             connection.send(_Frame(item.event, item.data).reply(connection.id, event.id))
 
-    def _unavailable(self, failed: Callable[..., None], outcome: str, message: str) -> None:
-        self.outcomes[outcome] += 1
-        self._throttle.warn(outcome, f"forwarding: {message}")
-        failed(BACKEND_UNAVAILABLE, message)
+    def _key_of(self, connection: _Connection) -> str | None:
+        """:func:`_connection_key`, each address parsed once while it stays in the cache."""
+        if connection.identity.user is not None or not connection.remote:
+            return _connection_key(connection)
+        host = connection.remote.rpartition(":")[0]
+        key = self._address_keys.get(host)
+        if key is None:
+            if len(self._address_keys) >= ADDRESS_KEYS_CACHED:
+                self._address_keys.clear()
+            key = self._address_keys[host] = _share_key(None, host)
+        return key
+
+    async def _alone(self, body: bytes) -> tuple[int, _Reply]:
+        """The status and the backend's answer to one event, POSTed alone; else :class:`_NotForwarded`."""
+        status, answer = await self._post(body)
+        if not answer.strip():  # 204, or 200 with nothing: nothing to send back
+            return status, _Reply()
+        return status, self._reply(status, answer, self._decode, 'the backend\'s answer is not {"events": [...]}')
+
+    async def _post(self, body: bytes) -> tuple[int, bytes]:
+        """The status and body of a 2xx answer to ``body``; else :class:`_NotForwarded`."""
+        assert self.url is not None
+        timeout = self.settings.forward_timeout
+        try:
+            status, answer = await self.client.post(self.url, body, FORWARD_ANSWER_LIMIT, timeout)
+        except TimeoutError:
+            raise _NotForwarded("timeout", BACKEND_UNAVAILABLE,
+                                f"the backend did not answer within {timeout:g} seconds") from None
+        except ConnectionError as exc:
+            raise _NotForwarded("unreachable", BACKEND_UNAVAILABLE, f"the backend cannot be reached ({exc})") from None
+        if not 200 <= status < 300:
+            raise _NotForwarded("backend_error", BACKEND_ERROR, f"the backend answered HTTP {status}", status)
+        return status, answer
+
+    @staticmethod
+    def _reply(status: int, answer: bytes, decode: Callable[[bytes], _R], what: str) -> _R:
+        """``answer`` decoded; else :class:`_NotForwarded` with ``what`` it is not."""
+        try:
+            if len(answer) > FORWARD_ANSWER_LIMIT:
+                raise msgspec.DecodeError(f"it is larger than {FORWARD_ANSWER_LIMIT} bytes")
+            return _decode(decode, answer)
+        except msgspec.MsgspecError as exc:
+            raise _NotForwarded("backend_error", BACKEND_ERROR, f"{what}: {str(exc)[:200]}", status) from None
+
+    # Batches (forward_batch > 1): the events of one moment, of any connections, in one request.
+
+    async def _batched(self, body: bytes) -> tuple[int, _Reply]:
+        """The status and the backend's answer to one event, POSTed in the batch of the moment; else
+        :class:`_NotForwarded`."""
+        loop = asyncio.get_running_loop()
+        batch = self._batch
+        if batch is not None and batch.bytes + len(body) > self.settings.forward_batch_bytes:
+            self._send_batch(batch)  # full: this event starts the next one
+            batch = None
+        if batch is None:  # sent at the end of this moment: when every event read in it has joined
+            batch = self._batch = _Batch()
+            loop.call_soon(self._send_batch, batch)
+        answer: asyncio.Future[tuple[int, _Reply]] = loop.create_future()
+        batch.bodies.append(body)
+        batch.answers.append(answer)
+        batch.bytes += len(body) + 1
+        if len(batch.bodies) >= self.settings.forward_batch:
+            self._send_batch(batch)
+        return await answer
+
+    def _send_batch(self, batch: _Batch) -> None:
+        if batch.sent:
+            return
+        batch.sent = True
+        if self._batch is batch:
+            self._batch = None
+        task = asyncio.get_running_loop().create_task(self._post_batch(batch))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _post_batch(self, batch: _Batch) -> None:
+        """POST ``batch`` as a JSON array; each event's future gets its answer, or why it has none."""
+        outcome: list[_Reply | None] | _NotForwarded
+        status = 0
+        try:
+            status, answer = await self._post(b"[" + b",".join(batch.bodies) + b"]")
+            if not answer.strip():  # 204: nothing for any of them
+                replies: list[_Reply | None] = [None] * len(batch.answers)
+            else:
+                replies = self._reply(status, answer, self._decode_batch, "the backend's answer to a batch is not "
+                                                                          '[{"events": [...]}, ...]')
+            if len(replies) != len(batch.answers):
+                raise _NotForwarded("backend_error", BACKEND_ERROR, f"the backend answered {len(replies)} replies to a "
+                                                                    f"batch of {len(batch.answers)} events", status)
+            outcome = replies
+        except _NotForwarded as exc:
+            outcome = exc
+        except BaseException:  # cancelled as the gateway stops: the events still waiting get an answer
+            outcome = _NotForwarded("unreachable", BACKEND_UNAVAILABLE, "the gateway is stopping")
+            raise
+        finally:
+            for n, future in enumerate(batch.answers):
+                if not future.done():
+                    if isinstance(outcome, _NotForwarded):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result((status, outcome[n] or _Reply()))
 
     # Notices
 

@@ -1,4 +1,4 @@
-"""A trivial backend for the benchmark's ``hook`` and ``forward`` contenders.
+"""A trivial backend for the benchmark's ``hook`` and ``forward`` contenders (``forward_batch`` too).
 
 It answers every ``POST /ws-connect`` with 200 and a fixed grant: the user ``bench``,
 any room to join and publish to, and ``to`` relays (so that every scenario can run
@@ -42,16 +42,22 @@ async def connect(request: Request) -> Response:
     return Response(GRANT, media_type="application/json")
 
 
-_decode_event = msgspec.json.Decoder(dict[str, Any]).decode
+_decode_events = msgspec.json.Decoder(dict[str, Any] | list[dict[str, Any]]).decode
+
+
+def ack(event: dict[str, Any]) -> dict[str, Any]:
+    """One ``ack`` carrying the event's data (its send time, for latency)."""
+    return {"events": [{"event": "ack", "data": event["data"]}]}
 
 
 async def events(request: Request) -> Response:
-    """A forwarded event: answered with one ``ack`` carrying the event's data (its send time, for latency)."""
+    """A forwarded event, or a batch of them (an array: forward_batch), each answered with an ``ack``."""
     body = await request.body()
     if SECRET and not verify_signature(SECRET, request.headers.get("x-ws-micro-signature", ""), body):
         return Response(b'{"error":"bad signature"}', 401, media_type="application/json")
-    data = _decode_event(body)["data"]
-    return Response(msgspec.json.encode({"events": [{"event": "ack", "data": data}]}), media_type="application/json")
+    forwarded = _decode_events(body)
+    answer = [ack(event) for event in forwarded] if isinstance(forwarded, list) else ack(forwarded)
+    return Response(msgspec.json.encode(answer), media_type="application/json")
 
 
 async def healthz(request: Request) -> Response:

@@ -14,6 +14,7 @@ fast, in-process loop.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -611,7 +612,8 @@ class EventBackend(BackendServer):
 
     An event is answered as its ``data.mode`` says: ``reply`` (two frames, numbered), ``none`` (204),
     ``500``, ``garbage``, ``nested`` (too deep), ``slow`` (its reply after ``data.delay`` seconds, 1 by
-    default). The first ``failing`` notices get 500.
+    default). The first ``failing`` notices get 500. A batch (an array: forward_batch) is answered with
+    the array of its events' answers (500 if one of them is), once the slowest is.
     """
 
     def __init__(self, failing: int = 0, notice_delay: float = 0) -> None:
@@ -619,9 +621,17 @@ class EventBackend(BackendServer):
         self.failing = failing
         self.notice_delay = notice_delay  # seconds each notice takes to be answered (under forward_timeout)
         self.notices_at_once = self.most_notices_at_once = 0
+        self.batches: list[int] = []  # the size of each batch taken
         super().__init__("/events", self.answer)
 
-    async def answer(self, body: dict[str, Any]) -> Any:
+    async def answer(self, body: dict[str, Any] | list[dict[str, Any]]) -> Any:
+        if isinstance(body, list):  # a batch (forward_batch): each event answered as alone, all at once
+            self.batches.append(len(body))
+            answers = await asyncio.gather(*(self.answer(event) for event in body))
+            if any(answer.status_code != 200 and answer.status_code != 204 for answer in answers):
+                return JSONResponse({"error": "boom"}, 500)
+            return JSONResponse([json.loads(answer.body) if answer.status_code == 200 else None
+                                 for answer in answers])
         if body["type"] != "event" and self.failing > 0:
             self.failing -= 1
             return JSONResponse({"error": "not now"}, 500)

@@ -7,6 +7,7 @@ function), and talks to the gateway with real `websockets` clients.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -14,16 +15,18 @@ import os
 import re
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import anyio
 import httpx2 as httpx
+import msgspec
 import pytest
 from conftest import (
     BACKEND_SECRET,
@@ -165,9 +168,15 @@ async def test_e2e_a_backend_that_is_down_gets_backend_unavailable_and_the_conne
         assert server.metric("ws_micro_forwarded_total", outcome="unreachable") == 1
 
 
-async def test_e2e_each_connections_events_reach_the_backend_in_order_under_load() -> None:
+# Forwarding one event a request, and in batches of the events of one moment (forward_batch).
+BATCHING = pytest.mark.parametrize("batch", [(), ("--forward-batch", "16")], ids=["alone", "batched"])
+
+
+@BATCHING
+async def test_e2e_each_connections_events_reach_the_backend_in_order_under_load(batch: tuple[str, ...]) -> None:
     clients, events = 20, 50
-    with EventBackend() as backend, run_server(*forward_options(backend.url), "--log-level", "warning") as server:
+    with EventBackend() as backend, run_server(*forward_options(backend.url, *batch), "--log-level",
+                                               "warning") as server:
 
         async def talk(address: str) -> None:
             async with ws_client(server.ws, local_addr=(address, 0)) as (ws, me):
@@ -185,6 +194,11 @@ async def test_e2e_each_connections_events_reach_the_backend_in_order_under_load
             by_client.setdefault(body["client_id"], []).append(body["data"]["n"])
     assert len(by_client) == clients
     assert all(sequence == list(range(events)) for sequence in by_client.values())
+    if batch:  # the events of different connections went together, never more than forward_batch
+        assert 1 < max(backend.batches) <= 16, backend.batches
+        assert sum(backend.batches) == clients * events
+    else:
+        assert backend.batches == []
 
 
 async def test_e2e_a_client_flooding_a_slow_backend_is_paused_and_the_gateway_stays_small() -> None:
@@ -330,18 +344,20 @@ async def test_e2e_notices_can_go_elsewhere_or_nowhere_and_are_dropped_counted_w
         assert server.metric("ws_micro_notices_total", outcome="retried") == 2
 
 
+@pytest.mark.parametrize(("section", "batch"), [("A complete backend", ()),
+                                                ("A backend that takes batches", ("--forward-batch", "8"))])
 async def test_e2e_the_docs_backend_answers_chat_through_the_sidecar_api_and_logs_disconnects(
-        tmp_path: Path) -> None:
+        section: str, batch: tuple[str, ...], tmp_path: Path) -> None:
     page = (ROOT / "docs" / "backend.md").read_text()
-    code = re.search(r"## A complete backend.*?```python\n(.*?)```", page, re.DOTALL)
-    assert code is not None, "docs/backend.md lost its complete backend"
+    code = re.search(f"## {section}\n.*?```python\n(.*?)```", page, re.DOTALL)
+    assert code is not None, f"docs/backend.md lost its {section.lower()}"
     (tmp_path / "backend.py").write_text(code[1])
     port, gateway_port = free_port(), free_port()
     printed: list[str] = []
     with printing(printed, sys.executable, str(tmp_path / "backend.py"), env={
             "WS_MICRO_BACKEND_SECRET": BACKEND_SECRET, "PORT": str(port),
             "GATEWAY": f"http://localhost:{gateway_port}"}), \
-            run_server(*forward_options(f"http://127.0.0.1:{port}/"), "--forward-timeout", "5",
+            run_server(*forward_options(f"http://127.0.0.1:{port}/", *batch), "--forward-timeout", "5",
                        "--log-level", "warning", port=gateway_port) as server:
         async with ws_client(server.ws) as (a, id_a), ws_client(server.ws) as (b, id_b):
             await join(b, id_b, "lobby")
@@ -359,6 +375,12 @@ async def test_e2e_the_docs_backend_answers_chat_through_the_sidecar_api_and_log
             await a.send(text("chat", id_a, {"room": "lobby", "text": "still here"}))
             assert await recv_json(a) == frame("sent", id_a, {"room": "lobby"})
             assert await recv_json(b) == frame("chat", id_b, {"from": id_a, "text": "still here"})
+            # Both at once (in one batch, when batches are on): each gets its own answer.
+            await a.send(text("chat", id_a, {"room": "lobby", "text": "one"}))
+            await b.send(text("chat", id_b, {"text": "no room"}))
+            assert await recv_json(a) == frame("sent", id_a, {"room": "lobby"})
+            got = sorted([await recv_json(b), await recv_json(b)], key=lambda frame: frame["event"])  # either first
+            assert [got[0], got[1]["event"]] == [frame("chat", id_b, {"from": id_a, "text": "one"}), "refused"]
     # The gateway has stopped, after sending the notices it had: both clients closed normally.
     assert sorted(printed) == sorted([f"disconnected: {id_a} closed", f"disconnected: {id_b} closed"])
 
@@ -429,11 +451,12 @@ async def attack(server: Server, backend: EventBackend, count: int, meanwhile: C
     return replies, result
 
 
-async def test_e2e_one_users_slow_events_leave_others_their_free_latency() -> None:
+@BATCHING
+async def test_e2e_one_users_slow_events_leave_others_their_free_latency(batch: tuple[str, ...]) -> None:
     # The issue's case: 150 connections of one user fill a pool of 100 with events that take 3 s, and
     # another user's event, answered in 0.01 s, waited 4.78 s.
     attackers, share = 150, 10
-    with EventBackend() as backend, run_server(*forward_options(backend.url, "--forward-timeout", "10"),
+    with EventBackend() as backend, run_server(*forward_options(backend.url, "--forward-timeout", "10", *batch),
                                                "--jwt-secret", JWT_SECRET, "--log-level", "warning") as server:
         async with ws_client(server.ws, **bearer(mint())) as (ws, alice):
             await reply_seconds(ws, alice, -1)  # the pool's first connection, and alice's connect notice
@@ -453,12 +476,13 @@ async def test_e2e_one_users_slow_events_leave_others_their_free_latency() -> No
         assert server.metric("ws_micro_forwarded_total", outcome="busy") == 0
 
 
-async def test_e2e_slow_events_from_one_address_leave_other_addresses_the_backend() -> None:
+@BATCHING
+async def test_e2e_slow_events_from_one_address_leave_other_addresses_the_backend(batch: tuple[str, ...]) -> None:
     # The issue's other case: with forward_max_pending 100, 100 connections each holding a 3 s event
     # got a bystander's event refused at once, 8 times out of 8.  Anonymous clients share by address.
     attackers, share = 100, 10
     with EventBackend() as backend, run_server(*forward_options(backend.url, "--forward-timeout", "10",
-                                                                "--forward-max-pending", "100"),
+                                                                "--forward-max-pending", "100", *batch),
                                                "--log-level", "warning") as server:
         async with ws_client(server.ws, local_addr=("127.0.0.2", 0)) as (ws, bystander):
             await reply_seconds(ws, bystander, -1)
@@ -547,3 +571,373 @@ async def test_e2e_a_backend_answer_with_an_event_only_the_gateway_sends_is_refu
         "forwarding: the backend answered 'connect', an event only the gateway sends, to event 'chat'; its whole "
         "answer was refused and its sender got backend_error (docs/backend.md)")
     assert "Traceback" not in log.read_text()
+
+
+# The gateway's HTTP client (ws_micro's own, on asyncio's transports) against answers framed every way a
+# backend's server may frame them.
+
+class RawBackend:
+    """A backend on bare sockets (asyncio streams, in the test's own loop), answering each forwarded event
+    with an ``ack`` framed as its ``data.mode`` says, notices with 204; it counts the connections made to it
+    and the most open at once. ``hold`` events wait for ``release``."""
+
+    def __init__(self, tls: ssl.SSLContext | None = None, keep_alive: float | None = None) -> None:
+        self.tls = tls  # with it, https on localhost
+        # A request that comes on a connection idle for longer is not answered, and the connection closed: what a
+        # server does when its keep-alive timer fires as the request is on its way.
+        self.keep_alive = keep_alive
+        self.closed_unanswered = 0
+        self.connections = self.open = self.most_open = 0
+        self.events: list[dict[str, Any]] = []
+        self.release = asyncio.Event()
+
+    async def __aenter__(self) -> Self:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0, ssl=self.tls)
+        port = self.server.sockets[0].getsockname()[1]
+        self.url = f"https://localhost:{port}/events" if self.tls else f"http://127.0.0.1:{port}/events"
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.server.close()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
+        loop, answered_at = asyncio.get_running_loop(), None
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if self.keep_alive is not None and answered_at is not None \
+                        and loop.time() - answered_at > self.keep_alive:
+                    self.closed_unanswered += 1
+                    return
+                if await self.answer(head, reader, writer):
+                    return
+                answered_at = loop.time()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.open -= 1
+            writer.close()
+
+    async def answer(self, head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Answer the request that starts with ``head``; True when the connection is to close."""
+        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)\r\n", head)
+        assert length is not None and head.startswith(b"POST /events HTTP/1.1\r\n"), head
+        body = json.loads(await reader.readexactly(int(length[1])))
+        if body["type"] != "event":
+            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            return False
+        self.events.append(body)
+        mode, n = body["data"].get("mode"), body["data"].get("n")
+        content = json.dumps({"events": [{"event": "ack", "data": {"n": n}}]}).encode()
+        sized = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+            len(content), content)
+        if mode == "chunked":  # 7-byte chunks, one with an extension, and a trailer
+            chunks = [content[i:i + 7] for i in range(0, len(content), 7)]
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"".join(
+                b"%x%s\r\n%s\r\n" % (len(chunk), b";x=1" if i == 1 else b"", chunk) for i, chunk in enumerate(chunks))
+                + b"0\r\nX-Checksum: 1\r\n\r\n")
+        elif mode == "close":
+            writer.write(sized.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1))
+        elif mode == "eof":  # HTTP/1.0 without a length: the body ends with the connection
+            writer.write(b"HTTP/1.0 200 OK\r\n\r\n" + content)
+        elif mode == "hints":
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n" + sized)
+        elif mode == "dribble":  # a byte at a time, each in its own segment: parsed as the bytes come
+            for byte in sized:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.001)  # not a wait for anything: it keeps the bytes in separate reads
+        elif mode == "huge":  # an answer over the gateway's 1 MiB, sent whole
+            big = b'{"events": [{"event": "ack", "data": {"pad": "' + b"x" * 2_000_000 + b'"}}]}'
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (
+                len(big), big))
+        elif mode == "head":  # headers without end
+            writer.write(b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"y" * 100_000)
+        elif mode in ("status", "lengths"):
+            writer.write(b"HTPT/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}" if mode == "status" else
+                         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}")
+        elif mode == "late":  # after the gateway's forward_timeout, with another event than the ack
+            await asyncio.sleep(1.0)
+            writer.write(sized.replace(b'"ack"', b'"not_yours"'))
+        elif mode == "hold":
+            await self.release.wait()
+            writer.write(sized)
+        elif mode == "pause":
+            await asyncio.sleep(body["data"]["delay"])
+            writer.write(sized)
+        else:
+            writer.write(sized)
+        await writer.drain()
+        return mode in ("close", "eof", "huge", "head", "status", "lengths", "late")
+
+
+async def test_e2e_answers_framed_every_way_reach_the_sender_over_kept_alive_connections(tmp_path: Path) -> None:
+    log = tmp_path / "gateway.log"
+    async with RawBackend() as backend:
+        with run_server(*forward_options(backend.url), log=log) as server:
+            async with ws_client(server.ws) as (ws, me):
+                for n, mode in enumerate(("plain", "chunked", "hints", "dribble", "plain", "close", "plain", "eof",
+                                          "plain", "late", "plain")):
+                    await ws.send(text("chat", me, {"mode": mode, "n": n}))
+                    reply = await recv_json(ws)
+                    if mode == "late":  # out of time; its answer, when it comes, must not pass for the next one's
+                        assert reply["data"]["data"]["code"] == "backend_unavailable", reply
+                    else:
+                        assert reply == frame("ack", me, {"n": n}), (mode, reply)
+                for mode, code, message in (
+                        ("huge", "backend_error", 'the backend\'s answer is not {"events": [...]}: it is larger '
+                                                  'than 1048576 bytes'),
+                        ("head", "backend_unavailable", "the backend cannot be reached (its answer is not HTTP/1.1: "
+                                                        "its head, a chunk's size line or its trailer is longer than "
+                                                        "65536 bytes)"),
+                        ("status", "backend_unavailable", "the backend cannot be reached (its answer is not "
+                                                          "HTTP/1.1: illegal status line: bytearray(b'HTPT/1.1 200 "
+                                                          "OK'))"),
+                        ("lengths", "backend_unavailable", "the backend cannot be reached (its answer is not "
+                                                           "HTTP/1.1: conflicting Content-Length headers)")):
+                    await ws.send(text("chat", me, {"mode": mode}))
+                    reply = (await recv_json(ws))["data"]["data"]
+                    assert (reply["code"], reply["message"]) == (code, message), (mode, reply)
+                    await ws.send(text("chat", me, {"n": 99}))  # and the next event goes through, on a new connection
+                    assert await recv_json(ws) == frame("ack", me, {"n": 99})
+            # One connection for the events up to the first that closed it, then one after each that did.
+            assert backend.connections == 1 + 3 + 4, backend.connections
+    assert "Traceback" not in log.read_text()
+
+
+async def test_e2e_events_past_the_pool_wait_for_its_connections_and_open_no_more() -> None:
+    count = ws_micro.BACKEND_POOL_SIZE + 50
+    async with RawBackend() as backend:
+        with run_server(*forward_options(backend.url, "--forward-timeout", "10", "--forward-max-pending-per-user",
+                                         "0"), "--log-level", "warning") as server:
+            async with contextlib.AsyncExitStack() as stack:
+                clients = [await stack.enter_async_context(ws_client(server.ws)) for _ in range(count)]
+                for n, (ws, me) in enumerate(clients):
+                    await ws.send(text("chat", me, {"mode": "hold", "n": n}))
+                await eventually(lambda: len(backend.events) == ws_micro.BACKEND_POOL_SIZE,
+                                 "the pool's connections to be taken")
+                backend.release.set()
+                for n, (ws, me) in enumerate(clients):
+                    assert await recv_json(ws) == frame("ack", me, {"n": n})
+            assert (backend.most_open, backend.connections) == (ws_micro.BACKEND_POOL_SIZE,) * 2
+            assert server.metric("ws_micro_forwarded_total", outcome="ok") == count
+
+
+def without(tmp_path: Path, *packages: str) -> dict[str, str]:
+    """The environment of a process where ``packages`` cannot be imported, as where they were never installed."""
+    missing = tmp_path / "missing"
+    missing.mkdir(exist_ok=True)
+    for package in packages:
+        (missing / f"{package}.py").write_text(f"raise ModuleNotFoundError(\"No module named '{package}'\", "
+                                               f"name='{package}')\n")
+    return {"PYTHONPATH": str(missing)}
+
+
+async def test_e2e_forwarding_and_the_connect_hook_need_only_h11_which_uvicorn_brings(tmp_path: Path) -> None:
+    # They used to need aiohttp; a copied ws_micro.py now forwards with h11, which uvicorn requires.
+    async def grant(asked: dict[str, Any]) -> Any:
+        return JSONResponse({"user": "alice"})
+
+    with EventBackend() as backend, BackendServer("/hook", grant) as hook, run_server(
+            *forward_options(backend.url), "--connect-hook-url", hook.url, "--log-level", "warning",
+            env=without(tmp_path, "aiohttp")) as server:
+        async with ws_client(server.ws) as (ws, me):
+            await ws.send(text("chat", me, {"n": 1}))
+            assert await recv_json(ws) == frame("ack", me, {"n": 1, "part": 1})
+        assert backend.received[-1]["user"] == "alice"
+
+
+async def test_e2e_without_h11_a_gateway_that_forwards_nothing_runs_as_before(tmp_path: Path) -> None:
+    # h11 is imported only where a backend URL is set: under a server that does not bring it (granian), a
+    # gateway without forwarding or a connect hook runs without it.
+    with run_server(asgi_server="granian", env=without(tmp_path, "h11")) as server:
+        async with ws_client(server.ws) as (ws, me):
+            await ws.send(text("ping", me))
+            assert (await recv_json(ws))["event"] == "pong"
+
+
+async def test_e2e_a_batch_answered_wrong_fails_its_events_as_one_event_answered_wrong_would(tmp_path: Path) -> None:
+    # Each event of a batch is answered by the entry at its place: a forged event fails its own sender
+    # only; a status, an answer that is not an array of as many, or no answer in time fail every event of
+    # the batch, each sender getting what it would have for its event alone.
+    batches: list[list[dict[str, Any]]] = []
+
+    async def answer(body: Any) -> Response:
+        if isinstance(body, dict):
+            return Response(status_code=204)  # a notice
+        batches.append(body)
+        modes = [event["data"].get("mode") for event in body]
+        if "500" in modes:
+            return JSONResponse({"error": "boom"}, 500)
+        if "short" in modes:
+            return JSONResponse([{"events": []}] * (len(body) + 1))
+        if "object" in modes:
+            return JSONResponse({"events": []})
+        if "slow" in modes:
+            await anyio.sleep(1)
+        if "empty" in modes:
+            return Response(status_code=204)
+        return JSONResponse([None if event["data"].get("mode") == "none" else {"events": [{
+            "event": "connect" if event["data"].get("mode") == "forge" else "ack", "data": event["data"]}]}
+            for event in body])
+
+    log = tmp_path / "gateway.log"
+    with BackendServer("/events", answer) as backend, run_server(
+            *forward_options(backend.url, "--forward-batch", "4"), log=log) as server:
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(ws_client(server.ws)) for _ in range(4)]
+
+            async def round_of(modes: list[str]) -> list[dict[str, Any]]:
+                """Each client sends an event with its mode, all at once; the first frame each gets back."""
+                for (ws, me), mode in zip(clients, modes, strict=True):
+                    await ws.send(text("chat", me, {"mode": mode}))
+                    if mode in ("none", "empty"):  # nothing comes back: the pong of its next frame comes first
+                        await ws.send(text("ping", me))
+                return [await recv_json(ws) for ws, _ in clients]
+
+            replies = await round_of(["ack", "forge", "none", "ack"])
+            assert [reply["event"] for reply in replies[:2]] == ["ack", "error"]
+            assert replies[1]["data"]["data"]["message"] == "the backend answered 'connect', an event only the " \
+                                                             "gateway sends"
+            assert [reply["event"] for reply in replies[2:]] == ["pong", "ack"]
+            for mode, code, message in (
+                    ("500", "backend_error", "the backend answered HTTP 500"),
+                    ("short", "backend_error", "the backend answered {n} replies to a batch of {m} events"),
+                    ("object", "backend_error", 'the backend\'s answer to a batch is not [{{"events": [...]}}, '
+                                                "...]: Expected `array`, got `object`"),
+                    ("slow", "backend_unavailable", "the backend did not answer within 0.5 seconds")):
+                # One of the batch's events asks for the failure: every event of its batch gets it.
+                replies = await round_of([mode, "ack", "ack", "ack"])
+                failing = next(b for b in reversed(batches) if any(e["data"]["mode"] == mode for e in b))
+                senders = {event["client_id"] for event in failing}
+                for (_, me), reply in zip(clients, replies, strict=True):
+                    if me in senders:
+                        assert reply["event"] == "error", (mode, reply)
+                        expected = message.format(n=len(failing) + 1, m=len(failing))
+                        assert (reply["data"]["data"]["code"], reply["data"]["data"]["message"]) == (code, expected)
+                    else:
+                        assert reply["event"] == "ack", (mode, reply)
+            # 204: nothing for any of them, and the connections go on.
+            assert [reply["event"] for reply in await round_of(["empty"] * 4)] == ["pong"] * 4
+        assert server.metric("ws_micro_forwarded_total", outcome="timeout") >= 1
+    assert "Traceback" not in log.read_text()
+
+
+async def test_e2e_a_batch_carries_at_most_forward_batch_bytes_and_a_larger_event_goes_alone() -> None:
+    sizes: list[tuple[int, int]] = []  # (events, bytes) of each batch, as the gateway encoded it
+
+    async def answer(body: Any) -> Response:
+        if isinstance(body, dict):
+            return Response(status_code=204)
+        sizes.append((len(body), len(msgspec.json.encode(body))))
+        return JSONResponse([{"events": [{"event": "ack", "data": {"n": event["data"]["n"]}}]} for event in body])
+
+    clients, events, limit = 10, 20, 1200
+    with BackendServer("/events", answer) as backend, run_server(
+            *forward_options(backend.url, "--forward-batch", "100", "--forward-batch-bytes", str(limit)),
+            "--log-level", "warning") as server:
+
+        async def talk(address: str) -> None:
+            async with ws_client(server.ws, local_addr=(address, 0)) as (ws, me):
+                for n in range(events):
+                    await ws.send(text("chat", me, {"n": n, "pad": "x" * 250}))
+                assert [(await recv_json(ws))["data"]["data"]["n"] for _ in range(events)] == list(range(events))
+                await ws.send(text("chat", me, {"n": -1, "pad": "y" * 2 * limit}))
+                assert (await recv_json(ws))["data"]["data"]["n"] == -1
+
+        async with anyio.create_task_group() as tasks:
+            for client in range(clients):
+                tasks.start_soon(talk, f"127.0.0.{10 + client}")
+    assert sum(count for count, _ in sizes) == clients * (events + 1)
+    assert max(count for count, _ in sizes) > 1, sizes
+    assert all(size <= limit for count, size in sizes if count > 1), sizes
+    assert len([size for count, size in sizes if count == 1 and size > 2 * limit]) == clients, sizes
+
+
+async def test_e2e_a_connection_idle_for_as_long_as_a_backend_keeps_one_is_not_reused() -> None:
+    # uvicorn and Node close a connection idle for 5 s. An event written on it as the backend closed it got
+    # backend_unavailable: the gateway cannot send a POST again, as the backend may have taken it.
+    async with RawBackend(keep_alive=4.5) as backend:
+        with run_server(*forward_options(backend.url), "--log-level", "warning") as server:
+            async with ws_client(server.ws) as (ws, me):
+                await ws.send(text("chat", me, {"n": 1}))
+                assert await recv_json(ws) == frame("ack", me, {"n": 1})
+                await anyio.sleep(4.6)  # the scenario itself: the pooled connection idle past the backend's keep-alive
+                await ws.send(text("chat", me, {"n": 2}))
+                assert await recv_json(ws) == frame("ack", me, {"n": 2})
+            assert (backend.closed_unanswered, backend.connections) == (0, 2)
+
+
+async def test_requests_out_of_time_while_waiting_or_connecting_never_let_the_pool_grow(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A connection made just as its request ran out of time closed and gave its slot back, and so did the
+    # request: the pool counted one connection less each time, and opened more than BACKEND_POOL_SIZE.
+    # The client in this process, with a pool of 2, against a real server answering in 50 ms; each round's
+    # requests run out of time around then, while in flight, waiting for a connection, or connecting.
+    monkeypatch.setattr(ws_micro, "BACKEND_POOL_SIZE", 2)
+    client = ws_micro._BackendClient(ws_micro.Settings(backend_secret=BACKEND_SECRET), "forward_url")
+    async with RawBackend() as backend, client.running():
+        body = json.dumps({"type": "event", "data": {"mode": "pause", "delay": 0.05, "n": 0}}).encode()
+        for _ in range(30):
+            outcomes = await asyncio.gather(*(client.post(backend.url, body, 1000, 0.045 + 0.001 * (n % 10))
+                                              for n in range(10)), return_exceptions=True)
+            assert all(isinstance(outcome, (tuple, TimeoutError)) for outcome in outcomes), outcomes
+        # The connections it closed are gone at the server too; then ten requests at once may open two.
+        await eventually(lambda: backend.open <= 2, "the closed connections' handlers to end")
+        backend.most_open = backend.open
+        slow = body.replace(b"0.05", b"0.1")
+        answers = await asyncio.gather(*(client.post(backend.url, slow, 1000, 5) for _ in range(10)))
+        assert [status for status, _ in answers] == [200] * 10
+        assert backend.most_open <= 2, backend.most_open
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A certificate for localhost, signed by its own key: (its PEM file, the key's PEM file)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256()))
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+async def test_e2e_an_https_backend_is_reached_when_its_certificate_is_trusted_and_only_then(tmp_path: Path) -> None:
+    cert_file, key_file = self_signed_certificate(tmp_path)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert_file, key_file)
+    async with RawBackend(tls) as backend:
+        # The system's trusted certificates, as OpenSSL reads them (SSL_CERT_FILE), vouch for the backend's.
+        with run_server(*forward_options(backend.url), "--log-level", "warning",
+                        env={"SSL_CERT_FILE": str(cert_file)}) as server:
+            async with ws_client(server.ws) as (ws, me):
+                for n in range(3):
+                    await ws.send(text("chat", me, {"n": n}))
+                    assert await recv_json(ws) == frame("ack", me, {"n": n})
+        assert backend.connections == 1
+        with run_server(*forward_options(backend.url), "--log-level", "warning") as server:
+            async with ws_client(server.ws) as (ws, me):
+                await ws.send(text("chat", me, {"n": 0}))
+                refused = (await recv_json(ws))["data"]["data"]
+                assert refused["code"] == "backend_unavailable", refused
+                assert "CERTIFICATE_VERIFY_FAILED" in refused["message"], refused
+        assert len(backend.events) == 3  # the untrusting gateway's event never reached it

@@ -658,8 +658,8 @@ async def wait_for(predicate: Callable[[], bool], what: str) -> None:
 # Each optional package, the options that need it, and the command that installs it: one that works for a
 # copied ws_micro.py and a checkout alike (ws-micro is not on PyPI, so 'pip install ws-micro[hook]' would fail).
 NEEDS = {
-    "forward_url": ("aiohttp", {"WS_MICRO_FORWARD_URL": "http://127.0.0.1:9/"}, "pip install aiohttp"),
-    "connect_hook_url": ("aiohttp", {"WS_MICRO_CONNECT_HOOK_URL": "http://127.0.0.1:9/"}, "pip install aiohttp"),
+    "forward_url": ("h11", {"WS_MICRO_FORWARD_URL": "http://127.0.0.1:9/"}, "pip install h11"),
+    "connect_hook_url": ("h11", {"WS_MICRO_CONNECT_HOOK_URL": "http://127.0.0.1:9/"}, "pip install h11"),
     "jwt_secret": ("jwt", {"WS_MICRO_JWT_SECRET": "s" * 32}, "pip install 'pyjwt[crypto]'"),
     "redis_url": ("redis", {"WS_MICRO_REDIS_URL": "redis://127.0.0.1:1"}, "pip install 'redis[hiredis]'"),
 }
