@@ -881,7 +881,7 @@ class RedisBackend(_Backend):
                                settings.recovery_window, session.sent - len(session.frames), session.away_at,
                                settings.recovery_max_frames, settings.recovery_max_bytes, session.size,
                                self._takeovers.pop(client_id, ""), int(sealed), settings.recovery_max_memory,
-                               *session.frames), done)
+                               *session.texts(client_id)), done)
         self._parked[client_id] = connection
         if not sealed:
             self._parking[client_id] = connection
