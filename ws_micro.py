@@ -678,7 +678,8 @@ def _lone_surrogate(text: str) -> tuple[str, int] | None:
 class _Frame:
     """A server frame encoded once and addressed to each recipient by splicing in its ``client_id`` (a UUID)."""
 
-    __slots__ = ("head", "tail")
+    __slots__ = ("head", "length", "tail")
+    length: int  # of its text for any client id (a UUID), set once fanned out: what receivers' sessions count
 
     def __init__(self, event: str, data: Mapping[str, Any] | None) -> None:
         self.head = '{"event":' + _encode(event).decode() + ',"client_id":"'
@@ -1171,14 +1172,24 @@ class _Connection:
         session = self.session
         if session is not None and keep:
             state = self.state
-            if state in _KEEPING:
+            if state is _OPEN or state is _BACKLOGGED:  # connected: kept, the oldest making room
+                # _Session.keep's common case, inline: it runs for every receiver of every frame.
+                frames = session.frames
+                frames.append(text if shared is None else shared)
+                session.sent += 1
+                session.size += len(text)
+                if len(frames) > session.max_frames:
+                    oldest = frames.popleft()
+                    session.size -= len(oldest) if isinstance(oldest, str) else oldest.length
+                if session.size > session.max_bytes:
+                    session.make_room()
+            elif state in _KEEPING:
                 if not session.keep(text if shared is None else shared, len(text)):
                     self.end("overflowed")
                     return False
                 return True
-            if state is not _OPEN and state is not _BACKLOGGED:
+            else:
                 return False
-            session.keep(text if shared is None else shared, len(text))  # connected: the oldest make room
         if self.state is _OPEN:
             try:
                 rest = self._output.write_now(text, wire)
@@ -1417,11 +1428,6 @@ _CLIENT_ID_LENGTH = 36
 _SLOT = 8
 
 
-def _shared_length(frame: _Frame) -> int:
-    """The characters of a shared frame's text, as sent to (and replayed for) each of its receivers."""
-    return len(frame.head) + _CLIENT_ID_LENGTH + len(frame.tail)
-
-
 def _memory(frame: str | _Frame) -> int:
     """The bytes of memory a kept frame takes, as sys.getsizeof counts its objects."""
     if isinstance(frame, str):
@@ -1487,12 +1493,19 @@ class _Session:
             if 0 <= self.away_at <= self.sent - len(frames):  # the oldest was sent while away
                 return False  # the session ends, and leaves the store with what it holds
             oldest = frames.popleft()
-            self.size -= len(oldest) if isinstance(oldest, str) else _shared_length(oldest)
+            self.size -= len(oldest) if isinstance(oldest, str) else oldest.length
             if store is not None:
                 store.release(oldest)
         if store is not None:
             store.fit()
         return True
+
+    def make_room(self) -> None:
+        """Connected, past its bounds: the oldest frames make room."""
+        frames = self.frames
+        while len(frames) > self.max_frames or self.size > self.max_bytes:
+            oldest = frames.popleft()
+            self.size -= len(oldest) if isinstance(oldest, str) else oldest.length
 
     def back(self, offset: int | None, client_id: str) -> list[str] | None:
         """Its client is back: the frames after ``offset`` (None: after the connection dropped), or None if
@@ -2698,6 +2711,7 @@ class Registry:
         return kicked
 
     def _fan_out(self, client_ids: Iterable[str], frame: _Frame) -> int:
+        frame.length = len(frame.head) + _CLIENT_ID_LENGTH + len(frame.tail)  # once for its every receiver
         delivered = 0
         for client_id in list(client_ids):  # a send may cut a slow member off and change the set
             connection = self._connections.get(client_id)

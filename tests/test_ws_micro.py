@@ -1021,6 +1021,60 @@ def writer(**options: Any) -> tuple[ws_micro._Connection, StallingOutput, list[s
     return connection, output, left
 
 
+async def test_a_fan_out_is_kept_once_for_all_its_receivers_and_its_waiting_sessions_count_it_once() -> None:
+    # Recovery keeps what each connection is sent.  A server-made frame differs between receivers only in the
+    # client_id: each session keeps the one shared frame and splices its own id in again at replay.
+    registry, settings = Registry(), Settings(recovery_window=60, recovery_max_frames=3, recovery_max_bytes=400)
+    registry._use(settings, ws_micro._Backend(), lambda connection: None)
+    outputs: dict[str, StallingOutput] = {}
+    for _ in range(3):
+        output = StallingOutput()
+        connection = ws_micro._Connection(output, remote=None, settings=settings, metrics=registry._metrics,
+                                          on_close=registry._remove, session=registry._sessions.new())
+        registry._add(connection)
+        outputs[connection.id] = output
+    ids = list(outputs)
+    assert await registry.broadcast("news", {"n": 1, "pad": "x" * 100}) == 3
+    assert registry._relay(ids[1:], '{"event":"chat","client_id":"%s","data":{"data":{"n":2}}}' % ids[0]) == 2
+    assert await registry.broadcast("news", {"n": 3, "pad": "x" * 100}) == 3
+    assert await registry.broadcast("news", {"n": 4, "pad": "x" * 100}) == 3
+
+    sessions = {client_id: registry._connections[client_id].session for client_id in ids}
+    for client_id, session in sessions.items():
+        assert session is not None
+        sent = outputs[client_id].taken
+        assert sent[-1] == '{"event":"news","client_id":"%s","data":{"data":{"n":4,"pad":"%s"}}}' % (client_id,
+                                                                                                    "x" * 100)
+        kept = session.texts(client_id)  # the newest, as sent, within 3 frames and 400 characters
+        assert kept == sent[-len(kept):] and session.size == sum(map(len, kept)) <= 400 < sum(map(len, sent[-3:]))
+    first, second, third = sessions.values()
+    assert first is not None and second is not None and third is not None
+    assert first.frames[-1] is second.frames[-1] is third.frames[-1]  # one body for all three
+
+    # Two connections drop: their sessions wait, and count each object they keep once, and a slot for each.
+    for client_id in ids[1:]:
+        registry._connections[client_id].gone("abnormal")
+    store = registry._sessions
+    assert len(store) == 2 and [len(second.frames), len(third.frames)] == [2, 2]
+
+    def memory(frame: str | ws_micro._Frame) -> int:
+        if isinstance(frame, str):
+            return sys.getsizeof(frame)
+        return sys.getsizeof(frame) + sys.getsizeof(frame.head) + sys.getsizeof(frame.tail)
+
+    def counted() -> int:
+        objects = {id(frame): frame for session in (second, third) for frame in session.frames}
+        return sum(map(memory, objects.values())) + 8 * (len(second.frames) + len(third.frames))
+
+    assert store.memory == counted() < sum(map(memory, [*second.frames, *third.frames]))
+    assert await registry.broadcast("news", {"n": 5, "pad": "x" * 100}) == 3  # kept while away
+    assert store.memory == counted()
+    assert second.frames[-1] is third.frames[-1] and second.texts(ids[1])[-1] == (
+        '{"event":"news","client_id":"%s","data":{"data":{"n":5,"pad":"%s"}}}' % (ids[1], "x" * 100))
+    store.end_all("shutdown")  # what they held is released
+    assert store.memory == 0 and not store._kept
+
+
 async def test_frames_keep_their_order_across_the_switch_from_direct_writes_to_the_queue() -> None:
     connection, output, _ = writer()
     assert connection.send("1") and connection.send("2")
