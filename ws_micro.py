@@ -1173,16 +1173,11 @@ class _Connection:
         if session is not None and keep:
             state = self.state
             if state is _OPEN or state is _BACKLOGGED:  # connected: kept, the oldest making room
-                # _Session.keep's common case, inline: it runs for every receiver of every frame.
-                frames = session.frames
-                frames.append(text if shared is None else shared)
-                session.sent += 1
-                session.size += len(text)
-                if len(frames) > session.max_frames:
-                    oldest = frames.popleft()
-                    session.size -= len(oldest) if isinstance(oldest, str) else oldest.length
-                if session.size > session.max_bytes:
-                    session.make_room()
+                if session.long or len(text) > session.share:  # its characters are counted (_Session.keep)
+                    session.keep(text if shared is None else shared, len(text))
+                else:  # _Session.keep's common case, inline: it runs for every receiver of every frame
+                    session.frames.append(text if shared is None else shared)  # the oldest makes room (maxlen)
+                    session.sent += 1
             elif state in _KEEPING:
                 if not session.keep(text if shared is None else shared, len(text)):
                     self.end("overflowed")
@@ -1455,13 +1450,18 @@ class _Session:
     spliced in again when it is replayed (:meth:`back`, :meth:`texts`), giving the same text.
     """
 
-    __slots__ = ("away_at", "frames", "max_bytes", "max_frames", "sent", "size", "store", "token_hash",
-                 "used_hash")
+    __slots__ = ("away_at", "frames", "long", "max_bytes", "max_frames", "sent", "share", "size", "store",
+                 "token_hash", "used_hash")
 
     def __init__(self, settings: Settings) -> None:
         self.max_frames, self.max_bytes = settings.recovery_max_frames, settings.recovery_max_bytes
-        self.frames: collections.deque[str | _Frame] = collections.deque()
-        self.size = 0  # characters in frames, as replayed (a shared frame with the client id spliced in)
+        # Its bound by count is the deque's own: the oldest frame makes room for a new one in C.  Its bound in
+        # characters needs counting only while it keeps a frame longer than a ``share`` of it: max_frames
+        # frames no longer than that cannot pass max_bytes.  So, most of the time, keeping a frame is an append.
+        self.frames: collections.deque[str | _Frame] = collections.deque(maxlen=self.max_frames)
+        self.share = self.max_bytes // self.max_frames
+        self.long = 0  # frames kept longer than a share
+        self.size = 0  # characters in frames (see characters()), counted while it keeps a long one
         self.sent = 0  # the offset after the last frame
         self.away_at = -1  # the offset when its connection dropped; -1 while connected
         self.token_hash = b""  # of the token the last connect frame gave; b"" once it was presented
@@ -1471,41 +1471,65 @@ class _Session:
     @classmethod
     def restored(cls, settings: Settings, base: int, away_at: int, frames: list[str],
                  used_hash: bytes) -> _Session:
-        """A session kept elsewhere (cluster mode): its frames, the first at offset ``base``."""
+        """A session kept elsewhere (cluster mode): its frames, the first at offset ``base``.  It may hold
+        more than its bounds (those kept while it was handed over), until :meth:`back`."""
         session = cls(settings)
-        session.frames.extend(frames)
+        session.frames = collections.deque(frames, maxlen=max(session.max_frames, len(frames)))
         session.sent = base + len(frames)
-        session.size = sum(map(len, frames))
+        session._count()
         session.away_at, session.used_hash = away_at, used_hash
         return session
 
+    def characters(self) -> int:
+        """The characters of its frames, as replayed (a shared frame with a client id spliced in)."""
+        if self.long:
+            return self.size
+        return sum(len(frame) if isinstance(frame, str) else frame.length for frame in self.frames)
+
     def keep(self, frame: str | _Frame, length: int) -> bool:
         """Keep a frame of ``length`` characters (as replayed); False if the session is away and the frame
-        would pass its bounds."""
-        frames = self.frames
+        would pass its bounds.  (_Connection.send keeps a connected session's short frames itself.)"""
+        frames, store = self.frames, self.store
+        if len(frames) >= self.max_frames and not self._drop_oldest():
+            return False
+        if length > self.share:
+            if not self.long:
+                self.size = self.characters()  # counted from now on
+            self.long += 1
+        if self.long:
+            self.size += length
         frames.append(frame)
-        self.size += length
         self.sent += 1
-        store = self.store
         if store is not None:  # waiting in the store: its frames count against every waiting session's memory
             store.hold(frame)
-        while len(frames) > self.max_frames or self.size > self.max_bytes:
-            if 0 <= self.away_at <= self.sent - len(frames):  # the oldest was sent while away
+        while self.long and self.size > self.max_bytes:
+            if not self._drop_oldest():
                 return False  # the session ends, and leaves the store with what it holds
-            oldest = frames.popleft()
-            self.size -= len(oldest) if isinstance(oldest, str) else oldest.length
-            if store is not None:
-                store.release(oldest)
         if store is not None:
             store.fit()
         return True
 
-    def make_room(self) -> None:
-        """Connected, past its bounds: the oldest frames make room."""
+    def _drop_oldest(self) -> bool:
+        """Let the oldest frame make room; False, keeping it, if the client had not had it (sent while away)."""
         frames = self.frames
-        while len(frames) > self.max_frames or self.size > self.max_bytes:
-            oldest = frames.popleft()
-            self.size -= len(oldest) if isinstance(oldest, str) else oldest.length
+        if 0 <= self.away_at <= self.sent - len(frames):
+            return False
+        oldest = frames.popleft()
+        if self.long:
+            length = len(oldest) if isinstance(oldest, str) else oldest.length
+            self.size -= length
+            if length > self.share:
+                self.long -= 1
+        if self.store is not None:
+            self.store.release(oldest)
+        return True
+
+    def _count(self) -> None:
+        """Count its long frames, and its characters if it has any."""
+        share = self.share
+        lengths = [len(frame) if isinstance(frame, str) else frame.length for frame in self.frames]
+        self.long = sum(length > share for length in lengths)
+        self.size = sum(lengths) if self.long else 0
 
     def back(self, offset: int | None, client_id: str) -> list[str] | None:
         """Its client is back: the frames after ``offset`` (None: after the connection dropped), or None if
@@ -1515,7 +1539,13 @@ class _Session:
         first = self.sent - len(self.frames)  # the offset of the oldest kept frame
         if not first <= start <= self.sent:
             return None
-        return _texts(itertools.islice(self.frames, start - first, None), client_id)
+        missed = _texts(itertools.islice(self.frames, start - first, None), client_id)
+        if self.frames.maxlen != self.max_frames:  # restored past its bounds: within them again
+            self.frames = collections.deque(self.frames, maxlen=self.max_frames)
+            self._count()
+            while self.long and self.size > self.max_bytes:
+                self._drop_oldest()
+        return missed
 
     def texts(self, client_id: str) -> list[str]:
         """Its frames as they were sent (to the client ``client_id``)."""

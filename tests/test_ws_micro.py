@@ -17,6 +17,7 @@ import contextlib
 import io
 import json
 import logging
+import random
 import re
 import subprocess
 import sys
@@ -1046,7 +1047,8 @@ async def test_a_fan_out_is_kept_once_for_all_its_receivers_and_its_waiting_sess
         assert sent[-1] == '{"event":"news","client_id":"%s","data":{"data":{"n":4,"pad":"%s"}}}' % (client_id,
                                                                                                     "x" * 100)
         kept = session.texts(client_id)  # the newest, as sent, within 3 frames and 400 characters
-        assert kept == sent[-len(kept):] and session.size == sum(map(len, kept)) <= 400 < sum(map(len, sent[-3:]))
+        assert kept == sent[-len(kept):] and session.characters() == sum(map(len, kept)) <= 400 < sum(
+            map(len, sent[-3:]))
     first, second, third = sessions.values()
     assert first is not None and second is not None and third is not None
     assert first.frames[-1] is second.frames[-1] is third.frames[-1]  # one body for all three
@@ -1073,6 +1075,50 @@ async def test_a_fan_out_is_kept_once_for_all_its_receivers_and_its_waiting_sess
         '{"event":"news","client_id":"%s","data":{"data":{"n":5,"pad":"%s"}}}' % (ids[1], "x" * 100))
     store.end_all("shutdown")  # what they held is released
     assert store.memory == 0 and not store._kept
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_session_keeps_the_frames_a_plain_list_within_its_bounds_would(seed: int) -> None:
+    # _Session keeps its short frames without counting their characters, and _Connection.send keeps a connected
+    # session's frames inline: against the rule written plainly (append, then the oldest make room while past
+    # either bound; away, a frame the client had not had cannot), over random frames, short and long, some
+    # shared (a fan-out's), connected and then away.
+    rng = random.Random(seed)
+    settings = Settings(recovery_window=60, recovery_max_frames=rng.randint(1, 6), recovery_max_bytes=rng.randint(150, 900))
+    connection, output, _ = writer(recovery_window=60, recovery_max_frames=settings.recovery_max_frames,
+                                   recovery_max_bytes=settings.recovery_max_bytes)
+    connection.session = session = ws_micro._Session(settings)
+    model: list[str] = []
+    sent, away_at, lost = 0, -1, False
+    for step in range(rng.randint(0, 30)):
+        if step == 12:  # its peer vanishes: from now on frames are only kept
+            connection.state = ws_micro._State.DROPPED
+            connection.wait_away()
+            away_at = sent
+        pad = "x" * rng.choice([1, 20, 60, 140, 300, 1000])
+        if rng.random() < 0.5:
+            text = '{"event":"chat","data":{"data":{"p":"%s"}}}' % pad
+            taken = connection.send(text)
+        else:
+            frame = ws_micro._Frame("news", {"p": pad})
+            frame.length = len(frame.head) + 36 + len(frame.tail)  # as Registry._fan_out sets it
+            text = frame.to(connection.id)
+            taken = connection.send(text, shared=frame)
+        model.append(text)
+        sent += 1
+        while len(model) > settings.recovery_max_frames or sum(map(len, model)) > settings.recovery_max_bytes:
+            if 0 <= away_at <= sent - len(model):
+                lost = True
+                break
+            model.pop(0)
+        if lost:
+            assert not taken and connection.state is ws_micro._State.ENDED
+            return
+        assert taken and session.texts(connection.id) == model and session.characters() == sum(map(len, model))
+    assert session.sent == sent
+    offset = rng.randint(sent - len(model) - 1, sent + 1)
+    expected = model[offset - (sent - len(model)):] if sent - len(model) <= offset <= sent else None
+    assert session.back(offset, connection.id) == expected
 
 
 async def test_frames_keep_their_order_across_the_switch_from_direct_writes_to_the_queue() -> None:
