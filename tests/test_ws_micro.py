@@ -1115,6 +1115,7 @@ def test_a_session_keeps_the_frames_a_plain_list_within_its_bounds_would(seed: i
             assert not taken and connection.state is ws_micro._State.ENDED
             return
         assert taken and session.texts(connection.id) == model and session.characters() == sum(map(len, model))
+        assert session.long == sum(len(text) > session.share for text in model)  # back to appends when 0
     assert session.sent == sent
     offset = rng.randint(sent - len(model) - 1, sent + 1)
     expected = model[offset - (sent - len(model)):] if sent - len(model) <= offset <= sent else None
