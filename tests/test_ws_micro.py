@@ -1035,8 +1035,12 @@ async def test_a_fan_out_is_kept_once_for_all_its_receivers_and_its_waiting_sess
         registry._add(connection)
         outputs[connection.id] = output
     ids = list(outputs)
+
+    def as_sent(event: str, client_id: str, data: dict[str, Any]) -> str:
+        return json.dumps({"event": event, "client_id": client_id, "data": {"data": data}}, separators=(",", ":"))
+
     assert await registry.broadcast("news", {"n": 1, "pad": "x" * 100}) == 3
-    assert registry._relay(ids[1:], '{"event":"chat","client_id":"%s","data":{"data":{"n":2}}}' % ids[0]) == 2
+    assert registry._relay(ids[1:], as_sent("chat", ids[0], {"n": 2})) == 2
     assert await registry.broadcast("news", {"n": 3, "pad": "x" * 100}) == 3
     assert await registry.broadcast("news", {"n": 4, "pad": "x" * 100}) == 3
 
@@ -1044,8 +1048,7 @@ async def test_a_fan_out_is_kept_once_for_all_its_receivers_and_its_waiting_sess
     for client_id, session in sessions.items():
         assert session is not None
         sent = outputs[client_id].taken
-        assert sent[-1] == '{"event":"news","client_id":"%s","data":{"data":{"n":4,"pad":"%s"}}}' % (client_id,
-                                                                                                    "x" * 100)
+        assert sent[-1] == as_sent("news", client_id, {"n": 4, "pad": "x" * 100})
         kept = session.texts(client_id)  # the newest, as sent, within 3 frames and 400 characters
         assert kept == sent[-len(kept):] and session.characters() == sum(map(len, kept)) <= 400 < sum(
             map(len, sent[-3:]))
@@ -1071,8 +1074,8 @@ async def test_a_fan_out_is_kept_once_for_all_its_receivers_and_its_waiting_sess
     assert store.memory == counted() < sum(map(memory, [*second.frames, *third.frames]))
     assert await registry.broadcast("news", {"n": 5, "pad": "x" * 100}) == 3  # kept while away
     assert store.memory == counted()
-    assert second.frames[-1] is third.frames[-1] and second.texts(ids[1])[-1] == (
-        '{"event":"news","client_id":"%s","data":{"data":{"n":5,"pad":"%s"}}}' % (ids[1], "x" * 100))
+    assert second.frames[-1] is third.frames[-1]
+    assert second.texts(ids[1])[-1] == as_sent("news", ids[1], {"n": 5, "pad": "x" * 100})
     store.end_all("shutdown")  # what they held is released
     assert store.memory == 0 and not store._kept
 
@@ -1084,9 +1087,10 @@ def test_a_session_keeps_the_frames_a_plain_list_within_its_bounds_would(seed: i
     # either bound; away, a frame the client had not had cannot), over random frames, short and long, some
     # shared (a fan-out's), connected and then away.
     rng = random.Random(seed)
-    settings = Settings(recovery_window=60, recovery_max_frames=rng.randint(1, 6), recovery_max_bytes=rng.randint(150, 900))
-    connection, output, _ = writer(recovery_window=60, recovery_max_frames=settings.recovery_max_frames,
-                                   recovery_max_bytes=settings.recovery_max_bytes)
+    options: dict[str, Any] = {"recovery_window": 60, "recovery_max_frames": rng.randint(1, 6),
+                               "recovery_max_bytes": rng.randint(150, 900)}
+    settings = Settings(**options)
+    connection, _, _ = writer(**options)
     connection.session = session = ws_micro._Session(settings)
     model: list[str] = []
     sent, away_at, lost = 0, -1, False
@@ -1097,7 +1101,7 @@ def test_a_session_keeps_the_frames_a_plain_list_within_its_bounds_would(seed: i
             away_at = sent
         pad = "x" * rng.choice([1, 20, 60, 140, 300, 1000])
         if rng.random() < 0.5:
-            text = '{"event":"chat","data":{"data":{"p":"%s"}}}' % pad
+            text = json.dumps({"event": "chat", "data": {"data": {"p": pad}}})
             taken = connection.send(text)
         else:
             frame = ws_micro._Frame("news", {"p": pad})

@@ -213,7 +213,8 @@ async def test_waiting_sessions_share_one_memory_budget_and_the_oldest_make_room
         rss = rss_mib(server.process)
         for n in range(10):  # 20 x 10 x 8 KB = 1.6 MB if each kept them all
             for me, _ in sessions:
-                pushed = server.post(f"/api/clients/{me}", {"event": "news", "data": {"data": {"n": n, "pad": padding}}})
+                news = {"event": "news", "data": {"data": {"n": n, "pad": padding}}}
+                pushed = server.post(f"/api/clients/{me}", news)
                 assert pushed.status_code in (202, 404)  # 404: evicted meanwhile
         kept = server.metric("ws_micro_sessions_kept_bytes")
         evicted = server.metric("ws_micro_sessions_total", outcome="evicted")
@@ -259,7 +260,7 @@ async def test_a_fan_out_kept_for_many_waiting_sessions_is_counted_once_and_repl
                         "delivered": 22}
                 else:
                     await sender.send(json.dumps(frame("chat", sender_id, data, room="lobby")))
-            live = [await peer.recv() for _ in range(6)]  # what a connected receiver got, in order
+            live = [await peer.recv(decode=True) for _ in range(6)]  # what a connected receiver got, in order
             assert [json.loads(text)["event"] for text in live] == ["news", "room", "news", "room", "chat", "chat"]
             await nothing_more(peer, peer_id)  # the relays went through
             kept = server.metric("ws_micro_sessions_kept_bytes")
@@ -271,7 +272,7 @@ async def test_a_fan_out_kept_for_many_waiting_sessions_is_counted_once_and_repl
                 async with connect(resume_url(server, token, offset=1)) as back:
                     info = await greeted(back)
                     assert (info["client_id"], info["data"]["data"]["missed"]) == (me, 6)
-                    replayed = [await back.recv() for _ in range(6)]
+                    replayed = [await back.recv(decode=True) for _ in range(6)]
                     # Byte for byte the live frames, with this client's id where the peer's was.
                     assert replayed == [text.replace(peer_id, me) if json.loads(text)["event"] != "chat" else text
                                         for text in live]
