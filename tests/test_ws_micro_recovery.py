@@ -200,7 +200,7 @@ async def test_a_session_expires_after_the_window_and_resuming_then_says_not_rec
 
 
 async def test_waiting_sessions_share_one_memory_budget_and_the_oldest_make_room() -> None:
-    # Frames pushed to each client by id are its own: 20 sessions kept 10 of 8 KB each would pin 1.6 MB.
+    # Frames relayed to each client by id are its own: 20 sessions kept 10 of 8 KB each would pin 1.6 MB.
     # recovery_max_memory bounds them all.
     budget, padding = 400_000, "x" * 8000
     with run_server("--log-level", "warning", "--recovery-window", "60",
@@ -211,11 +211,13 @@ async def test_waiting_sessions_share_one_memory_budget_and_the_oldest_make_room
             await drop(ws, server, me)
             sessions.append((me, token))
         rss = rss_mib(server.process)
-        for n in range(10):  # 20 x 10 x 8 KB = 1.6 MB if each kept them all
-            for me, _ in sessions:
-                news = {"event": "news", "data": {"data": {"n": n, "pad": padding}}}
-                pushed = server.post(f"/api/clients/{me}", news)
-                assert pushed.status_code in (202, 404)  # 404: evicted meanwhile
+        async with ws_client(server.ws) as (sender, sender_id):
+            for n in range(10):  # 20 x 10 x 8 KB = 1.6 MB if each kept them all
+                for me, _ in sessions:
+                    await sender.send(text("news", sender_id, {"n": n, "pad": padding}, to=me))
+            await sender.send(text("ping", sender_id))
+            while (answer := await recv_json(sender))["event"] != "pong":
+                assert answer["data"]["data"]["code"] == "unknown_client"  # evicted meanwhile
         kept = server.metric("ws_micro_sessions_kept_bytes")
         evicted = server.metric("ws_micro_sessions_total", outcome="evicted")
         assert budget - 10 * 8200 < kept <= budget and evicted >= 10, (kept, evicted)
