@@ -1162,7 +1162,7 @@ class _Connection:
         """Whether its peer is gone and its session waits for it (recovery)."""
         return self.state is _State.AWAY
 
-    def send(self, text: str, wire: bytes | None = None, *, keep: bool = True, shared: _Frame | None = None) -> bool:
+    def send(self, text: str, wire: bytes | None = None, shared: _Frame | None = None, *, keep: bool = True) -> bool:
         """Send or queue a text frame; False when the connection is closing or was just cut off.
 
         With recovery on, the frame is also kept in the session (only kept, while the peer is away),
@@ -2745,7 +2745,7 @@ class Registry:
         delivered = 0
         for client_id in list(client_ids):  # a send may cut a slow member off and change the set
             connection = self._connections.get(client_id)
-            if connection is not None and connection.send(frame.to(client_id), shared=frame):
+            if connection is not None and connection.send(frame.to(client_id), None, frame):  # positional: faster
                 delivered += 1
         return delivered
 
