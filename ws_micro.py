@@ -1489,23 +1489,35 @@ class _Session:
     def keep(self, frame: str | _Frame, length: int) -> bool:
         """Keep a frame of ``length`` characters (as replayed); False if the session is away and the frame
         would pass its bounds.  (_Connection.send keeps a connected session's short frames itself.)"""
-        frames, store = self.frames, self.store
-        if len(frames) >= self.max_frames and not self._drop_oldest():
-            return False
-        if length > self.share:
-            if not self.long:
+        frames, store, share = self.frames, self.store, self.share
+        long = self.long  # the counts in locals: this runs for every receiver of every long frame
+        if length > share:
+            if not long:
                 self.size = self.characters()  # counted from now on
-            self.long += 1
-        if self.long:
-            self.size += length
+            long += 1
+        size = self.size + length if long else 0
+        self.sent = sent = self.sent + 1
+        # The oldest make room, before the append (the deque's maxlen would drop one unseen), for the count
+        # and, the new frame counted already, for the characters.
+        while frames and (len(frames) >= self.max_frames or (long and size > self.max_bytes)):
+            if 0 <= self.away_at <= sent - 1 - len(frames):  # the oldest was sent while away
+                self.long, self.size = long, size
+                return False  # the session ends, and leaves the store with what it holds
+            oldest = frames.popleft()
+            if long:
+                dropped = len(oldest) if isinstance(oldest, str) else oldest.length
+                size -= dropped
+                if dropped > share:
+                    long -= 1
+            if store is not None:
+                store.release(oldest)
+        if long and size > self.max_bytes:  # the frame alone passes the bound
+            self.long, self.size = long - 1, size - length  # connected: it is not kept
+            return self.away_at < 0
+        self.long, self.size = long, size
         frames.append(frame)
-        self.sent += 1
         if store is not None:  # waiting in the store: its frames count against every waiting session's memory
             store.hold(frame)
-        while self.long and self.size > self.max_bytes:
-            if not self._drop_oldest():
-                return False  # the session ends, and leaves the store with what it holds
-        if store is not None:
             store.fit()
         return True
 
