@@ -690,7 +690,8 @@ def _lone_surrogate(text: str) -> tuple[str, int] | None:
 class _Frame:
     """A server frame encoded once and addressed to each recipient by splicing in its ``client_id`` (a UUID)."""
 
-    __slots__ = ("head", "tail")
+    __slots__ = ("head", "length", "tail")
+    length: int  # of its text for any client id (a UUID), set once fanned out: what receivers' sessions count
 
     def __init__(self, event: str, data: Mapping[str, Any] | None) -> None:
         self.head = '{"event":' + _encode(event).decode() + ',"client_id":"'
@@ -1178,23 +1179,29 @@ class _Connection:
         """Whether its peer is gone and its session waits for it (recovery)."""
         return self.state is _State.AWAY
 
-    def send(self, text: str, wire: bytes | None = None, *, keep: bool = True) -> bool:
+    def send(self, text: str, wire: bytes | None = None, shared: _Frame | None = None, *, keep: bool = True) -> bool:
         """Send or queue a text frame; False when the connection is closing or was just cut off.
 
         With recovery on, the frame is also kept in the session (only kept, while the peer is away),
-        unless ``keep`` is False: the connect frame, and frames replayed from the session.
+        unless ``keep`` is False: the connect frame, and frames replayed from the session.  A fan-out's
+        frame is ``shared.to(self.id)``: the session keeps ``shared``, whose body every receiver's shares.
         """
         session = self.session
         if session is not None and keep:
             state = self.state
-            if state in _KEEPING:
-                if not session.keep(text):
+            if state is _OPEN or state is _BACKLOGGED:  # connected: kept, the oldest making room
+                if session.long or len(text) > session.share:  # its characters are counted (_Session.keep)
+                    session.keep(text if shared is None else shared, len(text))
+                else:  # _Session.keep's common case, inline: it runs for every receiver of every frame
+                    session.frames.append(text if shared is None else shared)  # the oldest makes room (maxlen)
+                    session.sent += 1
+            elif state in _KEEPING:
+                if not session.keep(text if shared is None else shared, len(text)):
                     self.end("overflowed")
                     return False
                 return True
-            if state is not _OPEN and state is not _BACKLOGGED:
+            else:
                 return False
-            session.keep(text)  # connected: the oldest make room
         if self.state is _OPEN:
             try:
                 rest = self._output.write_now(text, wire)
@@ -1426,6 +1433,25 @@ def _token_hash(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
 
+# A client id's length: every one is a str(uuid.uuid4()), and a resumed session keeps its first.
+_CLIENT_ID_LENGTH = 36
+# Bytes of memory a kept frame costs its session beside the frame itself: its slot in the session's deque (a
+# pointer).  For a frame the session shares with other receivers' (a fan-out), that is all it adds.
+_SLOT = 8
+
+
+def _memory(frame: str | _Frame) -> int:
+    """The bytes of memory a kept frame takes, as sys.getsizeof counts its objects."""
+    if isinstance(frame, str):
+        return sys.getsizeof(frame)
+    return sys.getsizeof(frame) + sys.getsizeof(frame.head) + sys.getsizeof(frame.tail)
+
+
+def _texts(frames: Iterable[str | _Frame], client_id: str) -> list[str]:
+    """Kept frames as they were sent to ``client_id``: a shared frame with the id spliced in again."""
+    return [frame if isinstance(frame, str) else frame.to(client_id) for frame in frames]
+
+
 class _Session:
     """What connection recovery keeps of a connection's session: the last frames sent to it,
     numbered, and the hash of its one valid resume token.
@@ -1435,55 +1461,106 @@ class _Session:
     connected too, since those the dead socket had buffered were never read.  Connected, the
     oldest make room for new ones; away, only those the client had before it left do, and a
     session that would pass the bounds otherwise is lost.
+
+    A frame the server made for many receivers (a fan-out: ``_Frame.to`` each receiver's id) is kept
+    as its :class:`_Frame`, whose body every receiver's session shares; the session's client id is
+    spliced in again when it is replayed (:meth:`back`, :meth:`texts`), giving the same text.
     """
 
-    __slots__ = ("away_at", "frames", "max_bytes", "max_frames", "memory", "sent", "size", "store", "token_hash",
-                 "used_hash")
+    __slots__ = ("away_at", "frames", "long", "max_bytes", "max_frames", "sent", "share", "size", "store",
+                 "token_hash", "used_hash")
 
     def __init__(self, settings: Settings) -> None:
         self.max_frames, self.max_bytes = settings.recovery_max_frames, settings.recovery_max_bytes
-        self.frames: collections.deque[str] = collections.deque()
-        self.size = 0  # characters in frames
+        # Its bound by count is the deque's own: the oldest frame makes room for a new one in C.  Its bound in
+        # characters needs counting only while it keeps a frame longer than a ``share`` of it: max_frames
+        # frames no longer than that cannot pass max_bytes.  So, most of the time, keeping a frame is an append.
+        self.frames: collections.deque[str | _Frame] = collections.deque(maxlen=self.max_frames)
+        self.share = self.max_bytes // self.max_frames
+        self.long = 0  # frames kept longer than a share
+        self.size = 0  # characters in frames (see characters()), counted while it keeps a long one
         self.sent = 0  # the offset after the last frame
         self.away_at = -1  # the offset when its connection dropped; -1 while connected
         self.token_hash = b""  # of the token the last connect frame gave; b"" once it was presented
         self.used_hash = b""  # of the one before it: presented again, refused unless the session waits (claim)
-        # While it waits in the registry's store: the store, and the memory its frames take there.
-        self.store: _Sessions | None = None
-        self.memory = 0
+        self.store: _Sessions | None = None  # while it waits in the registry's store, which counts its frames
 
     @classmethod
-    def restored(cls, settings: Settings, base: int, away_at: int, frames: Iterable[str],
+    def restored(cls, settings: Settings, base: int, away_at: int, frames: list[str],
                  used_hash: bytes) -> _Session:
-        """A session kept elsewhere (cluster mode): its frames, the first at offset ``base``."""
+        """A session kept elsewhere (cluster mode): its frames, the first at offset ``base``.  It may hold
+        more than its bounds (those kept while it was handed over), until :meth:`back`."""
         session = cls(settings)
-        session.frames.extend(frames)
-        session.sent = base + len(session.frames)
-        session.size = sum(map(len, session.frames))
+        session.frames = collections.deque(frames, maxlen=max(session.max_frames, len(frames)))
+        session.sent = base + len(frames)
+        session._count()
         session.away_at, session.used_hash = away_at, used_hash
         return session
 
-    def keep(self, text: str) -> bool:
-        """Keep a frame; False if the session is away and the frame would pass its bounds."""
-        frames = self.frames
-        frames.append(text)
-        self.size += len(text)
-        self.sent += 1
-        store = self.store
-        grown = sys.getsizeof(text) if store is not None else 0
-        while len(frames) > self.max_frames or self.size > self.max_bytes:
-            if 0 <= self.away_at <= self.sent - len(frames):  # the oldest was sent while away
-                return False
+    def characters(self) -> int:
+        """The characters of its frames, as replayed (a shared frame with a client id spliced in)."""
+        if self.long:
+            return self.size
+        return sum(len(frame) if isinstance(frame, str) else frame.length for frame in self.frames)
+
+    def keep(self, frame: str | _Frame, length: int) -> bool:
+        """Keep a frame of ``length`` characters (as replayed); False if the session is away and the frame
+        would pass its bounds.  (_Connection.send keeps a connected session's short frames itself.)"""
+        frames, store, share = self.frames, self.store, self.share
+        long = self.long  # the counts in locals: this runs for every receiver of every long frame
+        if length > share:
+            if not long:
+                self.size = self.characters()  # counted from now on
+            long += 1
+        size = self.size + length if long else 0
+        self.sent = sent = self.sent + 1
+        # The oldest make room, before the append (the deque's maxlen would drop one unseen), for the count
+        # and, the new frame counted already, for the characters.
+        while frames and (len(frames) >= self.max_frames or (long and size > self.max_bytes)):
+            if 0 <= self.away_at <= sent - 1 - len(frames):  # the oldest was sent while away
+                self.long, self.size = long, size
+                return False  # the session ends, and leaves the store with what it holds
             oldest = frames.popleft()
-            self.size -= len(oldest)
+            if long:
+                dropped = len(oldest) if isinstance(oldest, str) else oldest.length
+                size -= dropped
+                if dropped > share:
+                    long -= 1
             if store is not None:
-                grown -= sys.getsizeof(oldest)
+                store.release(oldest)
+        if long and size > self.max_bytes:  # the frame alone passes the bound
+            self.long, self.size = long - 1, size - length  # connected: it is not kept
+            return self.away_at < 0
+        self.long, self.size = long, size
+        frames.append(frame)
         if store is not None:  # waiting in the store: its frames count against every waiting session's memory
-            self.memory += grown
-            store.grew(grown)
+            store.hold(frame)
+            store.fit()
         return True
 
-    def back(self, offset: int | None) -> list[str] | None:
+    def _drop_oldest(self) -> bool:
+        """Let the oldest frame make room; False, keeping it, if the client had not had it (sent while away)."""
+        frames = self.frames
+        if 0 <= self.away_at <= self.sent - len(frames):
+            return False
+        oldest = frames.popleft()
+        if self.long:
+            length = len(oldest) if isinstance(oldest, str) else oldest.length
+            self.size -= length
+            if length > self.share:
+                self.long -= 1
+        if self.store is not None:
+            self.store.release(oldest)
+        return True
+
+    def _count(self) -> None:
+        """Count its long frames, and its characters if it has any."""
+        share = self.share
+        lengths = [len(frame) if isinstance(frame, str) else frame.length for frame in self.frames]
+        self.long = sum(length > share for length in lengths)
+        self.size = sum(lengths) if self.long else 0
+
+    def back(self, offset: int | None, client_id: str) -> list[str] | None:
         """Its client is back: the frames after ``offset`` (None: after the connection dropped), or None if
         some are no longer kept, or the offset is past the last frame.  Connected again from now on."""
         start = self.away_at if offset is None else offset
@@ -1491,7 +1568,17 @@ class _Session:
         first = self.sent - len(self.frames)  # the offset of the oldest kept frame
         if not first <= start <= self.sent:
             return None
-        return list(itertools.islice(self.frames, start - first, None))
+        missed = _texts(itertools.islice(self.frames, start - first, None), client_id)
+        if self.frames.maxlen != self.max_frames:  # restored past its bounds: within them again
+            self.frames = collections.deque(self.frames, maxlen=self.max_frames)
+            self._count()
+            while self.long and self.size > self.max_bytes:
+                self._drop_oldest()
+        return missed
+
+    def texts(self, client_id: str) -> list[str]:
+        """Its frames as they were sent (to the client ``client_id``)."""
+        return _texts(self.frames, client_id)
 
     def issue_token(self, client_id: str) -> str:
         """A new resume token, the only one valid from now on: ``<client id>.<secret>``."""
@@ -1555,9 +1642,11 @@ class _Sessions:
         self.outcomes = collections.Counter(dict.fromkeys(SESSION_OUTCOMES, 0))
         self._waiting: dict[str, tuple[_Connection, asyncio.TimerHandle]] = {}  # client id -> it, its expiry
         self._shares: dict[str, dict[str, None]] = {}  # _share_key -> its waiting client ids, oldest first
-        # Bytes of memory the frames of the waiting sessions take (their strings, as sys.getsizeof counts):
-        # server-made frames carry each receiver's id, so sessions share none of them.
+        # Bytes of memory the frames of the waiting sessions take (as sys.getsizeof counts their objects, and
+        # a _SLOT for each kept frame): a frame many of them share (a fan-out's _Frame, a room relay's string)
+        # counts once, however many keep it; ``_kept`` counts how many keep each, by the object's id.
         self.memory = 0
+        self._kept: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -1572,7 +1661,9 @@ class _Sessions:
         assert session is not None
         expiry = asyncio.get_running_loop().call_later(self.settings.recovery_window, connection.end, "expired")
         self._waiting[connection.id] = (connection, expiry)
-        session.store, session.memory = self, sum(map(sys.getsizeof, session.frames))
+        session.store = self
+        for frame in session.frames:
+            self.hold(frame)
         key, share = _connection_key(connection), self.settings.recovery_max_sessions_per_user
         if key is not None and share:
             waiting = self._shares.setdefault(key, {})
@@ -1581,7 +1672,7 @@ class _Sessions:
                 self._evict(self._waiting[next(iter(waiting))][0])
         if len(self._waiting) > self.settings.recovery_max_sessions:
             self._evict_oldest()
-        self.grew(session.memory)
+        self.fit()
 
     def end_all(self, reason: str) -> None:
         """End every session waiting here: the server stops, and their clients cannot come back to it."""
@@ -1589,10 +1680,26 @@ class _Sessions:
             self.stop_waiting(connection)
             connection.end(reason)
 
-    def grew(self, memory: int) -> None:
-        """The waiting sessions' frames take ``memory`` more bytes: past recovery_max_memory, the sessions
-        waiting longest end until the rest fit."""
-        self.memory += memory
+    def hold(self, frame: str | _Frame) -> None:
+        """A waiting session keeps ``frame``: count the memory it adds, the frame's own only if no other
+        waiting session keeps it (see :meth:`fit`)."""
+        key = id(frame)  # the object's: it lives while a session keeps it
+        keeping = self._kept.get(key, 0)
+        self._kept[key] = keeping + 1
+        self.memory += _SLOT if keeping else _SLOT + _memory(frame)
+
+    def release(self, frame: str | _Frame) -> None:
+        """A waiting session lets go of ``frame`` (the opposite of :meth:`hold`)."""
+        key = id(frame)
+        keeping = self._kept.pop(key) - 1
+        if keeping:
+            self._kept[key] = keeping
+            self.memory -= _SLOT
+        else:
+            self.memory -= _SLOT + _memory(frame)
+
+    def fit(self) -> None:
+        """Past recovery_max_memory, end the sessions waiting longest until the rest fit."""
         while self.memory > self.settings.recovery_max_memory and self._waiting:
             self._evict_oldest()
 
@@ -1614,8 +1721,9 @@ class _Sessions:
                     del self._shares[key]
             session = connection.session
             if session is not None and session.store is self:
-                self.memory -= session.memory
-                session.store, session.memory = None, 0
+                for frame in session.frames:
+                    self.release(frame)
+                session.store = None
 
     def claim(self, previous: _Connection, secret: str, user: str | None, *, spend: bool) -> bool | None:
         """Whether a resume token's ``secret`` is that of the session ``previous`` holds, for ``user`` (its
@@ -1634,7 +1742,7 @@ class _Sessions:
             return None
         if previous.open:
             session.away_at = session.sent
-        missed = session.back(offset)
+        missed = session.back(offset, previous.id)
         if missed is None:
             if previous.open:
                 previous.drop(final=True)  # it never waited: its connection's end is its session's
@@ -2401,10 +2509,10 @@ class Registry:
         if taken is None:  # gone from the backend meanwhile
             self._forget(connection)
             return None
-        held = connection.session.frames if connection.session is not None else ()
+        held = connection.session.texts(connection.id) if connection.session is not None else ()
         session = _Session.restored(self._settings, taken.base, taken.away_at, [*taken.frames, *held],
                                     bytes.fromhex(parked.token_hash))
-        missed = session.back(offset)
+        missed = session.back(offset, connection.id)
         connection.session = session
         if missed is None:  # the client is further behind than what was kept: the session ends here
             connection.end("not_recovered")
@@ -2671,10 +2779,11 @@ class Registry:
         return kicked
 
     def _fan_out(self, client_ids: Iterable[str], frame: _Frame) -> int:
+        frame.length = len(frame.head) + _CLIENT_ID_LENGTH + len(frame.tail)  # once for its every receiver
         delivered = 0
         for client_id in list(client_ids):  # a send may cut a slow member off and change the set
             connection = self._connections.get(client_id)
-            if connection is not None and connection.send(frame.to(client_id)):
+            if connection is not None and connection.send(frame.to(client_id), None, frame):  # positional: faster
                 delivered += 1
         return delivered
 

@@ -1124,9 +1124,9 @@ class RedisBackend(_Backend):
         sealed = connection.close_reason == "shutdown"
         self._enqueue("park", (client_id, self._entry(connection), _encode(left), session.token_hash.hex(),
                                settings.recovery_window, session.sent - len(session.frames), session.away_at,
-                               settings.recovery_max_frames, settings.recovery_max_bytes, session.size,
+                               settings.recovery_max_frames, settings.recovery_max_bytes, session.characters(),
                                self._takeovers.pop(client_id, ""), int(sealed), settings.recovery_max_memory,
-                               *session.frames), done)
+                               *session.texts(client_id)), done)
         self._parked[client_id] = connection
         if not sealed:
             self._parking[client_id] = connection

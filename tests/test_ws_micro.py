@@ -17,6 +17,7 @@ import contextlib
 import io
 import json
 import logging
+import random
 import re
 import subprocess
 import sys
@@ -1019,6 +1020,110 @@ def writer(**options: Any) -> tuple[ws_micro._Connection, StallingOutput, list[s
     connection = ws_micro._Connection(output, remote=None, settings=Settings(**options), metrics=ws_micro._Metrics(),
                                       on_close=lambda connection: left.append(connection.close_reason))
     return connection, output, left
+
+
+async def test_a_fan_out_is_kept_once_for_all_its_receivers_and_its_waiting_sessions_count_it_once() -> None:
+    # Recovery keeps what each connection is sent.  A server-made frame differs between receivers only in the
+    # client_id: each session keeps the one shared frame and splices its own id in again at replay.
+    registry, settings = Registry(), Settings(recovery_window=60, recovery_max_frames=3, recovery_max_bytes=400)
+    registry._use(settings, ws_micro._Backend(), lambda connection: None)
+    outputs: dict[str, StallingOutput] = {}
+    for _ in range(3):
+        output = StallingOutput()
+        connection = ws_micro._Connection(output, remote=None, settings=settings, metrics=registry._metrics,
+                                          on_close=registry._remove, session=registry._sessions.new())
+        registry._add(connection)
+        outputs[connection.id] = output
+    ids = list(outputs)
+
+    def as_sent(event: str, client_id: str, data: dict[str, Any]) -> str:
+        return json.dumps({"event": event, "client_id": client_id, "data": {"data": data}}, separators=(",", ":"))
+
+    assert await registry.broadcast("news", {"n": 1, "pad": "x" * 100}) == 3
+    assert registry._relay(ids[1:], as_sent("chat", ids[0], {"n": 2})) == 2
+    assert await registry.broadcast("news", {"n": 3, "pad": "x" * 100}) == 3
+    assert await registry.broadcast("news", {"n": 4, "pad": "x" * 100}) == 3
+
+    sessions = {client_id: registry._connections[client_id].session for client_id in ids}
+    for client_id, session in sessions.items():
+        assert session is not None
+        sent = outputs[client_id].taken
+        assert sent[-1] == as_sent("news", client_id, {"n": 4, "pad": "x" * 100})
+        kept = session.texts(client_id)  # the newest, as sent, within 3 frames and 400 characters
+        assert kept == sent[-len(kept):] and session.characters() == sum(map(len, kept)) <= 400 < sum(
+            map(len, sent[-3:]))
+    first, second, third = sessions.values()
+    assert first is not None and second is not None and third is not None
+    assert first.frames[-1] is second.frames[-1] is third.frames[-1]  # one body for all three
+
+    # Two connections drop: their sessions wait, and count each object they keep once, and a slot for each.
+    for client_id in ids[1:]:
+        registry._connections[client_id].gone("abnormal")
+    store = registry._sessions
+    assert len(store) == 2 and [len(second.frames), len(third.frames)] == [2, 2]
+
+    def memory(frame: str | ws_micro._Frame) -> int:
+        if isinstance(frame, str):
+            return sys.getsizeof(frame)
+        return sys.getsizeof(frame) + sys.getsizeof(frame.head) + sys.getsizeof(frame.tail)
+
+    def counted() -> int:
+        objects = {id(frame): frame for session in (second, third) for frame in session.frames}
+        return sum(map(memory, objects.values())) + 8 * (len(second.frames) + len(third.frames))
+
+    assert store.memory == counted() < sum(map(memory, [*second.frames, *third.frames]))
+    assert await registry.broadcast("news", {"n": 5, "pad": "x" * 100}) == 3  # kept while away
+    assert store.memory == counted()
+    assert second.frames[-1] is third.frames[-1]
+    assert second.texts(ids[1])[-1] == as_sent("news", ids[1], {"n": 5, "pad": "x" * 100})
+    store.end_all("shutdown")  # what they held is released
+    assert store.memory == 0 and not store._kept
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_session_keeps_the_frames_a_plain_list_within_its_bounds_would(seed: int) -> None:
+    # _Session keeps its short frames without counting their characters, and _Connection.send keeps a connected
+    # session's frames inline: against the rule written plainly (append, then the oldest make room while past
+    # either bound; away, a frame the client had not had cannot), over random frames, short and long, some
+    # shared (a fan-out's), connected and then away.
+    rng = random.Random(seed)
+    options: dict[str, Any] = {"recovery_window": 60, "recovery_max_frames": rng.randint(1, 6),
+                               "recovery_max_bytes": rng.randint(150, 900)}
+    settings = Settings(**options)
+    connection, _, _ = writer(**options)
+    connection.session = session = ws_micro._Session(settings)
+    model: list[str] = []
+    sent, away_at, lost = 0, -1, False
+    for step in range(rng.randint(0, 30)):
+        if step == 12:  # its peer vanishes: from now on frames are only kept
+            connection.state = ws_micro._State.DROPPED
+            connection.wait_away()
+            away_at = sent
+        pad = "x" * rng.choice([1, 20, 60, 140, 300, 1000])
+        if rng.random() < 0.5:
+            text = json.dumps({"event": "chat", "data": {"data": {"p": pad}}})
+            taken = connection.send(text)
+        else:
+            frame = ws_micro._Frame("news", {"p": pad})
+            frame.length = len(frame.head) + 36 + len(frame.tail)  # as Registry._fan_out sets it
+            text = frame.to(connection.id)
+            taken = connection.send(text, shared=frame)
+        model.append(text)
+        sent += 1
+        while len(model) > settings.recovery_max_frames or sum(map(len, model)) > settings.recovery_max_bytes:
+            if 0 <= away_at <= sent - len(model):
+                lost = True
+                break
+            model.pop(0)
+        if lost:
+            assert not taken and connection.state is ws_micro._State.ENDED
+            return
+        assert taken and session.texts(connection.id) == model and session.characters() == sum(map(len, model))
+        assert session.long == sum(len(text) > session.share for text in model)  # back to appends when 0
+    assert session.sent == sent
+    offset = rng.randint(sent - len(model) - 1, sent + 1)
+    expected = model[offset - (sent - len(model)):] if sent - len(model) <= offset <= sent else None
+    assert session.back(offset, connection.id) == expected
 
 
 async def test_frames_keep_their_order_across_the_switch_from_direct_writes_to_the_queue() -> None:

@@ -200,8 +200,8 @@ async def test_a_session_expires_after_the_window_and_resuming_then_says_not_rec
 
 
 async def test_waiting_sessions_share_one_memory_budget_and_the_oldest_make_room() -> None:
-    # Server-made frames carry each receiver's id: every waiting session keeps its own copy, so one sender
-    # of broadcasts could make 10,000 sessions pin 256 KiB each.  recovery_max_memory bounds them all.
+    # Frames relayed to each client by id are its own: 20 sessions kept 10 of 8 KB each would pin 1.6 MB.
+    # recovery_max_memory bounds them all.
     budget, padding = 400_000, "x" * 8000
     with run_server("--log-level", "warning", "--recovery-window", "60",
                     "--recovery-max-memory", str(budget)) as server:
@@ -211,9 +211,13 @@ async def test_waiting_sessions_share_one_memory_budget_and_the_oldest_make_room
             await drop(ws, server, me)
             sessions.append((me, token))
         rss = rss_mib(server.process)
-        for n in range(10):  # 20 x 10 x 8 KB = 1.6 MB if each kept them all
-            delivered = server.post("/api/broadcast", {"event": "news", "data": {"data": {"n": n, "pad": padding}}})
-            assert delivered.status_code == 202
+        async with ws_client(server.ws) as (sender, sender_id):
+            for n in range(10):  # 20 x 10 x 8 KB = 1.6 MB if each kept them all
+                for me, _ in sessions:
+                    await sender.send(text("news", sender_id, {"n": n, "pad": padding}, to=me))
+            await sender.send(text("ping", sender_id))
+            while (answer := await recv_json(sender))["event"] != "pong":
+                assert answer["data"]["data"]["code"] == "unknown_client"  # evicted meanwhile
         kept = server.metric("ws_micro_sessions_kept_bytes")
         evicted = server.metric("ws_micro_sessions_total", outcome="evicted")
         assert budget - 10 * 8200 < kept <= budget and evicted >= 10, (kept, evicted)
@@ -228,6 +232,56 @@ async def test_waiting_sessions_share_one_memory_budget_and_the_oldest_make_room
         async with connect(resume_url(server, oldest[1], offset=0)) as back:
             info = await greeted(back)
             assert info["client_id"] != oldest[0] and info["data"]["data"]["recovered"] is False
+
+
+async def test_a_fan_out_kept_for_many_waiting_sessions_is_counted_once_and_replayed_with_each_ones_id() -> None:
+    # A broadcast, a room publish and a room relay reach 20 waiting sessions: each frame's body is held once
+    # for all of them (a server-made frame differs only in each receiver's client_id), and counted once
+    # against recovery_max_memory.  Each session, resumed, gets the very bytes it would have got connected.
+    budget, padding = 400_000, "x" * 8000
+    with run_server("--log-level", "warning", "--recovery-window", "60",
+                    "--recovery-max-memory", str(budget)) as server:
+        async with ws_client(server.ws) as (peer, peer_id), ws_client(server.ws) as (sender, sender_id):
+            for ws, client_id in ((peer, peer_id), (sender, sender_id)):
+                await ws.send(json.dumps(frame("join", client_id, {"room": "lobby"})))
+                assert (await recv_json(ws))["event"] == "joined"
+            sessions = []
+            for _ in range(20):
+                ws, me, token = await new_session(server.ws)
+                await ws.send(json.dumps(frame("join", me, {"room": "lobby"})))
+                assert (await recv_json(ws))["event"] == "joined"  # frame 1
+                await drop(ws, server, me)
+                sessions.append((me, token))
+            assert server.metric("ws_micro_sessions_kept_bytes") < 20 * 1000  # a joined frame each
+            for n in range(4):  # 6 frames of 8 KB each session keeps: 960 KB if each kept its own copy
+                data = {"n": n, "pad": padding}
+                if n < 2:
+                    assert server.post("/api/broadcast", {"event": "news", "data": {"data": data}}).json() == {
+                        "delivered": 22}
+                    assert server.post("/api/rooms/lobby", {"event": "room", "data": {"data": data}}).json() == {
+                        "delivered": 22}
+                else:
+                    await sender.send(json.dumps(frame("chat", sender_id, data, room="lobby")))
+            live = [await peer.recv(decode=True) for _ in range(6)]  # what a connected receiver got, in order
+            assert [json.loads(text)["event"] for text in live] == ["news", "room", "news", "room", "chat", "chat"]
+            await nothing_more(peer, peer_id)  # the relays went through
+            kept = server.metric("ws_micro_sessions_kept_bytes")
+            # 6 bodies of 8 KB once, 120 slots, and 20 joined frames: far below 20 copies of each.
+            assert 6 * 8000 < kept < 6 * 8300 + 20 * 250, kept
+            assert server.metric("ws_micro_sessions_total", outcome="evicted") == 0
+            assert server.metric("ws_micro_sessions_away") == 20
+            for me, token in sessions:
+                async with connect(resume_url(server, token, offset=1)) as back:
+                    info = await greeted(back)
+                    assert (info["client_id"], info["data"]["data"]["missed"]) == (me, 6)
+                    replayed = [await back.recv(decode=True) for _ in range(6)]
+                    # Byte for byte the live frames, with this client's id where the peer's was.
+                    assert replayed == [text.replace(peer_id, me) if json.loads(text)["event"] != "chat" else text
+                                        for text in live]
+                    assert replayed[0] == ('{"event":"news","client_id":"' + me + '","data":{"data":{"n":0,"pad":"'
+                                           + padding + '"}}}')
+                    await nothing_more(back, me)
+            assert server.metric("ws_micro_sessions_kept_bytes") == 0
 
 
 @pytest.mark.process  # the backend runs in a thread, on a port
