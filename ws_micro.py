@@ -2780,10 +2780,17 @@ class Registry:
 
     def _fan_out(self, client_ids: Iterable[str], frame: _Frame) -> int:
         frame.length = len(frame.head) + _CLIENT_ID_LENGTH + len(frame.tail)  # once for its every receiver
+        # Each receiver's frame as bytes on the wire (for outputs that write bytes: ws_micro_servers.py's), framed
+        # once: what comes before its id and what comes after, around each.  Framing and encoding every receiver's
+        # text apart was a fifth of a delivery's instructions.
+        tail = frame.tail.encode()
+        wire = _websocket_frame(frame.head.encode() + bytes(_CLIENT_ID_LENGTH) + tail)
+        head = wire[:len(wire) - _CLIENT_ID_LENGTH - len(tail)]
         delivered = 0
         for client_id in list(client_ids):  # a send may cut a slow member off and change the set
             connection = self._connections.get(client_id)
-            if connection is not None and connection.send(frame.to(client_id), None, frame):  # positional: faster
+            if connection is not None and connection.send(frame.to(client_id), head + client_id.encode() + tail,
+                                                          frame):  # positional: faster
                 delivered += 1
         return delivered
 
