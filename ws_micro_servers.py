@@ -342,10 +342,11 @@ class _UvicornOutput(_Output):
     per fan-out, when the engine would write at once; otherwise through ``send``, which waits as it does.
     And frames read past ASGI: see :meth:`_message`."""
 
-    __slots__ = ("_conn", "_connection", "_direct", "_engine", "_engine_transport", "_metrics", "_open", "_received",
-                 "_settings", "_transport", "_writable")
+    __slots__ = ("_conn", "_connection", "_corks", "_direct", "_engine", "_engine_transport", "_metrics", "_open",
+                 "_received", "_settings", "_transport", "_writable")
 
-    def __init__(self, engine: Any, send: Send, settings: Settings, metrics: _Metrics, *, direct: bool) -> None:
+    def __init__(self, engine: Any, send: Send, settings: Settings, metrics: _Metrics, corks: _Corks, *,
+                 direct: bool) -> None:
         from websockets.protocol import OPEN
 
         super().__init__(send)
@@ -357,6 +358,7 @@ class _UvicornOutput(_Output):
         self._direct = direct
         self._settings = settings
         self._metrics = metrics
+        self._corks = corks
         self._connection: _Connection | None = None  # the guarded connection, from guard() to release()
         self._received: Callable[[_Connection, str], Awaitable[None] | None] | None = None  # the read fast path's
         # What the engine writes through from now on (its own frames, and ``send``'s): see _ResettingTransport.
@@ -366,15 +368,12 @@ class _UvicornOutput(_Output):
         if (self._direct and self._conn.state is self._open and self._writable.is_set()
                 and not self._transport.is_closing()):
             data = wire or _websocket_frame(text.encode())
-            engine_transport = self._engine_transport
-            corked = engine_transport.corked
-            if corked is None:
-                self._transport.write(data)
+            transport, corks = self._engine_transport, self._corks
+            if corks.round and transport.round == corks.round:  # its second frame of this round: corked
+                transport.cork(data, corks)
             else:
-                corked.append(data)
-                engine_transport.corked_bytes += len(data)
-                if engine_transport.corked_bytes > CORK_LIMIT:
-                    engine_transport.uncork(corked)
+                transport.round = corks.round
+                self._transport.write(data)
             return None
         return super().write_now(text)
 
@@ -397,15 +396,20 @@ class _UvicornOutput(_Output):
                 engine.handle_events = self._events
 
     def _events(self) -> None:
-        """The engine's ``handle_events``, which handles the frames one read brought: with the frames the
-        fast path writes to this connection meanwhile corked, to be written in one system call."""
-        engine, transport = self._engine, self._engine_transport
-        transport.cork()
+        """The engine's ``handle_events``, which handles the frames one read brought: a round (see _Corks)."""
+        engine, corks = self._engine, self._corks
+        if corks.round:  # never, as handlers do not read
+            type(engine).handle_events(engine)
+            return
+        corks.rounds += 1
+        corks.round = corks.rounds
         try:
             type(engine).handle_events(engine)
         finally:
-            corked, transport.corked = transport.corked, None
-            transport.uncork(corked)
+            corks.round = 0
+            for transport in corks.corked:
+                transport.uncork()
+            corks.corked.clear()
 
     def _message(self) -> None:
         """The engine's ``send_receive_event_to_app``, called by its parser with each complete message, in the
@@ -482,25 +486,39 @@ def _in_asyncio(function: Callable[..., _T], *args: Any) -> _T:
         _LIBRARY.reset(token)
 
 
-# Bytes of frames held back (corked) while the engine handles what one read brought, after which they are written
-# at once: one write past uvicorn's own high-water mark (64 KiB), so that its backpressure still sees them.
+# Bytes of frames held back (corked) for one connection in a round, after which they are written at once: one
+# write past uvicorn's own high-water mark (64 KiB), so that its backpressure still sees them.
 CORK_LIMIT = 64 * 1024
+
+
+class _Corks:
+    """Frames held back to be written together.  A round is the engine's handling of what one read brought
+    (:meth:`_UvicornOutput._events`): most bring one frame, but a client with several in flight sends several,
+    and each may make frames for its own connection (answers) or others' (relays).  A connection's first frame
+    of a round is written at once; those after it are held back (corked) and written in one system call as the
+    round ends.  A fan-out's receivers, each written once, pay one comparison each."""
+
+    __slots__ = ("corked", "round", "rounds")
+
+    def __init__(self) -> None:
+        self.round = 0  # the round under way; 0 between rounds
+        self.rounds = 0  # rounds begun
+        self.corked: list[_ResettingTransport] = []  # the transports holding frames back in this round
 
 
 class _ResettingTransport:
     """uvicorn's transport for one WebSocket, whose ``close()`` cannot wait forever for a peer that
     reads nothing: unfinished after ``timeout`` it becomes a reset, and the kernel gives up as soon.
 
-    It also corks: while ``corked`` is a list (:meth:`_UvicornOutput._events`, as the engine handles the frames
-    one read brought), the frames the fast path writes are kept in it, and written in one system call when
-    it is uncorked (most reads bring one frame; a client with several in flight sends several).  Whatever
-    else writes (the engine's pongs and closes, ``send``) writes what is corked first: frames keep their order."""
+    It also holds back the frames corked in a round (see :class:`_Corks`).  Whatever else writes (the engine's
+    pongs and closes, ``send``) writes those first: frames keep their order."""
 
-    __slots__ = ("_timeout", "_transport", "corked", "corked_bytes")
+    __slots__ = ("_timeout", "_transport", "corked", "corked_bytes", "round")
 
     def __init__(self, transport: Any, timeout: float) -> None:
         self._transport = transport
         self._timeout = timeout
+        self.round = 0  # the round of the last frame the fast path wrote to it
         self.corked: list[bytes] | None = None
         self.corked_bytes = 0
 
@@ -509,16 +527,22 @@ class _ResettingTransport:
 
     def write(self, data: bytes) -> None:
         if self.corked:
-            self.uncork(self.corked)
+            self.uncork()
         self._transport.write(data)
 
-    def cork(self) -> None:
-        self.corked, self.corked_bytes = [], 0
+    def cork(self, data: bytes, corks: _Corks) -> None:
+        corked = self.corked
+        if corked is None:
+            self.corked = corked = []
+            corks.corked.append(self)
+        corked.append(data)
+        self.corked_bytes += len(data)
+        if self.corked_bytes > CORK_LIMIT:
+            self.uncork()
 
-    def uncork(self, corked: list[bytes] | None) -> None:
-        """Write what was corked (``corked``, which the caller took), and cork on if it still corks."""
-        if self.corked is not None:
-            self.corked, self.corked_bytes = [], 0
+    def uncork(self) -> None:
+        """Write the frames held back, if it still can."""
+        corked, self.corked, self.corked_bytes = self.corked, None, 0
         if corked and not self._transport.is_closing():
             self._transport.write(corked[0] if len(corked) == 1 else b"".join(corked))
 
@@ -527,7 +551,7 @@ class _ResettingTransport:
 
     def close(self) -> None:
         if self.corked:
-            self.uncork(self.corked)
+            self.uncork()
         transport = self._transport
         if not transport.is_closing() and hasattr(socket, "TCP_USER_TIMEOUT"):  # the first close: still open
             with contextlib.suppress(OSError, AttributeError):
@@ -869,6 +893,7 @@ class ServerSupport(_ServerSupport):
     def __init__(self) -> None:
         super().__init__()
         self._reported: set[str | None] = set()  # each reason the fast path is on or off, said once
+        self._corks = _Corks()  # shared by the connections of the process's event loop, which runs one round at a time
         self._served = False  # under serve() (ws-micro), which chose the server's options
         _redact_daphne_access_log()  # now, as the app is made: daphne runs no lifespan, where harden() would
 
@@ -881,7 +906,7 @@ class ServerSupport(_ServerSupport):
             why_not = "the fast_path setting is off"
         if engine is not None:  # the engine's bounds hold whether or not frames may go past ASGI
             _lighten(engine)  # before the output takes the engine's flag
-            output: _Output = _UvicornOutput(engine, send, settings, metrics, direct=why_not is None)
+            output: _Output = _UvicornOutput(engine, send, settings, metrics, self._corks, direct=why_not is None)
             _fit_engine(engine, settings)
             _trim_handshake(engine, scope)
         elif (protocol := _DaphneOutput.protocol(send)) is None:
