@@ -1188,15 +1188,15 @@ class _Connection:
         """
         session = self.session
         if session is not None and keep:
-            state = self.state
+            state, kept = self.state, text if shared is None else shared
             if state is _OPEN or state is _BACKLOGGED:  # connected: kept, the oldest making room
                 if session.long or len(text) > session.share:  # its characters are counted (_Session.keep)
-                    session.keep(text if shared is None else shared, len(text))
+                    session.keep(kept, len(text))
                 else:  # _Session.keep's common case, inline: it runs for every receiver of every frame
-                    session.frames.append(text if shared is None else shared)  # the oldest makes room (maxlen)
+                    session.frames.append(kept)  # the oldest makes room (maxlen)
                     session.sent += 1
             elif state in _KEEPING:
-                if not session.keep(text if shared is None else shared, len(text)):
+                if not session.keep(kept, len(text)):
                     self.end("overflowed")
                     return False
                 return True
@@ -1447,6 +1447,11 @@ def _memory(frame: str | _Frame) -> int:
     return sys.getsizeof(frame) + sys.getsizeof(frame.head) + sys.getsizeof(frame.tail)
 
 
+def _length(frame: str | _Frame) -> int:
+    """The characters of a kept frame as it is replayed (a shared frame's with a client id spliced in)."""
+    return len(frame) if isinstance(frame, str) else frame.length
+
+
 def _texts(frames: Iterable[str | _Frame], client_id: str) -> list[str]:
     """Kept frames as they were sent to ``client_id``: a shared frame with the id spliced in again."""
     return [frame if isinstance(frame, str) else frame.to(client_id) for frame in frames]
@@ -1501,7 +1506,7 @@ class _Session:
         """The characters of its frames, as replayed (a shared frame with a client id spliced in)."""
         if self.long:
             return self.size
-        return sum(len(frame) if isinstance(frame, str) else frame.length for frame in self.frames)
+        return sum(map(_length, self.frames))
 
     def keep(self, frame: str | _Frame, length: int) -> bool:
         """Keep a frame of ``length`` characters (as replayed); False if the session is away and the frame
@@ -1522,7 +1527,7 @@ class _Session:
                 return False  # the session ends, and leaves the store with what it holds
             oldest = frames.popleft()
             if long:
-                dropped = len(oldest) if isinstance(oldest, str) else oldest.length
+                dropped = _length(oldest)
                 size -= dropped
                 if dropped > share:
                     long -= 1
@@ -1545,7 +1550,7 @@ class _Session:
             return False
         oldest = frames.popleft()
         if self.long:
-            length = len(oldest) if isinstance(oldest, str) else oldest.length
+            length = _length(oldest)
             self.size -= length
             if length > self.share:
                 self.long -= 1
@@ -1556,7 +1561,7 @@ class _Session:
     def _count(self) -> None:
         """Count its long frames, and its characters if it has any."""
         share = self.share
-        lengths = [len(frame) if isinstance(frame, str) else frame.length for frame in self.frames]
+        lengths = [_length(frame) for frame in self.frames]
         self.long = sum(length > share for length in lengths)
         self.size = sum(lengths) if self.long else 0
 
