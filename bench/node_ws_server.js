@@ -13,6 +13,7 @@
 'use strict';
 
 const crypto = require('node:crypto');
+const { broadcastParts, parseEvent } = require('./protocol');
 const http = require('node:http');
 const { WebSocketServer } = require('ws');
 
@@ -23,17 +24,9 @@ const rooms = new Map(); // room -> Set of WebSocket
 // POST /api/broadcast's answer, [status, body]: every connection gets its own frame, with its own
 // client_id in it (each its own string, as in the gateway and the ceiling).
 function broadcast(body) {
-  let push;
-  try {
-    push = JSON.parse(body);
-  } catch {
-    push = null;
-  }
-  if (push === null || typeof push !== 'object') {
-    return [400, JSON.stringify({ error: { code: 'invalid_json', message: 'the body is not a JSON object' } })];
-  }
-  const head = '{"event":' + JSON.stringify(push.event) + ',"client_id":"';
-  const tail = '","data":' + JSON.stringify(push.data) + '}';
+  const [parts, refusal] = broadcastParts(body);
+  if (refusal !== null) return refusal;
+  const [head, tail] = parts;
   let delivered = 0;
   for (const [clientId, peer] of connections) {
     peer.send(head + clientId + tail);
@@ -64,15 +57,9 @@ wss.on('connection', (ws) => {
   ws.send(JSON.stringify({ event: 'connect', client_id: clientId,
                            data: { data: { message: 'connection request granted' } } }));
   ws.on('message', (data, isBinary) => {
-    let event;
-    try {
-      event = JSON.parse(data.toString());
-    } catch {
-      ws.close(1007, 'not JSON');
-      return;
-    }
-    if (event === null || typeof event !== 'object') {
-      ws.close(1007, 'not a JSON object');
+    const [event, why] = parseEvent(data.toString());
+    if (why !== null) {
+      ws.close(1007, why);
       return;
     }
     // The received bytes go out again as a text frame: no re-encoding (the ceiling sends its str).

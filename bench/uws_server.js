@@ -19,6 +19,7 @@
 'use strict';
 
 const crypto = require('node:crypto');
+const { broadcastParts, parseEvent } = require('./protocol');
 
 const uWS = require('@trufflesuite/uws-js-unofficial/binaries/uws_' + process.platform + '_' + process.arch
                     + '_' + process.versions.modules + '.node');
@@ -37,17 +38,9 @@ function respond(response, status, reply) {
 // POST /api/broadcast's answer, [status, body]: every connection gets its own frame, with its own
 // client_id in it (each its own string, as in the gateway and the ceiling).
 function broadcast(body) {
-  let push;
-  try {
-    push = JSON.parse(body);
-  } catch {
-    push = null;
-  }
-  if (push === null || typeof push !== 'object') {
-    return [400, JSON.stringify({ error: { code: 'invalid_json', message: 'the body is not a JSON object' } })];
-  }
-  const head = '{"event":' + JSON.stringify(push.event) + ',"client_id":"';
-  const tail = '","data":' + JSON.stringify(push.data) + '}';
+  const [parts, refusal] = broadcastParts(body);
+  if (refusal !== null) return refusal;
+  const [head, tail] = parts;
   let delivered = 0;
   for (const [clientId, peer] of connections) {
     peer.send(head + clientId + tail, false);
@@ -69,15 +62,9 @@ const app = uWS.App()
                                data: { data: { message: 'connection request granted' } } }), false);
     },
     message: (ws, message, isBinary) => {
-      let event;
-      try {
-        event = JSON.parse(decoder.decode(message));
-      } catch {
-        ws.end(1007, 'not JSON');
-        return;
-      }
-      if (event === null || typeof event !== 'object') {
-        ws.end(1007, 'not a JSON object');
+      const [event, why] = parseEvent(decoder.decode(message));
+      if (why !== null) {
+        ws.end(1007, why);
         return;
       }
       // The received bytes go out again as a text frame (valid until this handler returns).
