@@ -338,6 +338,38 @@ def client_frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
     return head + b"\0\0\0\0" + payload
 
 
+def server_texts(sock: socket.socket, count: int) -> list[dict[str, Any]]:
+    """Read ``count`` unmasked text frames (shorter than 64 KiB) the server writes, as JSON."""
+    received, texts = b"", list[dict[str, Any]]()
+    while len(texts) < count:
+        while len(received) >= 2 and len(received) >= (end := frame_end(received)):
+            assert received[0] == 0x81, received[:2]  # a whole text frame
+            texts.append(json.loads(received[end - (received[1] if received[1] < 126 else
+                                                      int.from_bytes(received[2:4], "big")):end]))
+            received = received[end:]
+        if len(texts) < count:
+            chunk = sock.recv(65536)
+            assert chunk, f"closed after {texts}"
+            received += chunk
+    return texts
+
+
+def frame_end(received: bytes) -> int:
+    """Where the server frame at the start of ``received`` ends (past its end if its head is incomplete)."""
+    length = received[1] & 0x7F
+    if length < 126:
+        return 2 + length
+    return 4 + int.from_bytes(received[2:4], "big") if len(received) >= 4 else 1 << 30
+
+
+def system_writes(server: Server) -> int:
+    """The write system calls the server's process has made so far (its frames to clients among them)."""
+    for line in Path(f"/proc/{server.process.pid}/io").read_text().splitlines():
+        if line.startswith("syscw:"):
+            return int(line.split()[1])
+    raise AssertionError("no syscw in /proc/<pid>/io")
+
+
 def server_sockets(server: Server, client_port: int) -> list[str]:
     """The TCP states (as `ss` shows them) of the server's sockets to one client port."""
     names = {"01": "ESTABLISHED", "04": "FIN-WAIT-1", "05": "FIN-WAIT-2", "06": "TIME-WAIT", "07": "CLOSE",

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import anyio
 import httpx2 as httpx
@@ -55,6 +54,8 @@ from conftest import (
     rss_mib,
     run_server,
     server_sockets,
+    server_texts,
+    system_writes,
     text,
     ws_client,
 )
@@ -396,28 +397,19 @@ async def test_e2e_frames_go_from_uvicorns_parser_straight_to_the_gateway_unless
             assert server.metric("ws_micro_fast_path") == (1 if fast_path == "on" else 0)
 
 
-def server_texts(sock: socket.socket, count: int) -> list[dict[str, Any]]:
-    """Read ``count`` unmasked text frames (shorter than 64 KiB) the server writes, as JSON."""
-    received, texts = b"", list[dict[str, Any]]()
-    while len(texts) < count:
-        while len(received) >= 2 and len(received) >= (end := frame_end(received)):
-            assert received[0] == 0x81, received[:2]  # a whole text frame
-            texts.append(json.loads(received[end - (received[1] if received[1] < 126 else
-                                                      int.from_bytes(received[2:4], "big")):end]))
-            received = received[end:]
-        if len(texts) < count:
-            chunk = sock.recv(65536)
-            assert chunk, f"closed after {texts}"
-            received += chunk
-    return texts
-
-
-def frame_end(received: bytes) -> int:
-    """Where the server frame at the start of ``received`` ends (past its end if its head is incomplete)."""
-    length = received[1] & 0x7F
-    if length < 126:
-        return 2 + length
-    return 4 + int.from_bytes(received[2:4], "big") if len(received) >= 4 else 1 << 30
+@pytest.mark.internals
+async def test_e2e_the_answers_to_frames_that_arrive_together_go_out_in_one_write() -> None:
+    # Corking (docs/performance.md): a client's frames that one read brings are answered with a system call or
+    # two (the first answer at once, the rest as the read's handling ends), not one per answer.
+    with run_server() as server:
+        sock, me = await anyio.to_thread.run_sync(raw_websocket, server, 65536)
+        with sock:
+            burst = b"".join(client_frame(0x1, json.dumps({**frame("ping", me), "id": n}).encode()) for n in range(40))
+            writes = system_writes(server)
+            sock.sendall(burst)
+            answers = await anyio.to_thread.run_sync(server_texts, sock, 40)
+            assert [(answer["event"], answer["id"]) for answer in answers] == [("pong", n) for n in range(40)]
+            assert system_writes(server) - writes <= 8  # 40 without corking
 
 
 @pytest.mark.parametrize("fast_path", ["on", "off"])
