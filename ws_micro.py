@@ -1076,6 +1076,11 @@ class _ServerSupport:
             self._why = ""
         return _Output(send)
 
+    def together(self) -> contextlib.AbstractContextManager[None]:
+        """Frames written inside, from outside a read (what a pub/sub message of cluster mode brings), go out
+        together when it exits: one write per connection, where the server's support can hold them back."""
+        return contextlib.nullcontext()
+
     def harden(self) -> None:
         """At startup: keep the lines the server logs for whatever a client does to a few."""
 
@@ -2317,6 +2322,7 @@ class Registry:
         self._backend = _Backend()
         self._sessions = _Sessions(self._settings)
         self._session_ended: Callable[[_Connection], None] = lambda connection: None
+        self._together: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
         self._announcements: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
         self._hooks = _Lifecycle()
         # Client id -> the rooms joined for it (join()) from when its handshake is checked (on_connect) to
@@ -2373,9 +2379,13 @@ class Registry:
             finally:
                 self._sessions.end_all("shutdown")
 
-    def _use(self, settings: Settings, backend: _Backend, session_ended: Callable[[_Connection], None]) -> None:
-        """Serve the app ``create_app`` builds with these settings; a registry serves one app at a time."""
+    def _use(self, settings: Settings, backend: _Backend, session_ended: Callable[[_Connection], None],
+             together: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext) -> None:
+        """Serve the app ``create_app`` builds with these settings; a registry serves one app at a time.
+        ``together``: what a backend wraps the deliveries of one message from another instance in
+        (:meth:`_ServerSupport.together`)."""
         self._settings, self._backend, self._session_ended = settings, backend, session_ended
+        self._together = together
         self._sessions = _Sessions(settings)
 
     # Membership
@@ -4939,7 +4949,7 @@ def create_app(*, registry: Registry | None = None, debug: bool = False, **optio
     backend = _redis_backend(registry, settings) if settings.redis_url else _Backend()
     server = _server_support()
     gateway = _Gateway(registry, settings, server, authorizer, forwarder)
-    registry._use(settings, backend, gateway.ended)
+    registry._use(settings, backend, gateway.ended, server.together)
 
     async def healthz(request: Request) -> Response:
         status, details = registry._backend.health()

@@ -1080,15 +1080,16 @@ class RedisBackend(_Backend):
             except msgspec.MsgspecError:
                 logger.warning("cluster: ignored a message on %s that is not ws_micro's", self._channel)
                 continue
-            for delivery in deliveries:
-                if isinstance(delivery, _Control):
-                    self._control(delivery)
-                    continue
-                self.received += 1
-                if self._parking and self._divert(delivery):
-                    continue
-                if not self.registry._deliver_here(delivery, self._resuming):
-                    self.dropped["gone"] += 1
+            with self.registry._together():  # a connection's frames in this message: one write
+                for delivery in deliveries:
+                    if isinstance(delivery, _Control):
+                        self._control(delivery)
+                        continue
+                    self.received += 1
+                    if self._parking and self._divert(delivery):
+                        continue
+                    if not self.registry._deliver_here(delivery, self._resuming):
+                        self.dropped["gone"] += 1
 
     # Sessions (connection recovery; docs/recovery.md, "In cluster mode")
 

@@ -32,7 +32,7 @@ import logging
 import socket
 import struct
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import anyio
@@ -401,15 +401,11 @@ class _UvicornOutput(_Output):
         if corks.round:  # never, as handlers do not read
             type(engine).handle_events(engine)
             return
-        corks.rounds += 1
-        corks.round = corks.rounds
+        corks.begin()
         try:
             type(engine).handle_events(engine)
         finally:
-            corks.round = 0
-            for transport in corks.corked:
-                transport.uncork()
-            corks.corked.clear()
+            corks.end()
 
     def _message(self) -> None:
         """The engine's ``send_receive_event_to_app``, called by its parser with each complete message, in the
@@ -493,10 +489,12 @@ CORK_LIMIT = 64 * 1024
 
 class _Corks:
     """Frames held back to be written together.  A round is the engine's handling of what one read brought
-    (:meth:`_UvicornOutput._events`): most bring one frame, but a client with several in flight sends several,
-    and each may make frames for its own connection (answers) or others' (relays).  A connection's first frame
-    of a round is written at once; those after it are held back (corked) and written in one system call as the
-    round ends.  A fan-out's receivers, each written once, pay one comparison each."""
+    (:meth:`_UvicornOutput._events`), or the deliveries of one message from another instance in cluster mode
+    (:meth:`ServerSupport.together`): most bring one frame, but a client with several in flight sends several,
+    and each may make frames for its own connection (answers) or others' (relays); a message from another
+    instance carries what it relayed at one moment, often several frames for one connection.  A connection's
+    first frame of a round is written at once; those after it are held back (corked) and written in one system
+    call as the round ends.  A fan-out's receivers, each written once, pay one comparison each."""
 
     __slots__ = ("corked", "round", "rounds")
 
@@ -504,6 +502,17 @@ class _Corks:
         self.round = 0  # the round under way; 0 between rounds
         self.rounds = 0  # rounds begun
         self.corked: list[_ResettingTransport] = []  # the transports holding frames back in this round
+
+    def begin(self) -> None:
+        self.rounds += 1
+        self.round = self.rounds
+
+    def end(self) -> None:
+        """Write what the round held back."""
+        self.round = 0
+        for transport in self.corked:
+            transport.uncork()
+        self.corked.clear()
 
 
 class _ResettingTransport:
@@ -924,6 +933,19 @@ class ServerSupport(_ServerSupport):
             else:
                 logger.log(level, "fast path off: %s; frames go through ASGI", why_not)
         return output
+
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """A round (see :class:`_Corks`) for the frames written inside, unless one is under way."""
+        corks = self._corks
+        if corks.round:
+            yield
+            return
+        corks.begin()
+        try:
+            yield
+        finally:
+            corks.end()
 
     def harden(self) -> None:
         server_log = logging.getLogger("uvicorn.error")
