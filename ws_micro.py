@@ -321,14 +321,14 @@ class Settings:
             if url in (None, "", "auto"):
                 continue
             if _url_scheme(url) not in ("http", "https"):
-                raise ValueError(f"{name} must be an http:// or https:// URL, but got {url!r}")
+                raise ValueError(f"{name} must be an http:// or https:// URL, but got {_without_password(url)!r}")
             if not self.backend_secret:
                 raise ValueError(f"{name} needs backend_secret, the key the backend checks the gateway's requests "
                                  "with (python -c 'import secrets; print(secrets.token_hex(32))')")
         if self.redis_url and _url_scheme(self.redis_url) not in ("redis", "rediss", "unix", "redis+sentinel",
                                                                   "rediss+sentinel"):
             raise ValueError("redis_url must be a redis://, rediss://, unix://, redis+sentinel:// or "
-                             f"rediss+sentinel:// URL, but got {self.redis_url!r}")
+                             f"rediss+sentinel:// URL, but got {_without_password(self.redis_url)!r}")
         if self.static_dir not in ("auto", "") and not (Path(self.static_dir) / "index.html").is_file():
             raise ValueError(f"static_dir must be a folder with an index.html, but got {self.static_dir!r}")
 
@@ -382,6 +382,11 @@ def _refuse_infinities(settings: Settings | ServerSettings) -> None:
         value = getattr(settings, field.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{field.name} must be a finite number, but got {value!r}")
+
+
+def _without_password(url: str) -> str:
+    """``url`` as an error may quote it: its password (``user:password@``, ``?password=``) starred out."""
+    return re.sub(r"((?:^|[?&_])password=)[^&#]*", r"\1***", re.sub(r"(//[^/?#@]*?:)[^/?#@]*@", r"\1***@", url))
 
 
 def _url_scheme(url: str) -> str:

@@ -159,6 +159,14 @@ def test_probing_the_module_app_builds_nothing(monkeypatch: pytest.MonkeyPatch) 
         ({"WS_MICRO_REDIS_URL": "notredis://x"},
          "redis_url must be a redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel:// URL, "
          "but got 'notredis://x'"),
+        ({"WS_MICRO_REDIS_URL": "http://:hunter2@cache:6379/0"},  # its password starred out
+         "redis_url must be a redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel:// URL, "
+         "but got 'http://:***@cache:6379/0'"),
+        ({"WS_MICRO_REDIS_URL": "sentinel://admin:hunter2@s1/mymaster?sentinel_password=hunter2&db=1"},
+         "redis_url must be a redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel:// URL, "
+         "but got 'sentinel://admin:***@s1/mymaster?sentinel_password=***&db=1'"),
+        ({"WS_MICRO_FORWARD_URL": "ftp://gateway:hunter2@backend/events", "WS_MICRO_BACKEND_SECRET": "s"},
+         "forward_url must be an http:// or https:// URL, but got 'ftp://gateway:***@backend/events'"),
         ({"WS_MICRO_REDIS_URL": "redis+sentinel://:hunter2@s1:26379,s2:port/mymaster"},
          "redis_url must name each sentinel as host or host:port, but got 's2:port'"),
         ({"WS_MICRO_REDIS_URL": "redis+sentinel://:hunter2@s1,s2"},
