@@ -795,6 +795,7 @@ class RedisBackend(_Backend):
         self.instance = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.available = False
         self.started = False  # whether running() ever ran: without it (no lifespan), Redis is never reached
+        self._said_unreachable = False  # that Redis cannot be reached, said once until it is
         # Deliveries from other instances, and those lost (pub/sub is at-most-once).
         self.received = 0
         self.dropped = collections.Counter(dict.fromkeys(CLUSTER_DROP_REASONS, 0))
@@ -878,13 +879,17 @@ class RedisBackend(_Backend):
                         await self._sync()
                         if not self.available:
                             logger.info("cluster: instance %s joined over Redis", self.instance)
-                        self.available, delay = True, 0.1
+                        self.available, delay, self._said_unreachable = True, 0.1, False
                         async with anyio.create_task_group() as tasks:
                             tasks.start_soon(self._heartbeat)
                             await self._listen(pubsub)
                 except* (*self._errors, BackendUnavailable) as failure:
                     if self.available:
                         logger.warning("cluster: Redis unavailable (%s); retrying", failure.exceptions[0])
+                    elif not self._said_unreachable:  # at startup, or after the outage said above: once
+                        logger.warning("cluster: cannot reach Redis (%s); retrying, and meanwhile only clients "
+                                       "on this instance can be reached", failure.exceptions[0])
+                    self._said_unreachable = True
             self._forget_alone()
             await anyio.sleep(delay)
             delay = min(delay * 2, 2.0)

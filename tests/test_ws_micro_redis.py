@@ -25,6 +25,7 @@ import msgspec
 import pytest
 import redis
 from conftest import (
+    FAST_HEARTBEAT,
     JWT_SECRET,
     ROOT,
     TIMEOUT,
@@ -40,6 +41,7 @@ from conftest import (
     eventually,
     forward_options,
     frame,
+    free_port,
     greeted,
     join,
     mint,
@@ -481,6 +483,26 @@ async def test_cluster_notices_a_redis_that_hangs_and_recovers(redis_server: Red
             sent = text("chat", id_a, {"n": 2}, to=id_b)
             await a.send(sent)
             assert await recv_text(b) == sent
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_an_instance_that_cannot_reach_redis_at_startup_says_so_once(tmp_path: Path) -> None:
+    # It said nothing until Redis came: an operator saw a degraded /healthz and an empty log.
+    redis_server = RedisServer(free_port())
+    log = tmp_path / "server.log"
+    with run_server("--redis-url", redis_server.url, *FAST_HEARTBEAT, log=log) as server:
+        await server.wait_until(lambda: "cannot reach Redis" in log.read_text(), "the warning")
+        assert server.get("/healthz").json()["redis"] == "unavailable"
+        redis_server.start()
+        try:
+            await server.wait_until(lambda: server.get("/healthz").json()["redis"] == "ok", "Redis to be reached")
+        finally:
+            redis_server.stop()
+    lines = log.read_text().splitlines()
+    said = [line for line in lines if "cannot reach Redis" in line]
+    assert len(said) == 1 and "WARNING" in said[0] and "Connection refused" in said[0], lines
+    assert "Traceback" not in log.read_text()
 
 
 @pytest.mark.process
