@@ -1008,7 +1008,7 @@ def test_the_scripts_find_every_field_where_msgspec_puts_it() -> None:
     layout = {tag: {name: int(position) for name, position in re.findall(r"(\w+) = (\d+)", fields)}
               for tag, fields in re.findall(r"(\w+) = \{([^}]*)\}", table)}
     structs = (ws_micro._ToClient, ws_micro._ToRoom, ws_micro._ToUser, ws_micro._ToEveryone, ws_micro._Kick,
-               ws_micro._KickUser, ws_micro_redis._RoomShared, ws_micro_redis._WasParked, ws_micro_redis._Sealed,
+               ws_micro._KickUser, ws_micro_redis._RoomShared, ws_micro_redis._Moved, ws_micro_redis._WasParked, ws_micro_redis._Sealed,
                ws_micro_redis._WasResumed, ws_micro_redis._SessionEnded, ws_micro_redis._TakeOver,
                ws_micro_redis._Revoked)
     assert set(layout) == {struct.__struct_config__.tag for struct in structs}
