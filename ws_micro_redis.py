@@ -1517,9 +1517,6 @@ class RedisBackend(_Backend):
         delivery = _ToClient(client_id, text)
         if self._parking and self._divert(delivery):
             return
-        if client_id in self.registry._connections:
-            self.registry._deliver_here(delivery)
-            return
         origin = direct.origin
 
         def done(result: Any) -> None:
@@ -1531,7 +1528,11 @@ class RedisBackend(_Backend):
                 code, why = UNKNOWN_CLIENT, f"no client with id {client_id!r}"
             self._enqueue("tell", (origin, _encode_delivery(_Undelivered(client_id, text, code, why))), _ignore)
 
-        self._enqueue("send", (client_id, _encode_delivery(delivery)), done)
+        connection = self.registry._connections.get(client_id)
+        if connection is None:
+            self._enqueue("send", (client_id, _encode_delivery(delivery)), done)
+        elif not connection.send(text):  # closing: refused, as a relay on one instance is
+            done(-1)
 
     def _undelivered(self, text: str, code: str, why: str) -> None:
         """Tell the sender of ``text``, a direct frame the instance it was sent to could not route on, that it
