@@ -229,6 +229,9 @@ _RELAYED = frozenset(("send", "group"))  # as the outbox names them; they are no
 # lookup; in a run of their own, one PUBLISH per instance.
 _DIRECT = frozenset(("direct", "fence"))
 _RUN = _RELAYED | _DIRECT
+# What the outbox sends about frames, which is not one: a fence (_Fence) and the notices of fences and of frames
+# refused (_FencePassed, _Undelivered, run as the "tell" script).  Not counted as dropped when lost: the frames are.
+_UNCOUNTED = frozenset(("fence", "notice"))
 _ROUTED = frozenset(("send", "direct", "fence"))  # what goes to one client's instance (not held while resyncing)
 
 # The scripts run inside Redis, so each lookup and its publish is one round trip, and liveness
@@ -896,6 +899,7 @@ class RedisBackend(_Backend):
         self._errors = (RedisError, OSError)
         self.redis, self._subscriber, self._sentinel = _clients(settings)
         self._scripts = {name: self.redis.register_script(_LUA_PRELUDE + body) for name, body in _LUA.items()}
+        self._scripts["notice"] = self._scripts["tell"]  # a tell about frames, not one: not counted if lost
         # Not the p:instance:<id> of 0.1.0, whose deliveries were laid out otherwise: mixed versions do not
         # misread each other, they find each other not listening (counted, and answered backend_unavailable).
         self._channel = f"{settings.redis_prefix}:deliveries:{self.instance}"
@@ -1291,7 +1295,7 @@ class RedisBackend(_Backend):
                 if not instance.startswith("~"):  # direct frames go to instances only, never to a session
                     self._fence(client_id, instance)
             case _Fence(client_id, origin, number):  # after the re-routes of the direct frames before it
-                self._enqueue("tell", (origin, _encode_delivery(_FencePassed(client_id, number))), _ignore)
+                self._enqueue("notice", (origin, _encode_delivery(_FencePassed(client_id, number))), _ignore)
             case _FencePassed(client_id, number):
                 self._unfence(client_id, number)
             case _Undelivered(client_id, text, code, why):
@@ -1526,7 +1530,7 @@ class RedisBackend(_Backend):
                 code, why = BACKEND_UNAVAILABLE, f"{result}; {client_id!r} may have missed this frame"
             else:
                 code, why = UNKNOWN_CLIENT, f"no client with id {client_id!r}"
-            self._enqueue("tell", (origin, _encode_delivery(_Undelivered(client_id, text, code, why))), _ignore)
+            self._enqueue("notice", (origin, _encode_delivery(_Undelivered(client_id, text, code, why))), _ignore)
 
         connection = self.registry._connections.get(client_id)
         if connection is None:
@@ -1781,7 +1785,8 @@ class RedisBackend(_Backend):
         if not isinstance(result, BackendUnavailable):
             result = self._refusal(name, result, resyncing) or result
         if isinstance(result, BackendUnavailable):
-            self.dropped[result.reason] += 1
+            if name not in _UNCOUNTED:
+                self.dropped[result.reason] += 1
         elif name in ("group", "all") and result[1]:  # sent to some instances; others were not listening
             self.dropped["no_subscriber"] += 1
         done(result)
