@@ -83,6 +83,17 @@ NOT_LISTENING = "not listening to Redis (reconnecting, or dead for less than ins
 OUTBOX_LIMIT = 10_000  # deliveries waiting for Redis before senders wait too
 RESYNC_POLL = 0.1  # seconds between looks for peers while they are registering again
 SHARING_WAIT = 1.0  # seconds a join waits for the instances that relayed its room alone to know it is not (_RoomShared)
+# Clients whose instance a sender caches (learnt from the relay script's answers): past it, the cache is dropped
+# whole and learnt again, one script a client.  An entry is a few hundred bytes: about 30 MiB at most.
+CACHE_LIMIT = 100_000
+# Seconds a fenced client's frames wait for its old instance to say it routed on every direct frame sent to it
+# before (_FencePassed): as SHARING_WAIT, past it the old instance is taken for dead, and they go on.
+FENCE_WAIT = 1.0
+# Frames held for one fenced client, and for all, past which a frame is refused to its sender (counted as dropped,
+# "moving"): a fence lasts a round trip through the old instance, a few milliseconds, and the outbox holds
+# OUTBOX_LIMIT deliveries in all for the same reason.
+FENCE_FRAMES = 1_000
+FENCE_LIMIT = OUTBOX_LIMIT
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")  # redis_url through Redis Sentinel (docs/cluster.md)
 SENTINEL_PORT = 26379  # Sentinel's own default port, for a sentinel named without one
 # Bytes of messages after which a run of deliveries is cut into another relay script: about what Redis writes to
@@ -95,8 +106,8 @@ RUN_BYTES = 64 * 1024
 # Why a cross-instance delivery was lost (the cluster_dropped_total labels): its client left
 # before it arrived; its instance was not listening (dead before its deadline passed, or
 # reconnecting); Redis could not be reached; Redis had lost the instances' state and they
-# had not all registered again.
-CLUSTER_DROP_REASONS = ("gone", "no_subscriber", "backend_unavailable", "resyncing")
+# had not all registered again; its client was moving, and more frames were held for it than a fence holds.
+CLUSTER_DROP_REASONS = ("gone", "no_subscriber", "backend_unavailable", "resyncing", "moving")
 
 
 # Connection recovery's messages between instances (and from the scripts): a session was parked in
@@ -165,16 +176,63 @@ class _RoomSharedSeen(msgspec.Struct, tag="shared_seen", array_like=True):
     room: str
 
 
+# A frame for a client sent on the sender's cached entry of the client's instance (see _Moved), without the relay
+# script: ``origin`` is the sending instance, told if the client is no longer here and the frame cannot be routed
+# on (_Undelivered).  The sending client's id is in ``text`` (its client_id).
+class _Direct(msgspec.Struct, tag="direct", array_like=True):
+    client_id: str
+    text: str
+    origin: str
+
+
+# The directory moved a client this instance had cached (it watched it: p:client-watch:<client>) away from
+# ``instance`` (its instance before: a park, a resume, a client that left, a reaped instance).  The watcher
+# fences the client: it holds its new frames for it until ``instance`` has routed on every direct frame it sent
+# there before (_Fence, answered by _FencePassed), so that none overtakes them.
+class _Moved(msgspec.Struct, tag="moved", array_like=True):
+    client_id: str
+    instance: str
+
+
+class _Fence(msgspec.Struct, tag="fence", array_like=True):
+    client_id: str
+    origin: str
+    number: int
+
+
+class _FencePassed(msgspec.Struct, tag="fence_passed", array_like=True):
+    client_id: str
+    number: int
+
+
+# A direct frame that reached an instance its client had left, and could not be routed on from there: its
+# sender's instance (``origin`` of the _Direct) tells the sender, as it would have been told by the relay script.
+class _Undelivered(msgspec.Struct, tag="undelivered", array_like=True):
+    client_id: str
+    text: str
+    code: str
+    message: str
+
+
 _Control = (_WasParked | _Sealed | _WasResumed | _SessionEnded | _TakeOver | _Revoked | _Membership | _MembershipDone
-            | _RoomShared | _RoomSharedSeen)
+            | _RoomShared | _RoomSharedSeen | _Moved | _Fence | _FencePassed | _Undelivered)
 
 _encode_delivery = msgspec.msgpack.Encoder().encode
 # Each pub/sub message is a msgpack array of deliveries and control messages (the scripts' publish()): those
 # for one instance at one moment travel together, and are decoded in one pass.
-_decode_deliveries = msgspec.msgpack.Decoder(list[_Delivery | _Control]).decode
+_decode_deliveries = msgspec.msgpack.Decoder(list[_Delivery | _Direct | _Control]).decode
 
 # The delivery scripts the outbox runs as one "relay" script when they are queued one after another.
 _RELAYED = frozenset(("send", "group"))  # as the outbox names them; they are not scripts of their own
+# Messages the outbox publishes on an instance's channel as they are (a frame on a cached entry, a fence), in
+# order with the deliveries: in a run with relay scripts, the script publishes them with the rest, without a
+# lookup; in a run of their own, one PUBLISH per instance.
+_DIRECT = frozenset(("direct", "fence"))
+_RUN = _RELAYED | _DIRECT
+# What the outbox sends about frames, which is not one: a fence (_Fence) and the notices of fences and of frames
+# refused (_FencePassed, _Undelivered, run as the "tell" script).  Not counted as dropped when lost: the frames are.
+_UNCOUNTED = frozenset(("fence", "notice"))
+_ROUTED = frozenset(("send", "direct", "fence"))  # what goes to one client's instance (not held while resyncing)
 
 # The scripts run inside Redis, so each lookup and its publish is one round trip, and liveness
 # is judged by one clock (Redis's).  ARGV[1] is the key prefix.  Keys, for prefix p:
@@ -191,6 +249,7 @@ _RELAYED = frozenset(("send", "group"))  # as the outbox names them; they are no
 #   p:rooms                    ZSET  every room with a p:room:<room>, likewise: for GET /api/rooms
 #   p:synced                   HASH  instance id -> run_id of the Redis server it last wrote its whole state to
 #   p:deliveries:<id>          pub/sub channel of that instance
+#   p:client-watch:<client id> SET   instances that cached the client's instance (told _Moved when it changes)
 # With connection recovery, a session waiting for its client lives in Redis as an instance of its
 # own, "~<client id>", alive until its window ends: the scripts route frames to it as to any
 # instance, and keep() appends them to its list instead of publishing them.
@@ -216,7 +275,7 @@ def _lua_layout(*structs: type[msgspec.Struct]) -> str:
     return "local F = {" + ", ".join(entries) + "}\n"
 
 
-_LUA_PRELUDE = _lua_layout(_ToClient, _ToRoom, _ToUser, _ToEveryone, _Kick, _KickUser, _RoomShared,
+_LUA_PRELUDE = _lua_layout(_ToClient, _ToRoom, _ToUser, _ToEveryone, _Kick, _KickUser, _RoomShared, _Moved,
                            _WasParked, _Sealed, _WasResumed, _SessionEnded, _TakeOver, _Revoked) + """
 local p = ARGV[1]
 local t = redis.call('TIME')
@@ -242,6 +301,17 @@ local function publish(id, messages)
   local head = n < 16 and string.char(0x90 + n) or n < 65536 and string.char(0xdc) .. struct.pack('>I2', n)
                or string.char(0xdd) .. struct.pack('>I4', n)
   return redis.call('PUBLISH', p .. ':deliveries:' .. id, head .. table.concat(messages))
+end
+-- A client's directory entry changed from instance ``old``: the instances that cached it (its watchers, added by
+-- the relay script) are told (a _Moved) and forgotten.  Every script that changes an entry calls this.
+local function moved(client, old)
+  local watch = p .. ':client-watch:' .. client
+  local watchers = redis.call('SMEMBERS', watch)
+  if #watchers > 0 then
+    local message = pack('moved', {client_id = client, instance = old})
+    for _, watcher in ipairs(watchers) do publish(watcher, {message}) end
+    redis.call('DEL', watch)
+  end
 end
 -- Take instance id out of a room's or user's instances; a room left with none leaves the rooms' index.
 local function drop_instance(kind, name, id)
@@ -276,6 +346,7 @@ local function reap(id)
     if redis.call('HGET', p .. ':directory', client) == id then
       redis.call('HDEL', p .. ':directory', client)
       redis.call('ZREM', p .. ':clients', client)
+      moved(client, id)
     end
     local ok, entry = pcall(cjson.decode, entries[i + 1])
     if ok and type(entry) == 'table' then
@@ -419,10 +490,14 @@ return {added, live()}""",
     # published to it as one pub/sub message at the end (kept for a waiting session at once, as deliver()
     # does).  An instance's liveness is read once.
     # ARGV: p, the deliveries as one msgpack array of, for each, "send", its client id, the length of its message
-    # or "group", "room:<room>" or "user:<user>", the length of its message; their messages, one after another;
+    # or "group", "room:<room>" or "user:<user>", the length of its message, or "direct", an instance, the length
+    # of its message; their messages, one after another;
     # own instance (four arguments, not three a delivery: redis-py packs each argument in Python, and Redis's
     # cmsgpack reads no msgpack bin, so the messages are not in the array) -> nil if own is not registered, else
-    # each delivery's answer: send -1 no such client, 0 its instance is not listening, 1 sent; group {members
+    # each delivery's answer: send -1 no such client, 0 its instance is not listening, 1 kept for its waiting
+    # session, or the id of the instance it was published to (the sender may cache it: the sender is made one of
+    # the client's watchers, p:client-watch:<client>, told when it moves); direct (a message for the instance
+    # named in place of a key, published as it is) 1 heard, 0 not; group {members
     # reached on other instances, live instances with members that were not listening, 1 if every member of the
     # room is on this instance (then it is among the room's watchers: see shared())}
     "relay": """
@@ -439,6 +514,7 @@ local function to(id)  -- the queue of messages for instance id, if it is anothe
   return q
 end
 local answers = {}  -- a number, final; an instance id (send), or {reached, {id, members, ...}} (group), until published
+local direct = {}  -- answer number -> the instance a direct message was queued for
 for i = 1, #run, 3 do
   local key, message = run[i + 1], string.sub(messages, at, at + run[i + 2] - 1)
   at = at + run[i + 2]
@@ -452,6 +528,14 @@ for i = 1, #run, 3 do
     else
       q[#q + 1] = message
       answers[#answers + 1] = id
+      redis.call('SADD', p .. ':client-watch:' .. key, own)
+    end
+  elseif run[i] == 'direct' then
+    local q = to(key)
+    answers[#answers + 1] = 0
+    if q then
+      q[#q + 1] = message
+      direct[#answers] = key
     end
   else
     local counts = redis.call('HGETALL', p .. ':' .. key)
@@ -478,9 +562,12 @@ local heard = {}
 for _, id in ipairs(order) do
   if string.sub(id, 1, 1) ~= '~' then heard[id] = publish(id, queued[id]) > 0 end
 end
+for n, id in pairs(direct) do
+  if heard[id] then answers[n] = 1 end
+end
 for n, answer in ipairs(answers) do
   if type(answer) == 'string' then
-    answers[n] = heard[answer] and 1 or 0
+    answers[n] = heard[answer] and answer or 0
   elseif type(answer) == 'table' then
     local reached, unheard, sent = answer[1], 0, answer[2]
     for j = 1, #sent, 2 do
@@ -565,6 +652,7 @@ local home = '~' .. client
 if redis.call('HGET', p .. ':directory', client) ~= own then return 0 end
 local entry, left = cjson.decode(ARGV[3]), cjson.decode(ARGV[4])
 redis.call('HSET', p .. ':directory', client, home)
+moved(client, own)
 redis.call('HDEL', p .. ':instance:' .. own .. ':clients', client)
 redis.call('HSET', p .. ':instance:' .. home .. ':clients', client, ARGV[3])
 local function move(kind, name, members_left)
@@ -594,6 +682,8 @@ redis.call('ZADD', p .. ':instance:' .. own .. ':parked', now, client)
 publish(own, {pack('parked', {client_id = client})})
 charge(own, size, tonumber(ARGV[14]))
 return 1""",
+    # A client of this instance left: out of the directory, and its watchers told.  ARGV: p, client id, own -> 1
+    "gone": "redis.call('HDEL', p .. ':directory', ARGV[2]) moved(ARGV[2], ARGV[3]) return 1",
     # ARGV: p, client id, a msgpack-encoded delivery that was on its way to it, own instance -> 1
     "keep": "keep(ARGV[2], ARGV[3], true) return 1",
     # ARGV: p, client id, reason, own instance -> 1
@@ -660,6 +750,7 @@ for _, kind in ipairs({'room', 'user'}) do
   end
 end
 redis.call('HSET', p .. ':directory', client, own)
+moved(client, home)
 redis.call('ZADD', p .. ':clients', 0, client)  -- there since it connected; as the directory, written anew
 redis.call('HSET', p .. ':instance:' .. own .. ':clients', client, ARGV[4])
 local frames = redis.call('LRANGE', p .. ':kept:' .. client, 0, -1)
@@ -701,6 +792,13 @@ _decode_member = msgspec.json.Decoder(_Member).decode
 
 def _ignore(result: Any) -> None:
     pass
+
+
+def _array_head(length: int) -> bytes:
+    """The head of a msgpack array of ``length`` items (as the scripts' publish() writes it)."""
+    if length < 16:
+        return bytes((0x90 + length,))
+    return b"\xdc" + length.to_bytes(2, "big") if length < 65536 else b"\xdd" + length.to_bytes(4, "big")
 
 
 async def _batches(items: AsyncIterator[bytes], size: int) -> AsyncIterator[list[bytes]]:
@@ -802,6 +900,7 @@ class RedisBackend(_Backend):
         self._errors = (RedisError, OSError)
         self.redis, self._subscriber, self._sentinel = _clients(settings)
         self._scripts = {name: self.redis.register_script(_LUA_PRELUDE + body) for name, body in _LUA.items()}
+        self._scripts["notice"] = self._scripts["tell"]  # a tell about frames, not one: not counted if lost
         # Not the p:instance:<id> of 0.1.0, whose deliveries were laid out otherwise: mixed versions do not
         # misread each other, they find each other not listening (counted, and answered backend_unavailable).
         self._channel = f"{settings.redis_prefix}:deliveries:{self.instance}"
@@ -835,6 +934,21 @@ class RedisBackend(_Backend):
         # how many still have to, and set when none has.  Joins to such a room wait for it (room_changed).
         self._sharing: dict[str, tuple[anyio.Event, list[int]]] = {}
         self._missing_until = 0.0  # time.monotonic() after which they count as dead
+        # Clients of other instances -> their instance, learnt from the relay script's answers (which made this
+        # instance one of the client's watchers): frames for them are published there without the script until
+        # the directory says the client moved (_Moved), or the instance is not listening.  ``_moves`` counts the
+        # _Moved messages (and Redis losses), so that an answer that crossed one is not learnt.
+        self._where: dict[str, str] = {}
+        self._moves = 0
+        self.direct = 0  # frames sent on a cached entry (ws_micro_cluster_direct_total)
+        # Clients fenced after a move: number of the fence, frames held for them (outbox entries, in order), and
+        # the timer that releases them after FENCE_WAIT; ``_held`` counts the frames of all.
+        self._fenced: dict[str, tuple[int, list[tuple[str, tuple[Any, ...], Callable[[Any], None]]],
+                                      asyncio.TimerHandle]] = {}
+        self._held = 0
+        self._fences = itertools.count()
+        # How a sender is told its frame was refused (the gateway's, from forward()): for _Undelivered.
+        self._failed: Callable[..., None] | None = None
         # The run_id of the Redis server this instance last wrote its state to: another one (a replica promoted
         # by a failover, or the same address restarted) may lack the newest writes of every instance.
         self._server: str | None = None
@@ -916,6 +1030,8 @@ class RedisBackend(_Backend):
         self.available = False
         self._alone.clear()
         self._shares += 1
+        self._where.clear()  # so may a _Moved
+        self._moves += 1
 
     async def _heartbeat(self) -> None:
         while True:
@@ -943,6 +1059,8 @@ class RedisBackend(_Backend):
         """Note the instances alive now, and the peers ``back``: once every missing peer is, the resynchronising
         window ends."""
         self._peers = {instance.decode() for instance in live if not instance.startswith(b"~")} - {self.instance}
+        for dead in set(self._where.values()) - self._peers:  # its clients are elsewhere now, or nowhere
+            self._forget(dead)
         if self._missing:
             self._missing -= set(back)
             if not self._missing:
@@ -1087,6 +1205,9 @@ class RedisBackend(_Backend):
                 continue
             with self.registry._together():  # a connection's frames in this message: one write
                 for delivery in deliveries:
+                    if isinstance(delivery, _Direct):
+                        self._direct(delivery)
+                        continue
                     if isinstance(delivery, _Control):
                         self._control(delivery)
                         continue
@@ -1174,6 +1295,17 @@ class RedisBackend(_Backend):
                         sharing[0].set()
             case _Revoked(user, before, expires):
                 self.registry._revoke_here(user, before, expires)
+            case _Moved(client_id, instance):
+                self._moves += 1
+                self._where.pop(client_id, None)
+                if not instance.startswith("~"):  # direct frames go to instances only, never to a session
+                    self._fence(client_id, instance)
+            case _Fence(client_id, origin, number):  # after the re-routes of the direct frames before it
+                self._enqueue("notice", (origin, _encode_delivery(_FencePassed(client_id, number))), _ignore)
+            case _FencePassed(client_id, number):
+                self._unfence(client_id, number)
+            case _Undelivered(client_id, text, code, why):
+                self._undelivered(text, code, why)
             case _Membership():
                 if self._tasks is not None:  # a task: the join waits for Redis, and the listener must not
                     self._tasks.start_soon(self._answer_membership, message)
@@ -1259,6 +1391,12 @@ class RedisBackend(_Backend):
                  {"": self.new_primaries}, ""),
                 ("cluster_rooms_alone", "gauge", "Rooms whose members are all on this instance, relayed without Redis.",
                  {"": len(self._alone)}, ""),
+                ("cluster_clients_cached", "gauge",
+                 "Clients of other instances whose instance this one caches, sending to it without a lookup.",
+                 {"": len(self._where)}, ""),
+                ("cluster_direct_total", "counter",
+                 "Frames sent to a client of another instance on the cached entry of its instance.",
+                 {"": self.direct}, ""),
                 ("sessions_parked", "gauge", "Sessions this instance moved to Redis to wait for their client.",
                  {"": len(self._parked)}, "")]
 
@@ -1296,7 +1434,7 @@ class RedisBackend(_Backend):
         prefix = self.settings.redis_prefix
         with contextlib.suppress(BackendUnavailable):
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hdel(f"{prefix}:directory", client_id)
+                await self._scripts["gone"](args=(prefix, client_id, self.instance), client=pipe)
                 pipe.zrem(f"{prefix}:clients", client_id)
                 pipe.hdel(self._clients_key, client_id)
                 for room, members in rooms_left.items():
@@ -1335,6 +1473,88 @@ class RedisBackend(_Backend):
         await self._scripts["members"](args=(self.settings.redis_prefix, kind, name, self.instance, members_here,
                                              client_id, int(member)), client=pipe)
 
+    # The clients' instances, cached on the sender (docs/cluster.md, "Design"): the relay script's answer for a
+    # frame teaches where its client is; the directory says when that changes (_Moved), and the sender then
+    # fences the client until its old instance has routed on what was sent to it there (_Fence).
+
+    def _learn(self, client_id: str, instance: str) -> None:
+        if len(self._where) >= CACHE_LIMIT:  # dropped whole: the watchers' notices still reach this instance
+            self._where.clear()
+        self._where[client_id] = instance
+
+    def _forget(self, instance: str) -> None:
+        """``instance`` is not listening, or dead: its cached clients are looked up again, after a fence (what
+        was sent there may still be routed on by it, if it is only slow)."""
+        for client_id in [client_id for client_id, where in self._where.items() if where == instance]:
+            del self._where[client_id]
+            self._fence(client_id, instance)
+
+    def _fence(self, client_id: str, instance: str) -> None:
+        """Hold new frames for ``client_id`` until ``instance``, where direct frames for it may be on their way,
+        has routed them on (its _FencePassed), or for FENCE_WAIT; the fence goes there after them, in order."""
+        if client_id in self._fenced or not self.available:  # fenced already, or nothing can be sent anyway
+            return
+        number = next(self._fences)
+        timer = asyncio.get_running_loop().call_later(FENCE_WAIT, self._unfence, client_id, number)
+        self._fenced[client_id] = (number, [], timer)
+
+        def done(result: Any) -> None:
+            if result != 1:  # not heard: nothing there is routed on, nothing need be waited for
+                self._unfence(client_id, number)
+
+        self._enqueue("fence", (instance, _encode_delivery(_Fence(client_id, self.instance, number))), done)
+
+    def _unfence(self, client_id: str, number: int) -> None:
+        """Fence ``number`` of ``client_id`` is passed: its held frames go on, in order, through the script."""
+        fence = self._fenced.get(client_id)
+        if fence is None or fence[0] != number:  # an older fence's answer, or one released already
+            return
+        del self._fenced[client_id]
+        fence[2].cancel()
+        self._held -= len(fence[1])
+        for name, args, done in fence[1]:
+            if not self.available or self._outbox_ready is None:
+                self._delivered(name, self._unavailable(), done)
+            else:  # past OUTBOX_LIMIT if need be: bounded by FENCE_LIMIT
+                self._enqueue(name, args, done)
+
+    def _direct(self, direct: _Direct) -> None:
+        """A frame another instance sent here on its cached entry: delivered if its client is here (or kept, if
+        it is being parked), else routed on as the relay script would (to the client's new instance, or its
+        waiting session), after what came before it; if that fails, its sender's instance is told."""
+        self.received += 1
+        client_id, text = direct.client_id, direct.text
+        delivery = _ToClient(client_id, text)
+        if self._parking and self._divert(delivery):
+            return
+        origin = direct.origin
+
+        def done(result: Any) -> None:
+            if result == 1:
+                return
+            if isinstance(result, BackendUnavailable):
+                code, why = BACKEND_UNAVAILABLE, f"{result}; {client_id!r} may have missed this frame"
+            else:
+                code, why = UNKNOWN_CLIENT, f"no client with id {client_id!r}"
+            self._enqueue("notice", (origin, _encode_delivery(_Undelivered(client_id, text, code, why))), _ignore)
+
+        connection = self.registry._connections.get(client_id)
+        if connection is None:
+            self._enqueue("send", (client_id, _encode_delivery(delivery)), done)
+        elif not connection.send(text):  # closing: refused, as a relay on one instance is
+            done(-1)
+
+    def _undelivered(self, text: str, code: str, why: str) -> None:
+        """Tell the sender of ``text``, a direct frame the instance it was sent to could not route on, that it
+        was refused, as the relay script's answer would have."""
+        try:
+            event = ws_micro._decode_event(text)
+        except msgspec.MsgspecError:  # ours, relayed unchanged: it was read before it was sent
+            return
+        connection = self.registry._connections.get(event.client_id)
+        if connection is not None and self._failed is not None:
+            self._failed(connection, event, code, why)
+
     # Sending: deliveries to other instances go through one outbox, flushed as one pipeline at a
     # time: a busy gateway pays a Redis round trip per batch, not per frame, and keeps their order.
 
@@ -1350,7 +1570,36 @@ class RedisBackend(_Backend):
             elif result != 1:
                 failed(*about, UNKNOWN_CLIENT, f"no client with id {client_id!r}")
 
-        return self._submit("send", (client_id, _encode_delivery(delivery)), done)
+        if not self.available or self._outbox_ready is None:
+            self._delivered("send", self._unavailable(), done)
+            return None
+        if len(self._outbox) >= OUTBOX_LIMIT:
+            return self._forward_later(delivery, failed, about)
+        instance = self._where.get(client_id)
+        if instance is not None:  # cached: published there as it is, after what this instance sent before
+            self._failed = failed
+            self.direct += 1
+            self._enqueue("direct", (instance, _encode_delivery(_Direct(client_id, delivery.text, self.instance))),
+                          done)
+            return None
+        fence = self._fenced.get(client_id)
+        if fence is None:
+            self._enqueue("send", (client_id, _encode_delivery(delivery)), done)
+        elif len(fence[1]) >= FENCE_FRAMES or self._held >= FENCE_LIMIT:
+            self.dropped["moving"] += 1
+            failed(*about, BACKEND_UNAVAILABLE, f"client {client_id!r} is moving to another instance, and more "
+                                                f"frames wait for it than are held meanwhile; it missed this frame")
+        else:
+            fence[1].append(("send", (client_id, _encode_delivery(delivery)), done))
+            self._held += 1
+        return None
+
+    async def _forward_later(self, delivery: _ToClient, failed: Callable[..., None], about: tuple[Any, ...]) -> None:
+        while len(self._outbox) >= OUTBOX_LIMIT and self.available:  # Redis is slow: the sender waits
+            await self._outbox_drained.wait()
+        rest = self.forward(delivery, failed, *about)  # the cache and fences as they are now
+        if rest is not None:
+            await rest
 
     async def publish(self, delivery: _ToGroup, here: Callable[[], int] = lambda: 0) -> int:
         answer, reached = await self._request("group", _group_key(delivery), _encode_delivery(delivery), here=here)
@@ -1430,7 +1679,7 @@ class RedisBackend(_Backend):
 
     def _enqueue(self, name: str, args: tuple[Any, ...], done: Callable[[Any], None]) -> None:
         assert self._outbox_ready is not None
-        self._outbox.append((name, (self.settings.redis_prefix, *args, self.instance), done))
+        self._outbox.append((name, args, done))  # the prefix and instance are added as a script is queued
         self._outbox_ready.set()
 
     async def _flush(self) -> None:
@@ -1442,8 +1691,10 @@ class RedisBackend(_Backend):
             # Judged before the scripts run: a peer seen back by now is in Redis when they run.
             resyncing = self.resyncing
             # A room or broadcast cannot tell which members the missing peers hold: while they are
-            # missing it reaches no other instance, as when Redis is away.  A send finds its client or not.
-            held = [resyncing and name != "send" for name, _, _ in batch]
+            # missing it reaches no other instance, as when Redis is away.  A send finds its client or not (and
+            # a direct frame's instance is one this instance learnt of since it wrote its state again).
+            held = [resyncing and name not in _ROUTED for name, _, _ in batch]
+            moves = self._moves  # an answer of the directory's that crossed a _Moved is not learnt
             try:
                 if not self.available:
                     raise self._unavailable()
@@ -1457,41 +1708,78 @@ class RedisBackend(_Backend):
                 results = [BackendUnavailable(RESYNCING, "resyncing") if hold else next(answers) for hold in held]
             except BackendUnavailable as exc:
                 results = [exc] * len(batch)
-            for (name, _, done), result in zip(batch, results, strict=True):
+            deaf: set[str] = set()  # instances a direct frame found not listening
+            for (name, args, done), result in zip(batch, results, strict=True):
+                if result.__class__ is bytes:  # a send's instance
+                    if moves == self._moves and args[0] not in self._fenced:
+                        self._learn(args[0], result.decode())
+                    result = 1
+                elif name == "direct" and result == 0:
+                    deaf.add(args[0])
                 self._delivered(name, result, done, resyncing)
+            for instance in deaf:
+                self._forget(instance)
             self._outbox_drained.set()
             self._outbox_drained = anyio.Event()
 
-    async def _pipe(self, pipe: Any, calls: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
-        """Queue these scripts on ``pipe``, each run of delivery scripts (``_RELAYED``) as one "relay" script;
-        how many scripts each command on the pipe stands for (0: one that is not a run)."""
-        runs: list[int] = []
-        run: list[Any] = []
-        messages: list[bytes] = []
-        size = 0
+    async def _pipe(self, pipe: Any, calls: list[tuple[str, tuple[Any, ...]]]) -> list[int | list[int]]:
+        """Queue these scripts on ``pipe``: each run of deliveries (``_RUN``) cut at RUN_BYTES, as one "relay"
+        script if it has any to look up (``_RELAYED``), else as one PUBLISH per instance of its messages
+        (``_DIRECT``); each other script as itself.  What each command, or run of PUBLISHes, stands for: 0 a
+        script that is not a run, n > 0 a relay script of n deliveries, or for a run of PUBLISHes, the position
+        among them of each message's."""
+        runs: list[int | list[int]] = []
         prefix, instance = self.settings.redis_prefix, self.instance
-        for position, (name, args) in enumerate(calls):
-            if name in _RELAYED:  # args: prefix, key, message, instance
-                run += (name, args[1], len(args[2]))
-                messages.append(args[2])
-                size += len(args[2])
-                if position + 1 < len(calls) and calls[position + 1][0] in _RELAYED and size < RUN_BYTES:
-                    continue
-                await self._scripts["relay"](args=(prefix, _encode_delivery(run), b"".join(messages), instance),
-                                             client=pipe)
-                runs.append(len(messages))
-                run, messages, size = [], [], 0
-            else:
-                await self._scripts[name](args=args, client=pipe)
+        position, count = 0, len(calls)
+        while position < count:
+            name, args = calls[position]
+            if name not in _RUN:
+                await self._scripts[name](args=(prefix, *args, instance), client=pipe)
                 runs.append(0)
+                position += 1
+                continue
+            end, size, scripted = position, 0, False  # args of a run: key (an instance if direct), message
+            while end < count and calls[end][0] in _RUN and size < RUN_BYTES:
+                size += len(calls[end][1][1])
+                scripted = scripted or calls[end][0] in _RELAYED
+                end += 1
+            run = calls[position:end]
+            position = end
+            if scripted:
+                kinds: list[Any] = []
+                for name, args in run:
+                    kinds += ("direct" if name in _DIRECT else name, args[0], len(args[1]))
+                await self._scripts["relay"](args=(prefix, _encode_delivery(kinds),
+                                                   b"".join([args[1] for _, args in run]), instance), client=pipe)
+                runs.append(len(run))
+                continue
+            by_instance: dict[str, list[bytes]] = {}
+            for _, (target, message) in run:
+                by_instance.setdefault(target, []).append(message)
+            for target, messages in by_instance.items():
+                pipe.publish(f"{prefix}:deliveries:{target}", _array_head(len(messages)) + b"".join(messages))
+            if len(by_instance) == 1:
+                runs.append([0] * len(run))
+            else:
+                index = {target: n for n, target in enumerate(by_instance)}
+                runs.append([index[target] for _, (target, _) in run])
         return runs
 
     @staticmethod
-    def _unrun(runs: list[int], results: list[Any]) -> list[Any]:
+    def _unrun(runs: list[int | list[int]], results: list[Any]) -> list[Any]:
         """The answer of each script :meth:`_pipe` queued, from the pipe's: a run's answers spread out (all
-        None if it found this instance unregistered)."""
+        None if it found this instance unregistered); a PUBLISH's, 1 for each of its messages if an instance
+        heard it, else 0."""
         answers: list[Any] = []
-        for run, result in zip(runs, results, strict=True):
+        at = 0
+        for run in runs:
+            if isinstance(run, list):
+                heard = [1 if subscribers else 0 for subscribers in results[at:at + max(run) + 1]]
+                answers += [heard[index] for index in run]
+                at += len(heard)
+                continue
+            result = results[at]
+            at += 1
             if not run:
                 answers.append(result)
             else:
@@ -1503,7 +1791,8 @@ class RedisBackend(_Backend):
         if not isinstance(result, BackendUnavailable):
             result = self._refusal(name, result, resyncing) or result
         if isinstance(result, BackendUnavailable):
-            self.dropped[result.reason] += 1
+            if name not in _UNCOUNTED:
+                self.dropped[result.reason] += 1
         elif name in ("group", "all") and result[1]:  # sent to some instances; others were not listening
             self.dropped["no_subscriber"] += 1
         done(result)
@@ -1513,7 +1802,7 @@ class RedisBackend(_Backend):
         if result is None:  # the script found this instance unregistered: Redis lost its state
             self._lost()  # reconnect and register again; meanwhile every cross-instance send fails
             return BackendUnavailable(RESYNCING, "resyncing")
-        if name == "send" and result == 0:  # in the directory, but its instance is not listening
+        if (name == "send" or name == "direct") and result == 0:  # its instance is not listening
             return BackendUnavailable(f"the instance of this client is {NOT_LISTENING}", "no_subscriber")
         if name == "send" and result == -1 and resyncing:  # unknown, or on a peer not registered again yet
             return BackendUnavailable(RESYNCING, "resyncing")

@@ -1052,9 +1052,9 @@ def test_the_scripts_find_every_field_where_msgspec_puts_it() -> None:
     layout = {tag: {name: int(position) for name, position in re.findall(r"(\w+) = (\d+)", fields)}
               for tag, fields in re.findall(r"(\w+) = \{([^}]*)\}", table)}
     structs = (ws_micro._ToClient, ws_micro._ToRoom, ws_micro._ToUser, ws_micro._ToEveryone, ws_micro._Kick,
-               ws_micro._KickUser, ws_micro_redis._RoomShared, ws_micro_redis._WasParked, ws_micro_redis._Sealed,
-               ws_micro_redis._WasResumed, ws_micro_redis._SessionEnded, ws_micro_redis._TakeOver,
-               ws_micro_redis._Revoked)
+               ws_micro._KickUser, ws_micro_redis._RoomShared, ws_micro_redis._Moved, ws_micro_redis._WasParked,
+               ws_micro_redis._Sealed, ws_micro_redis._WasResumed, ws_micro_redis._SessionEnded,
+               ws_micro_redis._TakeOver, ws_micro_redis._Revoked)
     assert set(layout) == {struct.__struct_config__.tag for struct in structs}
     for struct in structs:
         values: dict[str, Any] = {name: 1000 + i if name in ("code", "before", "expires") else f"{name}-value"
@@ -1241,3 +1241,191 @@ async def test_e2e_a_host_that_does_not_run_the_gateways_lifespan_is_told_so(
     # The operator, once, with where to read what to do.
     assert len(said) == 1 and "docs/embedding.md, \"The gateway's lifespan\"" in said[0], said
     assert "cluster mode has no Redis connection" in said[0] and "Traceback" not in log.read_text()
+
+
+# --------------------------------------------------------------------------
+# The client-to-instance lookup cached on the sender (docs/cluster.md, "Design")
+# --------------------------------------------------------------------------
+
+
+def watch_keys(redis_server: RedisServer) -> list[str]:
+    return sorted(redis_server.command("KEYS", "ws_micro:client-watch:*"))
+
+
+def numbered(event: str, own: str, to: str, n: int) -> str:
+    """A frame for ``to`` with ``{"n": n}`` and the id n, which an error for it carries back."""
+    return json.dumps({**frame(event, own, {"n": n}, to=to), "id": n})
+
+
+async def stream_to(ws: ClientConnection, own: str, to: str, total: int, pace: int = 10) -> None:
+    """Send ``total`` frames numbered by their id to ``to``, ``pace`` at a time with a pause between, so that
+    what the test does meanwhile falls in the middle of the stream."""
+    for n in range(total):
+        await ws.send(numbered("n", own, to, n))
+        if n % pace == pace - 1:
+            await anyio.sleep(0.005)  # a pace, not a wait for anything
+
+
+async def refusals(ws: ClientConnection, count: Callable[[], int], total: int, into: dict[int, str]) -> None:
+    """Read the errors that come back to a sender until ``count() + len(into) == total``: id -> code."""
+    with anyio.fail_after(TIMEOUT):
+        while count() + len(into) < total:
+            received = await recv_json(ws)
+            assert received["event"] == "error", received
+            into[received["id"]] = received["data"]["data"]["code"]
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_frames_to_a_client_of_another_instance_go_there_without_a_lookup_once_its_place_is_known(
+        redis_server: RedisServer) -> None:
+    frames = 200
+    with cluster(redis_server, 2) as (x, y):
+        async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b):
+            first = text("chat", id_a, {"n": -1}, to=id_b)
+            await a.send(first)
+            assert await recv_text(b) == first  # through the relay script, which says where B is
+            await x.wait_until(lambda: x.metric("ws_micro_cluster_clients_cached") == 1, "X to cache B's instance")
+            assert watch_keys(redis_server) == [f"ws_micro:client-watch:{id_b}"]
+            with redis.Redis.from_url(redis_server.url) as client:
+                client.config_resetstat()
+            sent = [text("chat", id_a, {"n": n}, to=id_b) for n in range(frames)]
+            for one in sent:
+                await a.send(one)
+            assert [await recv_text(b) for _ in range(frames)] == sent  # in order
+            await nothing_more(a, id_a)
+            assert x.metric("ws_micro_cluster_direct_total") == frames
+            # No relay script ran for them (the heartbeats' scripts run meanwhile: a few), and the PUBLISHes
+            # carry many frames each.
+            assert redis_calls(redis_server, "evalsha") < 10
+            assert redis_calls(redis_server, "publish") <= frames // 10
+            assert y.metric("ws_micro_cluster_received_total") == frames + 1
+        # Both left: no watcher set is left behind.
+        await x.wait_until(lambda: x.get("/api/clients").json()["count"] == 0, "both to leave the directory")
+        assert watch_keys(redis_server) == []
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_a_stream_to_a_client_that_resumes_through_a_third_instance_arrives_once_each_in_order(
+        redis_server: RedisServer) -> None:
+    total = 600
+    with cluster(redis_server, 3, "--recovery-window", "60") as (x, y, z):
+        async with ws_client(x.ws) as (a, id_a):
+            b, id_b, token = await new_session(y.ws)
+            numbers: list[int] = []
+            refused: dict[int, str] = {}
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(stream_to, a, id_a, id_b, total)
+                while len(numbers) < total // 4:
+                    numbers.append((await recv_json(b))["data"]["data"]["n"])
+                assert x.metric("ws_micro_cluster_clients_cached") == 1  # the stream goes to Y on X's cache
+                cut(b)
+                async with connect(resume_url(z, token, offset=len(numbers))) as back:
+                    assert (await greeted(back))["data"]["data"]["recovered"] is True
+                    with anyio.move_on_after(TIMEOUT):
+                        while len(numbers) < total:
+                            numbers.append((await recv_json(back))["data"]["data"]["n"])
+                    missing = sorted(set(range(total)) - set(numbers))
+                    assert len(numbers) == total, (len(numbers), missing[:20], numbers[140:170])
+                    await nothing_more(back, id_b)
+            await nothing_more(a, id_a)  # no error came back: every frame was delivered or kept
+            assert refused == {}
+            assert numbers == list(range(total))  # each once, in order
+            assert x.metric("ws_micro_cluster_direct_total") > 0
+
+
+@pytest.mark.process
+@pytest.mark.redis
+@pytest.mark.parametrize("leaves", ["closes", "kicked"])
+async def test_cluster_a_stream_to_a_client_that_leaves_for_good_is_delivered_or_refused_frame_by_frame(
+        redis_server: RedisServer, leaves: str) -> None:
+    total = 400
+    with cluster(redis_server, 2) as (x, y):
+        async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b):
+            delivered: list[int] = []
+            refused: dict[int, str] = {}
+
+            async def read_until_closed() -> None:
+                with contextlib.suppress(ConnectionClosed):
+                    while True:
+                        delivered.append((await recv_json(b))["data"]["data"]["n"])
+                        if len(delivered) == total // 4:
+                            if leaves == "closes":
+                                tasks.start_soon(b.close)
+                            else:
+                                tasks.start_soon(lambda: httpx.AsyncClient(timeout=TIMEOUT).delete(
+                                    f"{x.http}/api/clients/{id_b}"))
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(read_until_closed)
+                tasks.start_soon(stream_to, a, id_a, id_b, total)
+                await refusals(a, lambda: len(delivered), total, refused)
+            await nothing_more(a, id_a)
+            # None lost without a word: each frame reached B, in order, or its sender was told it did not.
+            assert delivered == list(range(len(delivered))) and len(delivered) >= total // 4
+            assert sorted(refused) == list(range(len(delivered), total))
+            assert set(refused.values()) == {"unknown_client"}
+            assert x.metric("ws_micro_cluster_direct_total") > 0
+            assert x.metric("ws_micro_cluster_clients_cached") == 0
+        await x.wait_until(lambda: x.get("/api/clients").json()["count"] == 0, "both to leave the directory")
+        assert watch_keys(redis_server) == []
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_frames_on_a_cached_entry_of_a_killed_instance_fail_and_the_cache_forgets_it(
+        redis_server: RedisServer) -> None:
+    ttl = 3.0
+    with cluster(redis_server, 1, "--heartbeat-interval", "0.2", "--instance-ttl", str(ttl)) as (x,), \
+            run_server("--log-level", "warning", "--redis-url", redis_server.url,
+                       "--heartbeat-interval", "0.2", "--instance-ttl", str(ttl)) as doomed:
+        async with ws_client(x.ws) as (a, id_a), ws_client(doomed.ws) as (c, id_c):
+            await a.send(text("chat", id_a, to=id_c))
+            assert (await recv_json(c))["event"] == "chat"
+            await x.wait_until(lambda: x.metric("ws_micro_cluster_clients_cached") == 1, "X to cache C's instance")
+            doomed.process.kill()
+            doomed.process.wait(TIMEOUT)
+            # Its subscription is gone with it: the frame on the cached entry is published to nobody.
+            await a.send(numbered("chat", id_a, id_c, 1))
+            assert without_message(await recv_json(a)) == {**error(id_a, "backend_unavailable", "chat"), "id": 1}
+            assert x.metric("ws_micro_cluster_dropped_total", reason="no_subscriber") == 1
+            assert x.metric("ws_micro_cluster_clients_cached") == 0  # forgotten: looked up again
+            direct = x.metric("ws_micro_cluster_direct_total")
+            await x.wait_until(lambda: x.get("/api/clients").json()["count"] == 1, "the killed instance to drop out")
+            await a.send(numbered("chat", id_a, id_c, 2))
+            assert without_message(await recv_json(a)) == {**error(id_a, "unknown_client", "chat"), "id": 2}
+            assert x.metric("ws_micro_cluster_direct_total") == direct
+        await x.wait_until(lambda: x.get("/api/clients").json()["count"] == 0, "A to leave the directory")
+        assert watch_keys(redis_server) == []
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_frames_held_for_a_moving_client_are_bounded_and_each_is_refused_or_sent_on(
+        redis_server: RedisServer) -> None:
+    total = ws_micro_redis.FENCE_FRAMES + 300
+    with cluster(redis_server, 1, "--heartbeat-interval", "0.2", "--instance-ttl", "1",
+                 "--rate-limit", "100000") as (x,), \
+            run_server("--log-level", "warning", "--redis-url", redis_server.url,
+                       "--heartbeat-interval", "0.2", "--instance-ttl", "1") as frozen:
+        async with ws_client(x.ws) as (a, id_a), ws_client(frozen.ws) as (c, id_c):
+            await a.send(text("chat", id_a, to=id_c))
+            assert (await recv_json(c))["event"] == "chat"
+            await x.wait_until(lambda: x.metric("ws_micro_cluster_clients_cached") == 1, "X to cache C's instance")
+            frozen.process.send_signal(signal.SIGSTOP)  # subscribed still, but it answers no fence
+            try:
+                # X finds it dead: C is fenced, its frames held until the frozen instance answers, or FENCE_WAIT.
+                await x.wait_until(lambda: x.metric("ws_micro_cluster_clients_cached") == 0, "X to forget C's place")
+                for n in range(total):
+                    await a.send(numbered("n", id_a, id_c, n))
+                refused: dict[int, str] = {}
+                await refusals(a, lambda: 0, total, refused)
+                await nothing_more(a, id_a)
+            finally:
+                frozen.process.kill()
+            moving = x.metric("ws_micro_cluster_dropped_total", reason="moving")
+            assert moving > 0  # past the bound: refused at once
+            assert list(refused.values()).count("backend_unavailable") == moving
+            # The held ones went on after the fence, to find C reaped: refused as unknown.
+            assert list(refused.values()).count("unknown_client") == total - moving
