@@ -326,22 +326,32 @@ def run_server(name: str, env: dict[str, str] | None = None, cpu: int = SERVER_C
             process.wait()
 
 
-@contextlib.contextmanager
-def run_redis() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    port = free_port()
+def start_redis(port: int) -> subprocess.Popen[bytes]:
+    """An empty, unpersisted redis-server on ``port`` (loopback, the server's CPU), once it accepts connections.
+
+    bench/cluster_faults.py calls it again on the same port to restart Redis empty.
+    """
     process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                 "--appendonly", "no"], stdout=subprocess.DEVNULL,
                                preexec_fn=lambda: os.sched_setaffinity(0, {SERVER_CPU}))
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), 1):
+                return process
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                process.wait()
+                raise RuntimeError(f"redis-server did not start on port {port}") from None
+            time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def run_redis() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    port = free_port()
+    process = start_redis(port)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), 1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.02)
         yield process, f"redis://127.0.0.1:{port}/0"
     finally:
         process.terminate()
