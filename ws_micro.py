@@ -887,8 +887,10 @@ HANDSHAKE_REFUSALS = ("origin", "full", "timeout", "unauthorized", "forbidden", 
 
 # Why connections end (the disconnects_total labels); "refused": on_connect refused (or failed for) a
 # session that began after its handshake was accepted (a resume that found its session gone).
+# "taken_for_dead": in cluster mode, its instance came back after the others had taken it for dead (stopped, or
+# cut off from Redis, for longer than instance_ttl), so frames for it may have been lost meanwhile.
 DISCONNECT_REASONS = ("closed", "abnormal", "shutdown", "peer_error", "kicked", "slow_consumer",
-                      "rate_limited", "message_too_big", "binary_frame", "internal_error", "refused")
+                      "rate_limited", "message_too_big", "binary_frame", "internal_error", "refused", "taken_for_dead")
 
 # Who asked for an event only the gateway sends (SERVER_EVENTS), refused (the server_events_refused_total
 # labels): a forwarding backend's answer, a push through the sidecar API, the registry's send methods
@@ -1414,9 +1416,10 @@ def _connection_key(connection: _Connection) -> str | None:
 # away: the window passed, the frames kept for it passed the bounds, kicked, or pushed out by newer ones
 # past recovery_max_sessions; or a resume that got a new session instead (its token unknown or not the
 # session's, its frames no longer kept, or another user), or was refused (its token already used); or
-# the server stopped while it waited here (its client cannot come back to a process that is gone).
+# the server stopped while it waited here (its client cannot come back to a process that is gone); or, in
+# cluster mode, its instance had been taken for dead (see DISCONNECT_REASONS), and the frames it kept may lack some.
 SESSION_OUTCOMES = ("resumed", "expired", "overflowed", "kicked", "evicted", "not_recovered", "token_reused",
-                    "shutdown")
+                    "shutdown", "taken_for_dead")
 
 MAX_RESUME_TOKEN_LENGTH = 128
 RESUME_TOKEN_HEADER = "X-WS-Micro-Resume-Token"
@@ -2789,12 +2792,12 @@ class Registry:
         else:
             self._fan_out(client_ids, _Frame.parts(text, tail))
 
-    def _kick(self, client_ids: Iterable[str], code: int, reason: str) -> int:
+    def _kick(self, client_ids: Iterable[str], code: int, reason: str, label: str = "kicked") -> int:
         kicked = 0
         for client_id in list(client_ids):  # each close takes its connection out of the set
             connection = self._connections.get(client_id)
             if connection is not None:
-                connection.close(code, reason, label="kicked")
+                connection.close(code, reason, label=label)
                 kicked += 1
         return kicked
 

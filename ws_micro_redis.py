@@ -79,6 +79,7 @@ NOT_STARTED = (f"cluster mode has no Redis connection, because {_NO_LIFESPAN}; "
                "only clients on this instance can be reached")
 RESYNCING = ("Redis lost the cluster's state and instances are still registering again; "
              "only clients on this instance and on instances already back can be reached")
+TAKEN_FOR_DEAD = "this instance was taken for dead by the cluster; connect again"  # the close reason (1012)
 NOT_LISTENING = "not listening to Redis (reconnecting, or dead for less than instance_ttl)"
 OUTBOX_LIMIT = 10_000  # deliveries waiting for Redis before senders wait too
 RESYNC_POLL = 0.1  # seconds between looks for peers while they are registering again
@@ -94,6 +95,9 @@ FENCE_WAIT = 1.0
 # OUTBOX_LIMIT deliveries in all for the same reason.
 FENCE_FRAMES = 1_000
 FENCE_LIMIT = OUTBOX_LIMIT
+# Seconds an instance taken for dead is remembered as such (p:taken:<id>), for it to know when it comes back: a
+# day, past any pause a process or a VM survives; an instance truly dead costs Redis a small key as long.
+TAKEN_KEEP = 86_400
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")  # redis_url through Redis Sentinel (docs/cluster.md)
 SENTINEL_PORT = 26379  # Sentinel's own default port, for a sentinel named without one
 # Bytes of messages after which a run of deliveries is cut into another relay script: about what Redis writes to
@@ -250,6 +254,7 @@ _ROUTED = frozenset(("send", "direct", "fence"))  # what goes to one client's in
 #   p:synced                   HASH  instance id -> run_id of the Redis server it last wrote its whole state to
 #   p:deliveries:<id>          pub/sub channel of that instance
 #   p:client-watch:<client id> SET   instances that cached the client's instance (told _Moved when it changes)
+#   p:taken:<id>               STRING  an instance the others took for dead, for it to know when it comes back
 # With connection recovery, a session waiting for its client lives in Redis as an instance of its
 # own, "~<client id>", alive until its window ends: the scripts route frames to it as to any
 # instance, and keep() appends them to its list instead of publishing them.
@@ -276,7 +281,8 @@ def _lua_layout(*structs: type[msgspec.Struct]) -> str:
 
 
 _LUA_PRELUDE = _lua_layout(_ToClient, _ToRoom, _ToUser, _ToEveryone, _Kick, _KickUser, _RoomShared, _Moved,
-                           _WasParked, _Sealed, _WasResumed, _SessionEnded, _TakeOver, _Revoked) + """
+                           _WasParked, _Sealed, _WasResumed, _SessionEnded, _TakeOver,
+                           _Revoked) + f"local TAKEN_KEEP = {TAKEN_KEEP}\n" + """
 local p = ARGV[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
@@ -473,14 +479,29 @@ local function deliver(id, message, clients)
 end
 """
 _LUA = {
-    # ARGV: p, instance, ttl -> {1 if the instance was not registered (new, reaped, or Redis restarted),
-    #                            {live instances}}
+    # Renew this instance's deadline, and reap the instances whose deadline passed.  One reaped by an instance
+    # that was not itself coming back from a loss of Redis (ARGV[4] = 1: its heartbeat, not _sync's) was taken
+    # for dead while its peers could reach Redis: frames for its clients were dropped, unseen, since its
+    # deadline passed.  It may only have stopped a while (a pause, a partition from Redis), its clients still
+    # connected: p:taken:<id> tells it so when it comes back (TAKEN_KEEP seconds at most).
+    # ARGV: p, instance, ttl, 1 to mark those it reaps (else 0)
+    # -> {1 if the instance was not registered (new, reaped, or Redis restarted), {live instances},
+    #     1 if it had been taken for dead (its mark, taken away now)}
     "heartbeat": """
 local added = redis.call('ZADD', p .. ':instances', now + tonumber(ARGV[3]), ARGV[2])
 for _, dead in ipairs(redis.call('ZRANGEBYSCORE', p .. ':instances', '-inf', now)) do
-  if string.sub(dead, 1, 1) == '~' then end_session(string.sub(dead, 2), 'expired') else reap(dead) end
+  if string.sub(dead, 1, 1) == '~' then
+    end_session(string.sub(dead, 2), 'expired')
+  else
+    reap(dead)
+    if ARGV[4] == '1' then redis.call('SET', p .. ':taken:' .. dead, 1, 'EX', TAKEN_KEEP) end
+  end
 end
-return {added, live()}""",
+return {added, live(), redis.call('DEL', p .. ':taken:' .. ARGV[2])}""",
+    # Peers this instance waited for after it lost Redis (it refused their frames meanwhile) that did not come
+    # back within instance_ttl: it counts them as dead from now on, so they were taken for dead as above.
+    # ARGV: p, instances... -> 1
+    "taken": "for i = 2, #ARGV do redis.call('SET', p .. ':taken:' .. ARGV[i], 1, 'EX', TAKEN_KEEP) end return 1",
     # ARGV: p, instance
     "reap": "reap(ARGV[2]) return 1",
     # The delivery scripts (relay, all) answer nil when their own instance is not registered:
@@ -953,6 +974,7 @@ class RedisBackend(_Backend):
         # by a failover, or the same address restarted) may lack the newest writes of every instance.
         self._server: str | None = None
         self.new_primaries = 0  # times that happened
+        self.taken_for_dead = 0  # times this instance came back after the others had taken it for dead
 
     # Running
 
@@ -1038,13 +1060,17 @@ class RedisBackend(_Backend):
             # While peers are registering again, frames for them are refused: look for them often.
             await anyio.sleep(min(self.settings.heartbeat_interval, RESYNC_POLL) if self._missing
                               else self.settings.heartbeat_interval)
-            added, live = await self._script("heartbeat", self.instance, self.settings.instance_ttl)
+            added, live, taken = await self._script("heartbeat", self.instance, self.settings.instance_ttl, 1)
             if added:
                 logger.warning("cluster: instance %s had been dropped from Redis; registering again",
                                self.instance)
                 await self._sync()  # before _saw(): the peers we knew are those Redis may have lost
+                if taken:
+                    self._taken_for_dead()
                 continue
-            self._saw(live, await self._synced(self._missing))
+            dead = self._saw(live, await self._synced(self._missing))
+            if dead:
+                await self._script("taken", *dead)
 
     async def _synced(self, peers: Collection[str]) -> set[str]:
         """Those of these peers that have written their state to the Redis server this instance wrote its own to."""
@@ -1055,9 +1081,9 @@ class RedisBackend(_Backend):
         return {peer for peer, server in zip(names, servers, strict=True)
                 if server is not None and server.decode() == self._server}
 
-    def _saw(self, live: Sequence[bytes], back: Collection[str] = ()) -> None:
+    def _saw(self, live: Sequence[bytes], back: Collection[str] = ()) -> set[str]:
         """Note the instances alive now, and the peers ``back``: once every missing peer is, the resynchronising
-        window ends."""
+        window ends.  The missing peers counted as dead from now on (not back within instance_ttl)."""
         self._peers = {instance.decode() for instance in live if not instance.startswith(b"~")} - {self.instance}
         for dead in set(self._where.values()) - self._peers:  # its clients are elsewhere now, or nowhere
             self._forget(dead)
@@ -1068,7 +1094,22 @@ class RedisBackend(_Backend):
             elif time.monotonic() >= self._missing_until:
                 logger.warning("cluster: instance(s) %s did not register again within instance_ttl; "
                                "counting them as dead", ", ".join(sorted(self._missing)))
-                self._missing = set()
+                gone, self._missing = self._missing, set()
+                return gone
+        return set()
+
+    def _taken_for_dead(self) -> None:
+        """The others took this instance for dead (p:taken:<id>: it stopped, or was cut off from Redis, for longer
+        than instance_ttl, while they could reach Redis), and dropped the frames for its clients meanwhile: a
+        room's frames missed its members here, unseen.  Its connections end, as if it had died (1012: clients
+        connect again; sessions end, so that a resume says ``recovered: false``), and nothing was lost unseen."""
+        registry = self.registry
+        self.taken_for_dead += 1
+        logger.warning("cluster: instance %s had been taken for dead by the others (stopped, or cut off from Redis, "
+                       "for longer than instance_ttl, %gs), which dropped the frames for its clients meanwhile; "
+                       "closing its %d connection(s) with 1012 so that they connect again",
+                       self.instance, self.settings.instance_ttl, len(registry._connections))
+        registry._kick(list(registry._connections), 1012, TAKEN_FOR_DEAD, label="taken_for_dead")
 
     async def _sync(self) -> None:
         """Write this instance's whole state (its clients and rooms), replacing whatever Redis had.
@@ -1084,7 +1125,7 @@ class RedisBackend(_Backend):
         self._shares += 1
         async with self.redis.pipeline(transaction=True) as pipe:
             await self._scripts["reap"](args=(prefix, self.instance), client=pipe)
-            await self._scripts["heartbeat"](args=(prefix, self.instance, self.settings.instance_ttl), client=pipe)
+            await self._scripts["heartbeat"](args=(prefix, self.instance, self.settings.instance_ttl, 0), client=pipe)
             connections = list(self.registry._connections.values())
             if connections:
                 pipe.hset(f"{prefix}:directory", mapping={c.id: self.instance for c in connections})
@@ -1115,6 +1156,8 @@ class RedisBackend(_Backend):
         synced = dict(zip(known, results[-1], strict=True)) if known else {}
         missing = {peer for peer in known if synced[peer] is None or synced[peer].decode() != server}
         self._saw(results[1][1])
+        if results[1][2]:
+            self._taken_for_dead()
         if missing:
             self._missing = missing
             self._missing_until = time.monotonic() + self.settings.instance_ttl
@@ -1389,6 +1432,9 @@ class RedisBackend(_Backend):
                 ("cluster_new_primaries_total", "counter",
                  "Times Redis turned out to be another server (a failover, or a restart); each a resync.",
                  {"": self.new_primaries}, ""),
+                ("cluster_taken_for_dead_total", "counter",
+                 "Times this instance came back after the others had taken it for dead, and closed its connections.",
+                 {"": self.taken_for_dead}, ""),
                 ("cluster_rooms_alone", "gauge", "Rooms whose members are all on this instance, relayed without Redis.",
                  {"": len(self._alone)}, ""),
                 ("cluster_clients_cached", "gauge",

@@ -31,15 +31,17 @@ room frame.  For each frame and receiver, the outcome is one of:
     refused          its sender got an error event with the frame's id (the sender was told; the
                      frame may have arrived at some receivers anyway: backend_unavailable means
                      "may not have arrived")
-    with the killed  tz or mz, killed with Z, did not get it, and it was sent before the kill, after
-                     the last frame they did get (in flight when Z died).  The receiver knows: its
-                     connection dropped, and a resume would answer `recovered: false`.  This is
+    ended            the receiver's connection ended before it got it: tz or mz, killed with Z, or ty or
+                     my, whose instance Y closed their connections (1012) on coming back after the
+                     others had taken it for dead (docs/cluster.md, Faults); it was sent before that
+                     end, after the last frame the receiver did get.  The receiver knows: its
+                     connection ended, and a resume would answer `recovered: false`.  This is
                      how Centrifugo reports it too: a publication is not refused to its publisher
                      because a subscriber's node died; the subscriber sees the disconnect, and on
                      reconnecting, its recovery says whether it missed anything.  A room frame sent
-                     after the kill is not for mz at all (a room frame is for the members whose
-                     connections are open); a `to` frame sent to tz after the kill still is, and
-                     must be refused.
+                     after the end is not for that member at all (a room frame is for the members
+                     whose connections are open); a `to` frame sent to tz or ty after it still is,
+                     and must be refused.
     lost silently    anything else: not delivered, not refused, to a receiver that was alive, or
                      missing before a frame the receiver did get (a gap)
 
@@ -77,10 +79,11 @@ from websockets.exceptions import ConnectionClosed
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_ws_micro import Server, run_redis, run_server, start_redis
+from ws_micro_redis import TAKEN_FOR_DEAD
 
 FAST_HEARTBEAT = {"WS_MICRO_HEARTBEAT_INTERVAL": "0.2", "WS_MICRO_INSTANCE_TTL": "1.0"}  # tests/conftest.py's
 WAIT = 30.0  # seconds: the longest an event the run waits for may take (an instance back, a dead one reaped)
-OUTCOMES = ("delivered", "refused", "with the killed", "lost silently")
+OUTCOMES = ("delivered", "refused", "ended", "lost silently")
 
 
 @dataclass
@@ -95,6 +98,7 @@ class Client:
     errors: dict[str, list[str]] = field(default_factory=dict)  # frame id -> error codes, in order
     unmatched: list[dict[str, Any]] = field(default_factory=list)  # anything else it was sent
     closed_at: float | None = None  # when its connection ended (monotonic)
+    ended_at: float | None = None  # when the server ended it, as an instance taken for dead does (1012)
 
 
 @dataclass
@@ -177,6 +181,8 @@ async def read(run: Run, client: Client) -> None:
     except ConnectionClosed:
         pass
     client.closed_at = time.monotonic()
+    if client.ws.close_code == 1012 and client.ws.close_reason == TAKEN_FOR_DEAD:
+        client.ended_at = client.closed_at
     run.progress.set()
 
 
@@ -253,7 +259,7 @@ def outcomes(run: Run, receiver: Client) -> dict[str, str]:
     last: dict[str, int] = {}  # stream -> the highest number the receiver got of it
     for tag, n in map(numbered, receiver.received):
         last[tag] = max(n, last.get(tag, -1))
-    killed = run.killed.get(receiver.name)
+    ended = run.killed.get(receiver.name, receiver.ended_at)
     result = {}
     for frame in run.sent:
         if receiver not in frame.receivers:
@@ -262,8 +268,8 @@ def outcomes(run: Run, receiver: Client) -> dict[str, str]:
             result[frame.id] = "delivered"
         elif frame.id in frame.sender.errors:
             result[frame.id] = "refused"
-        elif killed is not None and frame.at < killed and frame.n > last.get(frame.tag, -1):
-            result[frame.id] = "with the killed"
+        elif ended is not None and frame.at < ended and frame.n > last.get(frame.tag, -1):
+            result[frame.id] = "ended"
         else:
             result[frame.id] = "lost silently"
     return result
@@ -325,7 +331,7 @@ def report(run: Run, dropped_by: dict[str, dict[str, float] | None]) -> bool:
     windows["all"] = sum(windows.values(), collections.Counter())
     print()
     print(table("fault window", ["sent", "d sent", "r sent", "delivered", "refused", "arrived anyway",
-                                 "with the killed", "lost silently"], dict(windows)))
+                                 "ended", "lost silently"], dict(windows)))
     print("(d: `to` frames, r: room frames; refused: its sender got an error naming it, of which arrived anyway:\n"
           " at every receiver all the same; else a frame counts under its worst receiver's outcome)")
     twice = sum(1 for frame in run.sent if len(frame.sender.errors.get(frame.id, ())) > 1)
@@ -380,7 +386,7 @@ async def fault_run(args: argparse.Namespace, redis: Redis, x: Server, y: Server
         return {"to": to.client_id}, (to,)
 
     def room(n: int) -> tuple[dict[str, str], tuple[Client, ...]]:  # the members whose connections are open
-        return {"room": "r"}, tuple(c[m] for m in ("mx", "my", "mz") if m not in run.killed)
+        return {"room": "r"}, tuple(c[m] for m in ("mx", "my", "mz") if m not in run.killed and c[m].ended_at is None)
 
     run.note("quiet start")
     senders = [asyncio.create_task(stream(run, c["dx"], "d", args.rate, direct)),
@@ -430,6 +436,7 @@ async def fault_run(args: argparse.Namespace, redis: Redis, x: Server, y: Server
         """Whether every frame has arrived at each receiver alive, or been refused."""
         got = {client.name: set(client.received) for client in clients.values()}
         return all(frame.id in frame.sender.errors or all(frame.id in got[r.name] or r.name in run.killed
+                                                          or r.ended_at is not None
                                                           for r in frame.receivers) for frame in run.sent)
 
     # The last frames may still be on their way, and a refusal takes up to redis_timeout.
