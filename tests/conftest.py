@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterator
 from pathlib import Path
 from typing import Any, Self
 
@@ -542,6 +542,110 @@ def cluster(redis_server: RedisServer, size: int, *args: str) -> Iterator[list[S
     with contextlib.ExitStack() as stack:
         yield [stack.enter_context(run_server("--log-level", "warning", "--redis-url", redis_server.url,
                                               *FAST_HEARTBEAT, *args)) for _ in range(size)]
+
+
+class CuttingProxy:
+    """A TCP proxy on a free loopback port in front of a server's ``port``, for a browser to reach the server
+    through. ``cut()`` ends every connection through it as a network failure does: each of its two sockets
+    is reset (SO_LINGER 0), so neither end gets a close frame or even a FIN. With ``hold``, every connection
+    that comes after is reset as soon as it is accepted, until ``release()``; with ``upgrades``, that many
+    of the WebSocket connections that come after are reset as soon as the server accepts them, before the
+    browser sees the server's answer. ``stall()`` loses what the server sends from then on, on the connections
+    open then, as a network does that fails while frames are on their way."""
+
+    def __init__(self, port: int) -> None:
+        require_marks("starts a proxy in a thread (CuttingProxy)", "process")
+        self.target = port
+        self._holding = False
+        self._upgrades = 0
+        self._links: set[asyncio.StreamWriter] = set()
+        self._stalled: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # one for each connection through it
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever)
+        self._thread.start()
+        self._server: asyncio.Server = self._call(asyncio.start_server(self._link, "127.0.0.1", 0))
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        self.http = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        async def close() -> None:
+            self._server.close()
+            await self._cut(False, 0)
+            if self._tasks:  # each ends once its sockets are reset
+                await asyncio.wait(self._tasks, timeout=TIMEOUT)
+        self._call(close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(TIMEOUT)
+        self._loop.close()
+
+    def cut(self, *, hold: bool = False, upgrades: int = 0) -> None:
+        self._call(self._cut(hold, upgrades))
+
+    def release(self) -> None:
+        self._call(self._cut(False, 0, cut=False))
+
+    def stall(self) -> None:
+        async def stall() -> None:
+            self._stalled.update(self._links)
+        self._call(stall())
+
+    def _call(self, work: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(work, self._loop).result(TIMEOUT)
+
+    async def _cut(self, hold: bool, upgrades: int, *, cut: bool = True) -> None:
+        self._holding, self._upgrades = hold, upgrades  # in the proxy's loop: no connection slips in between
+        for writer in list(self._links) if cut else []:
+            self._reset(writer)
+        if cut:
+            self._links.clear()
+            self._stalled.clear()
+
+    @staticmethod
+    def _reset(writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # closed at once: with SO_LINGER 0, an RST
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._holding:
+            self._reset(writer)
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            upstream_reader, upstream = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            self._reset(writer)
+            self._tasks.discard(task)
+            return
+        self._links.update((writer, upstream))
+        try:
+            await asyncio.gather(self._pipe(reader, upstream), self._pipe(upstream_reader, writer, upstream))
+        finally:
+            self._links.difference_update((writer, upstream))
+            self._tasks.discard(task)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    upstream: asyncio.StreamWriter | None = None) -> None:
+        """Copy one direction until its end closes (or is reset), then close the other end's socket.
+        ``upstream``: this direction carries the server's answers, on that connection to the server."""
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                if upstream is not None and self._upgrades and data.startswith(b"HTTP/1.1 101 "):
+                    self._upgrades -= 1
+                    self._reset(writer)
+                    self._reset(upstream)
+                    return
+                if writer in self._stalled:
+                    continue
+                writer.write(data)
+                await writer.drain()
+        writer.close()
 
 
 # --------------------------------------------------------------------------
