@@ -29,6 +29,7 @@ from conftest import (
     JWT_SECRET,
     ROOT,
     TIMEOUT,
+    CuttingProxy,
     EventBackend,
     RedisServer,
     Server,
@@ -546,6 +547,65 @@ async def test_cluster_a_room_frame_relayed_while_a_frozen_instance_is_taken_for
                 await a.send(text("after", id_a, room="r"))
                 while (await recv_json(b2))["event"] != "after":  # presence events may come first
                     pass
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_an_instance_cut_off_from_redis_past_its_deadline_ends_its_connections_when_back(
+        redis_server: RedisServer) -> None:
+    # A partition between Y and Redis, not between Y and its clients: X, which still reaches Redis, takes Y for
+    # dead and drops the room's frames for Y's member unseen.  Y, reconnecting, finds the mark X left, and ends
+    # its connections (the frozen-instance test above checks the same through a heartbeat).
+    with cluster(redis_server, 1) as (x,), CuttingProxy(redis_server.port) as proxy, \
+            run_server("--log-level", "warning", "--redis-url", f"redis://127.0.0.1:{proxy.port}/0",
+                       *FAST_HEARTBEAT) as y:
+        async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b):
+            await join(a, id_a, "r")
+            await join(b, id_b, "r")
+            await x.wait_until(lambda: x.get("/healthz").json()["instances"] == 2, "X to see Y")
+            taken = f"ws_micro:taken:{instance_of(y)}"
+            proxy.cut(hold=True)  # Y's connections to Redis reset, and each it opens again, until released
+            await x.wait_until(lambda: redis_server.command("EXISTS", taken) == 1, "X to take Y for dead")
+            await a.send(text("news", id_a, room="r"))  # reaches no member on Y, and nobody is told
+            await y.wait_until(lambda: y.get("/healthz").json()["redis"] == "unavailable", "Y to notice")
+            proxy.release()
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    assert (await recv_json(b))["event"] != "news"
+            assert (b.close_code, b.close_reason) == (1012, ws_micro_redis.TAKEN_FOR_DEAD)
+            await y.wait_until(lambda: y.get("/healthz").json()["status"] == "ok", "Y to be back")
+            assert y.metric("ws_micro_cluster_taken_for_dead_total") == 1
+            assert redis_server.command("EXISTS", taken) == 0  # read, and taken away
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_an_instance_not_back_within_instance_ttl_after_redis_restarts_ends_its_connections_when_back(
+        redis_server: RedisServer) -> None:
+    # X, back first after Redis restarted empty, refuses Y's frames while it waits for Y (the resynchronising
+    # window), then counts Y as dead, and from then on its room frames miss Y's member unseen: it marks Y so.
+    with cluster(redis_server, 2) as (x, y):
+        async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b):
+            await join(a, id_a, "r")
+            await join(b, id_b, "r")
+            await x.wait_until(lambda: x.get("/healthz").json()["instances"] == 2, "X to see Y")
+            taken = f"ws_micro:taken:{instance_of(y)}"
+            y.process.send_signal(signal.SIGSTOP)
+            try:
+                redis_server.stop()
+                await x.wait_until(lambda: x.get("/healthz").json()["redis"] == "unavailable", "X to notice")
+                redis_server.start()
+                await x.wait_until(lambda: x.get("/healthz").json()["redis"] == "resyncing", "X to wait for Y")
+                await x.wait_until(lambda: x.get("/healthz").json()["status"] == "ok", "X to give up on Y")
+                assert redis_server.command("EXISTS", taken) == 1
+                await a.send(text("news", id_a, room="r"))  # to X's members only: Y is dead for X
+            finally:
+                y.process.send_signal(signal.SIGCONT)
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    assert (await recv_json(b))["event"] != "news"
+            assert (b.close_code, b.close_reason) == (1012, ws_micro_redis.TAKEN_FOR_DEAD)
+            assert redis_server.command("EXISTS", taken) == 0
 
 
 @pytest.mark.process
