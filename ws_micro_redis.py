@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import inspect
 import itertools
 import os
@@ -822,6 +823,22 @@ def _array_head(length: int) -> bytes:
     return b"\xdc" + length.to_bytes(2, "big") if length < 65536 else b"\xdd" + length.to_bytes(4, "big")
 
 
+class _Refusal:
+    """What the outbox tells the sender of a frame for a client of another instance, given the frame's answer:
+    nothing if it was sent (1), else why not, as a local relay does (``failed(*about, code, message)``)."""
+
+    __slots__ = ("about", "client_id", "failed")
+
+    def __init__(self, failed: Callable[..., None], about: tuple[Any, ...], client_id: str) -> None:
+        self.failed, self.about, self.client_id = failed, about, client_id
+
+    def __call__(self, result: Any) -> None:
+        if isinstance(result, BackendUnavailable):
+            self.failed(*self.about, BACKEND_UNAVAILABLE, f"{result}; {self.client_id!r} may have missed this frame")
+        elif result != 1:
+            self.failed(*self.about, UNKNOWN_CLIENT, f"no client with id {self.client_id!r}")
+
+
 async def _batches(items: AsyncIterator[bytes], size: int) -> AsyncIterator[list[bytes]]:
     batch: list[bytes] = []
     async for item in items:
@@ -1569,26 +1586,32 @@ class RedisBackend(_Backend):
         it is being parked), else routed on as the relay script would (to the client's new instance, or its
         waiting session), after what came before it; if that fails, its sender's instance is told."""
         self.received += 1
-        client_id, text = direct.client_id, direct.text
-        delivery = _ToClient(client_id, text)
+        connection = self.registry._connections.get(direct.client_id)
+        if connection is not None and not self._parking:  # most often: no struct, no callback
+            if not connection.send(direct.text):  # closing: refused, as a relay on one instance is
+                self._not_delivered(direct, -1)
+            return
+        delivery = _ToClient(direct.client_id, direct.text)
         if self._parking and self._divert(delivery):
             return
-        origin = direct.origin
+        if connection is None:  # gone from here: on to where the directory says
+            self._enqueue("send", (direct.client_id, _encode_delivery(delivery)),
+                          functools.partial(self._not_delivered, direct))
+        elif not connection.send(direct.text):
+            self._not_delivered(direct, -1)
 
-        def done(result: Any) -> None:
-            if result == 1:
-                return
-            if isinstance(result, BackendUnavailable):
-                code, why = BACKEND_UNAVAILABLE, f"{result}; {client_id!r} may have missed this frame"
-            else:
-                code, why = UNKNOWN_CLIENT, f"no client with id {client_id!r}"
-            self._enqueue("notice", (origin, _encode_delivery(_Undelivered(client_id, text, code, why))), _ignore)
-
-        connection = self.registry._connections.get(client_id)
-        if connection is None:
-            self._enqueue("send", (client_id, _encode_delivery(delivery)), done)
-        elif not connection.send(text):  # closing: refused, as a relay on one instance is
-            done(-1)
+    def _not_delivered(self, direct: _Direct, result: Any) -> None:
+        """Tell the instance a direct frame came from that it was refused (``result``: the send script's answer,
+        or BackendUnavailable), unless it was delivered after all (1)."""
+        if result == 1:
+            return
+        client_id = direct.client_id
+        if isinstance(result, BackendUnavailable):
+            code, why = BACKEND_UNAVAILABLE, f"{result}; {client_id!r} may have missed this frame"
+        else:
+            code, why = UNKNOWN_CLIENT, f"no client with id {client_id!r}"
+        self._enqueue("notice", (direct.origin, _encode_delivery(_Undelivered(client_id, direct.text, code, why))),
+                      _ignore)
 
     def _undelivered(self, text: str, code: str, why: str) -> None:
         """Tell the sender of ``text``, a direct frame the instance it was sent to could not route on, that it
@@ -1609,25 +1632,21 @@ class RedisBackend(_Backend):
 
     def forward(self, delivery: _ToClient, failed: Callable[..., None], *about: Any) -> Awaitable[None] | None:
         client_id = delivery.client_id
-
-        def done(result: Any) -> None:
-            if isinstance(result, BackendUnavailable):
-                failed(*about, BACKEND_UNAVAILABLE, f"{result}; {client_id!r} may have missed this frame")
-            elif result != 1:
-                failed(*about, UNKNOWN_CLIENT, f"no client with id {client_id!r}")
-
+        instance = self._where.get(client_id)
+        if instance is not None and self.available and len(self._outbox) < OUTBOX_LIMIT:
+            # Cached: published there as it is, after what this instance sent before.  The most frequent cross-
+            # instance frame: its entry holds what a refusal needs, not a closure (answered 1, it is not called).
+            self._failed = failed
+            self.direct += 1
+            self._enqueue("direct", (instance, _encode_delivery(_Direct(client_id, delivery.text, self.instance))),
+                          _Refusal(failed, about, client_id))
+            return None
+        done = _Refusal(failed, about, client_id)
         if not self.available or self._outbox_ready is None:
             self._delivered("send", self._unavailable(), done)
             return None
         if len(self._outbox) >= OUTBOX_LIMIT:
             return self._forward_later(delivery, failed, about)
-        instance = self._where.get(client_id)
-        if instance is not None:  # cached: published there as it is, after what this instance sent before
-            self._failed = failed
-            self.direct += 1
-            self._enqueue("direct", (instance, _encode_delivery(_Direct(client_id, delivery.text, self.instance))),
-                          done)
-            return None
         fence = self._fenced.get(client_id)
         if fence is None:
             self._enqueue("send", (client_id, _encode_delivery(delivery)), done)
@@ -1725,8 +1744,10 @@ class RedisBackend(_Backend):
 
     def _enqueue(self, name: str, args: tuple[Any, ...], done: Callable[[Any], None]) -> None:
         assert self._outbox_ready is not None
-        self._outbox.append((name, args, done))  # the prefix and instance are added as a script is queued
-        self._outbox_ready.set()
+        outbox = self._outbox
+        outbox.append((name, args, done))  # the prefix and instance are added as a script is queued
+        if len(outbox) == 1:  # the first since _flush took a batch and made a new event; the rest find it set
+            self._outbox_ready.set()
 
     async def _flush(self) -> None:
         while True:
@@ -1756,6 +1777,8 @@ class RedisBackend(_Backend):
                 results = [exc] * len(batch)
             deaf: set[str] = set()  # instances a direct frame found not listening
             for (name, args, done), result in zip(batch, results, strict=True):
+                if result == 1 and name == "direct":  # heard: nothing to count, nobody to tell
+                    continue
                 if result.__class__ is bytes:  # a send's instance
                     if moves == self._moves and args[0] not in self._fenced:
                         self._learn(args[0], result.decode())
