@@ -232,7 +232,7 @@ _RELAYED = frozenset(("send", "group"))  # as the outbox names them; they are no
 # Messages the outbox publishes on an instance's channel as they are (a frame on a cached entry, a fence), in
 # order with the deliveries: in a run with relay scripts, the script publishes them with the rest, without a
 # lookup; in a run of their own, one PUBLISH per instance.
-_DIRECT = frozenset(("direct", "fence"))
+_DIRECT = frozenset(("direct", "room", "fence"))
 _RUN = _RELAYED | _DIRECT
 # What the outbox sends about frames, which is not one: a fence (_Fence) and the notices of fences and of frames
 # refused (_FencePassed, _Undelivered, run as the "tell" script).  Not counted as dropped when lost: the frames are.
@@ -320,17 +320,28 @@ local function moved(client, old)
     redis.call('DEL', watch)
   end
 end
+-- A room lost instance id: its watchers (see shared() below) are told and forgotten too, without waiting for their
+-- answers, for a watcher that caches the room's instances would go on publishing to id for nothing, and would not
+-- know when the room is all its own again.  A frame published meanwhile costs a message, never a member's frame.
+local function unshared(name, id)
+  local watch = p .. ':room-watch:' .. name
+  for _, watcher in ipairs(redis.call('SMEMBERS', watch)) do
+    if watcher ~= id then publish(watcher, {pack('shared', {room = name, by = id})}) end
+  end
+  redis.call('DEL', watch)
+end
 -- Take instance id out of a room's or user's instances; a room left with none leaves the rooms' index.
 local function drop_instance(kind, name, id)
   local key = p .. ':' .. kind .. ':' .. name
   redis.call('HDEL', key, id)
   if kind == 'room' then
-    redis.call('SREM', p .. ':room-watch:' .. name, id)
+    unshared(name, id)
     if redis.call('EXISTS', key) == 0 then redis.call('ZREM', p .. ':rooms', name) end
   end
 end
--- A room whose members are all on one instance is relayed there without Redis, once the relay script has
--- found no other instance in it and made that instance one of the room's watchers (p:room-watch:<room>).
+-- A room's instances are cached by an instance that relays to it, once the relay script has found them all live
+-- (none a waiting session) and made that instance one of the room's watchers (p:room-watch:<room>): a room whose
+-- members are all on it is relayed there without Redis, another is published to its instances without a lookup.
 -- When the room gains an instance (id), its watchers are told (a _RoomShared) and forgotten: they ask again.
 -- ``notified`` counts the watchers that heard, each of which tells id when it knows (see _RoomSharedSeen).
 local notified = 0
@@ -520,8 +531,8 @@ return {added, live(), redis.call('DEL', p .. ':taken:' .. ARGV[2])}""",
     # session, or the id of the instance it was published to (the sender may cache it: the sender is made one of
     # the client's watchers, p:client-watch:<client>, told when it moves); direct (a message for the instance
     # named in place of a key, published as it is) 1 heard, 0 not; group {members
-    # reached on other instances, live instances with members that were not listening, 1 if every member of the
-    # room is on this instance (then it is among the room's watchers: see shared())}
+    # reached on other instances, live instances with members that were not listening, 1 if the room's
+    # instances may be cached (then it is among the room's watchers: see shared()), the other instances}
     "relay": """
 local own, run, messages, at = ARGV[4], cmsgpack.unpack(ARGV[2]), ARGV[3], 1
 if not redis.call('ZSCORE', p .. ':instances', own) then return false end
@@ -561,22 +572,26 @@ for i = 1, #run, 3 do
     end
   else
     local counts = redis.call('HGETALL', p .. ':' .. key)
-    local answer, alone = {0, {}}, string.sub(key, 1, 5) == 'room:'
+    -- A room's instances may be cached by the sender (see shared()) if they are all live instances: not a
+    -- waiting session (its frames are kept here), not one dead but not reaped yet (looked up until it is).
+    local answer, cacheable = {0, {}}, string.sub(key, 1, 5) == 'room:'
     for j = 1, #counts, 2 do
       local id, members = counts[j], tonumber(counts[j + 1])
-      alone = alone and id == own
       local q = to(id)
       if q and string.sub(id, 1, 1) == '~' then
         keep(string.sub(id, 2), message, false)
         answer[1] = answer[1] + members
+        cacheable = false
       elseif q then
         q[#q + 1] = message
         answer[2][#answer[2] + 1] = id
         answer[2][#answer[2] + 1] = members
+      elseif id ~= own then
+        cacheable = false
       end
     end
-    if alone then redis.call('SADD', p .. ':room-watch:' .. string.sub(key, 6), own) end
-    answer[3] = alone and 1 or 0
+    if cacheable then redis.call('SADD', p .. ':room-watch:' .. string.sub(key, 6), own) end
+    answer[3] = cacheable and 1 or 0
     answers[#answers + 1] = answer
   end
 end
@@ -591,11 +606,12 @@ for n, answer in ipairs(answers) do
   if type(answer) == 'string' then
     answers[n] = heard[answer] and answer or 0
   elseif type(answer) == 'table' then
-    local reached, unheard, sent = answer[1], 0, answer[2]
+    local reached, unheard, sent, others = answer[1], 0, answer[2], {}
     for j = 1, #sent, 2 do
       if heard[sent[j]] then reached = reached + sent[j + 1] else unheard = unheard + 1 end
+      others[#others + 1] = sent[j]
     end
-    answers[n] = {reached, unheard, answer[3]}
+    answers[n] = {reached, unheard, answer[3], others}
   end
 end
 return answers""",
@@ -839,6 +855,25 @@ class _Refusal:
             self.failed(*self.about, UNKNOWN_CLIENT, f"no client with id {self.client_id!r}")
 
 
+class _RoomRefusal:
+    """What a room frame sent to the room's cached instances tells its sender if any did not hear it: once, counted
+    once (the outbox calls it with each instance's answer, a BackendUnavailable for one that did not)."""
+
+    __slots__ = ("about", "backend", "failed", "room", "told")
+
+    def __init__(self, backend: RedisBackend, failed: Callable[..., None], about: tuple[Any, ...], room: str) -> None:
+        self.backend, self.failed, self.about, self.room, self.told = backend, failed, about, room, False
+
+    def __call__(self, result: Any) -> None:
+        if not isinstance(result, BackendUnavailable) or self.told:
+            return
+        self.told = True
+        self.backend.dropped[result.reason] += 1
+        self.backend._rooms_at.pop(self.room, None)  # looked up again
+        self.failed(*self.about, BACKEND_UNAVAILABLE,
+                    f"{result}; members of {self.room!r} on other instances may have missed this frame")
+
+
 async def _batches(items: AsyncIterator[bytes], size: int) -> AsyncIterator[list[bytes]]:
     batch: list[bytes] = []
     async for item in items:
@@ -962,11 +997,12 @@ class RedisBackend(_Backend):
         self._memberships: dict[int, tuple[anyio.Event, list[int]]] = {}
         self._membership_requests = itertools.count()
         self._missing: set[str] = set()  # peers not registered again since Redis lost their state
-        # Rooms whose members Redis found all on this instance, which made it a watcher of the room: until it is
-        # told otherwise (_RoomShared) or loses Redis, its members' frames stay here.  Only rooms with members
-        # here (forgotten as they leave).  ``_shares`` counts the rooms it was told of, so that an answer from
-        # Redis that crossed such a message is not taken.
-        self._alone: set[str] = set()
+        # Rooms whose instances Redis found all live, which made this instance a watcher of the room: the other
+        # instances with members, none if they are all here.  Until it is told otherwise (_RoomShared) or loses
+        # Redis, its members' frames stay here (none) or are published to those instances without a lookup.  Only
+        # rooms with members here (forgotten as they leave).  ``_shares`` counts the rooms it was told of, so that
+        # an answer from Redis that crossed such a message is not taken.
+        self._rooms_at: dict[str, tuple[str, ...]] = {}
         self._shares = 0
         # Rooms this instance's joins made shared, while the watchers told of it have not all said they know:
         # how many still have to, and set when none has.  Joins to such a room wait for it (room_changed).
@@ -1043,7 +1079,7 @@ class RedisBackend(_Backend):
                         logger.warning("cluster: cannot reach Redis (%s); retrying, and meanwhile only clients "
                                        "on this instance can be reached", failure.exceptions[0])
                     self._said_unreachable = True
-            self._forget_alone()
+            self._forget_cached()
             await anyio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
@@ -1059,15 +1095,15 @@ class RedisBackend(_Backend):
 
     def _lost(self) -> None:
         """A command failed: stop the session, so the supervisor reconnects and writes our state again."""
-        self._forget_alone()
+        self._forget_cached()
         if self._session is not None:
             self._session.cancel()
 
-    def _forget_alone(self) -> None:
-        """Redis is lost, or its state may be: no room is known to be this instance's alone (a watcher's
-        _RoomShared may have been lost with it)."""
+    def _forget_cached(self) -> None:
+        """Redis is lost, or its state may be: no room's instances and no client's instance are known (a watcher's
+        _RoomShared, or _Moved, may have been lost with it)."""
         self.available = False
-        self._alone.clear()
+        self._rooms_at.clear()
         self._shares += 1
         self._where.clear()  # so may a _Moved
         self._moves += 1
@@ -1138,7 +1174,7 @@ class RedisBackend(_Backend):
         prefix = self.settings.redis_prefix
         server = str((await self.redis.info("server"))["run_id"])
         known = sorted(self._peers | (self._missing if self.resyncing else set()))
-        self._alone.clear()
+        self._rooms_at.clear()
         self._shares += 1
         async with self.redis.pipeline(transaction=True) as pipe:
             await self._scripts["reap"](args=(prefix, self.instance), client=pipe)
@@ -1297,7 +1333,8 @@ class RedisBackend(_Backend):
             registry._wait_here(connection)
             return
         rooms_left, user_left = registry._forget(connection)  # the members left here of its rooms and user
-        self._alone.difference_update(rooms_left)  # a member waits in Redis now: the park script tells us too
+        for room in rooms_left:  # a member waits in Redis now: the park script tells us too
+            self._rooms_at.pop(room, None)
         left = {"rooms": rooms_left, "user": user_left}
         settings = self.settings
         client_id = connection.id
@@ -1344,7 +1381,7 @@ class RedisBackend(_Backend):
                 self._session_over(client_id, reason)
             case _RoomShared(room, by):
                 self._shares += 1
-                self._alone.discard(room)
+                self._rooms_at.pop(room, None)
                 self._enqueue("tell", (by, _encode_delivery(_RoomSharedSeen(room))), _ignore)
             case _RoomSharedSeen(room):
                 sharing = self._sharing.get(room)
@@ -1453,12 +1490,16 @@ class RedisBackend(_Backend):
                  "Times this instance came back after the others had taken it for dead, and closed its connections.",
                  {"": self.taken_for_dead}, ""),
                 ("cluster_rooms_alone", "gauge", "Rooms whose members are all on this instance, relayed without Redis.",
-                 {"": len(self._alone)}, ""),
+                 {"": sum(1 for instances in self._rooms_at.values() if not instances)}, ""),
+                ("cluster_rooms_cached", "gauge",
+                 "Rooms with members on other instances too, whose instances this one caches (published to without a "
+                 "lookup).",
+                 {"": sum(1 for instances in self._rooms_at.values() if instances)}, ""),
                 ("cluster_clients_cached", "gauge",
                  "Clients of other instances whose instance this one caches, sending to it without a lookup.",
                  {"": len(self._where)}, ""),
                 ("cluster_direct_total", "counter",
-                 "Frames sent to a client of another instance on the cached entry of its instance.",
+                 "Frames sent without a lookup, on the cached instance of their client or of their room.",
                  {"": self.direct}, ""),
                 ("sessions_parked", "gauge", "Sessions this instance moved to Redis to wait for their client.",
                  {"": len(self._parked)}, "")]
@@ -1488,7 +1529,9 @@ class RedisBackend(_Backend):
 
     def unregister(self, connection: _Connection, rooms_left: Mapping[str, int], user_left: int) -> None:
         """Take a gone client out of the directory, its rooms and its user, in the background."""
-        self._alone.difference_update(room for room, members in rooms_left.items() if not members)
+        for room, members in rooms_left.items():
+            if not members:
+                self._rooms_at.pop(room, None)
         if self.available and self._tasks is not None:
             self._tasks.start_soon(self._unregister, connection.id, connection.identity.user, rooms_left, user_left)
 
@@ -1509,7 +1552,7 @@ class RedisBackend(_Backend):
     async def room_changed(self, connection: _Connection, room: str, members_here: int) -> int:
         """Record this instance's members of ``room``; the members on every instance."""
         if not members_here:
-            self._alone.discard(room)
+            self._rooms_at.pop(room, None)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(self._clients_key, connection.id, self._entry(connection))
             await self._members(pipe, "room", room, members_here, connection.id, room in connection.rooms)
@@ -1551,6 +1594,8 @@ class RedisBackend(_Backend):
         for client_id in [client_id for client_id, where in self._where.items() if where == instance]:
             del self._where[client_id]
             self._fence(client_id, instance)
+        for room in [room for room, instances in self._rooms_at.items() if instance in instances]:
+            del self._rooms_at[room]
 
     def _fence(self, client_id: str, instance: str) -> None:
         """Hold new frames for ``client_id`` until ``instance``, where direct frames for it may be on their way,
@@ -1674,7 +1719,7 @@ class RedisBackend(_Backend):
         def done(result: Any) -> None:
             pass
 
-        if delivery.room in self._alone:
+        if self._rooms_at.get(delivery.room) == ():  # its members are all here
             return
         if not self.available or self._outbox_ready is None or len(self._outbox) >= OUTBOX_LIMIT:
             self._delivered("group", self._unavailable(), done)  # counted as dropped
@@ -1683,7 +1728,15 @@ class RedisBackend(_Backend):
 
     def forward_to_room(self, delivery: _ToRoom, failed: Callable[..., None], *about: Any) -> Awaitable[None] | None:
         room = delivery.room
-        if room in self._alone:  # its members are all here, and have it
+        instances = self._rooms_at.get(room)
+        if instances == ():  # its members are all here, and have it
+            return None
+        if instances is not None and self.available and len(self._outbox) < OUTBOX_LIMIT:
+            # Cached: published to each of its other instances without a lookup, one refusal for them all.
+            self.direct += 1
+            message, refusal = _encode_delivery(delivery), _RoomRefusal(self, failed, about, room)
+            for instance in instances:
+                self._enqueue("room", (instance, message), refusal)
             return None
         shares = self._shares
 
@@ -1695,7 +1748,8 @@ class RedisBackend(_Backend):
                 failed(*about, BACKEND_UNAVAILABLE, f"{result[1]} instance(s) with members of {room!r} "
                                                     f"{NOT_LISTENING}; their members missed this frame")
             elif result[2] and shares == self._shares and room in self.registry._rooms and self.available:
-                self._alone.add(room)  # no _RoomShared came since the script ran, and it still has members here
+                # No _RoomShared came since the script ran, and it still has members here.
+                self._rooms_at[room] = tuple(instance.decode() for instance in result[3])
 
         return self._submit("group", (_group_key(delivery), _encode_delivery(delivery)), done)
 
@@ -1777,14 +1831,17 @@ class RedisBackend(_Backend):
                 results = [exc] * len(batch)
             deaf: set[str] = set()  # instances a direct frame found not listening
             for (name, args, done), result in zip(batch, results, strict=True):
-                if result == 1 and name == "direct":  # heard: nothing to count, nobody to tell
+                if result == 1 and (name == "direct" or name == "room"):  # heard: nothing to count, nobody to tell
                     continue
                 if result.__class__ is bytes:  # a send's instance
                     if moves == self._moves and args[0] not in self._fenced:
                         self._learn(args[0], result.decode())
                     result = 1
-                elif name == "direct" and result == 0:
+                elif (name == "direct" or name == "room") and result == 0:
                     deaf.add(args[0])
+                if name == "room":  # one frame for several instances: its _RoomRefusal counts and tells once
+                    done(self._refusal(name, result, resyncing) or result)
+                    continue
                 self._delivered(name, result, done, resyncing)
             for instance in deaf:
                 self._forget(instance)
@@ -1873,6 +1930,8 @@ class RedisBackend(_Backend):
             return BackendUnavailable(RESYNCING, "resyncing")
         if (name == "send" or name == "direct") and result == 0:  # its instance is not listening
             return BackendUnavailable(f"the instance of this client is {NOT_LISTENING}", "no_subscriber")
+        if name == "room" and result == 0:
+            return BackendUnavailable(f"an instance with members of this room is {NOT_LISTENING}", "no_subscriber")
         if name == "send" and result == -1 and resyncing:  # unknown, or on a peer not registered again yet
             return BackendUnavailable(RESYNCING, "resyncing")
         return None

@@ -1351,6 +1351,53 @@ async def test_e2e_a_host_that_does_not_run_the_gateways_lifespan_is_told_so(
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_room_frames_go_to_the_rooms_instances_without_a_lookup_until_the_room_changes(
+        redis_server: RedisServer) -> None:
+    with cluster(redis_server, 3) as (x, y, z):
+        async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b):
+            await join(a, id_a, "r")
+            await join(b, id_b, "r")
+            first = text("chat", id_a, {"n": -1}, room="r")
+            await a.send(first)
+            assert await recv_text(b) == first
+            await x.wait_until(lambda: x.metric("ws_micro_cluster_rooms_cached") == 1, "X to cache r's instances")
+            with redis.Redis.from_url(redis_server.url) as client:
+                client.config_resetstat()
+            direct = x.metric("ws_micro_cluster_direct_total")
+            sent = [text("chat", id_a, {"n": n}, room="r") for n in range(100)]
+            for one in sent:
+                await a.send(one)
+            assert [await recv_text(b) for _ in sent] == sent  # in order
+            await nothing_more(a, id_a)
+            assert x.metric("ws_micro_cluster_direct_total") == direct + len(sent)
+            assert redis_calls(redis_server, "hgetall") == 0  # no lookup of the room's instances (one a frame before)
+            # The room gains an instance: a frame sent once its member saw `joined` reaches it.
+            async with ws_client(z.ws) as (c, id_c):
+                assert await join(c, id_c, "r") == 3
+                one = text("chat", id_a, {"to": "all three"}, room="r")
+                await a.send(one)
+                assert await recv_text(c) == one
+                assert await recv_text(b) == one
+                # It loses one: the watchers are told, and the room is cached again without it.
+                await b.send(text("leave", id_b, {"room": "r"}))
+                assert json.loads(await recv_text(b))["event"] == "left"
+                one = text("chat", id_a, {"to": "two"}, room="r")
+                await a.send(one)
+                assert await recv_text(c) == one
+                await x.wait_until(lambda: x.metric("ws_micro_cluster_rooms_cached") == 1, "X to cache r again")
+                # The cached instance dies: each frame sent there is refused once, and the room looked up again.
+                z.process.kill()
+                z.process.wait(TIMEOUT)
+                await a.send(json.dumps({**frame("chat", id_a, room="r"), "id": "lost"}))
+                refused = await recv_json(a)
+                assert (refused["id"], refused["data"]["data"]["code"]) == ("lost", "backend_unavailable")
+                assert x.metric("ws_micro_cluster_dropped_total", reason="no_subscriber") == 1
+                assert x.metric("ws_micro_cluster_rooms_cached") == 0
+                await nothing_more(a, id_a)
+
+
 def watch_keys(redis_server: RedisServer) -> list[str]:
     return sorted(redis_server.command("KEYS", "ws_micro:client-watch:*"))
 
