@@ -98,6 +98,8 @@ SERVERS = {
     "ceiling": "bench.ceiling_server:app",
     "cluster": "ws_micro:app",  # twice, with WS_MICRO_REDIS_URL
     "cluster_local": "ws_micro:app",  # the same, every client on the first instance
+    "cluster_before": "ws_micro:app",  # cluster, with the modules of --before REF
+    "cluster_local_before": "ws_micro:app",  # cluster_local, with the modules of --before REF
     "before": "ws_micro:app",  # --before REF: the modules as of that commit, from BEFORE_DIR
     "granian": "ws_micro:app",  # ws_micro under granian (one worker) instead of uvicorn
     "hypercorn": "ws_micro:app",  # ws_micro under hypercorn (one worker)
@@ -251,11 +253,12 @@ def run_server(name: str, env: dict[str, str] | None = None, cpu: int = SERVER_C
             server.name, server.helpers = name, [backend.process]
             yield server
         return
-    if name in ("cluster", "cluster_local"):
-        with run_redis() as (redis, url), run_server("ws_micro", {"WS_MICRO_REDIS_URL": url}) as first, \
-                run_server("ws_micro", {"WS_MICRO_REDIS_URL": url}) as second:
+    if name in ("cluster", "cluster_local", "cluster_before", "cluster_local_before"):
+        gateway = "before" if name.endswith("_before") else "ws_micro"
+        with run_redis() as (redis, url), run_server(gateway, {"WS_MICRO_REDIS_URL": url}) as first, \
+                run_server(gateway, {"WS_MICRO_REDIS_URL": url}) as second:
             yield Server(name, first.process, first.port, [(second.process, second.port)], [redis],
-                         spread=name == "cluster")
+                         spread="local" not in name)
         return
     if name == "jwt_fresh":
         import jwt
@@ -614,7 +617,7 @@ async def relay_room(server: Server, args: argparse.Namespace) -> dict[str, floa
             peer.send(frame("chat", peer.client_id, time.perf_counter_ns(), room=room[peer.client_id]))
     await window.measure(server, args.seconds)
     close_all(peers)
-    return window.result("msgs_per_s")
+    return per_message(window)
 
 
 class HttpPoster:
