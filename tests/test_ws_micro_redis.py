@@ -506,6 +506,22 @@ async def test_cluster_an_instance_that_cannot_reach_redis_at_startup_says_so_on
     assert "Traceback" not in log.read_text()
 
 
+async def in_room_on_both(x: Server, a: ClientConnection, id_a: str, b: ClientConnection, id_b: str) -> None:
+    """A on X and B on Y join room "r", and X sees Y."""
+    await join(a, id_a, "r")
+    await join(b, id_b, "r")
+    await x.wait_until(lambda: x.get("/healthz").json()["instances"] == 2, "X to see Y")
+
+
+async def ended_as_taken_for_dead(ws: ClientConnection) -> None:
+    """Read until the connection ends: ended by its instance, back after the others had taken it for dead (1012),
+    and without the room frame "news" they relayed meanwhile."""
+    with pytest.raises(ConnectionClosed):
+        while True:
+            assert (await recv_json(ws))["event"] != "news"
+    assert (ws.close_code, ws.close_reason) == (1012, ws_micro_redis.TAKEN_FOR_DEAD)
+
+
 @pytest.mark.process
 @pytest.mark.redis
 async def test_cluster_a_room_frame_relayed_while_a_frozen_instance_is_taken_for_dead_is_not_lost_without_a_word(
@@ -516,9 +532,7 @@ async def test_cluster_a_room_frame_relayed_while_a_frozen_instance_is_taken_for
     # its connections as a dead instance's would have ended: its member is told, with 1012 to connect again.
     with cluster(redis_server, 2) as (x, y):
         async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b):
-            await join(a, id_a, "r")
-            await join(b, id_b, "r")
-            await x.wait_until(lambda: x.get("/healthz").json()["instances"] == 2, "X to see Y")
+            await in_room_on_both(x, a, id_a, b, id_b)
             y.process.send_signal(signal.SIGSTOP)
             try:
                 await x.wait_until(lambda: x.get("/healthz").json()["instances"] == 1, "X to take Y for dead")
@@ -531,12 +545,7 @@ async def test_cluster_a_room_frame_relayed_while_a_frozen_instance_is_taken_for
             finally:
                 y.process.send_signal(signal.SIGCONT)
             assert [answer.get("id") for answer in answers] == ["probe"]  # the room frame: no word to its sender
-            got: list[str] = []
-            with pytest.raises(ConnectionClosed):
-                while True:
-                    got.append((await recv_json(b))["event"])
-            assert "news" not in got
-            assert (b.close_code, b.close_reason) == (1012, ws_micro_redis.TAKEN_FOR_DEAD)
+            await ended_as_taken_for_dead(b)
             await y.wait_until(lambda: y.get("/healthz").json()["status"] == "ok", "Y to be back")
             assert y.metric("ws_micro_cluster_taken_for_dead_total") == 1
             assert y.metric("ws_micro_disconnects_total", reason="taken_for_dead") == 1
@@ -560,19 +569,14 @@ async def test_cluster_an_instance_cut_off_from_redis_past_its_deadline_ends_its
             run_server("--log-level", "warning", "--redis-url", f"redis://127.0.0.1:{proxy.port}/0",
                        *FAST_HEARTBEAT) as y:
         async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b):
-            await join(a, id_a, "r")
-            await join(b, id_b, "r")
-            await x.wait_until(lambda: x.get("/healthz").json()["instances"] == 2, "X to see Y")
+            await in_room_on_both(x, a, id_a, b, id_b)
             taken = f"ws_micro:taken:{instance_of(y)}"
             proxy.cut(hold=True)  # Y's connections to Redis reset, and each it opens again, until released
             await x.wait_until(lambda: redis_server.command("EXISTS", taken) == 1, "X to take Y for dead")
             await a.send(text("news", id_a, room="r"))  # reaches no member on Y, and nobody is told
             await y.wait_until(lambda: y.get("/healthz").json()["redis"] == "unavailable", "Y to notice")
             proxy.release()
-            with pytest.raises(ConnectionClosed):
-                while True:
-                    assert (await recv_json(b))["event"] != "news"
-            assert (b.close_code, b.close_reason) == (1012, ws_micro_redis.TAKEN_FOR_DEAD)
+            await ended_as_taken_for_dead(b)
             await y.wait_until(lambda: y.get("/healthz").json()["status"] == "ok", "Y to be back")
             assert y.metric("ws_micro_cluster_taken_for_dead_total") == 1
             assert redis_server.command("EXISTS", taken) == 0  # read, and taken away
@@ -586,9 +590,7 @@ async def test_cluster_an_instance_not_back_within_instance_ttl_after_redis_rest
     # window), then counts Y as dead, and from then on its room frames miss Y's member unseen: it marks Y so.
     with cluster(redis_server, 2) as (x, y):
         async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b):
-            await join(a, id_a, "r")
-            await join(b, id_b, "r")
-            await x.wait_until(lambda: x.get("/healthz").json()["instances"] == 2, "X to see Y")
+            await in_room_on_both(x, a, id_a, b, id_b)
             taken = f"ws_micro:taken:{instance_of(y)}"
             y.process.send_signal(signal.SIGSTOP)
             try:
@@ -601,10 +603,7 @@ async def test_cluster_an_instance_not_back_within_instance_ttl_after_redis_rest
                 await a.send(text("news", id_a, room="r"))  # to X's members only: Y is dead for X
             finally:
                 y.process.send_signal(signal.SIGCONT)
-            with pytest.raises(ConnectionClosed):
-                while True:
-                    assert (await recv_json(b))["event"] != "news"
-            assert (b.close_code, b.close_reason) == (1012, ws_micro_redis.TAKEN_FOR_DEAD)
+            await ended_as_taken_for_dead(b)
             assert redis_server.command("EXISTS", taken) == 0
 
 
@@ -693,9 +692,7 @@ async def test_cluster_frames_for_an_instance_not_back_after_redis_restarts_are_
 async def test_cluster_a_stream_across_a_redis_restart_is_received_or_refused(redis_server: RedisServer) -> None:
     with cluster(redis_server, 2, "--instance-ttl", "30") as (x, y):
         async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b):
-            await join(a, id_a, "r")
-            await join(b, id_b, "r")
-            await x.wait_until(lambda: x.get("/healthz").json()["instances"] == 2, "X to see Y")
+            await in_room_on_both(x, a, id_a, b, id_b)
             sent: list[str] = []
             received: list[str] = []
             refused: dict[str, str] = {}  # event -> error code
