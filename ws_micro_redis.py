@@ -588,11 +588,14 @@ for i = 1, #run, 3 do
   else
     local counts = redis.call('HGETALL', p .. ':' .. key)
     -- A room's instances may be cached by the sender (see shared()) if they are all live instances: not a
-    -- waiting session (its frames are kept here), not one dead but not reaped yet (looked up until it is).
-    local answer, cacheable = {0, {}}, string.sub(key, 1, 5) == 'room:'
+    -- waiting session (its frames are kept here), not one dead but not reaped yet (looked up until it is); and
+    -- if the sender has members there, whose last one leaving takes it out of the watchers: a publish to a room
+    -- with no member here (an API call's, to any name) would leave a p:room-watch:<room> behind for good.
+    local answer, cacheable, here = {0, {}}, string.sub(key, 1, 5) == 'room:', false
     for j = 1, #counts, 2 do
       local id, members = counts[j], tonumber(counts[j + 1])
       local q = to(id)
+      if id == own then here = true end
       if q and string.sub(id, 1, 1) == '~' then
         keep(string.sub(id, 2), message, false)
         answer[1] = answer[1] + members
@@ -605,6 +608,7 @@ for i = 1, #run, 3 do
         cacheable = false
       end
     end
+    cacheable = cacheable and here
     if cacheable then redis.call('SADD', p .. ':room-watch:' .. string.sub(key, 6), own) end
     answer[3] = cacheable and 1 or 0
     answers[#answers + 1] = answer

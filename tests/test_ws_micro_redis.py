@@ -580,6 +580,33 @@ async def test_cluster_an_instance_cut_off_from_redis_past_its_deadline_ends_its
 
 @pytest.mark.process
 @pytest.mark.redis
+async def test_cluster_publishing_to_rooms_with_no_member_here_leaves_no_watcher_key_in_redis(
+        redis_server: RedisServer) -> None:
+    # The relay script made the publishing instance a watcher of any room whose instances were all live, even one
+    # with no member anywhere: each publish to a new name left a ws_micro:room-watch:<room> in Redis for good
+    # (nothing deletes it but a change of the room's instances), 50 publishes, 50 keys.  A watcher is now an
+    # instance with members in the room, which its last member's leaving takes out.
+    with cluster(redis_server, 2) as (x, y):
+        async with ws_client(y.ws) as (b, id_b):
+            await join(b, id_b, "elsewhere")  # a room with members on Y only
+            for n in range(50):
+                assert x.post(f"/api/rooms/empty-{n}", {"event": "news", "data": {"data": {}}}).status_code == 202
+            assert x.post("/api/rooms/elsewhere", {"event": "news", "data": {"data": {}}}).json() == {"delivered": 1}
+            assert redis_server.command("KEYS", "ws_micro:room-watch:*") == []
+            # A room with members here is still watched (its frames cost no lookup), and its key goes with them.
+            async with ws_client(x.ws) as (a, id_a):
+                await join(a, id_a, "elsewhere")
+                for n in range(3):
+                    await a.send(text("chat", id_a, {"n": n}, room="elsewhere"))
+                    while (await recv_json(b))["event"] != "chat":  # presence events may come first
+                        pass
+                assert redis_server.command("SMEMBERS", "ws_micro:room-watch:elsewhere") == {instance_of(x)}
+            await x.wait_until(lambda: redis_server.command("KEYS", "ws_micro:room-watch:*") == [],
+                               "X's last member of the room to take X out of its watchers")
+
+
+@pytest.mark.process
+@pytest.mark.redis
 async def test_cluster_a_late_heartbeat_from_a_partitioned_instance_does_not_take_its_taken_for_dead_mark(
         redis_server: RedisServer) -> None:
     # A partition that heals, as a network's does: the heartbeat Y sent into it (and gave up on) is retransmitted
