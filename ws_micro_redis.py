@@ -255,7 +255,7 @@ _ROUTED = frozenset(("send", "direct", "fence"))  # what goes to one client's in
 #   p:synced                   HASH  instance id -> run_id of the Redis server it last wrote its whole state to
 #   p:deliveries:<id>          pub/sub channel of that instance
 #   p:client-watch:<client id> SET   instances that cached the client's instance (told _Moved when it changes)
-#   p:taken:<id>               STRING  an instance the others took for dead, for it to know when it comes back
+#   p:taken:<id>               STRING  an instance the others took for dead (when: Redis time), for it to know when back
 # With connection recovery, a session waiting for its client lives in Redis as an instance of its
 # own, "~<client id>", alive until its window ends: the scripts route frames to it as to any
 # instance, and keep() appends them to its list instead of publishing them.
@@ -495,25 +495,40 @@ _LUA = {
     # that was not itself coming back from a loss of Redis (ARGV[4] = 1: its heartbeat, not _sync's) was taken
     # for dead while its peers could reach Redis: frames for its clients were dropped, unseen, since its
     # deadline passed.  It may only have stopped a while (a pause, a partition from Redis), its clients still
-    # connected: p:taken:<id> tells it so when it comes back (TAKEN_KEEP seconds at most).
+    # connected: p:taken:<id> tells it so when it comes back (TAKEN_KEEP seconds at most).  Only if the reaper's
+    # own deadline had not passed: a heartbeat that reaches Redis late (sent into a Redis that froze, or into a
+    # partition that healed, and given up on by its instance) vouches for nothing.  The mark is read, not taken
+    # away: such a late heartbeat of the marked instance, whose answer goes nowhere, must not take it; the
+    # instance takes it away once it has ended its connections ("untaken").  Its value, Redis's time, tells one
+    # marking from the next.
     # ARGV: p, instance, ttl, 1 to mark those it reaps (else 0)
     # -> {1 if the instance was not registered (new, reaped, or Redis restarted), {live instances},
-    #     1 if it had been taken for dead (its mark, taken away now)}
+    #     its mark if it had been taken for dead (else nil)}
     "heartbeat": """
+local was = redis.call('ZSCORE', p .. ':instances', ARGV[2])
+local mark = ARGV[4] == '1' and was and tonumber(was) > now
 local added = redis.call('ZADD', p .. ':instances', now + tonumber(ARGV[3]), ARGV[2])
 for _, dead in ipairs(redis.call('ZRANGEBYSCORE', p .. ':instances', '-inf', now)) do
   if string.sub(dead, 1, 1) == '~' then
     end_session(string.sub(dead, 2), 'expired')
   else
     reap(dead)
-    if ARGV[4] == '1' then redis.call('SET', p .. ':taken:' .. dead, 1, 'EX', TAKEN_KEEP) end
+    if mark then redis.call('SET', p .. ':taken:' .. dead, t[1] .. '.' .. t[2], 'EX', TAKEN_KEEP) end
   end
 end
-return {added, live(), redis.call('DEL', p .. ':taken:' .. ARGV[2])}""",
+return {added, live(), redis.call('GET', p .. ':taken:' .. ARGV[2])}""",
     # Peers this instance waited for after it lost Redis (it refused their frames meanwhile) that did not come
     # back within instance_ttl: it counts them as dead from now on, so they were taken for dead as above.
     # ARGV: p, instances... -> 1
-    "taken": "for i = 2, #ARGV do redis.call('SET', p .. ':taken:' .. ARGV[i], 1, 'EX', TAKEN_KEEP) end return 1",
+    "taken": """
+for i = 2, #ARGV do redis.call('SET', p .. ':taken:' .. ARGV[i], t[1] .. '.' .. t[2], 'EX', TAKEN_KEEP) end
+return 1""",
+    # This instance ended its connections for its mark (the heartbeat's answer): taken away, unless it is a newer
+    # one.  ARGV: p, instance, the mark -> 1
+    "untaken": """
+local key = p .. ':taken:' .. ARGV[2]
+if redis.call('GET', key) == ARGV[3] then redis.call('DEL', key) end
+return 1""",
     # ARGV: p, instance
     "reap": "reap(ARGV[2]) return 1",
     # The delivery scripts (relay, all) answer nil when their own instance is not registered:
@@ -573,11 +588,14 @@ for i = 1, #run, 3 do
   else
     local counts = redis.call('HGETALL', p .. ':' .. key)
     -- A room's instances may be cached by the sender (see shared()) if they are all live instances: not a
-    -- waiting session (its frames are kept here), not one dead but not reaped yet (looked up until it is).
-    local answer, cacheable = {0, {}}, string.sub(key, 1, 5) == 'room:'
+    -- waiting session (its frames are kept here), not one dead but not reaped yet (looked up until it is); and
+    -- if the sender has members there, whose last one leaving takes it out of the watchers: a publish to a room
+    -- with no member here (an API call's, to any name) would leave a p:room-watch:<room> behind for good.
+    local answer, cacheable, here = {0, {}}, string.sub(key, 1, 5) == 'room:', false
     for j = 1, #counts, 2 do
       local id, members = counts[j], tonumber(counts[j + 1])
       local q = to(id)
+      if id == own then here = true end
       if q and string.sub(id, 1, 1) == '~' then
         keep(string.sub(id, 2), message, false)
         answer[1] = answer[1] + members
@@ -590,6 +608,7 @@ for i = 1, #run, 3 do
         cacheable = false
       end
     end
+    cacheable = cacheable and here
     if cacheable then redis.call('SADD', p .. ':room-watch:' .. string.sub(key, 6), own) end
     answer[3] = cacheable and 1 or 0
     answers[#answers + 1] = answer
@@ -1028,6 +1047,7 @@ class RedisBackend(_Backend):
         self._server: str | None = None
         self.new_primaries = 0  # times that happened
         self.taken_for_dead = 0  # times this instance came back after the others had taken it for dead
+        self._taken_mark: bytes | None = None  # the last mark it ended its connections for (see _taken_for_dead)
 
     # Running
 
@@ -1117,10 +1137,10 @@ class RedisBackend(_Backend):
             if added:
                 logger.warning("cluster: instance %s had been dropped from Redis; registering again",
                                self.instance)
-                await self._sync()  # before _saw(): the peers we knew are those Redis may have lost
-                if taken:
-                    self._taken_for_dead()
+                await self._sync()  # before _saw(): the peers we knew are those Redis may have lost; reads the mark
                 continue
+            if taken:
+                await self._taken_for_dead(taken)
             dead = self._saw(live, await self._synced(self._missing))
             if dead:
                 await self._script("taken", *dead)
@@ -1151,11 +1171,19 @@ class RedisBackend(_Backend):
                 return gone
         return set()
 
-    def _taken_for_dead(self) -> None:
-        """The others took this instance for dead (p:taken:<id>: it stopped, or was cut off from Redis, for longer
-        than instance_ttl, while they could reach Redis), and dropped the frames for its clients meanwhile: a
-        room's frames missed its members here, unseen.  Its connections end, as if it had died (1012: clients
-        connect again; sessions end, so that a resume says ``recovered: false``), and nothing was lost unseen."""
+    async def _taken_for_dead(self, mark: bytes) -> None:
+        """The others took this instance for dead (``mark``, read from p:taken:<id>: it stopped, or was cut off
+        from Redis, for longer than instance_ttl, while they could reach Redis), and dropped the frames for its
+        clients meanwhile: a room's frames missed its members here, unseen.  Its connections end, as if it had
+        died (1012: clients connect again; sessions end, so that a resume says ``recovered: false``), and nothing
+        was lost unseen.  Once a mark: it stays in Redis until "untaken" has run."""
+        if mark != self._taken_mark:
+            self._taken_mark = mark
+            self._kick_taken()
+        # Not through _call: in _sync, this instance is not available yet; a failure ends the session as there.
+        await self._scripts["untaken"](args=(self.settings.redis_prefix, self.instance, mark))
+
+    def _kick_taken(self) -> None:
         registry = self.registry
         self.taken_for_dead += 1
         logger.warning("cluster: instance %s had been taken for dead by the others (stopped, or cut off from Redis, "
@@ -1210,7 +1238,7 @@ class RedisBackend(_Backend):
         missing = {peer for peer in known if synced[peer] is None or synced[peer].decode() != server}
         self._saw(results[1][1])
         if results[1][2]:
-            self._taken_for_dead()
+            await self._taken_for_dead(results[1][2])
         if missing:
             self._missing = missing
             self._missing_until = time.monotonic() + self.settings.instance_ttl

@@ -551,7 +551,10 @@ class CuttingProxy:
     that comes after is reset as soon as it is accepted, until ``release()``; with ``upgrades``, that many
     of the WebSocket connections that come after are reset as soon as the server accepts them, before the
     browser sees the server's answer. ``stall()`` loses what the server sends from then on, on the connections
-    open then, as a network does that fails while frames are on their way."""
+    open then, as a network does that fails while frames are on their way. ``pause()`` is a partition that
+    heals: what the clients send on the connections open then is held (neither lost nor refused: TCP
+    retransmits it), and every connection that comes after is reset, until ``resume()`` passes on what was
+    held, in order, and ``release()`` lets new connections in."""
 
     def __init__(self, port: int) -> None:
         require_marks("starts a proxy in a thread (CuttingProxy)", "process")
@@ -560,6 +563,7 @@ class CuttingProxy:
         self._upgrades = 0
         self._links: set[asyncio.StreamWriter] = set()
         self._stalled: set[asyncio.StreamWriter] = set()
+        self._flowing: asyncio.Event | None = None  # made in the proxy's loop; cleared while paused
         self._tasks: set[asyncio.Task[None]] = set()  # one for each connection through it
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever)
@@ -574,6 +578,8 @@ class CuttingProxy:
     def __exit__(self, *exc_info: object) -> None:
         async def close() -> None:
             self._server.close()
+            if self._flowing is not None:  # a paused pipe ends on its reset socket, not waiting
+                self._flowing.set()
             await self._cut(False, 0)
             if self._tasks:  # each ends once its sockets are reset
                 await asyncio.wait(self._tasks, timeout=TIMEOUT)
@@ -592,6 +598,20 @@ class CuttingProxy:
         async def stall() -> None:
             self._stalled.update(self._links)
         self._call(stall())
+
+    def pause(self) -> None:
+        async def pause() -> None:
+            self._holding = True
+            if self._flowing is None:
+                self._flowing = asyncio.Event()
+            self._flowing.clear()
+        self._call(pause())
+
+    def resume(self) -> None:
+        async def resume() -> None:
+            if self._flowing is not None:
+                self._flowing.set()
+        self._call(resume())
 
     def _call(self, work: Coroutine[Any, Any, Any]) -> Any:
         return asyncio.run_coroutine_threadsafe(work, self._loop).result(TIMEOUT)
@@ -643,6 +663,8 @@ class CuttingProxy:
                     return
                 if writer in self._stalled:
                     continue
+                if upstream is None and self._flowing is not None:  # towards the server: held while paused
+                    await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         writer.close()

@@ -584,6 +584,66 @@ async def test_cluster_an_instance_cut_off_from_redis_past_its_deadline_ends_its
 
 @pytest.mark.process
 @pytest.mark.redis
+async def test_cluster_publishing_to_rooms_with_no_member_here_leaves_no_watcher_key_in_redis(
+        redis_server: RedisServer) -> None:
+    # The relay script made the publishing instance a watcher of any room whose instances were all live, even one
+    # with no member anywhere: each publish to a new name left a ws_micro:room-watch:<room> in Redis for good
+    # (nothing deletes it but a change of the room's instances), 50 publishes, 50 keys.  A watcher is now an
+    # instance with members in the room, which its last member's leaving takes out.
+    with cluster(redis_server, 2) as (x, y):
+        async with ws_client(y.ws) as (b, id_b):
+            await join(b, id_b, "elsewhere")  # a room with members on Y only
+            for n in range(50):
+                assert x.post(f"/api/rooms/empty-{n}", {"event": "news", "data": {"data": {}}}).status_code == 202
+            assert x.post("/api/rooms/elsewhere", {"event": "news", "data": {"data": {}}}).json() == {"delivered": 1}
+            assert redis_server.command("KEYS", "ws_micro:room-watch:*") == []
+            # A room with members here is still watched (its frames cost no lookup), and its key goes with them.
+            async with ws_client(x.ws) as (a, id_a):
+                await join(a, id_a, "elsewhere")
+                for n in range(3):
+                    await a.send(text("chat", id_a, {"n": n}, room="elsewhere"))
+                    while (await recv_json(b))["event"] != "chat":  # presence events may come first
+                        pass
+                assert redis_server.command("SMEMBERS", "ws_micro:room-watch:elsewhere") == {instance_of(x)}
+            await x.wait_until(lambda: redis_server.command("KEYS", "ws_micro:room-watch:*") == [],
+                               "X's last member of the room to take X out of its watchers")
+
+
+@pytest.mark.process
+@pytest.mark.redis
+async def test_cluster_a_late_heartbeat_from_a_partitioned_instance_does_not_take_its_taken_for_dead_mark(
+        redis_server: RedisServer) -> None:
+    # A partition that heals, as a network's does: the heartbeat Y sent into it (and gave up on) is retransmitted
+    # by TCP and reaches Redis once the partition heals, before Y reconnects.  That heartbeat must not take away
+    # the mark X left (ws_micro:taken:<Y>): it did, its answer went nowhere, and Y, back, kept its connections
+    # while the room's frames X relayed meanwhile had missed Y's member without a word.
+    with cluster(redis_server, 1) as (x,), CuttingProxy(redis_server.port) as proxy, \
+            run_server("--log-level", "warning", "--redis-url", f"redis://127.0.0.1:{proxy.port}/0",
+                       *FAST_HEARTBEAT) as y:
+        async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b):
+            await join(a, id_a, "r")
+            await join(b, id_b, "r")
+            await x.wait_until(lambda: x.get("/healthz").json()["instances"] == 2, "X to see Y")
+            y_id = instance_of(y)
+            taken = f"ws_micro:taken:{y_id}"
+            proxy.pause()  # what Y sends to Redis is held; its new connections are reset
+            await x.wait_until(lambda: redis_server.command("EXISTS", taken) == 1, "X to take Y for dead")
+            await a.send(text("news", id_a, room="r"))  # reaches no member on Y, and nobody is told
+            await y.wait_until(lambda: y.get("/healthz").json()["redis"] == "unavailable", "Y to give up")
+            proxy.resume()  # the partition heals: Y's heartbeat, held until now, reaches Redis
+            await x.wait_until(lambda: redis_server.command("ZSCORE", "ws_micro:instances", y_id) is not None,
+                               "Y's late heartbeat to run")
+            proxy.release()  # Y connects again
+            await y.wait_until(lambda: y.metric("ws_micro_cluster_taken_for_dead_total") == 1,
+                               "Y to find it was taken for dead")
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    assert (await recv_json(b))["event"] != "news"
+            assert (b.close_code, b.close_reason) == (1012, ws_micro_redis.TAKEN_FOR_DEAD)
+
+
+@pytest.mark.process
+@pytest.mark.redis
 async def test_cluster_an_instance_not_back_within_instance_ttl_after_redis_restarts_ends_its_connections_when_back(
         redis_server: RedisServer) -> None:
     # X, back first after Redis restarted empty, refuses Y's frames while it waits for Y (the resynchronising
