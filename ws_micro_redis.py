@@ -85,8 +85,9 @@ NOT_LISTENING = "not listening to Redis (reconnecting, or dead for less than ins
 OUTBOX_LIMIT = 10_000  # deliveries waiting for Redis before senders wait too
 RESYNC_POLL = 0.1  # seconds between looks for peers while they are registering again
 SHARING_WAIT = 1.0  # seconds a join waits for the instances that relayed its room alone to know it is not (_RoomShared)
-# Clients whose instance a sender caches (learnt from the relay script's answers): past it, the cache is dropped
-# whole and learnt again, one script a client.  An entry is a few hundred bytes: about 30 MiB at most.
+# Clients whose instance a sender caches (learnt from the relay script's answers): past it, no more are learnt until
+# cached clients move or leave; the others' frames are looked up, one script a client.  An entry is a few hundred
+# bytes: about 30 MiB at most.
 CACHE_LIMIT = 100_000
 # Seconds a fenced client's frames wait for its old instance to say it routed on every direct frame sent to it
 # before (_FencePassed): as SHARING_WAIT, past it the old instance is taken for dead, and they go on.
@@ -237,7 +238,8 @@ _RUN = _RELAYED | _DIRECT
 # What the outbox sends about frames, which is not one: a fence (_Fence) and the notices of fences and of frames
 # refused (_FencePassed, _Undelivered, run as the "tell" script).  Not counted as dropped when lost: the frames are.
 _UNCOUNTED = frozenset(("fence", "notice"))
-_ROUTED = frozenset(("send", "direct", "fence"))  # what goes to one client's instance (not held while resyncing)
+# What goes to one instance, a client's or a sender's: not held while resyncing (a notice held would be lost unsaid).
+_ROUTED = frozenset(("send", "direct", "fence", "notice"))
 
 # The scripts run inside Redis, so each lookup and its publish is one round trip, and liveness
 # is judged by one clock (Redis's).  ARGV[1] is the key prefix.  Keys, for prefix p:
@@ -326,7 +328,8 @@ end
 local function unshared(name, id)
   local watch = p .. ':room-watch:' .. name
   for _, watcher in ipairs(redis.call('SMEMBERS', watch)) do
-    if watcher ~= id then publish(watcher, {pack('shared', {room = name, by = id})}) end
+    -- No one to answer (by ''): an answer to id would count towards a join of id's that came after.
+    if watcher ~= id then publish(watcher, {pack('shared', {room = name, by = ''})}) end
   end
   redis.call('DEL', watch)
 end
@@ -501,12 +504,14 @@ _LUA = {
     # away: such a late heartbeat of the marked instance, whose answer goes nowhere, must not take it; the
     # instance takes it away once it has ended its connections ("untaken").  Its value, Redis's time, tells one
     # marking from the next.
+    # _sync, which took its own entry away first, passes 1 only if its instance's deadline had not passed by its
+    # own clock (it lost its connection, not Redis its state) and 0 at its first registration.
     # ARGV: p, instance, ttl, 1 to mark those it reaps (else 0)
     # -> {1 if the instance was not registered (new, reaped, or Redis restarted), {live instances},
     #     its mark if it had been taken for dead (else nil)}
     "heartbeat": """
 local was = redis.call('ZSCORE', p .. ':instances', ARGV[2])
-local mark = ARGV[4] == '1' and was and tonumber(was) > now
+local mark = ARGV[4] == '1' and (not was or tonumber(was) > now)
 local added = redis.call('ZADD', p .. ':instances', now + tonumber(ARGV[3]), ARGV[2])
 for _, dead in ipairs(redis.call('ZRANGEBYSCORE', p .. ':instances', '-inf', now)) do
   if string.sub(dead, 1, 1) == '~' then
@@ -740,7 +745,12 @@ publish(own, {pack('parked', {client_id = client})})
 charge(own, size, tonumber(ARGV[14]))
 return 1""",
     # A client of this instance left: out of the directory, and its watchers told.  ARGV: p, client id, own -> 1
-    "gone": "redis.call('HDEL', p .. ':directory', ARGV[2]) moved(ARGV[2], ARGV[3]) return 1",
+    "gone": """
+if redis.call('HGET', p .. ':directory', ARGV[2]) == ARGV[3] then
+  redis.call('HDEL', p .. ':directory', ARGV[2])
+  moved(ARGV[2], ARGV[3])
+end
+return 1""",
     # ARGV: p, client id, a msgpack-encoded delivery that was on its way to it, own instance -> 1
     "keep": "keep(ARGV[2], ARGV[3], true) return 1",
     # ARGV: p, client id, reason, own instance -> 1
@@ -1048,6 +1058,8 @@ class RedisBackend(_Backend):
         self.new_primaries = 0  # times that happened
         self.taken_for_dead = 0  # times this instance came back after the others had taken it for dead
         self._taken_mark: bytes | None = None  # the last mark it ended its connections for (see _taken_for_dead)
+        self._to_mark: set[str] = set()  # peers counted dead after a resync, not yet marked taken for dead in Redis
+        self._alive_until = 0.0  # time.monotonic() by which this instance's deadline in Redis passes, at the earliest
 
     # Running
 
@@ -1120,12 +1132,17 @@ class RedisBackend(_Backend):
             self._session.cancel()
 
     def _forget_cached(self) -> None:
-        """Redis is lost, or its state may be: no room's instances and no client's instance are known (a watcher's
-        _RoomShared, or _Moved, may have been lost with it)."""
+        """Redis is lost: no room's instances and no client's instance are known (see _forget_routes)."""
         self.available = False
+        self._forget_routes()
+
+    def _forget_routes(self) -> None:
+        """Redis is lost, or its state may be (writing ours again): a watcher's _RoomShared, or _Moved, may have
+        been lost with it, so no room's instances and no client's instance are known; an answer from before is not
+        taken."""
         self._rooms_at.clear()
         self._shares += 1
-        self._where.clear()  # so may a _Moved
+        self._where.clear()
         self._moves += 1
 
     async def _heartbeat(self) -> None:
@@ -1133,7 +1150,9 @@ class RedisBackend(_Backend):
             # While peers are registering again, frames for them are refused: look for them often.
             await anyio.sleep(min(self.settings.heartbeat_interval, RESYNC_POLL) if self._missing
                               else self.settings.heartbeat_interval)
+            sent = time.monotonic()
             added, live, taken = await self._script("heartbeat", self.instance, self.settings.instance_ttl, 1)
+            self._alive_until = sent + self.settings.instance_ttl
             if added:
                 logger.warning("cluster: instance %s had been dropped from Redis; registering again",
                                self.instance)
@@ -1141,9 +1160,10 @@ class RedisBackend(_Backend):
                 continue
             if taken:
                 await self._taken_for_dead(taken)
-            dead = self._saw(live, await self._synced(self._missing))
-            if dead:
-                await self._script("taken", *dead)
+            self._to_mark |= self._saw(live, await self._synced(self._missing))
+            if self._to_mark:  # kept until written: a failure here ends the session, and the next one writes them
+                await self._script("taken", *self._to_mark)
+                self._to_mark.clear()
 
     async def _synced(self, peers: Collection[str]) -> set[str]:
         """Those of these peers that have written their state to the Redis server this instance wrote its own to."""
@@ -1202,11 +1222,13 @@ class RedisBackend(_Backend):
         prefix = self.settings.redis_prefix
         server = str((await self.redis.info("server"))["run_id"])
         known = sorted(self._peers | (self._missing if self.resyncing else set()))
-        self._rooms_at.clear()
-        self._shares += 1
+        self._forget_routes()
         async with self.redis.pipeline(transaction=True) as pipe:
             await self._scripts["reap"](args=(prefix, self.instance), client=pipe)
-            await self._scripts["heartbeat"](args=(prefix, self.instance, self.settings.instance_ttl, 0), client=pipe)
+            sent = time.monotonic()
+            vouch = int(sent < self._alive_until)  # see the heartbeat script: whether it may mark those it reaps
+            await self._scripts["heartbeat"](args=(prefix, self.instance, self.settings.instance_ttl, vouch),
+                                             client=pipe)
             connections = list(self.registry._connections.values())
             if connections:
                 pipe.hset(f"{prefix}:directory", mapping={c.id: self.instance for c in connections})
@@ -1225,6 +1247,7 @@ class RedisBackend(_Backend):
             if known:
                 pipe.hmget(f"{prefix}:synced", known)
             results = await pipe.execute()
+        self._alive_until = sent + self.settings.instance_ttl
         if self._server is not None and server != self._server:
             self.new_primaries += 1
             logger.warning("cluster: Redis is another server than before (a failover, or a restart); "
@@ -1410,7 +1433,8 @@ class RedisBackend(_Backend):
             case _RoomShared(room, by):
                 self._shares += 1
                 self._rooms_at.pop(room, None)
-                self._enqueue("tell", (by, _encode_delivery(_RoomSharedSeen(room))), _ignore)
+                if by:  # a room that gained instance ``by``, whose join waits for the answer (else one that lost one)
+                    self._enqueue("tell", (by, _encode_delivery(_RoomSharedSeen(room))), _ignore)
             case _RoomSharedSeen(room):
                 sharing = self._sharing.get(room)
                 if sharing is not None:
@@ -1422,8 +1446,8 @@ class RedisBackend(_Backend):
                 self.registry._revoke_here(user, before, expires)
             case _Moved(client_id, instance):
                 self._moves += 1
-                self._where.pop(client_id, None)
-                if not instance.startswith("~"):  # direct frames go to instances only, never to a session
+                # Direct frames went there only if it was cached (to instances only, never to a session).
+                if self._where.pop(client_id, None) is not None and not instance.startswith("~"):
                     self._fence(client_id, instance)
             case _Fence(client_id, origin, number):  # after the re-routes of the direct frames before it
                 self._enqueue("notice", (origin, _encode_delivery(_FencePassed(client_id, number))), _ignore)
@@ -1612,9 +1636,16 @@ class RedisBackend(_Backend):
     # fences the client until its old instance has routed on what was sent to it there (_Fence).
 
     def _learn(self, client_id: str, instance: str) -> None:
-        if len(self._where) >= CACHE_LIMIT:  # dropped whole: the watchers' notices still reach this instance
-            self._where.clear()
-        self._where[client_id] = instance
+        """Cache a send's answer.  One that names another instance than the entry cached (a later answer, read
+        before the _Moved that came between them) is a move: fenced as one.  Past CACHE_LIMIT nothing more is
+        learnt (not dropped whole: direct frames may be on their way on the entries dropped) until entries go
+        as their clients move or leave."""
+        cached = self._where.get(client_id)
+        if cached is not None and cached != instance:
+            del self._where[client_id]
+            self._fence(client_id, cached)
+        elif cached is None and len(self._where) < CACHE_LIMIT:
+            self._where[client_id] = instance
 
     def _forget(self, instance: str) -> None:
         """``instance`` is not listening, or dead: its cached clients are looked up again, after a fence (what
@@ -1861,7 +1892,7 @@ class RedisBackend(_Backend):
             for (name, args, done), result in zip(batch, results, strict=True):
                 if result == 1 and (name == "direct" or name == "room"):  # heard: nothing to count, nobody to tell
                     continue
-                if result.__class__ is bytes:  # a send's instance
+                if name == "send" and result.__class__ is bytes:  # the client's instance
                     if moves == self._moves and args[0] not in self._fenced:
                         self._learn(args[0], result.decode())
                     result = 1
