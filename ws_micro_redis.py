@@ -192,12 +192,12 @@ class _Direct(msgspec.Struct, tag="direct", array_like=True):
 
 
 # The directory moved a client this instance had cached (it watched it: p:client-watch:<client>) away from
-# ``instance`` (its instance before: a park, a resume, a client that left, a reaped instance).  The watcher
-# fences the client: it holds its new frames for it until ``instance`` has routed on every direct frame it sent
-# there before (_Fence, answered by _FencePassed), so that none overtakes them.
+# instance ``was`` (a park, a resume, a client that left, a reaped instance).  The watcher fences the client: it
+# holds its new frames for it until ``was`` has routed on every direct frame it sent there before (_Fence,
+# answered by _FencePassed), so that none overtakes them.
 class _Moved(msgspec.Struct, tag="moved", array_like=True):
     client_id: str
-    instance: str
+    was: str
 
 
 class _Fence(msgspec.Struct, tag="fence", array_like=True):
@@ -230,9 +230,9 @@ _decode_deliveries = msgspec.msgpack.Decoder(list[_Delivery | _Direct | _Control
 
 # The delivery scripts the outbox runs as one "relay" script when they are queued one after another.
 _RELAYED = frozenset(("send", "group"))  # as the outbox names them; they are not scripts of their own
-# Messages the outbox publishes on an instance's channel as they are (a frame on a cached entry, a fence), in
-# order with the deliveries: in a run with relay scripts, the script publishes them with the rest, without a
-# lookup; in a run of their own, one PUBLISH per instance.
+# Messages the outbox publishes on an instance's channel as they are (a frame for a client or a room on a cached
+# entry, a fence), in order with the deliveries: in a run with relay scripts, the script publishes them with the
+# rest, without a lookup; in a run of their own, one PUBLISH per instance.
 _DIRECT = frozenset(("direct", "room", "fence"))
 _RUN = _RELAYED | _DIRECT
 # What the outbox sends about frames, which is not one: a fence (_Fence) and the notices of fences and of frames
@@ -317,7 +317,7 @@ local function moved(client, old)
   local watch = p .. ':client-watch:' .. client
   local watchers = redis.call('SMEMBERS', watch)
   if #watchers > 0 then
-    local message = pack('moved', {client_id = client, instance = old})
+    local message = pack('moved', {client_id = client, was = old})
     for _, watcher in ipairs(watchers) do publish(watcher, {message}) end
     redis.call('DEL', watch)
   end
@@ -868,6 +868,18 @@ def _array_head(length: int) -> bytes:
     return b"\xdc" + length.to_bytes(2, "big") if length < 65536 else b"\xdd" + length.to_bytes(4, "big")
 
 
+def _not_sent(result: Any, client_id: str) -> tuple[str, str]:
+    """The error code and message a frame for ``client_id`` of another instance is refused with, given the
+    answer that was not 1 (a BackendUnavailable: may have missed it; else: connected nowhere)."""
+    if isinstance(result, BackendUnavailable):
+        return BACKEND_UNAVAILABLE, f"{result}; {client_id!r} may have missed this frame"
+    return UNKNOWN_CLIENT, f"no client with id {client_id!r}"
+
+
+def _room_missed(problem: Any, room: str) -> str:
+    return f"{problem}; members of {room!r} on other instances may have missed this frame"
+
+
 class _Refusal:
     """What the outbox tells the sender of a frame for a client of another instance, given the frame's answer:
     nothing if it was sent (1), else why not, as a local relay does (``failed(*about, code, message)``)."""
@@ -878,10 +890,8 @@ class _Refusal:
         self.failed, self.about, self.client_id = failed, about, client_id
 
     def __call__(self, result: Any) -> None:
-        if isinstance(result, BackendUnavailable):
-            self.failed(*self.about, BACKEND_UNAVAILABLE, f"{result}; {self.client_id!r} may have missed this frame")
-        elif result != 1:
-            self.failed(*self.about, UNKNOWN_CLIENT, f"no client with id {self.client_id!r}")
+        if result != 1:
+            self.failed(*self.about, *_not_sent(result, self.client_id))
 
 
 class _RoomRefusal:
@@ -899,8 +909,7 @@ class _RoomRefusal:
         self.told = True
         self.backend.dropped[result.reason] += 1
         self.backend._rooms_at.pop(self.room, None)  # looked up again
-        self.failed(*self.about, BACKEND_UNAVAILABLE,
-                    f"{result}; members of {self.room!r} on other instances may have missed this frame")
+        self.failed(*self.about, BACKEND_UNAVAILABLE, _room_missed(result, self.room))
 
 
 async def _batches(items: AsyncIterator[bytes], size: int) -> AsyncIterator[list[bytes]]:
@@ -1179,7 +1188,7 @@ class RedisBackend(_Backend):
         window ends.  The missing peers counted as dead from now on (not back within instance_ttl)."""
         self._peers = {instance.decode() for instance in live if not instance.startswith(b"~")} - {self.instance}
         for dead in set(self._where.values()) - self._peers:  # its clients are elsewhere now, or nowhere
-            self._forget(dead)
+            self._forget_instance(dead)
         if self._missing:
             self._missing -= set(back)
             if not self._missing:
@@ -1444,11 +1453,11 @@ class RedisBackend(_Backend):
                         sharing[0].set()
             case _Revoked(user, before, expires):
                 self.registry._revoke_here(user, before, expires)
-            case _Moved(client_id, instance):
+            case _Moved(client_id, was):
                 self._moves += 1
                 # Direct frames went there only if it was cached (to instances only, never to a session).
-                if self._where.pop(client_id, None) is not None and not instance.startswith("~"):
-                    self._fence(client_id, instance)
+                if self._where.pop(client_id, None) is not None and not was.startswith("~"):
+                    self._fence(client_id, was)
             case _Fence(client_id, origin, number):  # after the re-routes of the direct frames before it
                 self._enqueue("notice", (origin, _encode_delivery(_FencePassed(client_id, number))), _ignore)
             case _FencePassed(client_id, number):
@@ -1647,7 +1656,7 @@ class RedisBackend(_Backend):
         elif cached is None and len(self._where) < CACHE_LIMIT:
             self._where[client_id] = instance
 
-    def _forget(self, instance: str) -> None:
+    def _forget_instance(self, instance: str) -> None:
         """``instance`` is not listening, or dead: its cached clients are looked up again, after a fence (what
         was sent there may still be routed on by it, if it is only slow)."""
         for client_id in [client_id for client_id, where in self._where.items() if where == instance]:
@@ -1709,13 +1718,9 @@ class RedisBackend(_Backend):
         or BackendUnavailable), unless it was delivered after all (1)."""
         if result == 1:
             return
-        client_id = direct.client_id
-        if isinstance(result, BackendUnavailable):
-            code, why = BACKEND_UNAVAILABLE, f"{result}; {client_id!r} may have missed this frame"
-        else:
-            code, why = UNKNOWN_CLIENT, f"no client with id {client_id!r}"
-        self._enqueue("notice", (direct.origin, _encode_delivery(_Undelivered(client_id, direct.text, code, why))),
-                      _ignore)
+        code, why = _not_sent(result, direct.client_id)
+        self._enqueue("notice", (direct.origin, _encode_delivery(_Undelivered(direct.client_id, direct.text, code,
+                                                                               why))), _ignore)
 
     def _undelivered(self, text: str, code: str, why: str) -> None:
         """Tell the sender of ``text``, a direct frame the instance it was sent to could not route on, that it
@@ -1801,8 +1806,7 @@ class RedisBackend(_Backend):
 
         def done(result: Any) -> None:
             if isinstance(result, BackendUnavailable):
-                failed(*about, BACKEND_UNAVAILABLE,
-                       f"{result}; members of {room!r} on other instances may have missed this frame")
+                failed(*about, BACKEND_UNAVAILABLE, _room_missed(result, room))
             elif result[1]:
                 failed(*about, BACKEND_UNAVAILABLE, f"{result[1]} instance(s) with members of {room!r} "
                                                     f"{NOT_LISTENING}; their members missed this frame")
@@ -1903,7 +1907,7 @@ class RedisBackend(_Backend):
                     continue
                 self._delivered(name, result, done, resyncing)
             for instance in deaf:
-                self._forget(instance)
+                self._forget_instance(instance)
             self._outbox_drained.set()
             self._outbox_drained = anyio.Event()
 

@@ -545,16 +545,16 @@ def cluster(redis_server: RedisServer, size: int, *args: str) -> Iterator[list[S
 
 
 class CuttingProxy:
-    """A TCP proxy on a free loopback port in front of a server's ``port``, for a browser to reach the server
-    through. ``cut()`` ends every connection through it as a network failure does: each of its two sockets
-    is reset (SO_LINGER 0), so neither end gets a close frame or even a FIN. With ``hold``, every connection
-    that comes after is reset as soon as it is accepted, until ``release()``; with ``upgrades``, that many
-    of the WebSocket connections that come after are reset as soon as the server accepts them, before the
-    browser sees the server's answer. ``stall()`` loses what the server sends from then on, on the connections
-    open then, as a network does that fails while frames are on their way. ``pause()`` is a partition that
-    heals: what the clients send on the connections open then is held (neither lost nor refused: TCP
-    retransmits it), and every connection that comes after is reset, until ``resume()`` passes on what was
-    held, in order, and ``release()`` lets new connections in."""
+    """A TCP proxy on a free loopback port in front of a server's ``port`` (a gateway for a browser, or a Redis for an
+    instance), for a client to reach the server through. ``cut()`` ends every connection through it as a network
+    failure does: each of its two sockets is reset (SO_LINGER 0), so neither end gets a close frame or even a FIN.
+    With ``hold``, every connection that comes after is reset as soon as it is accepted, until ``release()``; with
+    ``upgrades``, that many of the WebSocket connections that come after are reset as soon as the server accepts
+    them, before the browser sees the server's answer. ``stall()`` loses what the server sends from then on, on the
+    connections open then, as a network does that fails while frames are on their way. ``pause()`` is a partition
+    that heals: what the clients send on the connections open then is held (neither lost nor refused: TCP
+    retransmits it), and every connection that comes after is reset, until ``resume()`` passes on what was held, in
+    order, and ``release()`` lets new connections in."""
 
     def __init__(self, port: int) -> None:
         require_marks("starts a proxy in a thread (CuttingProxy)", "process")
