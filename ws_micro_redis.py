@@ -1058,6 +1058,7 @@ class RedisBackend(_Backend):
         self._fenced: dict[str, tuple[int, list[tuple[str, tuple[Any, ...], Callable[[Any], None]]],
                                       asyncio.TimerHandle]] = {}
         self._held = 0
+        self._expired: list[tuple[str, int]] = []  # fences past FENCE_WAIT, for the flush task to release
         self._fences = itertools.count()
         # How a sender is told its frame was refused (the gateway's, from forward()): for _Undelivered.
         self._failed: Callable[..., None] | None = None
@@ -1671,7 +1672,7 @@ class RedisBackend(_Backend):
         if client_id in self._fenced or not self.available:  # fenced already, or nothing can be sent anyway
             return
         number = next(self._fences)
-        timer = asyncio.get_running_loop().call_later(FENCE_WAIT, self._unfence, client_id, number)
+        timer = asyncio.get_running_loop().call_later(FENCE_WAIT, self._fence_expired, client_id, number)
         self._fenced[client_id] = (number, [], timer)
 
         def done(result: Any) -> None:
@@ -1679,6 +1680,13 @@ class RedisBackend(_Backend):
                 self._unfence(client_id, number)
 
         self._enqueue("fence", (instance, _encode_delivery(_Fence(client_id, self.instance, number))), done)
+
+    def _fence_expired(self, client_id: str, number: int) -> None:
+        """FENCE_WAIT passed: the flush task releases the fence.  Not here, a timer's callback outside any task:
+        releasing it may refuse frames, whose error frames may close a slow connection, which wants a task."""
+        self._expired.append((client_id, number))
+        if self._outbox_ready is not None:
+            self._outbox_ready.set()
 
     def _unfence(self, client_id: str, number: int) -> None:
         """Fence ``number`` of ``client_id`` is passed: its held frames go on, in order, through the script."""
@@ -1871,6 +1879,9 @@ class RedisBackend(_Backend):
             assert self._outbox_ready is not None
             await self._outbox_ready.wait()
             self._outbox_ready = anyio.Event()
+            expired, self._expired = self._expired, []
+            for client_id, number in expired:  # their held frames join this batch
+                self._unfence(client_id, number)
             batch, self._outbox = self._outbox, []
             # Judged before the scripts run: a peer seen back by now is in Redis when they run.
             resyncing = self.resyncing
