@@ -560,19 +560,30 @@ async def echo(server: Server, args: argparse.Namespace) -> dict[str, float]:
 async def relay(server: Server, args: argparse.Namespace) -> dict[str, float]:
     """Pairs bouncing frames to each other with ``to``: every hop is one relay."""
     peers = await open_peers(server, args.echo_connections)
-    partner = {a.client_id: b.client_id for a, b in zip(peers[::2], peers[1::2], strict=True)}
-    partner.update({b: a for a, b in partner.items()})
+    routes: dict[str, tuple[str | None, str | None]] = {}
+    for a, b in zip(peers[::2], peers[1::2], strict=True):
+        routes[a.client_id], routes[b.client_id] = (b.client_id, None), (a.client_id, None)
+    return await bounce(server, args, peers, routes)
+
+
+async def bounce(server: Server, args: argparse.Namespace, peers: list[Peer],
+                 routes: dict[str, tuple[str | None, str | None]]) -> dict[str, float]:
+    """Pairs of ``peers`` bouncing frames: each peer answers every frame it receives with one routed as
+    ``routes`` says for it, (to, room): to its partner, or to their room; the first of each pair starting
+    ``in_flight * 2`` of them; per_message's figures."""
     window = Window()
 
     def on_frame(peer: Peer, received: WSFrame) -> None:
         window.record(decode_frame(received.get_payload_as_bytes()).data.data.t)
-        peer.send(frame("chat", peer.client_id, time.perf_counter_ns(), to=partner[peer.client_id]))
+        to, room = routes[peer.client_id]
+        peer.send(frame("chat", peer.client_id, time.perf_counter_ns(), to=to, room=room))
 
     for peer in peers:
         peer.on_frame = on_frame
     for peer in peers[::2]:
+        to, room = routes[peer.client_id]
         for _ in range(args.in_flight * 2):
-            peer.send(frame("chat", peer.client_id, time.perf_counter_ns(), to=partner[peer.client_id]))
+            peer.send(frame("chat", peer.client_id, time.perf_counter_ns(), to=to, room=room))
     await window.measure(server, args.seconds)
     close_all(peers)
     return per_message(window)
@@ -604,20 +615,7 @@ async def relay_room(server: Server, args: argparse.Namespace) -> dict[str, floa
         peer.on_frame = on_joined
         peer.send(frame("join", peer.client_id, 0).replace('"t":0,', f'"room":"{room[peer.client_id]}","t":0,'))
     await asyncio.wait_for(joined, 30)
-    window = Window()
-
-    def on_frame(peer: Peer, received: WSFrame) -> None:
-        window.record(decode_frame(received.get_payload_as_bytes()).data.data.t)
-        peer.send(frame("chat", peer.client_id, time.perf_counter_ns(), room=room[peer.client_id]))
-
-    for peer in peers:
-        peer.on_frame = on_frame
-    for peer in peers[::2]:
-        for _ in range(args.in_flight * 2):
-            peer.send(frame("chat", peer.client_id, time.perf_counter_ns(), room=room[peer.client_id]))
-    await window.measure(server, args.seconds)
-    close_all(peers)
-    return per_message(window)
+    return await bounce(server, args, peers, {client_id: (None, name) for client_id, name in room.items()})
 
 
 class HttpPoster:
