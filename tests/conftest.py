@@ -527,6 +527,12 @@ class SentinelServer(RedisServer):
         return [REDIS_SERVER, str(self.config), "--sentinel"]
 
 
+def cluster_dropped(server: Server) -> float:
+    """``ws_micro_cluster_dropped_total``, every reason together: the frames refused to their senders."""
+    return sum(sample.value for family in text_string_to_metric_families(server.get("/metrics").text)
+               for sample in family.samples if sample.name == "ws_micro_cluster_dropped_total")
+
+
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
     server = RedisServer(free_port())

@@ -18,6 +18,7 @@ from conftest import (
     RedisServer,
     SentinelServer,
     Server,
+    cluster_dropped,
     drop,
     error,
     free_port,
@@ -33,7 +34,6 @@ from conftest import (
     without_message,
     ws_client,
 )
-from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 
 import ws_micro_redis
@@ -87,10 +87,11 @@ def sentinel_url(sentinels: list[SentinelServer]) -> str:
     return f"redis+sentinel://:{PASSWORD}@{hosts}/svc?sentinel_password={SENTINEL_PASSWORD}"
 
 
-def dropped(server: Server) -> float:
-    """``ws_micro_cluster_dropped_total``, every reason together: the frames refused to their senders."""
-    return sum(sample.value for family in text_string_to_metric_families(server.get("/metrics").text)
-               for sample in family.samples if sample.name == "ws_micro_cluster_dropped_total")
+def gateways(stack: contextlib.ExitStack, sentinels: list[SentinelServer], *, instance_ttl: float) -> list[Server]:
+    """Two instances following the sentinels, with a fast heartbeat and recovery on."""
+    return [stack.enter_context(run_server("--log-level", "warning", "--redis-url", sentinel_url(sentinels),
+                                           "--heartbeat-interval", "0.2", "--instance-ttl", str(instance_ttl),
+                                           "--recovery-window", "60")) for _ in range(2)]
 
 
 @pytest.mark.process
@@ -100,9 +101,7 @@ async def test_cluster_follows_a_sentinel_failover_under_traffic_and_loses_no_fr
     with sentinel_group(tmp_path) as (primary, replica, sentinels), contextlib.ExitStack() as stack:
         # instance_ttl is long: the test's instances never die, and a peer slower to come back than the other
         # must be waited for (its clients' frames refused), not counted dead.
-        x, y = (stack.enter_context(run_server("--log-level", "warning", "--redis-url", sentinel_url(sentinels),
-                                               "--heartbeat-interval", "0.2", "--instance-ttl", "10",
-                                               "--recovery-window", "60")) for _ in range(2))
+        x, y = gateways(stack, sentinels, instance_ttl=10)
         for server in (x, y):
             await server.wait_until(lambda s=server: s.get("/healthz").json()["redis"] == "ok", "Sentinel")
         async with ws_client(x.ws) as (a, id_a), ws_client(y.ws) as (b, id_b):
@@ -177,8 +176,8 @@ async def test_cluster_follows_a_sentinel_failover_under_traffic_and_loses_no_fr
                 assert len(received[ws]) == len(set(received[ws])), "a frame arrived twice"
                 assert received[ws] == [event for event in sent[ws] if event in set(received[ws])], "out of order"
             # Each refusal is counted where it was made, and shows in /metrics.
-            assert dropped(x) == len([event for event in refused if event.startswith("ab")])
-            assert dropped(y) == len([event for event in refused if event.startswith("ba")])
+            assert cluster_dropped(x) == len([event for event in refused if event.startswith("ab")])
+            assert cluster_dropped(y) == len([event for event in refused if event.startswith("ba")])
             times = sorted(when for _, when in refused.values())
             print(f"\nfailover: {len(refused)} frames refused over {times[-1] - times[0]:.2f} s, from "
                   f"{times[0] - killed:.2f} s to {times[-1] - killed:.2f} s after the primary was killed; both "
@@ -204,10 +203,7 @@ async def test_cluster_follows_a_sentinel_failover_under_traffic_and_loses_no_fr
 async def test_cluster_a_promoted_replica_that_lacks_the_newest_writes_is_resynchronised_as_after_a_restart(
         tmp_path: Path) -> None:
     with sentinel_group(tmp_path) as (primary, replica, sentinels), contextlib.ExitStack() as stack:
-        x, y = (stack.enter_context(run_server("--log-level", "warning", "--redis-url", sentinel_url(sentinels),
-                                               "--heartbeat-interval", "0.2", "--instance-ttl", "30",
-                                               "--recovery-window", "60"))
-                for _ in range(2))
+        x, y = gateways(stack, sentinels, instance_ttl=30)
         for server in (x, y):
             await server.wait_until(lambda s=server: s.get("/healthz").json()["redis"] == "ok", "Sentinel")
         await x.wait_until(lambda: x.get("/healthz").json()["instances"] == 2, "X to see Y")
